@@ -1,0 +1,340 @@
+//! Layouts of everything the NetManager eBPF programs and the userspace loader
+//! exchange: map keys and values, configuration, counters and miss events.
+//!
+//! Every type is `#[repr(C)]`, padded explicitly and free of implicit holes, so
+//! the kernel, the programs and `bpftool map dump` (through BTF) agree on the
+//! bytes. Addresses are stored in network byte order; IPv4 addresses use the
+//! IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) so one map serves both families.
+#![no_std]
+
+/// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr {
+    pub bytes: [u8; 16],
+}
+
+impl Addr {
+    pub const ZERO: Addr = Addr { bytes: [0; 16] };
+
+    /// IPv4 address given as its four octets in network order.
+    #[inline(always)]
+    pub const fn from_v4_octets(o: [u8; 4]) -> Addr {
+        Addr {
+            bytes: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
+            ],
+        }
+    }
+
+    /// The IPv4 octets when this is an IPv4-mapped address.
+    #[inline(always)]
+    pub fn v4_octets(&self) -> Option<[u8; 4]> {
+        let b = &self.bytes;
+        if b[..10] == [0; 10] && b[10] == 0xff && b[11] == 0xff {
+            Some([b[12], b[13], b[14], b[15]])
+        } else {
+            None
+        }
+    }
+
+    #[inline(always)]
+    pub fn is_zero(&self) -> bool {
+        self.bytes == [0; 16]
+    }
+}
+
+/// How a service address picks among its backends (contract 2.3/2.5).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// Round robin: consecutive new flows rotate over the backends.
+    RoundRobin = 1,
+    /// Closest: userspace orders the backends nearest first; take the first.
+    Closest = 2,
+    /// instance_ip: exactly one backend, the instance it names.
+    Instance = 3,
+}
+
+impl ServiceKind {
+    pub fn from_u8(v: u8) -> Option<ServiceKind> {
+        match v {
+            1 => Some(ServiceKind::RoundRobin),
+            2 => Some(ServiceKind::Closest),
+            3 => Some(ServiceKind::Instance),
+            _ => None,
+        }
+    }
+}
+
+/// Value of the `SERVICES` map, keyed by service address.
+///
+/// Backends live in `BACKENDS` under `(service, generation, index)`; userspace
+/// writes a new generation completely before it switches `generation` and
+/// `count` here, so a program never sees a half-written slice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// A [`ServiceKind`] as u8.
+    pub kind: u8,
+    pub _pad0: u8,
+    /// Number of backends in the current generation (at most [`MAX_BACKENDS`]).
+    pub count: u16,
+    /// Generation of the backend slice currently in use.
+    pub generation: u32,
+    /// Round-robin cursor. Updated without atomics: two CPUs racing may hand
+    /// out the same backend twice, which only skews the rotation slightly.
+    pub rr_cursor: u32,
+    pub _pad1: u32,
+}
+
+/// Upper bound on backends per service; bounds the program's loops.
+pub const MAX_BACKENDS: u16 = 64;
+
+/// Key of the `BACKENDS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub service: Addr,
+    pub generation: u32,
+    pub index: u32,
+}
+
+/// Value of the `INSTANCES` map, keyed by namespace address: where an instance
+/// lives and which service address names it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Instance {
+    /// The instance's own `instance_ip` (same family as the key). Zero while
+    /// a local container's own table entry is still unknown.
+    pub instance_ip: Addr,
+    /// Underlay address of the node that runs it, IPv4, network order.
+    pub node_ip: [u8; 4],
+    /// Tunnel UDP port of that node, host order.
+    pub node_port: u16,
+    /// [`INSTANCE_LOCAL`] when it runs on this node.
+    pub flags: u16,
+    /// Host end of the container's veth (local instances only).
+    pub ifindex: u32,
+    /// MAC address of the container's own interface (local instances only).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+pub const INSTANCE_LOCAL: u16 = 1;
+
+/// Key of the flow cache: the 5-tuple as the sending container wrote it.
+/// ICMP echo uses the identifier as source port and 0 as destination port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network order.
+    pub src_port: u16,
+    /// Network order.
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the forward flow cache (`FLOWS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Namespace address of the chosen backend; looked up in `INSTANCES` on
+    /// every packet, so a vanished backend is noticed at once.
+    pub backend: Addr,
+    /// The sender's own instance address (the new source).
+    pub src_instance: Addr,
+    /// `bpf_ktime_get_ns()` when last used (refreshed at most once a second).
+    pub last_seen_ns: u64,
+}
+
+/// Value of the reverse flow cache (`REVERSE_FLOWS`), keyed by the 5-tuple of
+/// a reply as it arrives here (src = backend's instance address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReverseFlow {
+    /// The service address the local container originally dialled.
+    pub service: Addr,
+    pub last_seen_ns: u64,
+}
+
+/// Flows idle for longer than this are treated as gone (contract 2.5).
+pub const FLOW_IDLE_NS: u64 = 60 * 1_000_000_000;
+
+/// An address range (`prefix/len`) in [`Addr`] form.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: Addr,
+    /// Prefix length counted on the 128-bit form (an IPv4 /16 is 112).
+    pub len: u32,
+}
+
+pub const MAX_SERVICE_RANGES: usize = 4;
+
+/// Single entry of the `CONFIG` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// This node's underlay address (outer source, tunnel destination), IPv4.
+    pub node_ip: [u8; 4],
+    /// Tunnel port we listen on and send from, host order.
+    pub tunnel_port: u16,
+    /// Largest inner IP packet the tunnel carries (1450 by default).
+    pub tunnel_mtu: u16,
+    /// Interface the tunnel leaves by.
+    pub uplink_ifindex: u32,
+    /// How many entries of `service_ranges` are valid.
+    pub n_ranges: u32,
+    pub service_ranges: [Prefix; MAX_SERVICE_RANGES],
+    /// Packets held per unknown service address while userspace resolves it.
+    pub miss_hold: u32,
+    pub _pad: u32,
+}
+
+/// Why a packet took the path it took; index into the `COUNTERS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Not service traffic: left to the kernel.
+    Passed = 0,
+    /// Translated and delivered to a container on this node.
+    LocalDelivered,
+    /// Translated and sent through the tunnel.
+    Tunnelled,
+    /// Received through the tunnel and delivered.
+    Decapsulated,
+    /// Received through the tunnel, reverse-translated, delivered.
+    ReverseTranslated,
+    /// Unknown service or sender: held and reported to userspace.
+    MissHeld,
+    /// ICMP fragmentation-needed / packet-too-big sent to a container.
+    PmtuSent,
+    DropMalformed,
+    DropFragment,
+    DropUnsupportedProto,
+    DropTtl,
+    DropTooBig,
+    DropNoBackend,
+    DropMissOverflow,
+    DropNotLocal,
+    DropBadInnerSource,
+    DropFlowTableFull,
+    DropRedirect,
+    DropEncap,
+}
+
+pub const COUNTER_NAMES: [&str; Counter::COUNT] = [
+    "passed",
+    "local_delivered",
+    "tunnelled",
+    "decapsulated",
+    "reverse_translated",
+    "miss_held",
+    "pmtu_sent",
+    "drop_malformed",
+    "drop_fragment",
+    "drop_unsupported_proto",
+    "drop_ttl",
+    "drop_too_big",
+    "drop_no_backend",
+    "drop_miss_overflow",
+    "drop_not_local",
+    "drop_bad_inner_source",
+    "drop_flow_table_full",
+    "drop_redirect",
+    "drop_encap",
+];
+
+impl Counter {
+    pub const COUNT: usize = 19;
+}
+
+/// Per-CPU value of `COUNTERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why a miss event was raised.
+pub const MISS_SERVICE: u32 = 1;
+/// The sending container's own instance address is not known yet.
+pub const MISS_SENDER: u32 = 2;
+
+/// Largest frame a miss event carries (container MTU plus Ethernet header,
+/// with room to spare). Larger frames are reported without their bytes.
+/// A power of two: the program masks the length with it for the verifier.
+pub const MISS_FRAME_MAX: usize = 2048;
+
+/// Record in the `MISSES` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MissEvent {
+    /// [`MISS_SERVICE`] or [`MISS_SENDER`].
+    pub reason: u32,
+    /// Interface the packet came in on.
+    pub ifindex: u32,
+    /// The unknown address: the service address, or the sender's namespace address.
+    pub addr: Addr,
+    /// Bytes of `frame` that are valid (0 when the frame was too large to keep).
+    pub frame_len: u32,
+    pub _pad: u32,
+    /// The whole Ethernet frame, to be reinjected once the miss is resolved.
+    pub frame: [u8; MISS_FRAME_MAX],
+}
+
+/// Default map sizes (overridable at load time).
+pub const DEFAULT_FLOWS: u32 = 65_536;
+pub const DEFAULT_SERVICES: u32 = 16_384;
+pub const DEFAULT_BACKENDS: u32 = 65_536;
+pub const DEFAULT_INSTANCES: u32 = 16_384;
+pub const DEFAULT_PENDING: u32 = 4_096;
+pub const DEFAULT_MISS_RING_BYTES: u32 = 1 << 20;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), contain only integers and byte arrays,
+    // and have no implicit padding (checked by the layout tests below).
+    unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Instance {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for ReverseFlow {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for CounterValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<Addr>(), 16);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<BackendKey>(), 24);
+        assert_eq!(size_of::<Instance>(), 16 + 4 + 2 + 2 + 4 + 6 + 2);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Flow>(), 40);
+        assert_eq!(size_of::<ReverseFlow>(), 24);
+        assert_eq!(size_of::<Prefix>(), 20);
+        assert_eq!(size_of::<Config>(), 16 + 20 * MAX_SERVICE_RANGES + 8);
+        assert_eq!(COUNTER_NAMES.len(), Counter::DropEncap as usize + 1);
+    }
+
+    #[test]
+    fn v4_mapped_round_trip() {
+        let a = Addr::from_v4_octets([10, 30, 0, 3]);
+        assert_eq!(a.v4_octets(), Some([10, 30, 0, 3]));
+        assert_eq!(Addr::ZERO.v4_octets(), None);
+    }
+}

@@ -1,0 +1,318 @@
+//! NetManager's overlay dataplane: the per-packet half of upstream Oakestra's
+//! userspace proxy, in two TC programs.
+//!
+//! - `container_egress`: TC ingress on the host end of every container veth
+//!   (what a container sends). Service-addressed packets are translated
+//!   (contract 2.5 steps 1-4) and either delivered to a local container or
+//!   tunnelled to the backend's node.
+//! - `uplink_ingress`: TC ingress on the uplink. Datagrams to our tunnel port
+//!   are decapsulated, reverse-translated when this node owns the flow, and
+//!   delivered straight into the container's namespace.
+#![no_std]
+#![no_main]
+
+mod flows;
+mod maps;
+mod packet;
+mod pmtu;
+mod tunnel;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_load_bytes},
+    macros::classifier,
+    programs::TcContext,
+};
+use netmanager_common::{
+    Addr, Config, Counter, INSTANCE_LOCAL, Instance, MISS_FRAME_MAX, MISS_SENDER, MISS_SERVICE,
+};
+
+use maps::{INSTANCES, MISSES, PENDING, config, count};
+use packet::{ETH_HLEN, Packet, ParseError};
+
+#[classifier]
+pub fn container_egress(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else {
+        return TC_ACT_OK;
+    };
+    let len = ctx.len();
+    let verdict = match from_container(&ctx, cfg) {
+        Ok(v) => v,
+        Err(c) => Verdict::Drop(c),
+    };
+    finish(verdict, len)
+}
+
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else {
+        return TC_ACT_OK;
+    };
+    let Some(inner) = tunnel::is_tunnel_datagram(&ctx, cfg) else {
+        // Not overlay traffic: untouched, and not even counted, to keep the
+        // uplink's other traffic at zero cost beyond the header reads.
+        return TC_ACT_OK;
+    };
+    let len = ctx.len();
+    let verdict = match from_tunnel(&ctx, cfg, inner) {
+        Ok(v) => v,
+        Err(c) => Verdict::Drop(c),
+    };
+    finish(verdict, len)
+}
+
+/// What happened to a packet, with the counter it is accounted under.
+enum Verdict {
+    /// Continue in the kernel stack.
+    Pass(Counter),
+    /// Redirected by a helper; return its action.
+    Redirect(Counter, i32),
+    /// Handed to userspace (held) or consumed.
+    Stolen(Counter),
+    Drop(Counter),
+}
+
+#[inline(always)]
+fn finish(v: Verdict, len: u32) -> i32 {
+    match v {
+        Verdict::Pass(c) => {
+            count(c, len);
+            TC_ACT_OK
+        }
+        Verdict::Redirect(c, action) => {
+            count(c, len);
+            action
+        }
+        Verdict::Stolen(c) | Verdict::Drop(c) => {
+            count(c, len);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+fn parse_error(e: ParseError) -> Verdict {
+    match e {
+        ParseError::NotIp => Verdict::Pass(Counter::Passed),
+        ParseError::Malformed => Verdict::Drop(Counter::DropMalformed),
+        ParseError::Fragment => Verdict::Drop(Counter::DropFragment),
+        ParseError::Unsupported => Verdict::Drop(Counter::DropUnsupportedProto),
+    }
+}
+
+/// The sender side of contract 2.5.
+#[inline(always)]
+fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
+    let Ok(ethertype) = packet::ethertype(ctx) else {
+        return Ok(Verdict::Pass(Counter::Passed));
+    };
+    // Only service addresses are ours; read the destination before the
+    // full parse so everything else (bridge, internet) pays almost nothing.
+    let Some(dst) = destination(ctx, ethertype) else {
+        return Ok(Verdict::Pass(Counter::Passed));
+    };
+    if !packet::in_service_range(cfg, &dst) {
+        return Ok(Verdict::Pass(Counter::Passed));
+    }
+    let mut p = Packet::default();
+    if let Err(e) = packet::parse(ctx, ETH_HLEN, ethertype, &mut p) {
+        return Ok(parse_error(e));
+    }
+    if p.ttl <= 1 {
+        return Err(Counter::DropTtl);
+    }
+    let Some(sender) = (unsafe { INSTANCES.get(p.src) }) else {
+        return Err(Counter::DropNotLocal);
+    };
+    if sender.flags & INSTANCE_LOCAL == 0 {
+        return Err(Counter::DropNotLocal);
+    }
+    if sender.instance_ip.is_zero() {
+        return Ok(hold(ctx, cfg, MISS_SENDER, &p.src));
+    }
+    let src_instance = sender.instance_ip;
+    let mut backend_ns = Addr::ZERO;
+    {
+        let key = p.key();
+        if !flows::cached_backend(&key, &mut backend_ns) {
+            match flows::choose(&key, &src_instance, &mut backend_ns) {
+                flows::CHOSEN => {}
+                flows::UNKNOWN_SERVICE => return Ok(hold(ctx, cfg, MISS_SERVICE, &p.dst)),
+                flows::NO_BACKEND => return Err(Counter::DropNoBackend),
+                _ => return Err(Counter::DropFlowTableFull),
+            }
+        }
+    }
+    // Looked up again rather than passed back: BPF-to-BPF calls return
+    // scalars only, and the stack is too small to copy entries around.
+    let Some(backend) = (unsafe { INSTANCES.get(backend_ns) }) else {
+        return Err(Counter::DropNoBackend);
+    };
+    let local = backend.flags & INSTANCE_LOCAL != 0;
+    if !local && too_big(ctx, cfg, &p) {
+        return Ok(send_too_big(ctx, cfg, &p));
+    }
+    packet::decrement_ttl(ctx, &mut p).map_err(|_| Counter::DropMalformed)?;
+    packet::set_src(ctx, &mut p, &src_instance).map_err(|_| Counter::DropMalformed)?;
+    packet::set_dst(ctx, &mut p, &backend_ns).map_err(|_| Counter::DropMalformed)?;
+    if local {
+        // Same-node service traffic: never encapsulated (step 4).
+        return deliver(ctx, cfg, &mut p, backend, Counter::LocalDelivered);
+    }
+    tunnel::encapsulate(ctx, cfg, backend).map_err(|_| Counter::DropEncap)?;
+    // The kernel resolves the next hop towards the backend's node (routing
+    // and neighbour tables), so nodes need not share a link.
+    let action = unsafe {
+        bpf_redirect_neigh(
+            cfg.uplink_ifindex,
+            core::ptr::null_mut::<bpf_redir_neigh>(),
+            0,
+            0,
+        )
+    };
+    Ok(Verdict::Redirect(Counter::Tunnelled, action as i32))
+}
+
+/// Destination address of an IPv4/IPv6 packet after the Ethernet header.
+#[inline(always)]
+fn destination(ctx: &TcContext, ethertype: u16) -> Option<Addr> {
+    match ethertype {
+        packet::ETH_P_IP => {
+            let d: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+            Some(Addr::from_v4_octets(d))
+        }
+        packet::ETH_P_IPV6 => {
+            let d: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
+            Some(Addr { bytes: d })
+        }
+        _ => None,
+    }
+}
+
+/// A single (non-GSO) packet larger than the tunnel carries. GSO packets are
+/// segmented to the container's MTU before they leave, so they always fit.
+#[inline(always)]
+fn too_big(ctx: &TcContext, cfg: &Config, p: &Packet) -> bool {
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    gso_size == 0 && p.ip_len > cfg.tunnel_mtu as u32
+}
+
+#[inline(always)]
+fn send_too_big(ctx: &TcContext, cfg: &Config, p: &Packet) -> Verdict {
+    // IPv4 without DF may legally be fragmented, but not by us: drop it.
+    if !p.dont_fragment {
+        return Verdict::Drop(Counter::DropTooBig);
+    }
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if pmtu::to_icmp_too_big(ctx, p, cfg.tunnel_mtu).is_err() {
+        return Verdict::Drop(Counter::DropTooBig);
+    }
+    // Back out of the veth we are attached to, i.e. to the sender.
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    Verdict::Redirect(Counter::PmtuSent, action as i32)
+}
+
+/// The receiver side of contract 2.5 (steps 5-6).
+#[inline(never)]
+fn from_tunnel(ctx: &TcContext, cfg: &Config, inner: u16) -> Result<Verdict, Counter> {
+    tunnel::decapsulate(ctx, inner).map_err(|_| Counter::DropMalformed)?;
+    let mut p = Packet::default();
+    match packet::parse(ctx, ETH_HLEN, inner, &mut p) {
+        Ok(()) => {}
+        // Fragments and other protocols between instances still go through.
+        Err(ParseError::Fragment) | Err(ParseError::Unsupported) => {
+            packet::parse_addresses(ctx, ETH_HLEN, inner, &mut p)
+                .map_err(|_| Counter::DropMalformed)?;
+        }
+        Err(e) => return Ok(parse_error(e)),
+    }
+    // A tunnelled packet always comes from an instance address; anything
+    // else is spoofed or broken.
+    if !packet::in_service_range(cfg, &p.src) {
+        return Err(Counter::DropBadInnerSource);
+    }
+    let Some(dest) = (unsafe { INSTANCES.get(p.dst) }) else {
+        return Err(Counter::DropNotLocal);
+    };
+    let dest = *dest;
+    if dest.flags & INSTANCE_LOCAL == 0 {
+        return Err(Counter::DropNotLocal);
+    }
+    deliver(ctx, cfg, &mut p, &dest, Counter::Decapsulated)
+}
+
+/// Hands a translated packet to a container on this node, restoring the
+/// dialled service address as source when this node started the flow.
+#[inline(always)]
+fn deliver(
+    ctx: &TcContext,
+    _cfg: &Config,
+    p: &mut Packet,
+    dest: &Instance,
+    counter: Counter,
+) -> Result<Verdict, Counter> {
+    let mut counter = counter;
+    if p.csum_off != 0 {
+        if let Some(service) = flows::reverse_service(&p.key()) {
+            packet::set_src(ctx, p, &service).map_err(|_| Counter::DropMalformed)?;
+            counter = Counter::ReverseTranslated;
+        }
+    }
+    ctx.store(0, &dest.mac, 0)
+        .map_err(|_| Counter::DropMalformed)?;
+    // Straight into the container's namespace: no second pass through the
+    // bridge and the host stack.
+    let action = unsafe { bpf_redirect_peer(dest.ifindex, 0) };
+    Ok(Verdict::Redirect(counter, action as i32))
+}
+
+/// Reports a miss and keeps the frame (in the event) for userspace to
+/// reinject once the address is resolved; at most `miss_hold` frames per
+/// address while a resolution is pending.
+#[inline(never)]
+fn hold(ctx: &TcContext, cfg: &Config, reason: u32, addr: &Addr) -> Verdict {
+    match PENDING.get_ptr_mut(addr) {
+        Some(n) => unsafe {
+            if *n >= cfg.miss_hold {
+                return Verdict::Drop(Counter::DropMissOverflow);
+            }
+            *n += 1;
+        },
+        None => {
+            if PENDING.insert(addr, &1, 0).is_err() {
+                return Verdict::Drop(Counter::DropMissOverflow);
+            }
+        }
+    }
+    let Some(mut entry) = MISSES.reserve(0) else {
+        return Verdict::Drop(Counter::DropMissOverflow);
+    };
+    let ev = entry.as_mut_ptr();
+    let len = ctx.len();
+    unsafe {
+        (*ev).reason = reason;
+        (*ev).ifindex = (*ctx.skb.skb).ifindex;
+        (*ev).addr = *addr;
+        (*ev)._pad = 0;
+        (*ev).frame_len = 0;
+        if len > 0 && (len as usize) <= MISS_FRAME_MAX {
+            // (len - 1) & mask + 1 proves 1..=MISS_FRAME_MAX to the verifier.
+            let n = ((len - 1) & (MISS_FRAME_MAX as u32 - 1)) + 1;
+            let dst = (*ev).frame.as_mut_ptr() as *mut core::ffi::c_void;
+            if bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, dst, n) == 0 {
+                (*ev).frame_len = n;
+            }
+        }
+    }
+    entry.submit(0);
+    Verdict::Stolen(Counter::MissHeld)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,72 @@
+//! Every map the programs use. Sizes here are defaults: the loader overrides
+//! them from NetManager's configuration, and pins them all under one bpffs
+//! directory so a restarted NetManager adopts them.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    macros::btf_map,
+};
+use netmanager_common::{
+    Addr, BackendKey, Config, Counter, CounterValue, DEFAULT_BACKENDS, DEFAULT_FLOWS,
+    DEFAULT_INSTANCES, DEFAULT_MISS_RING_BYTES, DEFAULT_PENDING, DEFAULT_SERVICES, Flow, FlowKey,
+    Instance, MissEvent, ReverseFlow, Service,
+};
+
+/// Node address, tunnel port, MTU, service ranges (one entry).
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// Service address -> kind and current backend generation.
+#[btf_map]
+pub static SERVICES: HashMap<Addr, Service, { DEFAULT_SERVICES as usize }> = HashMap::new();
+
+/// (service, generation, index) -> backend namespace address.
+#[btf_map]
+pub static BACKENDS: HashMap<BackendKey, Addr, { DEFAULT_BACKENDS as usize }> = HashMap::new();
+
+/// Namespace address -> where that instance lives.
+#[btf_map]
+pub static INSTANCES: HashMap<Addr, Instance, { DEFAULT_INSTANCES as usize }> = HashMap::new();
+
+/// Forward flow cache: the sender's 5-tuple -> chosen backend.
+#[btf_map]
+pub static FLOWS: LruHashMap<FlowKey, Flow, { DEFAULT_FLOWS as usize }> = LruHashMap::new();
+
+/// Reverse flow cache: a reply's 5-tuple -> the service address to restore.
+#[btf_map]
+pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseFlow, { DEFAULT_FLOWS as usize }> =
+    LruHashMap::new();
+
+/// Unknown address -> packets held for it so far (bounded by `miss_hold`).
+#[btf_map]
+pub static PENDING: LruHashMap<Addr, u32, { DEFAULT_PENDING as usize }> = LruHashMap::new();
+
+/// Packets and bytes per verdict and drop reason.
+#[btf_map]
+pub static COUNTERS: PerCpuArray<CounterValue, { Counter::COUNT }> = PerCpuArray::new();
+
+/// Misses (with the held frame) for NetManager to resolve.
+#[btf_map]
+pub static MISSES: RingBuf<MissEvent, { DEFAULT_MISS_RING_BYTES as usize }> = RingBuf::new();
+
+/// Adds one packet of `bytes` to counter `c`.
+#[inline(always)]
+pub fn count(c: Counter, bytes: u32) {
+    if let Some(v) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*v).packets += 1;
+            (*v).bytes += bytes as u64;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
+}
+
+/// Per-CPU scratch space for building ICMP errors: the 512-byte BPF stack
+/// cannot hold them next to the rest of the program's state.
+#[btf_map]
+pub static SCRATCH: PerCpuArray<[u8; 256], 1> = PerCpuArray::new();

@@ -1,0 +1,135 @@
+//! The Oakestra tunnel on the wire: the translated IP packet is the whole
+//! payload of one UDP datagram between the nodes' tunnel ports -- no extra
+//! header, byte-compatible with an upstream NetManager.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+    },
+    programs::TcContext,
+};
+use netmanager_common::{Config, Instance};
+
+use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP};
+
+const BPF_ADJ_ROOM_MAC: u32 = aya_ebpf::bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC;
+
+/// Outer IPv4 (no options) plus UDP.
+pub const OUTER_LEN: usize = 28;
+
+#[repr(C)]
+struct Outer {
+    ip: [u8; 20],
+    udp: [u8; 8],
+}
+
+/// Wraps the IP packet after the Ethernet header into IPv4/UDP towards the
+/// node running `backend`. The caller redirects it out of the uplink.
+#[inline(never)]
+pub fn encapsulate(ctx: &TcContext, cfg: &Config, backend: &Instance) -> Result<(), ()> {
+    let inner_len = ctx.len() as usize - ETH_HLEN;
+    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
+    ctx.adjust_room(OUTER_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| ())?;
+    let outer = outer_headers(cfg, backend, inner_len);
+    ctx.store(ETH_HLEN, &outer, 0).map_err(|_| ())?;
+    // An IPv6 inner packet now travels in IPv4.
+    ctx.store(12, &ETH_P_IP.to_be(), 0).map_err(|_| ())
+}
+
+#[inline(always)]
+fn outer_headers(cfg: &Config, backend: &Instance, inner_len: usize) -> Outer {
+    let total = (inner_len + OUTER_LEN) as u16;
+    let udp_len = (inner_len + 8) as u16;
+    let t = total.to_be_bytes();
+    let s = cfg.node_ip;
+    let d = backend.node_ip;
+    let mut ip = [
+        0x45,
+        0,
+        t[0],
+        t[1],
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        IPPROTO_UDP,
+        0,
+        0,
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        d[0],
+        d[1],
+        d[2],
+        d[3],
+    ];
+    let c = ipv4_header_checksum(&ip).to_be_bytes();
+    ip[10] = c[0];
+    ip[11] = c[1];
+    let sp = cfg.tunnel_port.to_be_bytes();
+    let dp = backend.node_port.to_be_bytes();
+    let l = udp_len.to_be_bytes();
+    // UDP checksum 0: allowed over IPv4, and the inner packet carries its own.
+    Outer {
+        ip,
+        udp: [sp[0], sp[1], dp[0], dp[1], l[0], l[1], 0, 0],
+    }
+}
+
+#[inline(always)]
+pub fn ipv4_header_checksum(h: &[u8; 20]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 20 {
+        sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Whether the Ethernet frame is a datagram to this node's tunnel port.
+/// Returns the ethertype of the inner packet when it is.
+#[inline(always)]
+pub fn is_tunnel_datagram(ctx: &TcContext, cfg: &Config) -> Option<u16> {
+    let ethertype: u16 = ctx.load(12).ok()?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return None;
+    }
+    let h: [u8; 28] = ctx.load(ETH_HLEN).ok()?;
+    // Outer options or fragments are left to the kernel.
+    if h[0] != 0x45 || h[9] != IPPROTO_UDP || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    if [h[16], h[17], h[18], h[19]] != cfg.node_ip {
+        return None;
+    }
+    if u16::from_be_bytes([h[22], h[23]]) != cfg.tunnel_port {
+        return None;
+    }
+    let inner: u8 = ctx.load(ETH_HLEN + OUTER_LEN).ok()?;
+    match inner >> 4 {
+        4 => Some(ETH_P_IP),
+        6 => Some(ETH_P_IPV6),
+        _ => None,
+    }
+}
+
+/// Strips the outer IPv4/UDP headers; the inner packet follows the
+/// Ethernet header afterwards.
+#[inline(never)]
+pub fn decapsulate(ctx: &TcContext, inner_ethertype: u16) -> Result<(), ()> {
+    let flags = if inner_ethertype == ETH_P_IPV6 {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+    } else {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+    } as u64;
+    ctx.adjust_room(-(OUTER_LEN as i32), BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| ())?;
+    ctx.store(12, &inner_ethertype.to_be(), 0).map_err(|_| ())
+}

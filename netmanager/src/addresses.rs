@@ -1,0 +1,167 @@
+//! The node subnet the cluster hands out (contract 2.3 `subnetwork/result`)
+//! and the allocation of container addresses from it.
+//!
+//! The subnet is an IPv4 /26 and an IPv6 /120. The gateway (bridge) takes the
+//! first address after the one the cluster sent, containers the following ones.
+//! v4 and v6 addresses are allocated as a pair with the same offset, so a
+//! container's two addresses can always be derived from each other and a
+//! restarted daemon can re-reserve both from either.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub const V4_PREFIX: u8 = 26;
+pub const V6_PREFIX: u8 = 120;
+/// Addresses in a /26.
+const V4_SPAN: u32 = 1 << (32 - V4_PREFIX as u32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet {
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+/// A container's pair of namespace addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressPair {
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+impl Subnet {
+    /// The cluster's answer, e.g. `{"address": "10.18.0.64", "addressv6": "fc00::40"}`.
+    pub fn parse(v4: &str, v6: &str) -> Result<Subnet> {
+        let Ok(v4) = v4.trim().parse::<Ipv4Addr>() else {
+            bail!("subnet address {v4:?} is not an IPv4 address");
+        };
+        let Ok(v6) = v6.trim().parse::<Ipv6Addr>() else {
+            bail!("subnet addressv6 {v6:?} is not an IPv6 address");
+        };
+        Ok(Subnet { v4, v6 })
+    }
+
+    /// Address at `offset` from the start of the subnet.
+    pub fn at(&self, offset: u32) -> AddressPair {
+        AddressPair {
+            v4: Ipv4Addr::from(u32::from(self.v4).wrapping_add(offset)),
+            v6: Ipv6Addr::from(u128::from(self.v6).wrapping_add(offset as u128)),
+        }
+    }
+
+    pub fn gateway(&self) -> AddressPair {
+        self.at(1)
+    }
+
+    /// Network address of the /26 the gateway lies in (for nft rules).
+    pub fn v4_network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.v4) & !(V4_SPAN - 1))
+    }
+
+    pub fn v6_network(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.v6) & !0xffu128)
+    }
+
+    /// Offset of a v4 address inside this subnet, when it is a container address.
+    pub fn offset_of(&self, v4: Ipv4Addr) -> Option<u32> {
+        let off = u32::from(v4).checked_sub(u32::from(self.v4))?;
+        (FIRST_CONTAINER..self.end()).contains(&off).then_some(off)
+    }
+
+    /// One past the last usable offset: stay inside the /26 the start lies in
+    /// and never hand out its broadcast address.
+    fn end(&self) -> u32 {
+        let start_in_block = u32::from(self.v4) & (V4_SPAN - 1);
+        V4_SPAN - 1 - start_in_block
+    }
+}
+
+const FIRST_CONTAINER: u32 = 2;
+
+/// Free list of container offsets; lowest free first, so addresses are
+/// predictable in tests and after a restart.
+#[derive(Debug, Clone)]
+pub struct AddressPool {
+    subnet: Subnet,
+    free: BTreeSet<u32>,
+}
+
+impl AddressPool {
+    pub fn new(subnet: Subnet) -> AddressPool {
+        let free = (FIRST_CONTAINER..subnet.end()).collect();
+        AddressPool { subnet, free }
+    }
+
+    pub fn subnet(&self) -> Subnet {
+        self.subnet
+    }
+
+    pub fn allocate(&mut self) -> Result<AddressPair> {
+        let Some(off) = self.free.pop_first() else {
+            bail!("node subnet {}/{V4_PREFIX} is exhausted", self.subnet.v4);
+        };
+        Ok(self.subnet.at(off))
+    }
+
+    /// Mark an address used (state restored after a restart).
+    pub fn reserve(&mut self, v4: Ipv4Addr) -> Result<AddressPair> {
+        let Some(off) = self.subnet.offset_of(v4) else {
+            bail!(
+                "{v4} is not a container address of subnet {}",
+                self.subnet.v4
+            );
+        };
+        if !self.free.remove(&off) {
+            bail!("{v4} is already in use");
+        }
+        Ok(self.subnet.at(off))
+    }
+
+    pub fn release(&mut self, v4: Ipv4Addr) {
+        if let Some(off) = self.subnet.offset_of(v4) {
+            self.free.insert(off);
+        }
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subnet() -> Subnet {
+        Subnet::parse("10.18.0.64", "fc00::40").unwrap()
+    }
+
+    #[test]
+    fn gateway_and_first_container() {
+        let s = subnet();
+        assert_eq!(s.gateway().v4, Ipv4Addr::new(10, 18, 0, 65));
+        let mut p = AddressPool::new(s);
+        let a = p.allocate().unwrap();
+        assert_eq!(a.v4, Ipv4Addr::new(10, 18, 0, 66));
+        assert_eq!(a.v6, "fc00::42".parse::<Ipv6Addr>().unwrap());
+    }
+
+    #[test]
+    fn exhaustion_release_and_reserve() {
+        let mut p = AddressPool::new(subnet());
+        // .66 ... .126: 61 container addresses, broadcast .127 excluded
+        let n = p.free_count();
+        assert_eq!(n, 61);
+        let all: Vec<_> = (0..n).map(|_| p.allocate().unwrap()).collect();
+        assert_eq!(all.last().unwrap().v4, Ipv4Addr::new(10, 18, 0, 126));
+        assert!(p.allocate().is_err());
+        p.release(all[3].v4);
+        assert_eq!(p.allocate().unwrap(), all[3]);
+        p.release(all[5].v4);
+        assert!(p.reserve(all[5].v4).is_ok());
+        assert!(p.reserve(all[5].v4).is_err());
+        assert!(p.reserve(Ipv4Addr::new(10, 18, 0, 65)).is_err());
+    }
+}

@@ -1,0 +1,215 @@
+//! Misses: the programs hand packets for unknown addresses to us through a
+//! ring buffer (frame included), and once the address is resolved we send
+//! the frame through the programs again via a dedicated veth pair whose far
+//! end carries the container program. A TCP connect to a never-seen service
+//! thus completes without waiting for a SYN retransmit.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use aya::Ebpf;
+use aya::maps::{MapData, RingBuf};
+use netmanager_common::{Addr, MISS_FRAME_MAX, MISS_SENDER, MISS_SERVICE};
+use tokio::io::unix::AsyncFd;
+
+use super::addr::from_addr;
+use super::{DataplaneError, Miss, MissReason, Result};
+
+/// Name of our end of the reinjection pair (frames are written here) and of
+/// the end the container program watches.
+pub const INJECT_DEVICE: &str = "oakinj0";
+pub const INJECT_PEER: &str = "oakinj1";
+
+pub struct MissSource(RingBuf<MapData>);
+
+impl MissSource {
+    pub fn take(ebpf: &mut Ebpf) -> Result<MissSource> {
+        let map = ebpf
+            .take_map("MISSES")
+            .ok_or_else(|| DataplaneError::Other("the eBPF object has no map MISSES".into()))?;
+        let ring = RingBuf::try_from(map).map_err(|e| DataplaneError::bpf("map MISSES", e))?;
+        Ok(MissSource(ring))
+    }
+
+    /// Needs a running tokio runtime (the ring buffer is polled with epoll).
+    pub fn into_receiver(self) -> Result<MissReceiver> {
+        // AsyncFd owns the RingBuf, which owns the descriptor: it cannot be
+        // closed behind the registration's back, the case `new` is
+        // deprecated for.
+        #[allow(deprecated)]
+        let fd = AsyncFd::new(self.0)
+            .map_err(|e| DataplaneError::bpf("registering the MISSES ring buffer", e))?;
+        Ok(MissReceiver {
+            fd,
+            queue: VecDeque::new(),
+        })
+    }
+}
+
+pub struct MissReceiver {
+    fd: AsyncFd<RingBuf<MapData>>,
+    queue: VecDeque<Miss>,
+}
+
+impl MissReceiver {
+    /// Next miss; None when the dataplane is gone.
+    pub async fn recv(&mut self) -> Option<Miss> {
+        loop {
+            if let Some(m) = self.queue.pop_front() {
+                return Some(m);
+            }
+            let mut guard = self.fd.readable_mut().await.ok()?;
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                match decode(&item) {
+                    Some(m) => self.queue.push_back(m),
+                    None => {
+                        tracing::warn!("ignoring a malformed miss event ({} bytes)", item.len())
+                    }
+                }
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+/// Decodes a `MissEvent` record (layout in netmanager-common).
+pub fn decode(raw: &[u8]) -> Option<Miss> {
+    const FRAME_AT: usize = 32;
+    if raw.len() < FRAME_AT {
+        return None;
+    }
+    let word = |at: usize| u32::from_ne_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
+    let reason = match word(0) {
+        MISS_SERVICE => MissReason::Service,
+        MISS_SENDER => MissReason::Sender,
+        _ => return None,
+    };
+    let mut addr = Addr::ZERO;
+    addr.bytes.copy_from_slice(&raw[8..24]);
+    let frame_len = word(24) as usize;
+    let frame = if frame_len > 0 && frame_len <= MISS_FRAME_MAX && raw.len() >= FRAME_AT + frame_len
+    {
+        Some(raw[FRAME_AT..FRAME_AT + frame_len].to_vec())
+    } else {
+        None
+    };
+    Some(Miss {
+        reason,
+        addr: from_addr(&addr),
+        frame,
+    })
+}
+
+/// Writes frames into the reinjection device.
+pub struct Reinjector {
+    socket: OwnedFd,
+}
+
+impl Reinjector {
+    pub fn open(device: &str) -> Result<Reinjector> {
+        let ifindex = super::tables::ifindex(device)?;
+        // SAFETY: plain socket(2); the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if fd < 0 {
+            return Err(DataplaneError::bpf(
+                "opening the reinjection packet socket",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_ll is valid; we fill what bind needs.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: sll is a properly sized sockaddr_ll.
+        let r = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(DataplaneError::bpf(
+                format!("binding the reinjection socket to {device}"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(Reinjector { socket })
+    }
+
+    pub fn send(&self, frame: &[u8]) -> Result<()> {
+        // SAFETY: the buffer is valid for frame.len() bytes.
+        let n = unsafe {
+            libc::send(
+                self.socket.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(DataplaneError::bpf(
+                "reinjecting a held frame",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct InjectDevice {
+    pub name: String,
+    pub peer: String,
+}
+
+/// Creates the reinjection veth pair (up) unless it exists.
+pub fn ensure_inject_device() -> Result<InjectDevice> {
+    let device = InjectDevice {
+        name: INJECT_DEVICE.to_string(),
+        peer: INJECT_PEER.to_string(),
+    };
+    if super::tables::ifindex(INJECT_DEVICE).is_ok() && super::tables::ifindex(INJECT_PEER).is_ok()
+    {
+        return Ok(device);
+    }
+    // rtnetlink is async; run it on a private runtime so `open` works both
+    // inside and outside the caller's runtime.
+    std::thread::spawn(create_inject_pair)
+        .join()
+        .map_err(|_| DataplaneError::Other("netlink thread panicked".into()))??;
+    Ok(device)
+}
+
+fn create_inject_pair() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DataplaneError::bpf("starting a netlink runtime", e))?;
+    rt.block_on(async {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| DataplaneError::bpf("opening netlink", e))?;
+        tokio::spawn(conn);
+        let what =
+            |e: rtnetlink::Error| DataplaneError::bpf("creating the reinjection veth pair", e);
+        handle
+            .link()
+            .add(
+                rtnetlink::LinkVeth::new(INJECT_DEVICE, INJECT_PEER)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(what)?;
+        let peer = super::tables::ifindex(INJECT_PEER)?;
+        handle
+            .link()
+            .set(rtnetlink::LinkUnspec::new_with_index(peer).up().build())
+            .execute()
+            .await
+            .map_err(what)
+    })
+}

@@ -1,0 +1,372 @@
+//! The only code that touches the eBPF programs and maps.
+//!
+//! [`Dataplane::open`] loads the programs embedded at build time, creates the
+//! maps pinned under the configured bpffs directory -- or adopts them when a
+//! previous NetManager left them there -- and attaches through pinned TCX
+//! links, so a restart replaces programs atomically and never flushes state.
+//! Everything else is a typed operation on those maps.
+
+mod addr;
+mod attach;
+mod misses;
+mod tables;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use netmanager_common::{Counter, DEFAULT_PENDING};
+
+pub use misses::MissReceiver;
+pub use netmanager_common::ServiceKind;
+
+use attach::Attachments;
+use tables::Tables;
+
+/// The programs, built by `cargo xtask build-ebpf` and embedded by build.rs.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netmanager.bpf.o"));
+
+/// Program attached on the host end of every container veth (and the
+/// reinjection device).
+pub const CONTAINER_PROGRAM: &str = "container_egress";
+/// Program attached on the uplink.
+pub const UPLINK_PROGRAM: &str = "uplink_ingress";
+
+/// Names of the maps, as pinned and as `bpftool map` shows them.
+pub const MAP_NAMES: [&str; 10] = [
+    "CONFIG",
+    "SERVICES",
+    "BACKENDS",
+    "INSTANCES",
+    "FLOWS",
+    "REVERSE_FLOWS",
+    "PENDING",
+    "COUNTERS",
+    "MISSES",
+    "SCRATCH",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{context}: {source}")]
+    Bpf {
+        context: String,
+        #[source]
+        source: anyhow::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl DataplaneError {
+    fn bpf(context: impl Into<String>, source: impl Into<anyhow::Error>) -> Self {
+        DataplaneError::Bpf {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// Map sizes (max entries).
+#[derive(Debug, Clone)]
+pub struct MapSizes {
+    pub flows: u32,
+    pub services: u32,
+    pub backends: u32,
+    pub instances: u32,
+    pub pending: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            flows: netmanager_common::DEFAULT_FLOWS,
+            services: netmanager_common::DEFAULT_SERVICES,
+            backends: netmanager_common::DEFAULT_BACKENDS,
+            instances: netmanager_common::DEFAULT_INSTANCES,
+            pending: DEFAULT_PENDING,
+        }
+    }
+}
+
+/// Everything needed to load (or adopt) the dataplane.
+#[derive(Debug, Clone)]
+pub struct DataplaneConfig {
+    /// bpffs directory for pinned maps and links, e.g. /sys/fs/bpf/oakestra
+    pub pin_dir: PathBuf,
+    /// Uplink interface name (tunnel traffic in and out). Empty: attach
+    /// nothing and create no reinjection device (packet tests).
+    pub uplink: String,
+    /// This node's underlay IPv4 address.
+    pub node_ip: Ipv4Addr,
+    /// Tunnel UDP port (50103).
+    pub tunnel_port: u16,
+    /// Tunnel MTU (1450).
+    pub tunnel_mtu: u16,
+    /// Service address ranges (address, prefix length), v4 and v6.
+    pub service_ranges: Vec<(IpAddr, u8)>,
+    pub sizes: MapSizes,
+    /// Packets held per unknown address while it is resolved.
+    pub miss_hold: u32,
+}
+
+/// A container on this node, as the dataplane needs to know it.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalPort {
+    /// ifindex of the host end of the container's veth
+    pub ifindex: u32,
+    /// MAC of the container end
+    pub mac: [u8; 6],
+}
+
+/// One INSTANCES entry, keyed by namespace IP.
+#[derive(Debug, Clone, Copy)]
+pub struct InstanceEntry {
+    /// The instance's own instance_ip (same family as the ns ip); None while unknown.
+    pub instance_ip: Option<IpAddr>,
+    pub node_ip: Ipv4Addr,
+    pub node_port: u16,
+    /// Some for containers on this node.
+    pub local: Option<LocalPort>,
+}
+
+/// Why the programs reported a miss.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MissReason {
+    /// Packet to a service address with no SERVICES entry.
+    Service,
+    /// A local container (by ns ip) whose instance_ip is not known yet.
+    Sender,
+}
+
+#[derive(Debug, Clone)]
+pub struct Miss {
+    pub reason: MissReason,
+    /// Service address, or the sender's namespace address.
+    pub addr: IpAddr,
+    /// The held Ethernet frame, to pass back to `reinject` once resolved.
+    pub frame: Option<Vec<u8>>,
+}
+
+/// What `NetManager status` prints about the dataplane.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DataplaneStatus {
+    /// (program, interface, hook)
+    pub attachments: Vec<(String, String, String)>,
+    /// (map, entries, max entries)
+    pub maps: Vec<(String, u32, u32)>,
+    /// (counter, packets, bytes)
+    pub counters: Vec<(String, u64, u64)>,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    tables: Mutex<Tables>,
+    attachments: Attachments,
+    misses: Option<misses::MissSource>,
+    reinjector: Option<misses::Reinjector>,
+    cfg: DataplaneConfig,
+}
+
+impl Dataplane {
+    /// Load the programs, create or adopt the pinned maps and links, attach the uplink.
+    pub fn open(cfg: &DataplaneConfig) -> Result<Dataplane> {
+        std::fs::create_dir_all(&cfg.pin_dir)
+            .map_err(|e| DataplaneError::bpf(format!("creating {}", cfg.pin_dir.display()), e))?;
+        let mut ebpf = load(cfg)?;
+        for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM] {
+            program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|e| DataplaneError::bpf(format!("loading program {name}"), e))?;
+        }
+        let mut tables = Tables::take(&mut ebpf)?;
+        tables.write_config(cfg)?;
+        let misses = misses::MissSource::take(&mut ebpf)?;
+        let mut dp = Dataplane {
+            ebpf,
+            tables: Mutex::new(tables),
+            attachments: Attachments::new(cfg.pin_dir.join("links")),
+            misses: Some(misses),
+            reinjector: None,
+            cfg: cfg.clone(),
+        };
+        if !cfg.uplink.is_empty() {
+            dp.attach(UPLINK_PROGRAM, &cfg.uplink.clone())?;
+            let device = misses::ensure_inject_device()?;
+            dp.attach(CONTAINER_PROGRAM, &device.peer)?;
+            dp.reinjector = Some(misses::Reinjector::open(&device.name)?);
+        }
+        Ok(dp)
+    }
+
+    fn attach(&mut self, program: &str, ifname: &str) -> Result<()> {
+        let prog = program_mut(&mut self.ebpf, program)?;
+        self.attachments.attach(prog, program, ifname)
+    }
+
+    /// Node address changed.
+    pub fn set_node_ip(&self, ip: Ipv4Addr) -> Result<()> {
+        let mut cfg = self.cfg.clone();
+        cfg.node_ip = ip;
+        self.lock()?.write_config(&cfg)
+    }
+
+    /// Attach the container-side program to a container veth (host end).
+    pub fn attach_container(&mut self, host_ifname: &str) -> Result<()> {
+        self.attach(CONTAINER_PROGRAM, host_ifname)
+    }
+
+    pub fn detach_container(&mut self, host_ifname: &str) -> Result<()> {
+        self.attachments.detach(CONTAINER_PROGRAM, host_ifname)
+    }
+
+    pub fn upsert_instance(&self, ns_ip: IpAddr, entry: InstanceEntry) -> Result<()> {
+        self.lock()?.upsert_instance(ns_ip, &entry)
+    }
+
+    pub fn remove_instance(&self, ns_ip: IpAddr) -> Result<()> {
+        self.lock()?.remove_instance(ns_ip)
+    }
+
+    /// Replace the backend list of a service address atomically. `backends`
+    /// are namespace IPs (same family as `service_ip`), nearest first for Closest.
+    pub fn upsert_service(
+        &self,
+        service_ip: IpAddr,
+        kind: ServiceKind,
+        backends: &[IpAddr],
+    ) -> Result<()> {
+        self.lock()?.upsert_service(service_ip, kind, backends)
+    }
+
+    pub fn remove_service(&self, service_ip: IpAddr) -> Result<()> {
+        self.lock()?.remove_service(service_ip)
+    }
+
+    /// Take the miss stream (once).
+    pub fn misses(&mut self) -> Result<MissReceiver> {
+        self.misses
+            .take()
+            .ok_or_else(|| DataplaneError::Other("the miss stream was already taken".into()))?
+            .into_receiver()
+    }
+
+    /// Send a held frame through the programs again.
+    pub fn reinject(&self, frame: &[u8]) -> Result<()> {
+        match &self.reinjector {
+            Some(r) => r.send(frame),
+            None => Err(DataplaneError::Other(
+                "no reinjection device (dataplane opened without an uplink)".into(),
+            )),
+        }
+    }
+
+    /// Forget the pending marker for an address (resolved or failed).
+    pub fn resolved(&self, addr: IpAddr) -> Result<()> {
+        self.lock()?.clear_pending(addr)
+    }
+
+    /// Remove flows idle for more than 60 s; returns how many.
+    pub fn expire_flows(&self) -> Result<usize> {
+        self.lock()?.expire_flows(addr::monotonic_ns())
+    }
+
+    /// Packets and bytes per counter, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64, u64)>> {
+        self.lock()?.counters()
+    }
+
+    /// Snapshot for `NetManager status`.
+    pub fn status(&self) -> Result<DataplaneStatus> {
+        let tables = self.lock()?;
+        Ok(DataplaneStatus {
+            attachments: self.attachments.list(),
+            maps: tables.fill(&self.cfg.sizes),
+            counters: tables
+                .counters()?
+                .into_iter()
+                .map(|(c, p, b)| {
+                    (
+                        netmanager_common::COUNTER_NAMES[c as usize].to_string(),
+                        p,
+                        b,
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// The forward flow cached for `key`, if any (tests, inspection).
+    pub fn flow(
+        &self,
+        key: &netmanager_common::FlowKey,
+    ) -> Result<Option<netmanager_common::Flow>> {
+        Ok(self.lock()?.flow(key))
+    }
+
+    /// The reverse flow cached for `key`, if any.
+    pub fn reverse_flow(
+        &self,
+        key: &netmanager_common::FlowKey,
+    ) -> Result<Option<netmanager_common::ReverseFlow>> {
+        Ok(self.lock()?.reverse_flow(key))
+    }
+
+    /// Packets held for an unknown address, if a resolution is pending.
+    pub fn pending(&self, addr: IpAddr) -> Result<Option<u32>> {
+        Ok(self.lock()?.pending(addr))
+    }
+
+    /// A loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn program(&self, name: &str) -> Result<&SchedClassifier> {
+        self.ebpf
+            .program(name)
+            .ok_or_else(|| DataplaneError::Other(format!("no program {name}")))?
+            .try_into()
+            .map_err(|e| DataplaneError::bpf(format!("program {name}"), e))
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Tables>> {
+        self.tables
+            .lock()
+            .map_err(|_| DataplaneError::Other("dataplane tables lock poisoned".into()))
+    }
+}
+
+fn load(cfg: &DataplaneConfig) -> Result<Ebpf> {
+    let pins: Vec<(&str, PathBuf)> = MAP_NAMES
+        .iter()
+        .map(|name| (*name, cfg.pin_dir.join(name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader
+        .map_max_entries("FLOWS", cfg.sizes.flows)
+        .map_max_entries("REVERSE_FLOWS", cfg.sizes.flows)
+        .map_max_entries("SERVICES", cfg.sizes.services)
+        .map_max_entries("BACKENDS", cfg.sizes.backends)
+        .map_max_entries("INSTANCES", cfg.sizes.instances)
+        .map_max_entries("PENDING", cfg.sizes.pending);
+    loader.load(EBPF_OBJECT).map_err(|e| {
+        DataplaneError::bpf(
+            format!(
+                "loading the eBPF object (maps pinned in {}; a size change needs `rm -r` of that directory)",
+                cfg.pin_dir.display()
+            ),
+            e,
+        )
+    })
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::Other(format!("the eBPF object has no program {name}")))?
+        .try_into()
+        .map_err(|e| DataplaneError::bpf(format!("program {name}"), e))
+}

@@ -1,0 +1,494 @@
+//! The socket API end to end: a NetManager process (without eBPF) in a node
+//! namespace, a real mosquitto and a double of the cluster service manager,
+//! "containers" that are sleeping processes in their own namespaces.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const JOB1: &str = "clientsrvr.test.curl.test";
+const JOB2: &str = "clientsrvr.test.nginx.test";
+
+/// Fields drop in order: daemon first, the directory with its log last.
+struct Env {
+    nm: Daemon,
+    csm: ClusterDouble,
+    _broker: Broker,
+    node: Netns,
+    _dir: TempDir,
+}
+
+fn env() -> Env {
+    let dir = TempDir::new();
+    let node = Netns::node(1);
+    let broker = Broker::start(&dir, Some(&node));
+    let csm = ClusterDouble::start(broker.port, Some(&node), ("10.18.0.64", "fc00::40"));
+    let nm = Daemon::start(&dir, &node, broker.port);
+    Env {
+        nm,
+        csm,
+        _broker: broker,
+        node,
+        _dir: dir,
+    }
+}
+
+fn register(nm: &Daemon) {
+    let (code, body) = nm.post(
+        "/register",
+        r#"{"client_id":"6650aa00bb22cc33dd440002","cluster_address":"127.0.0.1"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+}
+
+fn deploy(nm: &Daemon, pid: u32, job: &str, instance: u32, ports: &str) -> (u16, Value) {
+    nm.post(
+        "/container/deploy",
+        &json!({"pid": pid, "serviceName": job, "instanceNumber": instance, "portMappings": ports})
+            .to_string(),
+    )
+}
+
+fn assert_error(code: u16, body: &Value, want: u16) {
+    assert_eq!(code, want, "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "no error text in {body}"
+    );
+}
+
+/// TCP from `from` to `addr` (an address of `to`), with python3 as both
+/// ends since ping/nc are not always installed.
+fn assert_tcp_reaches(to: &Proc, from: &Proc, addr: &str) {
+    if try_run(&["python3", "-c", "pass"]).is_none() {
+        eprintln!("python3 missing: connectivity check skipped");
+        return;
+    }
+    let server = std::process::Command::new("nsenter")
+        .args(["-t", &to.pid().to_string(), "-n", "python3", "-c"])
+        .arg("import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',7000))\ns.listen()\ns.settimeout(10)\nc,_=s.accept()\nc.sendall(b'hello')\nc.close()")
+        .spawn()
+        .unwrap();
+    let _server = Proc(server);
+    let script = format!(
+        "import socket,time\nfor i in range(50):\n  try:\n    s=socket.create_connection(('{addr}',7000),timeout=3);break\n  except OSError:\n    time.sleep(0.1)\nprint(s.recv(5).decode())"
+    );
+    let out = in_pid_ns(from.pid(), &["python3", "-c", &script]);
+    assert_eq!(
+        out.as_deref().map(str::trim),
+        Some("hello"),
+        "no TCP connectivity to {addr}"
+    );
+}
+
+fn ip_json(out: Option<String>) -> Value {
+    serde_json::from_str(&out.expect("ip command failed")).unwrap()
+}
+
+#[test]
+fn bad_requests_before_and_after_register() {
+    if !require_root("bad_requests_before_and_after_register") {
+        return;
+    }
+    let e = env();
+    let nm = &e.nm;
+    let (code, body) = nm.get("/status");
+    assert_eq!(code, 200);
+    assert_eq!(body["registered"], json!(false));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&nm.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+
+    let c = container();
+    let (code, body) = deploy(nm, c.pid(), JOB1, 0, "");
+    assert_error(code, &body, 400); // before register
+    let (code, body) = nm.post("/register", "{not json");
+    assert_error(code, &body, 400);
+    let (code, body) = nm.post("/register", r#"{"cluster_address":"127.0.0.1"}"#);
+    assert_error(code, &body, 400);
+    let (code, body) = nm.post("/nope", "{}");
+    assert_error(code, &body, 404);
+    let (code, body) = nm.get("/container/deploy/x");
+    assert_error(code, &body, 404);
+
+    register(nm);
+    register(nm); // same id again
+    let (code, body) = nm.post(
+        "/register",
+        r#"{"client_id":"ffffffffffffffffffffffff","cluster_address":"127.0.0.1"}"#,
+    );
+    assert_error(code, &body, 400);
+
+    let (code, body) = nm.post("/container/deploy", r#"{"pid": "x"}"#);
+    assert_error(code, &body, 400);
+    let (code, body) = nm.post(
+        "/container/deploy",
+        r#"{"pid": 1, "serviceName": "a.b.c", "instanceNumber": 0}"#,
+    );
+    assert_error(code, &body, 400);
+    let (code, body) = deploy(nm, c.pid(), "a.b.c.d.e", 0, "");
+    assert_error(code, &body, 400);
+    let (code, body) = deploy(nm, c.pid(), JOB1, 0, "80:x");
+    assert_error(code, &body, 400);
+    let (code, body) = deploy(nm, 4_000_000, JOB1, 0, "");
+    assert_error(code, &body, 400); // no such pid
+    let (code, body) = nm.post("/container/undeploy", r#"{"serviceName": 3}"#);
+    assert_error(code, &body, 400);
+
+    // Still serving, nothing half-created.
+    let (code, body) = nm.get("/status");
+    assert_eq!(code, 200);
+    assert_eq!(body["registered"], json!(true));
+    assert_eq!(body["deployments"].as_array().unwrap().len(), 0);
+    assert!(e.node.ip(&["link", "show", "oakv2"]).is_none());
+    // Subnet request went out as the contract says.
+    assert!(
+        e.csm
+            .seen_on("/net/subnet")
+            .iter()
+            .any(|v| v == &json!({"METHOD": "GET"}))
+    );
+    // A valid deploy still works afterwards.
+    let (code, body) = deploy(nm, c.pid(), JOB1, 0, "");
+    assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn deploy_two_containers_and_undeploy() {
+    if !require_root("deploy_two_containers_and_undeploy") {
+        return;
+    }
+    let e = env();
+    let nm = &e.nm;
+    register(nm);
+    let (c1, c2) = (container(), container());
+
+    // The cluster's table for JOB1: our instance 0 and a remote one.
+    e.csm.set_table(
+        JOB1,
+        json!({"instance_list": [
+            {"instance_number": 0, "namespace_ip": "10.18.0.66", "namespace_ip_v6": "fc00::42",
+             "host_ip": "198.51.100.1", "host_port": 50103, "service_ip": [
+                {"IpType": "RR", "Address": "10.30.55.55", "Address_v6": "fdff:2000::55:55"},
+                {"IpType": "instance_ip", "Address": "10.30.0.7", "Address_v6": "fdff::7"}]},
+            {"instance_number": 1, "namespace_ip": "10.18.1.2", "namespace_ip_v6": "fc00::102",
+             "host_ip": "198.51.100.2", "host_port": "50103", "service_ip": [
+                {"IpType": "RR", "Address": "10.30.55.55", "Address_v6": "fdff:2000::55:55"},
+                {"IpType": "instance_ip", "Address": "10.30.0.8", "Address_v6": "fdff::8"}]}
+        ]}),
+    );
+    let (code, a1) = deploy(nm, c1.pid(), JOB1, 0, "9080:80/tcp;9081");
+    assert_eq!(code, 200, "{a1}");
+    assert_eq!(
+        a1,
+        json!({"serviceName": JOB1, "nsAddress": "10.18.0.66", "nsAddressv6": "fc00::42"})
+    );
+    let (code, a2) = deploy(nm, c2.pid(), JOB2, 3, "");
+    assert_eq!(code, 200, "{a2}");
+    assert_eq!(a2["nsAddress"], json!("10.18.0.67"));
+    assert_eq!(a2["nsAddressv6"], json!("fc00::43"));
+    // Same deployment again (a retry): same answer.
+    let (code, again) = deploy(nm, c1.pid(), JOB1, 0, "9080:80/tcp;9081");
+    assert_eq!((code, &again), (200, &a1));
+
+    // Inside the first container: address, MTU, routes.
+    let links = ip_json(in_pid_ns(
+        c1.pid(),
+        &["ip", "-j", "addr", "show", "dev", "eth0"],
+    ));
+    let link = &links[0];
+    assert_eq!(link["mtu"], json!(1450));
+    assert_eq!(link["address"], json!("02:0a:0a:12:00:42"));
+    let addrs: Vec<String> = link["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .collect();
+    assert!(addrs.contains(&"10.18.0.66/26".to_string()), "{addrs:?}");
+    assert!(addrs.contains(&"fc00::42/120".to_string()), "{addrs:?}");
+    let r4 = ip_json(in_pid_ns(
+        c1.pid(),
+        &["ip", "-j", "-4", "route", "show", "default"],
+    ));
+    assert_eq!(r4[0]["gateway"], json!("10.18.0.65"), "{r4}");
+    let r6 = ip_json(in_pid_ns(
+        c1.pid(),
+        &["ip", "-j", "-6", "route", "show", "default"],
+    ));
+    assert_eq!(r6[0]["gateway"], json!("fc00::41"), "{r6}");
+
+    // On the node: the bridge with the gateway, veths on it, forwarding, NAT.
+    let br = ip_json(e.node.ip(&["-j", "addr", "show", "dev", "goProxyBridge"]));
+    let br_addrs = br[0]["addr_info"].to_string();
+    assert!(
+        br_addrs.contains("10.18.0.65") && br_addrs.contains("fc00::41"),
+        "{br_addrs}"
+    );
+    let veth = ip_json(e.node.ip(&["-j", "link", "show", "dev", "oakv2"]));
+    assert_eq!(veth[0]["master"], json!("goProxyBridge"));
+    assert_eq!(veth[0]["mtu"], json!(1450));
+    let fwd = try_run(&[
+        "ip",
+        "netns",
+        "exec",
+        &e.node.name,
+        "cat",
+        "/proc/sys/net/ipv4/ip_forward",
+    ])
+    .unwrap();
+    assert_eq!(fwd.trim(), "1");
+    let rules = try_run(&[
+        "ip",
+        "netns",
+        "exec",
+        &e.node.name,
+        "nft",
+        "list",
+        "table",
+        "inet",
+        "oakestra",
+    ])
+    .unwrap();
+    assert!(rules.contains("dnat ip to 10.18.0.66:80"), "{rules}");
+    assert!(rules.contains("dnat ip to 10.18.0.66:9081"), "{rules}");
+    assert!(rules.contains("masquerade"), "{rules}");
+
+    // The two containers reach each other over the bridge.
+    assert_tcp_reaches(&c2, &c1, "10.18.0.67");
+
+    // The cluster heard about both, and the own job was queried at once.
+    let deployed = e
+        .csm
+        .wait_for("/net/service/deployed", 2, Duration::from_secs(10));
+    let d1 = deployed
+        .iter()
+        .find(|d| d["appname"] == json!(JOB1))
+        .unwrap();
+    assert_eq!(d1["status"], json!("DEPLOYED"));
+    assert_eq!(d1["nsip"], json!("10.18.0.66"));
+    assert_eq!(d1["nsipv6"], json!("fc00::42"));
+    assert_eq!(d1["host_ip"], json!("198.51.100.1"));
+    assert_eq!(d1["host_port"], json!("50103"));
+    assert_eq!(d1["instance_number"], json!(0));
+    let queries = e
+        .csm
+        .wait_for("/net/tablequery/request", 2, Duration::from_secs(10));
+    assert!(
+        queries
+            .iter()
+            .any(|q| q["sname"] == json!(JOB1) && q["sip"] == json!("")),
+        "{queries:?}"
+    );
+
+    // The own job's table was applied and an interest registered; an update
+    // from the cluster makes the daemon ask again.
+    wait_until("JOB1 routes", Duration::from_secs(10), || {
+        let (_, st) = nm.get("/status");
+        st["routes"]["jobs"]
+            .as_array()
+            .is_some_and(|j| j.contains(&json!(JOB1)))
+            && st["interests"]
+                .as_array()
+                .is_some_and(|j| j.contains(&json!(JOB1)))
+    });
+    let (_, st) = nm.get("/status");
+    assert_eq!(st["routes"]["instances"], json!(4), "{st}");
+    assert_eq!(st["routes"]["services"], json!(6), "{st}");
+    let before = e.csm.seen_on("/net/tablequery/request").len();
+    std::thread::sleep(Duration::from_millis(300));
+    e.csm.publish_update(JOB1);
+    e.csm.wait_for(
+        "/net/tablequery/request",
+        before + 1,
+        Duration::from_secs(10),
+    );
+    // The operator's view.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_NetManager"))
+        .args(["status", "--socket"])
+        .arg(&nm.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("deployments (2)") && text.contains("10.18.0.66") && text.contains("maps"),
+        "{text}"
+    );
+
+    // Undeploy removes everything of that container.
+    let (code, body) = nm.post(
+        "/container/undeploy",
+        &json!({"serviceName": JOB1, "instanceNumber": 0}).to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        e.node.ip(&["link", "show", "oakv2"]).is_none(),
+        "host veth left behind"
+    );
+    assert!(
+        in_pid_ns(c1.pid(), &["ip", "link", "show", "eth0"]).is_none(),
+        "eth0 left in the container"
+    );
+    let rules = try_run(&[
+        "ip",
+        "netns",
+        "exec",
+        &e.node.name,
+        "nft",
+        "list",
+        "table",
+        "inet",
+        "oakestra",
+    ])
+    .unwrap();
+    assert!(!rules.contains("10.18.0.66"), "{rules}");
+    let undeployed = e
+        .csm
+        .wait_for("/net/service/undeployed", 1, Duration::from_secs(10));
+    assert_eq!(
+        undeployed[0],
+        json!({"appname": JOB1, "instance_number": 0})
+    );
+
+    // The freed address is handed out again.
+    let c3 = container();
+    let (code, a3) = deploy(nm, c3.pid(), JOB1, 1, "");
+    assert_eq!(code, 200, "{a3}");
+    assert_eq!(a3["nsAddress"], json!("10.18.0.66"));
+
+    for (job, inst) in [(JOB2, 3), (JOB1, 1)] {
+        let (code, body) = nm.post(
+            "/docker/undeploy",
+            &json!({"serviceName": job, "instanceNumber": inst}).to_string(),
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+    let (_, status) = nm.get("/status");
+    assert_eq!(
+        status["deployments"].as_array().unwrap().len(),
+        0,
+        "{status}"
+    );
+    assert!(e.node.ip(&["link", "show", "oakv3"]).is_none());
+}
+
+#[test]
+fn restart_keeps_deployments() {
+    if !require_root("restart_keeps_deployments") {
+        return;
+    }
+    let mut e = env();
+    register(&e.nm);
+    let c1 = container();
+    let (code, a1) = deploy(&e.nm, c1.pid(), JOB1, 0, "8080:80");
+    assert_eq!(code, 200, "{a1}");
+
+    e.nm.kill9();
+    e.nm.restart();
+    // Registered again from the state file, same node id, same deployment.
+    let (code, status) = e.nm.get("/status");
+    assert_eq!(code, 200);
+    assert_eq!(status["registered"], json!(true), "{status}");
+    assert_eq!(status["node_id"], json!("6650aa00bb22cc33dd440002"));
+    let deps = status["deployments"].as_array().unwrap();
+    assert_eq!(deps.len(), 1, "{status}");
+    assert_eq!(deps[0]["nsAddress"], json!("10.18.0.66"));
+    // The container kept its interface and address throughout.
+    let addr = in_pid_ns(c1.pid(), &["ip", "-4", "addr", "show", "dev", "eth0"]).unwrap();
+    assert!(addr.contains("10.18.0.66/26"), "{addr}");
+    // Registering with the same id is still fine, a different one is not.
+    register(&e.nm);
+    // A new container does not get the adopted address.
+    let c2 = container();
+    let (code, a2) = deploy(&e.nm, c2.pid(), JOB2, 0, "");
+    assert_eq!(code, 200, "{a2}");
+    assert_eq!(a2["nsAddress"], json!("10.18.0.67"));
+    // And the adopted one can be undeployed as before.
+    let (code, body) = e.nm.post(
+        "/container/undeploy",
+        &json!({"serviceName": JOB1, "instanceNumber": 0}).to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(e.node.ip(&["link", "show", "oakv2"]).is_none());
+    assert!(e.nm.alive());
+}
+
+#[test]
+fn unikernel_namespace_with_tap() {
+    if !require_root("unikernel_namespace_with_tap") {
+        return;
+    }
+    let e = env();
+    register(&e.nm);
+    let job = format!("uni{}.test.vm.test", std::process::id());
+    let job = job.as_str();
+    // Removed even if an assertion fails (the daemon is killed first).
+    struct NsGuard(String);
+    impl Drop for NsGuard {
+        fn drop(&mut self) {
+            if std::path::Path::new("/run/netns").join(&self.0).exists() {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", &self.0])
+                    .status();
+            }
+        }
+    }
+    let _guard = NsGuard(format!("{job}.instance.0"));
+    let (code, a) = e.nm.post(
+        "/unikernel/deploy",
+        &json!({"pid": 0, "serviceName": job, "instanceNumber": 0, "portMappings": ""}).to_string(),
+    );
+    assert_eq!(code, 200, "{a}");
+    let ns = format!("{job}.instance.0");
+    let links = try_run(&["ip", "-n", &ns, "link", "show"]).expect("unikernel namespace missing");
+    assert!(
+        links.contains("eth0") && links.contains("tap0") && links.contains("virbr0"),
+        "{links}"
+    );
+    let (code, body) = e.nm.post(
+        "/unikernel/undeploy",
+        &json!({"serviceName": job, "instanceNumber": 0}).to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(!std::path::Path::new(&format!("/run/netns/{ns}")).exists());
+}
+
+#[test]
+fn node_address_change_is_announced() {
+    if !require_root("node_address_change_is_announced") {
+        return;
+    }
+    let e = env();
+    register(&e.nm);
+    let c = container();
+    let (code, a) = deploy(&e.nm, c.pid(), JOB1, 2, "");
+    assert_eq!(code, 200, "{a}");
+    // The uplink moves to another address (DHCP renumbering, say).
+    // (Deleting the primary address also drops secondaries: delete first.)
+    e.node
+        .ip(&["addr", "del", "198.51.100.1/24", "dev", "uplink0"])
+        .unwrap();
+    e.node
+        .ip(&["addr", "add", "198.51.100.9/24", "dev", "uplink0"])
+        .unwrap();
+    e.node
+        .ip(&["route", "replace", "default", "via", "198.51.100.254"])
+        .unwrap();
+    let changed = e
+        .csm
+        .wait_for("/net/service/address-changed", 1, Duration::from_secs(15));
+    assert_eq!(
+        changed[0],
+        json!({"appname": JOB1, "instance_number": 2, "host_ip": "198.51.100.9", "host_port": "50103"})
+    );
+    let (_, st) = e.nm.get("/status");
+    assert_eq!(st["node_ip"], json!("198.51.100.9"));
+}

@@ -1,0 +1,300 @@
+//! cluster_link against a real mosquitto and the cluster double. These need
+//! no namespaces; they are skipped only when mosquitto is missing.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use netmanager::cluster_link::{ClusterLink, LinkEvent, LinkOptions, QueryKey};
+use serde_json::json;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const NODE: &str = "6650aa00bb22cc33dd440002";
+const JOB: &str = "clientsrvr.test.nginx.test";
+
+fn have_mosquitto(test: &str) -> bool {
+    if std::path::Path::new("/usr/sbin/mosquitto").exists() {
+        return true;
+    }
+    eprintln!("SKIP {test}: /usr/sbin/mosquitto not installed");
+    false
+}
+
+fn fixture() -> serde_json::Value {
+    serde_json::from_str(include_str!("fixtures/tablequery-result.json")).unwrap()
+}
+
+fn link(
+    port: u16,
+    tweak: impl FnOnce(&mut LinkOptions),
+) -> (ClusterLink, UnboundedReceiver<LinkEvent>) {
+    let mut o = LinkOptions::new(NODE, "127.0.0.1", port);
+    o.keep_alive = Duration::from_secs(5);
+    tweak(&mut o);
+    ClusterLink::connect(o).unwrap()
+}
+
+async fn next_event(
+    rx: &mut UnboundedReceiver<LinkEvent>,
+    pred: impl Fn(&LinkEvent) -> bool,
+    within: Duration,
+) -> LinkEvent {
+    tokio::time::timeout(within, async {
+        loop {
+            let ev = rx.recv().await.expect("event stream ended");
+            if pred(&ev) {
+                return ev;
+            }
+        }
+    })
+    .await
+    .expect("expected event did not arrive")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subnet_request() {
+    if !have_mosquitto("subnet_request") {
+        return;
+    }
+    let dir = TempDir::new();
+    let broker = Broker::start(&dir, None);
+    let csm = ClusterDouble::start(broker.port, None, ("10.18.0.64", "fc00::40"));
+    let (link, _rx) = link(broker.port, |_| {});
+    let subnet = link.request_subnet(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(subnet.v4.to_string(), "10.18.0.64");
+    assert_eq!(subnet.v6.to_string(), "fc00::40");
+    let reqs = csm.seen_on(&format!("nodes/{NODE}/net/subnet"));
+    assert_eq!(reqs[0], json!({"METHOD": "GET"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_table_queries_and_interest() {
+    if !have_mosquitto("coalesced_table_queries_and_interest") {
+        return;
+    }
+    let dir = TempDir::new();
+    let broker = Broker::start(&dir, None);
+    let csm = ClusterDouble::start(broker.port, None, ("10.18.0.64", "fc00::40"));
+    csm.set_table(JOB, fixture());
+    let (link, mut rx) = link(broker.port, |_| {});
+    next_event(
+        &mut rx,
+        |e| matches!(e, LinkEvent::Connected),
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let key = QueryKey::Ip("10.30.55.56".parse().unwrap());
+    let (a, b, c) = tokio::join!(
+        link.table_query(&key),
+        link.table_query(&key),
+        link.table_query(&key)
+    );
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    assert_eq!(a.app_name, JOB);
+    assert_eq!(a.instance_list.len(), 2);
+    assert_eq!(a.instance_list[1].host_port, 50103); // a string in the fixture
+    assert!(std::sync::Arc::ptr_eq(&a, &b) && std::sync::Arc::ptr_eq(&b, &c));
+    let reqs = csm.seen_on("/net/tablequery/request");
+    assert_eq!(
+        reqs,
+        vec![json!({"sname": "", "sip": "10.30.55.56"})],
+        "queries were not coalesced"
+    );
+
+    let by_job = link.table_query(&QueryKey::Job(JOB.into())).await.unwrap();
+    assert_eq!(by_job.instance_list.len(), 2);
+    assert_eq!(
+        csm.seen_on("/net/tablequery/request").last().unwrap(),
+        &json!({"sname": JOB, "sip": ""})
+    );
+
+    // An interest turns updates_available into JobUpdated events.
+    link.hold_interest(JOB, "local-1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    csm.publish_update(JOB);
+    let ev = next_event(
+        &mut rx,
+        |e| matches!(e, LinkEvent::JobUpdated(_)),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(matches!(ev, LinkEvent::JobUpdated(j) if j == JOB));
+
+    // Publications follow the contract.
+    let ns = netmanager::addresses::AddressPair {
+        v4: "10.18.0.66".parse().unwrap(),
+        v6: "fc00::42".parse().unwrap(),
+    };
+    link.publish_deployed(JOB, 1, ns, "198.51.100.1".parse().unwrap(), 50103)
+        .await
+        .unwrap();
+    link.publish_undeployed(JOB, 1).await.unwrap();
+    link.publish_address_changed(JOB, 1, "198.51.100.7".parse().unwrap(), 50103)
+        .await
+        .unwrap();
+    let d = csm.wait_for("/net/service/deployed", 1, Duration::from_secs(5));
+    assert_eq!(
+        d[0],
+        json!({"appname": JOB, "status": "DEPLOYED", "instance_number": 1, "nsip": "10.18.0.66",
+               "nsipv6": "fc00::42", "host_ip": "198.51.100.1", "host_port": "50103"})
+    );
+    let u = csm.wait_for("/net/service/undeployed", 1, Duration::from_secs(5));
+    assert_eq!(u[0], json!({"appname": JOB, "instance_number": 1}));
+    let c = csm.wait_for("/net/service/address-changed", 1, Duration::from_secs(5));
+    assert_eq!(
+        c[0],
+        json!({"appname": JOB, "instance_number": 1, "host_ip": "198.51.100.7", "host_port": "50103"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_query_timeout() {
+    if !have_mosquitto("table_query_timeout") {
+        return;
+    }
+    let dir = TempDir::new();
+    let broker = Broker::start(&dir, None);
+    let csm = ClusterDouble::start(broker.port, None, ("10.18.0.64", "fc00::40"));
+    csm.silent.store(true, Ordering::SeqCst);
+    let (link, mut rx) = link(broker.port, |o| {
+        o.query_timeout = Duration::from_millis(800)
+    });
+    next_event(
+        &mut rx,
+        |e| matches!(e, LinkEvent::Connected),
+        Duration::from_secs(10),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let key = QueryKey::Ip("10.30.9.9".parse().unwrap());
+    let (a, b) = tokio::join!(link.table_query(&key), link.table_query(&key));
+    assert!(a.is_err() && b.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    // After a failure the next query asks again.
+    csm.silent.store(false, Ordering::SeqCst);
+    csm.set_table(JOB, fixture());
+    let _ = link
+        .table_query(&QueryKey::Ip("10.30.55.57".parse().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(csm.seen_on("/net/tablequery/request").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interest_expires_without_holders() {
+    if !have_mosquitto("interest_expires_without_holders") {
+        return;
+    }
+    let dir = TempDir::new();
+    let broker = Broker::start(&dir, None);
+    let csm = ClusterDouble::start(broker.port, None, ("10.18.0.64", "fc00::40"));
+    let (link, mut rx) = link(broker.port, |o| o.interest_ttl = Duration::from_millis(800));
+    next_event(
+        &mut rx,
+        |e| matches!(e, LinkEvent::Connected),
+        Duration::from_secs(10),
+    )
+    .await;
+
+    link.hold_interest(JOB, "inst-0").await.unwrap();
+    link.register_interest("other.app.svc.ns").await.unwrap();
+    // Held: survives well past the TTL. Unheld: dropped.
+    let ev = next_event(
+        &mut rx,
+        |e| matches!(e, LinkEvent::InterestDropped(_)),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(matches!(ev, LinkEvent::InterestDropped(j) if j == "other.app.svc.ns"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(link.interests(), vec![JOB.to_string()]);
+
+    link.release_holder("inst-0");
+    let ev = next_event(
+        &mut rx,
+        |e| matches!(e, LinkEvent::InterestDropped(_)),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(matches!(ev, LinkEvent::InterestDropped(j) if j == JOB));
+    let removed = csm.wait_for("/net/interest/remove", 2, Duration::from_secs(5));
+    assert!(removed.contains(&json!({"appname": JOB})), "{removed:?}");
+    assert!(link.interests().is_empty());
+
+    // Unsubscribed: an update no longer reaches us.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    csm.publish_update(JOB);
+    let got = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if let Some(LinkEvent::JobUpdated(_)) = rx.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        got.is_err(),
+        "update received after the interest was dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_broker_restart() {
+    if !have_mosquitto("survives_broker_restart") {
+        return;
+    }
+    let dir = TempDir::new();
+    let mut broker = Broker::start(&dir, None);
+    let csm = ClusterDouble::start(broker.port, None, ("10.18.0.64", "fc00::40"));
+    csm.set_table(JOB, fixture());
+    let (link, mut rx) = link(broker.port, |_| {});
+    next_event(
+        &mut rx,
+        |e| matches!(e, LinkEvent::Connected),
+        Duration::from_secs(10),
+    )
+    .await;
+    link.hold_interest(JOB, "inst-0").await.unwrap();
+
+    broker.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.restart();
+    // Both the double and the link reconnect; the link resubscribes.
+    next_event(
+        &mut rx,
+        |e| matches!(e, LinkEvent::Connected),
+        Duration::from_secs(20),
+    )
+    .await;
+    let r = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(r) = link.table_query(&QueryKey::Job(JOB.into())).await {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("no table query answered after the broker restart");
+    assert_eq!(r.app_name, JOB);
+    // The interest subscription came back too.
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            csm.publish_update(JOB);
+            if let Ok(Some(LinkEvent::JobUpdated(j))) =
+                tokio::time::timeout(Duration::from_millis(500), rx.recv()).await
+            {
+                return j;
+            }
+        }
+    })
+    .await
+    .expect("updates_available not received after the broker restart");
+    assert_eq!(got, JOB);
+}

@@ -1,0 +1,128 @@
+//! netcfg.json parsing against upstream's default file, and the daemon's
+//! refusal to start on an invalid one.
+
+mod common;
+
+use std::process::Command;
+
+use netmanager::config::{self, NetConfig};
+
+#[test]
+fn upstream_default_file() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/netcfg.json");
+    let c = NetConfig::load(&path).unwrap();
+    assert_eq!(c, NetConfig::default());
+    assert_eq!(c.node_public_port, 50103);
+    assert_eq!(c.cluster_mqtt_port, 10003);
+    assert!(c.node_public_address.is_none() && c.cluster_url.is_none());
+}
+
+#[test]
+fn every_property() {
+    let c = NetConfig::parse(
+        r#"{"NodePublicAddress":"198.51.100.3","NodePublicPort":"50200","ClusterUrl":"cluster.example",
+            "ClusterMqttPort":"10004","DefaultInterface":"eth1","Debug":true,"PublicIPNetworking":true,
+            "MqttCert":"/etc/c.pem","MqttKey":"/etc/k.pem","Unknown":1}"#,
+    )
+    .unwrap();
+    assert_eq!(c.node_public_address, Some("198.51.100.3".parse().unwrap()));
+    assert_eq!(c.node_public_port, 50200);
+    assert_eq!(c.cluster_url.as_deref(), Some("cluster.example"));
+    assert_eq!(c.cluster_mqtt_port, 10004);
+    assert_eq!(c.default_interface.as_deref(), Some("eth1"));
+    assert!(c.debug && c.public_ip_networking);
+    assert_eq!(c.mqtt_cert.unwrap().to_str(), Some("/etc/c.pem"));
+    assert_eq!(c.mqtt_key.unwrap().to_str(), Some("/etc/k.pem"));
+}
+
+#[test]
+fn invalid_values_name_file_and_field() {
+    let dir = common::TempDir::new();
+    for (body, field) in [
+        (r#"{"ClusterMqttPort": "abc"}"#, "ClusterMqttPort"),
+        (r#"{"NodePublicPort": 70000}"#, "NodePublicPort"),
+        (r#"{"NodePublicAddress": "not-an-ip"}"#, "NodePublicAddress"),
+        (r#"{"Debug": "maybe"}"#, "Debug"),
+        (r#"{"MqttCert": "/c.pem"}"#, "MqttKey"),
+    ] {
+        let p = dir.path("netcfg.json");
+        std::fs::write(&p, body).unwrap();
+        let e = format!("{:#}", NetConfig::load(&p).unwrap_err());
+        assert!(
+            e.contains(field) && e.contains("netcfg.json"),
+            "{body}: {e}"
+        );
+    }
+    let p = dir.path("broken.json");
+    std::fs::write(&p, "{\n \"Debug\": tru").unwrap();
+    let e = format!("{:#}", NetConfig::load(&p).unwrap_err());
+    assert!(e.contains("broken.json") && e.contains("line 2"), "{e}");
+    // Absent file: defaults.
+    assert_eq!(
+        NetConfig::load(&dir.path("absent.json")).unwrap(),
+        NetConfig::default()
+    );
+}
+
+#[test]
+fn daemon_refuses_an_invalid_config() {
+    if !common::require_root("daemon_refuses_an_invalid_config") {
+        return;
+    }
+    let dir = common::TempDir::new();
+    let p = dir.path("netcfg.json");
+    std::fs::write(&p, r#"{"NodePublicPort": "x"}"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_NetManager"))
+        .env("NETMANAGER_CONFIG", &p)
+        .env("NETMANAGER_SOCKET", dir.path("s.sock"))
+        .env("NETMANAGER_STATE", dir.path("state.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NodePublicPort") && err.contains("netcfg.json"),
+        "{err}"
+    );
+    assert!(!dir.path("s.sock").exists());
+}
+
+#[test]
+fn cli_version_and_help() {
+    let out = Command::new(env!("CARGO_BIN_EXE_NetManager"))
+        .arg("version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = Command::new(env!("CARGO_BIN_EXE_NetManager"))
+        .arg("help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("status") && help.contains("logs") && help.contains("--socket"),
+        "{help}"
+    );
+    // status without a daemon: a clear error, not a hang.
+    let out = Command::new(env!("CARGO_BIN_EXE_NetManager"))
+        .args(["status", "--socket", "/nonexistent/nm.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is NetManager running"));
+    let _ = config::DEFAULT_SOCKET_PATH;
+}
+
+#[test]
+fn tunnel_mtu_from_env() {
+    // Only this test touches TUN_MTU_SIZE in this binary.
+    // SAFETY: single-threaded with respect to this variable.
+    unsafe { std::env::set_var("TUN_MTU_SIZE", "1400") };
+    assert_eq!(config::tunnel_mtu_from_env().unwrap(), 1400);
+    unsafe { std::env::set_var("TUN_MTU_SIZE", "huge") };
+    assert!(format!("{:#}", config::tunnel_mtu_from_env().unwrap_err()).contains("TUN_MTU_SIZE"));
+    unsafe { std::env::remove_var("TUN_MTU_SIZE") };
+    assert_eq!(config::tunnel_mtu_from_env().unwrap(), 1450);
+}

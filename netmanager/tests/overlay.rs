@@ -1,0 +1,286 @@
+//! Two nodes with real NetManagers and the eBPF dataplane on one underlay:
+//! a container on node 1 reaches a container on node 2 by service IP; the
+//! first connection depends on miss resolution (table query by service IP).
+//! Needs root, bpffs and mosquitto.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const CLIENT: &str = "ovl.test.client.test";
+const SERVER: &str = "ovl.test.server.test";
+const N1: &str = "6650aa00bb22cc33dd440011";
+const N2: &str = "6650aa00bb22cc33dd440022";
+
+fn instance(nsip: &str, nsip6: &str, host: &str, rr: (&str, &str), inst: (&str, &str)) -> Value {
+    json!({"instance_number": 0, "namespace_ip": nsip, "namespace_ip_v6": nsip6, "host_ip": host, "host_port": 50103,
+           "service_ip": [
+               {"IpType": "RR", "Address": rr.0, "Address_v6": rr.1},
+               {"IpType": "instance_ip", "Address": inst.0, "Address_v6": inst.1}]})
+}
+
+/// Underlay namespace with a bridge at 198.51.100.254 and node namespaces
+/// plugged into it.
+struct Underlay {
+    ns: Netns,
+}
+
+impl Underlay {
+    fn new() -> Underlay {
+        let ns = Netns::new();
+        let n = ns.name.as_str();
+        run(&["ip", "-n", n, "link", "add", "ubr", "type", "bridge"]);
+        run(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            "198.51.100.254/24",
+            "dev",
+            "ubr",
+        ]);
+        run(&["ip", "-n", n, "link", "set", "ubr", "up"]);
+        Underlay { ns }
+    }
+
+    fn node(&self, host: u8) -> Netns {
+        let node = Netns::new();
+        let peer = format!("up{host}");
+        run(&[
+            "ip",
+            "-n",
+            &node.name,
+            "link",
+            "add",
+            "uplink0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            &self.ns.name,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &node.name,
+            "addr",
+            "add",
+            &format!("198.51.100.{host}/24"),
+            "dev",
+            "uplink0",
+        ]);
+        run(&["ip", "-n", &node.name, "link", "set", "uplink0", "up"]);
+        run(&[
+            "ip",
+            "-n",
+            &node.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.51.100.254",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &self.ns.name,
+            "link",
+            "set",
+            &peer,
+            "master",
+            "ubr",
+            "up",
+        ]);
+        node
+    }
+}
+
+fn python_available() -> bool {
+    try_run(&["python3", "-c", "pass"]).is_some()
+}
+
+fn tcp_server(c: &Proc, port: u16) -> Proc {
+    let script = format!(
+        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind(('0.0.0.0',{port}))\ns.listen()\ns.settimeout(60)\n\
+         while True:\n  c,a=s.accept()\n  c.sendall(('hello '+a[0]).encode())\n  c.close()"
+    );
+    Proc(
+        std::process::Command::new("nsenter")
+            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", &script])
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn tcp_get(c: &Proc, addr: &str, port: u16) -> Option<String> {
+    let script = format!(
+        "import socket\ns=socket.create_connection(('{addr}',{port}),timeout=5)\nprint(s.recv(100).decode())"
+    );
+    in_pid_ns(c.pid(), &["python3", "-c", &script]).map(|s| s.trim().to_string())
+}
+
+#[test]
+fn service_ip_across_two_nodes() {
+    if !require_root("service_ip_across_two_nodes") {
+        return;
+    }
+    if !python_available() || !std::path::Path::new("/sys/fs/bpf").exists() {
+        eprintln!("SKIP service_ip_across_two_nodes: needs python3 and bpffs");
+        return;
+    }
+    let dir = TempDir::new();
+    let underlay = Underlay::new();
+    let (n1, n2) = (underlay.node(1), underlay.node(2));
+    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
+    let csm = ClusterDouble::start_at(
+        "198.51.100.254",
+        broker.port,
+        Some(&underlay.ns),
+        ("10.18.0.0", "fc00::"),
+    );
+    csm.subnets
+        .lock()
+        .unwrap()
+        .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
+    csm.set_table(
+        CLIENT,
+        json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
+    );
+    csm.set_table(
+        SERVER,
+        json!({"instance_list": [instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
+    );
+    let nm1 = Daemon::start_ebpf(&dir, &n1, broker.port, "n1");
+    let nm2 = Daemon::start_ebpf(&dir, &n2, broker.port, "n2");
+    for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
+        let (code, body) = nm.post(
+            "/register",
+            &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+    let (client, server) = (container(), container());
+    let (code, a) = nm1.post("/container/deploy", &json!({"pid": client.pid(), "serviceName": CLIENT, "instanceNumber": 0, "portMappings": ""}).to_string());
+    assert_eq!(
+        (code, a["nsAddress"].clone()),
+        (200, json!("10.18.0.2")),
+        "{a}"
+    );
+    let (code, a) = nm2.post("/container/deploy", &json!({"pid": server.pid(), "serviceName": SERVER, "instanceNumber": 0, "portMappings": ""}).to_string());
+    assert_eq!(
+        (code, a["nsAddress"].clone()),
+        (200, json!("10.18.1.2")),
+        "{a}"
+    );
+    let _srv = tcp_server(&server, 7000);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // First contact: the service IP is unknown on node 1 (miss -> query -> reinject).
+    let got = tcp_get(&client, "10.30.1.1", 7000);
+    // The server sees the client's instance_ip as the source.
+    assert_eq!(
+        got.as_deref(),
+        Some("hello 10.30.0.1"),
+        "node1 log:\n{}",
+        nm1.log_text()
+    );
+    // Again, now from the tables.
+    assert_eq!(
+        tcp_get(&client, "10.30.1.1", 7000).as_deref(),
+        Some("hello 10.30.0.1")
+    );
+    // By the server's instance address too.
+    assert_eq!(
+        tcp_get(&client, "10.30.0.2", 7000).as_deref(),
+        Some("hello 10.30.0.1")
+    );
+
+    // The dataplane shows up in status.
+    let (_, st) = nm1.get("/status");
+    assert!(
+        !st["dataplane"]["attachments"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{st}"
+    );
+
+    // An established connection survives kill -9 and restart of both daemons.
+    let mut nm1 = nm1;
+    let mut nm2 = nm2;
+    let _echo = echo_server(&server, 7001);
+    std::thread::sleep(Duration::from_millis(300));
+    let go = dir.path("go");
+    let mut conv = long_conversation(&client, "10.30.1.1", 7001, &go);
+    assert_eq!(read_line(&mut conv), "first");
+    nm1.kill9();
+    nm2.kill9();
+    nm1.restart();
+    nm2.restart();
+    for nm in [&nm1, &nm2] {
+        let (_, st) = nm.get("/status");
+        assert_eq!(st["registered"], json!(true), "{st}");
+        assert_eq!(st["deployments"].as_array().unwrap().len(), 1, "{st}");
+    }
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(read_line(&mut conv), "second");
+    // And new connections work after the restart.
+    assert_eq!(
+        tcp_get(&client, "10.30.1.1", 7000).as_deref(),
+        Some("hello 10.30.0.1")
+    );
+    if std::env::var_os("NMT_DUMP_LOGS").is_some() {
+        eprintln!("{}", nm1.log_text());
+    }
+    drop(csm);
+}
+
+fn echo_server(c: &Proc, port: u16) -> Proc {
+    let script = format!(
+        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind(('0.0.0.0',{port}))\ns.listen()\nc,a=s.accept()\n\
+         while True:\n  d=c.recv(100)\n  if not d: break\n  c.sendall(d)"
+    );
+    Proc(
+        std::process::Command::new("nsenter")
+            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", &script])
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Connect once, exchange "first", wait for `go` to exist, exchange "second".
+fn long_conversation(c: &Proc, addr: &str, port: u16, go: &std::path::Path) -> Proc {
+    let script = format!(
+        "import socket,os,time,sys\ns=socket.create_connection(('{addr}',{port}),timeout=10)\n\
+         s.sendall(b'first')\nprint(s.recv(100).decode(),flush=True)\n\
+         while not os.path.exists('{go}'): time.sleep(0.05)\n\
+         s.sendall(b'second')\nprint(s.recv(100).decode(),flush=True)",
+        go = go.display()
+    );
+    Proc(
+        std::process::Command::new("nsenter")
+            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// One line of the child's output (it prints nothing beyond what we wait for,
+/// so a throwaway buffer loses nothing).
+fn read_line(child: &mut Proc) -> String {
+    use std::io::BufRead;
+    let out = child.0.stdout.as_mut().expect("piped stdout");
+    let mut line = String::new();
+    let mut reader = std::io::BufReader::new(out);
+    reader.read_line(&mut line).unwrap();
+    line.trim().to_string()
+}

@@ -1,0 +1,86 @@
+//! CPU and memory use of one container, read from its cgroup.
+//!
+//! containerd's Metrics API returns cgroup-version-specific protobufs that the
+//! client crate does not define; the cgroup files are simpler and cheaper.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// One reading.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading {
+    pub cpu_ns: u64,
+    pub mem_bytes: u64,
+    pub mem_limit: Option<u64>,
+    pub at: Instant,
+}
+
+fn read_u64(p: &Path) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+fn is_v2() -> bool {
+    Path::new(ROOT).join("cgroup.controllers").exists()
+}
+
+/// `cgroups_path` is the spec's `linux.cgroupsPath` (e.g. `/oakestra/<id>`).
+pub fn read(cgroups_path: &str) -> Option<Reading> {
+    let rel = cgroups_path.trim_start_matches('/');
+    let at = Instant::now();
+    if is_v2() {
+        let dir = PathBuf::from(ROOT).join(rel);
+        let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+        let usec = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse::<u64>().ok())?;
+        let limit = std::fs::read_to_string(dir.join("memory.max"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        Some(Reading {
+            cpu_ns: usec.saturating_mul(1000),
+            mem_bytes: read_u64(&dir.join("memory.current")).unwrap_or(0),
+            mem_limit: limit,
+            at,
+        })
+    } else {
+        let cpu = read_u64(
+            &PathBuf::from(ROOT)
+                .join("cpuacct")
+                .join(rel)
+                .join("cpuacct.usage"),
+        )?;
+        let mem_dir = PathBuf::from(ROOT).join("memory").join(rel);
+        Some(Reading {
+            cpu_ns: cpu,
+            mem_bytes: read_u64(&mem_dir.join("memory.usage_in_bytes")).unwrap_or(0),
+            // v1 reports "no limit" as a huge number; filtered by the caller.
+            mem_limit: read_u64(&mem_dir.join("memory.limit_in_bytes")),
+            at,
+        })
+    }
+}
+
+/// CPU percent between two readings (100 = one core busy).
+pub fn cpu_percent(prev: &Reading, now: &Reading) -> f64 {
+    let wall = now.at.saturating_duration_since(prev.at).as_nanos() as f64;
+    if wall <= 0.0 {
+        return 0.0;
+    }
+    now.cpu_ns.saturating_sub(prev.cpu_ns) as f64 * 100.0 / wall
+}
+
+/// Memory percent of the container's limit, or of the machine when unlimited.
+pub fn memory_percent(r: &Reading, machine_total: u64) -> f64 {
+    let base = match r.mem_limit {
+        Some(l) if l > 0 && l < machine_total => l,
+        _ => machine_total,
+    };
+    if base == 0 {
+        0.0
+    } else {
+        r.mem_bytes as f64 * 100.0 / base as f64
+    }
+}

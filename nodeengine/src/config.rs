@@ -1,0 +1,388 @@
+//! `/etc/oakestra/conf.json`: the one file the CLI edits and the daemon reads.
+//!
+//! The on-disk format is upstream's, byte for byte where it matters: compact JSON,
+//! fields in upstream's order, and the misspelled `virutalizaiton_*` keys, so a file
+//! written by the upstream CLI keeps working and vice versa. Unlike upstream we never
+//! truncate a file we cannot parse: the error names the file and the position.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONF_PATH: &str = "/etc/oakestra/conf.json";
+/// Environment variable that overrides [`DEFAULT_CONF_PATH`] (used by tests and by
+/// operators who keep several worker identities on one machine).
+pub const CONF_ENV: &str = "OAKESTRA_CONF";
+/// Default NetManager socket.
+pub const DEFAULT_NETMANAGER_SOCK: &str = "/etc/netmanager/netmanager.sock";
+
+/// `overlay_network` value meaning "NodeEngine starts NetManager".
+pub const OVERLAY_AUTO: &str = "default";
+/// `overlay_network` value meaning "no overlay".
+pub const OVERLAY_DISABLED: &str = "disabled";
+/// Prefix of `overlay_network` for an operator-managed NetManager socket.
+pub const OVERLAY_CUSTOM_PREFIX: &str = "custom:";
+
+/// Addon names as upstream advertises them in `supported_addons`.
+pub const ADDON_FLOPS: &str = "FLOps-learner";
+pub const ADDON_IMAGE_BUILDER: &str = "image-builder";
+
+/// Runtime names used in `virutalizaiton_runtime` and in job documents.
+pub const RUNTIME_CONTAINER: &str = "docker";
+pub const RUNTIME_UNIKERNEL: &str = "unikernel";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "configuration {path} is not valid at line {line}, column {column}: {message} \
+         (the file was left untouched; fix it or run `NodeEngine config default`)"
+    )]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("cannot write configuration {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Resolves the configuration path: explicit flag, then `OAKESTRA_CONF`, then default.
+pub fn conf_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(CONF_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_CONF_PATH),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Addon {
+    pub addon_name: String,
+    #[serde(default)]
+    pub addon_active: bool,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub addon_config: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Virtualization {
+    #[serde(rename = "virutalizaiton_name")]
+    pub name: String,
+    #[serde(rename = "virutalizaiton_runtime")]
+    pub runtime: String,
+    #[serde(rename = "virutalizaiton_active", default)]
+    pub active: bool,
+    #[serde(
+        rename = "virutalizaiton_config",
+        default,
+        deserialize_with = "null_as_default"
+    )]
+    pub config: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CsiDriver {
+    pub csi_driver_name: String,
+    pub csi_driver_endpoint: String,
+}
+
+/// The configuration document. Field order is the on-disk order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default = "default_version")]
+    pub conf_version: String,
+    #[serde(default = "default_address")]
+    pub cluster_address: String,
+    #[serde(default)]
+    pub cluster_ssl: bool,
+    #[serde(default = "default_port")]
+    pub cluster_port: u16,
+    #[serde(default = "default_app_logs")]
+    pub app_logs: String,
+    #[serde(default = "default_overlay")]
+    pub overlay_network: String,
+    /// Upstream accepts a bool or a string ("auto", an address); keep whatever is there.
+    #[serde(default = "default_public_ip")]
+    pub public_ip: serde_json::Value,
+    #[serde(default)]
+    pub overlay_network_port: u16,
+    #[serde(default)]
+    pub mqtt_cert_file: String,
+    #[serde(default)]
+    pub mqtt_key_file: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub addons: Vec<Addon>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub virtualizations: Vec<Virtualization>,
+    /// Upstream writes `null` here; we read it as empty and write `[]`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub csi_drivers: Vec<CsiDriver>,
+    /// Keys written by newer upstream versions (`mode`, `p2p`, ...) survive our edits.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+fn default_version() -> String {
+    "1.0".into()
+}
+fn default_address() -> String {
+    "0.0.0.0".into()
+}
+fn default_port() -> u16 {
+    10100
+}
+fn default_app_logs() -> String {
+    "/tmp".into()
+}
+fn default_overlay() -> String {
+    OVERLAY_AUTO.into()
+}
+fn default_public_ip() -> serde_json::Value {
+    serde_json::Value::Bool(false)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            conf_version: default_version(),
+            cluster_address: default_address(),
+            cluster_ssl: false,
+            cluster_port: default_port(),
+            app_logs: default_app_logs(),
+            overlay_network: default_overlay(),
+            public_ip: default_public_ip(),
+            overlay_network_port: 0,
+            mqtt_cert_file: String::new(),
+            mqtt_key_file: String::new(),
+            addons: Vec::new(),
+            virtualizations: vec![Virtualization {
+                name: "containerd".into(),
+                runtime: RUNTIME_CONTAINER.into(),
+                active: true,
+                config: Vec::new(),
+            }],
+            csi_drivers: Vec::new(),
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+/// How the daemon reaches the overlay network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// NodeEngine starts NetManager itself and uses the default socket.
+    Auto,
+    /// NetManager is run by the operator; connect to this socket.
+    Manual(PathBuf),
+    /// No overlay.
+    Off,
+}
+
+impl NetworkMode {
+    pub fn socket(&self) -> Option<PathBuf> {
+        match self {
+            NetworkMode::Auto => Some(PathBuf::from(DEFAULT_NETMANAGER_SOCK)),
+            NetworkMode::Manual(p) => Some(p.clone()),
+            NetworkMode::Off => None,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a configuration document. `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        serde_json::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads the file; a missing or empty file yields the defaults (as upstream).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) if text.trim().is_empty() => Ok(Config::default()),
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Compact JSON, as upstream writes it.
+    pub fn to_json(&self) -> String {
+        // Serialising plain strings, numbers and maps cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// Writes atomically (temp file + rename) so a crash never leaves half a file.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let werr = |source| ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(werr)?;
+        }
+        let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
+        let mut f = std::fs::File::create(&tmp).map_err(werr)?;
+        f.write_all(self.to_json().as_bytes()).map_err(werr)?;
+        f.sync_all().map_err(werr)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            werr(e)
+        })
+    }
+
+    pub fn network_mode(&self) -> NetworkMode {
+        let v = self.overlay_network.trim();
+        if v == OVERLAY_AUTO {
+            NetworkMode::Auto
+        } else if let Some(sock) = v.strip_prefix(OVERLAY_CUSTOM_PREFIX) {
+            let sock = if sock.is_empty() {
+                DEFAULT_NETMANAGER_SOCK
+            } else {
+                sock
+            };
+            NetworkMode::Manual(PathBuf::from(sock))
+        } else {
+            // "disabled", "" and anything unknown: upstream disables the overlay too.
+            NetworkMode::Off
+        }
+    }
+
+    pub fn set_network_mode(&mut self, mode: &NetworkMode) {
+        self.overlay_network = match mode {
+            NetworkMode::Auto => OVERLAY_AUTO.into(),
+            NetworkMode::Manual(p) => format!("{OVERLAY_CUSTOM_PREFIX}{}", p.display()),
+            NetworkMode::Off => OVERLAY_DISABLED.into(),
+        };
+    }
+
+    /// Turns an addon on or off, adding its entry when absent.
+    pub fn set_addon(&mut self, name: &str, active: bool) {
+        match self.addons.iter_mut().find(|a| a.addon_name == name) {
+            Some(a) => a.addon_active = active,
+            None => self.addons.push(Addon {
+                addon_name: name.into(),
+                addon_active: active,
+                addon_config: Vec::new(),
+            }),
+        }
+    }
+
+    /// Names of active addons, for `supported_addons`.
+    pub fn active_addons(&self) -> Vec<String> {
+        self.addons
+            .iter()
+            .filter(|a| a.addon_active)
+            .map(|a| a.addon_name.clone())
+            .collect()
+    }
+
+    /// Turns the unikernel runtime on or off, adding its entry when absent.
+    pub fn set_unikernel(&mut self, active: bool) {
+        match self
+            .virtualizations
+            .iter_mut()
+            .find(|v| v.runtime == RUNTIME_UNIKERNEL)
+        {
+            Some(v) => v.active = active,
+            None => self.virtualizations.push(Virtualization {
+                name: "unikraft".into(),
+                runtime: RUNTIME_UNIKERNEL.into(),
+                active,
+                config: Vec::new(),
+            }),
+        }
+    }
+
+    /// Runtimes advertised in `virtualization` (active entries, deduplicated).
+    pub fn active_runtimes(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for v in self.virtualizations.iter().filter(|v| v.active) {
+            if !out.contains(&v.runtime) {
+                out.push(v.runtime.clone());
+            }
+        }
+        out
+    }
+
+    pub fn runtime_active(&self, runtime: &str) -> bool {
+        self.virtualizations
+            .iter()
+            .any(|v| v.active && v.runtime == runtime)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPSTREAM: &str = r#"{"conf_version":"1.0","cluster_address":"192.168.1.10","cluster_ssl":false,"cluster_port":10100,"app_logs":"/tmp","overlay_network":"default","public_ip":false,"overlay_network_port":0,"mqtt_cert_file":"","mqtt_key_file":"","addons":[{"addon_name":"FLOps-learner","addon_active":true,"addon_config":[]}],"virtualizations":[{"virutalizaiton_name":"containerd","virutalizaiton_runtime":"docker","virutalizaiton_active":true,"virutalizaiton_config":[]}],"csi_drivers":null}"#;
+
+    #[test]
+    fn upstream_round_trip_only_changes_null_lists() {
+        let c = Config::parse(UPSTREAM, Path::new("x")).expect("parse");
+        assert_eq!(
+            c.to_json(),
+            UPSTREAM.replace("\"csi_drivers\":null", "\"csi_drivers\":[]")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_survive() {
+        let text = format!("{},\"mode\":\"cluster\"}}", &UPSTREAM[..UPSTREAM.len() - 1]);
+        let c = Config::parse(&text, Path::new("x")).expect("parse");
+        assert_eq!(c.extra.get("mode"), Some(&serde_json::json!("cluster")));
+        assert!(c.to_json().ends_with(",\"mode\":\"cluster\"}"));
+    }
+
+    #[test]
+    fn parse_error_has_position() {
+        let err = Config::parse("{\n  \"cluster_port\": x", Path::new("/c.json")).unwrap_err();
+        match err {
+            ConfigError::Parse { line, column, .. } => {
+                assert_eq!(line, 2);
+                assert!(column > 0);
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn network_modes() {
+        let mut c = Config::default();
+        assert_eq!(c.network_mode(), NetworkMode::Auto);
+        c.set_network_mode(&NetworkMode::Manual("/run/nm.sock".into()));
+        assert_eq!(c.overlay_network, "custom:/run/nm.sock");
+        assert_eq!(c.network_mode(), NetworkMode::Manual("/run/nm.sock".into()));
+        c.set_network_mode(&NetworkMode::Off);
+        assert_eq!(c.network_mode(), NetworkMode::Off);
+    }
+}

@@ -1,0 +1,25 @@
+//! Oakestra NodeEngine: joins an Oakestra cluster and runs its workloads.
+//!
+//! `NodeEngine` (the CLI, [`cli`]) edits [`config`] and controls the service;
+//! `nodeengined` (the daemon, [`daemon`]) registers with the cluster
+//! ([`cluster_link`]), keeps an MQTT session with it ([`cluster_mqtt`]), reports
+//! the node ([`node_report`]) and runs deployments ([`deploy`]) on containerd
+//! ([`containerd_runtime`]) or qemu ([`unikernel`]), attaching them to the overlay
+//! through NetManager ([`netmanager_client`], [`netmanager_supervisor`]).
+
+pub mod cgroup_stats;
+pub mod cli;
+pub mod cluster_link;
+pub mod cluster_mqtt;
+pub mod config;
+pub mod containerd_runtime;
+pub mod daemon;
+pub mod deploy;
+pub mod http_client;
+pub mod job;
+pub mod netmanager_client;
+pub mod netmanager_supervisor;
+pub mod node_report;
+pub mod oci_spec;
+pub mod service;
+pub mod unikernel;

@@ -1,0 +1,295 @@
+//! `NodeEngine` edits the upstream configuration format in place.
+//!
+//! Every test starts from the upstream-written fixture in its own temp dir and
+//! checks the exact bytes written back.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const FIXTURE: &str = include_str!("fixtures/conf.json");
+
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("conf.json");
+    std::fs::write(&conf, FIXTURE).expect("copy fixture");
+    (dir, conf)
+}
+
+/// Runs the CLI with the config given through the environment variable.
+fn ne(conf: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_NodeEngine"))
+        .env("OAKESTRA_CONF", conf)
+        .args(args)
+        .output()
+        .expect("run NodeEngine")
+}
+
+fn ok(conf: &Path, args: &[&str]) -> String {
+    let out = ne(conf, args);
+    assert!(
+        out.status.success(),
+        "NodeEngine {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(conf).expect("read conf")
+}
+
+/// The fixture with `csi_drivers: null` normalised to `[]`, then `edit` applied.
+fn expected(edit: impl FnOnce(&mut String)) -> String {
+    let mut s = FIXTURE
+        .trim_end()
+        .replace("\"csi_drivers\":null", "\"csi_drivers\":[]");
+    edit(&mut s);
+    s
+}
+
+#[test]
+fn fixture_is_upstream_compact_json() {
+    let v: Value = serde_json::from_str(FIXTURE).expect("fixture parses");
+    assert!(v["csi_drivers"].is_null());
+    assert!(!FIXTURE.trim_end().contains('\n'));
+}
+
+#[test]
+fn config_cluster_round_trips_exactly() {
+    let (_d, conf) = setup();
+    let got = ok(&conf, &["config", "cluster", "10.1.2.3"]);
+    assert_eq!(
+        got,
+        expected(|s| *s = s.replace("\"192.168.1.10\"", "\"10.1.2.3\""))
+    );
+    let got = ok(
+        &conf,
+        &["config", "cluster", "10.1.2.4", "-p", "10200", "-s"],
+    );
+    assert_eq!(
+        got,
+        expected(|s| {
+            *s = s
+                .replace("\"192.168.1.10\"", "\"10.1.2.4\"")
+                .replace("\"cluster_ssl\":false", "\"cluster_ssl\":true")
+                .replace("\"cluster_port\":10100", "\"cluster_port\":10200")
+        })
+    );
+}
+
+#[test]
+fn config_applogs() {
+    let (_d, conf) = setup();
+    let got = ok(&conf, &["config", "applogs", "/var/log/apps"]);
+    assert_eq!(
+        got,
+        expected(|s| *s = s.replace("\"app_logs\":\"/tmp\"", "\"app_logs\":\"/var/log/apps\""))
+    );
+}
+
+#[test]
+fn config_auth_requires_existing_files() {
+    let (d, conf) = setup();
+    let out = ne(
+        &conf,
+        &["config", "auth", "-c", "/nonexistent.crt", "-k", "/x.key"],
+    );
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read_to_string(&conf).expect("read"), FIXTURE);
+
+    let cert = d.path().join("n.crt");
+    let key = d.path().join("n.key");
+    std::fs::write(&cert, "c").expect("w");
+    std::fs::write(&key, "k").expect("w");
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let got = ok(&conf, &["config", "auth", "-c", &c, "-k", &k]);
+    assert_eq!(
+        got,
+        expected(|s| {
+            *s = s
+                .replace(
+                    "\"mqtt_cert_file\":\"\"",
+                    &format!("\"mqtt_cert_file\":\"{c}\""),
+                )
+                .replace(
+                    "\"mqtt_key_file\":\"\"",
+                    &format!("\"mqtt_key_file\":\"{k}\""),
+                )
+        })
+    );
+}
+
+#[test]
+fn config_addons() {
+    let (_d, conf) = setup();
+    let got = ok(&conf, &["config", "addon", "FLOps", "off"]);
+    assert_eq!(
+        got,
+        expected(|s| *s = s.replace("\"addon_active\":true", "\"addon_active\":false"))
+    );
+    let got = ok(&conf, &["config", "addon", "imageBuilder", "on"]);
+    assert_eq!(
+        got,
+        expected(|s| {
+            *s = s.replace("\"addon_active\":true", "\"addon_active\":false").replace(
+                "\"addon_config\":[]}]",
+                "\"addon_config\":[]},{\"addon_name\":\"image-builder\",\"addon_active\":true,\"addon_config\":[]}]",
+            )
+        })
+    );
+}
+
+#[test]
+fn config_network_modes() {
+    let (_d, conf) = setup();
+    let got = ok(&conf, &["config", "network", "off"]);
+    assert_eq!(
+        got,
+        expected(|s| *s = s.replace(
+            "\"overlay_network\":\"default\"",
+            "\"overlay_network\":\"disabled\""
+        ))
+    );
+    let got = ok(&conf, &["config", "network", "manual", "/run/nm.sock"]);
+    assert_eq!(
+        got,
+        expected(|s| *s = s.replace(
+            "\"overlay_network\":\"default\"",
+            "\"overlay_network\":\"custom:/run/nm.sock\""
+        ))
+    );
+    let got = ok(&conf, &["config", "network", "manual"]);
+    assert!(got.contains("\"overlay_network\":\"custom:/etc/netmanager/netmanager.sock\""));
+    let got = ok(&conf, &["config", "network", "auto"]);
+    assert_eq!(got, expected(|_| {}));
+}
+
+#[test]
+fn config_unikernel() {
+    let (_d, conf) = setup();
+    let got = ok(&conf, &["config", "virtualization", "unikernel", "off"]);
+    assert_eq!(
+        got,
+        expected(|s| *s = s.replace(
+            "\"virutalizaiton_runtime\":\"unikernel\",\"virutalizaiton_active\":true",
+            "\"virutalizaiton_runtime\":\"unikernel\",\"virutalizaiton_active\":false"
+        ))
+    );
+    let got = ok(&conf, &["config", "virtualization", "unikernel", "on"]);
+    assert_eq!(got, expected(|_| {}));
+}
+
+#[test]
+fn config_default_writes_upstream_defaults() {
+    let (_d, conf) = setup();
+    let got = ok(&conf, &["config", "default"]);
+    assert_eq!(
+        got,
+        r#"{"conf_version":"1.0","cluster_address":"0.0.0.0","cluster_ssl":false,"cluster_port":10100,"app_logs":"/tmp","overlay_network":"default","public_ip":false,"overlay_network_port":0,"mqtt_cert_file":"","mqtt_key_file":"","addons":[],"virtualizations":[{"virutalizaiton_name":"containerd","virutalizaiton_runtime":"docker","virutalizaiton_active":true,"virutalizaiton_config":[]}],"csi_drivers":[]}"#
+    );
+}
+
+#[test]
+fn global_config_flag_overrides_env() {
+    let (d, conf) = setup();
+    let other = d.path().join("other.json");
+    std::fs::write(&other, FIXTURE).expect("w");
+    let out = Command::new(env!("CARGO_BIN_EXE_NodeEngine"))
+        .env("OAKESTRA_CONF", &conf)
+        .args(["config", "applogs", "/x", "--config"])
+        .arg(&other)
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert_eq!(std::fs::read_to_string(&conf).expect("r"), FIXTURE);
+    assert!(
+        std::fs::read_to_string(&other)
+            .expect("r")
+            .contains("\"app_logs\":\"/x\"")
+    );
+}
+
+#[test]
+fn missing_file_is_created_with_defaults() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let conf = d.path().join("sub/conf.json");
+    let got = ok(&conf, &["config", "applogs", "/logs"]);
+    let v: Value = serde_json::from_str(&got).expect("json");
+    assert_eq!(v["app_logs"], "/logs");
+    assert_eq!(v["virtualizations"][0]["virutalizaiton_runtime"], "docker");
+}
+
+#[test]
+fn corrupt_config_is_reported_and_left_untouched() {
+    let (_d, conf) = setup();
+    let corrupt = "{\"conf_version\":\"1.0\",\n\"cluster_port\": \"not a number\"}";
+    std::fs::write(&conf, corrupt).expect("w");
+    for args in [
+        &["config", "applogs", "/x"][..],
+        &["config", "network", "off"],
+        &["config", "cluster", "1.2.3.4"],
+        &["config", "addon", "FLOps", "on"],
+    ] {
+        let out = ne(&conf, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&conf.display().to_string()), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("column"), "{err}");
+        assert_eq!(std::fs::read_to_string(&conf).expect("r"), corrupt);
+    }
+}
+
+#[test]
+fn bad_arguments_are_usage_errors() {
+    let (_d, conf) = setup();
+    for args in [
+        &["config", "addon", "Nope", "on"][..],
+        &["config", "addon", "FLOps", "maybe"],
+        &["config", "network", "sideways"],
+        &["config", "cluster"],
+        &["config", "cluster", "1.2.3.4", "-p", "notaport"],
+        &["config", "auth", "-c", "x"],
+        &["config", "virtualization", "wasm", "on"],
+        &["frobnicate"],
+        &["-p", "10"],
+    ] {
+        let out = ne(&conf, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("error:") && err.contains("--help"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(std::fs::read_to_string(&conf).expect("r"), FIXTURE);
+    }
+}
+
+#[test]
+fn help_and_version() {
+    let (_d, conf) = setup();
+    let out = ne(&conf, &["help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["config", "status", "logs", "stop", "version"] {
+        assert!(text.contains(cmd), "help lacks {cmd}: {text}");
+    }
+    let out = ne(&conf, &["version"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = ne(&conf, &["config", "--help"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applogs"));
+}
+
+#[test]
+fn status_and_stop_without_systemd_say_so() {
+    if Path::new("/run/systemd/system").is_dir() {
+        eprintln!("SKIPPED status_and_stop_without_systemd_say_so: systemd is running here");
+        return;
+    }
+    let (_d, conf) = setup();
+    let out = ne(&conf, &["status"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("systemd is not running"));
+    let out = ne(&conf, &["stop"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("systemd is not running"));
+}

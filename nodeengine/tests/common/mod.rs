@@ -1,0 +1,809 @@
+//! Test harness: a real mosquitto, a real containerd, the real daemon binary, and a
+//! small double of the cluster manager (HTTP register endpoint + MQTT subscriber).
+//!
+//! Every helper works in its own temp dir, on its own free port and containerd
+//! namespace, so tests run in parallel.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+pub const FIXTURE_CONF: &str = include_str!("../fixtures/conf.json");
+pub const FIXTURE_JOB: &str = include_str!("../fixtures/deploy-job.json");
+pub const TEST_IMAGE: &str = "docker.io/library/nodeengine-test:latest";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn have(bin: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| d.join(bin).is_file()) || Path::new(bin).is_file()
+    })
+}
+
+/// True when the test can run; prints why it is skipped otherwise. Outside root the
+/// test is skipped; as root (CI) missing binaries are a failure, not a skip.
+pub fn can_run(test: &str, bins: &[&str]) -> bool {
+    if !is_root() {
+        eprintln!("SKIPPED {test}: needs root (containerd/mosquitto); CI runs it as root");
+        return false;
+    }
+    for b in bins {
+        assert!(have(b), "{test}: required binary {b} is not installed");
+    }
+    true
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut f: F) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f()
+}
+
+fn kill_and_wait(child: &mut Child, sig: i32) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on our own, not yet reaped child.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+// ------------------------------------------------------------------ mosquitto
+
+pub struct Mosquitto {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Mosquitto {
+        let mut m = Mosquitto {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
+                self.port
+            ),
+        )
+        .expect("write mosquitto conf");
+        let log = std::fs::File::create(self.dir.join("mosquitto.log")).expect("log");
+        let child = Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_and_wait(&mut c, libc::SIGTERM);
+        }
+    }
+
+    /// Stops and starts the broker on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        std::thread::sleep(Duration::from_millis(500));
+        self.spawn();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ------------------------------------------------------------ cluster double
+
+/// A message the worker published.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+impl Published {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.payload).unwrap_or_else(|e| {
+            panic!(
+                "worker published non-JSON on {}: {e}: {:?}",
+                self.topic,
+                String::from_utf8_lossy(&self.payload)
+            )
+        })
+    }
+}
+
+/// The cluster manager as the worker sees it.
+pub struct ClusterDouble {
+    pub node_id: String,
+    pub http_port: u16,
+    pub registrations: Arc<Mutex<Vec<Value>>>,
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Published>,
+    pub seen: Vec<Published>,
+    http_task: tokio::task::JoinHandle<()>,
+    mqtt_task: tokio::task::JoinHandle<()>,
+}
+
+impl ClusterDouble {
+    pub async fn start(mqtt_port: u16) -> ClusterDouble {
+        let node_id = format!("{:024x}", rand_u128() & ((1u128 << 96) - 1));
+        let registrations = Arc::new(Mutex::new(Vec::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http_port = listener.local_addr().expect("addr").port();
+        let http_task = tokio::spawn(serve_register(
+            listener,
+            registrations.clone(),
+            node_id.clone(),
+            mqtt_port,
+        ));
+        let (client, rx, mqtt_task) = subscriber(mqtt_port, &node_id).await;
+        ClusterDouble {
+            node_id,
+            http_port,
+            registrations,
+            client,
+            rx,
+            seen: Vec::new(),
+            http_task,
+            mqtt_task,
+        }
+    }
+
+    pub fn topic(&self, suffix: &str) -> String {
+        format!("nodes/{}/{suffix}", self.node_id)
+    }
+
+    pub async fn publish(&self, suffix: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(self.topic(suffix), QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
+    }
+
+    fn drain(&mut self) {
+        while let Ok(m) = self.rx.try_recv() {
+            self.seen.push(m);
+        }
+    }
+
+    /// Waits for a message on `suffix` matching `pred` (among all seen so far).
+    pub async fn wait_for(
+        &mut self,
+        suffix: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let topic = self.topic(suffix);
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.drain();
+            if let Some(m) = self
+                .seen
+                .iter()
+                .filter(|m| m.topic == topic)
+                .map(Published::json)
+                .find(|v| pred(v))
+            {
+                return Some(m);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for a job status for this instance; returns the whole message.
+    pub async fn wait_status(&mut self, job: &str, instance: u64, status: &str) -> Value {
+        let found = self
+            .wait_for("job", Duration::from_secs(60), |v| {
+                v["sname"] == job && v["instance"] == instance && v["status"] == status
+            })
+            .await;
+        found.unwrap_or_else(|| {
+            panic!(
+                "no {status} for {job}/{instance}; job messages: {:?}",
+                self.messages("job")
+            )
+        })
+    }
+
+    pub fn messages(&mut self, suffix: &str) -> Vec<Value> {
+        self.drain();
+        let topic = self.topic(suffix);
+        self.seen
+            .iter()
+            .filter(|m| m.topic == topic)
+            .map(Published::json)
+            .collect()
+    }
+
+    /// Forgets what was seen so far (e.g. before a broker restart).
+    pub fn clear(&mut self) {
+        self.drain();
+        self.seen.clear();
+    }
+}
+
+impl Drop for ClusterDouble {
+    fn drop(&mut self) {
+        self.http_task.abort();
+        self.mqtt_task.abort();
+    }
+}
+
+fn rand_u128() -> u128 {
+    let mut buf = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut buf);
+    }
+    u128::from_le_bytes(buf)
+}
+
+async fn serve_register(
+    listener: tokio::net::TcpListener,
+    registrations: Arc<Mutex<Vec<Value>>>,
+    node_id: String,
+    mqtt_port: u16,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let regs = registrations.clone();
+        let id = node_id.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let regs = regs.clone();
+                let id = id.clone();
+                async move {
+                    let path = req.uri().path().to_string();
+                    let method = req.method().clone();
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let resp = if method == hyper::Method::POST && path == "/api/node/register" {
+                        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        regs.lock().expect("lock").push(v);
+                        let answer = serde_json::json!({
+                            "id": id, "MQTT_BROKER_PORT": mqtt_port.to_string()
+                        });
+                        Response::new(Full::new(Bytes::from(answer.to_string())))
+                    } else {
+                        let mut r = Response::new(Full::new(Bytes::from_static(b"not found")));
+                        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+                        r
+                    };
+                    Ok::<_, hyper::Error>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// The cluster side's subscriber to everything the worker publishes. It survives
+/// broker restarts (resubscribing on each ConnAck).
+async fn subscriber(
+    port: u16,
+    node_id: &str,
+) -> (
+    AsyncClient,
+    mpsc::UnboundedReceiver<Published>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut o = MqttOptions::new(unique("cluster-double-"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_clean_session(true);
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut ev) = AsyncClient::new(o, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let filter = format!("nodes/{node_id}/#");
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let c2 = client.clone();
+    let task = tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let c = c2.clone();
+                    let f = filter.clone();
+                    tokio::spawn(async move {
+                        let _ = c.subscribe(f, QoS::AtLeastOnce).await;
+                    });
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send(Published {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx).await;
+    (client, rx, task)
+}
+
+// ----------------------------------------------------------------- containerd
+
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub namespace: String,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path) -> Containerd {
+        let root = dir.join("containerd");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        let config = root.join("config.toml");
+        // The CRI plugin is not needed and would try to set up CNI.
+        std::fs::write(
+            &config,
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  disable = true\n",
+        )
+        .expect("config");
+        let socket = root.join("c.sock");
+        let log = std::fs::File::create(root.join("containerd.log")).expect("log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .arg("--address")
+            .arg(&socket)
+            .arg("--root")
+            .arg(root.join("root"))
+            .arg("--state")
+            .arg(root.join("state"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let c = Containerd {
+            dir: root,
+            socket,
+            namespace: unique("oaktest"),
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(Instant::now() < deadline, "containerd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&self.socket)
+            .arg("-n")
+            .arg(&self.namespace)
+            .args(args)
+            .output()
+            .expect("run ctr")
+    }
+
+    /// Builds a one-layer busybox image offline and imports it.
+    pub fn import_test_image(&self, unpack: bool) {
+        let tarball = self.dir.join("image.tar");
+        write_busybox_oci_tar(&tarball, TEST_IMAGE);
+        let path = tarball.to_string_lossy().to_string();
+        let mut args = vec!["images", "import"];
+        if !unpack {
+            args.push("--no-unpack");
+        }
+        args.push(&path);
+        let out = self.ctr(&args);
+        assert!(
+            out.status.success(),
+            "ctr import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn container_ids(&self) -> Vec<String> {
+        let out = self.ctr(&["containers", "ls", "-q"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// Kills whatever still runs in this test's container cgroups (a container
+    /// process outlives a killed shim) and removes the cgroups.
+    fn kill_cgroups(&self) {
+        let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        let mut bases: Vec<PathBuf> = ctrls
+            .flatten()
+            .map(|c| c.path().join(&self.namespace))
+            .collect();
+        bases.push(Path::new("/sys/fs/cgroup").join(&self.namespace));
+        for pass in 0..2 {
+            for base in bases.iter().filter(|b| b.is_dir()) {
+                let subdirs: Vec<PathBuf> = std::fs::read_dir(base)
+                    .map(|rd| {
+                        rd.flatten()
+                            .map(|e| e.path())
+                            .filter(|p| p.is_dir())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for cg in subdirs {
+                    let procs =
+                        std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        // SAFETY: kill(2) on a process inside this test's own cgroup.
+                        unsafe {
+                            libc::kill(pid, libc::SIGKILL);
+                        }
+                    }
+                    if pass == 1 {
+                        let _ = std::fs::remove_dir(&cg);
+                    }
+                }
+                if pass == 1 {
+                    let _ = std::fs::remove_dir(base);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Kills shims that serve this containerd (they outlive containerd itself).
+    fn kill_shims(&self) {
+        let needle = self.socket.to_string_lossy().to_string();
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains("containerd-shim") && cmdline.contains(&needle) {
+                // SAFETY: kill(2) on a shim this test's containerd started.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for id in self.container_ids() {
+            let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = self.ctr(&["tasks", "rm", "-f", &id]);
+            let _ = self.ctr(&["containers", "rm", &id]);
+        }
+        if let Some(mut c) = self.child.take() {
+            kill_and_wait(&mut c, libc::SIGTERM);
+        }
+        self.kill_shims();
+        self.kill_cgroups();
+        // Overlay mounts under the root would make the temp dir undeletable.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+                self.dir.display()
+            ))
+            .status();
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn tar_add(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8], mode: u32) {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(data.len() as u64);
+    h.set_mode(mode);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mtime(0);
+    b.append_data(&mut h, name, data).expect("tar append");
+}
+
+fn tar_dir(b: &mut tar::Builder<Vec<u8>>, name: &str) {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(0);
+    h.set_mode(0o755);
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mtime(0);
+    b.append_data(&mut h, name, std::io::empty())
+        .expect("tar dir");
+}
+
+fn tar_symlink(b: &mut tar::Builder<Vec<u8>>, name: &str, target: &str) {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(0);
+    h.set_mode(0o777);
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mtime(0);
+    b.append_link(&mut h, name, target).expect("tar link");
+}
+
+/// An OCI layout tarball: one layer with busybox and its applets as symlinks.
+pub fn write_busybox_oci_tar(dest: &Path, name: &str) {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed");
+    let mut lb = tar::Builder::new(Vec::new());
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp"] {
+        tar_dir(&mut lb, d);
+    }
+    tar_add(&mut lb, "bin/busybox", &busybox, 0o755);
+    for applet in [
+        "sh", "sleep", "echo", "cat", "env", "hostname", "ls", "true", "false",
+    ] {
+        tar_symlink(&mut lb, &format!("bin/{applet}"), "busybox");
+    }
+    let layer = lb.into_inner().expect("layer");
+    let layer_digest = format!("sha256:{}", sha256_hex(&layer));
+    let config = serde_json::json!({
+        "architecture": nodeengine::node_report::go_arch(),
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin", "IMAGE_VAR=from-image"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
+    })
+    .to_string()
+    .into_bytes();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest, "size": layer.len()}]
+    })
+    .to_string()
+    .into_bytes();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": format!("sha256:{}", sha256_hex(&manifest)),
+                       "size": manifest.len(),
+                       "annotations": {"io.containerd.image.name": name}}]
+    })
+    .to_string()
+    .into_bytes();
+    let mut out = tar::Builder::new(Vec::new());
+    tar_add(
+        &mut out,
+        "oci-layout",
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+        0o644,
+    );
+    tar_dir(&mut out, "blobs");
+    tar_dir(&mut out, "blobs/sha256");
+    for blob in [&layer, &config, &manifest] {
+        tar_add(
+            &mut out,
+            &format!("blobs/sha256/{}", sha256_hex(blob)),
+            blob,
+            0o644,
+        );
+    }
+    tar_add(&mut out, "index.json", &index, 0o644);
+    let bytes = out.into_inner().expect("oci tar");
+    std::fs::File::create(dest)
+        .and_then(|mut f| f.write_all(&bytes))
+        .expect("write oci tar");
+}
+
+// --------------------------------------------------------------------- daemon
+
+/// The real `nodeengined`, configured for this test.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+    conf: PathBuf,
+    env: HashMap<String, String>,
+}
+
+/// A configuration for the daemon under test: cluster on localhost, overlay off.
+pub fn test_config(dir: &Path, http_port: u16, containerd: bool) -> PathBuf {
+    let mut cfg: Value = serde_json::from_str(FIXTURE_CONF).expect("fixture");
+    cfg["cluster_address"] = "127.0.0.1".into();
+    cfg["cluster_port"] = http_port.into();
+    cfg["overlay_network"] = "disabled".into();
+    let logs = dir.join("applogs");
+    cfg["app_logs"] = logs.display().to_string().into();
+    cfg["virtualizations"][0]["virutalizaiton_active"] = containerd.into();
+    let path = dir.join("conf.json");
+    std::fs::write(&path, cfg.to_string()).expect("write conf");
+    path
+}
+
+impl Daemon {
+    pub fn start(dir: &Path, conf: &Path, containerd: Option<&Containerd>) -> Daemon {
+        let mut env = HashMap::new();
+        match containerd {
+            Some(c) => {
+                env.insert("CONTAINERD_ADDRESS".into(), c.socket.display().to_string());
+                env.insert("CONTAINERD_NAMESPACE".into(), c.namespace.clone());
+            }
+            None => {
+                env.insert(
+                    "CONTAINERD_ADDRESS".into(),
+                    dir.join("no-containerd.sock").display().to_string(),
+                );
+                env.insert("CONTAINERD_NAMESPACE".into(), unique("none"));
+            }
+        }
+        let mut d = Daemon {
+            child: None,
+            log: dir.join(unique("nodeengined-")).with_extension("log"),
+            conf: conf.to_path_buf(),
+            env,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("daemon log");
+        let child = Command::new(env!("CARGO_BIN_EXE_nodeengined"))
+            .env("OAKESTRA_CONF", &self.conf)
+            .env("RUST_LOG", "info,nodeengine=debug")
+            .envs(&self.env)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nodeengined");
+        self.child = Some(child);
+    }
+
+    /// SIGTERM; returns whether it exited by itself within the grace period.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        if let Ok(pid) = i32::try_from(c.id()) {
+            // SAFETY: kill(2) on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(12);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- nodeengined log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// A deploy document based on the upstream fixture.
+pub fn job(job_name: &str, instance: u64, cmd: &[&str], one_shot: bool) -> Value {
+    let mut v: Value = serde_json::from_str(FIXTURE_JOB).expect("fixture");
+    v["job_name"] = job_name.into();
+    v["instance_number"] = instance.into();
+    v["image"] = TEST_IMAGE.into();
+    v["cmd"] = cmd.iter().map(|s| Value::from(*s)).collect();
+    v["one_shot"] = one_shot.into();
+    v["memory"] = 64.into();
+    v["vcpus"] = 1.into();
+    v
+}

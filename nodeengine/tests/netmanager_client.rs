@@ -1,0 +1,136 @@
+//! The NetManager client against a tiny HTTP server on a unix socket: exact
+//! request bodies, and error answers surfacing as errors with NetManager's text.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use nodeengine::netmanager_client::{DeployBody, NetManagerClient, UndeployBody};
+use serde_json::{Value, json};
+
+type Seen = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+/// Serves on `sock`, records (method, path, body) and answers per path.
+fn serve(sock: std::path::PathBuf) -> Seen {
+    let seen: Seen = Arc::default();
+    let listener = tokio::net::UnixListener::bind(sock).expect("bind unix socket");
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let s = s.clone();
+                    async move {
+                        let method = req.method().to_string();
+                        let path = req.uri().path().to_string();
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        s.lock().expect("lock").push((method, path.clone(), v));
+                        let (code, answer) = match path.as_str() {
+                            "/container/deploy" => (
+                                StatusCode::OK,
+                                json!({"serviceName": "a.b.c.d", "nsAddress": "10.18.0.2", "nsAddressv6": "fc00::2"}),
+                            ),
+                            "/register" | "/container/undeploy" => (StatusCode::OK, json!({})),
+                            _ => (StatusCode::BAD_REQUEST, json!({"error": "no such route"})),
+                        };
+                        let mut r = Response::new(Full::new(Bytes::from(answer.to_string())));
+                        *r.status_mut() = code;
+                        Ok::<_, hyper::Error>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn bodies_are_exactly_the_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("nm.sock");
+    let seen = serve(sock.clone());
+    let client = NetManagerClient::new(&sock);
+
+    client
+        .register("6650aa11bb22cc33dd44ee55", "192.168.1.10")
+        .await
+        .expect("register");
+    let answer = client
+        .deploy_container(&DeployBody {
+            pid: 4242,
+            service_name: "clientsrvr.test.curl.test",
+            instance_number: 3,
+            port_mappings: "9080:80/tcp;9081",
+        })
+        .await
+        .expect("deploy");
+    assert_eq!(answer.ns_address, "10.18.0.2");
+    assert_eq!(answer.ns_address_v6, "fc00::2");
+    client
+        .undeploy_container(&UndeployBody {
+            service_name: "clientsrvr.test.curl.test",
+            instance_number: 3,
+        })
+        .await
+        .expect("undeploy");
+
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "POST".to_string(),
+                "/register".to_string(),
+                json!({"client_id": "6650aa11bb22cc33dd44ee55", "cluster_address": "192.168.1.10"})
+            ),
+            (
+                "POST".to_string(),
+                "/container/deploy".to_string(),
+                json!({"pid": 4242, "serviceName": "clientsrvr.test.curl.test", "instanceNumber": 3, "portMappings": "9080:80/tcp;9081"})
+            ),
+            (
+                "POST".to_string(),
+                "/container/undeploy".to_string(),
+                json!({"serviceName": "clientsrvr.test.curl.test", "instanceNumber": 3})
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn error_answers_carry_netmanagers_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("nm.sock");
+    let _seen = serve(sock.clone());
+    let client = NetManagerClient::new(&sock);
+    let err = client
+        .deploy_unikernel(&DeployBody {
+            pid: 0,
+            service_name: "a.b.c.d",
+            instance_number: 0,
+            port_mappings: "",
+        })
+        .await
+        .expect_err("400 must be an error");
+    let text = format!("{err:#}");
+    assert!(text.contains("400"), "{text}");
+    assert!(text.contains("no such route"), "{text}");
+}
+
+#[tokio::test]
+async fn missing_socket_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = NetManagerClient::new(dir.path().join("absent.sock"));
+    let err = client.register("x", "y").await.expect_err("no socket");
+    assert!(format!("{err:#}").contains("absent.sock"));
+}

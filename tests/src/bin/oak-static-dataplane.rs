@@ -1,0 +1,118 @@
+//! Runs NetManager's dataplane with a fixed table (JSON on the command
+//! line's file argument) until SIGTERM/SIGINT: the overlay without the
+//! cluster conversation, for namespace tests and benchmarks.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, Result};
+use netmanager::dataplane::{
+    Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, ServiceKind,
+};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Table {
+    pin_dir: String,
+    uplink: String,
+    node_ip: Ipv4Addr,
+    #[serde(default = "default_port")]
+    tunnel_port: u16,
+    service_ranges: Vec<(IpAddr, u8)>,
+    instances: Vec<Instance>,
+    services: Vec<Service>,
+}
+
+fn default_port() -> u16 {
+    50103
+}
+
+#[derive(Deserialize)]
+struct Instance {
+    ns_ip: IpAddr,
+    instance_ip: IpAddr,
+    node_ip: Ipv4Addr,
+    /// Host end of the container's veth when it runs on this node.
+    veth: Option<String>,
+    mac: Option<[u8; 6]>,
+}
+
+#[derive(Deserialize)]
+struct Service {
+    ip: IpAddr,
+    kind: String,
+    backends: Vec<IpAddr>,
+}
+
+fn kind(s: &str) -> Result<ServiceKind> {
+    Ok(match s {
+        "RR" => ServiceKind::RoundRobin,
+        "Closest" => ServiceKind::Closest,
+        "instance_ip" => ServiceKind::Instance,
+        other => anyhow::bail!("unknown service kind {other}"),
+    })
+}
+
+fn main() -> Result<()> {
+    let path = std::env::args()
+        .nth(1)
+        .context("usage: oak-static-dataplane TABLE.json")?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let table: Table = serde_json::from_str(&text).with_context(|| format!("parsing {path}"))?;
+    let cfg = DataplaneConfig {
+        pin_dir: table.pin_dir.clone().into(),
+        uplink: table.uplink.clone(),
+        node_ip: table.node_ip,
+        tunnel_port: table.tunnel_port,
+        tunnel_mtu: 1450,
+        service_ranges: table.service_ranges.clone(),
+        sizes: MapSizes::default(),
+        miss_hold: 8,
+    };
+    let mut dp = Dataplane::open(&cfg).context("opening the dataplane")?;
+    for i in &table.instances {
+        let local = match &i.veth {
+            Some(veth) => {
+                dp.attach_container(veth)?;
+                Some(LocalPort {
+                    ifindex: ifindex(veth)?,
+                    mac: i.mac.unwrap_or_default(),
+                })
+            }
+            None => None,
+        };
+        let entry = InstanceEntry {
+            instance_ip: Some(i.instance_ip),
+            node_ip: i.node_ip,
+            node_port: table.tunnel_port,
+            local,
+        };
+        dp.upsert_instance(i.ns_ip, entry)?;
+    }
+    for s in &table.services {
+        dp.upsert_service(s.ip, kind(&s.kind)?, &s.backends)?;
+    }
+    println!("ready");
+    wait_for_signal();
+    Ok(())
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: c is NUL-terminated.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    anyhow::ensure!(i != 0, "no interface {name}");
+    Ok(i)
+}
+
+fn wait_for_signal() {
+    // SAFETY: blocking the signals, then waiting for one of them.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+    }
+}

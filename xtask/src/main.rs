@@ -1,0 +1,80 @@
+//! Project automation: `cargo xtask <command>`.
+//!
+//! - `setup`: one-time (idempotent) machine bootstrap.
+//! - `build-ebpf`: builds the eBPF object NetManager embeds.
+//! - `test`: everything CI runs (format, lint, eBPF build, all tests).
+//! - `sandbox`: a local cluster stand-in with workers (see docs).
+
+mod ebpf;
+mod setup;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    about = "Build, set up and test the Oakestra eBPF worker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install toolchain pieces and Debian packages, mount bpffs (idempotent; needs root).
+    Setup,
+    /// Build the eBPF programs (nightly + rust-src + bpf-linker).
+    BuildEbpf {
+        /// Debug profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Run what CI runs: fmt, clippy, the eBPF build and every test (needs root).
+    Test {
+        /// Extra arguments passed to `cargo test`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf { debug } => ebpf::build(!debug).map(|path| {
+            println!("eBPF object: {}", path.display());
+        }),
+        Command::Test { args } => test(&args),
+    }
+}
+
+/// The README's test command.
+fn test(extra: &[String]) -> Result<()> {
+    let root = ebpf::workspace_root();
+    ebpf::run(
+        std::process::Command::new("cargo")
+            .current_dir(&root)
+            .args(["fmt", "--all", "--", "--check"]),
+        "cargo fmt --check (run `cargo fmt --all` to fix)",
+    )?;
+    ebpf::build(true)?;
+    ebpf::run(
+        std::process::Command::new("cargo")
+            .current_dir(&root)
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        "cargo clippy",
+    )?;
+    let mut cmd = std::process::Command::new("cargo");
+    cmd.current_dir(&root)
+        .args(["test", "--workspace"])
+        .args(extra);
+    ebpf::run(&mut cmd, "cargo test --workspace")
+}

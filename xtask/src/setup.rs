@@ -1,0 +1,112 @@
+//! The one bootstrap a new machine needs (Debian, as root). Every step
+//! checks first and does nothing when its result is already there, so a
+//! second run is quick and changes nothing.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::ebpf::{BPF_LINKER_VERSION, run as run_cmd};
+
+/// Debian packages the worker and its tests run against.
+const PACKAGES: &[&str] = &[
+    "mosquitto",
+    "containerd",
+    "runc",
+    "bpftool",
+    "iperf3",
+    "iproute2",
+    "busybox-static",
+    "nftables",
+    "tcpdump",
+    // containerd-client generates its gRPC code with protoc at build time.
+    "protobuf-compiler",
+];
+
+pub fn run() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("`cargo xtask setup` installs packages and mounts bpffs: run it as root");
+    }
+    rust_src()?;
+    bpf_linker()?;
+    packages()?;
+    bpffs()?;
+    println!("setup complete");
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()?;
+    if String::from_utf8_lossy(&out.stdout).contains("rust-src") {
+        println!("ok: rust-src for nightly");
+        return Ok(());
+    }
+    run_cmd(
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        "rustup component add rust-src",
+    )
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Ok(out) = Command::new("bpf-linker").arg("--version").output()
+        && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+    {
+        println!("ok: bpf-linker {BPF_LINKER_VERSION}");
+        return Ok(());
+    }
+    // 0.10.2 uses nightly's own LLVM; newer ones want a system LLVM.
+    run_cmd(
+        Command::new("cargo").args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ]),
+        "cargo install bpf-linker",
+    )
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        println!("ok: Debian packages");
+        return Ok(());
+    }
+    run_cmd(Command::new("apt-get").arg("update"), "apt-get update")?;
+    run_cmd(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+        "apt-get install",
+    )
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        println!("ok: bpffs on /sys/fs/bpf");
+        return Ok(());
+    }
+    if !Path::new("/sys/fs/bpf").exists() {
+        std::fs::create_dir_all("/sys/fs/bpf")?;
+    }
+    run_cmd(
+        Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]),
+        "mounting bpffs",
+    )
+}
