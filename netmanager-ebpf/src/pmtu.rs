@@ -11,7 +11,7 @@ use aya_ebpf::{
 use crate::maps::SCRATCH;
 
 use crate::packet::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, Packet, csum, fold};
-use crate::tunnel::ipv4_header_checksum;
+use crate::tunnel::ipv4_header;
 
 /// Bytes of the offending packet quoted in the error (IP header and more;
 /// RFC 1812 and RFC 4443 ask for as much as fits).
@@ -97,34 +97,9 @@ fn frag_needed_v4(ctx: &TcContext, p: &Packet, mtu: u16, eth: &[u8; 12]) -> Resu
     buf[23] = c[1];
 
     let total = (20 + msg_len) as u16;
-    let t = total.to_be_bytes();
-    let s = &p.dst.bytes[12..16];
-    let d = &p.src.bytes[12..16];
-    let mut ip = [
-        0x45,
-        0xc0,
-        t[0],
-        t[1],
-        0,
-        0,
-        0,
-        0,
-        64,
-        IPPROTO_ICMP,
-        0,
-        0,
-        s[0],
-        s[1],
-        s[2],
-        s[3],
-        d[0],
-        d[1],
-        d[2],
-        d[3],
-    ];
-    let ipc = ipv4_header_checksum(&ip).to_be_bytes();
-    ip[10] = ipc[0];
-    ip[11] = ipc[1];
+    let (src, dst) = (p.dst.v4_octets().ok_or(())?, p.src.v4_octets().ok_or(())?);
+    // TOS 0xc0 (network control), as Linux sends its own ICMP errors.
+    let ip = ipv4_header(total, 0xc0, 0, IPPROTO_ICMP, &src, &dst);
     buf[..20].copy_from_slice(&ip);
 
     resize(ctx, ETH_HLEN + total as usize)?;

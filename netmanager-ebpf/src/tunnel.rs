@@ -42,34 +42,15 @@ pub fn encapsulate(ctx: &TcContext, cfg: &Config, backend: &Instance) -> Result<
 fn outer_headers(cfg: &Config, backend: &Instance, inner_len: usize) -> Outer {
     let total = (inner_len + OUTER_LEN) as u16;
     let udp_len = (inner_len + 8) as u16;
-    let t = total.to_be_bytes();
-    let s = cfg.node_ip;
-    let d = backend.node_ip;
-    let mut ip = [
-        0x45,
+    // DF like a Linux UDP socket doing path-MTU discovery (upstream's sender).
+    let ip = ipv4_header(
+        total,
         0,
-        t[0],
-        t[1],
-        0,
-        0,
-        0x40,
-        0,
-        64,
+        0x4000,
         IPPROTO_UDP,
-        0,
-        0,
-        s[0],
-        s[1],
-        s[2],
-        s[3],
-        d[0],
-        d[1],
-        d[2],
-        d[3],
-    ];
-    let c = ipv4_header_checksum(&ip).to_be_bytes();
-    ip[10] = c[0];
-    ip[11] = c[1];
+        &cfg.node_ip,
+        &backend.node_ip,
+    );
     let sp = cfg.tunnel_port.to_be_bytes();
     let dp = backend.node_port.to_be_bytes();
     let l = udp_len.to_be_bytes();
@@ -80,8 +61,37 @@ fn outer_headers(cfg: &Config, backend: &Instance, inner_len: usize) -> Outer {
     }
 }
 
+/// A 20-byte IPv4 header (TTL 64, no options) with its checksum.
 #[inline(always)]
-pub fn ipv4_header_checksum(h: &[u8; 20]) -> u16 {
+pub fn ipv4_header(
+    total: u16,
+    tos: u8,
+    frag: u16,
+    proto: u8,
+    src: &[u8; 4],
+    dst: &[u8; 4],
+) -> [u8; 20] {
+    let t = total.to_be_bytes();
+    let f = frag.to_be_bytes();
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[1] = tos;
+    h[2] = t[0];
+    h[3] = t[1];
+    h[6] = f[0];
+    h[7] = f[1];
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(src);
+    h[16..20].copy_from_slice(dst);
+    let c = ipv4_header_checksum(&h).to_be_bytes();
+    h[10] = c[0];
+    h[11] = c[1];
+    h
+}
+
+#[inline(always)]
+fn ipv4_header_checksum(h: &[u8; 20]) -> u16 {
     let mut sum: u32 = 0;
     let mut i = 0;
     while i < 20 {

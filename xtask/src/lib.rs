@@ -1,0 +1,4 @@
+//! Library half of xtask: the sandbox (a whole Oakestra cluster on one
+//! machine), shared by `cargo xtask sandbox` and the end-to-end tests.
+
+pub mod sandbox;
