@@ -18,7 +18,7 @@ mod pmtu;
 mod tunnel;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_redir_neigh},
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_load_bytes},
     macros::classifier,
     programs::TcContext,
@@ -80,7 +80,16 @@ fn finish(v: Verdict, len: u32) -> i32 {
             TC_ACT_OK
         }
         Verdict::Redirect(c, action) => {
-            count(c, len);
+            // The redirect helpers answer TC_ACT_SHOT when the target is
+            // unusable (e.g. a veth that vanished under a stale entry).
+            count(
+                if action == TC_ACT_REDIRECT {
+                    c
+                } else {
+                    Counter::DropRedirect
+                },
+                len,
+            );
             action
         }
         Verdict::Stolen(c) | Verdict::Drop(c) => {
@@ -156,7 +165,7 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     packet::set_dst(ctx, &mut p, &backend_ns).map_err(|_| Counter::DropMalformed)?;
     if local {
         // Same-node service traffic: never encapsulated (step 4).
-        return deliver(ctx, cfg, &mut p, backend, Counter::LocalDelivered);
+        return deliver(ctx, &mut p, backend, Counter::LocalDelivered);
     }
     tunnel::encapsulate(ctx, cfg, backend).map_err(|_| Counter::DropEncap)?;
     // The kernel resolves the next hop towards the backend's node (routing
@@ -237,7 +246,7 @@ fn from_tunnel(ctx: &TcContext, cfg: &Config, inner: u16) -> Result<Verdict, Cou
     if dest.flags & INSTANCE_LOCAL == 0 {
         return Err(Counter::DropNotLocal);
     }
-    deliver(ctx, cfg, &mut p, &dest, Counter::Decapsulated)
+    deliver(ctx, &mut p, &dest, Counter::Decapsulated)
 }
 
 /// Hands a translated packet to a container on this node, restoring the
@@ -245,7 +254,6 @@ fn from_tunnel(ctx: &TcContext, cfg: &Config, inner: u16) -> Result<Verdict, Cou
 #[inline(always)]
 fn deliver(
     ctx: &TcContext,
-    _cfg: &Config,
     p: &mut Packet,
     dest: &Instance,
     counter: Counter,
