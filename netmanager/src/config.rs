@@ -39,6 +39,50 @@ pub struct NetConfig {
     pub public_ip_networking: bool,
     pub mqtt_cert: Option<PathBuf>,
     pub mqtt_key: Option<PathBuf>,
+    /// Our extension (upstream ignores unknown keys): dataplane map sizes.
+    pub tables: TableSizes,
+}
+
+/// Map sizes of the dataplane (max entries) and how many packets it holds
+/// per unknown address. netcfg.json keys: `FlowTableSize`,
+/// `ServiceTableSize`, `BackendTableSize`, `InstanceTableSize`,
+/// `PendingTableSize`, `MissHold`. Pinned maps keep their size: changing one
+/// takes effect after the pin directory is removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSizes {
+    pub flows: u32,
+    pub services: u32,
+    pub backends: u32,
+    pub instances: u32,
+    pub pending: u32,
+    pub miss_hold: u32,
+}
+
+impl Default for TableSizes {
+    fn default() -> Self {
+        TableSizes {
+            flows: 65536,
+            services: 4096,
+            backends: 65536,
+            instances: 8192,
+            pending: 1024,
+            miss_hold: 4,
+        }
+    }
+}
+
+impl TableSizes {
+    fn parse(obj: &Map<String, Value>) -> Result<TableSizes> {
+        let d = TableSizes::default();
+        Ok(TableSizes {
+            flows: opt_count(obj, "FlowTableSize")?.unwrap_or(d.flows),
+            services: opt_count(obj, "ServiceTableSize")?.unwrap_or(d.services),
+            backends: opt_count(obj, "BackendTableSize")?.unwrap_or(d.backends),
+            instances: opt_count(obj, "InstanceTableSize")?.unwrap_or(d.instances),
+            pending: opt_count(obj, "PendingTableSize")?.unwrap_or(d.pending),
+            miss_hold: opt_count(obj, "MissHold")?.unwrap_or(d.miss_hold),
+        })
+    }
 }
 
 impl Default for NetConfig {
@@ -53,6 +97,7 @@ impl Default for NetConfig {
             public_ip_networking: false,
             mqtt_cert: None,
             mqtt_key: None,
+            tables: TableSizes::default(),
         }
     }
 }
@@ -111,6 +156,7 @@ impl NetConfig {
             mqtt_key: opt_string(&obj, "MqttKey")?
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
+            tables: TableSizes::parse(&obj)?,
         })
         .and_then(|c| c.validate())
     }
@@ -139,6 +185,20 @@ fn opt_bool(obj: &Map<String, Value>, field: &str) -> Result<Option<bool>> {
         Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
         Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
         Some(other) => bail!("field {field}: expected true or false, found {other}"),
+    }
+}
+
+/// A positive count (map size), as a number or a numeric string.
+fn opt_count(obj: &Map<String, Value>, field: &str) -> Result<Option<u32>> {
+    let text = match obj.get(field) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.trim().to_string(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(other) => bail!("field {field}: expected a number, found {other}"),
+    };
+    match text.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => bail!("field {field}: {text:?} is not a positive number"),
     }
 }
 

@@ -759,13 +759,13 @@ fn open_forwarding(
         tunnel_mtu: settings.tunnel_mtu,
         service_ranges: service_ranges(),
         sizes: MapSizes {
-            flows: 65536,
-            services: 4096,
-            backends: 65536,
-            instances: 8192,
-            pending: 1024,
+            flows: settings.net.tables.flows,
+            services: settings.net.tables.services,
+            backends: settings.net.tables.backends,
+            instances: settings.net.tables.instances,
+            pending: settings.net.tables.pending,
         },
-        miss_hold: 4,
+        miss_hold: settings.net.tables.miss_hold,
     };
     Ok(Arc::new(Ebpf::open(&cfg)?))
 }

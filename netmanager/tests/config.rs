@@ -126,3 +126,22 @@ fn tunnel_mtu_from_env() {
     unsafe { std::env::remove_var("TUN_MTU_SIZE") };
     assert_eq!(config::tunnel_mtu_from_env().unwrap(), 1450);
 }
+
+#[test]
+fn dataplane_table_sizes_are_configurable() {
+    let c = NetConfig::parse(
+        r#"{"FlowTableSize":1048576,"ServiceTableSize":"100000","BackendTableSize":200000,
+            "InstanceTableSize":50000,"PendingTableSize":64,"MissHold":2}"#,
+    )
+    .unwrap();
+    assert_eq!(c.tables.flows, 1_048_576);
+    assert_eq!(c.tables.services, 100_000);
+    assert_eq!(c.tables.backends, 200_000);
+    assert_eq!(c.tables.instances, 50_000);
+    assert_eq!(c.tables.pending, 64);
+    assert_eq!(c.tables.miss_hold, 2);
+    let err = NetConfig::parse(r#"{"FlowTableSize":0}"#).unwrap_err();
+    assert!(format!("{err:#}").contains("FlowTableSize"), "{err:#}");
+    let err = NetConfig::parse(r#"{"MissHold":true}"#).unwrap_err();
+    assert!(format!("{err:#}").contains("MissHold"), "{err:#}");
+}
