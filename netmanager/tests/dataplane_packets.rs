@@ -642,13 +642,27 @@ fn pinned_maps_dump_with_typed_fields_in_bpftool() {
         .arg(&path)
         .output()
         .expect("bpftool is installed by `cargo xtask setup`");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // With BTF, bpftool adds a "formatted" view with the struct's field names.
     let entries = dump.as_array().unwrap();
     assert_eq!(entries.len(), 5);
     let formatted = &entries[0]["formatted"]["value"];
-    for field in ["instance_ip", "node_ip", "node_port", "flags", "ifindex", "mac"] {
-        assert!(formatted.get(field).is_some(), "field {field} in {formatted}");
+    for field in [
+        "instance_ip",
+        "node_ip",
+        "node_port",
+        "flags",
+        "ifindex",
+        "mac",
+    ] {
+        assert!(
+            formatted.get(field).is_some(),
+            "field {field} in {formatted}"
+        );
     }
 }

@@ -170,6 +170,85 @@ impl Drop for Netns {
     }
 }
 
+/// Underlay namespace with a bridge at 198.51.100.254 and node namespaces
+/// plugged into it.
+pub struct Underlay {
+    pub ns: Netns,
+}
+
+impl Underlay {
+    pub fn new() -> Underlay {
+        let ns = Netns::new();
+        let n = ns.name.as_str();
+        run(&["ip", "-n", n, "link", "add", "ubr", "type", "bridge"]);
+        run(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            "198.51.100.254/24",
+            "dev",
+            "ubr",
+        ]);
+        run(&["ip", "-n", n, "link", "set", "ubr", "up"]);
+        Underlay { ns }
+    }
+
+    pub fn node(&self, host: u8) -> Netns {
+        let node = Netns::new();
+        let peer = format!("up{host}");
+        run(&[
+            "ip",
+            "-n",
+            &node.name,
+            "link",
+            "add",
+            "uplink0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            &self.ns.name,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &node.name,
+            "addr",
+            "add",
+            &format!("198.51.100.{host}/24"),
+            "dev",
+            "uplink0",
+        ]);
+        run(&["ip", "-n", &node.name, "link", "set", "uplink0", "up"]);
+        run(&[
+            "ip",
+            "-n",
+            &node.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.51.100.254",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &self.ns.name,
+            "link",
+            "set",
+            &peer,
+            "master",
+            "ubr",
+            "up",
+        ]);
+        node
+    }
+}
+
 /// A child process killed on drop.
 pub struct Proc(pub Child);
 
@@ -381,6 +460,30 @@ impl ClusterDouble {
             format!("jobs/{job}/updates_available"),
             b"{}".to_vec(),
         ));
+    }
+
+    /// Publish anything as the cluster (e.g. a probe on `nodes/<x>/net/...`,
+    /// which the double itself records).
+    pub fn publish(&self, topic: &str, body: &str) {
+        let _ = self
+            .cmds
+            .send(Cmd::Publish(topic.to_string(), body.as_bytes().to_vec()));
+    }
+
+    /// Wait until the double is (again) connected and subscribed: publish a
+    /// probe to a topic it subscribes to until it records one.
+    pub fn wait_subscribed(&self, timeout: Duration) {
+        let probe = unique("probe");
+        let suffix = format!("{probe}/net/ping");
+        let deadline = Instant::now() + timeout;
+        while self.seen_on(&suffix).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "cluster double not subscribed within {timeout:?}"
+            );
+            self.publish(&format!("nodes/{probe}/net/ping"), "{}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
     }
 
     pub fn seen_on(&self, suffix: &str) -> Vec<Value> {

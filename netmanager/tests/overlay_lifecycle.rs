@@ -1,0 +1,557 @@
+//! Two (or three) nodes with real NetManagers and the eBPF dataplane, through
+//! events a running cluster goes through: an instance moving to another
+//! node, the MQTT broker restarting, and a NetManager killed with -9 in the
+//! middle of a long TCP transfer. Needs root, bpffs, mosquitto and python3.
+//!
+//! Every test builds its own underlay namespace (bridge, broker, cluster
+//! double) and node namespaces with unique names, and its daemons pin their
+//! dataplane under unique directories, so the tests run in parallel.
+
+mod common;
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const CLIENT: &str = "lfc.test.client.test";
+const SERVER: &str = "lfc.test.server.test";
+const SERVER2: &str = "lfc.test.second.test";
+const SCRATCH: &str = "lfc.test.scratch.test";
+const NODE_IDS: [&str; 3] = [
+    "6650aa00bb22cc33dd441001",
+    "6650aa00bb22cc33dd441002",
+    "6650aa00bb22cc33dd441003",
+];
+/// Service addresses: the client's instance_ip, the server's RR address and
+/// instance_ip, and the second server job's RR address and instance_ip.
+const CLIENT_IIP: &str = "10.30.0.1";
+const SERVER_RR: &str = "10.30.1.1";
+const SERVER_IIP: &str = "10.30.0.2";
+const SERVER2_RR: &str = "10.30.2.1";
+const SERVER2_IIP: &str = "10.30.0.3";
+
+fn ready(test: &str) -> bool {
+    if !require_root(test) {
+        return false;
+    }
+    let ok = try_run(&["python3", "-c", "pass"]).is_some()
+        && std::path::Path::new("/sys/fs/bpf").exists()
+        && std::path::Path::new("/usr/sbin/mosquitto").exists();
+    if !ok {
+        eprintln!("SKIP {test}: needs python3, bpffs and mosquitto");
+    }
+    ok
+}
+
+/// One table instance (instance number 0) with an RR and an instance_ip address.
+fn instance(nsip: &str, nsip6: &str, host: &str, rr: &str, iip: &str) -> Value {
+    json!({"instance_number": 0, "namespace_ip": nsip, "namespace_ip_v6": nsip6,
+           "host_ip": host, "host_port": 50103,
+           "service_ip": [
+               {"IpType": "RR", "Address": rr, "Address_v6": ""},
+               {"IpType": "instance_ip", "Address": iip, "Address_v6": ""}]})
+}
+
+fn table(instances: Vec<Value>) -> Value {
+    json!({ "instance_list": instances })
+}
+
+/// Nodes 1..=n on one underlay with a broker and a cluster double; node i
+/// gets the subnet 10.18.(i-1).0/26. Fields drop in order: daemons first,
+/// the directory with the logs last.
+struct Cluster {
+    nm: Vec<Daemon>,
+    csm: ClusterDouble,
+    broker: Broker,
+    _nodes: Vec<Netns>,
+    _underlay: Underlay,
+    _dir: TempDir,
+}
+
+impl Cluster {
+    fn new(n: usize) -> Cluster {
+        let dir = TempDir::new();
+        let underlay = Underlay::new();
+        let nodes: Vec<Netns> = (1..=n as u8).map(|h| underlay.node(h)).collect();
+        let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
+        let csm = ClusterDouble::start_at(
+            "198.51.100.254",
+            broker.port,
+            Some(&underlay.ns),
+            ("10.18.0.0", "fc00::"),
+        );
+        for (i, id) in NODE_IDS.iter().enumerate().take(n) {
+            csm.subnets.lock().unwrap().insert(
+                id.to_string(),
+                (format!("10.18.{i}.0"), format!("fc00::{:x}", i * 0x100)),
+            );
+        }
+        // The client's own table, so every node can route replies to it.
+        csm.set_table(
+            CLIENT,
+            table(vec![instance(
+                "10.18.0.2",
+                "fc00::2",
+                "198.51.100.1",
+                "10.30.1.2",
+                CLIENT_IIP,
+            )]),
+        );
+        let nm: Vec<Daemon> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| Daemon::start_ebpf(&dir, node, broker.port, &format!("n{}", i + 1)))
+            .collect();
+        for (d, id) in nm.iter().zip(NODE_IDS) {
+            let (code, body) = d.post(
+                "/register",
+                &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
+            );
+            assert_eq!(code, 200, "{body}");
+        }
+        Cluster {
+            nm,
+            csm,
+            broker,
+            _nodes: nodes,
+            _underlay: underlay,
+            _dir: dir,
+        }
+    }
+
+    /// Deploy `c` as instance 0 of `job` on node `node` (1-based); its nsAddress.
+    fn deploy(&self, node: usize, c: &Proc, job: &str) -> String {
+        let (code, a) = self.nm[node - 1].post(
+            "/container/deploy",
+            &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
+                .to_string(),
+        );
+        assert_eq!(code, 200, "deploy {job} on node {node}: {a}");
+        a["nsAddress"].as_str().unwrap().to_string()
+    }
+
+    fn undeploy(&self, node: usize, job: &str) {
+        let (code, a) = self.nm[node - 1].post(
+            "/container/undeploy",
+            &json!({"serviceName": job, "instanceNumber": 0}).to_string(),
+        );
+        assert_eq!((code, a["undeployed"].clone()), (200, json!(true)), "{a}");
+    }
+
+    /// Messages node `node` published on `suffix` (e.g. "service/deployed").
+    fn sent_by(&self, node: usize, suffix: &str) -> Vec<Value> {
+        self.csm
+            .seen_on(&format!("nodes/{}/net/{suffix}", NODE_IDS[node - 1]))
+    }
+
+    /// Table queries node `node` sent with `field` ("sname"/"sip") = `value`.
+    fn queries(&self, node: usize, field: &str, value: &str) -> usize {
+        self.sent_by(node, "tablequery/request")
+            .iter()
+            .filter(|q| q[field] == value)
+            .count()
+    }
+
+    fn logs(&self) -> String {
+        self.nm
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("---- node {} ----\n{}", i + 1, d.log_text()))
+            .collect()
+    }
+}
+
+/// A python3 program in the network namespace of `c`, stdout piped.
+fn python_in(c: &Proc, script: &str, args: &[&str]) -> Proc {
+    Proc(
+        Command::new("nsenter")
+            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", script])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The child's stdout as a line reader (take it once).
+fn lines(p: &mut Proc) -> std::io::BufReader<std::process::ChildStdout> {
+    std::io::BufReader::new(p.0.stdout.take().expect("piped stdout"))
+}
+
+fn next_line(r: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    line.trim().to_string()
+}
+
+/// A TCP server answering every connection with "<tag> <peer address>".
+fn tagged_server(c: &Proc, port: u16, tag: &str) -> Proc {
+    let script = format!(
+        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind(('0.0.0.0',{port}))\ns.listen(16)\nprint('ready',flush=True)\n\
+         while True:\n  c,a=s.accept()\n  c.sendall(('{tag} '+a[0]).encode())\n  c.close()"
+    );
+    let mut p = python_in(c, &script, &[]);
+    assert_eq!(next_line(&mut lines(&mut p)), "ready");
+    p
+}
+
+/// One connection from `c` to addr:port; what the server said.
+fn tcp_get(c: &Proc, addr: &str, port: u16) -> Option<String> {
+    let script = format!(
+        "import socket\ns=socket.create_connection(('{addr}',{port}),timeout=3)\nprint(s.recv(100).decode())"
+    );
+    in_pid_ns(c.pid(), &["python3", "-c", &script]).map(|s| s.trim().to_string())
+}
+
+/// Connect until the answer is `want` or `timeout` passes; the last answer.
+fn tcp_get_until(c: &Proc, addr: &str, port: u16, want: &str, timeout: Duration) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = tcp_get(c, addr, port);
+        if got.as_deref() == Some(want) || Instant::now() >= deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An instance of SERVER moves node 2 -> node 3 -> node 1. Each move: deploy
+/// at the new place, the cluster updates the table and publishes
+/// updates_available, the old instance is undeployed. Node 1's client must
+/// reach the service at its new place with every new connection.
+#[test]
+fn instance_moves_between_nodes() {
+    if !ready("instance_moves_between_nodes") {
+        return;
+    }
+    let cl = Cluster::new(3);
+    let client = container();
+    assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
+
+    // Start on node 2.
+    let mut place = 2;
+    let mut box_ = container();
+    let nsip = cl.deploy(2, &box_, SERVER);
+    cl.csm.set_table(
+        SERVER,
+        table(vec![instance(
+            &nsip,
+            "",
+            "198.51.100.2",
+            SERVER_RR,
+            SERVER_IIP,
+        )]),
+    );
+    let mut srv = tagged_server(&box_, 7000, "at2");
+    let want = format!("at2 {CLIENT_IIP}");
+    assert_eq!(
+        tcp_get_until(&client, SERVER_RR, 7000, &want, Duration::from_secs(15)).as_deref(),
+        Some(want.as_str()),
+        "{}",
+        cl.logs()
+    );
+    // Node 1 now follows the server's job (the client holds the interest).
+    wait_until(
+        "node 1 interest in the server job",
+        Duration::from_secs(5),
+        || {
+            cl.nm[0].get("/status").1["interests"]
+                .as_array()
+                .is_some_and(|a| a.contains(&json!(SERVER)))
+        },
+    );
+
+    for (to, host) in [(3usize, "198.51.100.3"), (1, "198.51.100.1")] {
+        let new_box = container();
+        let nsip = cl.deploy(to, &new_box, SERVER);
+        let new_srv = tagged_server(&new_box, 7000, &format!("at{to}"));
+        // The cluster learns the new place, then tells the interested nodes.
+        cl.csm.set_table(
+            SERVER,
+            table(vec![instance(&nsip, "", host, SERVER_RR, SERVER_IIP)]),
+        );
+        let asked = cl.queries(1, "sname", SERVER);
+        cl.csm.publish_update(SERVER);
+        // The old instance goes away.
+        cl.undeploy(place, SERVER);
+        drop(srv);
+        drop(box_);
+
+        let want = format!("at{to} {CLIENT_IIP}");
+        let got = tcp_get_until(&client, SERVER_RR, 7000, &want, Duration::from_secs(20));
+        assert_eq!(
+            got.as_deref(),
+            Some(want.as_str()),
+            "move {place} -> {to}\n{}",
+            cl.logs()
+        );
+        assert!(
+            cl.queries(1, "sname", SERVER) > asked,
+            "node 1 did not query the job again after updates_available"
+        );
+        // Every new connection lands at the new place, by RR and by instance_ip.
+        for i in 0..6 {
+            let addr = if i % 2 == 0 { SERVER_RR } else { SERVER_IIP };
+            assert_eq!(
+                tcp_get(&client, addr, 7000).as_deref(),
+                Some(want.as_str()),
+                "connection {i} to {addr} after move {place} -> {to}"
+            );
+        }
+        place = to;
+        box_ = new_box;
+        srv = new_srv;
+    }
+    drop(srv);
+}
+
+/// Kill the broker and start it again on the same port: afterwards a service
+/// address node 1 never asked about resolves and carries traffic, the known
+/// one still works, and deploy/undeploy on both nodes are published.
+#[test]
+fn survives_broker_restart() {
+    if !ready("survives_broker_restart") {
+        return;
+    }
+    let mut cl = Cluster::new(2);
+    let client = container();
+    assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
+    let server = container();
+    let nsip = cl.deploy(2, &server, SERVER);
+    cl.csm.set_table(
+        SERVER,
+        table(vec![instance(
+            &nsip,
+            "",
+            "198.51.100.2",
+            SERVER_RR,
+            SERVER_IIP,
+        )]),
+    );
+    let _srv = tagged_server(&server, 7000, "one");
+    let want1 = format!("one {CLIENT_IIP}");
+    assert_eq!(
+        tcp_get_until(&client, SERVER_RR, 7000, &want1, Duration::from_secs(15)).as_deref(),
+        Some(want1.as_str()),
+        "{}",
+        cl.logs()
+    );
+
+    const CONNECTED: &str = "connected to the cluster MQTT broker";
+    let connects: Vec<usize> = cl
+        .nm
+        .iter()
+        .map(|d| d.log_text().matches(CONNECTED).count())
+        .collect();
+    assert!(connects.iter().all(|&n| n >= 1), "{}", cl.logs());
+    cl.broker.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    cl.broker.restart();
+    cl.csm.wait_subscribed(Duration::from_secs(20));
+    for (d, before) in cl.nm.iter().zip(&connects) {
+        wait_until("NetManager reconnect", Duration::from_secs(20), || {
+            d.log_text().matches(CONNECTED).count() > *before
+        });
+    }
+    // Let the daemons' resubscriptions reach the broker.
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Deploy after the restart is published.
+    let server2 = container();
+    let nsip2 = cl.deploy(2, &server2, SERVER2);
+    wait_until(
+        "service/deployed of the new job from node 2",
+        Duration::from_secs(10),
+        || {
+            cl.sent_by(2, "service/deployed")
+                .iter()
+                .any(|m| m["appname"] == SERVER2 && m["nsip"] == nsip2.as_str())
+        },
+    );
+    cl.csm.set_table(
+        SERVER2,
+        table(vec![instance(
+            &nsip2,
+            "",
+            "198.51.100.2",
+            SERVER2_RR,
+            SERVER2_IIP,
+        )]),
+    );
+    let _srv2 = tagged_server(&server2, 7000, "two");
+
+    // A service address node 1 never asked about: miss -> table query -> traffic.
+    assert_eq!(cl.queries(1, "sip", SERVER2_RR), 0);
+    let want2 = format!("two {CLIENT_IIP}");
+    assert_eq!(
+        tcp_get_until(&client, SERVER2_RR, 7000, &want2, Duration::from_secs(20)).as_deref(),
+        Some(want2.as_str()),
+        "{}",
+        cl.logs()
+    );
+    assert!(
+        cl.queries(1, "sip", SERVER2_RR) >= 1,
+        "node 1 resolved {SERVER2_RR} without a table query"
+    );
+    // The address known from before the restart still works.
+    assert_eq!(
+        tcp_get(&client, SERVER_RR, 7000).as_deref(),
+        Some(want1.as_str())
+    );
+
+    // Undeploy after the restart is published too.
+    cl.undeploy(2, SERVER2);
+    wait_until(
+        "service/undeployed of the new job from node 2",
+        Duration::from_secs(10),
+        || {
+            cl.sent_by(2, "service/undeployed")
+                .iter()
+                .any(|m| m["appname"] == SERVER2 && m["instance_number"] == 0)
+        },
+    );
+    // And from node 1.
+    let scratch = container();
+    let nsip3 = cl.deploy(1, &scratch, SCRATCH);
+    wait_until(
+        "service/deployed from node 1",
+        Duration::from_secs(10),
+        || {
+            cl.sent_by(1, "service/deployed")
+                .iter()
+                .any(|m| m["appname"] == SCRATCH && m["nsip"] == nsip3.as_str())
+        },
+    );
+    cl.undeploy(1, SCRATCH);
+    wait_until(
+        "service/undeployed from node 1",
+        Duration::from_secs(10),
+        || {
+            cl.sent_by(1, "service/undeployed")
+                .iter()
+                .any(|m| m["appname"] == SCRATCH)
+        },
+    );
+}
+
+/// ~100 MB, paced to last about 10 s, client on node 1 to the server's RR
+/// address on node 2; prints "started" once data flows, then "ok" or
+/// "MISMATCH" after comparing with stream_server.py's "<bytes> <sha256>".
+const PACED_CLIENT: &str = r#"
+import hashlib, os, socket, sys, time
+addr, port, size, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+data = os.urandom(size)
+view = memoryview(data)
+chunk = 256 * 1024
+rate = size / secs
+c = socket.create_connection((addr, port), timeout=30)
+start = time.time()
+sent = 0
+while sent < size:
+    part = view[sent:sent + chunk]
+    c.sendall(part)
+    sent += len(part)
+    if sent == 4 * chunk:
+        print("started", flush=True)
+    ahead = start + sent / rate - time.time()
+    if ahead > 0:
+        time.sleep(ahead)
+c.shutdown(socket.SHUT_WR)
+answer = b""
+while True:
+    d = c.recv(1000)
+    if not d:
+        break
+    answer += d
+expected = f"{size} {hashlib.sha256(data).hexdigest()}"
+if answer.decode() != expected:
+    print("MISMATCH", answer.decode(), "expected", expected, flush=True)
+    sys.exit(1)
+print("ok", f"{time.time() - start:.1f}s", flush=True)
+"#;
+
+/// kill -9 both NetManagers while a long TCP stream crosses the overlay and
+/// restart them before it ends: the stream completes without a reset and
+/// arrives intact.
+#[test]
+fn long_transfer_survives_kill9() {
+    if !ready("long_transfer_survives_kill9") {
+        return;
+    }
+    let server_py = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/scripts/stream_server.py"
+    );
+    assert!(std::path::Path::new(server_py).exists(), "{server_py}");
+    let mut cl = Cluster::new(2);
+    let client = container();
+    assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
+    let server = container();
+    let nsip = cl.deploy(2, &server, SERVER);
+    cl.csm.set_table(
+        SERVER,
+        table(vec![instance(
+            &nsip,
+            "",
+            "198.51.100.2",
+            SERVER_RR,
+            SERVER_IIP,
+        )]),
+    );
+    let mut sink = Proc(
+        Command::new("nsenter")
+            .args(["-t", &server.pid().to_string(), "-n", "python3", server_py])
+            .args(["0.0.0.0", "7100"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(next_line(&mut lines(&mut sink)), "ready");
+
+    const SIZE: usize = 100 * 1024 * 1024;
+    let started = Instant::now();
+    let mut stream = python_in(
+        &client,
+        PACED_CLIENT,
+        &[SERVER_RR, "7100", &SIZE.to_string(), "10"],
+    );
+    let mut out = lines(&mut stream);
+    assert_eq!(next_line(&mut out), "started", "{}", cl.logs());
+
+    cl.nm[0].kill9();
+    cl.nm[1].kill9();
+    // The pinned dataplane carries on alone for a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    cl.nm[0].restart();
+    cl.nm[1].restart();
+    for d in &cl.nm {
+        let (_, st) = d.get("/status");
+        assert_eq!(st["registered"], json!(true), "{st}");
+        assert_eq!(st["deployments"].as_array().unwrap().len(), 1, "{st}");
+    }
+    // Otherwise the test proves nothing: the restart must fall inside the stream.
+    assert!(
+        stream.0.try_wait().unwrap().is_none(),
+        "the transfer ended before the daemons were back ({:?}); pace it slower",
+        started.elapsed()
+    );
+
+    wait_until("the transfer to end", Duration::from_secs(120), || {
+        stream.0.try_wait().unwrap().is_some()
+    });
+    let status = stream.0.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(
+        status.success() && rest.starts_with("ok"),
+        "stream failed ({status}): {rest}\n{}",
+        cl.logs()
+    );
+    eprintln!("stream: {}", rest.trim());
+}
