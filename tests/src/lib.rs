@@ -226,3 +226,5 @@ pub fn binary(name: &str) -> PathBuf {
         .unwrap_or_default();
     dir.join(name)
 }
+
+pub mod e2e;

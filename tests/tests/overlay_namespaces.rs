@@ -36,6 +36,10 @@ fn table(
             {"ip": "fdff::3", "kind": "instance_ip", "backends": ["fc00::2"]},
             {"ip": "fdff::5", "kind": "instance_ip", "backends": ["fc00::42"]},
         ],
+        // Unknown to the maps until a packet misses: exercises hold + reinject.
+        "deferred_services": [
+            {"ip": "10.30.77.77", "kind": "RR", "backends": ["10.18.0.66"]},
+        ],
     });
     let path = std::env::temp_dir().join(format!("{}-n{node}.json", lab.prefix));
     std::fs::write(&path, t.to_string())?;
@@ -127,6 +131,21 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
         assert!(out.starts_with("ok"), "TCP stream to {target}: {out}");
     }
 
+    // First packet to a never-seen service address: the SYN is held,
+    // reinjected once the service is written, and accepted by the server --
+    // so the client never retransmits it (upstream loses it and waits ~1 s).
+    let before = syn_retransmits(&c1.ns)?;
+    let out = ns_sh(
+        &c1.ns,
+        &format!("python3 {scripts}/stream_client.py 10.30.77.77 8080 1000"),
+    )?;
+    assert!(out.starts_with("ok"), "first connection: {out}");
+    assert_eq!(
+        syn_retransmits(&c1.ns)?,
+        before,
+        "the held SYN was reinjected intact"
+    );
+
     // UDP request/response through a connected socket: the reply must come
     // back from the service address or the socket would not accept it.
     lab.spawn(&c2.ns, "python3", &["-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\nwhile True:\n d,a=s.recvfrom(65535)\n s.sendto(d[::-1],a)"])?;
@@ -165,6 +184,16 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
     );
     let _ = std::fs::remove_file(&pcap);
     Ok(())
+}
+
+/// The client namespace's count of retransmitted SYNs.
+fn syn_retransmits(ns: &str) -> Result<u64> {
+    let out = ns_sh(ns, "nstat -az TcpExtTCPSynRetrans")?;
+    out.lines()
+        .find_map(|l| l.strip_prefix("TcpExtTCPSynRetrans"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no TcpExtTCPSynRetrans in {out:?}"))
 }
 
 /// The UDP payload of the first packet in a pcap file (Ethernet link type),

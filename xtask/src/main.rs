@@ -4,7 +4,9 @@
 //! - `build-ebpf`: builds the eBPF object NetManager embeds.
 //! - `test`: everything CI runs (format, lint, eBPF build, all tests).
 //! - `sandbox`: a local cluster stand-in with workers (see docs).
+//! - `bench`: overlay performance against baselines (docs/performance.md).
 
+mod bench;
 mod ebpf;
 mod setup;
 
@@ -37,6 +39,10 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// A whole cluster on this machine: cluster stand-in, N workers, sample services (needs root).
+    Sandbox(xtask::sandbox::cli::SandboxArgs),
+    /// Overlay throughput, latency, per-packet cost and footprint against baselines (needs root).
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -46,6 +52,8 @@ fn main() -> Result<()> {
             println!("eBPF object: {}", path.display());
         }),
         Command::Test { args } => test(&args),
+        Command::Sandbox(args) => xtask::sandbox::cli::run(args, || ebpf::build(true).map(drop)),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

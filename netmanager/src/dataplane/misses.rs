@@ -90,7 +90,9 @@ pub fn decode(raw: &[u8]) -> Option<Miss> {
     let frame_len = word(24) as usize;
     let frame = if frame_len > 0 && frame_len <= MISS_FRAME_MAX && raw.len() >= FRAME_AT + frame_len
     {
-        Some(raw[FRAME_AT..FRAME_AT + frame_len].to_vec())
+        let mut f = raw[FRAME_AT..FRAME_AT + frame_len].to_vec();
+        super::checksum::complete(&mut f);
+        Some(f)
     } else {
         None
     };

@@ -8,6 +8,7 @@
 
 mod addr;
 mod attach;
+mod checksum;
 mod misses;
 mod tables;
 

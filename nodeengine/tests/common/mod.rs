@@ -7,7 +7,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,7 +20,6 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 pub const FIXTURE_CONF: &str = include_str!("../fixtures/conf.json");
@@ -583,105 +581,18 @@ impl Drop for Containerd {
     }
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn tar_add(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8], mode: u32) {
-    let mut h = tar::Header::new_ustar();
-    h.set_size(data.len() as u64);
-    h.set_mode(mode);
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mtime(0);
-    b.append_data(&mut h, name, data).expect("tar append");
-}
-
-fn tar_dir(b: &mut tar::Builder<Vec<u8>>, name: &str) {
-    let mut h = tar::Header::new_ustar();
-    h.set_size(0);
-    h.set_mode(0o755);
-    h.set_entry_type(tar::EntryType::Directory);
-    h.set_mtime(0);
-    b.append_data(&mut h, name, std::io::empty())
-        .expect("tar dir");
-}
-
-fn tar_symlink(b: &mut tar::Builder<Vec<u8>>, name: &str, target: &str) {
-    let mut h = tar::Header::new_ustar();
-    h.set_size(0);
-    h.set_mode(0o777);
-    h.set_entry_type(tar::EntryType::Symlink);
-    h.set_mtime(0);
-    b.append_link(&mut h, name, target).expect("tar link");
-}
-
-/// An OCI layout tarball: one layer with busybox and its applets as symlinks.
+/// An OCI layout tarball: one layer with busybox and its applets as symlinks
+/// (the sandbox's image builder, with this suite's environment and command).
 pub fn write_busybox_oci_tar(dest: &Path, name: &str) {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed");
-    let mut lb = tar::Builder::new(Vec::new());
-    for d in ["bin", "etc", "proc", "sys", "dev", "tmp"] {
-        tar_dir(&mut lb, d);
-    }
-    tar_add(&mut lb, "bin/busybox", &busybox, 0o755);
-    for applet in [
-        "sh", "sleep", "echo", "cat", "env", "hostname", "ls", "true", "false",
-    ] {
-        tar_symlink(&mut lb, &format!("bin/{applet}"), "busybox");
-    }
-    let layer = lb.into_inner().expect("layer");
-    let layer_digest = format!("sha256:{}", sha256_hex(&layer));
-    let config = serde_json::json!({
-        "architecture": nodeengine::node_report::go_arch(),
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin", "IMAGE_VAR=from-image"], "Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
-    })
-    .to_string()
-    .into_bytes();
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": layer_digest, "size": layer.len()}]
-    })
-    .to_string()
-    .into_bytes();
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": format!("sha256:{}", sha256_hex(&manifest)),
-                       "size": manifest.len(),
-                       "annotations": {"io.containerd.image.name": name}}]
-    })
-    .to_string()
-    .into_bytes();
-    let mut out = tar::Builder::new(Vec::new());
-    tar_add(
-        &mut out,
-        "oci-layout",
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-        0o644,
-    );
-    tar_dir(&mut out, "blobs");
-    tar_dir(&mut out, "blobs/sha256");
-    for blob in [&layer, &config, &manifest] {
-        tar_add(
-            &mut out,
-            &format!("blobs/sha256/{}", sha256_hex(blob)),
-            blob,
-            0o644,
-        );
-    }
-    tar_add(&mut out, "index.json", &index, 0o644);
-    let bytes = out.into_inner().expect("oci tar");
-    std::fs::File::create(dest)
-        .and_then(|mut f| f.write_all(&bytes))
-        .expect("write oci tar");
+    let spec = xtask::sandbox::image::ImageSpec {
+        name,
+        applets: &[
+            "sh", "sleep", "echo", "cat", "env", "hostname", "ls", "true", "false",
+        ],
+        env: &["PATH=/bin", "IMAGE_VAR=from-image"],
+        cmd: &["sh"],
+    };
+    xtask::sandbox::image::write_busybox_oci_tar(dest, &spec).expect("write oci tar");
 }
 
 // --------------------------------------------------------------------- daemon

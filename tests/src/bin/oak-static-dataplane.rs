@@ -20,6 +20,12 @@ struct Table {
     service_ranges: Vec<(IpAddr, u8)>,
     instances: Vec<Instance>,
     services: Vec<Service>,
+    /// Services the stand-in cluster knows but the maps do not: written only
+    /// when the programs report a miss for them, then the held packets are
+    /// reinjected -- the dataplane half of the first-packet path, for the
+    /// benchmark (no cluster round trip).
+    #[serde(default)]
+    deferred_services: Vec<Service>,
 }
 
 fn default_port() -> u16 {
@@ -91,9 +97,43 @@ fn main() -> Result<()> {
     for s in &table.services {
         dp.upsert_service(s.ip, kind(&s.kind)?, &s.backends)?;
     }
+    if !table.deferred_services.is_empty() {
+        let deferred = table.deferred_services;
+        std::thread::spawn(move || {
+            if let Err(e) = resolve_misses(dp, deferred) {
+                eprintln!("miss loop: {e:#}");
+                std::process::exit(1);
+            }
+        });
+    }
     println!("ready");
     wait_for_signal();
     Ok(())
+}
+
+/// Answers service misses from `deferred`: write the service, send the held
+/// frame through the programs again, clear the pending marker.
+fn resolve_misses(mut dp: Dataplane, deferred: Vec<Service>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the miss loop runtime")?;
+    // The ring buffer is registered with the runtime's reactor, so the
+    // receiver must be polled inside it.
+    rt.block_on(async move {
+        let mut misses = dp.misses()?;
+        while let Some(miss) = misses.recv().await {
+            let Some(s) = deferred.iter().find(|s| s.ip == miss.addr) else {
+                continue;
+            };
+            dp.upsert_service(s.ip, kind(&s.kind)?, &s.backends)?;
+            if let Some(frame) = &miss.frame {
+                dp.reinject(frame)?;
+            }
+            dp.resolved(miss.addr)?;
+        }
+        Ok(())
+    })
 }
 
 fn ifindex(name: &str) -> Result<u32> {

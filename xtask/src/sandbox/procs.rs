@@ -124,3 +124,24 @@ impl Drop for Proc {
         self.stop_with(libc::SIGTERM, Duration::from_secs(10));
     }
 }
+
+/// Whether something accepts TCP on 127.0.0.1:`port` inside `netns`
+/// (probed from a short-lived thread that enters the namespace).
+pub fn netns_connect(netns: &Path, port: u16) -> bool {
+    let Ok(f) = File::open(netns) else {
+        return false;
+    };
+    std::thread::spawn(move || {
+        // SAFETY: setns on this short-lived thread only.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return false;
+        }
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(500),
+        )
+        .is_ok()
+    })
+    .join()
+    .unwrap_or(false)
+}

@@ -1,0 +1,113 @@
+//! Bench-only request/response latency probe (not part of the product).
+//!
+//! `oak-bench-pingpong server PORT` echoes fixed-size messages on every
+//! accepted TCP connection (prints `ready` once listening).
+//! `oak-bench-pingpong rr HOST PORT COUNT SIZE` does COUNT round trips of SIZE
+//! bytes on one connection and prints JSON percentiles in microseconds.
+//! `oak-bench-pingpong connect HOST PORT COUNT` opens COUNT fresh connections
+//! and prints JSON percentiles of the connect() time in microseconds.
+//! (A native client rather than python: interpreter jitter would dominate a
+//! 30 us round trip.)
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["server", port] => server(port.parse().context("port")?),
+        ["rr", host, port, count, size] => rr(host, port.parse()?, count.parse()?, size.parse()?),
+        ["connect", hosts, port, count] => connect(hosts, port.parse()?, count.parse()?),
+        _ => bail!(
+            "usage: oak-bench-pingpong server PORT | rr HOST PORT COUNT SIZE | connect HOST[,HOST..] PORT COUNT"
+        ),
+    }
+}
+
+fn server(port: u16) -> Result<()> {
+    let l = TcpListener::bind(("::", port)).with_context(|| format!("binding port {port}"))?;
+    println!("ready");
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        std::thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn addr(host: &str, port: u16) -> Result<SocketAddr> {
+    Ok(SocketAddr::new(host.parse().context("host address")?, port))
+}
+
+fn rr(host: &str, port: u16, count: usize, size: usize) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr(host, port)?, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {host}:{port}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let msg = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    // Warm-up: flow caches, ARP, TCP slow start are not what we measure.
+    for _ in 0..100 {
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+    }
+    let mut us = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back).context("reading the echo")?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    print_stats(&mut us);
+    Ok(())
+}
+
+/// Connect times to each of a comma-separated list of hosts in turn
+/// (a list of never-seen service addresses measures the first-packet path).
+fn connect(hosts: &str, port: u16, count: usize) -> Result<()> {
+    let hosts: Vec<&str> = hosts.split(',').collect();
+    let mut us = Vec::with_capacity(count);
+    for i in 0..count {
+        let a = addr(hosts[i % hosts.len()], port)?;
+        let t = Instant::now();
+        let s = TcpStream::connect_timeout(&a, Duration::from_secs(5))
+            .with_context(|| format!("connecting to {a}"))?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+        drop(s);
+    }
+    print_stats(&mut us);
+    Ok(())
+}
+
+fn print_stats(us: &mut [f64]) {
+    us.sort_by(f64::total_cmp);
+    let pct = |p: f64| us[((us.len() - 1) as f64 * p).round() as usize];
+    let mean = us.iter().sum::<f64>() / us.len() as f64;
+    println!(
+        "{{\"count\":{},\"mean_us\":{mean:.2},\"p50_us\":{:.2},\"p99_us\":{:.2},\"max_us\":{:.2}}}",
+        us.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+}

@@ -1,0 +1,215 @@
+//! Support for the end-to-end suite (`tests/e2e_*.rs`): a private sandbox
+//! per test -- its own underlay, cluster stand-in, mosquitto, workers,
+//! containerd namespaces and bpffs pins, all named after a unique prefix
+//! so tests run in parallel -- removed on drop.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result, bail};
+use xtask::sandbox::procs::{Proc, wait_for};
+use xtask::sandbox::workers::{Binaries, Worker};
+use xtask::sandbox::{Options, Sandbox};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A sandbox that removes its run directory after everything else (fields
+/// drop in declaration order).
+pub struct E2e {
+    pub sb: Sandbox,
+    /// Prefix for job names, unique to this test.
+    pub app: String,
+    _run_dir: RunDir,
+}
+
+impl Drop for E2e {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for w in &self.sb.workers {
+                for d in ["nodeengine", "netmanager"] {
+                    let log = std::fs::read_to_string(w.log(d)).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    eprintln!("---- worker {} {d} (tail) ----", w.index);
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl E2e {
+    /// Starts `workers` workers; None (test skipped) without root.
+    pub fn start(tag: &str, workers: u8) -> Result<Option<E2e>> {
+        if !crate::is_root() {
+            eprintln!("SKIP: the e2e suite needs root (namespaces, eBPF, containerd)");
+            return Ok(None);
+        }
+        let prefix = format!(
+            "oe{tag}{}{}",
+            std::process::id() % 10000,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let run_dir = PathBuf::from(format!("/run/oak-e2e/{prefix}"));
+        let options = Options {
+            prefix: prefix.clone(),
+            workers,
+            // Stoppable, and exits with the test (rumqttd would outlive it).
+            external_mosquitto: true,
+            run_dir: run_dir.clone(),
+            bpf_prefix: format!("/sys/fs/bpf/{prefix}-"),
+            bins: binaries()?,
+        };
+        let sb = Sandbox::start(&options, &mut |step| eprintln!("[{prefix}] {step}"))?;
+        Ok(Some(E2e {
+            sb,
+            app: prefix,
+            _run_dir: RunDir(run_dir),
+        }))
+    }
+
+    /// A job name unique to this test.
+    pub fn job(&self, service: &str) -> String {
+        format!("{}.e2e.{service}.t", self.app)
+    }
+
+    pub fn worker(&self, n: u8) -> &Worker {
+        &self.sb.workers[usize::from(n) - 1]
+    }
+}
+
+/// Removes a directory on drop.
+pub struct RunDir(pub PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// NetManager and nodeengined: `OAK_E2E_BIN_DIR`, else next to the tests.
+pub fn binaries() -> Result<Binaries> {
+    let dir = std::env::var_os("OAK_E2E_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::binary("NetManager").with_file_name(""));
+    let bins = Binaries::in_dir(&dir);
+    for b in [&bins.netmanager, &bins.nodeengined] {
+        if !b.exists() {
+            bail!(
+                "{} is missing: `cargo build -p netmanager -p nodeengine` (or set OAK_E2E_BIN_DIR)",
+                b.display()
+            );
+        }
+    }
+    Ok(bins)
+}
+
+/// Runs `cmd` (sh) inside the network namespace of instance `n` of `job`.
+pub fn in_instance(w: &Worker, job: &str, n: u64, cmd: &str) -> Result<String> {
+    let pid = w
+        .task_pid(job, n)
+        .with_context(|| format!("{job}.instance.{n} is not running on {}", w.ns))?;
+    crate::sh(&format!(
+        "nsenter -t {pid} -n sh -c '{}'",
+        cmd.replace('\'', "'\\''")
+    ))
+}
+
+/// Starts a long-running program in instance `n`'s network namespace.
+pub fn spawn_in_instance(w: &Worker, job: &str, n: u64, args: &[&str]) -> Result<Proc> {
+    let pid = w
+        .task_pid(job, n)
+        .with_context(|| format!("{job}.instance.{n} is not running on {}", w.ns))?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg("-t").arg(pid.to_string()).arg("-n").args(args);
+    Proc::spawn(args[0], cmd, &w.dir.join("test-programs.log"))
+}
+
+/// The Python stream scripts.
+pub fn script(name: &str) -> String {
+    format!("{}/scripts/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts stream_server.py on port 8080 in each listed instance and waits
+/// until it listens.
+pub fn stream_servers(w: &Worker, job: &str, instances: &[u64]) -> Result<Vec<Proc>> {
+    let mut procs = Vec::new();
+    for &n in instances {
+        procs.push(spawn_in_instance(
+            w,
+            job,
+            n,
+            &["python3", &script("stream_server.py"), "0.0.0.0", "8080"],
+        )?);
+        wait_for("stream server", std::time::Duration::from_secs(10), || {
+            in_instance(w, job, n, "busybox netstat -ltn | grep -q :8080").is_ok()
+        })?;
+    }
+    Ok(procs)
+}
+
+/// Sends `size` bytes to `ip:8080` from instance `n`; checks the hash.
+pub fn stream(w: &Worker, job: &str, n: u64, ip: &str, size: usize) -> Result<()> {
+    let out = in_instance(
+        w,
+        job,
+        n,
+        &format!(
+            "timeout 60 python3 {} {ip} 8080 {size}",
+            script("stream_client.py")
+        ),
+    )?;
+    anyhow::ensure!(out.starts_with("ok"), "stream to {ip}: {out}");
+    Ok(())
+}
+
+/// GET `http://ip/` from instance `n` with the host's busybox nc in its
+/// netns (busybox-static's wget segfaults); returns the body's last line.
+pub fn http_get(w: &Worker, job: &str, n: u64, ip: &str) -> Result<String> {
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    let req = "printf \"GET / HTTP/1.0\\r\\n\\r\\n\"";
+    let out = in_instance(w, job, n, &format!("{req} | busybox nc -w 3 {ip} 80"))?;
+    let last = out.lines().last().unwrap_or("").trim().to_string();
+    anyhow::ensure!(
+        last.starts_with("hello from"),
+        "no answer from {ip}: {out:?}"
+    );
+    Ok(last)
+}
+
+/// Retries `f` for up to 20 s: the first packets of a flow to a service
+/// can wait on a table query, and routes follow `updates_available`.
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(e.context(format!("{what} (gave up after 20 s)")));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(300)),
+        }
+    }
+}
+
+/// `count` hashed streams of `size` bytes to `ip:8080`, one after the
+/// other, from a background thread (so daemons can be restarted meanwhile).
+pub fn stream_loop(
+    w: &Worker,
+    job: &str,
+    n: u64,
+    ip: &str,
+    count: u32,
+    size: usize,
+) -> Result<std::thread::JoinHandle<Result<String>>> {
+    let pid = w
+        .task_pid(job, n)
+        .with_context(|| format!("{job}.instance.{n} is not running"))?;
+    let cmd = format!(
+        "nsenter -t {pid} -n sh -c 'for i in $(seq {count}); do timeout 60 python3 {} {ip} 8080 {size} || exit 1; done'",
+        script("stream_client.py")
+    );
+    Ok(std::thread::spawn(move || crate::sh(&cmd)))
+}

@@ -1,0 +1,53 @@
+//! End to end through the sandbox: the cluster's broker goes away and
+//! comes back. Established service traffic does not need it; afterwards
+//! both daemons of every worker have reconnected and re-subscribed:
+//! a new deployment works and routes follow `updates_available`.
+
+use anyhow::{Result, ensure};
+use oakestra_worker_tests::e2e::{E2e, eventually, http_get};
+use xtask::sandbox::sample_services::{echo_server, idle};
+
+#[test]
+fn broker_outage_and_recovery() -> Result<()> {
+    let Some(mut e) = E2e::start("mq", 2)? else {
+        return Ok(());
+    };
+    let job = e.job("web");
+    let client = e.job("client");
+    let (id1, id2) = (e.worker(1).id.clone(), e.worker(2).id.clone());
+    let mut spec = echo_server("w1");
+    spec.job_name = job.clone();
+    e.sb.cluster.deploy(&id1, &spec, 0)?;
+    e.sb.cluster.deploy(&id2, &idle(&client), 0)?;
+    e.sb.cluster.wait_instances(&job, 1)?;
+    e.sb.cluster.wait_status(&client, 0, "CREATED", 1)?;
+    let (rr, _) = e.sb.cluster.service_ips(&job);
+    eventually("RR before the outage", || {
+        http_get(e.worker(2), &client, 0, &rr.0)
+    })?;
+
+    e.sb.broker.stop()?;
+    for _ in 0..5 {
+        let b = http_get(e.worker(2), &client, 0, &rr.0)?;
+        ensure!(b.contains("instance-0"), "during the outage: {b}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    e.sb.broker.start()?;
+
+    // Scale out to w2 and remove instance 0: the client's node must hear
+    // `updates_available` again to switch.
+    let mut second = echo_server("w2");
+    second.job_name = job.clone();
+    // Give the clients (reconnecting with back-off) a moment.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    e.sb.cluster.deploy(&id2, &second, 1)?;
+    e.sb.cluster.wait_instances(&job, 2)?;
+    e.sb.cluster.undeploy(&id1, &job, 0)?;
+    e.sb.cluster.wait_status(&job, 0, "UNDEPLOYED", 1)?;
+    eventually("RR follows the update", || {
+        let b = http_get(e.worker(2), &client, 0, &rr.0)?;
+        ensure!(b.contains("instance-1"), "answered by {b}");
+        Ok(())
+    })?;
+    Ok(())
+}

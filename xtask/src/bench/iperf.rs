@@ -1,0 +1,63 @@
+//! iperf3 runs between containers: TCP one stream, TCP four streams, UDP at
+//! a fixed offered rate. Results come from iperf3's JSON (receiver side).
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::topology::ns_sh;
+
+/// UDP offered load: below what the kernel paths carry, above what a
+/// userspace proxy usually does, so loss separates them.
+pub const UDP_OFFERED_MBPS: u32 = 1000;
+/// 1400-byte datagrams fit the 1450-byte container MTU unfragmented.
+const UDP_LEN: u32 = 1400;
+
+fn run(client_ns: &str, args: &str) -> Result<Value> {
+    let out = ns_sh(client_ns, &format!("iperf3 -J {args}"))
+        // iperf3 prints its JSON (with an "error" field) even when it fails.
+        .or_else(|e| {
+            let s = e.to_string();
+            match s.find('{') {
+                Some(i) => Ok(s[i..].to_string()),
+                None => Err(e),
+            }
+        })?;
+    let v: Value = serde_json::from_str(&out).context("parsing iperf3 JSON")?;
+    if let Some(err) = v.get("error") {
+        anyhow::bail!("iperf3 {args}: {err}");
+    }
+    Ok(v)
+}
+
+pub fn tcp(client_ns: &str, target: &str, streams: u32, secs: u32) -> Result<Value> {
+    let v = run(client_ns, &format!("-c {target} -t {secs} -P {streams}"))?;
+    let end = &v["end"];
+    Ok(json!({
+        "gbps": end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
+        "retransmits": end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+    }))
+}
+
+pub fn udp(client_ns: &str, target: &str, secs: u32) -> Result<Value> {
+    let v = run(
+        client_ns,
+        &format!("-c {target} -t {secs} -u -b {UDP_OFFERED_MBPS}M -l {UDP_LEN}"),
+    )?;
+    let end = &v["end"];
+    // Newer iperf3 reports the receiver in sum_received; 3.12 folds the
+    // server's loss count into `sum`.
+    let sum = end.get("sum_received").unwrap_or(&end["sum"]);
+    let loss = end["sum"]["lost_percent"].as_f64().unwrap_or(0.0);
+    let sent = end["sum"]["bits_per_second"].as_f64().unwrap_or(0.0);
+    let received = if end.get("sum_received").is_some() {
+        sum["bits_per_second"].as_f64().unwrap_or(0.0)
+    } else {
+        sent * (1.0 - loss / 100.0)
+    };
+    Ok(json!({
+        "offered_mbps": UDP_OFFERED_MBPS,
+        "sent_mbps": sent / 1e6,
+        "received_mbps": received / 1e6,
+        "loss_pct": loss,
+    }))
+}

@@ -1,0 +1,36 @@
+//! Request/response latency with the bench-only `oak-bench-pingpong`
+//! client: one TCP connection, 64-byte messages, 10k round trips.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use super::topology::ns_sh;
+
+pub const PORT: u16 = 7000;
+pub const ROUND_TRIPS: u32 = 10_000;
+
+pub fn round_trips(bins: &Path, client_ns: &str, target: &str) -> Result<Value> {
+    let out = ns_sh(
+        client_ns,
+        &format!(
+            "{} rr {target} {PORT} {ROUND_TRIPS} 64",
+            bins.join("oak-bench-pingpong").display()
+        ),
+    )?;
+    serde_json::from_str(out.trim()).context("parsing the ping-pong result")
+}
+
+/// connect() times to each address in `targets` in turn.
+pub fn connects(bins: &Path, client_ns: &str, targets: &[String], count: usize) -> Result<Value> {
+    let out = ns_sh(
+        client_ns,
+        &format!(
+            "{} connect {} {PORT} {count}",
+            bins.join("oak-bench-pingpong").display(),
+            targets.join(",")
+        ),
+    )?;
+    serde_json::from_str(out.trim()).context("parsing the connect result")
+}

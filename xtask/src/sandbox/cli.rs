@@ -1,0 +1,295 @@
+//! `cargo xtask sandbox [--workers N] [--external-mosquitto]` and
+//! `cargo xtask sandbox down`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use super::procs::{is_root, sh};
+use super::sample_services::{CLIENT_JOB, SERVER_JOB, client, echo_server};
+use super::topology::delete_ns;
+use super::workers::{Binaries, cleanup_containerd_leftovers};
+use super::{Options, Sandbox};
+
+pub const RUN_DIR: &str = "/run/oak-sandbox";
+pub const PREFIX: &str = "oaksb";
+pub const BPF_PREFIX: &str = "/sys/fs/bpf/oak-sandbox-";
+
+#[derive(clap::Args, Debug)]
+pub struct SandboxArgs {
+    #[command(subcommand)]
+    pub action: Option<Action>,
+    /// Number of workers.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=50))]
+    pub workers: u8,
+    /// Run mosquitto as the broker instead of the embedded rumqttd.
+    #[arg(long)]
+    pub external_mosquitto: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Action {
+    /// Remove what a crashed sandbox left behind (namespaces, pins, processes, mounts).
+    Down,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Entry point; `build_ebpf` builds the eBPF object NetManager embeds.
+pub fn run(args: SandboxArgs, build_ebpf: impl FnOnce() -> Result<()>) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the sandbox creates namespaces and loads eBPF: run it as root (sudo cargo xtask sandbox)"
+        );
+    }
+    match args.action {
+        Some(Action::Down) => down(),
+        None => up(&args, build_ebpf),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Builds NetManager and nodeengined (release) and says where they are.
+fn build(build_ebpf: impl FnOnce() -> Result<()>) -> Result<Binaries> {
+    println!("==> building the eBPF programs");
+    build_ebpf()?;
+    println!("==> cargo build --release -p netmanager -p nodeengine");
+    let root = workspace_root();
+    let status = Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "netmanager", "-p", "nodeengine"])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(Binaries::in_dir(&target.join("release")))
+}
+
+/// NetManager pins its dataplane on bpffs.
+fn ensure_bpffs() -> Result<()> {
+    let kind = sh("stat -f -c %T /sys/fs/bpf").unwrap_or_default();
+    if kind.trim() != "bpf_fs" {
+        println!("==> mounting bpffs on /sys/fs/bpf");
+        sh("mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf")?;
+    }
+    Ok(())
+}
+
+fn up(args: &SandboxArgs, build_ebpf: impl FnOnce() -> Result<()>) -> Result<()> {
+    let bins = build(build_ebpf)?;
+    ensure_bpffs()?;
+    if Path::new(RUN_DIR).exists() {
+        println!("==> removing leftovers of an earlier sandbox");
+        down()?;
+    }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let options = Options {
+        prefix: PREFIX.into(),
+        workers: args.workers,
+        external_mosquitto: args.external_mosquitto,
+        run_dir: PathBuf::from(RUN_DIR),
+        bpf_prefix: BPF_PREFIX.into(),
+        bins,
+    };
+    let started = Instant::now();
+    let sb = Sandbox::start(&options, &mut |step| println!("==> {step}"))?;
+    write_state(&sb)?;
+    deploy_samples(&sb)?;
+    print_summary(&sb, started.elapsed());
+    monitor(&sb);
+    println!("\n==> stopping: workers, containers, namespaces, pins");
+    drop(sb);
+    let _ = std::fs::remove_dir_all(RUN_DIR);
+    println!("==> sandbox stopped");
+    Ok(())
+}
+
+/// Two echo instances on different workers, one client on worker 1.
+fn deploy_samples(sb: &Sandbox) -> Result<()> {
+    let c = &sb.cluster;
+    let first = sb.worker(1)?;
+    let second = sb.workers.get(1).unwrap_or(first);
+    println!(
+        "==> deploying {SERVER_JOB}: instance 0 on worker 1, instance 1 on worker {}",
+        second.index
+    );
+    for (n, w) in [(0, first), (1, second)] {
+        c.deploy(&w.id, &echo_server(&w.ns), n)?;
+    }
+    c.wait_instances(SERVER_JOB, 2)
+        .context("the echo instances did not come up")?;
+    let (rr, _) = c.service_ips(SERVER_JOB);
+    println!(
+        "==> deploying {CLIENT_JOB} on worker 1 (wget http://{}/ every second)",
+        rr.0
+    );
+    c.deploy(&first.id, &client(&rr.0), 0)?;
+    c.wait_status(CLIENT_JOB, 0, "CREATED", 1)
+}
+
+fn write_state(sb: &Sandbox) -> Result<()> {
+    let workers: Vec<Value> = sb
+        .workers
+        .iter()
+        .map(|w| {
+            json!({"index": w.index, "namespace": w.ns, "address": w.ip, "node_id": w.id,
+                   "dir": w.dir, "bpf_dir": w.bpf_dir, "containerd_namespace": w.containerd_ns})
+        })
+        .collect();
+    let state = json!({"pid": std::process::id(), "underlay": sb.topology.underlay,
+                       "broker_pid": sb.broker.pid(), "workers": workers});
+    let path = Path::new(RUN_DIR).join("state.json");
+    std::fs::write(&path, state.to_string()).with_context(|| format!("writing {}", path.display()))
+}
+
+fn print_summary(sb: &Sandbox, took: Duration) {
+    let c = &sb.cluster;
+    println!(
+        "\nsandbox up in {:.0?} (demo/test fixture; production clusters are upstream Oakestra's)",
+        took
+    );
+    println!(
+        "cluster stand-in: HTTP 198.51.100.254:10100, MQTT 198.51.100.254:10003 in netns {}",
+        sb.topology.underlay
+    );
+    for w in &sb.workers {
+        println!(
+            "worker {}: id {}  netns {}  address {}  bpf {}",
+            w.index,
+            w.id,
+            w.ns,
+            w.ip,
+            w.bpf_dir.display()
+        );
+        println!(
+            "   logs {}/{{nodeengine,netmanager,containerd}}.log, apps {}/applogs/",
+            w.dir.display(),
+            w.dir.display()
+        );
+        println!(
+            "   status: NETMANAGER_SOCKET={} NetManager status",
+            w.socket.display()
+        );
+    }
+    for job in [SERVER_JOB, CLIENT_JOB] {
+        let (rr, closest) = c.service_ips(job);
+        println!(
+            "service {job}: RR {} / {}  Closest {} / {}",
+            rr.0, rr.1, closest.0, closest.1
+        );
+        for (n, i) in c.instances(job) {
+            let (v4, v6) = c.instance_ip(job, n);
+            println!(
+                "   instance {n}: ns {} {} on {}  instance_ip {v4} {v6}",
+                i.ns_ip, i.ns_ip6, i.host_ip
+            );
+        }
+    }
+    println!("\nCtrl-C stops everything.\n");
+}
+
+/// Prints counters and the client's latest answer until Ctrl-C.
+fn monitor(sb: &Sandbox) {
+    while !STOP.load(Ordering::SeqCst) {
+        let client_log = sb.workers.first().map(|w| w.app_log(CLIENT_JOB, 0));
+        let last = client_log
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| t.lines().last().map(str::to_string))
+            .unwrap_or_default();
+        println!("client: {last}");
+        for w in &sb.workers {
+            println!(
+                "  worker {} counters: {}",
+                w.index,
+                counters(w.status().ok())
+            );
+        }
+        for _ in 0..30 {
+            if STOP.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Non-zero dataplane counters as `name=packets/bytes`.
+fn counters(status: Option<Value>) -> String {
+    let Some(v) = status else {
+        return "(NetManager not answering)".into();
+    };
+    let list: Vec<String> = v["dataplane"]["counters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c[1].as_u64().unwrap_or(0) > 0)
+        .map(|c| format!("{}={}/{}B", c[0].as_str().unwrap_or("?"), c[1], c[2]))
+        .collect();
+    if list.is_empty() {
+        "(all zero)".into()
+    } else {
+        list.join(" ")
+    }
+}
+
+/// Removes everything a sandbox may have left: the namespaces (and every
+/// process inside them, daemons and shims alike), container processes in
+/// the workers' cgroups, containerd mounts, bpffs pins, the run directory.
+pub fn down() -> Result<()> {
+    let list = sh("ip netns list").unwrap_or_default();
+    let namespaces: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
+        .map(str::to_string)
+        .collect();
+    for dir in worker_dirs() {
+        let n = dir.file_name().and_then(|f| f.to_str()).unwrap_or("");
+        let containerd_ns = format!("oak-{PREFIX}w{n}");
+        cleanup_containerd_leftovers(&dir, &containerd_ns);
+    }
+    for ns in namespaces.iter().rev() {
+        println!("removing namespace {ns}");
+        delete_ns(ns);
+    }
+    let _ = sh(&format!("rm -rf {BPF_PREFIX}*"));
+    let _ = sh(&format!(
+        "grep -o ' {RUN_DIR}/[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l"
+    ));
+    let _ = std::fs::remove_dir_all(RUN_DIR);
+    println!("sandbox leftovers removed");
+    Ok(())
+}
+
+fn worker_dirs() -> Vec<PathBuf> {
+    std::fs::read_dir(RUN_DIR)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default()
+}

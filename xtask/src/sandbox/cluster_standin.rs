@@ -1,0 +1,406 @@
+//! A stand-in for the cluster side of the Oakestra worker contract, for the
+//! sandbox and the end-to-end tests ONLY. It is a demo/test fixture: it
+//! keeps everything in memory, trusts every peer and implements just enough
+//! of the cluster manager (registration on HTTP 10100, scheduling by
+//! publishing `nodes/<id>/control/deploy|delete`) and of the cluster service
+//! manager (subnets, service IPs, table queries, `updates_available`) to
+//! drive real workers. Production clusters are upstream Oakestra's.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::broker::MQTT_PORT;
+use super::procs::wait_for;
+use super::service_manager::{Instance, Pair, ServiceManager};
+
+pub const HTTP_PORT: u16 = 10100;
+
+/// The deploy document upstream's cluster sends; we patch the fields that
+/// differ per job and instance.
+const JOB_TEMPLATE: &str = include_str!("../../../nodeengine/tests/fixtures/deploy-job.json");
+
+/// What to run: the parts of a job document the sandbox varies.
+#[derive(Clone, Debug)]
+pub struct JobSpec {
+    pub job_name: String,
+    pub image: String,
+    pub cmd: Vec<String>,
+    pub environment: Vec<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// (uplink address, node id), in registration order.
+    nodes: Vec<(String, String)>,
+    sm: ServiceManager,
+    /// (node id, payload) of every `nodes/<id>/job` report.
+    reports: Vec<(String, Value)>,
+}
+
+pub struct ClusterStandin {
+    shared: Arc<Mutex<Shared>>,
+    client: AsyncClient,
+    /// Dropping it ends the stand-in's thread (and closes its sockets).
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ClusterStandin {
+    /// Starts the HTTP and MQTT sides on a thread inside `netns` (the
+    /// underlay), talking to the broker on 127.0.0.1:10003 there.
+    pub fn start(netns: &Path) -> Result<ClusterStandin> {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let mut opts = MqttOptions::new("cluster-standin", "127.0.0.1", MQTT_PORT);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, eventloop) = AsyncClient::new(opts, 1000);
+        let ns = std::fs::File::open(netns).with_context(|| format!("{}", netns.display()))?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (s, c) = (shared.clone(), client.clone());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("cluster-standin".into())
+            .spawn(move || {
+                // SAFETY: only this thread enters the namespace; the sockets it
+                // creates belong there.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    let _ = ready_tx.send(Err(std::io::Error::last_os_error().to_string()));
+                    return;
+                }
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    tokio::select! {
+                        _ = run(s, c, eventloop, ready_tx) => {}
+                        _ = stop_rx => {}
+                    }
+                });
+            })
+            .context("starting the cluster stand-in thread")?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(15))
+            .context("the cluster stand-in did not come up")?
+            .map_err(|e| anyhow!("cluster stand-in: {e}"))?;
+        Ok(ClusterStandin {
+            shared,
+            client,
+            _stop: stop_tx,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The id handed to the worker with uplink address `ip`, once registered.
+    pub fn node_id(&self, ip: &str) -> Option<String> {
+        self.lock()
+            .nodes
+            .iter()
+            .find(|(a, _)| a == ip)
+            .map(|(_, id)| id.clone())
+    }
+
+    /// RR and Closest addresses of `job` (allocated on first use).
+    pub fn service_ips(&self, job: &str) -> (Pair, Pair) {
+        let mut g = self.lock();
+        let j = g.sm.job(job);
+        (j.rr.clone(), j.closest.clone())
+    }
+
+    pub fn instance_ip(&self, job: &str, n: u64) -> Pair {
+        self.lock().sm.instance_ip(job, n)
+    }
+
+    /// Instances NetManagers reported as deployed.
+    pub fn instances(&self, job: &str) -> Vec<(u64, Instance)> {
+        self.lock().sm.instances(job)
+    }
+
+    /// Schedules instance `n` of `job` on `node` (control/deploy).
+    pub fn deploy(&self, node: &str, job: &JobSpec, n: u64) -> Result<()> {
+        let (rr, _) = self.service_ips(&job.job_name);
+        let doc = job_document(job, n, &rr)?;
+        self.publish(&format!("nodes/{node}/control/deploy"), doc.to_string())
+    }
+
+    /// Asks `node` to remove instance `n` of `job` (control/delete).
+    pub fn undeploy(&self, node: &str, job: &str, n: u64) -> Result<()> {
+        let body = json!({"job_name": job, "virtualization": "docker", "instance_number": n});
+        self.publish(&format!("nodes/{node}/control/delete"), body.to_string())
+    }
+
+    fn publish(&self, topic: &str, body: String) -> Result<()> {
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, false, body)
+            .with_context(|| format!("publishing on {topic}"))
+    }
+
+    /// Status reports (`nodes/<id>/job`) for one instance, oldest first.
+    pub fn statuses(&self, job: &str, n: u64) -> Vec<String> {
+        self.lock()
+            .reports
+            .iter()
+            .filter(|(_, v)| v["sname"] == job && v["instance"] == n)
+            .filter_map(|(_, v)| v["status"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Waits until instance `n` of `job` has reported `status` `count` times.
+    pub fn wait_status(&self, job: &str, n: u64, status: &str, count: usize) -> Result<()> {
+        wait_for(
+            &format!("{job} instance {n} to report {status}"),
+            Duration::from_secs(60),
+            || {
+                self.statuses(job, n)
+                    .iter()
+                    .filter(|s| *s == status)
+                    .count()
+                    >= count
+            },
+        )
+        .with_context(|| format!("statuses so far: {:?}", self.statuses(job, n)))
+    }
+
+    /// Waits until NetManagers reported exactly `count` instances of `job`.
+    pub fn wait_instances(&self, job: &str, count: usize) -> Result<()> {
+        wait_for(
+            &format!("{count} deployed instance(s) of {job}"),
+            Duration::from_secs(60),
+            || self.instances(job).len() == count,
+        )
+    }
+}
+
+/// The deploy document for instance `n`, shaped like upstream's.
+pub fn job_document(job: &JobSpec, n: u64, rr: &Pair) -> Result<Value> {
+    let mut v: Value = serde_json::from_str(JOB_TEMPLATE).context("the job template")?;
+    let parts: Vec<&str> = job.job_name.split('.').collect();
+    let [app, app_ns, service, service_ns] = parts[..] else {
+        anyhow::bail!(
+            "job name {:?} is not app.appns.service.servicens",
+            job.job_name
+        );
+    };
+    v["job_name"] = job.job_name.clone().into();
+    for (k, val) in [
+        ("app_name", app),
+        ("app_ns", app_ns),
+        ("service_name", service),
+        ("service_ns", service_ns),
+        ("microservice_name", service),
+        ("microservice_namespace", service_ns),
+    ] {
+        v[k] = val.into();
+    }
+    v["instance_number"] = n.into();
+    v["image"] = job.image.clone().into();
+    v["code"] = job.image.clone().into();
+    v["cmd"] = json!(job.cmd);
+    v["environment"] = json!(job.environment);
+    v["port"] = "".into();
+    v["memory"] = 64.into();
+    v["addresses"] = json!({"rr_ip": rr.0});
+    v["RR_ip"] = rr.0.clone().into();
+    v["RR_ip_v6"] = rr.1.clone().into();
+    v["service_ip_list"] = json!([{"IpType": "RR", "Address": rr.0, "Address_v6": rr.1}]);
+    v["instance_list"] = json!([{"instance_number": n, "status": "NODE_SCHEDULED"}]);
+    Ok(v)
+}
+
+async fn run(
+    shared: Arc<Mutex<Shared>>,
+    client: AsyncClient,
+    eventloop: rumqttc::EventLoop,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let listener = match tokio::net::TcpListener::bind(("0.0.0.0", HTTP_PORT)).await {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!("binding HTTP port {HTTP_PORT}: {e}")));
+            return;
+        }
+    };
+    tokio::spawn(serve_register(listener, shared.clone()));
+    mqtt_loop(shared, client, eventloop, ready).await;
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ----------------------------------------------------------------- register
+
+async fn serve_register(listener: tokio::net::TcpListener, shared: Arc<Mutex<Shared>>) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = handle_register(stream, &peer.ip().to_string(), &shared).await;
+        });
+    }
+}
+
+/// One HTTP/1.1 exchange; the only route is `POST /api/node/register`.
+async fn handle_register(
+    mut stream: tokio::net::TcpStream,
+    peer: &str,
+    shared: &Mutex<Shared>,
+) -> Result<()> {
+    let (head, _body) = read_request(&mut stream).await?;
+    let first = head.lines().next().unwrap_or("");
+    let (code, body) = if first.starts_with("POST /api/node/register ") {
+        let id = register(shared, peer);
+        (
+            "200 OK",
+            json!({"id": id, "MQTT_BROKER_PORT": MQTT_PORT.to_string()}).to_string(),
+        )
+    } else {
+        ("404 Not Found", json!({"error": "not found"}).to_string())
+    };
+    let resp = format!(
+        "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+/// The same uplink address gets the same id again, so a restarted
+/// NodeEngine keeps its identity (and its NetManager accepts it).
+fn register(shared: &Mutex<Shared>, peer: &str) -> String {
+    let mut g = lock(shared);
+    if let Some((_, id)) = g.nodes.iter().find(|(a, _)| a == peer) {
+        return id.clone();
+    }
+    let id = random_id();
+    g.nodes.push((peer.to_string(), id.clone()));
+    id
+}
+
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Result<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let header_end = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .context("request timed out")??;
+        anyhow::ensure!(n > 0, "connection closed before the request ended");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        anyhow::ensure!(buf.len() < 64 << 10, "request head too large");
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(1 << 20);
+    while buf.len() < header_end + length {
+        let n = stream.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "connection closed in the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok((head, buf[header_end..].to_vec()))
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 12];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+// --------------------------------------------------------------------- MQTT
+
+async fn mqtt_loop(
+    shared: Arc<Mutex<Shared>>,
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let mut ready = Some(ready);
+    loop {
+        match eventloop.poll().await {
+            // Clean session: subscriptions are gone after every reconnect.
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                for f in ["nodes/+/net/#", "nodes/+/job"] {
+                    let _ = client.try_subscribe(f, QoS::AtLeastOnce);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Ok(()));
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                for (topic, body) in on_message(&shared, &p.topic, &p.payload) {
+                    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+/// Handles one message from a worker; returns what to publish in answer.
+fn on_message(shared: &Mutex<Shared>, topic: &str, payload: &[u8]) -> Vec<(String, String)> {
+    // Never trust a peer's payload: anything unparsable is ignored.
+    let Ok(msg) = serde_json::from_slice::<Value>(payload) else {
+        return Vec::new();
+    };
+    let parts: Vec<&str> = topic.splitn(4, '/').collect();
+    let (node, rest) = match parts[..] {
+        ["nodes", node, "job"] => {
+            lock(shared).reports.push((node.to_string(), msg));
+            return Vec::new();
+        }
+        ["nodes", node, "net", rest] => (node, rest),
+        _ => return Vec::new(),
+    };
+    let mut g = lock(shared);
+    let changed = match rest {
+        "subnet" => {
+            let (v4, v6) = g.sm.subnet(node);
+            let body = json!({"address": v4, "addressv6": v6}).to_string();
+            return vec![(format!("nodes/{node}/net/subnetwork/result"), body)];
+        }
+        "tablequery/request" => {
+            let body = g.sm.table(&msg).to_string();
+            return vec![(format!("nodes/{node}/net/tablequery/result"), body)];
+        }
+        "service/deployed" => g.sm.deployed(&msg),
+        "service/undeployed" => g.sm.undeployed(&msg),
+        "service/address-changed" => g.sm.address_changed(&msg),
+        _ => None,
+    };
+    changed
+        .map(|job| (format!("jobs/{job}/updates_available"), "{}".to_string()))
+        .into_iter()
+        .collect::<Vec<_>>()
+}
