@@ -7,36 +7,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-/// Runs a command line through `sh -c`, failing with its stderr.
-pub fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{cmd}` failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `sh` inside a namespace.
-pub fn ns_sh(ns: &str, cmd: &str) -> Result<String> {
-    sh(&format!(
-        "ip netns exec {ns} sh -c '{}'",
-        cmd.replace('\'', "'\\''")
-    ))
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+pub use xtask::sandbox::procs::{is_root, ns_sh, sh};
 
 /// Namespaces (and bpffs directories) this test created; removed on drop,
 /// also when the test fails.

@@ -9,31 +9,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-pub fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{cmd}` failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `sh -c` inside a namespace. Only for tools that need no bpffs
-/// (`ip netns exec` remounts /sys).
-pub fn ns_sh(ns: &str, cmd: &str) -> Result<String> {
-    sh(&format!(
-        "ip netns exec {ns} sh -c '{}'",
-        cmd.replace('\'', "'\\''")
-    ))
-}
+pub use xtask::sandbox::procs::{ns_sh, sh};
 
 pub struct Container {
     pub ns: String,

@@ -27,6 +27,15 @@ pub fn sh(cmd: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `sh -c` inside a named network namespace. `ip netns exec` remounts /sys,
+/// hiding bpffs: start anything that pins eBPF objects with `enter_netns`.
+pub fn ns_sh(ns: &str, cmd: &str) -> Result<String> {
+    sh(&format!(
+        "ip netns exec {ns} sh -c '{}'",
+        cmd.replace('\'', "'\\''")
+    ))
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
