@@ -538,22 +538,9 @@ impl Containerd {
     /// Kills shims that serve this containerd (they outlive containerd itself).
     fn kill_shims(&self) {
         let needle = self.socket.to_string_lossy().to_string();
-        let Ok(rd) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for e in rd.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains("containerd-shim") && cmdline.contains(&needle) {
-                // SAFETY: kill(2) on a shim this test's containerd started.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-        }
+        xtask::sandbox::procs::kill_matching(|cmdline| {
+            cmdline.contains("containerd-shim") && cmdline.contains(&needle)
+        });
     }
 }
 

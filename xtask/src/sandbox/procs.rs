@@ -154,3 +154,22 @@ pub fn netns_connect(netns: &Path, port: u16) -> bool {
     .join()
     .unwrap_or(false)
 }
+
+/// Kills processes whose command line satisfies `pred` (by pid).
+pub fn kill_matching(pred: impl Fn(&str) -> bool) {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if pred(&String::from_utf8_lossy(&raw).replace('\0', " ")) {
+            // SAFETY: kill(2); callers match only processes they started.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::broker::MQTT_PORT;
 use super::cluster_standin::{ClusterStandin, HTTP_PORT};
 use super::image::{ImageSpec, write_busybox_oci_tar};
-use super::procs::{Proc, enter_netns, sh, wait_for};
+use super::procs::{Proc, enter_netns, kill_matching, sh, wait_for};
 use super::topology::{CLUSTER_IP, netns_path};
 
 /// The daemons a worker runs.
@@ -276,25 +276,6 @@ pub fn cleanup_containerd_leftovers(dir: &Path, containerd_ns: &str) {
     ));
     let _ = std::fs::remove_dir_all(dir.join("root"));
     let _ = std::fs::remove_dir_all(dir.join("state"));
-}
-
-/// Kills processes whose command line satisfies `pred` (by pid).
-fn kill_matching(pred: impl Fn(&str) -> bool) {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if pred(&String::from_utf8_lossy(&raw).replace('\0', " ")) {
-            // SAFETY: kill(2) on a process this worker's containerd started.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-    }
 }
 
 /// Kills what still runs in the cgroups of containerd namespace `ns`
