@@ -666,3 +666,40 @@ fn pinned_maps_dump_with_typed_fields_in_bpftool() {
         );
     }
 }
+
+#[test]
+fn ipv6_reply_through_tunnel_is_decapsulated_and_reverse_translated() {
+    if !is_root() {
+        return;
+    }
+    let f = fixture("v6-reverse");
+    let out_l4 = L4::Udp {
+        sport: 6000,
+        dport: 7000,
+        payload: b"six".to_vec(),
+    };
+    let sent = Ip::new("fc00::2", "fdff:2000::55:56", out_l4);
+    assert_eq!(
+        run(&f, CONTAINER_PROGRAM, &from_container(&sent)).0,
+        TC_ACT_REDIRECT
+    );
+    // The reply: IPv6 inside the IPv4 tunnel, from the backend's instance address.
+    let back_l4 = L4::Udp {
+        sport: 7000,
+        dport: 6000,
+        payload: b"xis".to_vec(),
+    };
+    let reply = Ip::new("fdff::5", "fc00::2", back_l4.clone());
+    let frame = eth(
+        [0xaa; 6],
+        [0xbb; 6],
+        0x0800,
+        &tunnel_datagram(PEER_NODE, NODE, 50103, 50103, &reply.bytes()),
+    );
+    let (verdict, out) = run(&f, UPLINK_PROGRAM, &frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let restored = Ip::new("fdff:2000::55:56", "fc00::2", back_l4);
+    assert_eq!(out, eth(CLIENT_MAC, [0xbb; 6], 0x86dd, &restored.bytes()));
+    assert_checksums(&out[14..]);
+    assert_eq!(counter(&f, "reverse_translated"), 1);
+}
