@@ -27,12 +27,22 @@ const BACKEND_MAC: [u8; 6] = [0x02, 0, 0x0a, 0x12, 0, 0x03];
 /// A dataplane with its own pin directory, removed on drop.
 struct Fixture {
     dp: Dataplane,
-    pin_dir: PathBuf,
+    pin_dir: PinDir,
 }
 
-impl Drop for Fixture {
+/// Removes the pin directory on drop -- also when loading fails half-way.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for PinDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
     }
 }
 
@@ -53,13 +63,13 @@ fn is_root() -> bool {
 /// a local backend 10.18.0.3 (instance 10.30.0.4) and a remote backend
 /// 10.18.0.130 (instance 10.30.0.5) on 198.51.100.2.
 fn fixture(name: &str) -> Fixture {
-    let pin_dir = PathBuf::from(format!(
+    let pin_dir = PinDir(PathBuf::from(format!(
         "/sys/fs/bpf/oak-test-{}-{name}",
         std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&pin_dir);
+    )));
+    let _ = std::fs::remove_dir_all(&*pin_dir);
     let cfg = DataplaneConfig {
-        pin_dir: pin_dir.clone(),
+        pin_dir: pin_dir.to_path_buf(),
         uplink: String::new(),
         node_ip: NODE,
         tunnel_port: 50103,

@@ -557,6 +557,7 @@ impl Drop for Containerd {
         }
         self.kill_shims();
         self.kill_cgroups();
+        xtask::sandbox::workers::remove_runc_state(&self.namespace);
         // Overlay mounts under the root would make the temp dir undeletable.
         let _ = Command::new("sh")
             .arg("-c")

@@ -177,13 +177,31 @@ impl ClusterStandin {
         .with_context(|| format!("statuses so far: {:?}", self.statuses(job, n)))
     }
 
-    /// Waits until NetManagers reported exactly `count` instances of `job`.
+    /// Waits until NetManagers reported exactly `count` instances of `job`;
+    /// gives up at once, with the worker's reason, when one reports FAILED.
     pub fn wait_instances(&self, job: &str, count: usize) -> Result<()> {
-        wait_for(
+        let mut failure = None;
+        let waited = wait_for(
             &format!("{count} deployed instance(s) of {job}"),
             Duration::from_secs(60),
-            || self.instances(job).len() == count,
-        )
+            || {
+                failure = self.failure(job);
+                failure.is_some() || self.instances(job).len() == count
+            },
+        );
+        match failure {
+            Some(detail) => anyhow::bail!("{job} failed on a worker: {detail}"),
+            None => waited,
+        }
+    }
+
+    /// The status_detail of the first FAILED report for `job`, if any.
+    fn failure(&self, job: &str) -> Option<String> {
+        self.lock()
+            .reports
+            .iter()
+            .find(|(_, v)| v["sname"] == job && v["status"] == "FAILED")
+            .map(|(_, v)| v["status_detail"].as_str().unwrap_or("").to_string())
     }
 }
 

@@ -134,6 +134,8 @@ impl Worker {
     }
 
     fn start_containerd(&mut self) -> Result<()> {
+        // A crashed earlier run with the same names may have left runc state.
+        remove_runc_state(&self.containerd_ns);
         let mut cmd = self.netns_command(Path::new("containerd"))?;
         cmd.arg("--config")
             .arg(self.dir.join("containerd.toml"))
@@ -276,6 +278,16 @@ pub fn cleanup_containerd_leftovers(dir: &Path, containerd_ns: &str) {
     ));
     let _ = std::fs::remove_dir_all(dir.join("root"));
     let _ = std::fs::remove_dir_all(dir.join("state"));
+    remove_runc_state(containerd_ns);
+}
+
+/// runc keeps container state under /run/containerd/runc/<namespace> no
+/// matter which containerd started it; after shims were killed that state
+/// outlives them and a later container with the same id fails with
+/// "container with given ID already exists". The processes are gone by now,
+/// so the state is only stale bookkeeping.
+pub fn remove_runc_state(containerd_ns: &str) {
+    let _ = std::fs::remove_dir_all(Path::new("/run/containerd/runc").join(containerd_ns));
 }
 
 /// Kills what still runs in the cgroups of containerd namespace `ns`
