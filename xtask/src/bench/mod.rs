@@ -9,6 +9,7 @@
 //! from here.
 
 mod control_plane;
+mod daemons;
 mod footprint;
 mod iperf;
 mod latency;
@@ -37,6 +38,9 @@ pub struct Args {
     /// Skip the BPF_PROG_TEST_RUN section (1M flows, ~30 s).
     #[arg(long)]
     no_prog_cost: bool,
+    /// Skip the real-daemon section (sandbox: NetManager, nodeengined, containerd; ~1 min).
+    #[arg(long)]
+    no_daemons: bool,
 }
 
 /// One traffic path between two containers, in report order.
@@ -92,16 +96,16 @@ pub fn run(args: Args) -> Result<()> {
     let root = ebpf::workspace_root();
     progress(started, "building the eBPF object and the bench binaries");
     ebpf::build(true)?;
+    let mut packages = vec!["-p", "oakestra-worker-tests"];
+    if !args.no_daemons {
+        // The real daemons the sandbox runs (NetManager, nodeengined).
+        packages.extend(["-p", "netmanager", "-p", "nodeengine"]);
+    }
     ebpf::run(
         std::process::Command::new("cargo")
             .current_dir(&root)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "oakestra-worker-tests",
-                "--bins",
-            ]),
+            .args(["build", "--release", "--bins"])
+            .args(&packages),
         "building the bench binaries",
     )?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -123,6 +127,14 @@ pub fn run(args: Args) -> Result<()> {
         "footprint": [],
     });
     traffic(&bins, &args, started, &mut results)?;
+
+    if !args.no_daemons {
+        progress(
+            started,
+            "real daemons: sandbox with 2 workers (containerd, NetManager, nodeengined)",
+        );
+        results["daemons"] = daemons::run(&bins, started)?;
+    }
 
     if !args.no_prog_cost {
         progress(

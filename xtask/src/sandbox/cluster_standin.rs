@@ -9,7 +9,7 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -40,8 +40,10 @@ struct Shared {
     /// (uplink address, node id), in registration order.
     nodes: Vec<(String, String)>,
     sm: ServiceManager,
-    /// (node id, payload) of every `nodes/<id>/job` report.
-    reports: Vec<(String, Value)>,
+    /// (node id, payload, arrival) of every `nodes/<id>/job` report.
+    reports: Vec<(String, Value, Instant)>,
+    /// (job, instance, arrival) of every `service/deployed` from a NetManager.
+    deployed: Vec<(String, u64, Instant)>,
 }
 
 pub struct ClusterStandin {
@@ -156,9 +158,29 @@ impl ClusterStandin {
         self.lock()
             .reports
             .iter()
-            .filter(|(_, v)| v["sname"] == job && v["instance"] == n)
-            .filter_map(|(_, v)| v["status"].as_str().map(str::to_string))
+            .filter(|(_, v, _)| v["sname"] == job && v["instance"] == n)
+            .filter_map(|(_, v, _)| v["status"].as_str().map(str::to_string))
             .collect()
+    }
+
+    /// When the stand-in received instance `n` of `job`'s first `status`
+    /// report (benchmarks: deploy-to-status latency).
+    pub fn status_time(&self, job: &str, n: u64, status: &str) -> Option<Instant> {
+        self.lock()
+            .reports
+            .iter()
+            .find(|(_, v, _)| v["sname"] == job && v["instance"] == n && v["status"] == status)
+            .map(|(_, _, t)| *t)
+    }
+
+    /// When a NetManager first reported instance `n` of `job` as deployed
+    /// (`service/deployed`, sent once its `/container/deploy` is done).
+    pub fn deployed_time(&self, job: &str, n: u64) -> Option<Instant> {
+        self.lock()
+            .deployed
+            .iter()
+            .find(|(j, i, _)| j == job && *i == n)
+            .map(|(_, _, t)| *t)
     }
 
     /// Waits until instance `n` of `job` has reported `status` `count` times.
@@ -200,8 +222,8 @@ impl ClusterStandin {
         self.lock()
             .reports
             .iter()
-            .find(|(_, v)| v["sname"] == job && v["status"] == "FAILED")
-            .map(|(_, v)| v["status_detail"].as_str().unwrap_or("").to_string())
+            .find(|(_, v, _)| v["sname"] == job && v["status"] == "FAILED")
+            .map(|(_, v, _)| v["status_detail"].as_str().unwrap_or("").to_string())
     }
 }
 
@@ -395,7 +417,9 @@ fn on_message(shared: &Mutex<Shared>, topic: &str, payload: &[u8]) -> Vec<(Strin
     let parts: Vec<&str> = topic.splitn(4, '/').collect();
     let (node, rest) = match parts[..] {
         ["nodes", node, "job"] => {
-            lock(shared).reports.push((node.to_string(), msg));
+            lock(shared)
+                .reports
+                .push((node.to_string(), msg, Instant::now()));
             return Vec::new();
         }
         ["nodes", node, "net", rest] => (node, rest),
@@ -412,7 +436,13 @@ fn on_message(shared: &Mutex<Shared>, topic: &str, payload: &[u8]) -> Vec<(Strin
             let body = g.sm.table(&msg).to_string();
             return vec![(format!("nodes/{node}/net/tablequery/result"), body)];
         }
-        "service/deployed" => g.sm.deployed(&msg),
+        "service/deployed" => {
+            if let (Some(job), Some(n)) = (msg["appname"].as_str(), msg["instance_number"].as_u64())
+            {
+                g.deployed.push((job.to_string(), n, Instant::now()));
+            }
+            g.sm.deployed(&msg)
+        }
         "service/undeployed" => g.sm.undeployed(&msg),
         "service/address-changed" => g.sm.address_changed(&msg),
         _ => None,

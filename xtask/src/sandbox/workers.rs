@@ -206,6 +206,18 @@ impl Worker {
         Ok(())
     }
 
+    /// Host pids of the worker's daemons (benchmarks: footprint).
+    pub fn daemon_pids(&self) -> Vec<(&'static str, u32)> {
+        [
+            ("NetManager", &self.netmanager),
+            ("nodeengined", &self.nodeengine),
+            ("containerd", &self.containerd),
+        ]
+        .into_iter()
+        .filter_map(|(name, p)| p.as_ref().map(|p| (name, p.pid())))
+        .collect()
+    }
+
     /// kill -9 of NetManager (restart tests).
     pub fn kill_netmanager(&mut self) {
         if let Some(p) = self.netmanager.as_mut() {
