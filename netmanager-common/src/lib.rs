@@ -288,6 +288,20 @@ pub struct MissEvent {
     pub frame: [u8; MISS_FRAME_MAX],
 }
 
+/// Every map of the programs, as pinned and as `bpftool map` shows them.
+pub const MAP_NAMES: [&str; 10] = [
+    "CONFIG",
+    "SERVICES",
+    "BACKENDS",
+    "INSTANCES",
+    "FLOWS",
+    "REVERSE_FLOWS",
+    "PENDING",
+    "COUNTERS",
+    "MISSES",
+    "SCRATCH",
+];
+
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_FLOWS: u32 = 65_536;
 pub const DEFAULT_SERVICES: u32 = 16_384;

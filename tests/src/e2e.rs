@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
 use xtask::sandbox::procs::{Proc, wait_for};
+use xtask::sandbox::sample_services::{echo_server, idle};
 use xtask::sandbox::workers::{Binaries, Worker};
 use xtask::sandbox::{Options, Sandbox};
 
@@ -77,6 +78,22 @@ impl E2e {
 
     pub fn worker(&self, n: u8) -> &Worker {
         &self.sb.workers[usize::from(n) - 1]
+    }
+
+    /// The usual starting point: an echo server (job "web", instance 0) on
+    /// worker 1 and an idle client (job "client", instance 0) on worker 2,
+    /// both running. Returns the two job names and the server's RR address.
+    pub fn web_and_client(&self) -> Result<(String, String, String)> {
+        let (job, client) = (self.job("web"), self.job("client"));
+        let mut spec = echo_server("w1");
+        spec.job_name = job.clone();
+        let c = &self.sb.cluster;
+        c.deploy(&self.worker(1).id, &spec, 0)?;
+        c.deploy(&self.worker(2).id, &idle(&client), 0)?;
+        c.wait_instances(&job, 1)?;
+        c.wait_status(&client, 0, "CREATED", 1)?;
+        let (rr, _) = c.service_ips(&job);
+        Ok((job, client, rr.0))
     }
 }
 

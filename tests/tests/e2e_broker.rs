@@ -5,30 +5,22 @@
 
 use anyhow::{Result, ensure};
 use oakestra_worker_tests::e2e::{E2e, eventually, http_get};
-use xtask::sandbox::sample_services::{echo_server, idle};
+use xtask::sandbox::sample_services::echo_server;
 
 #[test]
 fn broker_outage_and_recovery() -> Result<()> {
     let Some(mut e) = E2e::start("mq", 2)? else {
         return Ok(());
     };
-    let job = e.job("web");
-    let client = e.job("client");
+    let (job, client, rr) = e.web_and_client()?;
     let (id1, id2) = (e.worker(1).id.clone(), e.worker(2).id.clone());
-    let mut spec = echo_server("w1");
-    spec.job_name = job.clone();
-    e.sb.cluster.deploy(&id1, &spec, 0)?;
-    e.sb.cluster.deploy(&id2, &idle(&client), 0)?;
-    e.sb.cluster.wait_instances(&job, 1)?;
-    e.sb.cluster.wait_status(&client, 0, "CREATED", 1)?;
-    let (rr, _) = e.sb.cluster.service_ips(&job);
     eventually("RR before the outage", || {
-        http_get(e.worker(2), &client, 0, &rr.0)
+        http_get(e.worker(2), &client, 0, &rr)
     })?;
 
     e.sb.broker.stop()?;
     for _ in 0..5 {
-        let b = http_get(e.worker(2), &client, 0, &rr.0)?;
+        let b = http_get(e.worker(2), &client, 0, &rr)?;
         ensure!(b.contains("instance-0"), "during the outage: {b}");
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
@@ -45,7 +37,7 @@ fn broker_outage_and_recovery() -> Result<()> {
     e.sb.cluster.undeploy(&id1, &job, 0)?;
     e.sb.cluster.wait_status(&job, 0, "UNDEPLOYED", 1)?;
     eventually("RR follows the update", || {
-        let b = http_get(e.worker(2), &client, 0, &rr.0)?;
+        let b = http_get(e.worker(2), &client, 0, &rr)?;
         ensure!(b.contains("instance-1"), "answered by {b}");
         Ok(())
     })?;

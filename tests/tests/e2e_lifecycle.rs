@@ -6,30 +6,22 @@
 
 use anyhow::{Context, Result, ensure};
 use oakestra_worker_tests::e2e::{E2e, eventually, http_get, stream, stream_loop, stream_servers};
-use xtask::sandbox::sample_services::{echo_server, idle};
+use xtask::sandbox::sample_services::echo_server;
 
 #[test]
 fn restarts_mid_traffic_and_move() -> Result<()> {
     let Some(mut e) = E2e::start("life", 2)? else {
         return Ok(());
     };
-    let job = e.job("web");
-    let client = e.job("client");
+    let (job, client, rr) = e.web_and_client()?;
     let (id1, id2) = (e.worker(1).id.clone(), e.worker(2).id.clone());
-    let mut spec = echo_server("w1");
-    spec.job_name = job.clone();
-    e.sb.cluster.deploy(&id1, &spec, 0)?;
-    e.sb.cluster.deploy(&id2, &idle(&client), 0)?;
-    e.sb.cluster.wait_instances(&job, 1)?;
-    e.sb.cluster.wait_status(&client, 0, "CREATED", 1)?;
-    let (rr, _) = e.sb.cluster.service_ips(&job);
     let servers = stream_servers(e.worker(1), &job, &[0])?;
     eventually("first stream", || {
-        stream(e.worker(2), &client, 0, &rr.0, 1_000_000)
+        stream(e.worker(2), &client, 0, &rr, 1_000_000)
     })?;
 
     // kill -9 and restart the client node's NetManager mid-traffic.
-    let traffic = stream_loop(e.worker(2), &client, 0, &rr.0, 15, 5_000_000)?;
+    let traffic = stream_loop(e.worker(2), &client, 0, &rr, 15, 5_000_000)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
     let w2 = e.sb.worker_mut(2)?;
     w2.kill_netmanager();
@@ -41,7 +33,7 @@ fn restarts_mid_traffic_and_move() -> Result<()> {
         .context("streams across the NetManager restart")?;
 
     // Restart the server node's NodeEngine mid-traffic: its container stays.
-    let traffic = stream_loop(e.worker(2), &client, 0, &rr.0, 10, 5_000_000)?;
+    let traffic = stream_loop(e.worker(2), &client, 0, &rr, 10, 5_000_000)?;
     let w1 = e.sb.worker_mut(1)?;
     w1.stop_nodeengine();
     w1.start_nodeengine()?;
@@ -59,7 +51,7 @@ fn restarts_mid_traffic_and_move() -> Result<()> {
     e.sb.cluster.deploy(&id2, &moved, 0)?;
     e.sb.cluster.wait_status(&job, 0, "CREATED", 2)?;
     let body = eventually("the moved instance by RR", || {
-        let b = http_get(e.worker(2), &client, 0, &rr.0)?;
+        let b = http_get(e.worker(2), &client, 0, &rr)?;
         ensure!(b.contains("on w2"), "still answered by {b}");
         Ok(b)
     })?;

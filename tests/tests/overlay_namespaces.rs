@@ -41,9 +41,7 @@ fn table(
             {"ip": "10.30.77.77", "kind": "RR", "backends": ["10.18.0.66"]},
         ],
     });
-    let path = std::env::temp_dir().join(format!("{}-n{node}.json", lab.prefix));
-    std::fs::write(&path, t.to_string())?;
-    Ok(path.to_string_lossy().into_owned())
+    lab.file(&format!("n{node}.json"), &t.to_string())
 }
 
 #[test]
@@ -95,8 +93,8 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
     )?;
     let runner = binary("oak-static-dataplane");
     let runner = runner.to_string_lossy();
-    lab.spawn_ready(&n1, &runner, &[&t1])?;
-    lab.spawn_ready(&n2, &runner, &[&t2])?;
+    lab.spawn(&n1, &runner, &[&t1], true)?;
+    lab.spawn(&n2, &runner, &[&t2], true)?;
 
     // Capture the underlay while the traffic runs.
     let pcap = std::env::temp_dir().join(format!("{}.pcap", lab.prefix));
@@ -105,6 +103,7 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
         &under,
         "tcpdump",
         &["-i", "u-n1", "-U", "-w", &pcap_s, "udp", "port", "50103"],
+        false,
     )?;
     std::thread::sleep(std::time::Duration::from_millis(800));
 
@@ -118,10 +117,11 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
     // TCP byte streams, v4 and v6, hashed at the server: the client checks
     // length and SHA-256 of what arrived.
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
-    lab.spawn_ready(
+    lab.spawn(
         &c2.ns,
         "python3",
         &[&format!("{scripts}/stream_server.py"), "::", "8080"],
+        true,
     )?;
     for target in ["10.30.55.56", "fdff:2000::55:56"] {
         let out = ns_sh(
@@ -148,7 +148,7 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
 
     // UDP request/response through a connected socket: the reply must come
     // back from the service address or the socket would not accept it.
-    lab.spawn(&c2.ns, "python3", &["-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\nwhile True:\n d,a=s.recvfrom(65535)\n s.sendto(d[::-1],a)"])?;
+    lab.spawn(&c2.ns, "python3", &["-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\nwhile True:\n d,a=s.recvfrom(65535)\n s.sendto(d[::-1],a)"], false)?;
     std::thread::sleep(std::time::Duration::from_millis(300));
     let udp = ns_sh(
         &c1.ns,

@@ -2,3 +2,4 @@
 //! machine), shared by `cargo xtask sandbox` and the end-to-end tests.
 
 pub mod sandbox;
+pub mod testbed;

@@ -35,19 +35,7 @@ pub const CONTAINER_PROGRAM: &str = "container_egress";
 /// Program attached on the uplink.
 pub const UPLINK_PROGRAM: &str = "uplink_ingress";
 
-/// Names of the maps, as pinned and as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 10] = [
-    "CONFIG",
-    "SERVICES",
-    "BACKENDS",
-    "INSTANCES",
-    "FLOWS",
-    "REVERSE_FLOWS",
-    "PENDING",
-    "COUNTERS",
-    "MISSES",
-    "SCRATCH",
-];
+pub use netmanager_common::MAP_NAMES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

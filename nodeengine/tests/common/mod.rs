@@ -496,43 +496,7 @@ impl Containerd {
     /// Kills whatever still runs in this test's container cgroups (a container
     /// process outlives a killed shim) and removes the cgroups.
     fn kill_cgroups(&self) {
-        let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") else {
-            return;
-        };
-        let mut bases: Vec<PathBuf> = ctrls
-            .flatten()
-            .map(|c| c.path().join(&self.namespace))
-            .collect();
-        bases.push(Path::new("/sys/fs/cgroup").join(&self.namespace));
-        for pass in 0..2 {
-            for base in bases.iter().filter(|b| b.is_dir()) {
-                let subdirs: Vec<PathBuf> = std::fs::read_dir(base)
-                    .map(|rd| {
-                        rd.flatten()
-                            .map(|e| e.path())
-                            .filter(|p| p.is_dir())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                for cg in subdirs {
-                    let procs =
-                        std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
-                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        // SAFETY: kill(2) on a process inside this test's own cgroup.
-                        unsafe {
-                            libc::kill(pid, libc::SIGKILL);
-                        }
-                    }
-                    if pass == 1 {
-                        let _ = std::fs::remove_dir(&cg);
-                    }
-                }
-                if pass == 1 {
-                    let _ = std::fs::remove_dir(base);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        xtask::sandbox::workers::kill_cgroup(&self.namespace);
     }
 
     /// Kills shims that serve this containerd (they outlive containerd itself).

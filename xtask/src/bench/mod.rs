@@ -181,7 +181,7 @@ fn traffic(bins: &Path, args: &Args, started: Instant, results: &mut Value) -> R
     }
     std::thread::sleep(Duration::from_millis(300));
     let (n1, n2, c1) = (t.n1.clone(), t.n2.clone(), t.c1.ns.clone());
-    let (remote, local) = (t.c2.ip.clone(), t.c3.ip.clone());
+    let (remote, local) = (t.c2.ip4.clone(), t.c3.ip4.clone());
 
     {
         let _routes = Undo::apply(
@@ -285,9 +285,9 @@ fn traffic(bins: &Path, args: &Args, started: Instant, results: &mut Value) -> R
     let pin2 = t.pin_dir("n2");
     let inst = |c: &topology::Container, inst: &str, node: &str, local: bool| {
         if local {
-            json!({"ns_ip": c.ip, "instance_ip": inst, "node_ip": node, "veth": c.veth, "mac": c.mac})
+            json!({"ns_ip": c.ip4, "instance_ip": inst, "node_ip": node, "veth": c.veth, "mac": c.mac})
         } else {
-            json!({"ns_ip": c.ip, "instance_ip": inst, "node_ip": node})
+            json!({"ns_ip": c.ip4, "instance_ip": inst, "node_ip": node})
         }
     };
     let services = json!([
@@ -328,19 +328,7 @@ fn traffic(bins: &Path, args: &Args, started: Instant, results: &mut Value) -> R
             Duration::from_secs(3),
         )?,
     );
-    let names = [
-        "CONFIG",
-        "SERVICES",
-        "BACKENDS",
-        "INSTANCES",
-        "FLOWS",
-        "REVERSE_FLOWS",
-        "PENDING",
-        "COUNTERS",
-        "MISSES",
-        "SCRATCH",
-    ];
-    results["map_memory_default_sizes"] = footprint::maps(&pin1, &names)?;
+    results["map_memory_default_sizes"] = footprint::maps(&pin1, &netmanager_common::MAP_NAMES)?;
     measure(bins, args, started, results, "overlay", &c1, "10.30.55.56")?;
     measure(
         bins,

@@ -302,26 +302,24 @@ pub fn remove_runc_state(containerd_ns: &str) {
     let _ = std::fs::remove_dir_all(Path::new("/run/containerd/runc").join(containerd_ns));
 }
 
-/// Kills what still runs in the cgroups of containerd namespace `ns`
-/// (cgroup v2: /sys/fs/cgroup/<ns>/<container>) and removes them.
-fn kill_cgroup(ns: &str) {
-    let base = Path::new("/sys/fs/cgroup").join(ns);
-    if !base.is_dir() {
+/// Kills what still runs in the cgroups of containerd namespace `ns` and
+/// removes them: cgroup v2 (/sys/fs/cgroup/<ns>/<container>) and, on v1
+/// hosts, the same path under every controller.
+pub fn kill_cgroup(ns: &str) {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut bases: Vec<PathBuf> = std::fs::read_dir(root)
+        .map(|rd| rd.flatten().map(|c| c.path().join(ns)).collect())
+        .unwrap_or_default();
+    bases.push(root.join(ns));
+    bases.retain(|b| b.is_dir());
+    if bases.is_empty() {
         return;
     }
     for pass in 0..2 {
-        let subdirs: Vec<PathBuf> = std::fs::read_dir(&base)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.is_dir())
-                    .collect()
-            })
-            .unwrap_or_default();
-        for cg in subdirs {
+        for cg in bases.iter().flat_map(|b| subdirs(b)) {
             let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
             for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                // SAFETY: kill(2) on a process inside this worker's own cgroup.
+                // SAFETY: kill(2) on a process inside the caller's own cgroup.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
                 }
@@ -332,7 +330,20 @@ fn kill_cgroup(ns: &str) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let _ = std::fs::remove_dir(&base);
+    for b in &bases {
+        let _ = std::fs::remove_dir(b);
+    }
+}
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
