@@ -67,6 +67,15 @@ struct Inst {
 
 impl Inst {
     fn parse(t: &TableInstance, job: &str, view: &LocalView) -> Option<Inst> {
+        if t.host_ip.trim().is_empty() || t.host_port == 0 {
+            // Scheduled but not running yet: the cluster sends null addresses.
+            tracing::debug!(
+                job,
+                instance = t.instance_number,
+                "instance not running yet, skipped"
+            );
+            return None;
+        }
         let Ok(node_ip) = t.host_ip.trim().parse::<Ipv4Addr>() else {
             tracing::warn!(job, instance = t.instance_number, host_ip = %t.host_ip, "instance without a valid host_ip, skipped");
             return None;
@@ -468,6 +477,28 @@ mod tests {
         t.forget(&fwd, &r.app_name, &view);
         assert!(fwd.snapshot().instances.is_empty());
         assert!(fwd.snapshot().services.is_empty());
+    }
+
+    #[test]
+    fn pending_instance_is_skipped_and_running_one_used() {
+        let r: TableResult = serde_json::from_str(include_str!(
+            "../tests/fixtures/tablequery-result-pending-instance.json"
+        ))
+        .unwrap();
+        let p = plan(&r, &LocalView::default());
+        assert_eq!(
+            p.instances.keys().copied().collect::<Vec<_>>(),
+            vec![ip("10.18.0.131"), ip("fc00::203")]
+        );
+        assert_eq!(
+            p.services[&ip("10.30.0.4")],
+            (ServiceKind::RoundRobin, vec![ip("10.18.0.131")])
+        );
+        assert_eq!(
+            p.services[&ip("fdff:2000::2")],
+            (ServiceKind::RoundRobin, vec![ip("fc00::203")])
+        );
+        assert!(!p.services.contains_key(&ip("10.30.0.6")));
     }
 
     #[test]

@@ -65,8 +65,43 @@ async fn subnet_request() {
     let subnet = link.request_subnet(Duration::from_secs(10)).await.unwrap();
     assert_eq!(subnet.v4.to_string(), "10.18.0.64");
     assert_eq!(subnet.v6.to_string(), "fc00::40");
+    // The real cluster allocates a fresh subnet for every request: one
+    // registration must ask exactly once, also after the answer arrived.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let reqs = csm.seen_on(&format!("nodes/{NODE}/net/subnet"));
-    assert_eq!(reqs[0], json!({"METHOD": "GET"}));
+    assert_eq!(reqs, vec![json!({"METHOD": "GET"})]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_subnet_request_is_not_repeated_early_and_first_answer_wins() {
+    if !have_mosquitto("unanswered_subnet_request_is_not_repeated_early_and_first_answer_wins") {
+        return;
+    }
+    let dir = TempDir::new();
+    let broker = Broker::start(&dir, None);
+    let csm = ClusterDouble::start(broker.port, None, ("10.18.0.64", "fc00::40"));
+    csm.subnet_silent.store(true, Ordering::SeqCst);
+    let (link, _rx) = link(broker.port, |_| {});
+    let asking = tokio::spawn({
+        let link = link.clone();
+        async move { link.request_subnet(Duration::from_secs(30)).await }
+    });
+    // Longer than the old 3 s retry, shorter than upstream's 10 s.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let topic = format!("nodes/{NODE}/net/subnet");
+    assert_eq!(csm.seen_on(&topic).len(), 1, "asked again too early");
+    let result = format!("nodes/{NODE}/net/subnetwork/result");
+    csm.publish(
+        &result,
+        r#"{"address":"10.18.1.0","addressv6":"fc00::100"}"#,
+    );
+    csm.publish(
+        &result,
+        r#"{"address":"10.18.2.0","addressv6":"fc00::200"}"#,
+    );
+    let subnet = asking.await.unwrap().unwrap();
+    assert_eq!(subnet.v4.to_string(), "10.18.1.0");
+    assert_eq!(csm.seen_on(&topic).len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

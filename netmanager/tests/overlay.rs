@@ -163,6 +163,91 @@ fn service_ip_across_two_nodes() {
     drop(csm);
 }
 
+/// The real cluster service manager lists an instance that is scheduled but
+/// not running yet with `null` addresses (contract 3). The running instance
+/// must stay reachable through the shared address.
+#[test]
+fn pending_instance_with_null_fields_keeps_the_running_one_reachable() {
+    let test = "pending_instance_with_null_fields_keeps_the_running_one_reachable";
+    if !require_root(test) {
+        return;
+    }
+    if !python_available() || !std::path::Path::new("/sys/fs/bpf").exists() {
+        eprintln!("SKIP {test}: needs python3 and bpffs");
+        return;
+    }
+    let dir = TempDir::new();
+    let underlay = Underlay::new();
+    let (n1, n2) = (underlay.node(1), underlay.node(2));
+    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
+    let csm = ClusterDouble::start_at(
+        "198.51.100.254",
+        broker.port,
+        Some(&underlay.ns),
+        ("10.18.0.0", "fc00::"),
+    );
+    csm.subnets
+        .lock()
+        .unwrap()
+        .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
+    csm.set_table(
+        CLIENT,
+        json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
+    );
+    let pending = json!({"instance_number": 1, "instance_ip": "10.30.0.3", "namespace_ip": null,
+        "namespace_ip_v6": null, "host_ip": null, "host_port": null,
+        "service_ip": [
+            {"IpType": "RR", "Address": "10.30.1.1", "Address_v6": "fdff:2000::1:1"},
+            {"IpType": "instance_ip", "Address": "10.30.0.3", "Address_v6": "fdff::3"}]});
+    csm.set_table(
+        SERVER,
+        json!({"instance_list": [
+            instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2")),
+            pending]}),
+    );
+    let nm1 = Daemon::start_ebpf(&dir, &n1, broker.port, "n1");
+    let nm2 = Daemon::start_ebpf(&dir, &n2, broker.port, "n2");
+    for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
+        let (code, body) = nm.post(
+            "/register",
+            &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+    let (client, server) = (container(), container());
+    for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
+        let (code, a) = nm.post(
+            "/container/deploy",
+            &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
+                .to_string(),
+        );
+        assert_eq!(code, 200, "{a}");
+    }
+    let _srv = tcp_server(&server, 7000);
+    std::thread::sleep(Duration::from_millis(500));
+    for round in 0..4 {
+        assert_eq!(
+            tcp_get(&client, "10.30.1.1", 7000).as_deref(),
+            Some("hello 10.30.0.1"),
+            "connection {round}; node1 log:\n{}",
+            nm1.log_text()
+        );
+    }
+    let (_, st) = nm1.get("/status");
+    assert!(
+        st["routes"]["jobs"]
+            .as_array()
+            .is_some_and(|j| j.contains(&json!(SERVER))),
+        "{st}"
+    );
+    assert!(
+        !nm1.log_text().contains("malformed table query result"),
+        "{}",
+        nm1.log_text()
+    );
+    drop(csm);
+}
+
 fn echo_server(c: &Proc, port: u16) -> Proc {
     let script = format!(
         "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\

@@ -1,21 +1,24 @@
 //! Payloads exchanged with the cluster service manager (contract 2.3).
 //!
-//! Incoming documents are parsed leniently: unknown keys are ignored, absent
-//! keys take defaults, and numbers may arrive as strings (upstream clusters
-//! send both). Addresses stay strings here; `services` parses them and skips
-//! the ones that are not valid, so one bad entry does not discard a table.
+//! Incoming documents are parsed leniently, the way upstream's Go structs
+//! read them: unknown keys are ignored, absent keys and `null` take the empty
+//! value, and numbers may arrive as strings (upstream clusters send both).
+//! The real cluster lists instances that are scheduled but not running yet
+//! with `null` addresses (contract 3), so a list entry that cannot be read
+//! costs only that entry, never the whole message. Addresses stay strings
+//! here; `services` parses them and skips the ones that are not valid.
 
-use serde::de::{self, Deserializer};
+use serde::de::{self, DeserializeOwned, Deserializer};
 use serde::{Deserialize, Serialize};
 
 /// `tablequery/result`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct TableResult {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_string")]
     pub app_name: String,
-    #[serde(default, deserialize_with = "string_or_number")]
+    #[serde(default, deserialize_with = "lenient_string")]
     pub query_key: String,
-    #[serde(default, deserialize_with = "null_as_empty")]
+    #[serde(default, deserialize_with = "lenient_list")]
     pub instance_list: Vec<TableInstance>,
 }
 
@@ -23,38 +26,35 @@ pub struct TableResult {
 pub struct TableInstance {
     #[serde(default, deserialize_with = "u32_lenient")]
     pub instance_number: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_string")]
     pub namespace_ip: String,
-    #[serde(default, deserialize_with = "null_as_empty_string")]
+    #[serde(default, deserialize_with = "lenient_string")]
     pub namespace_ip_v6: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_string")]
     pub host_ip: String,
+    /// 0 when absent or `null` (an instance that is not running yet).
     #[serde(default, deserialize_with = "u16_lenient")]
     pub host_port: u16,
-    #[serde(default, deserialize_with = "null_as_empty")]
+    #[serde(default, deserialize_with = "lenient_list")]
     pub service_ip: Vec<ServiceIpEntry>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct ServiceIpEntry {
-    #[serde(rename = "IpType", default)]
+    #[serde(rename = "IpType", default, deserialize_with = "lenient_string")]
     pub ip_type: String,
-    #[serde(rename = "Address", default, deserialize_with = "null_as_empty_string")]
+    #[serde(rename = "Address", default, deserialize_with = "lenient_string")]
     pub address: String,
-    #[serde(
-        rename = "Address_v6",
-        default,
-        deserialize_with = "null_as_empty_string"
-    )]
+    #[serde(rename = "Address_v6", default, deserialize_with = "lenient_string")]
     pub address_v6: String,
 }
 
 /// `subnetwork/result`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SubnetResult {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_string")]
     pub address: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_string")]
     pub addressv6: String,
 }
 
@@ -94,23 +94,45 @@ pub struct InterestRemove<'a> {
     pub appname: &'a str,
 }
 
-fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+/// A list whose entries are read one by one: `null` or a non-list is empty,
+/// and an entry that does not parse is logged and left out.
+fn lenient_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
-    T: Deserialize<'de>,
+    T: DeserializeOwned,
 {
-    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+    let entries = match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Array(entries) => entries,
+        serde_json::Value::Null => return Ok(Vec::new()),
+        other => {
+            tracing::warn!(found = %other, "expected a list; treated as empty");
+            return Ok(Vec::new());
+        }
+    };
+    Ok(entries
+        .into_iter()
+        .filter_map(|entry| match T::deserialize(&entry) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(%entry, "skipping a list entry that cannot be read: {e}");
+                None
+            }
+        })
+        .collect())
 }
 
-fn null_as_empty_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
-}
-
-fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+/// A string; `null` is empty and a number or boolean is taken as its text.
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(match serde_json::Value::deserialize(d)? {
         serde_json::Value::String(s) => s,
         serde_json::Value::Null => String::new(),
-        other => other.to_string(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        other => {
+            return Err(de::Error::custom(format!(
+                "expected a string, found {other}"
+            )));
+        }
     })
 }
 
@@ -157,6 +179,53 @@ mod tests {
         assert_eq!(r.instance_list[1].host_port, 50104);
         assert_eq!(r.instance_list[1].instance_number, 1);
         assert!(r.instance_list[1].service_ip.is_empty());
+    }
+
+    #[test]
+    fn pending_instance_with_null_fields_is_kept_empty() {
+        let r: TableResult = serde_json::from_str(include_str!(
+            "../../tests/fixtures/tablequery-result-pending-instance.json"
+        ))
+        .unwrap();
+        assert_eq!(r.instance_list.len(), 2);
+        assert_eq!(r.instance_list[0].host_ip, "198.51.100.2");
+        let pending = &r.instance_list[1];
+        assert_eq!(pending.instance_number, 1);
+        assert_eq!(pending.namespace_ip, "");
+        assert_eq!(pending.namespace_ip_v6, "");
+        assert_eq!(pending.host_ip, "");
+        assert_eq!(pending.host_port, 0);
+        assert_eq!(pending.service_ip.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_entry_costs_only_that_entry() {
+        let r: TableResult = serde_json::from_str(
+            r#"{"app_name":null,"query_key":null,"instance_list":[
+                {"instance_number":0,"namespace_ip":"10.18.0.2","host_ip":"1.2.3.4","host_port":50103,
+                 "service_ip":[{"IpType":"RR","Address":"10.30.0.9"},{"IpType":["x"]},7,null]},
+                {"instance_number":"one","namespace_ip":"10.18.0.3"},
+                {"instance_number":2,"host_port":70000},
+                "garbage",
+                null,
+                {"instance_number":3,"namespace_ip":{"a":1}},
+                {"instance_number":4,"namespace_ip":"10.18.0.5","host_ip":"1.2.3.4","host_port":"50103"}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.app_name, "");
+        let numbers: Vec<u32> = r.instance_list.iter().map(|i| i.instance_number).collect();
+        assert_eq!(numbers, vec![0, 4]);
+        assert_eq!(r.instance_list[0].service_ip.len(), 1);
+        assert_eq!(r.instance_list[1].host_port, 50103);
+    }
+
+    #[test]
+    fn subnet_result_with_nulls() {
+        let r: SubnetResult =
+            serde_json::from_str(r#"{"address":"10.18.0.64","addressv6":null}"#).unwrap();
+        assert_eq!(r.address, "10.18.0.64");
+        assert_eq!(r.addressv6, "");
     }
 
     #[test]

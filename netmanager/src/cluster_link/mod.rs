@@ -24,6 +24,12 @@ use tokio::task::JoinHandle;
 use crate::addresses::Subnet;
 pub use messages::{ServiceIpEntry, TableInstance, TableResult};
 
+/// How long an unanswered subnet request waits before it is repeated
+/// (upstream's worker waits about as long).
+pub const SUBNET_RETRY: Duration = Duration::from_secs(10);
+
+const SUBNET_REQUEST: &[u8] = br#"{"METHOD":"GET"}"#;
+
 /// What a table query asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum QueryKey {
@@ -99,6 +105,8 @@ struct Shared {
     client: AsyncClient,
     state: Mutex<LinkState>,
     events: mpsc::UnboundedSender<LinkEvent>,
+    /// True while connected and subscribed to the result topics.
+    connected: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -151,6 +159,7 @@ impl ClusterLink {
             client,
             state: Mutex::new(LinkState::default()),
             events: tx,
+            connected: tokio::sync::watch::Sender::new(false),
         });
         let poller = tokio::spawn(run_eventloop(shared.clone(), eventloop));
         let sweeper = tokio::spawn(sweep_interests(shared.clone(), opts.interest_ttl));
@@ -168,27 +177,64 @@ impl ClusterLink {
         &self.shared.node_id
     }
 
-    /// Ask for the node subnet, repeating the request every few seconds
-    /// (the broker may not be reachable yet) until answered or `timeout`.
+    /// Ask for the node subnet once, and again only after
+    /// [`SUBNET_RETRY`] without an answer (contract 3: every request makes
+    /// the cluster allocate a fresh subnet, so asking twice burns one).
+    /// Requests go out only while connected and subscribed, so the answer
+    /// cannot be missed; the first answer is taken, later ones are ignored.
     pub async fn request_subnet(&self, timeout: Duration) -> Result<Subnet> {
         let (tx, mut rx) = oneshot::channel();
         self.shared.state().subnet_waiters.push(tx);
+        let result = self.await_subnet(&mut rx, timeout).await;
+        // A timed-out request must not keep a stale waiter around.
+        self.shared
+            .state()
+            .subnet_waiters
+            .retain(|w| !w.is_closed());
+        result
+    }
+
+    async fn await_subnet(
+        &self,
+        rx: &mut oneshot::Receiver<Subnet>,
+        timeout: Duration,
+    ) -> Result<Subnet> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut connected = self.shared.connected.subscribe();
+        let mut next_ask = tokio::time::Instant::now();
+        let mut asked = false;
         loop {
-            self.publish_net("subnet", br#"{"METHOD":"GET"}"#.to_vec())
-                .await?;
-            let retry = tokio::time::Instant::now() + Duration::from_secs(3);
-            match tokio::time::timeout_at(retry.min(deadline), &mut rx).await {
-                Ok(Ok(subnet)) => return Ok(subnet),
-                Ok(Err(_)) => bail!("MQTT link closed while waiting for the subnet"),
-                Err(_) if tokio::time::Instant::now() >= deadline => {
-                    bail!(
-                        "no subnet from the cluster (broker {}:{}) within {timeout:?}",
-                        self.opts.host,
-                        self.opts.port
-                    )
+            let now = tokio::time::Instant::now();
+            if *connected.borrow_and_update() && now >= next_ask {
+                if asked {
+                    tracing::info!("subnet request unanswered for {SUBNET_RETRY:?}, asking again");
                 }
-                Err(_) => tracing::info!("subnet request unanswered, asking again"),
+                self.publish_net("subnet", SUBNET_REQUEST.to_vec()).await?;
+                asked = true;
+                next_ask = now + SUBNET_RETRY;
+            }
+            let wake = if *connected.borrow() {
+                next_ask.min(deadline)
+            } else {
+                deadline
+            };
+            tokio::select! {
+                answer = &mut *rx => {
+                    return answer.map_err(|_| anyhow!("MQTT link closed while waiting for the subnet"));
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+                changed = connected.changed() => {
+                    if changed.is_err() {
+                        bail!("MQTT link closed while waiting for the subnet");
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "no subnet from the cluster (broker {}:{}) within {timeout:?}",
+                    self.opts.host,
+                    self.opts.port
+                );
             }
         }
     }
@@ -380,6 +426,7 @@ async fn run_eventloop(shared: Arc<Shared>, mut eventloop: EventLoop) {
             Ok(Event::Incoming(Incoming::Publish(p))) => dispatch(&shared, &p.topic, &p.payload),
             Ok(_) => {}
             Err(e) => {
+                shared.connected.send_replace(false);
                 if !was_down {
                     tracing::warn!("MQTT connection lost: {e}; reconnecting");
                 }
@@ -395,12 +442,11 @@ async fn on_connected(shared: Arc<Shared>) {
         shared.net_topic("tablequery/result"),
         shared.net_topic("subnetwork/result"),
     ];
-    let (jobs, queries, want_subnet) = {
+    let (jobs, queries) = {
         let st = shared.state();
         (
             st.interests.keys().cloned().collect::<Vec<_>>(),
             st.pending.keys().cloned().collect::<Vec<_>>(),
-            !st.subnet_waiters.is_empty(),
         )
     };
     topics.extend(jobs.iter().map(|j| updates_topic(j)));
@@ -438,17 +484,9 @@ async fn on_connected(shared: Arc<Shared>) {
                 .await;
         }
     }
-    if want_subnet {
-        let _ = shared
-            .client
-            .publish(
-                shared.net_topic("subnet"),
-                QoS::AtLeastOnce,
-                false,
-                br#"{"METHOD":"GET"}"#.to_vec(),
-            )
-            .await;
-    }
+    // Subscriptions are queued before this point, so a subnet request sent
+    // from now on cannot overtake them.
+    shared.connected.send_replace(true);
     let _ = shared.events.send(LinkEvent::Connected);
 }
 
@@ -465,6 +503,9 @@ fn dispatch(shared: &Shared, topic: &str, payload: &[u8]) {
         {
             Ok(subnet) => {
                 let waiters = std::mem::take(&mut shared.state().subnet_waiters);
+                if waiters.is_empty() {
+                    tracing::info!(subnet = %subnet.v4, "ignoring a subnet result nobody asked for");
+                }
                 for w in waiters {
                     let _ = w.send(subnet);
                 }

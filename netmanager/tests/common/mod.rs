@@ -401,6 +401,8 @@ pub struct ClusterDouble {
     pub tables: Arc<Mutex<HashMap<String, Value>>>,
     /// When true, table queries go unanswered.
     pub silent: Arc<std::sync::atomic::AtomicBool>,
+    /// When true, subnet requests go unanswered.
+    pub subnet_silent: Arc<std::sync::atomic::AtomicBool>,
     cmds: tokio::sync::mpsc::UnboundedSender<Cmd>,
     _thread: std::thread::JoinHandle<()>,
 }
@@ -422,11 +424,17 @@ impl ClusterDouble {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let tables = Arc::new(Mutex::new(HashMap::new()));
         let silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let subnet_silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let ns_file = netns.map(|n| File::open(n.path()).unwrap());
         let subnet = (subnet.0.to_string(), subnet.1.to_string());
-        let (s, t, q) = (seen.clone(), tables.clone(), silent.clone());
+        let (s, t, q, qs) = (
+            seen.clone(),
+            tables.clone(),
+            silent.clone(),
+            subnet_silent.clone(),
+        );
         let thread = std::thread::spawn(move || {
             if let Some(f) = ns_file {
                 // SAFETY: only this thread changes namespace; its sockets live there.
@@ -436,7 +444,9 @@ impl ClusterDouble {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(double_loop(&host, port, subnet, sn, s, t, q, rx, ready_tx));
+            rt.block_on(double_loop(
+                &host, port, subnet, sn, s, t, q, qs, rx, ready_tx,
+            ));
         });
         ready_rx
             .recv_timeout(Duration::from_secs(10))
@@ -446,6 +456,7 @@ impl ClusterDouble {
             seen,
             tables,
             silent,
+            subnet_silent,
             cmds: tx,
             _thread: thread,
         }
@@ -507,6 +518,7 @@ async fn double_loop(
     seen: Arc<Mutex<Seen>>,
     tables: Arc<Mutex<HashMap<String, Value>>>,
     silent: Arc<std::sync::atomic::AtomicBool>,
+    subnet_silent: Arc<std::sync::atomic::AtomicBool>,
     mut cmds: tokio::sync::mpsc::UnboundedReceiver<Cmd>,
     ready: std::sync::mpsc::Sender<()>,
 ) {
@@ -527,7 +539,7 @@ async fn double_loop(
                     if parts.len() < 4 { continue; }
                     let node = parts[1];
                     let rest = parts[3..].join("/");
-                    if rest == "subnet" {
+                    if rest == "subnet" && !subnet_silent.load(Ordering::SeqCst) {
                         let (v4, v6) = subnets.lock().unwrap().get(node).cloned().unwrap_or_else(|| subnet.clone());
                         let body = json!({"address": v4, "addressv6": v6});
                         let _ = client.publish(format!("nodes/{node}/net/subnetwork/result"), QoS::AtLeastOnce, false, body.to_string()).await;
