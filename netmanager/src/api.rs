@@ -16,12 +16,14 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
-use crate::node::{Daemon, DeployRequest, NodeError};
+use crate::node::{Daemon, NodeError};
 use crate::state::DeploymentKind;
+use worker_common::netmanager_api::{
+    DeployRequest, RegisterAnswer, RegisterRequest, UndeployAnswer, UndeployRequest,
+};
 
 /// Bodies are tiny; anything larger is not ours.
 const MAX_BODY: usize = 64 * 1024;
@@ -110,21 +112,6 @@ async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Reply {
     reply
 }
 
-#[derive(Deserialize)]
-struct RegisterRequest {
-    client_id: String,
-    #[serde(default)]
-    cluster_address: String,
-}
-
-#[derive(Deserialize)]
-struct UndeployRequest {
-    #[serde(rename = "serviceName")]
-    service_name: String,
-    #[serde(rename = "instanceNumber")]
-    instance_number: u32,
-}
-
 async fn route(daemon: &Daemon, method: &Method, path: &str, req: Request<Incoming>) -> Reply {
     let path = path.trim_end_matches('/');
     match (method, path) {
@@ -134,7 +121,10 @@ async fn route(daemon: &Daemon, method: &Method, path: &str, req: Request<Incomi
             Ok(b) => match daemon.register(&b.client_id, &b.cluster_address).await {
                 Ok(()) => json(
                     StatusCode::OK,
-                    &serde_json::json!({"client_id": b.client_id}),
+                    &serde_json::to_value(RegisterAnswer {
+                        client_id: b.client_id,
+                    })
+                    .unwrap_or_default(),
                 ),
                 Err(e) => from_node_error(e),
             },
@@ -151,11 +141,12 @@ async fn route(daemon: &Daemon, method: &Method, path: &str, req: Request<Incomi
                 Ok(b) => match daemon.undeploy(&b.service_name, b.instance_number).await {
                     Ok(found) => json(
                         StatusCode::OK,
-                        &serde_json::json!({
-                            "serviceName": b.service_name,
-                            "instanceNumber": b.instance_number,
-                            "undeployed": found,
-                        }),
+                        &serde_json::to_value(UndeployAnswer {
+                            service_name: b.service_name,
+                            instance_number: b.instance_number,
+                            undeployed: found,
+                        })
+                        .unwrap_or_default(),
                     ),
                     Err(e) => from_node_error(e),
                 },

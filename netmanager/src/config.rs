@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Map, Value};
 
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/netmanager/netcfg.json";
-pub const DEFAULT_SOCKET_PATH: &str = "/etc/netmanager/netmanager.sock";
+pub use worker_common::paths::NETMANAGER_CONFIG as DEFAULT_CONFIG_PATH;
+pub use worker_common::paths::NETMANAGER_SOCKET as DEFAULT_SOCKET_PATH;
 pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/oakestra";
 pub const DEFAULT_STATE_PATH: &str = "/run/oakestra/netmanager-state.json";
 pub const DEFAULT_LOG_PATH: &str = "/var/log/oakestra/netmanager.log";

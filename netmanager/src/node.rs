@@ -18,6 +18,8 @@ use crate::forwarding::{Ebpf, Forwarding, InMemory};
 use crate::plumbing::{self, NetnsRef, Plumbing, nft};
 use crate::services::{LocalView, ServiceTables};
 use crate::state::{self, Deployment, DeploymentKind, PersistedState};
+pub use worker_common::netmanager_api::{DeployAnswer, DeployRequest};
+use worker_common::task_id::task_id;
 
 /// How an operation failed, for the HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -149,43 +151,10 @@ impl Daemon {
     }
 }
 
-/// Body of `/container/deploy` and `/unikernel/deploy`.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct DeployRequest {
-    #[serde(default)]
-    pub pid: u32,
-    #[serde(rename = "serviceName")]
-    pub service_name: String,
-    #[serde(rename = "instanceNumber")]
-    pub instance_number: u32,
-    #[serde(rename = "portMappings", default)]
-    pub port_mappings: String,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DeployAnswer {
-    #[serde(rename = "serviceName")]
-    pub service_name: String,
-    #[serde(rename = "nsAddress")]
-    pub ns_address: String,
-    #[serde(rename = "nsAddressv6")]
-    pub ns_address_v6: String,
-}
-
-/// Job names are "app.appns.service.servicens": exactly four non-empty parts.
+/// Job names name files, namespaces and MQTT topics: the shared rule.
 pub fn validate_service_name(name: &str) -> NodeResult<()> {
-    let parts: Vec<&str> = name.split('.').collect();
-    if parts.len() != 4 || parts.iter().any(|p| p.is_empty()) {
-        return bad(format!(
-            "serviceName {name:?} must have exactly four dot-separated parts"
-        ));
-    }
-    if name.len() > 200 || name.contains('/') || name.chars().any(char::is_whitespace) {
-        return bad(format!(
-            "serviceName {name:?} contains characters not allowed in a job name"
-        ));
-    }
-    Ok(())
+    worker_common::task_id::validate_job_name(name)
+        .map_err(|e| NodeError::BadRequest(format!("serviceName: {e}")))
 }
 
 struct Inner {
@@ -425,7 +394,7 @@ impl Node {
         kind: DeploymentKind,
     ) -> NodeResult<DeployAnswer> {
         let _op = self.ops.lock().await;
-        let key = state::task_key(&req.service_name, req.instance_number);
+        let key = task_id(&req.service_name, req.instance_number);
         if let Some(existing) = lock(&self.inner).deployments.get(&key).cloned() {
             if existing.pid == req.pid && existing.kind == kind {
                 // A retry of a deployment that already succeeded.
@@ -581,7 +550,7 @@ impl Node {
 
     async fn undeploy(self: &Arc<Self>, service_name: &str, instance: u32) -> NodeResult<bool> {
         let _op = self.ops.lock().await;
-        let key = state::task_key(service_name, instance);
+        let key = task_id(service_name, instance);
         let Some(d) = lock(&self.inner).deployments.remove(&key) else {
             tracing::info!(%key, "undeploy of an unknown instance");
             return Ok(false);

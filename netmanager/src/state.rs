@@ -37,12 +37,8 @@ pub struct Deployment {
 impl Deployment {
     /// "<job>.instance.<n>": the task id upstream uses, also our map key.
     pub fn key(&self) -> String {
-        task_key(&self.service_name, self.instance)
+        worker_common::task_id::task_id(&self.service_name, self.instance)
     }
-}
-
-pub fn task_key(service_name: &str, instance: u32) -> String {
-    format!("{service_name}.instance.{instance}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Default location of the configuration file.
-pub const DEFAULT_CONF_PATH: &str = "/etc/oakestra/conf.json";
+pub use worker_common::paths::NODEENGINE_CONFIG as DEFAULT_CONF_PATH;
 /// Environment variable that overrides [`DEFAULT_CONF_PATH`] (used by tests and by
 /// operators who keep several worker identities on one machine).
 pub const CONF_ENV: &str = "OAKESTRA_CONF";
 /// Default NetManager socket.
-pub const DEFAULT_NETMANAGER_SOCK: &str = "/etc/netmanager/netmanager.sock";
+pub use worker_common::paths::NETMANAGER_SOCKET as DEFAULT_NETMANAGER_SOCK;
 
 /// `overlay_network` value meaning "NodeEngine starts NetManager".
 pub const OVERLAY_AUTO: &str = "default";

@@ -21,7 +21,7 @@ use crate::containerd_runtime::{
 use crate::job::{
     self, DeleteRequest, DeployRequest, JobStatus, ResourcesReport, ServiceResources, StatusReport,
 };
-use crate::netmanager_client::{DeployBody, NetManagerClient, UndeployBody};
+use crate::netmanager_client::{self, NetManagerClient, UndeployRequest};
 use crate::oci_spec::{self, SpecInput};
 use crate::unikernel::UnikernelRuntime;
 
@@ -381,11 +381,11 @@ impl Engine {
         // The address must exist before the process runs: attach between create and start.
         if let Some(net) = &self.s.netmanager {
             let answer = net
-                .deploy_container(&DeployBody {
+                .deploy_container(&netmanager_client::DeployRequest {
                     pid,
-                    service_name: &req.job_name,
+                    service_name: req.job_name.clone(),
                     instance_number: req.instance,
-                    port_mappings: &req.port,
+                    port_mappings: req.port.clone(),
                 })
                 .await
                 .context("attaching the overlay network")?;
@@ -399,8 +399,8 @@ impl Engine {
         let Some(net) = &self.s.netmanager else {
             return;
         };
-        let body = UndeployBody {
-            service_name: job_name,
+        let body = UndeployRequest {
+            service_name: job_name.to_string(),
             instance_number: instance,
         };
         let res = match kind {

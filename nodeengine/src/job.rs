@@ -91,17 +91,7 @@ pub struct DeleteRequest {
     pub virtualization: String,
 }
 
-pub fn task_id(job_name: &str, instance: u32) -> String {
-    format!("{job_name}.instance.{instance}")
-}
-
-/// Splits a task id back into job name and instance number.
-pub fn parse_task_id(id: &str) -> Option<(String, u32)> {
-    let (job, n) = id.rsplit_once(".instance.")?;
-    let n = n.parse().ok()?;
-    validate_job_name(job).ok()?;
-    Some((job.to_string(), n))
-}
+pub use worker_common::task_id::{parse_task_id, task_id};
 
 /// Lower-cases the top-level keys so `Job_Name` and `job_name` are the same field.
 fn lowercase_keys(v: Value) -> Result<Map<String, Value>, JobError> {
@@ -114,35 +104,12 @@ fn lowercase_keys(v: Value) -> Result<Map<String, Value>, JobError> {
     }
 }
 
-/// `app.appns.service.servicens`: exactly four non-empty parts of `[A-Za-z0-9_-]`.
-/// This is what makes the task id safe as a containerd id and as a file name.
+/// The shared job-name rule (`worker_common::task_id`), as a field error.
 pub fn validate_job_name(name: &str) -> Result<(), JobError> {
-    let invalid = |reason: &str| JobError::Invalid {
+    worker_common::task_id::validate_job_name(name).map_err(|e| JobError::Invalid {
         field: "job_name",
-        reason: reason.to_string(),
-    };
-    if name.len() > 200 {
-        return Err(invalid("longer than 200 characters"));
-    }
-    let parts: Vec<&str> = name.split('.').collect();
-    if parts.len() != 4 {
-        return Err(invalid("must have exactly four dot-separated parts"));
-    }
-    for p in parts {
-        if p.is_empty() {
-            return Err(invalid("has an empty part"));
-        }
-        if !p
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(invalid("only letters, digits, '_' and '-' are allowed"));
-        }
-        if !p.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-            return Err(invalid("each part must start with a letter or digit"));
-        }
-    }
-    Ok(())
+        reason: e.to_string(),
+    })
 }
 
 fn get_str(m: &Map<String, Value>, key: &'static str) -> Result<Option<String>, JobError> {
@@ -391,14 +358,5 @@ mod tests {
         let v = serde_json::to_value(&s).expect("serialise");
         assert_eq!(v["status"], "UNDEPLOYED");
         assert_eq!(v["instance"], 1);
-    }
-
-    #[test]
-    fn task_id_round_trip() {
-        assert_eq!(
-            parse_task_id("a.b.c.d.instance.7"),
-            Some(("a.b.c.d".to_string(), 7))
-        );
-        assert_eq!(parse_task_id("foo"), None);
     }
 }

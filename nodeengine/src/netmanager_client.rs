@@ -8,45 +8,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::UnixStream;
-
-/// A container or VM deployment request body.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct DeployBody<'a> {
-    pub pid: u32,
-    #[serde(rename = "serviceName")]
-    pub service_name: &'a str,
-    #[serde(rename = "instanceNumber")]
-    pub instance_number: u32,
-    #[serde(rename = "portMappings")]
-    pub port_mappings: &'a str,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct UndeployBody<'a> {
-    #[serde(rename = "serviceName")]
-    pub service_name: &'a str,
-    #[serde(rename = "instanceNumber")]
-    pub instance_number: u32,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RegisterBody<'a> {
-    pub client_id: &'a str,
-    pub cluster_address: &'a str,
-}
-
-/// NetManager's answer to a deployment.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
-pub struct DeployAnswer {
-    #[serde(rename = "serviceName", default)]
-    pub service_name: String,
-    #[serde(rename = "nsAddress", default)]
-    pub ns_address: String,
-    #[serde(rename = "nsAddressv6", default)]
-    pub ns_address_v6: String,
-}
+pub use worker_common::netmanager_api::{DeployAnswer, DeployRequest, UndeployRequest};
+use worker_common::netmanager_api::{RegisterRequest, routes};
 
 #[derive(Debug, Clone)]
 pub struct NetManagerClient {
@@ -67,30 +32,34 @@ impl NetManagerClient {
     }
 
     pub async fn register(&self, node_id: &str, cluster_address: &str) -> Result<()> {
-        let body = RegisterBody {
-            client_id: node_id,
-            cluster_address,
+        let body = RegisterRequest {
+            client_id: node_id.to_string(),
+            cluster_address: cluster_address.to_string(),
         };
-        self.post("/register", &body).await.map(|_| ())
+        self.post(routes::REGISTER, &body).await.map(|_| ())
     }
 
-    pub async fn deploy_container(&self, body: &DeployBody<'_>) -> Result<DeployAnswer> {
-        let raw = self.post("/container/deploy", body).await?;
+    pub async fn deploy_container(&self, body: &DeployRequest) -> Result<DeployAnswer> {
+        let raw = self.post(routes::CONTAINER_DEPLOY, body).await?;
         // An empty or odd answer is not fatal: the netns is configured either way.
         Ok(serde_json::from_slice(&raw).unwrap_or_default())
     }
 
-    pub async fn undeploy_container(&self, body: &UndeployBody<'_>) -> Result<()> {
-        self.post("/container/undeploy", body).await.map(|_| ())
+    pub async fn undeploy_container(&self, body: &UndeployRequest) -> Result<()> {
+        self.post(routes::CONTAINER_UNDEPLOY, body)
+            .await
+            .map(|_| ())
     }
 
-    pub async fn deploy_unikernel(&self, body: &DeployBody<'_>) -> Result<DeployAnswer> {
-        let raw = self.post("/unikernel/deploy", body).await?;
+    pub async fn deploy_unikernel(&self, body: &DeployRequest) -> Result<DeployAnswer> {
+        let raw = self.post(routes::UNIKERNEL_DEPLOY, body).await?;
         Ok(serde_json::from_slice(&raw).unwrap_or_default())
     }
 
-    pub async fn undeploy_unikernel(&self, body: &UndeployBody<'_>) -> Result<()> {
-        self.post("/unikernel/undeploy", body).await.map(|_| ())
+    pub async fn undeploy_unikernel(&self, body: &UndeployRequest) -> Result<()> {
+        self.post(routes::UNIKERNEL_UNDEPLOY, body)
+            .await
+            .map(|_| ())
     }
 
     /// POSTs a JSON body; any non-2xx answer is an error carrying NetManager's text.

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::http_client::{self, Url};
 use crate::job::DeployRequest;
-use crate::netmanager_client::{DeployBody, NetManagerClient, UndeployBody};
+use crate::netmanager_client::{self, NetManagerClient, UndeployRequest};
 use crate::node_report::{find_on_path, go_arch};
 
 /// Largest kernel archive we download.
@@ -91,11 +91,11 @@ impl UnikernelRuntime {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let kernel = fetch_kernel(&kernel_url(req)?, &dir).await?;
         if let Some(net) = net {
-            net.deploy_unikernel(&DeployBody {
+            net.deploy_unikernel(&netmanager_client::DeployRequest {
                 pid: 0,
-                service_name: &req.job_name,
+                service_name: req.job_name.clone(),
                 instance_number: req.instance,
-                port_mappings: &req.port,
+                port_mappings: req.port.clone(),
             })
             .await
             .context("preparing the unikernel network")?;
@@ -105,8 +105,8 @@ impl UnikernelRuntime {
             Err(e) => {
                 if let Some(net) = net {
                     let _ = net
-                        .undeploy_unikernel(&UndeployBody {
-                            service_name: &req.job_name,
+                        .undeploy_unikernel(&UndeployRequest {
+                            service_name: req.job_name.clone(),
                             instance_number: req.instance,
                         })
                         .await;

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use nodeengine::netmanager_client::{DeployBody, NetManagerClient, UndeployBody};
+use nodeengine::netmanager_client::{DeployRequest, NetManagerClient, UndeployRequest};
 use serde_json::{Value, json};
 
 type Seen = Arc<Mutex<Vec<(String, String, Value)>>>;
@@ -66,19 +66,19 @@ async fn bodies_are_exactly_the_contract() {
         .await
         .expect("register");
     let answer = client
-        .deploy_container(&DeployBody {
+        .deploy_container(&DeployRequest {
             pid: 4242,
-            service_name: "clientsrvr.test.curl.test",
+            service_name: "clientsrvr.test.curl.test".into(),
             instance_number: 3,
-            port_mappings: "9080:80/tcp;9081",
+            port_mappings: "9080:80/tcp;9081".into(),
         })
         .await
         .expect("deploy");
     assert_eq!(answer.ns_address, "10.18.0.2");
     assert_eq!(answer.ns_address_v6, "fc00::2");
     client
-        .undeploy_container(&UndeployBody {
-            service_name: "clientsrvr.test.curl.test",
+        .undeploy_container(&UndeployRequest {
+            service_name: "clientsrvr.test.curl.test".into(),
             instance_number: 3,
         })
         .await
@@ -114,11 +114,11 @@ async fn error_answers_carry_netmanagers_text() {
     let _seen = serve(sock.clone());
     let client = NetManagerClient::new(&sock);
     let err = client
-        .deploy_unikernel(&DeployBody {
+        .deploy_unikernel(&DeployRequest {
             pid: 0,
-            service_name: "a.b.c.d",
+            service_name: "a.b.c.d".into(),
             instance_number: 0,
-            port_mappings: "",
+            port_mappings: "".into(),
         })
         .await
         .expect_err("400 must be an error");

@@ -8,53 +8,53 @@
 //! costs only that entry, never the whole message. Addresses stay strings
 //! here; `services` parses them and skips the ones that are not valid.
 
-use serde::de::{self, DeserializeOwned, Deserializer};
 use serde::{Deserialize, Serialize};
+use worker_common::lenient;
 
 /// `tablequery/result`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct TableResult {
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub app_name: String,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub query_key: String,
-    #[serde(default, deserialize_with = "lenient_list")]
+    #[serde(default, deserialize_with = "lenient::list")]
     pub instance_list: Vec<TableInstance>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct TableInstance {
-    #[serde(default, deserialize_with = "u32_lenient")]
+    #[serde(default, deserialize_with = "lenient::u32")]
     pub instance_number: u32,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub namespace_ip: String,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub namespace_ip_v6: String,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub host_ip: String,
     /// 0 when absent or `null` (an instance that is not running yet).
-    #[serde(default, deserialize_with = "u16_lenient")]
+    #[serde(default, deserialize_with = "lenient::u16")]
     pub host_port: u16,
-    #[serde(default, deserialize_with = "lenient_list")]
+    #[serde(default, deserialize_with = "lenient::list")]
     pub service_ip: Vec<ServiceIpEntry>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct ServiceIpEntry {
-    #[serde(rename = "IpType", default, deserialize_with = "lenient_string")]
+    #[serde(rename = "IpType", default, deserialize_with = "lenient::string")]
     pub ip_type: String,
-    #[serde(rename = "Address", default, deserialize_with = "lenient_string")]
+    #[serde(rename = "Address", default, deserialize_with = "lenient::string")]
     pub address: String,
-    #[serde(rename = "Address_v6", default, deserialize_with = "lenient_string")]
+    #[serde(rename = "Address_v6", default, deserialize_with = "lenient::string")]
     pub address_v6: String,
 }
 
 /// `subnetwork/result`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SubnetResult {
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub address: String,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(default, deserialize_with = "lenient::string")]
     pub addressv6: String,
 }
 
@@ -92,74 +92,6 @@ pub struct AddressChanged<'a> {
 #[derive(Debug, Serialize)]
 pub struct InterestRemove<'a> {
     pub appname: &'a str,
-}
-
-/// A list whose entries are read one by one: `null` or a non-list is empty,
-/// and an entry that does not parse is logged and left out.
-fn lenient_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: DeserializeOwned,
-{
-    let entries = match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Array(entries) => entries,
-        serde_json::Value::Null => return Ok(Vec::new()),
-        other => {
-            tracing::warn!(found = %other, "expected a list; treated as empty");
-            return Ok(Vec::new());
-        }
-    };
-    Ok(entries
-        .into_iter()
-        .filter_map(|entry| match T::deserialize(&entry) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::warn!(%entry, "skipping a list entry that cannot be read: {e}");
-                None
-            }
-        })
-        .collect())
-}
-
-/// A string; `null` is empty and a number or boolean is taken as its text.
-fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::String(s) => s,
-        serde_json::Value::Null => String::new(),
-        serde_json::Value::Number(n) => n.to_string(),
-        serde_json::Value::Bool(b) => b.to_string(),
-        other => {
-            return Err(de::Error::custom(format!(
-                "expected a string, found {other}"
-            )));
-        }
-    })
-}
-
-fn u64_lenient<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Number(n) => n
-            .as_u64()
-            .ok_or_else(|| de::Error::custom(format!("{n} is not a non-negative integer"))),
-        serde_json::Value::String(s) => s
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| de::Error::custom(format!("{s:?} is not a number"))),
-        serde_json::Value::Null => Ok(0),
-        other => Err(de::Error::custom(format!(
-            "expected a number, found {other}"
-        ))),
-    }
-}
-
-fn u16_lenient<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
-    let v = u64_lenient(d)?;
-    u16::try_from(v).map_err(|_| de::Error::custom(format!("{v} is not a port")))
-}
-
-fn u32_lenient<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let v = u64_lenient(d)?;
-    u32::try_from(v).map_err(|_| de::Error::custom(format!("{v} is out of range")))
 }
 
 #[cfg(test)]
