@@ -1,28 +1,31 @@
-//! The local API (contract 2.2): HTTP/1.1 over a root-only unix socket.
+//! The local API (docs/contract.md, NetManager local API): HTTP/1.1 over a
+//! root-only unix socket, routed by axum.
 //!
 //! Every answer is JSON; errors are `{"error": "..."}` with 400 for the
-//! caller's mistakes, 404 for unknown routes and 500 for our failures. One
-//! connection's bad request never affects another: each is served by its own
-//! task and every failure becomes a response.
+//! caller's mistakes, 404 for unknown routes, 405 for a wrong method and 500
+//! for our failures. Bodies are read as JSON whatever their content type
+//! (upstream's clients do not always set one) and are capped in size.
 
-use std::convert::Infallible;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
-use crate::node::{Daemon, NodeError};
+use crate::error::NodeError;
+use crate::registration::Daemon;
 use crate::state::DeploymentKind;
+use crate::status::Status;
 use worker_common::netmanager_api::{
-    DeployRequest, RegisterAnswer, RegisterRequest, UndeployAnswer, UndeployRequest,
+    DeployAnswer, DeployRequest, ErrorBody, RegisterAnswer, RegisterRequest, UndeployAnswer,
+    UndeployRequest, routes,
 };
 
 /// Bodies are tiny; anything larger is not ours.
@@ -30,6 +33,7 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// Bind the socket (replacing a stale one) with mode 0600.
 pub fn bind(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -47,155 +51,135 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accept connections forever.
-pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("accepting on the API socket: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let daemon = daemon.clone();
-                async move { Ok::<_, Infallible>(handle(&daemon, req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!("API connection: {e}");
-            }
-        });
-    }
+/// Serve until the listener fails.
+pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> Result<()> {
+    axum::serve(listener, router(daemon))
+        .await
+        .context("serving the API socket")
 }
 
-type Reply = Response<Full<Bytes>>;
-
-fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
-    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    resp
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route(routes::STATUS, get(status))
+        .route(routes::REGISTER, post(register))
+        .route(routes::CONTAINER_DEPLOY, post(deploy_container))
+        .route(routes::UNIKERNEL_DEPLOY, post(deploy_unikernel))
+        .route(routes::CONTAINER_UNDEPLOY, post(undeploy))
+        .route(routes::DOCKER_UNDEPLOY, post(undeploy))
+        .route(routes::UNIKERNEL_UNDEPLOY, post(undeploy))
+        .fallback(|req: Request| async move {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no route {} {}", req.method(), req.uri().path()),
+            )
+        })
+        .method_not_allowed_fallback(|req: Request| async move {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{} not allowed on {}", req.method(), req.uri().path()),
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(daemon)
 }
 
-fn error(status: StatusCode, msg: impl std::fmt::Display) -> Reply {
-    json(status, &serde_json::json!({ "error": msg.to_string() }))
+type Shared = State<Arc<Daemon>>;
+
+async fn status(State(daemon): Shared) -> axum::Json<Status> {
+    axum::Json(daemon.status().await)
 }
 
-fn from_node_error(e: NodeError) -> Reply {
-    match e {
-        NodeError::BadRequest(m) => error(StatusCode::BAD_REQUEST, m),
-        NodeError::Failed(e) => {
-            tracing::error!("request failed: {e:#}");
-            error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
-        }
-    }
+async fn register(
+    State(daemon): Shared,
+    JsonBody(b): JsonBody<RegisterRequest>,
+) -> Result<axum::Json<RegisterAnswer>, ApiError> {
+    daemon.register(&b.client_id, &b.cluster_address).await?;
+    Ok(axum::Json(RegisterAnswer {
+        client_id: b.client_id,
+    }))
 }
 
-async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Reply {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    tracing::debug!(%method, %path, "API request");
-    let reply = route(daemon, &method, &path, req).await;
-    if !reply.status().is_success() {
-        tracing::info!(%method, %path, status = reply.status().as_u16(), "API request refused");
-    }
-    reply
+async fn deploy_container(
+    State(daemon): Shared,
+    JsonBody(b): JsonBody<DeployRequest>,
+) -> Result<axum::Json<DeployAnswer>, ApiError> {
+    Ok(axum::Json(
+        daemon.deploy(&b, DeploymentKind::Container).await?,
+    ))
 }
 
-async fn route(daemon: &Daemon, method: &Method, path: &str, req: Request<Incoming>) -> Reply {
-    let path = path.trim_end_matches('/');
-    match (method, path) {
-        (&Method::GET, "/status") => json(StatusCode::OK, &daemon.status().await),
-        (&Method::POST, "/register") => match body::<RegisterRequest>(req).await {
-            Err(r) => r,
-            Ok(b) => match daemon.register(&b.client_id, &b.cluster_address).await {
-                Ok(()) => json(
-                    StatusCode::OK,
-                    &serde_json::to_value(RegisterAnswer {
-                        client_id: b.client_id,
-                    })
-                    .unwrap_or_default(),
-                ),
-                Err(e) => from_node_error(e),
-            },
-        },
-        (&Method::POST, "/container/deploy") => {
-            deploy(daemon, req, DeploymentKind::Container).await
-        }
-        (&Method::POST, "/unikernel/deploy") => {
-            deploy(daemon, req, DeploymentKind::Unikernel).await
-        }
-        (&Method::POST, "/container/undeploy" | "/docker/undeploy" | "/unikernel/undeploy") => {
-            match body::<UndeployRequest>(req).await {
-                Err(r) => r,
-                Ok(b) => match daemon.undeploy(&b.service_name, b.instance_number).await {
-                    Ok(found) => json(
-                        StatusCode::OK,
-                        &serde_json::to_value(UndeployAnswer {
-                            service_name: b.service_name,
-                            instance_number: b.instance_number,
-                            undeployed: found,
-                        })
-                        .unwrap_or_default(),
-                    ),
-                    Err(e) => from_node_error(e),
-                },
-            }
-        }
-        (
-            _,
-            "/status"
-            | "/register"
-            | "/container/deploy"
-            | "/unikernel/deploy"
-            | "/container/undeploy"
-            | "/docker/undeploy"
-            | "/unikernel/undeploy",
-        ) => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} not allowed on {path}"),
-        ),
-        _ => error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
-    }
+async fn deploy_unikernel(
+    State(daemon): Shared,
+    JsonBody(b): JsonBody<DeployRequest>,
+) -> Result<axum::Json<DeployAnswer>, ApiError> {
+    Ok(axum::Json(
+        daemon.deploy(&b, DeploymentKind::Unikernel).await?,
+    ))
 }
 
-async fn deploy(daemon: &Daemon, req: Request<Incoming>, kind: DeploymentKind) -> Reply {
-    match body::<DeployRequest>(req).await {
-        Err(r) => r,
-        Ok(b) => match daemon.deploy(&b, kind).await {
-            Ok(a) => json(StatusCode::OK, &serde_json::to_value(a).unwrap_or_default()),
-            Err(e) => from_node_error(e),
-        },
-    }
+async fn undeploy(
+    State(daemon): Shared,
+    JsonBody(b): JsonBody<UndeployRequest>,
+) -> Result<axum::Json<UndeployAnswer>, ApiError> {
+    let undeployed = daemon.undeploy(&b.service_name, b.instance_number).await?;
+    Ok(axum::Json(UndeployAnswer {
+        service_name: b.service_name,
+        instance_number: b.instance_number,
+        undeployed,
+    }))
 }
 
-/// Read and parse a JSON body; the error is a ready 400 reply.
-async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> std::result::Result<T, Reply> {
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                format!("reading the body: {e}"),
-            ));
-        }
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
+    let body = ErrorBody {
+        error: msg.to_string(),
     };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+    (status, axum::Json(body)).into_response()
 }
 
-/// Client side, for `NetManager status`: GET a path over the socket.
-pub async fn get(socket: &Path, path: &str) -> Result<(StatusCode, serde_json::Value)> {
+/// A JSON body of any content type; a bad one is a JSON 400.
+struct JsonBody<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+    }
+}
+
+/// A node error as an answer.
+struct ApiError(NodeError);
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self.0 {
+            NodeError::BadRequest(m) => {
+                tracing::info!("API request refused: {m}");
+                error(StatusCode::BAD_REQUEST, m)
+            }
+            NodeError::Failed(e) => {
+                tracing::error!("request failed: {e:#}");
+                error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+            }
+        }
+    }
+}
+
+/// Client side, for `NetManager status`.
+pub async fn get_status(socket: &Path) -> Result<Status> {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| {
@@ -208,7 +192,7 @@ pub async fn get(socket: &Path, path: &str) -> Result<(StatusCode, serde_json::V
         .await
         .context("HTTP handshake")?;
     tokio::spawn(conn);
-    let req = Request::get(path)
+    let req = hyper::Request::get(routes::STATUS)
         .header(hyper::header::HOST, "localhost")
         .body(http_body_util::Empty::<Bytes>::new())
         .context("building the request")?;
@@ -216,13 +200,17 @@ pub async fn get(socket: &Path, path: &str) -> Result<(StatusCode, serde_json::V
         .send_request(req)
         .await
         .context("sending the request")?;
-    let status = resp.status();
+    let code = resp.status();
     let bytes = resp
         .into_body()
         .collect()
         .await
         .context("reading the answer")?
         .to_bytes();
-    let value = serde_json::from_slice(&bytes).context("the answer is not JSON")?;
-    Ok((status, value))
+    anyhow::ensure!(
+        code.is_success(),
+        "daemon answered {code}: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    serde_json::from_slice(&bytes).context("the status answer does not parse")
 }

@@ -1,14 +1,15 @@
 //! Command line: `NetManager` runs the daemon; `help`, `version`, `status`,
-//! `logs` are the operator's subcommands (contract 2.7). Every path is a flag
-//! with an environment variable, so several daemons can run side by side in
-//! separate network namespaces of one machine.
+//! `logs` are the operator's subcommands (docs/contract.md, NetManager
+//! command line). Every setting is a flag with an environment variable, read
+//! here and nowhere else, so several daemons can run side by side in separate
+//! network namespaces of one machine.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, NetConfig, Settings};
@@ -20,7 +21,7 @@ use crate::config::{self, NetConfig, Settings};
     about = "Oakestra NetManager with an eBPF overlay dataplane"
 )]
 pub struct Cli {
-    /// Configuration file (contract 2.1).
+    /// Configuration file (docs/contract.md, NetManager configuration).
     #[arg(long, env = "NETMANAGER_CONFIG", default_value = config::DEFAULT_CONFIG_PATH, global = true)]
     pub config: PathBuf,
     /// API socket.
@@ -41,6 +42,20 @@ pub struct Cli {
     /// Run without loading eBPF: plumbing and cluster protocol only.
     #[arg(long = "no-dataplane", env = "NETMANAGER_NO_DATAPLANE", global = true)]
     pub no_dataplane: bool,
+    /// Largest inner packet the tunnel carries (upstream's TUN_MTU_SIZE).
+    #[arg(long = "tunnel-mtu", env = "TUN_MTU_SIZE", default_value_t = config::DEFAULT_TUNNEL_MTU,
+          value_parser = clap::value_parser!(u16).range(576..=9000), global = true)]
+    pub tunnel_mtu: u16,
+    /// Seconds between re-checks of an inferred node address.
+    #[arg(long = "address-check-secs", env = "NETMANAGER_ADDRESS_CHECK_SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub address_check_secs: u64,
+    /// Extra CA certificate (PEM) trusted for the MQTT broker (private cluster CAs).
+    #[arg(long = "mqtt-ca", env = "NETMANAGER_MQTT_CA", global = true)]
+    pub mqtt_ca: Option<PathBuf>,
+    /// Set by systemd for its services: the log then also goes to the log file.
+    #[arg(long, env = "INVOCATION_ID", hide = true, global = true)]
+    pub systemd_invocation: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -59,8 +74,9 @@ impl Cli {
     /// Where the log goes when running as a service.
     pub fn effective_log_file(&self) -> Option<PathBuf> {
         self.log_file.clone().or_else(|| {
-            // systemd sets INVOCATION_ID for its services.
-            std::env::var_os("INVOCATION_ID").map(|_| PathBuf::from(config::DEFAULT_LOG_PATH))
+            self.systemd_invocation
+                .as_ref()
+                .map(|_| PathBuf::from(config::DEFAULT_LOG_PATH))
         })
     }
 
@@ -73,8 +89,10 @@ impl Cli {
             state_path: self.state.clone(),
             log_path: self.effective_log_file(),
             uplink: self.uplink.clone().filter(|s| !s.is_empty()),
-            tunnel_mtu: config::tunnel_mtu_from_env()?,
+            tunnel_mtu: self.tunnel_mtu,
             no_dataplane: self.no_dataplane,
+            address_check: Duration::from_secs(self.address_check_secs),
+            mqtt_ca: self.mqtt_ca.clone(),
             net,
         })
     }
@@ -82,93 +100,9 @@ impl Cli {
 
 /// `NetManager status`.
 pub async fn status(socket: &Path) -> Result<()> {
-    let (code, v) = crate::api::get(socket, "/status").await?;
-    if !code.is_success() {
-        bail!("daemon answered {code}: {v}");
-    }
-    print!("{}", render_status(&v));
+    let status = crate::api::get_status(socket).await?;
+    print!("{}", status.render());
     Ok(())
-}
-
-fn s(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
-/// Human-readable status.
-pub fn render_status(v: &serde_json::Value) -> String {
-    let mut out = String::new();
-    if v["registered"] != serde_json::Value::Bool(true) {
-        out.push_str("NetManager is running; node not registered yet\n");
-        return out;
-    }
-    out.push_str(&format!(
-        "node {}  cluster {}\nsubnet {} {}  node address {}:{} via {}\n",
-        s(&v["node_id"]),
-        s(&v["cluster_address"]),
-        s(&v["subnet"]),
-        s(&v["subnet_v6"]),
-        s(&v["node_ip"]),
-        s(&v["tunnel_port"]),
-        s(&v["uplink"])
-    ));
-    let deps = v["deployments"].as_array().cloned().unwrap_or_default();
-    out.push_str(&format!("\ndeployments ({}):\n", deps.len()));
-    for d in &deps {
-        out.push_str(&format!(
-            "  {}.instance.{}  {}  {} {}  veth {}  ports {}\n",
-            s(&d["serviceName"]),
-            s(&d["instance"]),
-            s(&d["kind"]),
-            s(&d["nsAddress"]),
-            s(&d["nsAddressv6"]),
-            s(&d["veth"]),
-            s(&d["portMappings"])
-        ));
-    }
-    let dp = &v["dataplane"];
-    if let Some(e) = dp.get("error") {
-        out.push_str(&format!("\ndataplane: error {}\n", s(e)));
-    } else {
-        out.push_str("\nprograms attached (program, interface, hook):\n");
-        for a in dp["attachments"].as_array().into_iter().flatten() {
-            out.push_str(&format!(
-                "  {:<24} {:<16} {}\n",
-                s(&a[0]),
-                s(&a[1]),
-                s(&a[2])
-            ));
-        }
-        out.push_str("maps (entries / max):\n");
-        for m in dp["maps"].as_array().into_iter().flatten() {
-            out.push_str(&format!(
-                "  {:<24} {:>8} / {}\n",
-                s(&m[0]),
-                s(&m[1]),
-                s(&m[2])
-            ));
-        }
-        out.push_str("counters (packets, bytes):\n");
-        for c in dp["counters"].as_array().into_iter().flatten() {
-            out.push_str(&format!(
-                "  {:<32} {:>12} {:>14}\n",
-                s(&c[0]),
-                s(&c[1]),
-                s(&c[2])
-            ));
-        }
-    }
-    out.push_str(&format!(
-        "\nroutes: {} jobs, {} instance entries, {} service entries; interests: {}\n",
-        v["routes"]["jobs"].as_array().map_or(0, Vec::len),
-        s(&v["routes"]["instances"]),
-        s(&v["routes"]["services"]),
-        v["interests"].as_array().map_or(0, Vec::len)
-    ));
-    out
 }
 
 /// `NetManager logs`: print the log and follow it (also across rotation).

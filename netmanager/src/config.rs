@@ -1,15 +1,18 @@
-//! `/etc/netmanager/netcfg.json` (contract 2.1) and the runtime settings that
-//! command line flags and environment variables override.
+//! `/etc/netmanager/netcfg.json` (docs/contract.md, NetManager configuration)
+//! and the runtime settings that the command line (and its environment
+//! variables, see `cli`) adds.
 //!
-//! The file is read field by field from a `serde_json::Value` rather than
-//! through a derived struct, so that an invalid value produces an error naming
-//! the file and the field, and absent fields fall back to upstream defaults.
+//! The file is read with serde; `serde_path_to_error` makes every error name
+//! the field, and absent or empty fields take upstream's defaults.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
-use serde_json::{Map, Value};
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+use serde_json::Value;
 
 pub use worker_common::paths::NETMANAGER_CONFIG as DEFAULT_CONFIG_PATH;
 pub use worker_common::paths::NETMANAGER_SOCKET as DEFAULT_SOCKET_PATH;
@@ -19,6 +22,8 @@ pub const DEFAULT_LOG_PATH: &str = "/var/log/oakestra/netmanager.log";
 pub const DEFAULT_TUNNEL_MTU: u16 = 1450;
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
 pub const DEFAULT_MQTT_PORT: u16 = 10003;
+/// Packets held per unknown address while it is resolved.
+pub const DEFAULT_MISS_HOLD: u32 = 4;
 
 /// The contents of netcfg.json, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +39,7 @@ pub struct NetConfig {
     /// Interface to prefer when several default routes exist.
     pub default_interface: Option<String>,
     pub debug: bool,
-    /// Upstream resolves the public address through an external service; we
-    /// have no such service, so this only gets logged (see `address_watch`).
+    /// Upstream resolves the public address through an external service.
     pub public_ip_networking: bool,
     pub mqtt_cert: Option<PathBuf>,
     pub mqtt_key: Option<PathBuf>,
@@ -61,27 +65,13 @@ pub struct TableSizes {
 impl Default for TableSizes {
     fn default() -> Self {
         TableSizes {
-            flows: 65536,
-            services: 4096,
-            backends: 65536,
-            instances: 8192,
-            pending: 1024,
-            miss_hold: 4,
+            flows: netmanager_common::DEFAULT_FLOWS,
+            services: netmanager_common::DEFAULT_SERVICES,
+            backends: netmanager_common::DEFAULT_BACKENDS,
+            instances: netmanager_common::DEFAULT_INSTANCES,
+            pending: netmanager_common::DEFAULT_PENDING,
+            miss_hold: DEFAULT_MISS_HOLD,
         }
-    }
-}
-
-impl TableSizes {
-    fn parse(obj: &Map<String, Value>) -> Result<TableSizes> {
-        let d = TableSizes::default();
-        Ok(TableSizes {
-            flows: opt_count(obj, "FlowTableSize")?.unwrap_or(d.flows),
-            services: opt_count(obj, "ServiceTableSize")?.unwrap_or(d.services),
-            backends: opt_count(obj, "BackendTableSize")?.unwrap_or(d.backends),
-            instances: opt_count(obj, "InstanceTableSize")?.unwrap_or(d.instances),
-            pending: opt_count(obj, "PendingTableSize")?.unwrap_or(d.pending),
-            miss_hold: opt_count(obj, "MissHold")?.unwrap_or(d.miss_hold),
-        })
     }
 }
 
@@ -102,6 +92,42 @@ impl Default for NetConfig {
     }
 }
 
+/// netcfg.json as written; every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct File {
+    #[serde(rename = "NodePublicAddress", deserialize_with = "unset_or_ipv4")]
+    node_public_address: Option<Ipv4Addr>,
+    #[serde(rename = "NodePublicPort", deserialize_with = "port")]
+    node_public_port: Option<u16>,
+    #[serde(rename = "ClusterUrl", deserialize_with = "unset_or_text")]
+    cluster_url: Option<String>,
+    #[serde(rename = "ClusterMqttPort", deserialize_with = "port")]
+    cluster_mqtt_port: Option<u16>,
+    #[serde(rename = "DefaultInterface", deserialize_with = "text")]
+    default_interface: Option<String>,
+    #[serde(rename = "Debug", deserialize_with = "flag")]
+    debug: Option<bool>,
+    #[serde(rename = "PublicIPNetworking", deserialize_with = "flag")]
+    public_ip_networking: Option<bool>,
+    #[serde(rename = "MqttCert", deserialize_with = "text")]
+    mqtt_cert: Option<String>,
+    #[serde(rename = "MqttKey", deserialize_with = "text")]
+    mqtt_key: Option<String>,
+    #[serde(rename = "FlowTableSize", deserialize_with = "count")]
+    flow_table_size: Option<u32>,
+    #[serde(rename = "ServiceTableSize", deserialize_with = "count")]
+    service_table_size: Option<u32>,
+    #[serde(rename = "BackendTableSize", deserialize_with = "count")]
+    backend_table_size: Option<u32>,
+    #[serde(rename = "InstanceTableSize", deserialize_with = "count")]
+    instance_table_size: Option<u32>,
+    #[serde(rename = "PendingTableSize", deserialize_with = "count")]
+    pending_table_size: Option<u32>,
+    #[serde(rename = "MissHold", deserialize_with = "count")]
+    miss_hold: Option<u32>,
+}
+
 impl NetConfig {
     /// Read the file; a missing file means all defaults (upstream ships one,
     /// but a node without it should still come up).
@@ -120,100 +146,126 @@ impl NetConfig {
     /// Parse the JSON text; errors name the offending field.
     pub fn parse(text: &str) -> Result<NetConfig> {
         let value: Value = serde_json::from_str(text).map_err(|e| {
-            anyhow!(
+            anyhow::anyhow!(
                 "not valid JSON at line {} column {}: {e}",
                 e.line(),
                 e.column()
             )
         })?;
-        let Value::Object(obj) = value else {
+        if !value.is_object() {
             bail!("top level must be a JSON object");
-        };
-        let d = NetConfig::default();
-        let node_public_address =
-            match opt_string(&obj, "NodePublicAddress")? {
-                None => None,
-                Some(s) if s.is_empty() || s == "0.0.0.0" => None,
-                Some(s) => Some(s.parse::<Ipv4Addr>().map_err(|_| {
-                    anyhow!("field NodePublicAddress: {s:?} is not an IPv4 address")
-                })?),
-            };
-        let cluster_url = match opt_string(&obj, "ClusterUrl")? {
-            Some(s) if !s.is_empty() && s != "0.0.0.0" => Some(s),
-            _ => None,
-        };
-        Ok(NetConfig {
-            node_public_address,
-            node_public_port: opt_port(&obj, "NodePublicPort")?.unwrap_or(d.node_public_port),
-            cluster_url,
-            cluster_mqtt_port: opt_port(&obj, "ClusterMqttPort")?.unwrap_or(d.cluster_mqtt_port),
-            default_interface: opt_string(&obj, "DefaultInterface")?.filter(|s| !s.is_empty()),
-            debug: opt_bool(&obj, "Debug")?.unwrap_or(d.debug),
-            public_ip_networking: opt_bool(&obj, "PublicIPNetworking")?.unwrap_or(false),
-            mqtt_cert: opt_string(&obj, "MqttCert")?
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from),
-            mqtt_key: opt_string(&obj, "MqttKey")?
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from),
-            tables: TableSizes::parse(&obj)?,
-        })
-        .and_then(|c| c.validate())
+        }
+        let file: File = serde_path_to_error::deserialize(value)
+            .map_err(|e| anyhow::anyhow!("field {}: {}", e.path(), e.inner()))?;
+        NetConfig::from_file(file)
     }
 
-    fn validate(self) -> Result<NetConfig> {
-        if self.mqtt_cert.is_some() != self.mqtt_key.is_some() {
+    fn from_file(f: File) -> Result<NetConfig> {
+        if f.mqtt_cert.is_some() != f.mqtt_key.is_some() {
             bail!("fields MqttCert and MqttKey: give both or neither");
         }
-        Ok(self)
+        let d = NetConfig::default();
+        let t = TableSizes::default();
+        Ok(NetConfig {
+            node_public_address: f.node_public_address,
+            node_public_port: f.node_public_port.unwrap_or(d.node_public_port),
+            cluster_url: f.cluster_url,
+            cluster_mqtt_port: f.cluster_mqtt_port.unwrap_or(d.cluster_mqtt_port),
+            default_interface: f.default_interface,
+            debug: f.debug.unwrap_or(d.debug),
+            public_ip_networking: f.public_ip_networking.unwrap_or(d.public_ip_networking),
+            mqtt_cert: f.mqtt_cert.map(PathBuf::from),
+            mqtt_key: f.mqtt_key.map(PathBuf::from),
+            tables: TableSizes {
+                flows: f.flow_table_size.unwrap_or(t.flows),
+                services: f.service_table_size.unwrap_or(t.services),
+                backends: f.backend_table_size.unwrap_or(t.backends),
+                instances: f.instance_table_size.unwrap_or(t.instances),
+                pending: f.pending_table_size.unwrap_or(t.pending),
+                miss_hold: f.miss_hold.unwrap_or(t.miss_hold),
+            },
+        })
     }
 }
 
-fn opt_string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.trim().to_string())),
-        Some(other) => bail!("field {field}: expected a string, found {other}"),
+/// A trimmed string; absent, `null` and empty are unset.
+fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::String(s) if s.trim().is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(s.trim().to_string())),
+        other => Err(de::Error::custom(format!(
+            "expected a string, found {other}"
+        ))),
     }
 }
 
-fn opt_bool(obj: &Map<String, Value>, field: &str) -> Result<Option<bool>> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        // Hand-edited files sometimes quote booleans; accept the obvious spellings.
-        Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
-        Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
-        Some(other) => bail!("field {field}: expected true or false, found {other}"),
-    }
+/// Like [`text`], with upstream's "0.0.0.0" meaning unset too.
+fn unset_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(text(d)?.filter(|s| s != "0.0.0.0"))
 }
 
-/// A positive count (map size), as a number or a numeric string.
-fn opt_count(obj: &Map<String, Value>, field: &str) -> Result<Option<u32>> {
-    let text = match obj.get(field) {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) => s.trim().to_string(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(other) => bail!("field {field}: expected a number, found {other}"),
-    };
-    match text.parse::<u32>() {
-        Ok(n) if n > 0 => Ok(Some(n)),
-        _ => bail!("field {field}: {text:?} is not a positive number"),
+fn unset_or_ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+    match unset_or_text(d)? {
+        None => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| de::Error::custom(format!("{s:?} is not an IPv4 address"))),
     }
 }
 
 /// Ports are strings upstream ("50103"); a bare number is accepted too.
-fn opt_port(obj: &Map<String, Value>, field: &str) -> Result<Option<u16>> {
-    let text = match obj.get(field) {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) if s.trim().is_empty() => return Ok(None),
-        Some(Value::String(s)) => s.trim().to_string(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(other) => bail!("field {field}: expected a port number as a string, found {other}"),
+fn port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let text = match Value::deserialize(d)? {
+        Value::Null => return Ok(None),
+        Value::String(s) if s.trim().is_empty() => return Ok(None),
+        Value::String(s) => s.trim().to_string(),
+        Value::Number(n) => n.to_string(),
+        other => {
+            return Err(de::Error::custom(format!(
+                "expected a port number as a string, found {other}"
+            )));
+        }
     };
     match text.parse::<u16>() {
         Ok(p) if p != 0 => Ok(Some(p)),
-        _ => bail!("field {field}: {text:?} is not a port number (1-65535)"),
+        _ => Err(de::Error::custom(format!(
+            "{text:?} is not a port number (1-65535)"
+        ))),
+    }
+}
+
+/// A boolean; hand-edited files sometimes quote it.
+fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(b)),
+        Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
+        Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
+        other => Err(de::Error::custom(format!(
+            "expected true or false, found {other}"
+        ))),
+    }
+}
+
+/// A positive count (map size), as a number or a numeric string.
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let text = match Value::deserialize(d)? {
+        Value::Null => return Ok(None),
+        Value::String(s) => s.trim().to_string(),
+        Value::Number(n) => n.to_string(),
+        other => {
+            return Err(de::Error::custom(format!(
+                "expected a number, found {other}"
+            )));
+        }
+    };
+    match text.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => Err(de::Error::custom(format!(
+            "{text:?} is not a positive number"
+        ))),
     }
 }
 
@@ -231,19 +283,11 @@ pub struct Settings {
     pub tunnel_mtu: u16,
     /// Run without loading eBPF (plumbing and control plane only).
     pub no_dataplane: bool,
+    /// How often an inferred node address is re-checked.
+    pub address_check: Duration,
+    /// Extra CA certificate (PEM) for the MQTT broker's TLS certificate.
+    pub mqtt_ca: Option<PathBuf>,
     pub net: NetConfig,
-}
-
-/// TUN_MTU_SIZE as upstream reads it; a bad value is an error, not a silent default.
-pub fn tunnel_mtu_from_env() -> Result<u16> {
-    match std::env::var("TUN_MTU_SIZE") {
-        Err(_) => Ok(DEFAULT_TUNNEL_MTU),
-        Ok(s) if s.trim().is_empty() => Ok(DEFAULT_TUNNEL_MTU),
-        Ok(s) => match s.trim().parse::<u16>() {
-            Ok(m) if (576..=9000).contains(&m) => Ok(m),
-            _ => bail!("environment TUN_MTU_SIZE: {s:?} is not an MTU between 576 and 9000"),
-        },
-    }
 }
 
 #[cfg(test)]
@@ -264,11 +308,15 @@ mod tests {
 
     #[test]
     fn bad_field_is_named() {
-        let e = NetConfig::parse(r#"{"NodePublicPort": "port"}"#).unwrap_err();
-        assert!(format!("{e:#}").contains("NodePublicPort"), "{e:#}");
-        let e = NetConfig::parse(r#"{"Debug": 3}"#).unwrap_err();
-        assert!(format!("{e:#}").contains("Debug"), "{e:#}");
-        let e = NetConfig::parse(r#"{"NodePublicAddress": "1.2.3"}"#).unwrap_err();
-        assert!(format!("{e:#}").contains("NodePublicAddress"), "{e:#}");
+        for (body, field) in [
+            (r#"{"NodePublicPort": "port"}"#, "NodePublicPort"),
+            (r#"{"Debug": 3}"#, "Debug"),
+            (r#"{"NodePublicAddress": "1.2.3"}"#, "NodePublicAddress"),
+            (r#"{"DefaultInterface": 7}"#, "DefaultInterface"),
+        ] {
+            let e = NetConfig::parse(body).unwrap_err();
+            assert!(format!("{e:#}").contains(field), "{body}: {e:#}");
+        }
+        assert!(NetConfig::parse("[]").is_err());
     }
 }

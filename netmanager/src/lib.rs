@@ -1,17 +1,30 @@
 //! Oakestra NetManager: the node-local half of the Oakestra overlay, with the
-//! per-packet work done by eBPF programs (`dataplane`) and everything else --
-//! local API, container plumbing, cluster protocol, route tables -- here.
+//! per-packet work done by eBPF programs (`dataplane`) and everything else
+//! here. docs/architecture.md shows how the modules fit together:
+//!
+//! - `api` serves the local socket and hands requests to `registration`,
+//!   which holds the one live `node` and its `supervisor` (background tasks).
+//! - A `node` wires `cluster_link` (MQTT), `forwarding` (the dataplane),
+//!   `local` (instances on this node), `routes` (table results as map
+//!   entries), `resolver` (queries, interests, misses) and `deployer`
+//!   (plumbing, NAT, persistence) together.
 
-pub mod address_watch;
 pub mod addresses;
 pub mod api;
 pub mod cli;
 pub mod cluster_link;
 pub mod config;
 pub mod dataplane;
+pub mod deployer;
+pub mod error;
 pub mod forwarding;
-pub mod misses;
+pub mod local;
 pub mod node;
 pub mod plumbing;
-pub mod services;
+pub mod registration;
+pub mod resolver;
+pub mod routes;
 pub mod state;
+pub mod status;
+pub mod supervisor;
+pub mod uplink;

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use netmanager::cli::{self, Cli, Command};
-use netmanager::node::Daemon;
+use netmanager::registration::Daemon;
 
 fn main() -> ExitCode {
     let args = Cli::parse();
@@ -39,6 +39,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The daemon: restore, serve the API until SIGTERM/SIGINT, leave the
+/// dataplane in place for the next start.
 async fn run_daemon(args: &Cli) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -69,9 +71,7 @@ async fn run_daemon(args: &Cli) -> Result<()> {
     shutdown_signal().await;
     tracing::info!("stopping; containers, bridge and dataplane stay in place for the next start");
     server.abort();
-    if let Some(node) = daemon.node().await {
-        node.link.disconnect().await;
-    }
+    daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

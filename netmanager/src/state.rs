@@ -8,12 +8,22 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::addresses::{AddressPair, Subnet};
+use crate::plumbing::nft::PortMapping;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeploymentKind {
     Container,
     Unikernel,
+}
+
+impl DeploymentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentKind::Container => "container",
+            DeploymentKind::Unikernel => "unikernel",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,14 +40,24 @@ pub struct Deployment {
     pub host_ifindex: u32,
     pub mac: [u8; 6],
     pub addresses: AddressPair,
+    /// As the NodeEngine sent it (kept for status and the state file).
     #[serde(default)]
     pub port_mappings: String,
+    /// `port_mappings` parsed once, when the deployment is made or adopted.
+    #[serde(skip)]
+    pub ports: Vec<PortMapping>,
 }
 
 impl Deployment {
     /// "<job>.instance.<n>": the task id upstream uses, also our map key.
     pub fn key(&self) -> String {
         worker_common::task_id::task_id(&self.service_name, self.instance)
+    }
+
+    /// Whether `ns` is one of this deployment's namespace addresses.
+    pub fn owns(&self, ns: std::net::IpAddr) -> bool {
+        ns == std::net::IpAddr::V4(self.addresses.v4)
+            || ns == std::net::IpAddr::V6(self.addresses.v6)
     }
 }
 

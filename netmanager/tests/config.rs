@@ -116,15 +116,43 @@ fn cli_version_and_help() {
 }
 
 #[test]
-fn tunnel_mtu_from_env() {
-    // Only this test touches TUN_MTU_SIZE in this binary.
-    // SAFETY: single-threaded with respect to this variable.
-    unsafe { std::env::set_var("TUN_MTU_SIZE", "1400") };
-    assert_eq!(config::tunnel_mtu_from_env().unwrap(), 1400);
-    unsafe { std::env::set_var("TUN_MTU_SIZE", "huge") };
-    assert!(format!("{:#}", config::tunnel_mtu_from_env().unwrap_err()).contains("TUN_MTU_SIZE"));
-    unsafe { std::env::remove_var("TUN_MTU_SIZE") };
-    assert_eq!(config::tunnel_mtu_from_env().unwrap(), 1450);
+fn every_environment_variable_is_a_flag() {
+    use clap::Parser;
+    use netmanager::cli::Cli;
+    let cli = Cli::try_parse_from(["NetManager", "--tunnel-mtu", "1400"]).unwrap();
+    assert_eq!(cli.tunnel_mtu, 1400);
+    assert!(Cli::try_parse_from(["NetManager", "--tunnel-mtu", "huge"]).is_err());
+    assert!(Cli::try_parse_from(["NetManager", "--tunnel-mtu", "100"]).is_err());
+    // Environment variables name the same settings (upstream's TUN_MTU_SIZE).
+    let out = Command::new(env!("CARGO_BIN_EXE_NetManager"))
+        .arg("help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "NETMANAGER_CONFIG",
+        "NETMANAGER_SOCKET",
+        "NETMANAGER_BPF_DIR",
+        "NETMANAGER_STATE",
+        "NETMANAGER_LOG_FILE",
+        "NETMANAGER_UPLINK",
+        "NETMANAGER_NO_DATAPLANE",
+        "TUN_MTU_SIZE",
+        "NETMANAGER_ADDRESS_CHECK_SECS",
+        "NETMANAGER_MQTT_CA",
+    ] {
+        assert!(help.contains(var), "{var} missing from --help:\n{help}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_NetManager"))
+        .env("TUN_MTU_SIZE", "huge")
+        .arg("version")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TUN_MTU_SIZE")
+            || String::from_utf8_lossy(&out.stderr).contains("tunnel-mtu")
+    );
 }
 
 #[test]

@@ -59,9 +59,9 @@ pub struct SubnetResult {
 }
 
 #[derive(Debug, Serialize)]
-pub struct TableQueryRequest<'a> {
-    pub sname: &'a str,
-    pub sip: &'a str,
+pub struct TableQueryRequest {
+    pub sname: String,
+    pub sip: String,
 }
 
 #[derive(Debug, Serialize)]

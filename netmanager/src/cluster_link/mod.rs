@@ -8,7 +8,10 @@
 //! lets go. Everything subscribed is subscribed again after every reconnect,
 //! so a broker restart is survived without help from the caller.
 
+mod interests;
 pub mod messages;
+mod queries;
+mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -16,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -66,6 +69,8 @@ pub struct LinkOptions {
     pub port: u16,
     /// Client certificate and key (PEM) for MQTTS.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Extra CA (PEM) trusted for the broker; clusters often use a private CA.
+    pub ca: Option<PathBuf>,
     pub query_timeout: Duration,
     pub interest_ttl: Duration,
     pub keep_alive: Duration,
@@ -78,6 +83,7 @@ impl LinkOptions {
             host: host.to_string(),
             port,
             tls: None,
+            ca: None,
             query_timeout: Duration::from_secs(10),
             interest_ttl: Duration::from_secs(10),
             keep_alive: Duration::from_secs(30),
@@ -150,7 +156,11 @@ impl ClusterLink {
         mqtt.set_clean_session(true);
         mqtt.set_max_packet_size(1 << 20, 1 << 20);
         if let Some((cert, key)) = &opts.tls {
-            mqtt.set_transport(Transport::tls_with_config(tls_config(cert, key)?));
+            mqtt.set_transport(Transport::tls_with_config(tls::config(
+                cert,
+                key,
+                opts.ca.as_deref(),
+            )?));
         }
         let (client, eventloop) = AsyncClient::new(mqtt, 256);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -162,7 +172,10 @@ impl ClusterLink {
             connected: tokio::sync::watch::Sender::new(false),
         });
         let poller = tokio::spawn(run_eventloop(shared.clone(), eventloop));
-        let sweeper = tokio::spawn(sweep_interests(shared.clone(), opts.interest_ttl));
+        let sweeper = tokio::spawn(interests::sweep_interests(
+            shared.clone(),
+            opts.interest_ttl,
+        ));
         Ok((
             ClusterLink {
                 shared,
@@ -175,173 +188,6 @@ impl ClusterLink {
 
     pub fn node_id(&self) -> &str {
         &self.shared.node_id
-    }
-
-    /// Ask for the node subnet once, and again only after
-    /// [`SUBNET_RETRY`] without an answer (contract 3: every request makes
-    /// the cluster allocate a fresh subnet, so asking twice burns one).
-    /// Requests go out only while connected and subscribed, so the answer
-    /// cannot be missed; the first answer is taken, later ones are ignored.
-    pub async fn request_subnet(&self, timeout: Duration) -> Result<Subnet> {
-        let (tx, mut rx) = oneshot::channel();
-        self.shared.state().subnet_waiters.push(tx);
-        let result = self.await_subnet(&mut rx, timeout).await;
-        // A timed-out request must not keep a stale waiter around.
-        self.shared
-            .state()
-            .subnet_waiters
-            .retain(|w| !w.is_closed());
-        result
-    }
-
-    async fn await_subnet(
-        &self,
-        rx: &mut oneshot::Receiver<Subnet>,
-        timeout: Duration,
-    ) -> Result<Subnet> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut connected = self.shared.connected.subscribe();
-        let mut next_ask = tokio::time::Instant::now();
-        let mut asked = false;
-        loop {
-            let now = tokio::time::Instant::now();
-            if *connected.borrow_and_update() && now >= next_ask {
-                if asked {
-                    tracing::info!("subnet request unanswered for {SUBNET_RETRY:?}, asking again");
-                }
-                self.publish_net("subnet", SUBNET_REQUEST.to_vec()).await?;
-                asked = true;
-                next_ask = now + SUBNET_RETRY;
-            }
-            let wake = if *connected.borrow() {
-                next_ask.min(deadline)
-            } else {
-                deadline
-            };
-            tokio::select! {
-                answer = &mut *rx => {
-                    return answer.map_err(|_| anyhow!("MQTT link closed while waiting for the subnet"));
-                }
-                _ = tokio::time::sleep_until(wake) => {}
-                changed = connected.changed() => {
-                    if changed.is_err() {
-                        bail!("MQTT link closed while waiting for the subnet");
-                    }
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "no subnet from the cluster (broker {}:{}) within {timeout:?}",
-                    self.opts.host,
-                    self.opts.port
-                );
-            }
-        }
-    }
-
-    /// Table query; concurrent queries for the same key share one request.
-    pub async fn table_query(&self, key: &QueryKey) -> Result<Arc<TableResult>> {
-        let (tx, rx) = oneshot::channel();
-        let first = {
-            let mut st = self.shared.state();
-            let waiters = st.pending.entry(key.clone()).or_default();
-            waiters.push(tx);
-            waiters.len() == 1
-        };
-        if first {
-            tracing::debug!(%key, "table query");
-            if let Err(e) = self.publish_query(key).await {
-                self.shared.state().pending.remove(key);
-                return Err(e);
-            }
-        }
-        match tokio::time::timeout(self.opts.query_timeout, rx).await {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(_)) => bail!("table query for {key} failed (the request it joined timed out)"),
-            Err(_) => {
-                if first {
-                    // Fail every joiner too: they wait on the same request.
-                    self.shared.state().pending.remove(key);
-                }
-                bail!(
-                    "table query for {key}: no answer within {:?}",
-                    self.opts.query_timeout
-                )
-            }
-        }
-    }
-
-    async fn publish_query(&self, key: &QueryKey) -> Result<()> {
-        let ip;
-        let req = match key {
-            QueryKey::Job(job) => messages::TableQueryRequest {
-                sname: job,
-                sip: "",
-            },
-            QueryKey::Ip(addr) => {
-                ip = addr.to_string();
-                messages::TableQueryRequest {
-                    sname: "",
-                    sip: &ip,
-                }
-            }
-        };
-        self.publish_net("tablequery/request", serde_json::to_vec(&req)?)
-            .await
-    }
-
-    /// Subscribe to a job's updates (idempotent). Without holders it expires
-    /// after the interest TTL.
-    pub async fn register_interest(&self, job: &str) -> Result<()> {
-        let new = {
-            let mut st = self.shared.state();
-            let mut new = false;
-            st.interests.entry(job.to_string()).or_insert_with(|| {
-                new = true;
-                Interest {
-                    holders: HashSet::new(),
-                    idle_since: Some(Instant::now()),
-                }
-            });
-            new
-        };
-        if new {
-            tracing::debug!(job, "registering interest");
-            self.shared
-                .client
-                .subscribe(updates_topic(job), QoS::AtLeastOnce)
-                .await
-                .with_context(|| format!("subscribing to updates of {job}"))?;
-        }
-        Ok(())
-    }
-
-    /// `holder` (a local instance) uses `job`; keeps the interest alive.
-    pub async fn hold_interest(&self, job: &str, holder: &str) -> Result<()> {
-        self.register_interest(job).await?;
-        let mut st = self.shared.state();
-        if let Some(i) = st.interests.get_mut(job) {
-            i.holders.insert(holder.to_string());
-            i.idle_since = None;
-        }
-        Ok(())
-    }
-
-    /// `holder` is gone: release it from every interest.
-    pub fn release_holder(&self, holder: &str) {
-        let mut st = self.shared.state();
-        for i in st.interests.values_mut() {
-            if i.holders.remove(holder) && i.holders.is_empty() {
-                i.idle_since = Some(Instant::now());
-            }
-        }
-    }
-
-    /// Jobs with a live interest.
-    pub fn interests(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.shared.state().interests.keys().cloned().collect();
-        v.sort();
-        v
     }
 
     pub async fn publish_deployed(
@@ -406,10 +252,6 @@ impl ClusterLink {
     }
 }
 
-fn updates_topic(job: &str) -> String {
-    format!("jobs/{job}/updates_available")
-}
-
 /// Drive the MQTT event loop forever; rumqttc reconnects on the next poll
 /// after an error, we only pace the retries.
 async fn run_eventloop(shared: Arc<Shared>, mut eventloop: EventLoop) {
@@ -449,7 +291,7 @@ async fn on_connected(shared: Arc<Shared>) {
             st.pending.keys().cloned().collect::<Vec<_>>(),
         )
     };
-    topics.extend(jobs.iter().map(|j| updates_topic(j)));
+    topics.extend(jobs.iter().map(|j| interests::updates_topic(j)));
     for t in topics {
         if let Err(e) = shared.client.subscribe(t.clone(), QoS::AtLeastOnce).await {
             tracing::warn!("subscribing to {t}: {e}");
@@ -458,21 +300,7 @@ async fn on_connected(shared: Arc<Shared>) {
     // Requests published while the broker was away may be lost with the old
     // session; asking again is harmless because answers are coalesced.
     for key in queries {
-        let ip;
-        let req = match &key {
-            QueryKey::Job(job) => messages::TableQueryRequest {
-                sname: job,
-                sip: "",
-            },
-            QueryKey::Ip(a) => {
-                ip = a.to_string();
-                messages::TableQueryRequest {
-                    sname: "",
-                    sip: &ip,
-                }
-            }
-        };
-        if let Ok(body) = serde_json::to_vec(&req) {
+        if let Ok(body) = serde_json::to_vec(&queries::query_request(&key)) {
             let _ = shared
                 .client
                 .publish(
@@ -493,7 +321,7 @@ async fn on_connected(shared: Arc<Shared>) {
 fn dispatch(shared: &Shared, topic: &str, payload: &[u8]) {
     if topic == shared.net_topic("tablequery/result") {
         match serde_json::from_slice::<TableResult>(payload) {
-            Ok(r) => deliver_table(shared, Arc::new(r)),
+            Ok(r) => queries::deliver_table(shared, Arc::new(r)),
             Err(e) => tracing::warn!("ignoring malformed table query result: {e}"),
         }
     } else if topic == shared.net_topic("subnetwork/result") {
@@ -520,118 +348,4 @@ fn dispatch(shared: &Shared, topic: &str, payload: &[u8]) {
     } else {
         tracing::debug!(topic, "message on an unexpected topic");
     }
-}
-
-/// Hand a result to every query it answers: by query key, by job name, and
-/// by any service address it contains (upstream matches the same way).
-fn deliver_table(shared: &Shared, result: Arc<TableResult>) {
-    let mut keys = vec![QueryKey::Job(result.app_name.clone())];
-    match result.query_key.parse::<IpAddr>() {
-        Ok(ip) => keys.push(QueryKey::Ip(ip)),
-        Err(_) if !result.query_key.is_empty() => {
-            keys.push(QueryKey::Job(result.query_key.clone()))
-        }
-        Err(_) => {}
-    }
-    for inst in &result.instance_list {
-        for sip in &inst.service_ip {
-            for a in [&sip.address, &sip.address_v6] {
-                if let Ok(ip) = a.parse::<IpAddr>() {
-                    keys.push(QueryKey::Ip(ip));
-                }
-            }
-        }
-    }
-    let mut delivered = false;
-    {
-        let mut st = shared.state();
-        for k in keys {
-            if let Some(waiters) = st.pending.remove(&k) {
-                for w in waiters {
-                    delivered |= w.send(result.clone()).is_ok();
-                }
-            }
-        }
-    }
-    if !delivered {
-        let _ = shared.events.send(LinkEvent::Unsolicited(result));
-    }
-}
-
-/// Drop interests nobody has held for `ttl`: unsubscribe and tell the cluster.
-async fn sweep_interests(shared: Arc<Shared>, ttl: Duration) {
-    let period = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
-    loop {
-        tokio::time::sleep(period).await;
-        let expired: Vec<String> = {
-            let mut st = shared.state();
-            let now = Instant::now();
-            let gone: Vec<String> = st
-                .interests
-                .iter()
-                .filter(|(_, i)| {
-                    i.holders.is_empty() && i.idle_since.is_some_and(|t| now - t >= ttl)
-                })
-                .map(|(j, _)| j.clone())
-                .collect();
-            for j in &gone {
-                st.interests.remove(j);
-            }
-            gone
-        };
-        for job in expired {
-            tracing::debug!(job, "interest expired");
-            if let Err(e) = shared.client.unsubscribe(updates_topic(&job)).await {
-                tracing::warn!("unsubscribing from updates of {job}: {e}");
-            }
-            if let Ok(body) = serde_json::to_vec(&messages::InterestRemove { appname: &job }) {
-                let _ = shared
-                    .client
-                    .publish(
-                        shared.net_topic("interest/remove"),
-                        QoS::AtLeastOnce,
-                        false,
-                        body,
-                    )
-                    .await;
-            }
-            let _ = shared.events.send(LinkEvent::InterestDropped(job));
-        }
-    }
-}
-
-/// rustls client configuration for MQTTS: the node's certificate and key, and
-/// the system roots plus an optional extra CA (`NETMANAGER_MQTT_CA`), since
-/// Oakestra clusters usually run their broker with a private CA.
-fn tls_config(cert: &PathBuf, key: &PathBuf) -> Result<rumqttc::TlsConfiguration> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow!("reading MqttCert {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| anyhow!("reading MqttKey {}: {e}", key.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(c);
-    }
-    if let Ok(ca) = std::env::var("NETMANAGER_MQTT_CA") {
-        for c in CertificateDer::pem_file_iter(&ca)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| anyhow!("reading NETMANAGER_MQTT_CA {ca}: {e}"))?
-        {
-            roots
-                .add(c)
-                .with_context(|| format!("adding CA from {ca}"))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .context("MQTT client certificate and key do not match")?;
-    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
 }

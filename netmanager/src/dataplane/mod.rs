@@ -142,7 +142,7 @@ pub struct Miss {
 }
 
 /// What `NetManager status` prints about the dataplane.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DataplaneStatus {
     /// (program, interface, hook)
     pub attachments: Vec<(String, String, String)>,

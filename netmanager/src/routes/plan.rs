@@ -1,18 +1,12 @@
-//! Turns table query results into dataplane entries.
-//!
-//! For each job we remember which namespace addresses and service addresses
-//! we wrote, so a newer table for the same job can replace them: new and
-//! changed entries are written first, vanished ones removed afterwards, so a
-//! flow in progress never finds its route missing in between.
+//! From one table query result to the dataplane entries it means: which
+//! namespace addresses live where, and which backends each service address
+//! has (ordered nearest first for Closest).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
-
-use anyhow::Result;
 
 use crate::cluster_link::{TableInstance, TableResult};
 use crate::dataplane::{InstanceEntry, LocalPort, ServiceKind};
-use crate::forwarding::Forwarding;
 
 /// What `services` needs to know about this node.
 #[derive(Debug, Clone, Default)]
@@ -30,7 +24,7 @@ pub struct Plan {
     pub services: BTreeMap<IpAddr, (ServiceKind, Vec<IpAddr>)>,
 }
 
-fn instance_eq(a: &InstanceEntry, b: &InstanceEntry) -> bool {
+pub(super) fn instance_eq(a: &InstanceEntry, b: &InstanceEntry) -> bool {
     a.instance_ip == b.instance_ip
         && a.node_ip == b.node_ip
         && a.node_port == b.node_port
@@ -214,158 +208,12 @@ pub fn plan(result: &TableResult, view: &LocalView) -> Plan {
     plan
 }
 
-/// Per-job record of what we wrote.
-#[derive(Debug, Default, Clone)]
-struct JobRoutes {
-    instances: BTreeMap<IpAddr, InstanceEntry>,
-    services: BTreeMap<IpAddr, (ServiceKind, Vec<IpAddr>)>,
-    /// The table these came from, to recompute when local containers change.
-    table: TableResult,
-}
-
-#[derive(Default)]
-pub struct ServiceTables {
-    jobs: HashMap<String, JobRoutes>,
-}
-
-impl ServiceTables {
-    pub fn new() -> ServiceTables {
-        ServiceTables::default()
-    }
-
-    /// Apply a table result (replacing the job's previous table).
-    pub fn apply(
-        &mut self,
-        fwd: &dyn Forwarding,
-        result: &TableResult,
-        view: &LocalView,
-    ) -> Result<()> {
-        if result.app_name.is_empty() {
-            if !result.instance_list.is_empty() {
-                tracing::warn!(key = %result.query_key, "table result without app_name ignored");
-            }
-            return Ok(());
-        }
-        let new = plan(result, view);
-        let old = self.jobs.remove(&result.app_name).unwrap_or_default();
-        let mut errors = Vec::new();
-        // Upsert first: a flow in progress always finds a route.
-        for (ns, e) in &new.instances {
-            let unchanged = old.instances.get(ns).is_some_and(|o| instance_eq(o, e));
-            if !unchanged && let Err(err) = fwd.upsert_instance(*ns, *e) {
-                errors.push(format!("instance {ns}: {err:#}"));
-            }
-        }
-        for (sip, (kind, backends)) in &new.services {
-            if old.services.get(sip) != Some(&(*kind, backends.clone()))
-                && let Err(err) = fwd.upsert_service(*sip, *kind, backends)
-            {
-                errors.push(format!("service {sip}: {err:#}"));
-            }
-        }
-        for sip in old
-            .services
-            .keys()
-            .filter(|s| !new.services.contains_key(s))
-        {
-            if let Err(err) = fwd.remove_service(*sip) {
-                errors.push(format!("removing service {sip}: {err:#}"));
-            }
-        }
-        for ns in old
-            .instances
-            .keys()
-            .filter(|n| !new.instances.contains_key(n))
-        {
-            // Local containers' entries belong to deploy/undeploy.
-            if !view.locals.contains_key(ns)
-                && let Err(err) = fwd.remove_instance(*ns)
-            {
-                errors.push(format!("removing instance {ns}: {err:#}"));
-            }
-        }
-        tracing::debug!(
-            job = %result.app_name,
-            instances = new.instances.len(),
-            services = new.services.len(),
-            "table applied"
-        );
-        self.jobs.insert(
-            result.app_name.clone(),
-            JobRoutes {
-                instances: new.instances,
-                services: new.services,
-                table: result.clone(),
-            },
-        );
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            anyhow::bail!(
-                "updating routes of {}: {}",
-                result.app_name,
-                errors.join("; ")
-            )
-        }
-    }
-
-    /// Recompute a job's entries from its last table, e.g. after a local
-    /// instance went away, so services stop naming it at once instead of at
-    /// the cluster's next update.
-    pub fn reapply(&mut self, fwd: &dyn Forwarding, job: &str, view: &LocalView) -> Result<()> {
-        match self.jobs.get(job).map(|j| j.table.clone()) {
-            Some(table) => self.apply(fwd, &table, view),
-            None => Ok(()),
-        }
-    }
-
-    /// Forget a job's routes (its interest expired). Local containers keep theirs.
-    pub fn forget(&mut self, fwd: &dyn Forwarding, job: &str, view: &LocalView) {
-        let Some(old) = self.jobs.remove(job) else {
-            return;
-        };
-        for sip in old.services.keys() {
-            if let Err(e) = fwd.remove_service(*sip) {
-                tracing::warn!("removing service {sip}: {e:#}");
-            }
-        }
-        for ns in old
-            .instances
-            .keys()
-            .filter(|n| !view.locals.contains_key(n))
-        {
-            if let Err(e) = fwd.remove_instance(*ns) {
-                tracing::warn!("removing instance {ns}: {e:#}");
-            }
-        }
-    }
-
-    /// The entry last written for a namespace address, if a table had it.
-    pub fn instance(&self, ns: IpAddr) -> Option<InstanceEntry> {
-        self.jobs
-            .values()
-            .find_map(|j| j.instances.get(&ns).copied())
-    }
-
-    pub fn jobs(&self) -> BTreeSet<String> {
-        self.jobs.keys().cloned().collect()
-    }
-
-    /// Number of (instance, service) entries written, for status.
-    pub fn counts(&self) -> (usize, usize) {
-        self.jobs.values().fold((0, 0), |(i, s), j| {
-            (i + j.instances.len(), s + j.services.len())
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::forwarding::InMemory;
 
     fn fixture() -> TableResult {
-        serde_json::from_str(include_str!("../tests/fixtures/tablequery-result.json")).unwrap()
+        serde_json::from_str(include_str!("../../tests/fixtures/tablequery-result.json")).unwrap()
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -439,50 +287,9 @@ mod tests {
     }
 
     #[test]
-    fn replacement_removes_vanished_entries() {
-        let fwd = InMemory::default();
-        let view = LocalView {
-            node_ip: Some("198.51.100.9".parse().unwrap()),
-            node_port: 50103,
-            ..Default::default()
-        };
-        let mut t = ServiceTables::new();
-        let mut r = fixture();
-        t.apply(&fwd, &r, &view).unwrap();
-        assert_eq!(fwd.snapshot().instances.len(), 4);
-        assert_eq!(fwd.snapshot().services.len(), 8);
-        r.instance_list.truncate(1);
-        t.apply(&fwd, &r, &view).unwrap();
-        let s = fwd.snapshot();
-        assert_eq!(s.instances.len(), 2);
-        assert!(!s.services.contains_key(&ip("10.30.0.4")));
-        assert_eq!(s.services[&ip("10.30.55.56")].1, vec![ip("10.18.0.130")]);
-        // A local instance leaving is reflected without a new table.
-        let mut local = view.clone();
-        let port = LocalPort {
-            ifindex: 3,
-            mac: [2, 0, 0, 0, 0, 3],
-        };
-        local.node_ip = Some("198.51.100.2".parse().unwrap());
-        local.locals.insert(ip("10.18.0.130"), port);
-        t.apply(&fwd, &r, &local).unwrap();
-        assert_eq!(
-            fwd.snapshot().services[&ip("10.30.55.56")].1,
-            vec![ip("10.18.0.130")]
-        );
-        local.locals.clear();
-        t.reapply(&fwd, &r.app_name, &local).unwrap();
-        assert!(!fwd.snapshot().services.contains_key(&ip("10.30.55.56")));
-        assert!(!fwd.snapshot().instances.contains_key(&ip("10.18.0.130")));
-        t.forget(&fwd, &r.app_name, &view);
-        assert!(fwd.snapshot().instances.is_empty());
-        assert!(fwd.snapshot().services.is_empty());
-    }
-
-    #[test]
     fn pending_instance_is_skipped_and_running_one_used() {
         let r: TableResult = serde_json::from_str(include_str!(
-            "../tests/fixtures/tablequery-result-pending-instance.json"
+            "../../tests/fixtures/tablequery-result-pending-instance.json"
         ))
         .unwrap();
         let p = plan(&r, &LocalView::default());

@@ -1,0 +1,141 @@
+//! The routes this node knows: table query results turned into dataplane
+//! entries (`plan`), what each job wrote (`tables`), and the entries of the
+//! local instances themselves.
+
+pub mod plan;
+mod tables;
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Result;
+
+pub use plan::LocalView;
+pub use tables::ServiceTables;
+
+use crate::cluster_link::TableResult;
+use crate::dataplane::{InstanceEntry, LocalPort};
+use crate::forwarding::Forwarding;
+use crate::local::LocalState;
+use crate::state::Deployment;
+use crate::uplink::Uplink;
+
+/// What resolving a miss needs from the routes. Narrow on purpose: the
+/// resolver depends on this, not on the node.
+pub trait RouteTables: Send + Sync {
+    /// Write a table result (replacing the job's previous one).
+    fn apply(&self, result: &TableResult) -> Result<()>;
+    /// The job of the local instance with namespace address `ns`.
+    fn local_job(&self, ns: IpAddr) -> Option<String>;
+    /// Whether the local instance `ns` already has its own instance address.
+    fn knows_instance_ip(&self, ns: IpAddr) -> bool;
+    /// Task ids of the local instances (they hold interests in what they use).
+    fn holders(&self) -> Vec<String>;
+}
+
+pub struct Routes {
+    tables: Mutex<ServiceTables>,
+    fwd: Arc<dyn Forwarding>,
+    local: Arc<LocalState>,
+    uplink: Arc<Uplink>,
+}
+
+impl Routes {
+    pub fn new(fwd: Arc<dyn Forwarding>, local: Arc<LocalState>, uplink: Arc<Uplink>) -> Routes {
+        Routes {
+            tables: Mutex::new(ServiceTables::new()),
+            fwd,
+            local,
+            uplink,
+        }
+    }
+
+    fn tables(&self) -> MutexGuard<'_, ServiceTables> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn view(&self) -> LocalView {
+        LocalView {
+            node_ip: Some(self.uplink.ip()),
+            node_port: self.uplink.port(),
+            locals: self.local.ports(),
+        }
+    }
+
+    /// Recompute a job's entries from its last table, e.g. after a local
+    /// instance went away, so services stop naming it at once.
+    pub fn reapply(&self, job: &str) {
+        let view = self.view();
+        if let Err(e) = self.tables().reapply(self.fwd.as_ref(), job, &view) {
+            tracing::warn!("updating routes of {job}: {e:#}");
+        }
+    }
+
+    /// Forget a job's routes (its interest expired).
+    pub fn forget(&self, job: &str) {
+        let view = self.view();
+        self.tables().forget(self.fwd.as_ref(), job, &view);
+    }
+
+    /// A table nobody asked for: applied only for jobs we already route.
+    pub fn apply_unsolicited(&self, result: &TableResult) {
+        if !self.jobs().contains(&result.app_name) {
+            tracing::debug!(job = %result.app_name, "ignoring a table for a job we do not route");
+            return;
+        }
+        if let Err(e) = self.apply(result) {
+            tracing::warn!("{e:#}");
+        }
+    }
+
+    pub fn jobs(&self) -> BTreeSet<String> {
+        self.tables().jobs()
+    }
+
+    /// (instance entries, service entries) written, for status.
+    pub fn counts(&self) -> (usize, usize) {
+        self.tables().counts()
+    }
+
+    /// INSTANCES entries of a local deployment, with its instance address
+    /// when its job's table already named it.
+    pub fn write_local_entries(&self, d: &Deployment) -> Result<()> {
+        let local = Some(LocalPort {
+            ifindex: d.host_ifindex,
+            mac: d.mac,
+        });
+        let tables = self.tables();
+        for ns in [IpAddr::V4(d.addresses.v4), IpAddr::V6(d.addresses.v6)] {
+            let entry = InstanceEntry {
+                instance_ip: tables.instance(ns).and_then(|e| e.instance_ip),
+                node_ip: self.uplink.ip(),
+                node_port: self.uplink.port(),
+                local,
+            };
+            self.fwd.upsert_instance(ns, entry)?;
+        }
+        Ok(())
+    }
+}
+
+impl RouteTables for Routes {
+    fn apply(&self, result: &TableResult) -> Result<()> {
+        let view = self.view();
+        self.tables().apply(self.fwd.as_ref(), result, &view)
+    }
+
+    fn local_job(&self, ns: IpAddr) -> Option<String> {
+        self.local.by_ns(ns).map(|d| d.service_name)
+    }
+
+    fn knows_instance_ip(&self, ns: IpAddr) -> bool {
+        self.tables()
+            .instance(ns)
+            .is_some_and(|e| e.instance_ip.is_some())
+    }
+
+    fn holders(&self) -> Vec<String> {
+        self.local.keys()
+    }
+}
