@@ -1,4 +1,4 @@
-//! The node subnet the cluster hands out (contract 2.3 `subnetwork/result`)
+//! The node subnet the cluster hands out (docs/contract.md §2.3 `subnetwork/result`)
 //! and the allocation of container addresses from it.
 //!
 //! The subnet is an IPv4 /26 and an IPv6 /120. The gateway (bridge) takes the

@@ -164,7 +164,7 @@ fn service_ip_across_two_nodes() {
 }
 
 /// The real cluster service manager lists an instance that is scheduled but
-/// not running yet with `null` addresses (contract 3). The running instance
+/// not running yet with `null` addresses (docs/contract.md §3). The running instance
 /// must stay reachable through the shared address.
 #[test]
 fn pending_instance_with_null_fields_keeps_the_running_one_reachable() {

@@ -1,10 +1,10 @@
-//! Payloads exchanged with the cluster service manager (contract 2.3).
+//! Payloads exchanged with the cluster service manager (docs/contract.md §2.3).
 //!
 //! Incoming documents are parsed leniently, the way upstream's Go structs
 //! read them: unknown keys are ignored, absent keys and `null` take the empty
 //! value, and numbers may arrive as strings (upstream clusters send both).
 //! The real cluster lists instances that are scheduled but not running yet
-//! with `null` addresses (contract 3), so a list entry that cannot be read
+//! with `null` addresses (docs/contract.md §3), so a list entry that cannot be read
 //! costs only that entry, never the whole message. Addresses stay strings
 //! here; `services` parses them and skips the ones that are not valid.
 

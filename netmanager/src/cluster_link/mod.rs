@@ -1,4 +1,4 @@
-//! The MQTT link to the cluster service manager (contract 2.3).
+//! The MQTT link to the cluster service manager (docs/contract.md §2.3).
 //!
 //! One client per node, client id = node id. It asks for the node subnet,
 //! runs table queries (coalesced per key, answered within a timeout or

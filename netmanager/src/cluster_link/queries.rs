@@ -14,7 +14,7 @@ use crate::addresses::Subnet;
 
 impl ClusterLink {
     /// Ask for the node subnet once, and again only after
-    /// [`SUBNET_RETRY`] without an answer (contract 3: every request makes
+    /// [`SUBNET_RETRY`] without an answer (docs/contract.md §3: every request makes
     /// the cluster allocate a fresh subnet, so asking twice burns one).
     /// Requests go out only while connected and subscribed, so the answer
     /// cannot be missed; the first answer is taken, later ones are ignored.
