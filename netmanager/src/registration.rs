@@ -18,6 +18,9 @@ struct Live {
     node: Arc<Node>,
     /// Dropped with the node: stops its background tasks.
     _supervisor: Supervisor,
+    /// False for a node restored from the state file until NodeEngine
+    /// registers in this process: only then is its id confirmed.
+    confirmed: bool,
 }
 
 pub struct Daemon {
@@ -67,26 +70,62 @@ impl Daemon {
             return bad("client_id must not be empty");
         }
         let mut slot = self.live.lock().await;
-        if let Some(live) = slot.as_ref() {
+        if let Some(live) = slot.as_mut() {
             if live.node.id() == client_id {
+                live.confirmed = true;
                 return Ok(());
             }
-            return bad(format!(
-                "already registered as {}, not {client_id}",
-                live.node.id()
-            ));
+            if live.confirmed {
+                return bad(format!(
+                    "already registered as {}, not {client_id}",
+                    live.node.id()
+                ));
+            }
         }
-        let cluster = self
-            .settings
-            .net
-            .cluster_url
-            .clone()
-            .unwrap_or_else(|| cluster_address.trim().to_string());
-        if cluster.is_empty() || cluster == "0.0.0.0" {
-            return bad("cluster_address missing and ClusterUrl not configured");
+        // A different id at this process's first /register: the node joined
+        // another cluster or its hostname changed (docs/contract.md §3).
+        if let Some(old) = slot.take() {
+            self.retire(old, client_id).await;
         }
-        *slot = Some(self.start(client_id, &cluster, None, Vec::new()).await?);
+        let cluster = self.cluster_for(cluster_address)?;
+        let mut live = self.start(client_id, &cluster, None, Vec::new()).await?;
+        live.confirmed = true;
+        *slot = Some(live);
         Ok(())
+    }
+
+    /// Upstream's precedence: a non-empty cluster address in `/register`
+    /// wins over the configured ClusterUrl.
+    fn cluster_for(&self, cluster_address: &str) -> NodeResult<String> {
+        let given = cluster_address.trim();
+        if !given.is_empty() && given != "0.0.0.0" {
+            return Ok(given.to_string());
+        }
+        match &self.settings.net.cluster_url {
+            Some(url) => Ok(url.clone()),
+            None => bad("cluster_address missing and ClusterUrl not configured"),
+        }
+    }
+
+    /// Drop a restored identity that the cluster replaced: its deployments,
+    /// routes and bridge go, so the new identity starts clean.
+    async fn retire(&self, old: Live, new_id: &str) {
+        tracing::warn!(
+            old = old.node.id(),
+            new = new_id,
+            "registered under a new node id; dropping the previous identity's state"
+        );
+        for d in old.node.local.list() {
+            if let Err(e) = old.node.deployer.undeploy(&d.service_name, d.instance).await {
+                tracing::warn!("removing {} of the previous identity: {e:#}", d.key());
+            }
+        }
+        old.node.routes.forget_all();
+        if let Err(e) = old.node.net.remove_bridge().await {
+            tracing::warn!("removing the previous identity's bridge: {e:#}");
+        }
+        old.node.link.disconnect().await;
+        state::remove(&self.settings.state_path);
     }
 
     async fn start(
@@ -102,6 +141,7 @@ impl Daemon {
         Ok(Live {
             node,
             _supervisor: supervisor,
+            confirmed: false,
         })
     }
 

@@ -421,6 +421,64 @@ fn restart_keeps_deployments() {
     assert!(e.nm.alive());
 }
 
+/// The cluster hands out a new id when the node joins another cluster or its
+/// hostname changes (docs/contract.md §3): the first /register of a process
+/// may replace the saved identity; a later different id is refused.
+#[test]
+fn rejoin_under_a_new_id_replaces_the_saved_state() {
+    if !require_root("rejoin_under_a_new_id_replaces_the_saved_state") {
+        return;
+    }
+    let mut e = env();
+    register(&e.nm);
+    let c1 = container();
+    let (code, a1) = deploy(&e.nm, c1.pid(), JOB1, 0, "8080:80");
+    assert_eq!(code, 200, "{a1}");
+    e.nm.kill9();
+    e.nm.restart();
+    let (_, status) = e.nm.get("/status");
+    assert_eq!(status["node_id"], json!("6650aa00bb22cc33dd440002"), "{status}");
+
+    let new_id = "6650aa00bb22cc33dd44ffff";
+    let (code, body) = e.nm.post(
+        "/register",
+        &json!({"client_id": new_id, "cluster_address": "127.0.0.1"}).to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, status) = e.nm.get("/status");
+    assert_eq!(status["node_id"], json!(new_id), "{status}");
+    assert_eq!(status["deployments"], json!([]), "{status}");
+    // The old identity's container lost its interface; the new identity
+    // asked for its own subnet.
+    assert!(in_pid_ns(c1.pid(), &["ip", "link", "show", "eth0"]).is_none());
+    assert_eq!(e.csm.seen_on(&format!("nodes/{new_id}/net/subnet")).len(), 1);
+    let saved = std::fs::read_to_string(&e.nm.state).unwrap();
+    assert!(saved.contains(new_id) && !saved.contains(JOB1), "{saved}");
+    // Now registered in this process: another id is refused, as upstream.
+    let (code, body) = e.nm.post(
+        "/register",
+        r#"{"client_id":"6650aa00bb22cc33dd440003","cluster_address":"127.0.0.1"}"#,
+    );
+    assert_error(code, &body, 400);
+    assert!(e.nm.alive());
+}
+
+/// A cluster address in /register wins over ClusterUrl, as upstream.
+#[test]
+fn register_cluster_address_overrides_cluster_url() {
+    if !require_root("register_cluster_address_overrides_cluster_url") {
+        return;
+    }
+    let dir = TempDir::new();
+    let node = Netns::node(1);
+    let broker = Broker::start(&dir, Some(&node));
+    let _csm = ClusterDouble::start(broker.port, Some(&node), ("10.18.0.64", "fc00::40"));
+    let nm = Daemon::start_with(&dir, &node, broker.port, json!({"ClusterUrl": "192.0.2.1"}));
+    register(&nm);
+    let (_, status) = nm.get("/status");
+    assert_eq!(status["cluster_address"], json!("127.0.0.1"), "{status}");
+}
+
 #[test]
 fn unikernel_namespace_with_tap() {
     if !require_root("unikernel_namespace_with_tap") {

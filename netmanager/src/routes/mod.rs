@@ -78,6 +78,13 @@ impl Routes {
         self.tables().forget(self.fwd.as_ref(), job, &view);
     }
 
+    /// Forget every job's routes (the node's identity is being replaced).
+    pub fn forget_all(&self) {
+        for job in self.jobs() {
+            self.forget(&job);
+        }
+    }
+
     /// A table nobody asked for: applied only for jobs we already route.
     pub fn apply_unsolicited(&self, result: &TableResult) {
         if !self.jobs().contains(&result.app_name) {

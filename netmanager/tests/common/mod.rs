@@ -603,17 +603,21 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &TempDir, node: &Netns, mqtt_port: u16) -> Daemon {
+        Self::start_with(dir, node, mqtt_port, json!({}))
+    }
+
+    /// Like `start`, with `extra` netcfg.json fields on top of upstream's defaults.
+    pub fn start_with(dir: &TempDir, node: &Netns, mqtt_port: u16, extra: Value) -> Daemon {
         let config = dir.path("netcfg.json");
-        std::fs::write(
-            &config,
-            json!({
-                "NodePublicAddress": "0.0.0.0", "NodePublicPort": "50103", "ClusterUrl": "0.0.0.0",
-                "ClusterMqttPort": mqtt_port.to_string(), "DefaultInterface": "", "Debug": true,
-                "PublicIPNetworking": false, "MqttCert": "", "MqttKey": ""
-            })
-            .to_string(),
-        )
-        .unwrap();
+        let mut cfg = json!({
+            "NodePublicAddress": "0.0.0.0", "NodePublicPort": "50103", "ClusterUrl": "0.0.0.0",
+            "ClusterMqttPort": mqtt_port.to_string(), "DefaultInterface": "", "Debug": true,
+            "PublicIPNetworking": false, "MqttCert": "", "MqttKey": ""
+        });
+        if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+            cfg.extend(extra.clone());
+        }
+        std::fs::write(&config, cfg.to_string()).unwrap();
         let mut d = Daemon {
             bpf_dir: None,
             socket: dir.path("nm.sock"),
