@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, NetConfig, Settings};
+use worker_common::paths::per_netns;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,12 +28,14 @@ pub struct Cli {
     /// API socket.
     #[arg(long, env = "NETMANAGER_SOCKET", default_value = config::DEFAULT_SOCKET_PATH, global = true)]
     pub socket: PathBuf,
-    /// bpffs directory for pinned maps and links.
-    #[arg(long = "bpf-dir", env = "NETMANAGER_BPF_DIR", default_value = config::DEFAULT_BPF_DIR, global = true)]
-    pub bpf_dir: PathBuf,
-    /// State file for restarts without loss.
-    #[arg(long, env = "NETMANAGER_STATE", default_value = config::DEFAULT_STATE_PATH, global = true)]
-    pub state: PathBuf,
+    /// bpffs directory for pinned maps and links [default: /sys/fs/bpf/oakestra,
+    /// suffixed with the network namespace when not the machine's own].
+    #[arg(long = "bpf-dir", env = "NETMANAGER_BPF_DIR", global = true)]
+    pub bpf_dir: Option<PathBuf>,
+    /// State file for restarts without loss [default:
+    /// /run/oakestra/netmanager-state.json, suffixed like --bpf-dir].
+    #[arg(long, env = "NETMANAGER_STATE", global = true)]
+    pub state: Option<PathBuf>,
     /// Log file (also written when run by systemd); `logs` follows it.
     #[arg(long = "log-file", env = "NETMANAGER_LOG_FILE", global = true)]
     pub log_file: Option<PathBuf>,
@@ -85,8 +88,14 @@ impl Cli {
         Ok(Settings {
             config_path: self.config.clone(),
             socket_path: self.socket.clone(),
-            bpf_dir: self.bpf_dir.clone(),
-            state_path: self.state.clone(),
+            bpf_dir: self
+                .bpf_dir
+                .clone()
+                .unwrap_or_else(|| per_netns(config::DEFAULT_BPF_DIR)),
+            state_path: self
+                .state
+                .clone()
+                .unwrap_or_else(|| per_netns(config::DEFAULT_STATE_PATH)),
             log_path: self.effective_log_file(),
             uplink: self.uplink.clone().filter(|s| !s.is_empty()),
             tunnel_mtu: self.tunnel_mtu,

@@ -116,7 +116,12 @@ impl Daemon {
             "registered under a new node id; dropping the previous identity's state"
         );
         for d in old.node.local.list() {
-            if let Err(e) = old.node.deployer.undeploy(&d.service_name, d.instance).await {
+            if let Err(e) = old
+                .node
+                .deployer
+                .undeploy(&d.service_name, d.instance)
+                .await
+            {
                 tracing::warn!("removing {} of the previous identity: {e:#}", d.key());
             }
         }

@@ -437,7 +437,11 @@ fn rejoin_under_a_new_id_replaces_the_saved_state() {
     e.nm.kill9();
     e.nm.restart();
     let (_, status) = e.nm.get("/status");
-    assert_eq!(status["node_id"], json!("6650aa00bb22cc33dd440002"), "{status}");
+    assert_eq!(
+        status["node_id"],
+        json!("6650aa00bb22cc33dd440002"),
+        "{status}"
+    );
 
     let new_id = "6650aa00bb22cc33dd44ffff";
     let (code, body) = e.nm.post(
@@ -451,7 +455,10 @@ fn rejoin_under_a_new_id_replaces_the_saved_state() {
     // The old identity's container lost its interface; the new identity
     // asked for its own subnet.
     assert!(in_pid_ns(c1.pid(), &["ip", "link", "show", "eth0"]).is_none());
-    assert_eq!(e.csm.seen_on(&format!("nodes/{new_id}/net/subnet")).len(), 1);
+    assert_eq!(
+        e.csm.seen_on(&format!("nodes/{new_id}/net/subnet")).len(),
+        1
+    );
     let saved = std::fs::read_to_string(&e.nm.state).unwrap();
     assert!(saved.contains(new_id) && !saved.contains(JOB1), "{saved}");
     // Now registered in this process: another id is refused, as upstream.

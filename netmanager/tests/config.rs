@@ -173,3 +173,47 @@ fn dataplane_table_sizes_are_configurable() {
     let err = NetConfig::parse(r#"{"MissHold":true}"#).unwrap_err();
     assert!(format!("{err:#}").contains("MissHold"), "{err:#}");
 }
+
+/// Two NetManagers in two network namespaces with default paths never share
+/// a state file or a pin directory.
+#[test]
+fn default_state_and_pins_are_per_network_namespace() {
+    if !common::require_root("default_state_and_pins_are_per_network_namespace") {
+        return;
+    }
+    let dir = common::TempDir::new();
+    let (a, b) = (common::Netns::node(1), common::Netns::node(2));
+    let mut seen = Vec::new();
+    for (ns, tag) in [(&a, "a"), (&b, "b")] {
+        let log = dir.path(&format!("{tag}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_NetManager"));
+        cmd.env("NETMANAGER_CONFIG", dir.path("absent.json"))
+            .env("NETMANAGER_SOCKET", dir.path(&format!("{tag}.sock")))
+            .env_remove("NETMANAGER_STATE")
+            .env_remove("NETMANAGER_BPF_DIR")
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap());
+        ns.enter(&mut cmd);
+        let mut child = common::Proc(cmd.spawn().unwrap());
+        let sock = dir.path(&format!("{tag}.sock"));
+        common::wait_until("socket", std::time::Duration::from_secs(10), || {
+            sock.exists()
+        });
+        child.kill9();
+        let text = std::fs::read_to_string(&log).unwrap();
+        let field = |name: &str| {
+            text.split(&format!("{name}="))
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .to_string()
+        };
+        seen.push((field("state"), field("bpf_dir")));
+    }
+    assert_ne!(seen[0].0, seen[1].0, "{seen:?}");
+    assert_ne!(seen[0].1, seen[1].1, "{seen:?}");
+    assert!(
+        seen[0].0.starts_with("/run/oakestra/netmanager-state."),
+        "{seen:?}"
+    );
+}
