@@ -13,6 +13,60 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
+use std::net::IpAddr;
+
+/// Where namespace (container) addresses come from: the cluster hands each
+/// node a /26 inside 10.16.0.0/12 and a /120 of ULA space
+/// (docs/contract.md §2.4). Anything else in a cluster message is refused.
+pub const NAMESPACE_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 16, 0, 0), 12);
+pub const NAMESPACE_V6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7);
+
+/// Service address ranges: 10.30.0.0/16, the contract's IPv6 proxy subnet
+/// fcef::/21, and fdff::/16, which upstream clusters actually hand out.
+pub const SERVICE_RANGES: [(IpAddr, u8); 3] = [
+    (IpAddr::V4(Ipv4Addr::new(10, 30, 0, 0)), 16),
+    (IpAddr::V6(Ipv6Addr::new(0xfcef, 0, 0, 0, 0, 0, 0, 0)), 21),
+    (IpAddr::V6(Ipv6Addr::new(0xfdff, 0, 0, 0, 0, 0, 0, 0)), 16),
+];
+
+/// Whether `ip` lies in `net/len` (same family only).
+pub fn in_prefix(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+pub fn is_service_address(ip: IpAddr) -> bool {
+    SERVICE_RANGES.iter().any(|&(n, l)| in_prefix(ip, n, l))
+}
+
+pub fn is_namespace_address(ip: IpAddr) -> bool {
+    in_prefix(ip, IpAddr::V4(NAMESPACE_V4.0), NAMESPACE_V4.1)
+        || in_prefix(ip, IpAddr::V6(NAMESPACE_V6.0), NAMESPACE_V6.1)
+}
+
+/// A plausible underlay address of a node: a unicast IPv4 address that is
+/// not loopback, unspecified, link-local, broadcast or multicast.
+pub fn is_node_address(ip: Ipv4Addr) -> bool {
+    !(ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_multicast())
+}
+
 pub const V4_PREFIX: u8 = 26;
 pub const V6_PREFIX: u8 = 120;
 /// Addresses in a /26.
@@ -32,7 +86,8 @@ pub struct AddressPair {
 }
 
 impl Subnet {
-    /// The cluster's answer, e.g. `{"address": "10.18.0.64", "addressv6": "fc00::40"}`.
+    /// The cluster's answer, e.g. `{"address": "10.18.0.64", "addressv6": "fc00::40"}`;
+    /// both must lie in the namespace ranges.
     pub fn parse(v4: &str, v6: &str) -> Result<Subnet> {
         let Ok(v4) = v4.trim().parse::<Ipv4Addr>() else {
             bail!("subnet address {v4:?} is not an IPv4 address");
@@ -40,6 +95,9 @@ impl Subnet {
         let Ok(v6) = v6.trim().parse::<Ipv6Addr>() else {
             bail!("subnet addressv6 {v6:?} is not an IPv6 address");
         };
+        if !is_namespace_address(IpAddr::V4(v4)) || !is_namespace_address(IpAddr::V6(v6)) {
+            bail!("subnet {v4} / {v6} lies outside the namespace ranges 10.16.0.0/12 and fc00::/7");
+        }
         Ok(Subnet { v4, v6 })
     }
 
@@ -136,6 +194,27 @@ mod tests {
 
     fn subnet() -> Subnet {
         Subnet::parse("10.18.0.64", "fc00::40").unwrap()
+    }
+
+    #[test]
+    fn ranges() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(is_service_address(ip("10.30.255.1")));
+        assert!(is_service_address(ip("fdff::3")));
+        assert!(is_service_address(ip("fcef:7ff::1")));
+        assert!(!is_service_address(ip("fcef:800::1")));
+        assert!(!is_service_address(ip("10.31.0.1")));
+        assert!(is_namespace_address(ip("10.18.0.66")));
+        assert!(is_namespace_address(ip("10.31.255.1")));
+        assert!(!is_namespace_address(ip("10.32.0.1")));
+        assert!(!is_namespace_address(ip("192.168.1.1")));
+        assert!(is_namespace_address(ip("fc00::42")));
+        assert!(!is_namespace_address(ip("2001:db8::1")));
+        assert!(is_node_address("198.51.100.2".parse().unwrap()));
+        assert!(!is_node_address("127.0.0.1".parse().unwrap()));
+        assert!(!is_node_address("224.0.0.1".parse().unwrap()));
+        assert!(Subnet::parse("192.168.0.0", "fc00::").is_err());
+        assert!(Subnet::parse("10.18.0.64", "2001:db8::").is_err());
     }
 
     #[test]

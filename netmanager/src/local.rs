@@ -89,6 +89,16 @@ impl LocalState {
         ports
     }
 
+    /// Namespace address (v4 and v6) of each local instance -> its job.
+    pub fn owners(&self) -> HashMap<IpAddr, String> {
+        let mut owners = HashMap::new();
+        for d in self.lock().deployments.values() {
+            owners.insert(IpAddr::V4(d.addresses.v4), d.service_name.clone());
+            owners.insert(IpAddr::V6(d.addresses.v6), d.service_name.clone());
+        }
+        owners
+    }
+
     pub fn allocate(&self) -> Result<AddressPair> {
         self.lock().pool.allocate()
     }

@@ -2,7 +2,7 @@
 //! work -- the cluster link, the forwarding plane, the local instances, the
 //! routes, the resolver and the deployer -- wired together once, here.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use crate::forwarding::{Ebpf, Forwarding, InMemory};
 use crate::local::{Identity, LocalState};
 use crate::plumbing::Plumbing;
 use crate::resolver::Resolver;
-use crate::routes::Routes;
+use crate::routes::{Limits, Routes};
 use crate::state::Deployment;
 use crate::status::{DataplaneReport, DeploymentStatus, NodeStatus, RouteCounts};
 use crate::uplink::Uplink;
@@ -87,7 +87,12 @@ impl Node {
             subnet,
         };
         let local = Arc::new(LocalState::new(identity, settings.state_path.clone()));
-        let routes = Arc::new(Routes::new(fwd.clone(), local.clone(), uplink.clone()));
+        let routes = Arc::new(Routes::new(
+            fwd.clone(),
+            local.clone(),
+            uplink.clone(),
+            route_limits(&settings),
+        ));
         let resolver = Arc::new(Resolver::new(link.clone(), routes.clone(), fwd.clone()));
         let deployer = Arc::new(Deployer {
             subnet,
@@ -181,7 +186,7 @@ fn open_forwarding(
         node_ip,
         tunnel_port: settings.net.node_public_port,
         tunnel_mtu: settings.tunnel_mtu,
-        service_ranges: service_ranges(),
+        service_ranges: crate::addresses::SERVICE_RANGES.to_vec(),
         sizes: MapSizes {
             flows: t.flows,
             services: t.services,
@@ -194,19 +199,16 @@ fn open_forwarding(
     Ok(Arc::new(Ebpf::open(&cfg)?))
 }
 
-/// Service address ranges: 10.30.0.0/16 (docs/contract.md, addressing), the
-/// contract's IPv6 proxy subnet fcef::/21, and fdff::/16, which upstream
-/// clusters actually hand out (see the table query fixture).
-fn service_ranges() -> Vec<(IpAddr, u8)> {
-    vec![
-        (IpAddr::V4(Ipv4Addr::new(10, 30, 0, 0)), 16),
-        (
-            IpAddr::V6(std::net::Ipv6Addr::new(0xfcef, 0, 0, 0, 0, 0, 0, 0)),
-            21,
-        ),
-        (
-            IpAddr::V6(std::net::Ipv6Addr::new(0xfdff, 0, 0, 0, 0, 0, 0, 0)),
-            16,
-        ),
-    ]
+/// Room the tables may take in the maps: everything but what the local
+/// instances need (two INSTANCES entries each for a full /26) and one
+/// service's backend slice being replaced.
+fn route_limits(settings: &Settings) -> Limits {
+    let t = &settings.net.tables;
+    let local_reserve = 2 * 64;
+    let slice = usize::from(netmanager_common::MAX_BACKENDS);
+    Limits {
+        instances: (t.instances as usize).saturating_sub(local_reserve),
+        services: t.services as usize,
+        backends: (t.backends as usize).saturating_sub(slice),
+    }
 }

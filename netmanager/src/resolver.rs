@@ -58,6 +58,12 @@ impl Resolver {
     /// job so later changes arrive as `updates_available`.
     pub async fn refresh(&self, key: QueryKey) -> Result<Arc<TableResult>> {
         let result = self.link.table_query(&key).await?;
+        if !result.app_name.is_empty() {
+            // The name becomes an MQTT topic level and a map key: a name
+            // with `+`, `#` or `/` would subscribe to other jobs' updates.
+            worker_common::task_id::validate_job_name(&result.app_name)
+                .map_err(|e| anyhow!("table result for {key}: {e}"))?;
+        }
         self.routes.apply(&result)?;
         if !result.app_name.is_empty() {
             let holders = self.routes.holders();

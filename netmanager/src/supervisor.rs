@@ -55,7 +55,6 @@ async fn link_events(node: Arc<Node>, mut events: UnboundedReceiver<LinkEvent>) 
         match ev {
             LinkEvent::JobUpdated(job) => node.resolver.refresh_later(job, "after an update"),
             LinkEvent::InterestDropped(job) => node.routes.forget(&job),
-            LinkEvent::Unsolicited(result) => node.routes.apply_unsolicited(&result),
             LinkEvent::Connected => {
                 if connected_before {
                     // Updates may have been missed while the broker was away.

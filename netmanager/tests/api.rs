@@ -470,6 +470,57 @@ fn rejoin_under_a_new_id_replaces_the_saved_state() {
     assert!(e.nm.alive());
 }
 
+/// Any client of the broker can publish on `nodes/<id>/net/tablequery/result`.
+/// A result nobody asked for must not change routes, even for a job the node
+/// already routes, and a result naming a wildcard job must not subscribe.
+#[test]
+fn forged_and_unsolicited_table_results_are_ignored() {
+    if !require_root("forged_and_unsolicited_table_results_are_ignored") {
+        return;
+    }
+    let e = env();
+    let nm = &e.nm;
+    register(nm);
+    e.csm.set_table(
+        JOB1,
+        json!({"instance_list": [
+            {"instance_number": 0, "namespace_ip": "10.18.0.66", "namespace_ip_v6": "fc00::42",
+             "host_ip": "198.51.100.1", "host_port": 50103, "service_ip": [
+                {"IpType": "RR", "Address": "10.30.55.55", "Address_v6": "fdff:2000::55:55"},
+                {"IpType": "instance_ip", "Address": "10.30.0.7", "Address_v6": "fdff::7"}]}]}),
+    );
+    let c1 = container();
+    let (code, a1) = deploy(nm, c1.pid(), JOB1, 0, "");
+    assert_eq!(code, 200, "{a1}");
+    let routed = || {
+        let (_, st) = nm.get("/status");
+        (st["routes"].clone(), st["interests"].clone())
+    };
+    wait_until("JOB1 routes", Duration::from_secs(10), || {
+        routed().0["jobs"]
+            .as_array()
+            .is_some_and(|j| j.contains(&json!(JOB1)))
+    });
+    let before = routed();
+    // The attacker redirects JOB1's service address to its own host, and
+    // tries to make the node subscribe to every job's updates.
+    let topic = "nodes/6650aa00bb22cc33dd440002/net/tablequery/result";
+    for forged in [
+        json!({"app_name": JOB1, "query_key": "10.30.55.55", "instance_list": [
+            {"instance_number": 9, "namespace_ip": "10.18.9.2", "host_ip": "198.51.100.66", "host_port": 50103,
+             "service_ip": [{"IpType": "RR", "Address": "10.30.55.55"}, {"IpType": "instance_ip", "Address": "10.30.9.9"}]}]}),
+        json!({"app_name": JOB1, "query_key": JOB1, "instance_list": []}),
+        json!({"app_name": "a.+.c.d", "query_key": "a.+.c.d", "instance_list": []}),
+        json!({"app_name": "#", "query_key": "", "instance_list": []}),
+    ] {
+        e.csm.publish(topic, &forged.to_string());
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(routed(), before, "an unsolicited result changed the routes");
+    let mut e = e;
+    assert!(e.nm.alive());
+}
+
 /// A cluster address in /register wins over ClusterUrl, as upstream.
 #[test]
 fn register_cluster_address_overrides_cluster_url() {

@@ -56,8 +56,6 @@ pub enum LinkEvent {
     JobUpdated(String),
     /// An interest expired; the owner may forget the job's routes.
     InterestDropped(String),
-    /// A table result nobody was waiting for (e.g. a late answer).
-    Unsolicited(Arc<TableResult>),
     /// (Re)connected to the broker and resubscribed.
     Connected,
 }

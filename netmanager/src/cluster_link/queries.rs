@@ -9,7 +9,7 @@ use anyhow::{Result, anyhow, bail};
 use tokio::sync::oneshot;
 
 use super::messages::{self, TableResult};
-use super::{ClusterLink, LinkEvent, QueryKey, SUBNET_REQUEST, SUBNET_RETRY, Shared};
+use super::{ClusterLink, QueryKey, SUBNET_REQUEST, SUBNET_RETRY, Shared};
 use crate::addresses::Subnet;
 
 impl ClusterLink {
@@ -130,38 +130,75 @@ pub(super) fn query_request(key: &QueryKey) -> messages::TableQueryRequest {
     }
 }
 
-/// Hand a result to every query it answers: by query key, by job name, and
-/// by any service address it contains (upstream matches the same way).
+/// Hand a result to the one query it answers: the one its `query_key`
+/// names (the cluster echoes the `sip` or `sname` it was asked), and only if
+/// the result is about what was asked. Results nobody asked for -- late,
+/// duplicated or forged -- are dropped, so a publisher on the broker cannot
+/// install routes for a job we never queried.
 pub(super) fn deliver_table(shared: &Shared, result: Arc<TableResult>) {
-    let mut keys = vec![QueryKey::Job(result.app_name.clone())];
-    match result.query_key.parse::<IpAddr>() {
-        Ok(ip) => keys.push(QueryKey::Ip(ip)),
-        Err(_) if !result.query_key.is_empty() => {
-            keys.push(QueryKey::Job(result.query_key.clone()))
-        }
-        Err(_) => {}
-    }
-    for inst in &result.instance_list {
-        for sip in &inst.service_ip {
-            for a in [&sip.address, &sip.address_v6] {
-                if let Ok(ip) = a.parse::<IpAddr>() {
-                    keys.push(QueryKey::Ip(ip));
-                }
+    let Some(key) = answered_key(&result) else {
+        tracing::info!(job = %result.app_name, "ignoring a table result without a query key");
+        return;
+    };
+    let waiters = shared.state().pending.remove(&key);
+    match waiters {
+        Some(waiters) => {
+            for w in waiters {
+                let _ = w.send(result.clone());
             }
         }
+        None => tracing::debug!(%key, "ignoring a table result nobody is waiting for"),
     }
-    let mut delivered = false;
-    {
-        let mut st = shared.state();
-        for k in keys {
-            if let Some(waiters) = st.pending.remove(&k) {
-                for w in waiters {
-                    delivered |= w.send(result.clone()).is_ok();
-                }
-            }
+}
+
+/// The query a result answers, when it is consistent with it.
+fn answered_key(result: &TableResult) -> Option<QueryKey> {
+    let query_key = result.query_key.trim();
+    if let Ok(ip) = query_key.parse::<IpAddr>() {
+        return Some(QueryKey::Ip(ip));
+    }
+    // A job query: the answer must be about that job (empty when unknown).
+    let job = if query_key.is_empty() {
+        result.app_name.as_str()
+    } else {
+        query_key
+    };
+    let consistent = result.app_name.is_empty() || result.app_name == job;
+    (!job.is_empty() && consistent).then(|| QueryKey::Job(job.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(app: &str, key: &str) -> TableResult {
+        TableResult {
+            app_name: app.into(),
+            query_key: key.into(),
+            instance_list: vec![],
         }
     }
-    if !delivered {
-        let _ = shared.events.send(LinkEvent::Unsolicited(result));
+
+    #[test]
+    fn a_result_answers_only_the_query_it_names() {
+        assert_eq!(
+            answered_key(&result("a.b.c.d", "10.30.0.4")),
+            Some(QueryKey::Ip("10.30.0.4".parse().unwrap()))
+        );
+        assert_eq!(
+            answered_key(&result("", "10.30.0.4")),
+            Some(QueryKey::Ip("10.30.0.4".parse().unwrap()))
+        );
+        assert_eq!(
+            answered_key(&result("a.b.c.d", "a.b.c.d")),
+            Some(QueryKey::Job("a.b.c.d".into()))
+        );
+        assert_eq!(
+            answered_key(&result("", "a.b.c.d")),
+            Some(QueryKey::Job("a.b.c.d".into()))
+        );
+        // A result about another job than the one its key names answers nothing.
+        assert_eq!(answered_key(&result("x.y.z.w", "a.b.c.d")), None);
+        assert_eq!(answered_key(&result("", "")), None);
     }
 }

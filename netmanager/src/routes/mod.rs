@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::Result;
 
 pub use plan::LocalView;
-pub use tables::ServiceTables;
+pub use tables::{Limits, ServiceTables};
 
 use crate::cluster_link::TableResult;
 use crate::dataplane::{InstanceEntry, LocalPort};
@@ -42,9 +42,14 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(fwd: Arc<dyn Forwarding>, local: Arc<LocalState>, uplink: Arc<Uplink>) -> Routes {
+    pub fn new(
+        fwd: Arc<dyn Forwarding>,
+        local: Arc<LocalState>,
+        uplink: Arc<Uplink>,
+        limits: Limits,
+    ) -> Routes {
         Routes {
-            tables: Mutex::new(ServiceTables::new()),
+            tables: Mutex::new(ServiceTables::with_limits(limits)),
             fwd,
             local,
             uplink,
@@ -60,6 +65,7 @@ impl Routes {
             node_ip: Some(self.uplink.ip()),
             node_port: self.uplink.port(),
             locals: self.local.ports(),
+            owners: self.local.owners(),
         }
     }
 
@@ -82,17 +88,6 @@ impl Routes {
     pub fn forget_all(&self) {
         for job in self.jobs() {
             self.forget(&job);
-        }
-    }
-
-    /// A table nobody asked for: applied only for jobs we already route.
-    pub fn apply_unsolicited(&self, result: &TableResult) {
-        if !self.jobs().contains(&result.app_name) {
-            tracing::debug!(job = %result.app_name, "ignoring a table for a job we do not route");
-            return;
-        }
-        if let Err(e) = self.apply(result) {
-            tracing::warn!("{e:#}");
         }
     }
 

@@ -5,17 +5,27 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
+use crate::addresses::{is_namespace_address, is_node_address, is_service_address};
 use crate::cluster_link::{TableInstance, TableResult};
 use crate::dataplane::{InstanceEntry, LocalPort, ServiceKind};
 
-/// What `services` needs to know about this node.
+/// What planning needs to know about this node.
 #[derive(Debug, Clone, Default)]
 pub struct LocalView {
     pub node_ip: Option<Ipv4Addr>,
     pub node_port: u16,
     /// Namespace address (v4 and v6) of each local container -> its port.
     pub locals: HashMap<IpAddr, LocalPort>,
+    /// Namespace address of each local container -> its job. Only that
+    /// job's table may describe the address.
+    pub owners: HashMap<IpAddr, String>,
 }
+
+/// Most instances one table may describe; the rest are ignored, so one
+/// message cannot fill the maps (real services have a handful).
+pub const MAX_INSTANCES_PER_TABLE: usize = 256;
+/// Most service addresses one instance may carry (upstream sends 3).
+pub const MAX_SERVICE_IPS_PER_INSTANCE: usize = 16;
 
 /// Entries computed from one table result.
 #[derive(Debug, Clone, Default)]
@@ -61,6 +71,10 @@ struct Inst {
 
 impl Inst {
     fn parse(t: &TableInstance, job: &str, view: &LocalView) -> Option<Inst> {
+        let skip = |why: &str| {
+            tracing::warn!(job, instance = t.instance_number, "instance skipped: {why}");
+            None
+        };
         if t.host_ip.trim().is_empty() || t.host_port == 0 {
             // Scheduled but not running yet: the cluster sends null addresses.
             tracing::debug!(
@@ -70,29 +84,14 @@ impl Inst {
             );
             return None;
         }
-        let Ok(node_ip) = t.host_ip.trim().parse::<Ipv4Addr>() else {
-            tracing::warn!(job, instance = t.instance_number, host_ip = %t.host_ip, "instance without a valid host_ip, skipped");
-            return None;
+        let node_ip = match t.host_ip.trim().parse::<Ipv4Addr>() {
+            Ok(ip) if is_node_address(ip) => ip,
+            _ => return skip(&format!("host_ip {:?} is not a node address", t.host_ip)),
         };
-        let v4 = t
-            .namespace_ip
-            .trim()
-            .parse::<Ipv4Addr>()
-            .ok()
-            .map(IpAddr::V4);
-        let v6 = t
-            .namespace_ip_v6
-            .trim()
-            .parse::<std::net::Ipv6Addr>()
-            .ok()
-            .map(IpAddr::V6);
+        let v4 = namespace_address(&t.namespace_ip, job, view);
+        let v6 = namespace_address(&t.namespace_ip_v6, job, view);
         if v4.is_none() && v6.is_none() {
-            tracing::warn!(
-                job,
-                instance = t.instance_number,
-                "instance without a namespace address, skipped"
-            );
-            return None;
+            return skip("no usable namespace address");
         }
         let local = [v4, v6].map(|a| a.and_then(|a| view.locals.get(&a).copied()));
         let on_this_node = Some(node_ip) == view.node_ip && t.host_port == view.node_port;
@@ -106,18 +105,23 @@ impl Inst {
             );
             return None;
         }
+        if t.service_ip.len() > MAX_SERVICE_IPS_PER_INSTANCE {
+            tracing::warn!(
+                job,
+                instance = t.instance_number,
+                count = t.service_ip.len(),
+                "too many service addresses; extra ones ignored"
+            );
+        }
         let sips = t
             .service_ip
             .iter()
+            .take(MAX_SERVICE_IPS_PER_INSTANCE)
             .map(|s| {
                 (
                     sip_kind(&s.ip_type),
-                    s.address.trim().parse::<Ipv4Addr>().ok().map(IpAddr::V4),
-                    s.address_v6
-                        .trim()
-                        .parse::<std::net::Ipv6Addr>()
-                        .ok()
-                        .map(IpAddr::V6),
+                    service_address(&s.address, job),
+                    service_address(&s.address_v6, job),
                 )
             })
             .collect();
@@ -151,11 +155,61 @@ impl Inst {
     }
 }
 
+/// A namespace address from a table: empty is absent; outside the namespace
+/// ranges, or a local container's address in another job's table, is refused.
+fn namespace_address(text: &str, job: &str, view: &LocalView) -> Option<IpAddr> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let Ok(ip) = text.parse::<IpAddr>() else {
+        tracing::warn!(
+            job,
+            address = text,
+            "namespace address does not parse; ignored"
+        );
+        return None;
+    };
+    if !is_namespace_address(ip) {
+        tracing::warn!(job, %ip, "namespace address outside the namespace ranges; ignored");
+        return None;
+    }
+    if let Some(owner) = view.owners.get(&ip).filter(|o| o.as_str() != job) {
+        tracing::warn!(job, %ip, owner = %owner, "table describes another job's local instance; ignored");
+        return None;
+    }
+    Some(ip)
+}
+
+/// A service address from a table: empty is absent; outside the service
+/// ranges is refused (it would capture traffic to that address).
+fn service_address(text: &str, job: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    match text.parse::<IpAddr>() {
+        Ok(ip) if is_service_address(ip) => Some(ip),
+        _ => {
+            tracing::warn!(
+                job,
+                address = text,
+                "service address outside the service ranges; ignored"
+            );
+            None
+        }
+    }
+}
+
 /// Compute the entries for one table result.
 pub fn plan(result: &TableResult, view: &LocalView) -> Plan {
+    if result.instance_list.len() > MAX_INSTANCES_PER_TABLE {
+        tracing::warn!(job = %result.app_name, count = result.instance_list.len(), "table lists too many instances; extra ones ignored");
+    }
     let mut insts: Vec<Inst> = result
         .instance_list
         .iter()
+        .take(MAX_INSTANCES_PER_TABLE)
         .filter_map(|t| Inst::parse(t, &result.app_name, view))
         .collect();
     insts.sort_by_key(|i| i.number);
@@ -202,6 +256,7 @@ pub fn plan(result: &TableResult, view: &LocalView) -> Plan {
             _ => ServiceKind::RoundRobin,
         };
         backends.dedup_by_key(|b| b.1);
+        backends.truncate(usize::from(netmanager_common::MAX_BACKENDS));
         plan.services
             .insert(addr, (kind, backends.into_iter().map(|b| b.1).collect()));
     }
@@ -232,7 +287,54 @@ mod tests {
             node_ip: Some("198.51.100.1".parse().unwrap()),
             node_port: 50103,
             locals,
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn hostile_tables_cannot_capture_addresses() {
+        let mut r = fixture();
+        // Outside the service ranges, outside the namespace ranges, a bogus
+        // node address: each costs only its own entry.
+        r.instance_list[0].service_ip[0].address = "192.168.1.1".into();
+        r.instance_list[0].namespace_ip = "8.8.8.8".into();
+        r.instance_list[1].host_ip = "127.0.0.1".into();
+        let p = plan(&r, &LocalView::default());
+        assert!(!p.services.contains_key(&ip("192.168.1.1")));
+        assert!(!p.instances.contains_key(&ip("8.8.8.8")));
+        assert!(
+            p.instances.contains_key(&ip("fc00::82")),
+            "the v6 address of instance 0 stays"
+        );
+        assert!(
+            !p.instances.contains_key(&ip("10.18.0.66")),
+            "instance 1 has a loopback host"
+        );
+        // Another job's table cannot describe a local container.
+        let mut v = view_node1_with_local();
+        v.owners.insert(ip("10.18.0.66"), "other.job.x.y".into());
+        let p = plan(&fixture(), &v);
+        assert!(!p.instances.contains_key(&ip("10.18.0.66")));
+        // One message cannot insert without bound.
+        let mut big = fixture();
+        let template = big.instance_list[0].clone();
+        big.instance_list = (0..10_000u32)
+            .map(|n| {
+                let mut i = template.clone();
+                i.instance_number = n;
+                i.namespace_ip = format!("10.19.{}.{}", n / 250, n % 250 + 2);
+                i.namespace_ip_v6 = String::new();
+                i.service_ip.truncate(1);
+                i
+            })
+            .collect();
+        let p = plan(&big, &LocalView::default());
+        assert_eq!(p.instances.len(), MAX_INSTANCES_PER_TABLE);
+        assert!(
+            p.services
+                .values()
+                .all(|(_, b)| b.len() <= usize::from(netmanager_common::MAX_BACKENDS))
+        );
     }
 
     #[test]

@@ -24,14 +24,81 @@ struct JobRoutes {
     table: TableResult,
 }
 
-#[derive(Default)]
+/// How many route entries all tables together may write. Below the map
+/// sizes, so local deployments always find room for their own entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub instances: usize,
+    pub services: usize,
+    pub backends: usize,
+}
+
+impl Limits {
+    pub const UNLIMITED: Limits = Limits {
+        instances: usize::MAX,
+        services: usize::MAX,
+        backends: usize::MAX,
+    };
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Usage {
+    instances: usize,
+    services: usize,
+    backends: usize,
+}
+
+impl Usage {
+    fn of(
+        instances: &BTreeMap<IpAddr, InstanceEntry>,
+        services: &BTreeMap<IpAddr, (ServiceKind, Vec<IpAddr>)>,
+    ) -> Usage {
+        Usage {
+            instances: instances.len(),
+            services: services.len(),
+            backends: services.values().map(|(_, b)| b.len()).sum(),
+        }
+    }
+
+    fn fits(self, l: Limits) -> bool {
+        self.instances <= l.instances && self.services <= l.services && self.backends <= l.backends
+    }
+}
+
 pub struct ServiceTables {
     jobs: HashMap<String, JobRoutes>,
+    limits: Limits,
+}
+
+impl Default for ServiceTables {
+    fn default() -> Self {
+        ServiceTables::new()
+    }
 }
 
 impl ServiceTables {
     pub fn new() -> ServiceTables {
-        ServiceTables::default()
+        ServiceTables::with_limits(Limits::UNLIMITED)
+    }
+
+    pub fn with_limits(limits: Limits) -> ServiceTables {
+        ServiceTables {
+            jobs: HashMap::new(),
+            limits,
+        }
+    }
+
+    /// Entries written by every job but `except`.
+    fn usage_without(&self, except: &str) -> Usage {
+        self.jobs
+            .iter()
+            .filter(|(job, _)| job.as_str() != except)
+            .map(|(_, j)| Usage::of(&j.instances, &j.services))
+            .fold(Usage::default(), |a, b| Usage {
+                instances: a.instances + b.instances,
+                services: a.services + b.services,
+                backends: a.backends + b.backends,
+            })
     }
 
     /// Apply a table result (replacing the job's previous table).
@@ -48,6 +115,22 @@ impl ServiceTables {
             return Ok(());
         }
         let new = plan(result, view);
+        let others = self.usage_without(&result.app_name);
+        let mine = Usage::of(&new.instances, &new.services);
+        let total = Usage {
+            instances: others.instances + mine.instances,
+            services: others.services + mine.services,
+            backends: others.backends + mine.backends,
+        };
+        if !total.fits(self.limits) {
+            // Keep the job's previous routes: a table that does not fit must
+            // not take room that local deployments need.
+            anyhow::bail!(
+                "routes of {} do not fit the dataplane tables ({total:?} of {:?}); raise the table sizes",
+                result.app_name,
+                self.limits
+            );
+        }
         let old = self.jobs.remove(&result.app_name).unwrap_or_default();
         let mut errors = Vec::new();
         // Upsert first: a flow in progress always finds a route.
@@ -172,6 +255,29 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn tables_that_do_not_fit_are_refused_and_keep_the_old_routes() {
+        let fwd = InMemory::default();
+        let view = LocalView::default();
+        let mut t = ServiceTables::with_limits(Limits {
+            instances: 3,
+            services: 100,
+            backends: 100,
+        });
+        let mut r = fixture();
+        r.instance_list.truncate(1);
+        t.apply(&fwd, &r, &view).unwrap();
+        assert_eq!(fwd.snapshot().instances.len(), 2);
+        let full = fixture();
+        assert!(t.apply(&fwd, &full, &view).is_err());
+        assert_eq!(
+            fwd.snapshot().instances.len(),
+            2,
+            "the previous routes stay"
+        );
+        assert_eq!(t.counts().0, 2);
     }
 
     #[test]
