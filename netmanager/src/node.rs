@@ -160,6 +160,7 @@ impl Node {
                 instances,
                 services,
             },
+            resolver: self.resolver.stats(),
             dataplane: match self.fwd.status() {
                 Ok(s) => DataplaneReport::Ok(s),
                 Err(e) => DataplaneReport::Error {

@@ -21,12 +21,98 @@ use crate::routes::RouteTables;
 /// After a failed lookup, further misses for the address are dropped without
 /// asking again for this long, so an unknown address cannot flood the cluster.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
+/// Addresses resolved at the same time, at most. A container sending to
+/// random service addresses gets its misses refused beyond this, and the
+/// node keeps answering everyone else.
+pub const MAX_LOOKUPS: usize = 256;
+/// Table queries per second to the cluster, on average, and the burst.
+const QUERIES_PER_SECOND: f64 = 50.0;
+const QUERY_BURST: f64 = 100.0;
+/// Unresolved-miss log lines per minute; the rest are counted and summed up.
+const LOG_LINES_PER_MINUTE: u32 = 20;
 
 #[derive(Default)]
 struct Pending {
     /// Frames held per address while its lookup is in flight.
     frames: HashMap<IpAddr, Vec<Vec<u8>>>,
     failed: HashMap<IpAddr, Instant>,
+    queries: TokenBucket,
+    log: LogBudget,
+}
+
+/// What the resolver did, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResolverStats {
+    pub resolved: u64,
+    pub failed: u64,
+    /// Misses refused because too many lookups were in flight.
+    pub refused_busy: u64,
+    /// Misses refused because the query rate to the cluster was exhausted.
+    pub refused_rate: u64,
+    /// Misses dropped inside the negative-cache window of a failed lookup.
+    pub refused_recent_failure: u64,
+}
+
+/// Token bucket for table queries.
+struct TokenBucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Default for TokenBucket {
+    fn default() -> Self {
+        TokenBucket {
+            tokens: QUERY_BURST,
+            at: Instant::now(),
+        }
+    }
+}
+
+impl TokenBucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * QUERIES_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(QUERY_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A per-minute allowance of log lines.
+#[derive(Default)]
+struct LogBudget {
+    window: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    /// Whether to log now; returns the number suppressed in the previous
+    /// window when a new one starts, so it can be reported once.
+    fn allow(&mut self) -> (bool, u64) {
+        let now = Instant::now();
+        let mut reported = 0;
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(60))
+        {
+            reported = std::mem::take(&mut self.suppressed);
+            self.window = Some(now);
+            self.used = 0;
+        }
+        if self.used < LOG_LINES_PER_MINUTE {
+            self.used += 1;
+            (true, reported)
+        } else {
+            self.suppressed += 1;
+            (false, reported)
+        }
+    }
 }
 
 pub struct Resolver {
@@ -34,6 +120,7 @@ pub struct Resolver {
     routes: Arc<dyn RouteTables>,
     fwd: Arc<dyn Forwarding>,
     pending: Mutex<Pending>,
+    stats: Mutex<ResolverStats>,
 }
 
 impl Resolver {
@@ -47,7 +134,22 @@ impl Resolver {
             routes,
             fwd,
             pending: Mutex::new(Pending::default()),
+            stats: Mutex::new(ResolverStats::default()),
         }
+    }
+
+    pub fn stats(&self) -> ResolverStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, f: impl FnOnce(&mut ResolverStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Forget recent failures: the cluster says something changed, so an
+    /// address that was unknown a moment ago may resolve now.
+    pub fn forget_failures(&self) {
+        self.pending().failed.clear();
     }
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
@@ -99,23 +201,45 @@ impl Resolver {
     }
 
     /// Hold the miss's frame; true when this is the first miss for its
-    /// address, i.e. a lookup has to start.
+    /// address and a lookup may start. A refused miss has its pending mark
+    /// cleared at once, so the dataplane never keeps a stale one.
     fn hold(&self, miss: Miss) -> bool {
-        let mut p = self.pending();
-        if p.failed
-            .get(&miss.addr)
-            .is_some_and(|t| t.elapsed() < NEGATIVE_TTL)
-        {
-            drop(p);
-            let _ = self.fwd.resolved(miss.addr);
-            return false;
+        let refusal = {
+            let mut p = self.pending();
+            if let Some(held) = p.frames.get_mut(&miss.addr) {
+                if let Some(f) = miss.frame {
+                    held.push(f);
+                }
+                return false;
+            }
+            if p.failed
+                .get(&miss.addr)
+                .is_some_and(|t| t.elapsed() < NEGATIVE_TTL)
+            {
+                Some(Refusal::RecentFailure)
+            } else if p.frames.len() >= MAX_LOOKUPS {
+                Some(Refusal::Busy)
+            } else if !p.queries.take() {
+                Some(Refusal::Rate)
+            } else {
+                p.frames.insert(miss.addr, miss.frame.into_iter().collect());
+                None
+            }
+        };
+        match refusal {
+            None => true,
+            Some(r) => {
+                self.count(|s| match r {
+                    Refusal::RecentFailure => s.refused_recent_failure += 1,
+                    Refusal::Busy => s.refused_busy += 1,
+                    Refusal::Rate => s.refused_rate += 1,
+                });
+                if let Err(e) = self.fwd.resolved(miss.addr) {
+                    tracing::warn!(addr = %miss.addr, "clearing the pending mark: {e:#}");
+                }
+                false
+            }
         }
-        let first = !p.frames.contains_key(&miss.addr);
-        let held = p.frames.entry(miss.addr).or_default();
-        if let Some(f) = miss.frame {
-            held.push(f);
-        }
-        first
     }
 
     async fn resolve(self: Arc<Self>, reason: MissReason, addr: IpAddr) {
@@ -130,6 +254,7 @@ impl Resolver {
         };
         match outcome {
             Ok(()) => {
+                self.count(|s| s.resolved += 1);
                 tracing::debug!(%addr, frames = frames.len(), "miss resolved");
                 for f in &frames {
                     if let Err(e) = self.fwd.reinject(f) {
@@ -138,7 +263,17 @@ impl Resolver {
                 }
             }
             Err(e) => {
-                tracing::info!(%addr, dropped = frames.len(), "unresolved {reason:?} miss: {e:#}")
+                self.count(|s| s.failed += 1);
+                let (log, suppressed) = self.pending().log.allow();
+                if suppressed > 0 {
+                    tracing::info!(
+                        suppressed,
+                        "unresolved misses not logged in the last minute"
+                    );
+                }
+                if log {
+                    tracing::info!(%addr, dropped = frames.len(), "unresolved {reason:?} miss: {e:#}");
+                }
             }
         }
         if let Err(e) = self.fwd.resolved(addr) {
@@ -175,6 +310,13 @@ impl Resolver {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    RecentFailure,
+    Busy,
+    Rate,
+}
+
 /// Whether a table names `addr` as one of its service addresses.
 fn covers(result: &TableResult, addr: IpAddr) -> bool {
     result.instance_list.iter().any(|i| {
@@ -183,4 +325,60 @@ fn covers(result: &TableResult, addr: IpAddr) -> bool {
                 || s.address_v6.parse::<IpAddr>().ok() == Some(addr)
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster_link::LinkOptions;
+    use crate::forwarding::InMemory;
+
+    struct NoRoutes;
+    impl RouteTables for NoRoutes {
+        fn apply(&self, _: &TableResult) -> Result<()> {
+            Ok(())
+        }
+        fn local_job(&self, _: IpAddr) -> Option<String> {
+            None
+        }
+        fn knows_instance_ip(&self, _: IpAddr) -> bool {
+            false
+        }
+        fn holders(&self) -> Vec<String> {
+            Vec::new()
+        }
+    }
+
+    fn miss(n: u32) -> Miss {
+        Miss {
+            reason: MissReason::Service,
+            addr: IpAddr::V6(std::net::Ipv6Addr::from(
+                0xfdff_0000_0000_0000_0000_0000_0000_0000u128 + u128::from(n),
+            )),
+            frame: Some(vec![0; 64]),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_miss_flood_is_bounded() {
+        // No broker: the link only queues; hold() is what is under test.
+        let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+        let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+        let started = (0..1000).filter(|&n| r.hold(miss(n))).count();
+        assert_eq!(started, QUERY_BURST as usize);
+        // Another frame for an address in flight joins it instead.
+        assert!(!r.hold(miss(0)));
+        assert_eq!(r.pending().frames[&miss(0).addr].len(), 2);
+        let s = r.stats();
+        assert_eq!(s.refused_rate as usize, 1000 - started);
+        assert!(r.pending().frames.len() <= MAX_LOOKUPS);
+    }
+
+    #[test]
+    fn log_budget_sums_up_what_it_suppressed() {
+        let mut b = LogBudget::default();
+        let allowed = (0..100).filter(|_| b.allow().0).count();
+        assert_eq!(allowed, LOG_LINES_PER_MINUTE as usize);
+        assert_eq!(b.suppressed, 100 - u64::from(LOG_LINES_PER_MINUTE));
+    }
 }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::DataplaneStatus;
+use crate::resolver::ResolverStats;
 use crate::state::{Deployment, DeploymentKind};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -28,6 +29,9 @@ pub struct NodeStatus {
     /// Jobs whose `updates_available` we follow.
     pub interests: Vec<String>,
     pub routes: RouteCounts,
+    /// Miss resolution so far.
+    #[serde(default)]
+    pub resolver: ResolverStats,
     pub dataplane: DataplaneReport,
 }
 
@@ -129,6 +133,11 @@ impl NodeStatus {
             self.routes.services,
             self.interests.len()
         ));
+        let r = &self.resolver;
+        out.push_str(&format!(
+            "misses: {} resolved, {} failed, refused {} busy / {} rate / {} recently failed\n",
+            r.resolved, r.failed, r.refused_busy, r.refused_rate, r.refused_recent_failure
+        ));
         out
     }
 }
@@ -177,6 +186,7 @@ mod tests {
                 deployments: vec![],
                 interests: vec!["a.b.c.d".into()],
                 routes: RouteCounts::default(),
+                resolver: ResolverStats::default(),
                 dataplane: DataplaneReport::Error {
                     error: "no eBPF".into(),
                 },

@@ -53,7 +53,12 @@ async fn link_events(node: Arc<Node>, mut events: UnboundedReceiver<LinkEvent>) 
     let mut connected_before = false;
     while let Some(ev) = events.recv().await {
         match ev {
-            LinkEvent::JobUpdated(job) => node.resolver.refresh_later(job, "after an update"),
+            LinkEvent::JobUpdated(job) => {
+                // Something changed in the cluster: an address that just
+                // failed to resolve may have an instance now.
+                node.resolver.forget_failures();
+                node.resolver.refresh_later(job, "after an update");
+            }
             LinkEvent::InterestDropped(job) => node.routes.forget(&job),
             LinkEvent::Connected => {
                 if connected_before {
