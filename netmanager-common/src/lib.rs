@@ -302,6 +302,11 @@ pub const MAP_NAMES: [&str; 10] = [
     "SCRATCH",
 ];
 
+/// Read-only global of the programs the loader sets before loading them: 1
+/// when `bpf_skb_adjust_room` accepts `BPF_F_ADJ_ROOM_DECAP_L3_IPV6` (Linux
+/// 6.3), 0 (the default) for the fallback through `bpf_skb_change_proto`.
+pub const DECAP_L3_FLAG_GLOBAL: &str = "ADJUST_ROOM_DECAP_L3";
+
 /// Default map sizes (overridable at load time).
 pub const DEFAULT_FLOWS: u32 = 65_536;
 pub const DEFAULT_SERVICES: u32 = 16_384;

@@ -4,9 +4,9 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
     },
+    helpers::bpf_skb_change_proto,
     programs::TcContext,
 };
 use netmanager_common::{Config, Instance};
@@ -130,16 +130,56 @@ pub fn is_tunnel_datagram(ctx: &TcContext, cfg: &Config) -> Option<u16> {
     }
 }
 
+/// Whether `bpf_skb_adjust_room` takes `BPF_F_ADJ_ROOM_DECAP_L3_IPV6`
+/// (Linux 6.3): 1 when it does. Probed and set by the loader before the
+/// programs load; read-only, so the verifier sees a constant and drops the
+/// path this kernel does not take. The default, 0, works on every kernel.
+/// Its name is `netmanager_common::DECAP_L3_FLAG_GLOBAL`.
+#[unsafe(no_mangle)]
+static ADJUST_ROOM_DECAP_L3: u8 = 0;
+
+/// Bytes `bpf_skb_change_proto` inserts after the MAC header when it turns
+/// an IPv4 skb into an IPv6 one (the header size difference).
+const V4_TO_V6_GROWTH: i32 = 20;
+
 /// Strips the outer IPv4/UDP headers; the inner packet follows the
-/// Ethernet header afterwards.
+/// Ethernet header afterwards, and `skb->protocol` names its family (the
+/// stack picks ip_rcv or ipv6_rcv by it after the redirect).
 #[inline(never)]
 pub fn decapsulate(ctx: &TcContext, inner_ethertype: u16) -> Result<(), ()> {
-    let flags = if inner_ethertype == ETH_P_IPV6 {
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV6
-    } else {
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4
-    } as u64;
-    ctx.adjust_room(-(OUTER_LEN as i32), BPF_ADJ_ROOM_MAC, flags)
+    if inner_ethertype != ETH_P_IPV6 {
+        // Same family inside and out: no flag needed, on any kernel.
+        ctx.adjust_room(-(OUTER_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| ())?;
+    } else if decap_l3_flag() {
+        ctx.adjust_room(
+            -(OUTER_LEN as i32),
+            BPF_ADJ_ROOM_MAC,
+            BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64,
+        )
         .map_err(|_| ())?;
+    } else {
+        // Before 6.3 only bpf_skb_change_proto switches skb->protocol to
+        // IPv6; it also inserts 20 bytes after the MAC header, which go
+        // out together with the outer headers.
+        // SAFETY: plain helper call on our own context.
+        let r = unsafe { bpf_skb_change_proto(ctx.skb.skb, ETH_P_IPV6.to_be(), 0) };
+        if r != 0 {
+            return Err(());
+        }
+        ctx.adjust_room(
+            -(OUTER_LEN as i32 + V4_TO_V6_GROWTH),
+            BPF_ADJ_ROOM_MAC,
+            0,
+        )
+        .map_err(|_| ())?;
+    }
     ctx.store(12, &inner_ethertype.to_be(), 0).map_err(|_| ())
+}
+
+#[inline(always)]
+fn decap_l3_flag() -> bool {
+    // SAFETY: a plain read of our own global; volatile so the compiler
+    // keeps the load the loader's value is patched into.
+    unsafe { core::ptr::read_volatile(&ADJUST_ROOM_DECAP_L3) != 0 }
 }

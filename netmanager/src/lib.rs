@@ -18,6 +18,7 @@ pub mod dataplane;
 pub mod deployer;
 pub mod error;
 pub mod forwarding;
+pub mod kernel_support;
 pub mod local;
 pub mod node;
 pub mod plumbing;

@@ -342,6 +342,10 @@ fn load(cfg: &DataplaneConfig) -> Result<Ebpf> {
         .map_max_entries("BACKENDS", cfg.sizes.backends)
         .map_max_entries("INSTANCES", cfg.sizes.instances)
         .map_max_entries("PENDING", cfg.sizes.pending);
+    // Read-only for the programs: the verifier drops the decapsulation path
+    // this kernel does not take.
+    let decap_l3 = u8::from(crate::kernel_support::probe().adjust_room_decap_l3);
+    loader.override_global(netmanager_common::DECAP_L3_FLAG_GLOBAL, &decap_l3, true);
     loader.load(EBPF_OBJECT).map_err(|e| {
         DataplaneError::bpf(
             format!(

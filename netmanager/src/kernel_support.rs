@@ -1,0 +1,482 @@
+//! What the running kernel offers the dataplane, probed once at start.
+//!
+//! [`check`] is the start-up gate: it refuses a kernel older than
+//! [`MINIMUM_KERNEL`] or one that lacks a program type, map type or helper
+//! the programs use, naming each missing piece with the Linux version that
+//! introduced it. Probes ask the kernel itself (aya's feature probes, or a
+//! two-instruction program where aya has none), so vendor kernels with
+//! backports are judged by what they do, not by their release string.
+//!
+//! Two answers are not pass/fail but choose a path:
+//! - [`KernelSupport::tcx`]: TCX links (Linux 6.6) can attach the programs;
+//!   without them only classic tc (clsact + cls_bpf filter) can.
+//! - [`KernelSupport::adjust_room_decap_l3`]: `bpf_skb_adjust_room` accepts
+//!   `BPF_F_ADJ_ROOM_DECAP_L3_IPV6` (Linux 6.3). The loader hands this to the
+//!   programs as a read-only global; before 6.3 they decapsulate IPv6 inner
+//!   packets through `bpf_skb_change_proto` instead.
+
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+use aya::maps::MapType;
+use aya::programs::ProgramType;
+use aya::sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported};
+use aya::util::KernelVersion;
+use aya_obj::generated::{
+    BPF_ALU64, BPF_CALL, BPF_EXIT, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_JMP, BPF_K, BPF_MOV,
+    bpf_attach_type, bpf_attr, bpf_cmd, bpf_func_id, bpf_insn, bpf_prog_type,
+};
+
+/// The oldest kernel NetManager supports (Ubuntu 22.04's; Debian 12 ships
+/// 6.1). Everything the programs need is in it except TCX (6.6) and the
+/// decapsulation flags (6.3), which have fallbacks.
+pub const MINIMUM_KERNEL: KernelVersion = KernelVersion::new(5, 15, 0);
+
+/// `BPF_ADJ_ROOM_MAC` of uapi `enum bpf_adj_room_mode` (not in aya-obj's bindings).
+const BPF_ADJ_ROOM_MAC: i32 = 1;
+
+/// A kernel feature the programs cannot do without.
+struct Requirement {
+    feature: Feature,
+    /// As the kernel and bpftool name it.
+    name: &'static str,
+    /// The Linux release that introduced it.
+    since: &'static str,
+}
+
+enum Feature {
+    Program(ProgramType),
+    Map(MapType),
+    /// A helper, probed for TC classifier programs.
+    Helper(BpfHelper),
+}
+
+const fn helper(id: bpf_func_id, name: &'static str, since: &'static str) -> Requirement {
+    Requirement {
+        feature: Feature::Helper(id),
+        name,
+        since,
+    }
+}
+
+/// Every program type, map type and helper `netmanager-ebpf` uses
+/// (docs/old-kernels.md lists the same, with the flags and context fields
+/// that cannot be probed this way).
+const REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        feature: Feature::Program(ProgramType::SchedClassifier),
+        name: "BPF_PROG_TYPE_SCHED_CLS",
+        since: "4.1",
+    },
+    Requirement {
+        feature: Feature::Map(MapType::Hash),
+        name: "BPF_MAP_TYPE_HASH",
+        since: "3.19",
+    },
+    Requirement {
+        feature: Feature::Map(MapType::Array),
+        name: "BPF_MAP_TYPE_ARRAY",
+        since: "3.19",
+    },
+    Requirement {
+        feature: Feature::Map(MapType::PerCpuArray),
+        name: "BPF_MAP_TYPE_PERCPU_ARRAY",
+        since: "4.6",
+    },
+    Requirement {
+        feature: Feature::Map(MapType::LruHash),
+        name: "BPF_MAP_TYPE_LRU_HASH",
+        since: "4.10",
+    },
+    Requirement {
+        feature: Feature::Map(MapType::RingBuf),
+        name: "BPF_MAP_TYPE_RINGBUF",
+        since: "5.8",
+    },
+    helper(
+        bpf_func_id::BPF_FUNC_map_lookup_elem,
+        "bpf_map_lookup_elem",
+        "3.19",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_map_update_elem,
+        "bpf_map_update_elem",
+        "3.19",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_ktime_get_ns,
+        "bpf_ktime_get_ns",
+        "4.1",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_skb_store_bytes,
+        "bpf_skb_store_bytes",
+        "4.1",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_l3_csum_replace,
+        "bpf_l3_csum_replace",
+        "4.1",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_l4_csum_replace,
+        "bpf_l4_csum_replace",
+        "4.1",
+    ),
+    helper(bpf_func_id::BPF_FUNC_redirect, "bpf_redirect", "4.4"),
+    helper(
+        bpf_func_id::BPF_FUNC_skb_load_bytes,
+        "bpf_skb_load_bytes",
+        "4.5",
+    ),
+    helper(bpf_func_id::BPF_FUNC_csum_diff, "bpf_csum_diff", "4.6"),
+    helper(
+        bpf_func_id::BPF_FUNC_skb_change_proto,
+        "bpf_skb_change_proto",
+        "4.8",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_skb_change_tail,
+        "bpf_skb_change_tail",
+        "4.9",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_skb_adjust_room,
+        "bpf_skb_adjust_room",
+        "4.13",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_ringbuf_reserve,
+        "bpf_ringbuf_reserve",
+        "5.8",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_ringbuf_submit,
+        "bpf_ringbuf_submit",
+        "5.8",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_redirect_neigh,
+        "bpf_redirect_neigh",
+        "5.10",
+    ),
+    helper(
+        bpf_func_id::BPF_FUNC_redirect_peer,
+        "bpf_redirect_peer",
+        "5.10",
+    ),
+];
+
+/// A required feature the kernel lacks (or that could not be probed).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Missing {
+    pub name: &'static str,
+    pub since: &'static str,
+    /// Why the probe could not tell, when it failed rather than said no.
+    pub probe_error: Option<String>,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (Linux {})", self.name, self.since)?;
+        if let Some(e) = &self.probe_error {
+            write!(f, ": probe failed: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the running kernel offers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelSupport {
+    /// `uname -r`.
+    pub release: String,
+    /// Parsed version (Ubuntu's and Debian's real patch level included);
+    /// None when the release string could not be read.
+    pub version: Option<String>,
+    /// Below [`MINIMUM_KERNEL`] by its version.
+    pub below_minimum: bool,
+    /// TCX links (Linux 6.6): attach through bpf links; else classic tc.
+    pub tcx: bool,
+    /// `bpf_skb_adjust_room` knows `BPF_F_ADJ_ROOM_DECAP_L3_IPV6` (6.3).
+    pub adjust_room_decap_l3: bool,
+    /// Required features the kernel lacks.
+    pub missing: Vec<Missing>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelSupportError {
+    #[error(
+        "Linux {release} cannot run NetManager's eBPF dataplane (it needs Linux {minimum} or newer){}",
+        list(.missing)
+    )]
+    Unsupported {
+        release: String,
+        minimum: String,
+        missing: Vec<Missing>,
+    },
+}
+
+fn list(missing: &[Missing]) -> String {
+    if missing.is_empty() {
+        return String::new();
+    }
+    let items: Vec<String> = missing.iter().map(|m| format!("  - {m}")).collect();
+    format!("; missing:\n{}", items.join("\n"))
+}
+
+/// The start-up gate: the kernel's support, or an error naming everything
+/// that is missing. Call once before opening the dataplane (needs root,
+/// like every BPF operation here).
+pub fn check() -> Result<&'static KernelSupport, KernelSupportError> {
+    let support = probe();
+    if support.below_minimum || !support.missing.is_empty() {
+        return Err(KernelSupportError::Unsupported {
+            release: support.release.clone(),
+            minimum: MINIMUM_KERNEL.to_string(),
+            missing: support.missing.clone(),
+        });
+    }
+    Ok(support)
+}
+
+/// Probes the kernel (once per process; the answers cannot change while it runs).
+pub fn probe() -> &'static KernelSupport {
+    static SUPPORT: OnceLock<KernelSupport> = OnceLock::new();
+    SUPPORT.get_or_init(|| {
+        let version = KernelVersion::current().ok();
+        KernelSupport {
+            release: release(),
+            version: version.map(|v| v.to_string()),
+            below_minimum: version.is_some_and(|v| v < MINIMUM_KERNEL),
+            tcx: tcx_supported(),
+            adjust_room_decap_l3: adjust_room_decap_l3_supported(),
+            missing: REQUIREMENTS.iter().filter_map(missing).collect(),
+        }
+    })
+}
+
+fn release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("(unknown: {e})"))
+}
+
+/// `Some` when the kernel lacks `req` or the probe itself failed.
+fn missing(req: &Requirement) -> Option<Missing> {
+    let answer = match &req.feature {
+        Feature::Program(t) => is_program_supported(*t).map_err(|e| e.to_string()),
+        Feature::Map(t) => is_map_supported(*t).map_err(|e| e.to_string()),
+        Feature::Helper(h) => {
+            is_helper_supported(ProgramType::SchedClassifier, *h).map_err(|e| e.to_string())
+        }
+    };
+    match answer {
+        Ok(true) => None,
+        Ok(false) => Some(Missing {
+            name: req.name,
+            since: req.since,
+            probe_error: None,
+        }),
+        Err(e) => Some(Missing {
+            name: req.name,
+            since: req.since,
+            probe_error: Some(e),
+        }),
+    }
+}
+
+/// TCX is there when linking a classifier to a nonexistent interface
+/// fails for the interface (ENODEV) rather than for the attach type
+/// (EINVAL); the probe attaches nothing.
+fn tcx_supported() -> bool {
+    let insns = [mov64_imm(0, 0), exit()];
+    let Ok(prog) = load_classifier(&insns) else {
+        return false;
+    };
+    // SAFETY: zeroed is a valid bpf_attr; we fill the link_create member.
+    let mut attr = unsafe { mem::zeroed::<bpf_attr>() };
+    attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
+    attr.link_create.__bindgen_anon_2.target_ifindex = 0;
+    attr.link_create.attach_type = bpf_attach_type::BPF_TCX_INGRESS as u32;
+    match bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr) {
+        // Cannot happen for ifindex 0, but a link would mean support; it
+        // is released (and detached) when the descriptor drops.
+        Ok(_link) => true,
+        Err(e) => e.raw_os_error() == Some(libc::ENODEV),
+    }
+}
+
+/// Runs `bpf_skb_adjust_room(skb, -28, BPF_ADJ_ROOM_MAC,
+/// BPF_F_ADJ_ROOM_DECAP_L3_IPV6)` on an IPv6-in-IPv4/UDP frame: kernels
+/// without the flag answer -EINVAL, which the verifier cannot tell.
+fn adjust_room_decap_l3_supported() -> bool {
+    let insns = [
+        // r1 is still the context when the helper is called.
+        mov64_imm(2, -28),
+        mov64_imm(3, BPF_ADJ_ROOM_MAC),
+        mov64_imm(4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as i32),
+        call(bpf_func_id::BPF_FUNC_skb_adjust_room),
+        exit(),
+    ];
+    let Ok(prog) = load_classifier(&insns) else {
+        return false;
+    };
+    let frame = ipv6_in_ipv4_frame();
+    let mut out = [0u8; 256];
+    // SAFETY: zeroed is a valid bpf_attr; we fill the test member.
+    let mut attr = unsafe { mem::zeroed::<bpf_attr>() };
+    // The buffers outlive the call below.
+    attr.test.prog_fd = prog.as_raw_fd() as u32;
+    attr.test.data_in = frame.as_ptr() as u64;
+    attr.test.data_size_in = frame.len() as u32;
+    attr.test.data_out = out.as_mut_ptr() as u64;
+    attr.test.data_size_out = out.len() as u32;
+    attr.test.repeat = 1;
+    if bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr).is_err() {
+        return false;
+    }
+    // SAFETY: the kernel filled the test member.
+    unsafe { attr.test.retval == 0 }
+}
+
+/// Ethernet, IPv4/UDP to port 50103, an IPv6 header with 8 bytes of payload.
+fn ipv6_in_ipv4_frame() -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20 + 8 + 40 + 8];
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&76u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&[198, 51, 100, 2]);
+    ip[16..20].copy_from_slice(&[198, 51, 100, 1]);
+    let udp = &mut f[34..42];
+    udp[0..2].copy_from_slice(&50103u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&50103u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&56u16.to_be_bytes());
+    let v6 = &mut f[42..82];
+    v6[0] = 0x60;
+    v6[4..6].copy_from_slice(&8u16.to_be_bytes());
+    v6[6] = 59; // no next header
+    v6[7] = 64;
+    f
+}
+
+fn load_classifier(insns: &[bpf_insn]) -> io::Result<OwnedFd> {
+    // SAFETY: zeroed is a valid bpf_attr; we fill the prog-load member.
+    let mut attr = unsafe { mem::zeroed::<bpf_attr>() };
+    let license = c"GPL";
+    // SAFETY: plain integers and pointers to data that outlives the call.
+    unsafe {
+        let load = &mut attr.__bindgen_anon_3;
+        load.prog_type = bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS as u32;
+        load.insn_cnt = insns.len() as u32;
+        load.insns = insns.as_ptr() as u64;
+        load.license = license.as_ptr() as u64;
+    }
+    bpf_fd(bpf_cmd::BPF_PROG_LOAD, &mut attr)
+}
+
+/// The bpf(2) system call; its non-negative result (a new descriptor or 0).
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
+    // SAFETY: attr is a valid, fully initialised bpf_attr of the size we pass.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut bpf_attr,
+            mem::size_of::<bpf_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// [`bpf`] for commands that create a descriptor.
+fn bpf_fd(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+    let fd = bpf(cmd, attr)?;
+    // SAFETY: the kernel just created this descriptor for us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn insn(code: u32, dst: u8, imm: i32) -> bpf_insn {
+    // SAFETY: an all-zero instruction is a valid value to start from.
+    let mut i = unsafe { mem::zeroed::<bpf_insn>() };
+    i.code = code as u8;
+    i.set_dst_reg(dst);
+    i.imm = imm;
+    i
+}
+
+fn mov64_imm(dst: u8, imm: i32) -> bpf_insn {
+    insn(BPF_ALU64 | BPF_MOV | BPF_K, dst, imm)
+}
+
+fn call(helper: bpf_func_id) -> bpf_insn {
+    insn(BPF_JMP | BPF_CALL, 0, helper as i32)
+}
+
+fn exit() -> bpf_insn {
+    insn(BPF_JMP | BPF_EXIT, 0, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_names_every_missing_feature_with_its_release() {
+        let e = KernelSupportError::Unsupported {
+            release: "5.4.0-150-generic".into(),
+            minimum: MINIMUM_KERNEL.to_string(),
+            missing: vec![
+                Missing {
+                    name: "bpf_redirect_peer",
+                    since: "5.10",
+                    probe_error: None,
+                },
+                Missing {
+                    name: "BPF_MAP_TYPE_RINGBUF",
+                    since: "5.8",
+                    probe_error: Some("Operation not permitted".into()),
+                },
+            ],
+        };
+        assert_eq!(
+            e.to_string(),
+            "Linux 5.4.0-150-generic cannot run NetManager's eBPF dataplane (it needs Linux 5.15.0 or newer); missing:\n  \
+             - bpf_redirect_peer (Linux 5.10)\n  \
+             - BPF_MAP_TYPE_RINGBUF (Linux 5.8): probe failed: Operation not permitted"
+        );
+    }
+
+    #[test]
+    fn this_kernel_passes_and_its_answers_match_its_version() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: probing BPF features needs root");
+            return;
+        }
+        let s = check().expect("the test machine runs a supported kernel");
+        assert!(s.missing.is_empty(), "{:?}", s.missing);
+        let v = KernelVersion::current().expect("readable kernel version");
+        // Mainline versions; a vendor kernel with backports may say yes earlier.
+        if v >= KernelVersion::new(6, 6, 0) {
+            assert!(s.tcx, "TCX probe said no on {v}");
+        }
+        if v >= KernelVersion::new(6, 3, 0) {
+            assert!(s.adjust_room_decap_l3, "decap flag probe said no on {v}");
+        }
+        if v < KernelVersion::new(6, 3, 0) {
+            assert!(!s.adjust_room_decap_l3, "decap flag probe said yes on {v}");
+        }
+        if v < KernelVersion::new(6, 6, 0) {
+            assert!(!s.tcx, "TCX probe said yes on {v}");
+        }
+    }
+}
