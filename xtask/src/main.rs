@@ -2,12 +2,14 @@
 //!
 //! - `setup`: one-time (idempotent) machine bootstrap.
 //! - `build-ebpf`: builds the eBPF object NetManager embeds.
-//! - `test`: everything CI runs (format, lint, eBPF build, all tests).
+//! - `test`: everything CI runs (format, lint, eBPF build, all tests);
+//!   `--full` adds the eBPF suites on Debian 12's kernel under qemu.
 //! - `sandbox`: a local cluster stand-in with workers (see docs).
 //! - `bench`: overlay performance against baselines (docs/performance.md).
 
 mod bench;
 mod ebpf;
+mod kernel_vm;
 mod setup;
 
 use anyhow::Result;
@@ -35,6 +37,10 @@ enum Command {
     },
     /// Run what CI runs: fmt, clippy, the eBPF build and every test (needs root).
     Test {
+        /// Also boot Debian 12's Linux 6.1 under qemu and run the eBPF
+        /// suites there (about a minute more; result in docs/old-kernels.md).
+        #[arg(long)]
+        full: bool,
         /// Extra arguments passed to `cargo test`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -51,7 +57,13 @@ fn main() -> Result<()> {
         Command::BuildEbpf { debug } => ebpf::build(!debug).map(|path| {
             println!("eBPF object: {}", path.display());
         }),
-        Command::Test { args } => test(&args),
+        Command::Test { full, args } => {
+            test(&args)?;
+            if full {
+                kernel_vm::run_old_kernel_suites()?;
+            }
+            Ok(())
+        }
         Command::Sandbox(args) => xtask::sandbox::cli::run(args, || ebpf::build(true).map(drop)),
         Command::Bench(args) => bench::run(args),
     }

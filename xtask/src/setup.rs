@@ -22,6 +22,10 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     // containerd-client generates its gRPC code with protoc at build time.
     "protobuf-compiler",
+    // `cargo xtask test --full`: Debian 12's kernel under qemu (TCG), with
+    // stripped test binaries in the guest.
+    "qemu-system-x86",
+    "binutils",
 ];
 
 pub fn run() -> Result<()> {
