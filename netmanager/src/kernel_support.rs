@@ -239,6 +239,12 @@ pub fn check() -> Result<&'static KernelSupport, KernelSupportError> {
             missing: support.missing.clone(),
         });
     }
+    tracing::info!(
+        release = %support.release,
+        tcx = support.tcx,
+        adjust_room_decap_l3 = support.adjust_room_decap_l3,
+        "the kernel supports the eBPF dataplane"
+    );
     Ok(support)
 }
 

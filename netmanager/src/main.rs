@@ -50,6 +50,7 @@ async fn run_daemon(args: &Cli) -> Result<()> {
     }
     let settings = args.settings()?;
     cli::init_logging(settings.net.debug, settings.log_path.as_deref())?;
+    netmanager::kernel_support::check()?;
     tracing::info!(
         config = %settings.config_path.display(),
         socket = %settings.socket_path.display(),

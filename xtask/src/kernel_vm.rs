@@ -64,6 +64,22 @@ const SUITES: &[Suite] = &[
         artifact: ("dataplane_packets", false),
         args: "",
     },
+    // Decapsulated packets through the real stack into a container's socket
+    // (namespaces, veths, classic tc on 6.1).
+    Suite {
+        name: "decap_delivery",
+        cargo_target: &["--test", "decap_delivery"],
+        artifact: ("decap_delivery", false),
+        args: "",
+    },
+];
+
+/// Modules the namespace suite needs that Debian builds as modules (none
+/// has dependencies); loaded by the guest's init.
+const MODULES: &[&str] = &[
+    "kernel/drivers/net/veth.ko",
+    "kernel/net/sched/sch_ingress.ko",
+    "kernel/net/sched/cls_bpf.ko",
 ];
 
 /// Outcome of one test in the guest.
@@ -134,7 +150,7 @@ pub fn run_old_kernel_suites() -> Result<()> {
     let kernel = kernel_image(&cache)?;
     println!("old kernel: {} ({})", kernel.package, kernel.deb.display());
     let binaries = build_test_binaries(&root)?;
-    let initramfs = build_initramfs(&cache, &binaries)?;
+    let initramfs = build_initramfs(&cache, &binaries, &kernel.modules)?;
     let log = cache.join("serial.log");
     boot(&kernel.vmlinuz, &initramfs, &log)?;
     let text = fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
@@ -164,6 +180,8 @@ struct Kernel {
     package: String,
     deb: PathBuf,
     vmlinuz: PathBuf,
+    /// The [`MODULES`], extracted.
+    modules: Vec<PathBuf>,
 }
 
 /// The newest bookworm 6.1 kernel package, downloaded once into the cache.
@@ -188,14 +206,21 @@ fn kernel_image(cache: &Path) -> Result<Kernel> {
                 .with_context(|| format!("apt-get download left no {package} .deb"))?
         }
     };
-    let vmlinuz = cache.join(format!("vmlinuz-{package}"));
-    if !vmlinuz.exists() {
-        extract_vmlinuz(&deb, &vmlinuz)?;
+    let dir = cache.join(&package);
+    let vmlinuz = dir.join("vmlinuz");
+    let modules: Vec<PathBuf> = MODULES
+        .iter()
+        .map(|m| dir.join(Path::new(m).file_name().unwrap_or_default()))
+        .collect();
+    if !vmlinuz.exists() || modules.iter().any(|m| !m.exists()) {
+        fs::create_dir_all(&dir)?;
+        extract(&deb, &dir)?;
     }
     Ok(Kernel {
         package,
         deb,
         vmlinuz,
+        modules,
     })
 }
 
@@ -246,8 +271,9 @@ fn find_deb(cache: &Path, package: &str) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// Takes /boot/vmlinuz-* out of the package's data archive.
-fn extract_vmlinuz(deb: &Path, dest: &Path) -> Result<()> {
+/// Takes /boot/vmlinuz-* (as `vmlinuz`) and the [`MODULES`] out of the
+/// package's data archive into `dir`.
+fn extract(deb: &Path, dir: &Path) -> Result<()> {
     let mut child = Command::new("dpkg-deb")
         .arg("--fsys-tarfile")
         .arg(deb)
@@ -256,23 +282,37 @@ fn extract_vmlinuz(deb: &Path, dest: &Path) -> Result<()> {
         .context("running dpkg-deb")?;
     let stdout = child.stdout.take().context("dpkg-deb stdout")?;
     let mut archive = tar::Archive::new(stdout);
-    let mut found = false;
+    let mut missing = MODULES.len() + 1;
     for entry in archive.entries().context("reading the kernel package")? {
         let mut entry = entry?;
         let path = entry.path()?.to_string_lossy().into_owned();
-        if path.trim_start_matches("./").starts_with("boot/vmlinuz-") {
-            let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes)?;
-            fs::write(dest, bytes).with_context(|| format!("writing {}", dest.display()))?;
-            found = true;
+        let path = path.trim_start_matches("./");
+        let dest = if path.starts_with("boot/vmlinuz-") {
+            dir.join("vmlinuz")
+        } else if let Some(m) = MODULES
+            .iter()
+            .find(|m| path.starts_with("lib/modules/") && path.ends_with(*m))
+        {
+            dir.join(Path::new(m).file_name().unwrap_or_default())
+        } else {
+            continue;
+        };
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes)?;
+        fs::write(&dest, bytes).with_context(|| format!("writing {}", dest.display()))?;
+        missing -= 1;
+        if missing == 0 {
             break;
         }
     }
     // We may stop reading early: dpkg-deb then dies of SIGPIPE, which is fine.
     let _ = child.kill();
     let _ = child.wait();
-    if !found {
-        bail!("{} holds no boot/vmlinuz-*", deb.display());
+    if missing != 0 {
+        bail!(
+            "{} lacks boot/vmlinuz-* or one of {MODULES:?}",
+            deb.display()
+        );
     }
     Ok(())
 }
@@ -322,18 +362,34 @@ fn build_test_binaries(root: &Path) -> Result<Vec<(&'static Suite, PathBuf)>> {
 }
 
 /// Lays out the guest's root and packs it with busybox cpio (newc).
-fn build_initramfs(cache: &Path, binaries: &[(&Suite, PathBuf)]) -> Result<PathBuf> {
+fn build_initramfs(
+    cache: &Path,
+    binaries: &[(&Suite, PathBuf)],
+    modules: &[PathBuf],
+) -> Result<PathBuf> {
     let root = cache.join("initramfs");
     if root.exists() {
         fs::remove_dir_all(&root).with_context(|| format!("clearing {}", root.display()))?;
     }
-    for d in ["bin", "tests", "proc", "sys", "dev", "tmp", "run"] {
+    for d in [
+        "bin", "tests", "modules", "proc", "sys", "dev", "tmp", "run",
+    ] {
         fs::create_dir_all(root.join(d))?;
     }
     let busybox = which("busybox").context("busybox")?;
     fs::copy(&busybox, root.join("bin/busybox")).context("copying busybox")?;
     let bpftool = which("bpftool").context("bpftool")?;
     copy_with_libraries(&bpftool, &root, Path::new("usr/sbin/bpftool"))?;
+    // iproute2's ip (namespaces, veth), not busybox's.
+    let ip = which("ip").context("ip")?;
+    copy_with_libraries(&ip, &root, Path::new("usr/sbin/ip"))?;
+    for m in modules {
+        fs::copy(
+            m,
+            root.join("modules").join(m.file_name().unwrap_or_default()),
+        )
+        .with_context(|| format!("copying {}", m.display()))?;
+    }
     for (suite, exe) in binaries {
         let dest = root.join("tests").join(suite.name);
         // Without debug info: a third of the size, and the guest holds
@@ -395,12 +451,13 @@ fn write_init(root: &Path) -> Result<()> {
     let mut script = String::from(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
-         export PATH=/bin:/usr/sbin:/usr/bin\n\
+         export PATH=/usr/sbin:/usr/bin:/bin\n\
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev\n\
          mount -t tmpfs tmp /tmp\n\
          mount -t bpf bpf /sys/fs/bpf\n\
+         for m in /modules/*.ko; do insmod $m; done\n\
          ip link set lo up\n",
     );
     script.push_str(&format!("echo \"{MARK_KERNEL}$(uname -r) $(uname -v)\"\n"));
@@ -507,23 +564,28 @@ fn boot(vmlinuz: &Path, initramfs: &Path, log: &Path) -> Result<()> {
     }
 }
 
-/// Reads the marker lines and libtest's `test NAME ... RESULT` lines.
+/// Reads the marker lines and libtest's `test NAME ... RESULT` lines. A
+/// marker may follow terminal escapes the firmware left on its line.
 pub fn parse_serial(text: &str) -> GuestReport {
+    let after = |line: &'_ str, mark: &str| {
+        line.find(mark)
+            .map(|i| line[i + mark.len()..].trim().to_string())
+    };
     let mut r = GuestReport::default();
     let mut suite: Option<String> = None;
     for line in text.lines().map(|l| l.trim_end_matches('\r')) {
-        if let Some(k) = line.strip_prefix(MARK_KERNEL) {
-            r.kernel = k.trim().to_string();
-        } else if let Some(s) = line.strip_prefix(MARK_BEGIN) {
-            suite = Some(s.trim().to_string());
-        } else if let Some(rest) = line.strip_prefix(MARK_END) {
+        if let Some(k) = after(line, MARK_KERNEL) {
+            r.kernel = k;
+        } else if let Some(s) = after(line, MARK_BEGIN) {
+            suite = Some(s);
+        } else if let Some(rest) = after(line, MARK_END) {
             let mut parts = rest.split_whitespace();
             if let (Some(name), Some(code)) = (parts.next(), parts.next()) {
                 r.exits
                     .push((name.to_string(), code.parse().unwrap_or(i32::MIN)));
             }
             suite = None;
-        } else if line.trim() == MARK_DONE {
+        } else if line.contains(MARK_DONE) {
             r.done = true;
         } else if let (Some(s), Some(rest)) = (&suite, line.strip_prefix("test "))
             && let Some((test, outcome)) = rest.rsplit_once(" ... ")
@@ -598,7 +660,7 @@ mod tests {
     use super::*;
 
     const LOG: &str = "[    0.000000] Linux version 6.1.0\r\n\
-        OAK-GUEST-KERNEL 6.1.0-57-amd64 #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-3\r\n\
+        Probing EDD (edd=off to disable)... o\x1bc\x1b[?7l\x1b[2JOAK-GUEST-KERNEL 6.1.0-57-amd64 #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-3\r\n\
         OAK-GUEST-SUITE-BEGIN kernel_support\r\n\
         running 2 tests\r\n\
         test kernel_support::tests::a ... ok\r\n\

@@ -1,0 +1,285 @@
+//! Decapsulated tunnel packets reach a socket in the container's namespace
+//! through the real stack, on every decapsulation path this kernel has.
+//!
+//! The packet fixtures check bytes only. After `bpf_redirect_peer` the
+//! kernel also needs `skb->protocol` to name the inner family (it picks
+//! ip_rcv or ipv6_rcv by it), which is what the pre-6.3 IPv6-in-IPv4 path
+//! through `bpf_skb_change_proto` must get right. So: the uplink program on
+//! a veth in a node namespace, a tunnel datagram written onto the wire
+//! behind it, and a UDP socket in the container namespace that must receive
+//! the inner datagram. Runs on this kernel and, through
+//! `cargo xtask test --full`, on Debian 12's 6.1 (where aya attaches through
+//! classic tc, as TCX arrived in 6.6).
+
+mod common;
+mod packet_support;
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aya::EbpfLoader;
+use aya::programs::{SchedClassifier, TcAttachType, tc};
+use common::{Netns, require_root};
+use netmanager::dataplane::{
+    Dataplane, DataplaneConfig, EBPF_OBJECT, InstanceEntry, LocalPort, MAP_NAMES, MapSizes,
+    UPLINK_PROGRAM,
+};
+use netmanager::kernel_support;
+use netmanager_common::DECAP_L3_FLAG_GLOBAL;
+use packet_support::*;
+
+const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const PEER_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0xc6, 0x33, 0x64, 0x01];
+const CONTAINER_MAC: [u8; 6] = [0x02, 0, 0x0a, 0x12, 0, 0x02];
+const PORT: u16 = 6000;
+
+/// Removes the pin directory on drop.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `f` on a thread inside `ns` (setns affects only that thread);
+/// sockets it creates stay in `ns`.
+fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = File::open(ns.path()).expect("namespace file");
+            // SAFETY: a valid namespace descriptor; affects this thread only.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    })
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
+/// Writes `frame` onto the wire of `ifname` (in the calling thread's namespace).
+fn send_frame(ifname: &str, frame: &[u8]) {
+    // SAFETY: plain socket call; the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel just gave us this descriptor.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: zeroed is a valid sockaddr_ll; we fill what sendto needs.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex(ifname) as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+    // SAFETY: buffer and address are valid for the sizes given.
+    let n = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            frame.as_ptr() as *const libc::c_void,
+            frame.len(),
+            0,
+            &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(
+        n,
+        frame.len() as isize,
+        "sendto: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Node namespace with uplink veth `up0` (peer `up1`, our wire) and the
+/// host end `c0` of a container veth whose other end `c1` lives in `ctr`.
+fn topology(node: &Netns, ctr: &Netns) {
+    let n = |args: &[&str]| {
+        node.ip(args)
+            .unwrap_or_else(|| panic!("ip {args:?} in node"))
+    };
+    let c = |args: &[&str]| {
+        ctr.ip(args)
+            .unwrap_or_else(|| panic!("ip {args:?} in container"))
+    };
+    n(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    n(&["link", "set", "up0", "address", "02:00:c6:33:64:01"]);
+    n(&[
+        "link", "add", "c0", "type", "veth", "peer", "name", "c1", "netns", &ctr.name,
+    ]);
+    for dev in ["up0", "up1", "c0"] {
+        n(&["link", "set", dev, "up"]);
+    }
+    c(&["link", "set", "c1", "address", "02:00:0a:12:00:02"]);
+    c(&["addr", "add", "10.18.0.2/26", "dev", "c1"]);
+    c(&["addr", "add", "fc00::2/120", "dev", "c1", "nodad"]);
+    c(&["link", "set", "c1", "up"]);
+    c(&["route", "add", "default", "dev", "c1"]);
+    c(&["-6", "route", "add", "default", "dev", "c1"]);
+}
+
+fn dataplane(pin_dir: &PinDir, c0: u32) -> Dataplane {
+    let cfg = DataplaneConfig {
+        pin_dir: pin_dir.0.clone(),
+        uplink: String::new(),
+        node_ip: NODE,
+        tunnel_port: 50103,
+        tunnel_mtu: 1450,
+        service_ranges: vec![
+            ("10.30.0.0".parse().unwrap(), 16),
+            ("fdff::".parse().unwrap(), 16),
+        ],
+        sizes: MapSizes {
+            flows: 1024,
+            services: 256,
+            backends: 1024,
+            instances: 256,
+            pending: 64,
+        },
+        miss_hold: 2,
+    };
+    let dp = Dataplane::open(&cfg).expect("loading the dataplane");
+    for (ns_ip, inst) in [("10.18.0.2", "10.30.0.3"), ("fc00::2", "fdff::3")] {
+        dp.upsert_instance(
+            ns_ip.parse().unwrap(),
+            InstanceEntry {
+                instance_ip: Some(inst.parse().unwrap()),
+                node_ip: NODE,
+                node_port: 50103,
+                local: Some(LocalPort {
+                    ifindex: c0,
+                    mac: CONTAINER_MAC,
+                }),
+            },
+        )
+        .unwrap();
+    }
+    dp
+}
+
+/// A second copy of the uplink program on the dataplane's pinned maps,
+/// with the decapsulation global set to `decap_l3`, attached to `up0`.
+fn attach_uplink(pin_dir: &PinDir, node: &Netns, decap_l3: u8) -> aya::Ebpf {
+    let mut loader = EbpfLoader::new();
+    let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|m| (*m, pin_dir.0.join(m))).collect();
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.override_global(DECAP_L3_FLAG_GLOBAL, &decap_l3, true);
+    let mut ebpf = loader.load(EBPF_OBJECT).expect("loading the object");
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(UPLINK_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().expect("loading uplink_ingress");
+    in_netns(node, || {
+        // aya attaches through TCX from 6.6 on, through a clsact filter before.
+        let _ = tc::qdisc_add_clsact("up0");
+        prog.attach("up0", TcAttachType::Ingress)
+            .expect("attaching uplink_ingress");
+    });
+    ebpf
+}
+
+/// Sends `inner` through the tunnel into `up0` and returns what the
+/// container's socket bound to `bind` receives.
+fn deliver(
+    node: &Netns,
+    ctr: &Netns,
+    bind: SocketAddr,
+    inner: &Ip,
+) -> Option<(Vec<u8>, SocketAddr)> {
+    let sock = in_netns(ctr, || {
+        UdpSocket::bind(bind).expect("binding in the container")
+    });
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let frame = eth(
+        UPLINK_MAC,
+        [0x02, 0, 0xc6, 0x33, 0x64, 0x02],
+        0x0800,
+        &tunnel_datagram(PEER_NODE, NODE, 50103, 50103, &inner.bytes()),
+    );
+    in_netns(node, || send_frame("up1", &frame));
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock.recv_from(&mut buf).ok()?;
+    Some((buf[..n].to_vec(), from))
+}
+
+#[test]
+fn decapsulated_v4_and_v6_packets_reach_the_containers_socket() {
+    if !require_root("decap_delivery") {
+        return;
+    }
+    let node = Netns::new();
+    let ctr = Netns::new();
+    topology(&node, &ctr);
+    let pin_dir = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/oak-decap-{}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_dir_all(&pin_dir.0);
+    let c0 = in_netns(&node, || ifindex("c0"));
+    let dp = dataplane(&pin_dir, c0);
+
+    // The fallback works everywhere; the 6.3 flag only where the probe found it.
+    let mut paths = vec![0u8];
+    if kernel_support::probe().adjust_room_decap_l3 {
+        paths.push(1);
+    }
+    for decap_l3 in paths {
+        let ebpf = attach_uplink(&pin_dir, &node, decap_l3);
+        let cases = [
+            ("10.30.0.5", "10.18.0.2", "0.0.0.0"),
+            ("fdff::5", "fc00::2", "::"),
+        ];
+        for (src, dst, any) in cases {
+            let payload = format!("decap {src} -> {dst}, flag {decap_l3}").into_bytes();
+            let inner = Ip::new(
+                src,
+                dst,
+                L4::Udp {
+                    sport: 7000,
+                    dport: PORT,
+                    payload: payload.clone(),
+                },
+            );
+            let bind = SocketAddr::new(any.parse::<IpAddr>().unwrap(), PORT);
+            let got = deliver(&node, &ctr, bind, &inner);
+            let from: IpAddr = src.parse().unwrap();
+            assert_eq!(
+                got,
+                Some((payload, SocketAddr::new(from, 7000))),
+                "{src} -> {dst} with the decap flag {decap_l3} did not arrive intact"
+            );
+        }
+        // Detaches (filter or TCX link) before the next path attaches.
+        drop(ebpf);
+    }
+    let decapsulated = dp
+        .status()
+        .unwrap()
+        .counters
+        .iter()
+        .find(|c| c.0 == "decapsulated")
+        .map(|c| c.1);
+    assert!(
+        decapsulated >= Some(2),
+        "decapsulated counter: {decapsulated:?}"
+    );
+}
