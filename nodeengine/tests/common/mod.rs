@@ -36,10 +36,7 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
+pub use worker_common::privileges::is_root;
 
 fn have(bin: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| {
