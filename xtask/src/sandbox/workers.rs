@@ -358,4 +358,3 @@ fn subdirs(dir: &Path) -> Vec<PathBuf> {
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
-
