@@ -233,4 +233,27 @@ mod tests {
         );
         assert_eq!(a.node_port, "4000");
     }
+
+    /// Everything the daemon takes from its environment is an argument.
+    #[test]
+    fn environment_is_declared() {
+        use clap::CommandFactory;
+        let command = DaemonArgs::command();
+        let mut vars: Vec<String> = command
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        vars.sort();
+        assert_eq!(
+            vars,
+            [
+                "CONTAINERD_ADDRESS",
+                "CONTAINERD_NAMESPACE",
+                "MY_PORT",
+                "OAKESTRA_CONF",
+                "RUST_LOG"
+            ]
+        );
+    }
 }

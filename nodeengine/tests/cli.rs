@@ -293,28 +293,3 @@ fn status_and_stop_without_systemd_say_so() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("systemd is not running"));
 }
-
-/// Everything the daemon takes from its environment is on its command line.
-#[test]
-fn daemon_declares_its_environment() {
-    let out = Command::new(env!("CARGO_BIN_EXE_nodeengined"))
-        .arg("--help")
-        .env("CONTAINERD_NAMESPACE", "ns-from-env")
-        .output()
-        .expect("run nodeengined");
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    for var in [
-        "OAKESTRA_CONF",
-        "CONTAINERD_ADDRESS",
-        "CONTAINERD_NAMESPACE",
-        "MY_PORT",
-        "RUST_LOG",
-    ] {
-        assert!(
-            text.contains(&format!("env: {var}")),
-            "help lacks {var}: {text}"
-        );
-    }
-    assert!(text.contains("CONTAINERD_NAMESPACE=ns-from-env"), "{text}");
-}

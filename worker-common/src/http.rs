@@ -368,9 +368,8 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The same client for synchronous code (xtask, test harnesses): each call
-/// runs on the client's own single-threaded runtime. Not for use inside an
-/// async runtime.
+/// The same client for synchronous code (xtask, test harnesses): calls block
+/// on the client's own runtime. Not for use inside an async runtime.
 pub mod blocking {
     use super::*;
 
@@ -382,7 +381,12 @@ pub mod blocking {
     impl Client {
         /// Wraps an async client (configured with its timeout and limits).
         pub fn new(inner: super::Client) -> std::io::Result<Client> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
+            // One worker thread keeps pooled connections' tasks running
+            // between calls, so a connection the server closed is noticed
+            // (and not reused) just as with the async client.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("http-blocking")
                 .enable_all()
                 .build()?;
             Ok(Client { runtime, inner })
