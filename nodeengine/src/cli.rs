@@ -3,16 +3,17 @@
 //! It edits the configuration file and controls the service. It never destroys a
 //! configuration it cannot parse: it reports the position and stops.
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use worker_common::args::empty_is_default;
+use worker_common::logging::{self, FollowError};
+use worker_common::privileges::require_root;
 
 use crate::config::{
-    ADDON_FLOPS, ADDON_IMAGE_BUILDER, Config, ConfigError, DEFAULT_NETMANAGER_SOCK, NetworkMode,
-    conf_path,
+    ADDON_FLOPS, ADDON_IMAGE_BUILDER, CONF_ENV, Config, ConfigError, DEFAULT_CONF_PATH,
+    DEFAULT_NETMANAGER_SOCK, NetworkMode,
 };
 use crate::service::{self, NETMANAGER_UNIT, NODEENGINE_LOG, NODEENGINE_UNIT};
 
@@ -26,9 +27,16 @@ use crate::service::{self, NETMANAGER_UNIT, NODEENGINE_LOG, NODEENGINE_UNIT};
         (in the foreground when systemd is absent)."
 )]
 pub struct Cli {
-    /// Configuration file (default: $OAKESTRA_CONF or /etc/oakestra/conf.json)
-    #[arg(long, global = true, value_name = "PATH")]
-    pub config: Option<PathBuf>,
+    /// Configuration file
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = CONF_ENV,
+        default_value = DEFAULT_CONF_PATH,
+        value_parser = empty_is_default::<PathBuf>(DEFAULT_CONF_PATH)
+    )]
+    pub config: PathBuf,
 
     /// Cluster orchestrator address: set it and start the service
     #[arg(short = 'a', long = "address", value_name = "ADDR")]
@@ -169,7 +177,7 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let path = conf_path(cli.config.as_deref());
+    let path = cli.config;
     if let Some(addr) = &cli.address {
         return start(&path, addr, cli.port, cli.detach);
     }
@@ -189,13 +197,6 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Logs) => follow(Path::new(NODEENGINE_LOG)),
         Some(Command::Stop) => stop(),
     }
-}
-
-fn need_root(what: &str) -> Result<()> {
-    if !service::is_root() {
-        bail!("`{what}` needs root privileges: run it with sudo");
-    }
-    Ok(())
 }
 
 /// Load, change, save. A parse error stops before anything is written.
@@ -305,7 +306,10 @@ fn daemon_binary() -> Result<PathBuf> {
 }
 
 fn start(path: &Path, address: &str, port: Option<u16>, detach: bool) -> Result<()> {
-    need_root("NodeEngine -a")?;
+    require_root(
+        "`NodeEngine -a`",
+        "it writes the configuration and starts the NodeEngine service",
+    )?;
     let (addr, scheme_ssl) = split_cluster_url(address);
     edit(path, |cfg| {
         cfg.cluster_address = addr;
@@ -335,7 +339,7 @@ fn start(path: &Path, address: &str, port: Option<u16>, detach: bool) -> Result<
 fn exec_daemon(daemon: &Path, conf: &Path) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(daemon)
-        .env(crate::config::CONF_ENV, conf)
+        .env(CONF_ENV, conf)
         .exec();
     Err(anyhow!("cannot run {}: {err}", daemon.display()))
 }
@@ -355,7 +359,7 @@ fn spawn_detached(daemon: &Path, conf: &Path) -> Result<()> {
         .with_context(|| format!("opening {}", log.display()))?;
     let err = out.try_clone()?;
     let child = std::process::Command::new(daemon)
-        .env(crate::config::CONF_ENV, conf)
+        .env(CONF_ENV, conf)
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -426,7 +430,7 @@ fn stop() -> Result<()> {
             }
         );
     }
-    need_root("NodeEngine stop")?;
+    require_root("`NodeEngine stop`", "it stops the system services")?;
     service::systemctl(&["stop", NODEENGINE_UNIT])?;
     // NetManager may not be installed as a unit (network manual/off): not an error.
     if let Err(e) = service::systemctl(&["stop", NETMANAGER_UNIT]) {
@@ -436,37 +440,14 @@ fn stop() -> Result<()> {
     Ok(())
 }
 
-/// `tail -F`: prints the file, then what is appended, until interrupted.
+/// `tail -F` of a log file until interrupted.
 fn follow(log: &Path) -> Result<()> {
-    let mut f = std::fs::File::open(log).map_err(|e| {
-        let extra = if log == Path::new(NODEENGINE_LOG) && !service::has_systemd() {
-            " (without systemd the daemon logs to its terminal)"
-        } else {
-            ""
-        };
-        anyhow!("cannot open {}: {e}{extra}", log.display())
-    })?;
-    let mut pos = 0u64;
-    let mut buf = Vec::new();
-    let stdout = std::io::stdout();
-    loop {
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            // Truncated or rotated: start over.
-            pos = 0;
+    logging::follow(log).map_err(|e| match e {
+        FollowError::Open { .. } if log == Path::new(NODEENGINE_LOG) && !service::has_systemd() => {
+            anyhow!("{e} (without systemd the daemon logs to its terminal)")
         }
-        f.seek(SeekFrom::Start(pos))?;
-        buf.clear();
-        Read::by_ref(&mut f).take(1 << 20).read_to_end(&mut buf)?;
-        pos += buf.len() as u64;
-        if !buf.is_empty() {
-            let mut out = stdout.lock();
-            out.write_all(&buf)?;
-            out.flush()?;
-        } else {
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
+        e => anyhow!(e),
+    })
 }
 
 #[cfg(test)]

@@ -1,13 +1,21 @@
-//! Joining the cluster: the HTTP registration handshake (contract 1.3 step 1).
+//! Joining the cluster: the HTTP registration handshake (docs/contract.md,
+//! registration).
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
-use hyper::Method;
+use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+use worker_common::backoff::Backoff;
+use worker_common::http;
+use worker_common::lenient;
+use worker_common::tls::ClientTls;
 
-use crate::http_client::{self, Url};
 use crate::node_report::NodeDocument;
+
+/// The registration answer is a small JSON object.
+const MAX_ANSWER: usize = 64 * 1024;
+const TIMEOUT: Duration = Duration::from_secs(20);
+pub const USER_AGENT: &str = concat!("oakestra-nodeengine/", env!("CARGO_PKG_VERSION"));
 
 /// What the cluster answers to a registration.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,41 +27,29 @@ pub struct Registration {
 #[derive(Deserialize)]
 struct RawAnswer {
     id: String,
-    #[serde(rename = "MQTT_BROKER_PORT")]
-    mqtt_broker_port: serde_json::Value,
+    /// A string upstream; a number is accepted too.
+    #[serde(rename = "MQTT_BROKER_PORT", deserialize_with = "lenient::u16")]
+    mqtt_broker_port: u16,
 }
 
-/// Capped exponential backoff: 1 s, 2 s, 4 s ... up to `cap`.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    next: Duration,
-    cap: Duration,
+/// The cluster's registration endpoint and the client that reaches it.
+pub struct ClusterLink {
+    url: String,
+    http: http::Client,
 }
 
-impl Backoff {
-    pub fn new(first: Duration, cap: Duration) -> Self {
-        Backoff { next: first, cap }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.cap);
-        d
-    }
-}
-
-pub fn register_url(address: &str, port: u16, ssl: bool) -> Result<Url> {
+/// `http(s)://address:port/api/node/register`; an IPv6 address is bracketed.
+pub fn register_url(address: &str, port: u16, ssl: bool) -> String {
     let scheme = if ssl { "https" } else { "http" };
     let host = if address.contains(':') && !address.starts_with('[') {
         format!("[{address}]")
     } else {
         address.to_string()
     };
-    Url::parse(&format!("{scheme}://{host}:{port}/api/node/register"))
+    format!("{scheme}://{host}:{port}/api/node/register")
 }
 
-/// Parses the registration answer. The port is a JSON string upstream; a number is
-/// accepted too.
+/// Parses the registration answer.
 pub fn parse_answer(body: &[u8]) -> Result<Registration> {
     let raw: RawAnswer = serde_json::from_slice(body).with_context(|| {
         format!(
@@ -61,12 +57,9 @@ pub fn parse_answer(body: &[u8]) -> Result<Registration> {
             String::from_utf8_lossy(&body[..body.len().min(200)])
         )
     })?;
-    let port = match &raw.mqtt_broker_port {
-        serde_json::Value::String(s) => s.trim().parse::<u16>().ok(),
-        serde_json::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
-        _ => None,
+    if raw.mqtt_broker_port == 0 {
+        bail!("invalid MQTT_BROKER_PORT 0 in registration answer");
     }
-    .ok_or_else(|| anyhow!("invalid MQTT_BROKER_PORT {}", raw.mqtt_broker_port))?;
     // The id becomes part of MQTT topics: refuse wildcards and separators.
     if raw.id.is_empty()
         || raw.id.len() > 128
@@ -79,49 +72,51 @@ pub fn parse_answer(body: &[u8]) -> Result<Registration> {
     }
     Ok(Registration {
         node_id: raw.id,
-        mqtt_port: port,
+        mqtt_port: raw.mqtt_broker_port,
     })
 }
 
-/// One registration attempt.
-pub async fn register_once(url: &Url, node: &NodeDocument) -> Result<Registration> {
-    let body = serde_json::to_vec(node).context("encoding the node document")?;
-    let answer = http_client::request(
-        Method::POST,
-        url,
-        Some(body),
-        64 * 1024,
-        Duration::from_secs(20),
-    )
-    .await?;
-    if !answer.status.is_success() {
-        bail!(
-            "cluster answered {}: {}",
-            answer.status,
-            String::from_utf8_lossy(&answer.body[..answer.body.len().min(200)]).trim()
-        );
+impl ClusterLink {
+    /// HTTPS (`ssl`) verifies the cluster against the system's trust anchors.
+    pub fn new(address: &str, port: u16, ssl: bool) -> Result<ClusterLink> {
+        let tls = ClientTls::system_roots()
+            .build()
+            .context("TLS setup for the registration")?;
+        Ok(ClusterLink {
+            url: register_url(address, port, ssl),
+            http: http::Client::tcp(tls)
+                .timeout(TIMEOUT)
+                .max_body(MAX_ANSWER)
+                .user_agent(USER_AGENT),
+        })
     }
-    parse_answer(&answer.body)
-}
 
-/// Registers, retrying with capped exponential backoff until it works.
-/// Upstream exits on the first failure; a worker that boots before its cluster
-/// should simply wait for it.
-pub async fn register_with_retry(
-    url: &Url,
-    mut node_document: impl FnMut() -> NodeDocument,
-) -> Registration {
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-    loop {
-        match register_once(url, &node_document()).await {
-            Ok(r) => return r,
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(
-                    url = %format!("{}:{}{}", url.host, url.port, url.path),
-                    "registration failed: {e:#}; retrying in {delay:?}"
-                );
-                tokio::time::sleep(delay).await;
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// One registration attempt.
+    pub async fn register_once(&self, node: &NodeDocument) -> Result<Registration> {
+        let answer = self.http.post_json(&self.url, node).await?.success()?;
+        parse_answer(&answer.body)
+    }
+
+    /// Registers, retrying with capped exponential backoff until it works.
+    /// Upstream exits on the first failure; a worker that boots before its
+    /// cluster should simply wait for it.
+    pub async fn register_with_retry(
+        &self,
+        mut node_document: impl FnMut() -> NodeDocument,
+    ) -> Registration {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            match self.register_once(&node_document()).await {
+                Ok(r) => return r,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!("registration failed: {e:#}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                }
             }
         }
     }
@@ -139,13 +134,21 @@ mod tests {
         assert!(parse_answer(br#"{"id":"x","MQTT_BROKER_PORT":10003}"#).is_ok());
         assert!(parse_answer(br#"{"id":"a/#","MQTT_BROKER_PORT":"1"}"#).is_err());
         assert!(parse_answer(br#"{"id":"a","MQTT_BROKER_PORT":"x"}"#).is_err());
+        assert!(parse_answer(br#"{"id":"a","MQTT_BROKER_PORT":null}"#).is_err());
+        assert!(parse_answer(br#"{"id":"a","MQTT_BROKER_PORT":"70000"}"#).is_err());
+        assert!(parse_answer(br#"{"id":"a"}"#).is_err());
         assert!(parse_answer(b"null").is_err());
     }
 
     #[test]
-    fn backoff_is_capped() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
-        let d: Vec<u64> = (0..5).map(|_| b.next_delay().as_secs()).collect();
-        assert_eq!(d, [1, 2, 4, 5, 5]);
+    fn urls() {
+        assert_eq!(
+            register_url("10.0.0.1", 10100, false),
+            "http://10.0.0.1:10100/api/node/register"
+        );
+        assert_eq!(
+            register_url("fd00::1", 443, true),
+            "https://[fd00::1]:443/api/node/register"
+        );
     }
 }

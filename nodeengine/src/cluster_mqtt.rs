@@ -12,6 +12,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch};
+use worker_common::backoff::Backoff;
+use worker_common::tls::ClientTls;
 
 use crate::deploy::{Control, Engine};
 use crate::job::StatusReport;
@@ -56,38 +58,15 @@ impl Topics {
     }
 }
 
-/// rustls config for MQTTS with the node's client certificate. Server certificates
-/// are checked against the system roots plus `ca.crt` next to the client
-/// certificate, where Oakestra's setup scripts put the cluster CA.
-fn mqtts_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::ClientConfig>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .with_context(|| format!("reading MQTT certificate {cert_file}"))?
-        .collect::<std::result::Result<_, _>>()
-        .with_context(|| format!("parsing MQTT certificate {cert_file}"))?;
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .with_context(|| format!("reading MQTT key {key_file}"))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(c);
+/// TLS for MQTTS with the node's client certificate. The broker is checked
+/// against the system roots plus `ca.crt` next to the client certificate,
+/// where Oakestra's setup scripts put the cluster CA.
+fn mqtts_tls(cert_file: &str, key_file: &str) -> ClientTls {
+    let tls = ClientTls::system_roots().with_identity(cert_file, key_file);
+    match Path::new(cert_file).parent().map(|d| d.join("ca.crt")) {
+        Some(ca) if ca.exists() => tls.with_extra_ca(ca),
+        _ => tls,
     }
-    if let Some(ca) = Path::new(cert_file).parent().map(|d| d.join("ca.crt"))
-        && ca.exists()
-        && let Ok(iter) = CertificateDer::pem_file_iter(&ca)
-    {
-        for c in iter.flatten() {
-            let _ = roots.add(c);
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .context("MQTT client certificate and key do not match")?;
-    Ok(Arc::new(cfg))
 }
 
 pub fn options(s: &MqttSettings) -> Result<MqttOptions> {
@@ -96,7 +75,9 @@ pub fn options(s: &MqttSettings) -> Result<MqttOptions> {
     o.set_clean_session(true);
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     if !s.cert_file.is_empty() && !s.key_file.is_empty() {
-        let cfg = mqtts_config(&s.cert_file, &s.key_file)?;
+        let cfg = mqtts_tls(&s.cert_file, &s.key_file)
+            .build()
+            .context("MQTT over TLS")?;
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(cfg)));
     }
     Ok(o)
@@ -128,23 +109,23 @@ pub async fn run(
         }
     });
 
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             ev = eventloop.poll() => match ev {
                 Ok(ev) => {
-                    backoff = Duration::from_millis(500);
+                    backoff.reset();
                     on_event(ev, &client, &topics, &engine);
                 }
                 Err(e) => {
+                    let delay = backoff.next_delay();
                     tracing::warn!(host = %settings.host, port = settings.port,
-                        "MQTT connection: {e}; reconnecting in {backoff:?}");
+                        "MQTT connection: {e}; reconnecting in {delay:?}");
                     tokio::select! {
                         _ = shutdown.changed() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }

@@ -8,12 +8,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
+use worker_common::lenient;
 
 /// Default location of the configuration file.
 pub use worker_common::paths::NODEENGINE_CONFIG as DEFAULT_CONF_PATH;
-/// Environment variable that overrides [`DEFAULT_CONF_PATH`] (used by tests and by
-/// operators who keep several worker identities on one machine).
+/// Environment variable that overrides [`DEFAULT_CONF_PATH`] on both command
+/// lines (used by tests and by operators who keep several worker identities on
+/// one machine).
 pub const CONF_ENV: &str = "OAKESTRA_CONF";
 /// Default NetManager socket.
 pub use worker_common::paths::NETMANAGER_SOCKET as DEFAULT_NETMANAGER_SOCK;
@@ -41,13 +43,16 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error(
-        "configuration {path} is not valid at line {line}, column {column}: {message} \
-         (the file was left untouched; fix it or run `NodeEngine config default`)"
+        "configuration {path} is not valid at line {line}, column {column}{}: {message} \
+         (the file was left untouched; fix it or run `NodeEngine config default`)",
+        field.as_ref().map(|f| format!(" (field `{f}`)")).unwrap_or_default()
     )]
     Parse {
         path: PathBuf,
         line: usize,
         column: usize,
+        /// The field, when the document is JSON but a value is wrong.
+        field: Option<String>,
         message: String,
     },
     #[error("cannot write configuration {path}: {source}")]
@@ -57,23 +62,12 @@ pub enum ConfigError {
     },
 }
 
-/// Resolves the configuration path: explicit flag, then `OAKESTRA_CONF`, then default.
-pub fn conf_path(explicit: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p.to_path_buf();
-    }
-    match std::env::var_os(CONF_ENV) {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(DEFAULT_CONF_PATH),
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Addon {
     pub addon_name: String,
     #[serde(default)]
     pub addon_active: bool,
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "lenient::null_as_default")]
     pub addon_config: Vec<String>,
 }
 
@@ -88,7 +82,7 @@ pub struct Virtualization {
     #[serde(
         rename = "virutalizaiton_config",
         default,
-        deserialize_with = "null_as_default"
+        deserialize_with = "lenient::null_as_default"
     )]
     pub config: Vec<String>,
 }
@@ -123,24 +117,16 @@ pub struct Config {
     pub mqtt_cert_file: String,
     #[serde(default)]
     pub mqtt_key_file: String,
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "lenient::null_as_default")]
     pub addons: Vec<Addon>,
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "lenient::null_as_default")]
     pub virtualizations: Vec<Virtualization>,
     /// Upstream writes `null` here; we read it as empty and write `[]`.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "lenient::null_as_default")]
     pub csi_drivers: Vec<CsiDriver>,
     /// Keys written by newer upstream versions (`mode`, `p2p`, ...) survive our edits.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Default + Deserialize<'de>,
-{
-    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 fn default_version() -> String {
@@ -212,12 +198,21 @@ impl NetworkMode {
 impl Config {
     /// Parses a configuration document. `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        serde_json::from_str(text).map_err(|e| ConfigError::Parse {
+        let error = |field: Option<String>, e: serde_json::Error| ConfigError::Parse {
             path: path.to_path_buf(),
             line: e.line(),
             column: e.column(),
+            field,
             message: e.to_string(),
-        })
+        };
+        let mut json = serde_json::Deserializer::from_str(text);
+        let config = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+            let field = Some(e.path().to_string()).filter(|p| p != ".");
+            error(field, e.into_inner())
+        })?;
+        // Nothing but whitespace may follow the document.
+        json.end().map_err(|e| error(None, e))?;
+        Ok(config)
     }
 
     /// Reads the file; a missing or empty file yields the defaults (as upstream).
@@ -373,6 +368,25 @@ mod tests {
             }
             other => panic!("unexpected {other}"),
         }
+        let err = Config::parse(
+            "{\"conf_version\":\"1.0\",\n\"cluster_port\": \"not a number\"}",
+            Path::new("/c.json"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("field `cluster_port`"), "{err}");
+        match err {
+            ConfigError::Parse { line, field, .. } => {
+                assert_eq!(line, 2);
+                assert_eq!(field.as_deref(), Some("cluster_port"));
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn trailing_garbage_is_an_error() {
+        assert!(Config::parse(&format!("{UPSTREAM} x"), Path::new("x")).is_err());
+        assert!(Config::parse(&format!("{UPSTREAM}\n"), Path::new("x")).is_ok());
     }
 
     #[test]

@@ -50,23 +50,11 @@ pub const LABEL_INSTANCE: &str = "oakestra.io/instance";
 pub const LABEL_VIRT: &str = "oakestra.io/virtualization";
 pub const LABEL_ONE_SHOT: &str = "oakestra.io/one-shot";
 
-/// Where to find containerd.
+/// Where to find containerd (`nodeengined --containerd-address/--containerd-namespace`).
 #[derive(Debug, Clone)]
 pub struct ContainerdSettings {
     pub socket: PathBuf,
     pub namespace: String,
-}
-
-impl ContainerdSettings {
-    pub fn from_env() -> Self {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        ContainerdSettings {
-            socket: var(SOCKET_ENV)
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
-            namespace: var(NAMESPACE_ENV).unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
-        }
-    }
 }
 
 /// An image resolved to what a container needs.

@@ -1,66 +1,103 @@
-//! `nodeengined`: reads the configuration, joins the cluster and serves it until
-//! SIGTERM/SIGINT.
+//! `nodeengined`: reads its command line and the configuration, joins the
+//! cluster and serves it until SIGTERM/SIGINT.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use clap::Parser;
 use tokio::sync::watch;
+use worker_common::args::empty_is_default;
+use worker_common::backoff::Backoff;
+use worker_common::shutdown::stop_signal;
 
 use crate::cluster_link;
 use crate::cluster_mqtt::{self, MqttSettings};
-use crate::config::{self, Config, NetworkMode, RUNTIME_CONTAINER, RUNTIME_UNIKERNEL};
-use crate::containerd_runtime::{ContainerdRuntime, ContainerdSettings};
+use crate::config::{
+    CONF_ENV, Config, DEFAULT_CONF_PATH, NetworkMode, RUNTIME_CONTAINER, RUNTIME_UNIKERNEL,
+};
+use crate::containerd_runtime::{self, ContainerdRuntime, ContainerdSettings};
 use crate::deploy::{Engine, EngineSettings};
 use crate::netmanager_client::NetManagerClient;
 use crate::netmanager_supervisor;
 use crate::node_report::{self, NodeSampler, StaticFacts};
 use crate::unikernel::UnikernelRuntime;
 
+/// What upstream reports as the node's port without `MY_PORT`.
+const DEFAULT_NODE_PORT: &str = "3000";
+
 /// Where unikernel kernels are unpacked.
 const UNIKERNEL_STATE: &str = "/var/lib/oakestra/unikernel";
 
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // The systemd unit appends stderr to a log file: no colour codes there.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+/// `nodeengined`'s command line. Everything the daemon takes from its
+/// environment is declared here; the rest is in the configuration file.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "nodeengined", version, about = "Oakestra NodeEngine daemon")]
+pub struct DaemonArgs {
+    /// Configuration file
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = CONF_ENV,
+        default_value = DEFAULT_CONF_PATH,
+        value_parser = empty_is_default::<PathBuf>(DEFAULT_CONF_PATH)
+    )]
+    pub config: PathBuf,
+
+    /// containerd's socket (the variable `ctr` reads too)
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        env = containerd_runtime::SOCKET_ENV,
+        default_value = containerd_runtime::DEFAULT_SOCKET,
+        value_parser = empty_is_default::<PathBuf>(containerd_runtime::DEFAULT_SOCKET)
+    )]
+    pub containerd_address: PathBuf,
+
+    /// containerd namespace of the workloads (the variable `ctr` reads too)
+    #[arg(
+        long,
+        value_name = "NAMESPACE",
+        env = containerd_runtime::NAMESPACE_ENV,
+        default_value = containerd_runtime::DEFAULT_NAMESPACE,
+        value_parser = empty_is_default::<String>(containerd_runtime::DEFAULT_NAMESPACE)
+    )]
+    pub containerd_namespace: String,
+
+    /// The port this node reports to the cluster (upstream's `MY_PORT`)
+    #[arg(
+        long,
+        value_name = "PORT",
+        env = "MY_PORT",
+        default_value = DEFAULT_NODE_PORT,
+        value_parser = empty_is_default::<String>(DEFAULT_NODE_PORT)
+    )]
+    pub node_port: String,
+
+    /// Log filter, e.g. `info,nodeengine=debug`
+    #[arg(long, value_name = "FILTER", env = "RUST_LOG")]
+    pub log_filter: Option<String>,
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn termination() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => tracing::info!("SIGTERM received, stopping"),
-                _ = i.recv() => tracing::info!("SIGINT received, stopping"),
-            }
-        }
-        _ => {
-            // Without signal handlers the only clean stop is ctrl-c.
-            let _ = tokio::signal::ctrl_c().await;
+impl DaemonArgs {
+    fn containerd(&self) -> ContainerdSettings {
+        ContainerdSettings {
+            socket: self.containerd_address.clone(),
+            namespace: self.containerd_namespace.clone(),
         }
     }
 }
 
-/// Entry point of the daemon binary.
-pub async fn run(conf_path: PathBuf) -> Result<()> {
-    let cfg = Config::load(&conf_path)?;
+/// Entry point of the daemon binary: serves until SIGTERM/SIGINT.
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    let cfg = Config::load(&args.config)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let serve = serve(cfg, shutdown_rx);
+    let serve = serve(cfg, args, shutdown_rx);
     tokio::pin!(serve);
     tokio::select! {
         r = &mut serve => return r,
-        _ = termination() => {}
+        _ = stop_signal() => {}
     }
     let _ = shutdown_tx.send(true);
     // Let the MQTT session say goodbye and the NetManager child stop.
@@ -75,13 +112,14 @@ pub async fn run(conf_path: PathBuf) -> Result<()> {
 
 fn build_engine(
     cfg: &Config,
+    containerd: ContainerdSettings,
     net: Option<NetManagerClient>,
 ) -> Result<(
     Arc<Engine>,
     tokio::sync::mpsc::UnboundedReceiver<crate::job::StatusReport>,
 )> {
     let containerd = if cfg.runtime_active(RUNTIME_CONTAINER) {
-        Some(ContainerdRuntime::new(ContainerdSettings::from_env())?)
+        Some(ContainerdRuntime::new(containerd)?)
     } else {
         None
     };
@@ -102,7 +140,7 @@ fn build_engine(
     }))
 }
 
-async fn serve(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
+async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -> Result<()> {
     tracing::info!(
         cluster = %cfg.cluster_address, port = cfg.cluster_port,
         network = ?cfg.network_mode(), "starting NodeEngine"
@@ -114,16 +152,17 @@ async fn serve(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
             .context("starting NetManager (network mode auto)")?;
     }
     let net = mode.socket().map(NetManagerClient::new);
-    let (engine, status_rx) = build_engine(&cfg, net.clone())?;
+    let (engine, status_rx) = build_engine(&cfg, args.containerd(), net.clone())?;
     if cfg.runtime_active(RUNTIME_CONTAINER)
         && let Err(e) = engine.reconcile().await
     {
         tracing::warn!("reconciling with containerd: {e:#}");
     }
 
-    let mut sampler = NodeSampler::new(StaticFacts::from_config(&cfg));
-    let url = cluster_link::register_url(&cfg.cluster_address, cfg.cluster_port, cfg.cluster_ssl)?;
-    let reg = cluster_link::register_with_retry(&url, || sampler.sample("")).await;
+    let mut sampler = NodeSampler::new(StaticFacts::from_config(&cfg, &args.node_port));
+    let cluster =
+        cluster_link::ClusterLink::new(&cfg.cluster_address, cfg.cluster_port, cfg.cluster_ssl)?;
+    let reg = cluster.register_with_retry(|| sampler.sample("")).await;
     tracing::info!(node_id = %reg.node_id, mqtt_port = reg.mqtt_port, "registered with the cluster");
 
     if let Some(net) = net.clone() {
@@ -150,7 +189,7 @@ async fn serve(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
 /// deployments fail with NetManager's error as the reason; the daemon keeps serving.
 async fn register_with_netmanager(net: &NetManagerClient, node_id: &str, cluster: &str) {
     netmanager_supervisor::wait_for_socket(net.socket(), Duration::from_secs(30)).await;
-    let mut backoff = cluster_link::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     for attempt in 1.. {
         match net.register(node_id, cluster).await {
             Ok(()) => {
@@ -168,7 +207,53 @@ async fn register_with_netmanager(net: &NetManagerClient, node_id: &str, cluster
     }
 }
 
-/// The configuration path for the daemon (env override, else default).
-pub fn default_conf_path() -> PathBuf {
-    config::conf_path(None::<&Path>)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line() {
+        use clap::CommandFactory;
+        DaemonArgs::command().debug_assert();
+        let a = DaemonArgs::try_parse_from([
+            "nodeengined",
+            "--config",
+            "/tmp/c.json",
+            "--containerd-namespace",
+            "",
+            "--node-port",
+            "4000",
+        ])
+        .expect("parses");
+        assert_eq!(a.config, PathBuf::from("/tmp/c.json"));
+        // Empty is the default, as for an empty environment variable.
+        assert_eq!(
+            a.containerd_namespace,
+            containerd_runtime::DEFAULT_NAMESPACE
+        );
+        assert_eq!(a.node_port, "4000");
+    }
+
+    /// Everything the daemon takes from its environment is an argument.
+    #[test]
+    fn environment_is_declared() {
+        use clap::CommandFactory;
+        let command = DaemonArgs::command();
+        let mut vars: Vec<String> = command
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        vars.sort();
+        assert_eq!(
+            vars,
+            [
+                "CONTAINERD_ADDRESS",
+                "CONTAINERD_NAMESPACE",
+                "MY_PORT",
+                "OAKESTRA_CONF",
+                "RUST_LOG"
+            ]
+        );
+    }
 }

@@ -2,11 +2,13 @@
 //!
 //! The cluster sends its whole job document; we read only what a worker needs,
 //! match keys case-insensitively (as upstream's Go decoder does) and accept numbers
-//! sent as strings. Everything a peer controls is validated before it is used as a
+//! sent as strings (`worker_common::lenient`). Everything a peer controls is validated before it is used as a
 //! container id, a file name or a cgroup limit.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use worker_common::lenient;
 
 /// Status values the cluster understands. Nothing else is ever published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,7 +56,7 @@ pub enum JobError {
     #[error("field `{0}` is missing")]
     Missing(&'static str),
     #[error("field `{field}` is invalid: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    Invalid { field: String, reason: String },
 }
 
 /// What a deploy request asks for, validated.
@@ -93,194 +95,169 @@ pub struct DeleteRequest {
 
 pub use worker_common::task_id::{parse_task_id, task_id};
 
-/// Lower-cases the top-level keys so `Job_Name` and `job_name` are the same field.
-fn lowercase_keys(v: Value) -> Result<Map<String, Value>, JobError> {
-    match v {
-        Value::Object(m) => Ok(m
+/// The instance a payload names; every job document carries these two.
+/// Field names are the lower-cased keys (see [`document`]).
+#[derive(Deserialize)]
+struct InstanceRef {
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    job_name: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_u32")]
+    instance_number: Option<u32>,
+}
+
+impl InstanceRef {
+    /// The validated job name and instance, or the first problem.
+    fn validated(self) -> Result<(String, u32), JobError> {
+        let name = self.job_name.ok_or(JobError::Missing("job_name"))?;
+        validate_job_name(&name)?;
+        let instance = self
+            .instance_number
+            .ok_or(JobError::Missing("instance_number"))?;
+        Ok((name, instance))
+    }
+}
+
+/// The rest of a `control/deploy` document that a worker uses (the cluster
+/// sends much more, which is ignored).
+#[derive(Deserialize)]
+struct DeployDocument {
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    image: Option<String>,
+    /// Upstream's older name for `image`.
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    code: Option<String>,
+    #[serde(default, deserialize_with = "lenient::string_list")]
+    cmd: Vec<String>,
+    #[serde(default, deserialize_with = "lenient::string_list")]
+    environment: Vec<String>,
+    #[serde(default, deserialize_with = "lenient::string")]
+    port: String,
+    #[serde(default, deserialize_with = "lenient::opt_string")]
+    virtualization: Option<String>,
+    #[serde(default, deserialize_with = "lenient::string")]
+    platform: String,
+    #[serde(default, deserialize_with = "lenient::opt_f64")]
+    vcpus: Option<f64>,
+    #[serde(default, deserialize_with = "lenient::u64")]
+    vgpus: u64,
+    /// MiB.
+    #[serde(default, deserialize_with = "lenient::u64")]
+    memory: u64,
+    #[serde(default, deserialize_with = "lenient::string_list")]
+    arch: Vec<String>,
+    #[serde(default, deserialize_with = "lenient::bool")]
+    one_shot: bool,
+    #[serde(default, deserialize_with = "lenient::bool")]
+    privileged: bool,
+}
+
+/// The rest of a `control/delete` document.
+#[derive(Deserialize)]
+struct DeleteDocument {
+    #[serde(default, deserialize_with = "lenient::string")]
+    virtualization: String,
+}
+
+/// A document from the cluster, with its keys lower-cased: keys match
+/// case-insensitively (`Job_Name` is `job_name`), as upstream's Go decoder
+/// reads them.
+fn document(payload: &[u8]) -> Result<Value, JobError> {
+    let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(payload) else {
+        return Err(JobError::NotAnObject);
+    };
+    Ok(Value::Object(
+        object
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .collect()),
-        _ => Err(JobError::NotAnObject),
-    }
+            .collect::<Map<String, Value>>(),
+    ))
+}
+
+/// The fields `T` reads from `doc`; an invalid one is named in the error.
+fn fields<T: DeserializeOwned>(doc: &Value) -> Result<T, JobError> {
+    serde_path_to_error::deserialize(doc).map_err(|e| JobError::Invalid {
+        field: e.path().to_string(),
+        reason: e.into_inner().to_string(),
+    })
+}
+
+/// The validated instance a document names.
+fn instance_of(doc: &Value) -> Result<(String, u32), JobError> {
+    fields::<InstanceRef>(doc)?.validated()
 }
 
 /// The shared job-name rule (`worker_common::task_id`), as a field error.
 pub fn validate_job_name(name: &str) -> Result<(), JobError> {
     worker_common::task_id::validate_job_name(name).map_err(|e| JobError::Invalid {
-        field: "job_name",
+        field: "job_name".into(),
         reason: e.to_string(),
     })
 }
 
-fn get_str(m: &Map<String, Value>, key: &'static str) -> Result<Option<String>, JobError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(other) => Err(JobError::Invalid {
-            field: key,
-            reason: format!("expected a string, got {other}"),
-        }),
+fn invalid(field: &str, reason: String) -> JobError {
+    JobError::Invalid {
+        field: field.into(),
+        reason,
     }
-}
-
-fn get_u64(m: &Map<String, Value>, key: &'static str) -> Result<Option<u64>, JobError> {
-    let bad = |v: &Value| JobError::Invalid {
-        field: key,
-        reason: format!("expected a non-negative integer, got {v}"),
-    };
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v @ Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
-            (Some(u), _) => Ok(Some(u)),
-            (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64 => {
-                Ok(Some(f as u64))
-            }
-            _ => Err(bad(v)),
-        },
-        Some(v @ Value::String(s)) => s.trim().parse().map(Some).map_err(|_| bad(v)),
-        Some(v) => Err(bad(v)),
-    }
-}
-
-fn get_f64(m: &Map<String, Value>, key: &'static str) -> Result<Option<f64>, JobError> {
-    let bad = |v: &Value| JobError::Invalid {
-        field: key,
-        reason: format!("expected a non-negative number, got {v}"),
-    };
-    let f = match m.get(key) {
-        None | Some(Value::Null) => return Ok(None),
-        Some(v @ Value::Number(n)) => n.as_f64().ok_or_else(|| bad(v))?,
-        Some(v @ Value::String(s)) => s.trim().parse::<f64>().map_err(|_| bad(v))?,
-        Some(v) => return Err(bad(v)),
-    };
-    if f.is_finite() && f >= 0.0 {
-        Ok(Some(f))
-    } else {
-        Err(bad(&Value::from(f)))
-    }
-}
-
-fn get_bool(m: &Map<String, Value>, key: &'static str) -> Result<bool, JobError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(true),
-        Some(Value::String(s)) if s.eq_ignore_ascii_case("false") || s.is_empty() => Ok(false),
-        Some(other) => Err(JobError::Invalid {
-            field: key,
-            reason: format!("expected a boolean, got {other}"),
-        }),
-    }
-}
-
-fn get_str_list(m: &Map<String, Value>, key: &'static str) -> Result<Vec<String>, JobError> {
-    let bad = |reason: String| JobError::Invalid { field: key, reason };
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|i| match i {
-                Value::String(s) => Ok(s.clone()),
-                other => Err(bad(format!("expected strings, found {other}"))),
-            })
-            .collect(),
-        // A single string is taken as a one-element list (seen from hand-written SLAs).
-        Some(Value::String(s)) if !s.is_empty() => Ok(vec![s.clone()]),
-        Some(Value::String(_)) => Ok(Vec::new()),
-        Some(other) => Err(bad(format!("expected a list of strings, got {other}"))),
-    }
-}
-
-fn instance_of(m: &Map<String, Value>) -> Result<u32, JobError> {
-    let n = get_u64(m, "instance_number")?.ok_or(JobError::Missing("instance_number"))?;
-    u32::try_from(n).map_err(|_| JobError::Invalid {
-        field: "instance_number",
-        reason: format!("{n} is out of range"),
-    })
 }
 
 /// Best-effort identification of a payload, used to address a FAILED report when
 /// the payload as a whole is unusable.
 pub fn identify(payload: &[u8]) -> Option<(String, u32)> {
-    let m = lowercase_keys(serde_json::from_slice(payload).ok()?).ok()?;
-    let name = get_str(&m, "job_name").ok()??;
-    validate_job_name(&name).ok()?;
-    let instance = instance_of(&m).ok()?;
-    Some((name, instance))
+    instance_of(&document(payload).ok()?).ok()
 }
 
 /// Parses and validates a `control/deploy` payload.
 pub fn parse_deploy(payload: &[u8]) -> Result<DeployRequest, JobError> {
-    let v: Value = serde_json::from_slice(payload).map_err(|_| JobError::NotAnObject)?;
-    let m = lowercase_keys(v)?;
-    let job_name = get_str(&m, "job_name")?.ok_or(JobError::Missing("job_name"))?;
-    validate_job_name(&job_name)?;
-    let instance = instance_of(&m)?;
-    let image = get_str(&m, "image")?
-        .or(get_str(&m, "code")?)
-        .unwrap_or_default();
-    let environment = get_str_list(&m, "environment")?;
-    if let Some(bad) = environment
+    let doc = document(payload)?;
+    let (job_name, instance) = instance_of(&doc)?;
+    let doc: DeployDocument = fields(&doc)?;
+    if let Some(bad) = doc
+        .environment
         .iter()
         .find(|e| !e.contains('=') || e.contains('\0'))
     {
-        return Err(JobError::Invalid {
-            field: "environment",
-            reason: format!("entry {bad:?} is not K=V"),
-        });
+        return Err(invalid("environment", format!("entry {bad:?} is not K=V")));
     }
-    let cmd = get_str_list(&m, "cmd")?;
-    if cmd.iter().any(|c| c.contains('\0')) {
-        return Err(JobError::Invalid {
-            field: "cmd",
-            reason: "contains a NUL byte".into(),
-        });
+    if doc.cmd.iter().any(|c| c.contains('\0')) {
+        return Err(invalid("cmd", "contains a NUL byte".into()));
     }
-    let virtualization = get_str(&m, "virtualization")?.unwrap_or_else(|| "docker".into());
-    let memory_mib = get_u64(&m, "memory")?.unwrap_or(0);
     // More than 1 TiB or 1024 CPUs is certainly a broken document, not a real request.
-    if memory_mib > 1 << 20 {
-        return Err(JobError::Invalid {
-            field: "memory",
-            reason: format!("{memory_mib} MiB is not plausible"),
-        });
+    if doc.memory > 1 << 20 {
+        let reason = format!("{} MiB is not plausible", doc.memory);
+        return Err(invalid("memory", reason));
     }
-    let vcpus = get_f64(&m, "vcpus")?.unwrap_or(0.0);
+    let vcpus = doc.vcpus.unwrap_or(0.0);
     if vcpus > 1024.0 {
-        return Err(JobError::Invalid {
-            field: "vcpus",
-            reason: format!("{vcpus} is not plausible"),
-        });
+        return Err(invalid("vcpus", format!("{vcpus} is not plausible")));
     }
     Ok(DeployRequest {
         job_name,
         instance,
-        image,
-        cmd,
-        environment,
-        port: get_str(&m, "port")?.unwrap_or_default(),
-        virtualization,
-        platform: get_str(&m, "platform")?.unwrap_or_default(),
+        image: doc.image.or(doc.code).unwrap_or_default(),
+        cmd: doc.cmd,
+        environment: doc.environment,
+        port: doc.port,
+        virtualization: doc.virtualization.unwrap_or_else(|| "docker".into()),
+        platform: doc.platform,
         vcpus,
-        vgpus: get_u64(&m, "vgpus")?.unwrap_or(0),
-        memory_mib,
-        arch: get_str_list(&m, "arch")?,
-        one_shot: get_bool(&m, "one_shot")?,
-        privileged: get_bool(&m, "privileged")?,
+        vgpus: doc.vgpus,
+        memory_mib: doc.memory,
+        arch: doc.arch,
+        one_shot: doc.one_shot,
+        privileged: doc.privileged,
     })
 }
 
 /// Parses a `control/delete` payload.
 pub fn parse_delete(payload: &[u8]) -> Result<DeleteRequest, JobError> {
-    let v: Value = serde_json::from_slice(payload).map_err(|_| JobError::NotAnObject)?;
-    let m = lowercase_keys(v)?;
-    let job_name = get_str(&m, "job_name")?.ok_or(JobError::Missing("job_name"))?;
-    validate_job_name(&job_name)?;
+    let doc = document(payload)?;
+    let (job_name, instance) = instance_of(&doc)?;
+    let doc: DeleteDocument = fields(&doc)?;
     Ok(DeleteRequest {
         job_name,
-        instance: instance_of(&m)?,
-        virtualization: get_str(&m, "virtualization")?.unwrap_or_default(),
+        instance,
+        virtualization: doc.virtualization,
     })
 }
 
@@ -344,6 +321,57 @@ mod tests {
         ] {
             assert!(parse_deploy(p).is_err());
         }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let field = |p: &[u8]| match parse_deploy(p) {
+            Err(JobError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(br#"{"job_name":"a.b.c.d","instance_number":0,"Memory":-5}"#),
+            "memory"
+        );
+        assert_eq!(
+            field(br#"{"job_name":"a.b.c.d","instance_number":0,"cmd":[1]}"#),
+            "cmd"
+        );
+        assert_eq!(
+            field(br#"{"job_name":"a.b.c.d","instance_number":"x"}"#),
+            "instance_number"
+        );
+        assert_eq!(
+            parse_deploy(br#"{"instance_number":0}"#),
+            Err(JobError::Missing("job_name"))
+        );
+        assert_eq!(
+            parse_delete(br#"{"job_name":"a.b.c.d","instance_number":null}"#),
+            Err(JobError::Missing("instance_number"))
+        );
+    }
+
+    #[test]
+    fn a_bad_field_still_identifies_the_instance() {
+        let p = br#"{"JOB_NAME":"a.b.c.d","instance_number":2,"vcpus":"lots"}"#;
+        assert!(parse_deploy(p).is_err());
+        assert_eq!(identify(p), Some(("a.b.c.d".to_string(), 2)));
+        assert_eq!(identify(br#"{"job_name":"a/b","instance_number":2}"#), None);
+    }
+
+    #[test]
+    fn python_floats_single_strings_and_defaults() {
+        let d = parse_deploy(
+            br#"{"job_name":"a.b.c.d","instance_number":1.0,"memory":100.0,"cmd":"sleep","code":"img","one_shot":"TRUE","virtualization":null}"#,
+        )
+        .expect("parses");
+        assert_eq!((d.instance, d.memory_mib), (1, 100));
+        assert_eq!(d.cmd, ["sleep"]);
+        assert_eq!(d.image, "img");
+        assert!(d.one_shot);
+        assert_eq!(d.virtualization, "docker");
+        let del = parse_delete(br#"{"job_name":"a.b.c.d","instance_number":"4"}"#).expect("delete");
+        assert_eq!((del.instance, del.virtualization.as_str()), (4, ""));
     }
 
     #[test]

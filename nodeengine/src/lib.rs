@@ -15,7 +15,6 @@ pub mod config;
 pub mod containerd_runtime;
 pub mod daemon;
 pub mod deploy;
-pub mod http_client;
 pub mod job;
 pub mod netmanager_client;
 pub mod netmanager_supervisor;

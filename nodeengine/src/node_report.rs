@@ -67,7 +67,8 @@ pub struct StaticFacts {
 }
 
 impl StaticFacts {
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
+    /// `port` is what upstream reads from `MY_PORT` (see `DaemonArgs`).
+    pub fn from_config(cfg: &crate::config::Config, port: &str) -> Self {
         StaticFacts {
             virtualization: cfg.active_runtimes(),
             supported_addons: cfg.active_addons(),
@@ -76,11 +77,7 @@ impl StaticFacts {
                 .iter()
                 .filter_map(|d| serde_json::to_value(d).ok())
                 .collect(),
-            // Upstream: env MY_PORT or "3000".
-            port: std::env::var("MY_PORT")
-                .ok()
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| "3000".into()),
+            port: port.to_string(),
         }
     }
 }

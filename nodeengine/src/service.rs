@@ -15,11 +15,6 @@ pub fn has_systemd() -> bool {
     Path::new("/run/systemd/system").is_dir()
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 pub fn systemctl(args: &[&str]) -> Result<()> {
     let status = Command::new("systemctl")
         .args(args)

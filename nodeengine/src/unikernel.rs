@@ -8,16 +8,17 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use hyper::Method;
 use tokio::sync::oneshot;
+use worker_common::http;
+use worker_common::tls::ClientTls;
 
-use crate::http_client::{self, Url};
 use crate::job::DeployRequest;
 use crate::netmanager_client::{self, NetManagerClient, UndeployRequest};
 use crate::node_report::{find_on_path, go_arch};
 
 /// Largest kernel archive we download.
 const MAX_KERNEL: usize = 512 << 20;
+const KERNEL_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 /// The tap device NetManager creates in the instance's netns.
 const TAP_NAME: &str = "tap0";
 
@@ -123,19 +124,16 @@ impl UnikernelRuntime {
 }
 
 async fn fetch_kernel(url: &str, dir: &Path) -> Result<PathBuf> {
-    let parsed = Url::parse(url)?;
-    let answer = http_client::request(
-        Method::GET,
-        &parsed,
-        None,
-        MAX_KERNEL,
-        Duration::from_secs(300),
-    )
-    .await
-    .with_context(|| format!("downloading {url}"))?;
-    if !answer.status.is_success() {
-        bail!("downloading {url}: server answered {}", answer.status);
-    }
+    let tls = ClientTls::system_roots()
+        .build()
+        .context("TLS setup for kernel downloads")?;
+    let answer = http::Client::tcp(tls)
+        .timeout(KERNEL_DOWNLOAD_TIMEOUT)
+        .max_body(MAX_KERNEL)
+        .user_agent(crate::cluster_link::USER_AGENT)
+        .get(url)
+        .await?
+        .success()?;
     let is_archive = [".tar.gz", ".tgz", ".tar"].iter().any(|s| url.ends_with(s));
     if !is_archive {
         let k = dir.join("kernel");

@@ -3,10 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
 use nodeengine::netmanager_client::{DeployRequest, NetManagerClient, UndeployRequest};
 use serde_json::{Value, json};
 
@@ -14,43 +13,37 @@ type Seen = Arc<Mutex<Vec<(String, String, Value)>>>;
 
 /// Serves on `sock`, records (method, path, body) and answers per path.
 fn serve(sock: std::path::PathBuf) -> Seen {
+    async fn answer(
+        State(seen): State<Seen>,
+        method: Method,
+        uri: Uri,
+        body: axum::body::Bytes,
+    ) -> (StatusCode, Json<Value>) {
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let path = uri.path().to_string();
+        seen.lock()
+            .expect("lock")
+            .push((method.to_string(), path.clone(), v));
+        match path.as_str() {
+            "/container/deploy" => (
+                StatusCode::OK,
+                Json(
+                    json!({"serviceName": "a.b.c.d", "nsAddress": "10.18.0.2", "nsAddressv6": "fc00::2"}),
+                ),
+            ),
+            "/register" | "/container/undeploy" => (StatusCode::OK, Json(json!({}))),
+            _ => (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "no such route"})),
+            ),
+        }
+    }
     let seen: Seen = Arc::default();
     let listener = tokio::net::UnixListener::bind(sock).expect("bind unix socket");
-    let s = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let s = s.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let s = s.clone();
-                    async move {
-                        let method = req.method().to_string();
-                        let path = req.uri().path().to_string();
-                        let body = req.into_body().collect().await?.to_bytes();
-                        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                        s.lock().expect("lock").push((method, path.clone(), v));
-                        let (code, answer) = match path.as_str() {
-                            "/container/deploy" => (
-                                StatusCode::OK,
-                                json!({"serviceName": "a.b.c.d", "nsAddress": "10.18.0.2", "nsAddressv6": "fc00::2"}),
-                            ),
-                            "/register" | "/container/undeploy" => (StatusCode::OK, json!({})),
-                            _ => (StatusCode::BAD_REQUEST, json!({"error": "no such route"})),
-                        };
-                        let mut r = Response::new(Full::new(Bytes::from(answer.to_string())));
-                        *r.status_mut() = code;
-                        Ok::<_, hyper::Error>(r)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let app = axum::Router::new()
+        .fallback(answer)
+        .with_state(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
     seen
 }
 

@@ -6,7 +6,8 @@ pub mod e2e;
 
 use std::path::PathBuf;
 
-pub use xtask::sandbox::procs::{is_root, ns_sh, sh};
+pub use worker_common::privileges::is_root;
+pub use xtask::sandbox::procs::{ns_sh, sh};
 pub use xtask::testbed::{Container, Lab};
 
 /// Path of a binary built alongside the tests.

@@ -14,11 +14,17 @@ use serde_json::Value;
 
 /// A string; `null` is empty and a number or boolean is taken as its text.
 pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(opt_string(d)?.unwrap_or_default())
+}
+
+/// [`string`], with `null` (or an absent key, given `#[serde(default)]`) as
+/// `None`, for fields whose absence means something.
+pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Ok(match Value::deserialize(d)? {
-        Value::String(s) => s,
-        Value::Null => String::new(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
+        Value::String(s) => Some(s),
+        Value::Null => None,
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
         other => {
             return Err(de::Error::custom(format!(
                 "expected a string, found {other}"
@@ -54,18 +60,64 @@ where
         .collect())
 }
 
-/// A non-negative integer, as a number or a numeric string; `null` is 0.
-pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+/// A list of strings where every entry matters (a command line, an
+/// environment): `null` and `""` are empty, a single string is a one-entry
+/// list, and anything but strings is an error.
+pub fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     match Value::deserialize(d)? {
-        Value::Number(n) => n
-            .as_u64()
-            .ok_or_else(|| de::Error::custom(format!("{n} is not a non-negative integer"))),
-        Value::String(s) if s.trim().is_empty() => Ok(0),
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) if s.is_empty() => Ok(Vec::new()),
+        Value::String(s) => Ok(vec![s]),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::String(s) => Ok(s),
+                other => Err(de::Error::custom(format!(
+                    "expected strings, found {other}"
+                ))),
+            })
+            .collect(),
+        other => Err(de::Error::custom(format!(
+            "expected a list of strings, found {other}"
+        ))),
+    }
+}
+
+/// `null` as the type's default; anything else as the type reads it.
+pub fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A non-negative integer, as a number (also `64.0`, as Python writes
+/// floats) or a numeric string; `null` and `""` are 0.
+pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(opt_u64(d)?.unwrap_or(0))
+}
+
+/// [`u64`], with `null` and `""` as `None`.
+pub fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Number(n) => match (n.as_u64(), n.as_f64()) {
+            (Some(u), _) => Ok(Some(u)),
+            // Below 2^53 every integral float is exact.
+            (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f < 9_007_199_254_740_992.0 => {
+                Ok(Some(f as u64))
+            }
+            _ => Err(de::Error::custom(format!(
+                "{n} is not a non-negative integer"
+            ))),
+        },
+        Value::String(s) if s.trim().is_empty() => Ok(None),
         Value::String(s) => s
             .trim()
             .parse::<u64>()
-            .map_err(|_| de::Error::custom(format!("{s:?} is not a number"))),
-        Value::Null => Ok(0),
+            .map(Some)
+            .map_err(|_| de::Error::custom(format!("{s:?} is not a non-negative integer"))),
+        Value::Null => Ok(None),
         other => Err(de::Error::custom(format!(
             "expected a number, found {other}"
         ))),
@@ -80,8 +132,34 @@ pub fn u16<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
 
 /// See [`u64`].
 pub fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let v = u64(d)?;
-    u32::try_from(v).map_err(|_| de::Error::custom(format!("{v} is out of range")))
+    Ok(opt_u32(d)?.unwrap_or(0))
+}
+
+/// See [`opt_u64`].
+pub fn opt_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    opt_u64(d)?
+        .map(|v| u32::try_from(v).map_err(|_| de::Error::custom(format!("{v} is out of range"))))
+        .transpose()
+}
+
+/// A finite non-negative number, as a number or a numeric string; `null`
+/// and `""` are `None`.
+pub fn opt_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    let f = match Value::deserialize(d)? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) if s.trim().is_empty() => return Ok(None),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        Value::Null => return Ok(None),
+        other => {
+            return Err(de::Error::custom(format!(
+                "expected a number, found {other}"
+            )));
+        }
+    };
+    match f {
+        Some(f) if f.is_finite() && f >= 0.0 => Ok(Some(f)),
+        _ => Err(de::Error::custom("expected a finite non-negative number")),
+    }
 }
 
 /// A boolean; `null`, `""` and absent are false, and `"true"`/`"false"` in
@@ -146,5 +224,59 @@ mod tests {
         assert!(serde_json::from_str::<Doc>(r#"{"port":70000}"#).is_err());
         let d: Doc = serde_json::from_str(r#"{"entries":"no"}"#).unwrap();
         assert!(d.entries.is_empty());
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(default)]
+    struct Job {
+        #[serde(deserialize_with = "opt_string")]
+        name: Option<String>,
+        #[serde(deserialize_with = "opt_u32")]
+        instance: Option<u32>,
+        #[serde(deserialize_with = "u64")]
+        memory: u64,
+        #[serde(deserialize_with = "opt_f64")]
+        vcpus: Option<f64>,
+        #[serde(deserialize_with = "string_list")]
+        cmd: Vec<String>,
+        #[serde(deserialize_with = "null_as_default")]
+        tags: Vec<u8>,
+    }
+
+    fn job(text: &str) -> Result<Job, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    #[test]
+    fn optional_fields_and_python_numbers() {
+        let j = job(
+            r#"{"name":null,"instance":"3","memory":64.0,"vcpus":"0.5","cmd":"sh","tags":null}"#,
+        )
+        .unwrap();
+        assert_eq!(j.name, None);
+        assert_eq!(j.instance, Some(3));
+        assert_eq!(j.memory, 64);
+        assert_eq!(j.vcpus, Some(0.5));
+        assert_eq!(j.cmd, ["sh"]);
+        assert!(j.tags.is_empty());
+        let j = job(r#"{"name":7,"instance":"","cmd":["a","b"],"vcpus":null}"#).unwrap();
+        assert_eq!(j.name.as_deref(), Some("7"));
+        assert_eq!((j.instance, j.vcpus), (None, None));
+        assert_eq!(j.cmd, ["a", "b"]);
+        assert!(job(r#"{"cmd":""}"#).unwrap().cmd.is_empty());
+        for bad in [
+            r#"{"name":{}}"#,
+            r#"{"instance":-1}"#,
+            r#"{"instance":5000000000}"#,
+            r#"{"memory":1.5}"#,
+            r#"{"memory":"x"}"#,
+            r#"{"vcpus":-1}"#,
+            r#"{"vcpus":"inf"}"#,
+            r#"{"cmd":[1]}"#,
+            r#"{"cmd":{"x":1}}"#,
+            r#"{"tags":"x"}"#,
+        ] {
+            assert!(job(bad).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -1,9 +1,22 @@
-//! What NodeEngine, NetManager and their tests share, so each fact is
-//! written once: the NetManager socket API (`netmanager_api`), task ids and
-//! job names (`task_id`), default paths (`paths`) and the lenient readers
-//! for documents that come from the cluster (`lenient`).
+//! What NodeEngine, NetManager, xtask and the tests share, so each fact and
+//! each piece of plumbing is written once:
+//!
+//! - the NetManager socket API (`netmanager_api`), task ids and job names
+//!   (`task_id`), default paths (`paths`), lenient readers for documents that
+//!   come from the cluster (`lenient`);
+//! - TLS client setup (`tls`), the HTTP client (`http`), logging and log
+//!   following (`logging`), the stop signal (`shutdown`), retry pacing
+//!   (`backoff`), the root check (`privileges`) and command-line pieces
+//!   (`args`).
 
+pub mod args;
+pub mod backoff;
+pub mod http;
 pub mod lenient;
+pub mod logging;
 pub mod netmanager_api;
 pub mod paths;
+pub mod privileges;
+pub mod shutdown;
 pub mod task_id;
+pub mod tls;

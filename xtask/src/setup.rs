@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
+
+use worker_common::privileges::require_root;
 
 use crate::ebpf::{BPF_LINKER_VERSION, run as run_cmd};
 
@@ -29,10 +31,10 @@ const PACKAGES: &[&str] = &[
 ];
 
 pub fn run() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("`cargo xtask setup` installs packages and mounts bpffs: run it as root");
-    }
+    require_root(
+        "`cargo xtask setup`",
+        "it installs packages and mounts bpffs",
+    )?;
     rust_src()?;
     bpf_linker()?;
     packages()?;

@@ -1,21 +1,20 @@
-//! `nodeengined`: the worker daemon. It reads only the configuration file.
-
-use std::path::PathBuf;
+//! `nodeengined`: the worker daemon.
 
 use clap::Parser;
-
-#[derive(Parser)]
-#[command(name = "nodeengined", version, about = "Oakestra NodeEngine daemon")]
-struct Args {
-    /// Configuration file (default: $OAKESTRA_CONF or /etc/oakestra/conf.json)
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-}
+use nodeengine::daemon::DaemonArgs;
+use worker_common::logging::{self, LogOptions};
 
 fn main() {
-    let args = Args::parse();
-    nodeengine::daemon::init_logging();
-    let path = nodeengine::config::conf_path(args.config.as_deref());
+    let args = DaemonArgs::parse();
+    // The systemd unit appends stderr to the log file.
+    let logs = LogOptions {
+        filter: args.log_filter.clone(),
+        ..LogOptions::default()
+    };
+    if let Err(e) = logging::init(&logs) {
+        eprintln!("nodeengined: {e}");
+        std::process::exit(1);
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -23,7 +22,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(nodeengine::daemon::run(path)) {
+    if let Err(e) = rt.block_on(nodeengine::daemon::run(args)) {
         tracing::error!("{e:#}");
         eprintln!("nodeengined: {e:#}");
         std::process::exit(1);

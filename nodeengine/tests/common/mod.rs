@@ -14,10 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use axum::Json;
+use axum::extract::State;
+use axum::routing::post;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -37,10 +36,7 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
+pub use worker_common::privileges::is_root;
 
 fn have(bin: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| {
@@ -314,46 +310,29 @@ fn rand_u128() -> u128 {
     u128::from_le_bytes(buf)
 }
 
+/// The cluster manager's registration endpoint: records each node document
+/// and hands out this double's node id and broker port.
 async fn serve_register(
     listener: tokio::net::TcpListener,
     registrations: Arc<Mutex<Vec<Value>>>,
     node_id: String,
     mqtt_port: u16,
 ) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let regs = registrations.clone();
-        let id = node_id.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let regs = regs.clone();
-                let id = id.clone();
-                async move {
-                    let path = req.uri().path().to_string();
-                    let method = req.method().clone();
-                    let body = req.into_body().collect().await?.to_bytes();
-                    let resp = if method == hyper::Method::POST && path == "/api/node/register" {
-                        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                        regs.lock().expect("lock").push(v);
-                        let answer = serde_json::json!({
-                            "id": id, "MQTT_BROKER_PORT": mqtt_port.to_string()
-                        });
-                        Response::new(Full::new(Bytes::from(answer.to_string())))
-                    } else {
-                        let mut r = Response::new(Full::new(Bytes::from_static(b"not found")));
-                        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-                        r
-                    };
-                    Ok::<_, hyper::Error>(resp)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    let answer = serde_json::json!({"id": node_id, "MQTT_BROKER_PORT": mqtt_port.to_string()});
+    let app = axum::Router::new()
+        .route(
+            "/api/node/register",
+            post(
+                |State((regs, answer)): State<(Arc<Mutex<Vec<Value>>>, Value)>,
+                 body: axum::body::Bytes| async move {
+                    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    regs.lock().expect("lock").push(v);
+                    Json(answer)
+                },
+            ),
+        )
+        .with_state((registrations, answer));
+    let _ = axum::serve(listener, app).await;
 }
 
 /// The cluster side's subscriber to everything the worker publishes. It survives

@@ -21,8 +21,10 @@ mod topology;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
+
+use worker_common::privileges::require_root;
 
 use crate::ebpf;
 use topology::{Topology, Undo, sh};
@@ -84,10 +86,10 @@ pub const PATHS: [Scenario; 6] = [
 ];
 
 pub fn run(args: Args) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("cargo xtask bench needs root (network namespaces, eBPF)");
-    }
+    require_root(
+        "`cargo xtask bench`",
+        "it creates network namespaces and loads eBPF",
+    )?;
     for tool in ["iperf3", "bpftool", "nsenter", "ip"] {
         sh(&format!("command -v {tool}"))
             .with_context(|| format!("{tool} is required (cargo xtask setup)"))?;

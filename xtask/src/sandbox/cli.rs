@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use super::procs::{is_root, sh};
+use worker_common::privileges::require_root;
+
+use super::procs::sh;
 use super::sample_services::{CLIENT_JOB, SERVER_JOB, client, echo_server};
 use super::topology::delete_ns;
 use super::workers::{Binaries, cleanup_containerd_leftovers};
@@ -45,11 +47,10 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Entry point; `build_ebpf` builds the eBPF object NetManager embeds.
 pub fn run(args: SandboxArgs, build_ebpf: impl FnOnce() -> Result<()>) -> Result<()> {
-    if !is_root() {
-        bail!(
-            "the sandbox creates namespaces and loads eBPF: run it as root (sudo cargo xtask sandbox)"
-        );
-    }
+    require_root(
+        "`cargo xtask sandbox`",
+        "it creates network namespaces and loads eBPF",
+    )?;
     match args.action {
         Some(Action::Down) => down(),
         None => up(&args, build_ebpf),

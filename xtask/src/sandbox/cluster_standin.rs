@@ -11,10 +11,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
 use anyhow::{Context, Result, anyhow};
+use axum::Json;
+use axum::extract::{ConnectInfo, State};
+use axum::routing::post;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::broker::MQTT_PORT;
 use super::procs::wait_for;
@@ -286,42 +290,29 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 
 // ----------------------------------------------------------------- register
 
+/// The cluster manager's HTTP side: only `POST /api/node/register`.
 async fn serve_register(listener: tokio::net::TcpListener, shared: Arc<Mutex<Shared>>) {
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _ = handle_register(stream, &peer.ip().to_string(), &shared).await;
-        });
+    let app = axum::Router::new()
+        .route("/api/node/register", post(register_node))
+        .fallback(|| async {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                Json(json!({"error": "not found"})),
+            )
+        })
+        .with_state(shared);
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, service).await {
+        eprintln!("cluster stand-in: registration endpoint stopped: {e}");
     }
 }
 
-/// One HTTP/1.1 exchange; the only route is `POST /api/node/register`.
-async fn handle_register(
-    mut stream: tokio::net::TcpStream,
-    peer: &str,
-    shared: &Mutex<Shared>,
-) -> Result<()> {
-    let (head, _body) = read_request(&mut stream).await?;
-    let first = head.lines().next().unwrap_or("");
-    let (code, body) = if first.starts_with("POST /api/node/register ") {
-        let id = register(shared, peer);
-        (
-            "200 OK",
-            json!({"id": id, "MQTT_BROKER_PORT": MQTT_PORT.to_string()}).to_string(),
-        )
-    } else {
-        ("404 Not Found", json!({"error": "not found"}).to_string())
-    };
-    let resp = format!(
-        "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await?;
-    Ok(())
+async fn register_node(
+    State(shared): State<Arc<Mutex<Shared>>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Json<Value> {
+    let id = register(&shared, &peer.ip().to_string());
+    Json(json!({"id": id, "MQTT_BROKER_PORT": MQTT_PORT.to_string()}))
 }
 
 /// The same uplink address gets the same id again, so a restarted
@@ -334,36 +325,6 @@ fn register(shared: &Mutex<Shared>, peer: &str) -> String {
     let id = random_id();
     g.nodes.push((peer.to_string(), id.clone()));
     id
-}
-
-async fn read_request(stream: &mut tokio::net::TcpStream) -> Result<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let header_end = loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
-            .await
-            .context("request timed out")??;
-        anyhow::ensure!(n > 0, "connection closed before the request ended");
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        anyhow::ensure!(buf.len() < 64 << 10, "request head too large");
-    };
-    let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
-    let length = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-        .unwrap_or(0)
-        .min(1 << 20);
-    while buf.len() < header_end + length {
-        let n = stream.read(&mut chunk).await?;
-        anyhow::ensure!(n > 0, "connection closed in the body");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok((head, buf[header_end..].to_vec()))
 }
 
 fn random_id() -> String {

@@ -36,11 +36,6 @@ pub fn ns_sh(ns: &str, cmd: &str) -> Result<String> {
     ))
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Polls `f` every 100 ms until it holds; the error names `what`.
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;

@@ -3,13 +3,14 @@
 //! NodeEngine (`nodeengined`, network `manual` on its NetManager's socket),
 //! each with its own configuration files under the worker's directory.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
+use worker_common::http;
+use worker_common::netmanager_api::routes;
 
 use super::broker::MQTT_PORT;
 use super::cluster_standin::{ClusterStandin, HTTP_PORT};
@@ -45,6 +46,8 @@ pub struct Worker {
     pub containerd_socket: PathBuf,
     pub containerd_ns: String,
     bins: Binaries,
+    /// NetManager's API on `socket`.
+    api: http::blocking::Client,
     // Drop order matters: NodeEngine first, NetManager last (see Drop).
     nodeengine: Option<Proc>,
     containerd: Option<Proc>,
@@ -63,6 +66,11 @@ impl Worker {
     ) -> Result<Worker> {
         std::fs::create_dir_all(dir.join("applogs"))
             .with_context(|| format!("creating {}", dir.display()))?;
+        let socket = dir.join("netmanager.sock");
+        let api = http::blocking::Client::new(
+            http::Client::unix(&socket).timeout(Duration::from_secs(10)),
+        )
+        .context("a runtime for NetManager's API client")?;
         let mut w = Worker {
             index,
             ns: ns.to_string(),
@@ -70,10 +78,11 @@ impl Worker {
             id: String::new(),
             dir: dir.to_path_buf(),
             bpf_dir: bpf_dir.to_path_buf(),
-            socket: dir.join("netmanager.sock"),
+            socket,
             containerd_socket: dir.join("containerd.sock"),
             containerd_ns: format!("oak-{}", ns.replace('-', "")),
             bins: bins.clone(),
+            api,
             nodeengine: None,
             containerd: None,
             netmanager: None,
@@ -242,7 +251,7 @@ impl Worker {
 
     /// NetManager's `GET /status`.
     pub fn status(&self) -> Result<Value> {
-        unix_get(&self.socket, "/status")
+        Ok(self.api.get_json(routes::STATUS)?)
     }
 
     /// Host pid of instance `n` of `job`'s task, from containerd.
@@ -348,22 +357,4 @@ fn subdirs(dir: &Path) -> Vec<PathBuf> {
 
 fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Minimal HTTP/1.1 GET over a unix socket, JSON answer.
-pub fn unix_get(socket: &Path, path: &str) -> Result<Value> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket)
-        .with_context(|| format!("connecting to {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .context("no HTTP body")?;
-    serde_json::from_str(body).with_context(|| format!("non-JSON answer {body:?}"))
 }
