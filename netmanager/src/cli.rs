@@ -4,12 +4,10 @@
 //! here and nowhere else, so several daemons can run side by side in separate
 //! network namespaces of one machine.
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, NetConfig, Settings};
@@ -56,6 +54,14 @@ pub struct Cli {
     /// Extra CA certificate (PEM) trusted for the MQTT broker (private cluster CAs).
     #[arg(long = "mqtt-ca", env = "NETMANAGER_MQTT_CA", global = true)]
     pub mqtt_ca: Option<PathBuf>,
+    /// Log filter in RUST_LOG syntax (wins over netcfg.json's Debug).
+    #[arg(
+        long = "log-filter",
+        value_name = "FILTER",
+        env = "RUST_LOG",
+        global = true
+    )]
+    pub log_filter: Option<String>,
     /// Set by systemd for its services: the log then also goes to the log file.
     #[arg(long, env = "INVOCATION_ID", hide = true, global = true)]
     pub systemd_invocation: Option<String>,
@@ -81,6 +87,16 @@ impl Cli {
                 .as_ref()
                 .map(|_| PathBuf::from(config::DEFAULT_LOG_PATH))
         })
+    }
+
+    /// How the daemon logs.
+    pub fn log_options(&self, debug: bool) -> worker_common::logging::LogOptions {
+        worker_common::logging::LogOptions {
+            filter: self.log_filter.clone(),
+            debug,
+            file: self.effective_log_file(),
+            format: worker_common::logging::LogFormat::Plain,
+        }
     }
 
     pub fn settings(&self) -> Result<Settings> {
@@ -109,74 +125,10 @@ impl Cli {
 
 /// `NetManager status`.
 pub async fn status(socket: &Path) -> Result<()> {
-    let status = crate::api::get_status(socket).await?;
+    let status: crate::status::Status = worker_common::http::Client::unix(socket)
+        .get_json(worker_common::netmanager_api::routes::STATUS)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (is NetManager running?)"))?;
     print!("{}", status.render());
-    Ok(())
-}
-
-/// `NetManager logs`: print the log and follow it (also across rotation).
-pub fn follow_log(path: &Path) -> Result<()> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut pos = 0u64;
-    let mut buf = Vec::new();
-    let stdout = std::io::stdout();
-    loop {
-        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            // Truncated or rotated: start over.
-            file = std::fs::File::open(path)
-                .with_context(|| format!("reopening {}", path.display()))?;
-            pos = 0;
-        }
-        file.seek(SeekFrom::Start(pos))?;
-        buf.clear();
-        let n = file.read_to_end(&mut buf)?;
-        if n > 0 {
-            pos += n as u64;
-            let mut out = stdout.lock();
-            out.write_all(&buf)?;
-            out.flush()?;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// Set up tracing to stderr and, when given, a log file.
-pub fn init_logging(debug: bool, log_file: Option<&Path>) -> Result<()> {
-    use tracing_subscriber::prelude::*;
-    let default = if debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use std::io::IsTerminal;
-    // Colours only for a terminal; journald and log files get plain text.
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let file = match log_file {
-        Some(p) => {
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening log file {}", p.display()))?;
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(Arc::new(f)),
-            )
-        }
-        None => None,
-    };
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(stderr)
-        .with(file)
-        .try_init()
-        .ok();
     Ok(())
 }

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
             let path = args
                 .effective_log_file()
                 .unwrap_or_else(|| netmanager::config::DEFAULT_LOG_PATH.into());
-            cli::follow_log(&path)
+            worker_common::logging::follow(&path).map_err(Into::into)
         }
         Some(Command::Status) => runtime().and_then(|rt| rt.block_on(cli::status(&args.socket))),
         None => runtime().and_then(|rt| rt.block_on(run_daemon(&args))),
@@ -42,14 +42,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// The daemon: restore, serve the API until SIGTERM/SIGINT, leave the
 /// dataplane in place for the next start.
 async fn run_daemon(args: &Cli) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        anyhow::bail!(
-            "the NetManager daemon must run as root (it configures interfaces and loads eBPF)"
-        );
-    }
+    worker_common::privileges::require_root(
+        "the NetManager daemon",
+        "it configures interfaces and loads eBPF",
+    )?;
     let settings = args.settings()?;
-    cli::init_logging(settings.net.debug, settings.log_path.as_deref())?;
+    worker_common::logging::init(&args.log_options(settings.net.debug))?;
     netmanager::kernel_support::check()?;
     tracing::info!(
         config = %settings.config_path.display(),
@@ -69,25 +67,10 @@ async fn run_daemon(args: &Cli) -> Result<()> {
     let listener = netmanager::api::bind(&socket)?;
     tracing::info!(socket = %socket.display(), "listening");
     let server = tokio::spawn(netmanager::api::serve(daemon.clone(), listener));
-    shutdown_signal().await;
+    worker_common::shutdown::stop_signal().await;
     tracing::info!("stopping; containers, bridge and dataplane stay in place for the next start");
     server.abort();
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers run until killed.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -52,7 +52,7 @@ fn ip(s: &str) -> IpAddr {
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !worker_common::privileges::is_root() {
         eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
         return false;
     }

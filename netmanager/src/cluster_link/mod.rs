@@ -11,7 +11,6 @@
 mod interests;
 pub mod messages;
 mod queries;
-mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -154,11 +153,14 @@ impl ClusterLink {
         mqtt.set_clean_session(true);
         mqtt.set_max_packet_size(1 << 20, 1 << 20);
         if let Some((cert, key)) = &opts.tls {
-            mqtt.set_transport(Transport::tls_with_config(tls::config(
-                cert,
-                key,
-                opts.ca.as_deref(),
-            )?));
+            let mut tls = worker_common::tls::ClientTls::system_roots().with_identity(cert, key);
+            if let Some(ca) = &opts.ca {
+                tls = tls.with_extra_ca(ca);
+            }
+            let config = tls.build().context("MQTTS client configuration")?;
+            mqtt.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(config),
+            ));
         }
         let (client, eventloop) = AsyncClient::new(mqtt, 256);
         let (tx, rx) = mpsc::unbounded_channel();

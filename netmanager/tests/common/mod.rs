@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -30,8 +29,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// True when running as root; otherwise prints why the test is skipped.
 pub fn require_root(test: &str) -> bool {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if worker_common::privileges::is_root() {
         return true;
     }
     eprintln!("SKIP {test}: needs root (network namespaces, netlink, nftables)");
@@ -735,25 +733,20 @@ impl Drop for Daemon {
     }
 }
 
-/// Minimal HTTP/1.1 client over a unix socket.
+/// One request to NetManager's API through the shared client: status and JSON body.
 pub fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect to NetManager");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status: u16 = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    let value =
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("non-JSON answer {body:?}: {e}"));
-    (status, value)
+    use worker_common::http::{Method, blocking::Client};
+    let client = Client::unix(socket).expect("HTTP client runtime");
+    let resp = match method {
+        "GET" => client.get(path),
+        _ => client.send(
+            Method::POST,
+            path,
+            Some(("application/json", body.to_string().into())),
+        ),
+    }
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let value = serde_json::from_slice(&resp.body)
+        .unwrap_or_else(|e| panic!("non-JSON answer {:?}: {e}", resp.text()));
+    (resp.status.as_u16(), value)
 }
