@@ -89,11 +89,11 @@ counters! {
     DropUnsupportedProto: drop "unsupported_proto", "Protocol other than TCP, UDP and ICMP echo to a service address.";
     DropTtl: drop "ttl", "TTL or hop limit exhausted.";
     DropTooBig: drop "too_big", "IPv4 without DF larger than the tunnel MTU.";
-    DropNoBackend: drop "no_backend", "Service address without a usable backend.";
-    DropMissOverflow: drop "miss_overflow", "Held packets for an unresolved address over miss_hold, or the miss ring full.";
+    DropNoBackend: drop "no_backend", "Service address without backends, or whose backend is no longer in INSTANCES.";
+    DropMissOverflow: drop "miss_overflow", "More than miss_hold packets for an unresolved address, or PENDING or the miss ring full.";
     DropNotLocal: drop "not_local", "Sender, or tunnelled destination, is not a container on this node.";
     DropBadInnerSource: drop "bad_inner_source", "Tunnelled packet whose inner source is not in a service range.";
-    DropFlowTableFull: drop "flow_table_full", "No room in the flow cache for a new flow.";
+    DropFlowTableFull: drop "flow_table_full", "A new flow could not be written to FLOWS or REVERSE_FLOWS.";
     DropRedirect: drop "redirect", "The redirect to the target interface failed (e.g. a vanished veth).";
     DropEncap: drop "encap", "Making room for the tunnel headers failed.";
 }
