@@ -35,7 +35,12 @@ fn counters_table() -> String {
             CounterKind::Verdict => "verdict",
             CounterKind::Drop => "drop",
         };
-        t += &format!("| {} | `{}` | {kind} | {} |\n", c as u32, c.name(), c.help());
+        t += &format!(
+            "| {} | `{}` | {kind} | {} |\n",
+            c as u32,
+            c.name(),
+            c.help()
+        );
     }
     t
 }
