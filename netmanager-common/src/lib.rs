@@ -206,7 +206,7 @@ pub struct Config {
 
 /// Why the programs raised a miss event (`MissEvent::reason`).
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MissReason {
     /// A packet to a service address with no `SERVICES` entry.
     Service = 1,
@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn miss_reasons_convert_checked() {
         for r in [MissReason::Service, MissReason::Sender] {
-            assert_eq!(MissReason::try_from(r as u32), Ok(r));
+            assert_eq!(MissReason::try_from(r.clone() as u32), Ok(r));
         }
         assert_eq!(MissReason::try_from(0), Err(0));
         assert_eq!(MissReason::try_from(3), Err(3));
