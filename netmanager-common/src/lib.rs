@@ -7,6 +7,15 @@
 //! IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) so one map serves both families.
 #![no_std]
 
+mod counters;
+pub mod maps;
+
+pub use counters::{COUNTER_NAMES, Counter, CounterKind, CounterValue};
+pub use maps::{
+    DEFAULT_BACKENDS, DEFAULT_FLOWS, DEFAULT_INSTANCES, DEFAULT_MISS_HOLD, DEFAULT_MISS_RING_BYTES,
+    DEFAULT_PENDING, DEFAULT_SERVICES, MAP_NAMES,
+};
+
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -195,76 +204,29 @@ pub struct Config {
     pub _pad: u32,
 }
 
-/// Why a packet took the path it took; index into the `COUNTERS` map.
+/// Why the programs raised a miss event (`MissEvent::reason`).
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
-    /// Not service traffic: left to the kernel.
-    Passed = 0,
-    /// Translated and delivered to a container on this node.
-    LocalDelivered,
-    /// Translated and sent through the tunnel.
-    Tunnelled,
-    /// Received through the tunnel and delivered.
-    Decapsulated,
-    /// Received through the tunnel, reverse-translated, delivered.
-    ReverseTranslated,
-    /// Unknown service or sender: held and reported to userspace.
-    MissHeld,
-    /// ICMP fragmentation-needed / packet-too-big sent to a container.
-    PmtuSent,
-    DropMalformed,
-    DropFragment,
-    DropUnsupportedProto,
-    DropTtl,
-    DropTooBig,
-    DropNoBackend,
-    DropMissOverflow,
-    DropNotLocal,
-    DropBadInnerSource,
-    DropFlowTableFull,
-    DropRedirect,
-    DropEncap,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MissReason {
+    /// A packet to a service address with no `SERVICES` entry.
+    Service = 1,
+    /// A local container (by namespace address) whose own instance address is
+    /// not known yet.
+    Sender = 2,
 }
 
-pub const COUNTER_NAMES: [&str; Counter::COUNT] = [
-    "passed",
-    "local_delivered",
-    "tunnelled",
-    "decapsulated",
-    "reverse_translated",
-    "miss_held",
-    "pmtu_sent",
-    "drop_malformed",
-    "drop_fragment",
-    "drop_unsupported_proto",
-    "drop_ttl",
-    "drop_too_big",
-    "drop_no_backend",
-    "drop_miss_overflow",
-    "drop_not_local",
-    "drop_bad_inner_source",
-    "drop_flow_table_full",
-    "drop_redirect",
-    "drop_encap",
-];
+impl TryFrom<u32> for MissReason {
+    /// The unknown raw value.
+    type Error = u32;
 
-impl Counter {
-    pub const COUNT: usize = 19;
+    fn try_from(raw: u32) -> Result<MissReason, u32> {
+        match raw {
+            1 => Ok(MissReason::Service),
+            2 => Ok(MissReason::Sender),
+            other => Err(other),
+        }
+    }
 }
-
-/// Per-CPU value of `COUNTERS`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CounterValue {
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-/// Why a miss event was raised.
-pub const MISS_SERVICE: u32 = 1;
-/// The sending container's own instance address is not known yet.
-pub const MISS_SENDER: u32 = 2;
 
 /// Largest frame a miss event carries (container MTU plus Ethernet header,
 /// with room to spare). Larger frames are reported without their bytes.
@@ -275,7 +237,7 @@ pub const MISS_FRAME_MAX: usize = 2048;
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct MissEvent {
-    /// [`MISS_SERVICE`] or [`MISS_SENDER`].
+    /// A [`MissReason`] as u32 (userspace converts it checked).
     pub reason: u32,
     /// Interface the packet came in on.
     pub ifindex: u32,
@@ -288,32 +250,10 @@ pub struct MissEvent {
     pub frame: [u8; MISS_FRAME_MAX],
 }
 
-/// Every map of the programs, as pinned and as `bpftool map` shows them.
-pub const MAP_NAMES: [&str; 10] = [
-    "CONFIG",
-    "SERVICES",
-    "BACKENDS",
-    "INSTANCES",
-    "FLOWS",
-    "REVERSE_FLOWS",
-    "PENDING",
-    "COUNTERS",
-    "MISSES",
-    "SCRATCH",
-];
-
 /// Read-only global of the programs the loader sets before loading them: 1
 /// when `bpf_skb_adjust_room` accepts `BPF_F_ADJ_ROOM_DECAP_L3_IPV6` (Linux
 /// 6.3), 0 (the default) for the fallback through `bpf_skb_change_proto`.
 pub const DECAP_L3_FLAG_GLOBAL: &str = "ADJUST_ROOM_DECAP_L3";
-
-/// Default map sizes (overridable at load time).
-pub const DEFAULT_FLOWS: u32 = 65_536;
-pub const DEFAULT_SERVICES: u32 = 16_384;
-pub const DEFAULT_BACKENDS: u32 = 65_536;
-pub const DEFAULT_INSTANCES: u32 = 16_384;
-pub const DEFAULT_PENDING: u32 = 4_096;
-pub const DEFAULT_MISS_RING_BYTES: u32 = 1 << 20;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -347,7 +287,15 @@ mod tests {
         assert_eq!(size_of::<ReverseFlow>(), 24);
         assert_eq!(size_of::<Prefix>(), 20);
         assert_eq!(size_of::<Config>(), 16 + 20 * MAX_SERVICE_RANGES + 8);
-        assert_eq!(COUNTER_NAMES.len(), Counter::DropEncap as usize + 1);
+    }
+
+    #[test]
+    fn miss_reasons_convert_checked() {
+        for r in [MissReason::Service, MissReason::Sender] {
+            assert_eq!(MissReason::try_from(r.clone() as u32), Ok(r));
+        }
+        assert_eq!(MissReason::try_from(0), Err(0));
+        assert_eq!(MissReason::try_from(3), Err(3));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netmanager_common::{
-    Addr, Config, Counter, INSTANCE_LOCAL, Instance, MISS_FRAME_MAX, MISS_SENDER, MISS_SERVICE,
+    Addr, Config, Counter, INSTANCE_LOCAL, Instance, MISS_FRAME_MAX, MissReason,
 };
 
 use maps::{INSTANCES, MISSES, PENDING, config, count};
@@ -136,7 +136,7 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
         return Err(Counter::DropNotLocal);
     }
     if sender.instance_ip.is_zero() {
-        return Ok(hold(ctx, cfg, MISS_SENDER, &p.src));
+        return Ok(hold(ctx, cfg, MissReason::Sender, &p.src));
     }
     let src_instance = sender.instance_ip;
     let mut backend_ns = Addr::ZERO;
@@ -145,7 +145,7 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
         if !flows::cached_backend(&key, &mut backend_ns) {
             match flows::choose(&key, &src_instance, &mut backend_ns) {
                 flows::CHOSEN => {}
-                flows::UNKNOWN_SERVICE => return Ok(hold(ctx, cfg, MISS_SERVICE, &p.dst)),
+                flows::UNKNOWN_SERVICE => return Ok(hold(ctx, cfg, MissReason::Service, &p.dst)),
                 flows::NO_BACKEND => return Err(Counter::DropNoBackend),
                 _ => return Err(Counter::DropFlowTableFull),
             }
@@ -277,7 +277,7 @@ fn deliver(
 /// reinject once the address is resolved; at most `miss_hold` frames per
 /// address while a resolution is pending.
 #[inline(never)]
-fn hold(ctx: &TcContext, cfg: &Config, reason: u32, addr: &Addr) -> Verdict {
+fn hold(ctx: &TcContext, cfg: &Config, reason: MissReason, addr: &Addr) -> Verdict {
     match PENDING.get_ptr_mut(addr) {
         Some(n) => unsafe {
             if *n >= cfg.miss_hold {
@@ -297,7 +297,7 @@ fn hold(ctx: &TcContext, cfg: &Config, reason: u32, addr: &Addr) -> Verdict {
     let ev = entry.as_mut_ptr();
     let len = ctx.len();
     unsafe {
-        (*ev).reason = reason;
+        (*ev).reason = reason as u32;
         (*ev).ifindex = (*ctx.skb.skb).ifindex;
         (*ev).addr = *addr;
         (*ev)._pad = 0;

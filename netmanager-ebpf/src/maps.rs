@@ -1,6 +1,8 @@
-//! Every map the programs use. Sizes here are defaults: the loader overrides
-//! them from NetManager's configuration, and pins them all under one bpffs
-//! directory so a restarted NetManager adopts them.
+//! Every map the programs use. A static's identifier is the map's name in
+//! the object: it must be one of `netmanager_common::MAP_NAMES` (a netmanager
+//! test checks the built object against that list). Sizes are the common
+//! defaults: the loader overrides them from NetManager's configuration, and
+//! pins every map under one bpffs directory so a restarted NetManager adopts it.
 
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},

@@ -36,38 +36,34 @@ pub trait Forwarding: Send + Sync {
     fn status(&self) -> Result<DataplaneStatus>;
 }
 
-/// The eBPF dataplane. Its mutating calls take `&mut self` (attach/detach),
-/// so it sits behind a mutex; map updates are short syscalls.
+/// The eBPF dataplane. `Dataplane` locks internally (one mutex), so this
+/// only adapts its errors and its miss stream to the trait.
 pub struct Ebpf {
-    dp: Mutex<Dataplane>,
+    dp: Dataplane,
 }
 
 impl Ebpf {
     pub fn open(cfg: &DataplaneConfig) -> Result<Ebpf> {
         let dp = Dataplane::open(cfg).context("loading the eBPF dataplane")?;
-        Ok(Ebpf { dp: Mutex::new(dp) })
-    }
-
-    fn dp(&self) -> std::sync::MutexGuard<'_, Dataplane> {
-        self.dp.lock().unwrap_or_else(|p| p.into_inner())
+        Ok(Ebpf { dp })
     }
 }
 
 impl Forwarding for Ebpf {
     fn set_node_ip(&self, ip: Ipv4Addr) -> Result<()> {
-        Ok(self.dp().set_node_ip(ip)?)
+        Ok(self.dp.set_node_ip(ip)?)
     }
     fn attach_container(&self, host_ifname: &str) -> Result<()> {
-        Ok(self.dp().attach_container(host_ifname)?)
+        Ok(self.dp.attach_container(host_ifname)?)
     }
     fn detach_container(&self, host_ifname: &str) -> Result<()> {
-        Ok(self.dp().detach_container(host_ifname)?)
+        Ok(self.dp.detach_container(host_ifname)?)
     }
     fn upsert_instance(&self, ns_ip: IpAddr, entry: InstanceEntry) -> Result<()> {
-        Ok(self.dp().upsert_instance(ns_ip, entry)?)
+        Ok(self.dp.upsert_instance(ns_ip, entry)?)
     }
     fn remove_instance(&self, ns_ip: IpAddr) -> Result<()> {
-        Ok(self.dp().remove_instance(ns_ip)?)
+        Ok(self.dp.remove_instance(ns_ip)?)
     }
     fn upsert_service(
         &self,
@@ -75,13 +71,13 @@ impl Forwarding for Ebpf {
         kind: ServiceKind,
         backends: &[IpAddr],
     ) -> Result<()> {
-        Ok(self.dp().upsert_service(service_ip, kind, backends)?)
+        Ok(self.dp.upsert_service(service_ip, kind, backends)?)
     }
     fn remove_service(&self, service_ip: IpAddr) -> Result<()> {
-        Ok(self.dp().remove_service(service_ip)?)
+        Ok(self.dp.remove_service(service_ip)?)
     }
     fn take_misses(&self) -> Option<mpsc::Receiver<Miss>> {
-        let mut rx = match self.dp().misses() {
+        let mut rx = match self.dp.misses() {
             Ok(rx) => rx,
             Err(e) => {
                 tracing::error!("dataplane miss stream unavailable: {e}");
@@ -100,16 +96,16 @@ impl Forwarding for Ebpf {
         Some(out)
     }
     fn reinject(&self, frame: &[u8]) -> Result<()> {
-        Ok(self.dp().reinject(frame)?)
+        Ok(self.dp.reinject(frame)?)
     }
     fn resolved(&self, addr: IpAddr) -> Result<()> {
-        Ok(self.dp().resolved(addr)?)
+        Ok(self.dp.resolved(addr)?)
     }
     fn expire_flows(&self) -> Result<usize> {
-        Ok(self.dp().expire_flows()?)
+        Ok(self.dp.expire_flows()?)
     }
     fn status(&self) -> Result<DataplaneStatus> {
-        Ok(self.dp().status()?)
+        Ok(self.dp.status()?)
     }
 }
 

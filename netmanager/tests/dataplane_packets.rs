@@ -8,7 +8,7 @@ mod packet_support;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::TestRunOptions;
 use netmanager::dataplane::{
     CONTAINER_PROGRAM, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, ServiceKind,
     UPLINK_PROGRAM,
@@ -130,13 +130,12 @@ fn fixture(name: &str) -> Fixture {
 /// Runs `program` on `frame`; returns the verdict and the output frame.
 fn run(f: &Fixture, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; 4096];
-    let prog = f.dp.program(program).unwrap();
     let opts = TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
         ..Default::default()
     };
-    let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    let r = f.dp.test_run(program, opts).expect("BPF_PROG_TEST_RUN");
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
 }
@@ -370,7 +369,7 @@ async fn unknown_service_is_held_reported_and_bounded() {
     if !is_root() {
         return;
     }
-    let mut f = fixture("miss");
+    let f = fixture("miss");
     let mut misses = f.dp.misses().unwrap();
     let frame = from_container(&Ip::new("10.18.0.2", "10.30.99.99", tcp_syn(40001, 80)));
     for _ in 0..3 {
@@ -398,7 +397,7 @@ async fn sender_without_known_instance_address_is_held() {
     if !is_root() {
         return;
     }
-    let mut f = fixture("sender");
+    let f = fixture("sender");
     f.dp.upsert_instance(
         ip("10.18.0.9"),
         InstanceEntry {
@@ -646,7 +645,7 @@ fn pinned_maps_dump_with_typed_fields_in_bpftool() {
         return;
     }
     let f = fixture("bpftool");
-    let path = f.pin_dir.join("INSTANCES");
+    let path = f.pin_dir.join(netmanager_common::maps::INSTANCES);
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(&path)

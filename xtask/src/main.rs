@@ -1,8 +1,9 @@
 //! Project automation: `cargo xtask <command>`.
 //!
 //! - `setup`: one-time (idempotent) machine bootstrap.
-//! - `build-ebpf`: builds the eBPF object NetManager embeds.
-//! - `test`: everything CI runs (format, lint, eBPF build, all tests);
+//! - `build-ebpf`: builds the eBPF object NetManager embeds (netmanager's
+//!   build script does so as well; this is for looking at the object).
+//! - `test`: everything CI runs (format, lint, all tests);
 //!   `--full` adds the eBPF suites on Debian 12's kernel under qemu.
 //! - `sandbox`: a local cluster stand-in with workers (see docs).
 //! - `bench`: overlay performance against baselines (docs/performance.md).
@@ -35,7 +36,7 @@ enum Command {
         #[arg(long)]
         debug: bool,
     },
-    /// Run what CI runs: fmt, clippy, the eBPF build and every test (needs root).
+    /// Run what CI runs: fmt, clippy and every test (needs root).
     Test {
         /// Also boot Debian 12's Linux 6.1 under qemu and run the eBPF
         /// suites there (about a minute more; result in docs/old-kernels.md).
@@ -69,7 +70,9 @@ fn main() -> Result<()> {
     }
 }
 
-/// The README's test command.
+/// The README's test command. The eBPF programs need no separate step:
+/// netmanager's build script builds them (once; clippy and test share the
+/// eBPF target directory).
 fn test(extra: &[String]) -> Result<()> {
     let root = ebpf::workspace_root();
     ebpf::run(
@@ -78,7 +81,6 @@ fn test(extra: &[String]) -> Result<()> {
             .args(["fmt", "--all", "--", "--check"]),
         "cargo fmt --check (run `cargo fmt --all` to fix)",
     )?;
-    ebpf::build(true)?;
     ebpf::run(
         std::process::Command::new("cargo")
             .current_dir(&root)

@@ -6,7 +6,6 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
@@ -19,14 +18,14 @@ use super::{DataplaneError, Result};
 pub struct Attachments {
     dir: PathBuf,
     /// (program, interface) pairs attached by this process.
-    attached: Mutex<Vec<(String, String)>>,
+    attached: Vec<(String, String)>,
 }
 
 impl Attachments {
     pub fn new(dir: PathBuf) -> Attachments {
         Attachments {
             dir,
-            attached: Mutex::new(Vec::new()),
+            attached: Vec::new(),
         }
     }
 
@@ -36,7 +35,12 @@ impl Attachments {
 
     /// Attaches `prog` on the ingress of `ifname`, adopting a pinned link
     /// from an earlier run when there is one.
-    pub fn attach(&self, prog: &mut SchedClassifier, program: &str, ifname: &str) -> Result<()> {
+    pub fn attach(
+        &mut self,
+        prog: &mut SchedClassifier,
+        program: &str,
+        ifname: &str,
+    ) -> Result<()> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| DataplaneError::bpf(format!("creating {}", self.dir.display()), e))?;
         let path = self.pin_path(program, ifname);
@@ -73,7 +77,7 @@ impl Attachments {
     }
 
     /// Detaches by removing the pin (the last reference to the link).
-    pub fn detach(&self, program: &str, ifname: &str) -> Result<()> {
+    pub fn detach(&mut self, program: &str, ifname: &str) -> Result<()> {
         let path = self.pin_path(program, ifname);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -85,30 +89,28 @@ impl Attachments {
                 ));
             }
         }
-        if let Ok(mut a) = self.attached.lock() {
-            a.retain(|(p, i)| !(p == program && i == ifname));
-        }
+        self.attached
+            .retain(|(p, i)| !(p == program && i == ifname));
         Ok(())
     }
 
-    fn remember(&self, program: &str, ifname: &str) {
-        if let Ok(mut a) = self.attached.lock()
-            && !a.iter().any(|(p, i)| p == program && i == ifname)
+    fn remember(&mut self, program: &str, ifname: &str) {
+        if !self
+            .attached
+            .iter()
+            .any(|(p, i)| p == program && i == ifname)
         {
-            a.push((program.to_string(), ifname.to_string()));
+            self.attached
+                .push((program.to_string(), ifname.to_string()));
         }
     }
 
     /// (program, interface, hook) of every attachment this process made.
     pub fn list(&self) -> Vec<(String, String, String)> {
         self.attached
-            .lock()
-            .map(|a| {
-                a.iter()
-                    .map(|(p, i)| (p.clone(), i.clone(), "tcx/ingress".to_string()))
-                    .collect()
-            })
-            .unwrap_or_default()
+            .iter()
+            .map(|(p, i)| (p.clone(), i.clone(), "tcx/ingress".to_string()))
+            .collect()
     }
 }
 

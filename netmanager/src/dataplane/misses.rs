@@ -9,11 +9,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use aya::Ebpf;
 use aya::maps::{MapData, RingBuf};
-use netmanager_common::{Addr, MISS_FRAME_MAX, MISS_SENDER, MISS_SERVICE};
+use netmanager_common::{Addr, MISS_FRAME_MAX, MissReason, maps};
 use tokio::io::unix::AsyncFd;
 
 use super::addr::from_addr;
-use super::{DataplaneError, Miss, MissReason, Result};
+use super::{DataplaneError, Miss, Result};
 
 /// Name of our end of the reinjection pair (frames are written here) and of
 /// the end the container program watches.
@@ -24,11 +24,7 @@ pub struct MissSource(RingBuf<MapData>);
 
 impl MissSource {
     pub fn take(ebpf: &mut Ebpf) -> Result<MissSource> {
-        let map = ebpf
-            .take_map("MISSES")
-            .ok_or_else(|| DataplaneError::Other("the eBPF object has no map MISSES".into()))?;
-        let ring = RingBuf::try_from(map).map_err(|e| DataplaneError::bpf("map MISSES", e))?;
-        Ok(MissSource(ring))
+        Ok(MissSource(super::tables::take(ebpf, maps::MISSES)?))
     }
 
     /// Needs a running tokio runtime (the ring buffer is polled with epoll).
@@ -80,11 +76,7 @@ pub fn decode(raw: &[u8]) -> Option<Miss> {
         return None;
     }
     let word = |at: usize| u32::from_ne_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
-    let reason = match word(0) {
-        MISS_SERVICE => MissReason::Service,
-        MISS_SENDER => MissReason::Sender,
-        _ => return None,
-    };
+    let reason = MissReason::try_from(word(0)).ok()?;
     let mut addr = Addr::ZERO;
     addr.bytes.copy_from_slice(&raw[8..24]);
     let frame_len = word(24) as usize;

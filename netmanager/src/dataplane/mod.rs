@@ -4,7 +4,9 @@
 //! maps pinned under the configured bpffs directory -- or adopts them when a
 //! previous NetManager left them there -- and attaches through pinned TCX
 //! links, so a restart replaces programs atomically and never flushes state.
-//! Everything else is a typed operation on those maps.
+//! Everything else is a typed operation on those maps, through `&self`: one
+//! mutex inside guards the loaded object (aya needs `&mut` to attach), the
+//! map handles and the attachment list; map updates are short syscalls.
 
 mod addr;
 mod attach;
@@ -14,18 +16,19 @@ mod tables;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
-use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
-use netmanager_common::{Counter, DEFAULT_PENDING};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult};
+use aya::{Ebpf, EbpfLoader};
+use netmanager_common::{Counter, maps};
 
 pub use misses::MissReceiver;
-pub use netmanager_common::ServiceKind;
+pub use netmanager_common::{MAP_NAMES, MissReason, ServiceKind};
 
 use attach::Attachments;
 use tables::Tables;
 
-/// The programs, built by `cargo xtask build-ebpf` and embedded by build.rs.
+/// The programs, built from `netmanager-ebpf/` and embedded by build.rs.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netmanager.bpf.o"));
 
@@ -34,8 +37,6 @@ pub static EBPF_OBJECT: &[u8] =
 pub const CONTAINER_PROGRAM: &str = "container_egress";
 /// Program attached on the uplink.
 pub const UPLINK_PROGRAM: &str = "uplink_ingress";
-
-pub use netmanager_common::MAP_NAMES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -77,7 +78,7 @@ impl Default for MapSizes {
             services: netmanager_common::DEFAULT_SERVICES,
             backends: netmanager_common::DEFAULT_BACKENDS,
             instances: netmanager_common::DEFAULT_INSTANCES,
-            pending: DEFAULT_PENDING,
+            pending: netmanager_common::DEFAULT_PENDING,
         }
     }
 }
@@ -123,15 +124,6 @@ pub struct InstanceEntry {
     pub local: Option<LocalPort>,
 }
 
-/// Why the programs reported a miss.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MissReason {
-    /// Packet to a service address with no SERVICES entry.
-    Service,
-    /// A local container (by ns ip) whose instance_ip is not known yet.
-    Sender,
-}
-
 #[derive(Debug, Clone)]
 pub struct Miss {
     pub reason: MissReason,
@@ -153,12 +145,18 @@ pub struct DataplaneStatus {
 }
 
 pub struct Dataplane {
-    ebpf: Ebpf,
-    tables: Mutex<Tables>,
-    attachments: Attachments,
-    misses: Option<misses::MissSource>,
+    /// The one lock: everything that needs `&mut` or must not interleave.
+    state: Mutex<State>,
+    /// Sends on its own packet socket; needs no lock.
     reinjector: Option<misses::Reinjector>,
     cfg: DataplaneConfig,
+}
+
+struct State {
+    ebpf: Ebpf,
+    tables: Tables,
+    attachments: Attachments,
+    misses: Option<misses::MissSource>,
 }
 
 impl Dataplane {
@@ -175,50 +173,50 @@ impl Dataplane {
         let mut tables = Tables::take(&mut ebpf)?;
         tables.write_config(cfg)?;
         let misses = misses::MissSource::take(&mut ebpf)?;
-        let mut dp = Dataplane {
+        let mut state = State {
             ebpf,
-            tables: Mutex::new(tables),
+            tables,
             attachments: Attachments::new(cfg.pin_dir.join("links")),
             misses: Some(misses),
-            reinjector: None,
-            cfg: cfg.clone(),
         };
+        let mut reinjector = None;
         if !cfg.uplink.is_empty() {
-            dp.attach(UPLINK_PROGRAM, &cfg.uplink.clone())?;
+            state.attach(UPLINK_PROGRAM, &cfg.uplink)?;
             let device = misses::ensure_inject_device()?;
-            dp.attach(CONTAINER_PROGRAM, &device.peer)?;
-            dp.reinjector = Some(misses::Reinjector::open(&device.name)?);
+            state.attach(CONTAINER_PROGRAM, &device.peer)?;
+            reinjector = Some(misses::Reinjector::open(&device.name)?);
         }
-        Ok(dp)
-    }
-
-    fn attach(&mut self, program: &str, ifname: &str) -> Result<()> {
-        let prog = program_mut(&mut self.ebpf, program)?;
-        self.attachments.attach(prog, program, ifname)
+        Ok(Dataplane {
+            state: Mutex::new(state),
+            reinjector,
+            cfg: cfg.clone(),
+        })
     }
 
     /// Node address changed.
     pub fn set_node_ip(&self, ip: Ipv4Addr) -> Result<()> {
         let mut cfg = self.cfg.clone();
         cfg.node_ip = ip;
-        self.lock()?.write_config(&cfg)
+        self.lock().tables.write_config(&cfg)
     }
 
     /// Attach the container-side program to a container veth (host end).
-    pub fn attach_container(&mut self, host_ifname: &str) -> Result<()> {
-        self.attach(CONTAINER_PROGRAM, host_ifname)
+    pub fn attach_container(&self, host_ifname: &str) -> Result<()> {
+        self.lock().attach(CONTAINER_PROGRAM, host_ifname)
     }
 
-    pub fn detach_container(&mut self, host_ifname: &str) -> Result<()> {
-        self.attachments.detach(CONTAINER_PROGRAM, host_ifname)
+    pub fn detach_container(&self, host_ifname: &str) -> Result<()> {
+        self.lock()
+            .attachments
+            .detach(CONTAINER_PROGRAM, host_ifname)
     }
 
     pub fn upsert_instance(&self, ns_ip: IpAddr, entry: InstanceEntry) -> Result<()> {
-        self.lock()?.upsert_instance(ns_ip, &entry)
+        self.lock().tables.upsert_instance(ns_ip, &entry)
     }
 
     pub fn remove_instance(&self, ns_ip: IpAddr) -> Result<()> {
-        self.lock()?.remove_instance(ns_ip)
+        self.lock().tables.remove_instance(ns_ip)
     }
 
     /// Replace the backend list of a service address atomically. `backends`
@@ -229,16 +227,19 @@ impl Dataplane {
         kind: ServiceKind,
         backends: &[IpAddr],
     ) -> Result<()> {
-        self.lock()?.upsert_service(service_ip, kind, backends)
+        self.lock()
+            .tables
+            .upsert_service(service_ip, kind, backends)
     }
 
     pub fn remove_service(&self, service_ip: IpAddr) -> Result<()> {
-        self.lock()?.remove_service(service_ip)
+        self.lock().tables.remove_service(service_ip)
     }
 
     /// Take the miss stream (once).
-    pub fn misses(&mut self) -> Result<MissReceiver> {
-        self.misses
+    pub fn misses(&self) -> Result<MissReceiver> {
+        self.lock()
+            .misses
             .take()
             .ok_or_else(|| DataplaneError::Other("the miss stream was already taken".into()))?
             .into_receiver()
@@ -256,35 +257,30 @@ impl Dataplane {
 
     /// Forget the pending marker for an address (resolved or failed).
     pub fn resolved(&self, addr: IpAddr) -> Result<()> {
-        self.lock()?.clear_pending(addr)
+        self.lock().tables.clear_pending(addr)
     }
 
     /// Remove flows idle for more than 60 s; returns how many.
     pub fn expire_flows(&self) -> Result<usize> {
-        self.lock()?.expire_flows(addr::monotonic_ns())
+        self.lock().tables.expire_flows(addr::monotonic_ns())
     }
 
     /// Packets and bytes per counter, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64, u64)>> {
-        self.lock()?.counters()
+        self.lock().tables.counters()
     }
 
     /// Snapshot for `NetManager status`.
     pub fn status(&self) -> Result<DataplaneStatus> {
-        let tables = self.lock()?;
+        let state = self.lock();
         Ok(DataplaneStatus {
-            attachments: self.attachments.list(),
-            maps: tables.fill(&self.cfg.sizes),
-            counters: tables
+            attachments: state.attachments.list(),
+            maps: state.tables.fill(&self.cfg.sizes),
+            counters: state
+                .tables
                 .counters()?
                 .into_iter()
-                .map(|(c, p, b)| {
-                    (
-                        netmanager_common::COUNTER_NAMES[c as usize].to_string(),
-                        p,
-                        b,
-                    )
-                })
+                .map(|(c, p, b)| (c.name().to_string(), p, b))
                 .collect(),
         })
     }
@@ -294,7 +290,7 @@ impl Dataplane {
         &self,
         key: &netmanager_common::FlowKey,
     ) -> Result<Option<netmanager_common::Flow>> {
-        Ok(self.lock()?.flow(key))
+        Ok(self.lock().tables.flow(key))
     }
 
     /// The reverse flow cached for `key`, if any.
@@ -302,27 +298,41 @@ impl Dataplane {
         &self,
         key: &netmanager_common::FlowKey,
     ) -> Result<Option<netmanager_common::ReverseFlow>> {
-        Ok(self.lock()?.reverse_flow(key))
+        Ok(self.lock().tables.reverse_flow(key))
     }
 
     /// Packets held for an unknown address, if a resolution is pending.
     pub fn pending(&self, addr: IpAddr) -> Result<Option<u32>> {
-        Ok(self.lock()?.pending(addr))
+        Ok(self.lock().tables.pending(addr))
     }
 
-    /// A loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
-    pub fn program(&self, name: &str) -> Result<&SchedClassifier> {
-        self.ebpf
-            .program(name)
-            .ok_or_else(|| DataplaneError::Other(format!("no program {name}")))?
+    /// Runs a loaded program on a crafted packet (`BPF_PROG_TEST_RUN`), for
+    /// tests and benchmarks.
+    pub fn test_run(&self, program: &str, opts: TestRunOptions<'_>) -> Result<TestRunResult> {
+        let state = self.lock();
+        let prog: &SchedClassifier = state
+            .ebpf
+            .program(program)
+            .ok_or_else(|| DataplaneError::Other(format!("no program {program}")))?
             .try_into()
-            .map_err(|e| DataplaneError::bpf(format!("program {name}"), e))
+            .map_err(|e| DataplaneError::bpf(format!("program {program}"), e))?;
+        prog.test_run(opts)
+            .map_err(|e| DataplaneError::bpf(format!("BPF_PROG_TEST_RUN of {program}"), e))
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Tables>> {
-        self.tables
-            .lock()
-            .map_err(|_| DataplaneError::Other("dataplane tables lock poisoned".into()))
+    /// A panic while the lock was held leaves nothing half-done that matters:
+    /// each map write is one syscall, and a service's new backend slice only
+    /// goes live with its `SERVICES` entry. So carry on rather than fail
+    /// every later call.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    fn attach(&mut self, program: &str, ifname: &str) -> Result<()> {
+        let prog = program_mut(&mut self.ebpf, program)?;
+        self.attachments.attach(prog, program, ifname)
     }
 }
 
@@ -336,12 +346,12 @@ fn load(cfg: &DataplaneConfig) -> Result<Ebpf> {
         loader.map_pin_path(name, path.as_path());
     }
     loader
-        .map_max_entries("FLOWS", cfg.sizes.flows)
-        .map_max_entries("REVERSE_FLOWS", cfg.sizes.flows)
-        .map_max_entries("SERVICES", cfg.sizes.services)
-        .map_max_entries("BACKENDS", cfg.sizes.backends)
-        .map_max_entries("INSTANCES", cfg.sizes.instances)
-        .map_max_entries("PENDING", cfg.sizes.pending);
+        .map_max_entries(maps::FLOWS, cfg.sizes.flows)
+        .map_max_entries(maps::REVERSE_FLOWS, cfg.sizes.flows)
+        .map_max_entries(maps::SERVICES, cfg.sizes.services)
+        .map_max_entries(maps::BACKENDS, cfg.sizes.backends)
+        .map_max_entries(maps::INSTANCES, cfg.sizes.instances)
+        .map_max_entries(maps::PENDING, cfg.sizes.pending);
     // Read-only for the programs: the verifier drops the decapsulation path
     // this kernel does not take.
     let decap_l3 = u8::from(crate::kernel_support::probe().adjust_room_decap_l3);
@@ -362,4 +372,63 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassi
         .ok_or_else(|| DataplaneError::Other(format!("the eBPF object has no program {name}")))?
         .try_into()
         .map_err(|e| DataplaneError::bpf(format!("program {name}"), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object() -> aya_obj::Object {
+        aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded eBPF object parses")
+    }
+
+    /// The eBPF side names its maps by Rust identifiers; userspace finds,
+    /// sizes and pins them by `netmanager_common::maps`. This keeps the two
+    /// from drifting apart.
+    #[test]
+    fn the_object_has_exactly_the_common_maps() {
+        // Global data (.rodata...) becomes maps the loader creates and never
+        // pins; only the declared maps count.
+        let mut in_object: Vec<String> = object()
+            .maps
+            .iter()
+            .filter(|(_, m)| {
+                matches!(
+                    m.section_kind(),
+                    aya_obj::EbpfSectionKind::BtfMaps | aya_obj::EbpfSectionKind::Maps
+                )
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        in_object.sort();
+        let mut expected: Vec<String> = MAP_NAMES.iter().map(|n| n.to_string()).collect();
+        expected.sort();
+        assert_eq!(in_object, expected);
+    }
+
+    #[test]
+    fn the_object_declares_the_common_default_sizes() {
+        let obj = object();
+        let defaults = MapSizes::default();
+        for (name, size) in [
+            (maps::FLOWS, defaults.flows),
+            (maps::REVERSE_FLOWS, defaults.flows),
+            (maps::SERVICES, defaults.services),
+            (maps::BACKENDS, defaults.backends),
+            (maps::INSTANCES, defaults.instances),
+            (maps::PENDING, defaults.pending),
+            (maps::COUNTERS, Counter::COUNT as u32),
+            (maps::MISSES, netmanager_common::DEFAULT_MISS_RING_BYTES),
+        ] {
+            assert_eq!(obj.maps[name].max_entries(), size, "max entries of {name}");
+        }
+    }
+
+    #[test]
+    fn the_object_has_both_programs() {
+        let obj = object();
+        for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM] {
+            assert!(obj.programs.contains_key(name), "program {name}");
+        }
+    }
 }

@@ -6,9 +6,8 @@ use std::net::IpAddr;
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use netmanager_common::{
-    Addr, BackendKey, COUNTER_NAMES, Config, Counter, CounterValue, FLOW_IDLE_NS, Flow, FlowKey,
-    INSTANCE_LOCAL, Instance, MAX_BACKENDS, MAX_SERVICE_RANGES, Prefix, ReverseFlow, Service,
-    ServiceKind,
+    Addr, BackendKey, Config, Counter, CounterValue, FLOW_IDLE_NS, Flow, FlowKey, INSTANCE_LOCAL,
+    Instance, MAX_BACKENDS, MAX_SERVICE_RANGES, Prefix, ReverseFlow, Service, ServiceKind, maps,
 };
 
 use super::addr::to_addr;
@@ -25,7 +24,8 @@ pub struct Tables {
     counters: PerCpuArray<MapData, CounterValue>,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+/// Takes map `name` out of the loaded object, typed.
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
@@ -35,21 +35,27 @@ where
     T::try_from(map).map_err(|e| DataplaneError::bpf(format!("map {name}"), e))
 }
 
-fn map_err(what: &str) -> impl FnOnce(MapError) -> DataplaneError + '_ {
-    move |e| DataplaneError::bpf(what.to_string(), e)
+/// A failed map operation, e.g. "reading COUNTERS: ...".
+fn map_err(action: &'static str, map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |e| DataplaneError::bpf(format!("{action} {map}"), e)
+}
+
+/// A failed insert, with the likely cause and its remedy.
+fn insert_err(map: &'static str, size: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |e| DataplaneError::bpf(format!("writing {map} (full? raise the {size} size)"), e)
 }
 
 impl Tables {
     pub fn take(ebpf: &mut Ebpf) -> Result<Tables> {
         Ok(Tables {
-            config: take(ebpf, "CONFIG")?,
-            services: take(ebpf, "SERVICES")?,
-            backends: take(ebpf, "BACKENDS")?,
-            instances: take(ebpf, "INSTANCES")?,
-            flows: take(ebpf, "FLOWS")?,
-            reverse: take(ebpf, "REVERSE_FLOWS")?,
-            pending: take(ebpf, "PENDING")?,
-            counters: take(ebpf, "COUNTERS")?,
+            config: take(ebpf, maps::CONFIG)?,
+            services: take(ebpf, maps::SERVICES)?,
+            backends: take(ebpf, maps::BACKENDS)?,
+            instances: take(ebpf, maps::INSTANCES)?,
+            flows: take(ebpf, maps::FLOWS)?,
+            reverse: take(ebpf, maps::REVERSE_FLOWS)?,
+            pending: take(ebpf, maps::PENDING)?,
+            counters: take(ebpf, maps::COUNTERS)?,
         })
     }
 
@@ -57,7 +63,7 @@ impl Tables {
         let value = config_value(cfg)?;
         self.config
             .set(0, value, 0)
-            .map_err(map_err("writing CONFIG"))
+            .map_err(map_err("writing", maps::CONFIG))
     }
 
     pub fn upsert_instance(&mut self, ns_ip: IpAddr, e: &InstanceEntry) -> Result<()> {
@@ -76,15 +82,14 @@ impl Tables {
         };
         self.instances
             .insert(to_addr(ns_ip), value, 0)
-            .map_err(map_err(
-                "writing INSTANCES (full? raise the instances size)",
-            ))
+            .map_err(insert_err(maps::INSTANCES, "instances"))
     }
 
     pub fn remove_instance(&mut self, ns_ip: IpAddr) -> Result<()> {
         ignore_missing(
             self.instances.remove(&to_addr(ns_ip)),
-            "removing from INSTANCES",
+            "removing from",
+            maps::INSTANCES,
         )
     }
 
@@ -114,7 +119,7 @@ impl Tables {
             };
             self.backends
                 .insert(bkey, to_addr(*ns_ip), 0)
-                .map_err(map_err("writing BACKENDS (full? raise the backends size)"))?;
+                .map_err(insert_err(maps::BACKENDS, "backends"))?;
         }
         let service = Service {
             kind: kind as u8,
@@ -126,7 +131,7 @@ impl Tables {
         };
         self.services
             .insert(key, service, 0)
-            .map_err(map_err("writing SERVICES (full? raise the services size)"))?;
+            .map_err(insert_err(maps::SERVICES, "services"))?;
         if let Some(old) = old {
             self.remove_slice(&key, &old)?;
         }
@@ -138,7 +143,7 @@ impl Tables {
         let Ok(old) = self.services.get(&key, 0) else {
             return Ok(());
         };
-        ignore_missing(self.services.remove(&key), "removing from SERVICES")?;
+        ignore_missing(self.services.remove(&key), "removing from", maps::SERVICES)?;
         self.remove_slice(&key, &old)
     }
 
@@ -149,13 +154,17 @@ impl Tables {
                 generation: s.generation,
                 index,
             };
-            ignore_missing(self.backends.remove(&bkey), "removing from BACKENDS")?;
+            ignore_missing(self.backends.remove(&bkey), "removing from", maps::BACKENDS)?;
         }
         Ok(())
     }
 
     pub fn clear_pending(&mut self, addr: IpAddr) -> Result<()> {
-        ignore_missing(self.pending.remove(&to_addr(addr)), "removing from PENDING")
+        ignore_missing(
+            self.pending.remove(&to_addr(addr)),
+            "removing from",
+            maps::PENDING,
+        )
     }
 
     /// Deletes flows (both directions) idle for longer than the contract's
@@ -177,62 +186,47 @@ impl Tables {
             .map(|(k, _)| k)
             .collect();
         for k in &old_fwd {
-            ignore_missing(self.flows.remove(k), "expiring FLOWS")?;
+            ignore_missing(self.flows.remove(k), "expiring", maps::FLOWS)?;
         }
         for k in &old_rev {
-            ignore_missing(self.reverse.remove(k), "expiring REVERSE_FLOWS")?;
+            ignore_missing(self.reverse.remove(k), "expiring", maps::REVERSE_FLOWS)?;
         }
         Ok(old_fwd.len() + old_rev.len())
     }
 
     pub fn counters(&self) -> Result<Vec<(Counter, u64, u64)>> {
         let mut out = Vec::with_capacity(Counter::COUNT);
-        for index in 0..Counter::COUNT as u32 {
+        for counter in Counter::ALL {
             let per_cpu = self
                 .counters
-                .get(&index, 0)
-                .map_err(map_err("reading COUNTERS"))?;
+                .get(&(counter as u32), 0)
+                .map_err(map_err("reading", maps::COUNTERS))?;
             let (p, b) = per_cpu
                 .iter()
                 .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
-            out.push((counter_from_index(index), p, b));
+            out.push((counter, p, b));
         }
         Ok(out)
     }
 
     /// (map, entries, max entries) for the maps whose fill level matters.
     pub fn fill(&self, sizes: &MapSizes) -> Vec<(String, u32, u32)> {
+        let row = |name: &str, entries: usize, max: u32| (name.to_string(), entries as u32, max);
         vec![
-            (
-                "SERVICES".into(),
-                self.services.keys().count() as u32,
-                sizes.services,
-            ),
-            (
-                "BACKENDS".into(),
-                self.backends.keys().count() as u32,
-                sizes.backends,
-            ),
-            (
-                "INSTANCES".into(),
-                self.instances.keys().count() as u32,
+            row(maps::SERVICES, self.services.keys().count(), sizes.services),
+            row(maps::BACKENDS, self.backends.keys().count(), sizes.backends),
+            row(
+                maps::INSTANCES,
+                self.instances.keys().count(),
                 sizes.instances,
             ),
-            (
-                "FLOWS".into(),
-                self.flows.keys().count() as u32,
+            row(maps::FLOWS, self.flows.keys().count(), sizes.flows),
+            row(
+                maps::REVERSE_FLOWS,
+                self.reverse.keys().count(),
                 sizes.flows,
             ),
-            (
-                "REVERSE_FLOWS".into(),
-                self.reverse.keys().count() as u32,
-                sizes.flows,
-            ),
-            (
-                "PENDING".into(),
-                self.pending.keys().count() as u32,
-                sizes.pending,
-            ),
+            row(maps::PENDING, self.pending.keys().count(), sizes.pending),
         ]
     }
 
@@ -250,41 +244,17 @@ impl Tables {
     }
 }
 
-fn counter_from_index(i: u32) -> Counter {
-    // COUNTER_NAMES and Counter are defined side by side in the common crate;
-    // transmute-free mapping keeps this exhaustive by construction.
-    const ALL: [Counter; Counter::COUNT] = [
-        Counter::Passed,
-        Counter::LocalDelivered,
-        Counter::Tunnelled,
-        Counter::Decapsulated,
-        Counter::ReverseTranslated,
-        Counter::MissHeld,
-        Counter::PmtuSent,
-        Counter::DropMalformed,
-        Counter::DropFragment,
-        Counter::DropUnsupportedProto,
-        Counter::DropTtl,
-        Counter::DropTooBig,
-        Counter::DropNoBackend,
-        Counter::DropMissOverflow,
-        Counter::DropNotLocal,
-        Counter::DropBadInnerSource,
-        Counter::DropFlowTableFull,
-        Counter::DropRedirect,
-        Counter::DropEncap,
-    ];
-    debug_assert_eq!(ALL.len(), COUNTER_NAMES.len());
-    ALL[i as usize % ALL.len()]
-}
-
 /// Deleting what is already gone is fine (a flow may expire under us).
-fn ignore_missing(r: std::result::Result<(), MapError>, what: &str) -> Result<()> {
+fn ignore_missing(
+    r: std::result::Result<(), MapError>,
+    action: &'static str,
+    map: &'static str,
+) -> Result<()> {
     match r {
         Ok(()) => Ok(()),
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(e) => Err(DataplaneError::bpf(what.to_string(), e)),
+        Err(e) => Err(map_err(action, map)(e)),
     }
 }
 

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::TestRunOptions;
 use netmanager::dataplane::{
     CONTAINER_PROGRAM, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, ServiceKind,
     UPLINK_PROGRAM,
@@ -81,8 +81,7 @@ fn main() -> Result<()> {
             flows: flows + flows / 8,
             services: services + 1024,
             backends: 2 * (services + 1024),
-            instances: 1024,
-            pending: 4096,
+            ..MapSizes::default()
         },
         miss_hold: 2,
     };
@@ -216,15 +215,15 @@ fn run_once(dp: &Dataplane, program: &str, frame: &[u8]) -> Result<(u32, u64)> {
 /// (verdict, kernel-measured ns per run)
 fn run(dp: &Dataplane, program: &str, frame: &[u8], repeat: u32) -> Result<(u32, u64)> {
     let mut out = vec![0u8; 4096];
-    let prog = dp.program(program)?;
-    let r = prog
-        .test_run(TestRunOptions {
+    let r = dp.test_run(
+        program,
+        TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
             repeat,
             ..Default::default()
-        })
-        .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
+        },
+    )?;
     Ok((r.return_value, r.duration.as_nanos() as u64))
 }
 

@@ -71,10 +71,11 @@ fn main() -> Result<()> {
         tunnel_port: table.tunnel_port,
         tunnel_mtu: 1450,
         service_ranges: table.service_ranges.clone(),
+        // The daemon's defaults, so benchmarks measure what a node runs.
         sizes: MapSizes::default(),
-        miss_hold: 8,
+        miss_hold: netmanager_common::DEFAULT_MISS_HOLD,
     };
-    let mut dp = Dataplane::open(&cfg).context("opening the dataplane")?;
+    let dp = Dataplane::open(&cfg).context("opening the dataplane")?;
     for i in &table.instances {
         let local = match &i.veth {
             Some(veth) => {
@@ -113,7 +114,7 @@ fn main() -> Result<()> {
 
 /// Answers service misses from `deferred`: write the service, send the held
 /// frame through the programs again, clear the pending marker.
-fn resolve_misses(mut dp: Dataplane, deferred: Vec<Service>) -> Result<()> {
+fn resolve_misses(dp: Dataplane, deferred: Vec<Service>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,0 +1,52 @@
+//! The programs' maps by name, and their default sizes.
+//!
+//! The eBPF side declares each map as a `#[btf_map]` static whose Rust
+//! identifier is its name in the object; userspace finds, sizes and pins the
+//! maps through the constants here. A test in netmanager loads the built
+//! object and checks that its maps are exactly [`MAP_NAMES`].
+
+/// Declares one `&str` constant per map, equal to its identifier, and
+/// [`MAP_NAMES`] listing them all.
+macro_rules! map_names {
+    ($($(#[$doc:meta])* $name:ident,)+) => {
+        $($(#[$doc])* pub const $name: &str = stringify!($name);)+
+
+        /// Every map of the programs, as pinned and as `bpftool map` shows them.
+        pub const MAP_NAMES: [&str; [$($name),+].len()] = [$($name),+];
+    };
+}
+
+map_names! {
+    /// Node address, tunnel port, MTU, service ranges, miss hold (one entry).
+    CONFIG,
+    /// Service address -> kind and current backend generation.
+    SERVICES,
+    /// (service, generation, index) -> backend namespace address.
+    BACKENDS,
+    /// Namespace address -> where that instance lives.
+    INSTANCES,
+    /// Forward flow cache: the sender's 5-tuple -> chosen backend.
+    FLOWS,
+    /// Reverse flow cache: a reply's 5-tuple -> the service address to restore.
+    REVERSE_FLOWS,
+    /// Unknown address -> packets held for it so far.
+    PENDING,
+    /// Packets and bytes per counter, per CPU.
+    COUNTERS,
+    /// Ring buffer of miss events for NetManager.
+    MISSES,
+    /// Per-CPU scratch space for building ICMP errors.
+    SCRATCH,
+}
+
+/// Default map sizes (max entries) of the daemon, the eBPF object and every
+/// tool that loads it. The daemon's configuration overrides them per node.
+pub const DEFAULT_FLOWS: u32 = 65_536;
+pub const DEFAULT_SERVICES: u32 = 4_096;
+pub const DEFAULT_BACKENDS: u32 = 65_536;
+pub const DEFAULT_INSTANCES: u32 = 8_192;
+pub const DEFAULT_PENDING: u32 = 1_024;
+/// Packets held per unknown address while NetManager resolves it.
+pub const DEFAULT_MISS_HOLD: u32 = 4;
+/// Size of the `MISSES` ring buffer (fixed: not configurable).
+pub const DEFAULT_MISS_RING_BYTES: u32 = 1 << 20;
