@@ -22,8 +22,7 @@ pub const DEFAULT_LOG_PATH: &str = "/var/log/oakestra/netmanager.log";
 pub const DEFAULT_TUNNEL_MTU: u16 = 1450;
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
 pub const DEFAULT_MQTT_PORT: u16 = 10003;
-/// Packets held per unknown address while it is resolved.
-pub const DEFAULT_MISS_HOLD: u32 = 4;
+pub use netmanager_common::DEFAULT_MISS_HOLD;
 
 /// The contents of netcfg.json, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
