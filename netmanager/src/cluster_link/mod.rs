@@ -32,6 +32,7 @@ pub const SUBNET_RETRY: Duration = Duration::from_secs(10);
 
 const SUBNET_REQUEST: &[u8] = br#"{"METHOD":"GET"}"#;
 
+
 /// What a table query asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum QueryKey {
@@ -162,7 +163,13 @@ impl ClusterLink {
                 rumqttc::TlsConfiguration::Rustls(config),
             ));
         }
-        let (client, eventloop) = AsyncClient::new(mqtt, 256);
+        let (client, mut eventloop) = AsyncClient::new(mqtt, 256);
+        // Table queries are small request/answer exchanges on the miss path:
+        // with Nagle's algorithm each one waited for a delayed ACK (~40 ms
+        // per direction) and a first connect took ~90 ms.
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             node_id: opts.node_id.clone(),
