@@ -42,8 +42,23 @@ pub struct NetConfig {
     pub public_ip_networking: bool,
     pub mqtt_cert: Option<PathBuf>,
     pub mqtt_key: Option<PathBuf>,
+    /// Our extension (upstream has only client certificates): broker
+    /// credentials and server-verified TLS without a client certificate.
+    pub mqtt_auth: MqttAuth,
     /// Our extension (upstream ignores unknown keys): dataplane map sizes.
     pub tables: TableSizes,
+}
+
+/// How NetManager authenticates to the cluster's broker beyond upstream's
+/// client certificate. netcfg.json keys: `MqttTls` (TLS, verifying the
+/// broker, even without a client certificate), `MqttCa` (extra CA file),
+/// `MqttUsername`, `MqttPasswordFile` (the password, in a root-only file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MqttAuth {
+    pub tls: bool,
+    pub ca: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
 }
 
 /// Map sizes of the dataplane (max entries) and how many packets it holds
@@ -86,6 +101,7 @@ impl Default for NetConfig {
             public_ip_networking: false,
             mqtt_cert: None,
             mqtt_key: None,
+            mqtt_auth: MqttAuth::default(),
             tables: TableSizes::default(),
         }
     }
@@ -113,6 +129,14 @@ struct File {
     mqtt_cert: Option<String>,
     #[serde(rename = "MqttKey", deserialize_with = "text")]
     mqtt_key: Option<String>,
+    #[serde(rename = "MqttTls", deserialize_with = "flag")]
+    mqtt_tls: Option<bool>,
+    #[serde(rename = "MqttCa", deserialize_with = "text")]
+    mqtt_ca: Option<String>,
+    #[serde(rename = "MqttUsername", deserialize_with = "text")]
+    mqtt_username: Option<String>,
+    #[serde(rename = "MqttPasswordFile", deserialize_with = "text")]
+    mqtt_password_file: Option<String>,
     #[serde(rename = "FlowTableSize", deserialize_with = "count")]
     flow_table_size: Option<u32>,
     #[serde(rename = "ServiceTableSize", deserialize_with = "count")]
@@ -163,6 +187,9 @@ impl NetConfig {
         if f.mqtt_cert.is_some() != f.mqtt_key.is_some() {
             bail!("fields MqttCert and MqttKey: give both or neither");
         }
+        if f.mqtt_password_file.is_some() && f.mqtt_username.is_none() {
+            bail!("field MqttPasswordFile: give MqttUsername too");
+        }
         let d = NetConfig::default();
         let t = TableSizes::default();
         Ok(NetConfig {
@@ -175,6 +202,12 @@ impl NetConfig {
             public_ip_networking: f.public_ip_networking.unwrap_or(d.public_ip_networking),
             mqtt_cert: f.mqtt_cert.map(PathBuf::from),
             mqtt_key: f.mqtt_key.map(PathBuf::from),
+            mqtt_auth: MqttAuth {
+                tls: f.mqtt_tls.unwrap_or(false),
+                ca: f.mqtt_ca.map(PathBuf::from),
+                username: f.mqtt_username,
+                password_file: f.mqtt_password_file.map(PathBuf::from),
+            },
             tables: TableSizes {
                 flows: f.flow_table_size.unwrap_or(t.flows),
                 services: f.service_table_size.unwrap_or(t.services),
@@ -303,6 +336,27 @@ mod tests {
         let c = NetConfig::parse(r#"{"NodePublicPort": 5000, "ClusterMqttPort": "1883"}"#).unwrap();
         assert_eq!(c.node_public_port, 5000);
         assert_eq!(c.cluster_mqtt_port, 1883);
+    }
+
+    #[test]
+    fn mqtt_credentials_and_tls_without_client_certificate() {
+        let c = NetConfig::parse(
+            r#"{"MqttTls": true, "MqttCa": "/etc/oak/ca.pem", "MqttUsername": "node1",
+                "MqttPasswordFile": "/etc/oak/mqtt.pw"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.mqtt_auth,
+            MqttAuth {
+                tls: true,
+                ca: Some("/etc/oak/ca.pem".into()),
+                username: Some("node1".into()),
+                password_file: Some("/etc/oak/mqtt.pw".into()),
+            }
+        );
+        assert!(c.mqtt_cert.is_none());
+        let e = NetConfig::parse(r#"{"MqttPasswordFile": "/x"}"#).unwrap_err();
+        assert!(format!("{e:#}").contains("MqttUsername"), "{e:#}");
     }
 
     #[test]

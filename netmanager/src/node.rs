@@ -46,12 +46,10 @@ impl Node {
         id: &str,
         cluster: &str,
         subnet: Option<Subnet>,
-    ) -> Result<(Arc<Node>, tokio::sync::mpsc::UnboundedReceiver<LinkEvent>)> {
+    ) -> Result<(Arc<Node>, tokio::sync::mpsc::Receiver<LinkEvent>)> {
         let mut opts = LinkOptions::new(id, cluster, settings.net.cluster_mqtt_port);
-        if let (Some(c), Some(k)) = (&settings.net.mqtt_cert, &settings.net.mqtt_key) {
-            opts.tls = Some((c.clone(), k.clone()));
-        }
-        opts.ca = settings.mqtt_ca.clone();
+        opts.tls = mqtt_tls(&settings);
+        opts.credentials = mqtt_credentials(&settings)?;
         let (link, events) = ClusterLink::connect(opts).context("starting the MQTT client")?;
         let subnet = match subnet {
             Some(s) => s,
@@ -212,4 +210,44 @@ fn route_limits(settings: &Settings) -> Limits {
         services: t.services as usize,
         backends: (t.backends as usize).saturating_sub(slice),
     }
+}
+
+/// MQTTS when a client certificate, `MqttTls` or a CA is configured; the
+/// broker is always verified (system roots plus the optional CA).
+fn mqtt_tls(settings: &Settings) -> Option<worker_common::tls::ClientTls> {
+    let net = &settings.net;
+    let ca = net
+        .mqtt_auth
+        .ca
+        .clone()
+        .or_else(|| settings.mqtt_ca.clone());
+    let identity = net.mqtt_cert.clone().zip(net.mqtt_key.clone());
+    if !net.mqtt_auth.tls && ca.is_none() && identity.is_none() {
+        return None;
+    }
+    let mut tls = worker_common::tls::ClientTls::system_roots();
+    if let Some(ca) = ca {
+        tls = tls.with_extra_ca(ca);
+    }
+    if let Some((cert, key)) = identity {
+        tls = tls.with_identity(cert, key);
+    }
+    Some(tls)
+}
+
+/// Broker username and password (from a root-only file, so the secret is
+/// not in netcfg.json itself).
+fn mqtt_credentials(settings: &Settings) -> Result<Option<(String, String)>> {
+    let auth = &settings.net.mqtt_auth;
+    let Some(user) = &auth.username else {
+        return Ok(None);
+    };
+    let password = match &auth.password_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading MqttPasswordFile {}", path.display()))?
+            .trim_end_matches(['\n', '\r'])
+            .to_string(),
+        None => String::new(),
+    };
+    Ok(Some((user.clone(), password)))
 }

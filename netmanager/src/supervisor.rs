@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 use tokio::task::JoinHandle;
 
 use crate::cluster_link::LinkEvent;
@@ -31,7 +31,7 @@ impl Supervisor {
     /// an inferred node address.
     pub fn start(
         node: &Arc<Node>,
-        events: UnboundedReceiver<LinkEvent>,
+        events: Receiver<LinkEvent>,
         address_check: Duration,
     ) -> Supervisor {
         let mut tasks = vec![
@@ -49,7 +49,7 @@ impl Supervisor {
 }
 
 /// React to what the cluster link reports.
-async fn link_events(node: Arc<Node>, mut events: UnboundedReceiver<LinkEvent>) {
+async fn link_events(node: Arc<Node>, mut events: Receiver<LinkEvent>) {
     let mut connected_before = false;
     while let Some(ev) = events.recv().await {
         match ev {

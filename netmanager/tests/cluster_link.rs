@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use netmanager::cluster_link::{ClusterLink, LinkEvent, LinkOptions, QueryKey};
 use serde_json::json;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 const NODE: &str = "6650aa00bb22cc33dd440002";
 const JOB: &str = "clientsrvr.test.nginx.test";
@@ -26,10 +26,7 @@ fn fixture() -> serde_json::Value {
     serde_json::from_str(include_str!("fixtures/tablequery-result.json")).unwrap()
 }
 
-fn link(
-    port: u16,
-    tweak: impl FnOnce(&mut LinkOptions),
-) -> (ClusterLink, UnboundedReceiver<LinkEvent>) {
+fn link(port: u16, tweak: impl FnOnce(&mut LinkOptions)) -> (ClusterLink, Receiver<LinkEvent>) {
     let mut o = LinkOptions::new(NODE, "127.0.0.1", port);
     o.keep_alive = Duration::from_secs(5);
     tweak(&mut o);
@@ -37,7 +34,7 @@ fn link(
 }
 
 async fn next_event(
-    rx: &mut UnboundedReceiver<LinkEvent>,
+    rx: &mut Receiver<LinkEvent>,
     pred: impl Fn(&LinkEvent) -> bool,
     within: Duration,
 ) -> LinkEvent {
@@ -332,4 +329,114 @@ async fn survives_broker_restart() {
     .await
     .expect("updates_available not received after the broker restart");
     assert_eq!(got, JOB);
+}
+
+/// A broker that wants TLS and a password: a CA and a server certificate for
+/// 127.0.0.1 made with openssl, a mosquitto password file.
+struct SecureBroker {
+    port: u16,
+    ca: std::path::PathBuf,
+    _proc: Proc,
+}
+
+fn sh(dir: &TempDir, script: &str) {
+    let out = std::process::Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(&dir.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn secure_broker(dir: &TempDir) -> SecureBroker {
+    sh(
+        dir,
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-ca -keyout ca.key -out ca.pem 2>/dev/null
+         openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout srv.key -out srv.csr 2>/dev/null
+         printf 'subjectAltName=IP:127.0.0.1\n' > san.ext
+         openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile san.ext -out srv.pem 2>/dev/null
+         touch passwd && chmod 600 passwd && mosquitto_passwd -b passwd node secret-pw",
+    );
+    let port = free_port();
+    let conf = dir.path("secure.conf");
+    let d = dir.0.display();
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/srv.pem\nkeyfile {d}/srv.key\n\
+             allow_anonymous false\npassword_file {d}/passwd\npersistence false\nuser root\n"
+        ),
+    )
+    .unwrap();
+    let proc = Proc(
+        std::process::Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("secure mosquitto", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    SecureBroker {
+        port,
+        ca: dir.path("ca.pem"),
+        _proc: proc,
+    }
+}
+
+async fn connects(opts: LinkOptions) -> bool {
+    let (_link, mut rx) = ClusterLink::connect(opts).unwrap();
+    tokio::time::timeout(Duration::from_secs(4), async {
+        while let Some(ev) = rx.recv().await {
+            if matches!(ev, LinkEvent::Connected) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// MQTTS that verifies the broker without a client certificate, and broker
+/// credentials (security: any client of an open broker could otherwise
+/// publish to the node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_verified_tls_with_credentials() {
+    if !have_mosquitto("server_verified_tls_with_credentials") {
+        return;
+    }
+    let dir = TempDir::new();
+    let b = secure_broker(&dir);
+    let opts = |ca: Option<&std::path::Path>, password: &str| {
+        let mut o = LinkOptions::new(NODE, "127.0.0.1", b.port);
+        o.keep_alive = Duration::from_secs(5);
+        let mut tls = worker_common::tls::ClientTls::system_roots();
+        if let Some(ca) = ca {
+            tls = tls.with_extra_ca(ca);
+        }
+        o.tls = Some(tls);
+        o.credentials = Some(("node".into(), password.into()));
+        o
+    };
+    assert!(connects(opts(Some(&b.ca), "secret-pw")).await);
+    assert!(
+        !connects(opts(Some(&b.ca), "wrong")).await,
+        "a wrong password was accepted"
+    );
+    assert!(
+        !connects(opts(None, "secret-pw")).await,
+        "a broker certificate from an unknown CA was accepted"
+    );
+    let mut plain = LinkOptions::new(NODE, "127.0.0.1", b.port);
+    plain.keep_alive = Duration::from_secs(5);
+    assert!(!connects(plain).await, "plaintext reached a TLS listener");
 }

@@ -109,7 +109,7 @@ pub(super) async fn sweep_interests(shared: Arc<Shared>, ttl: Duration) {
                     )
                     .await;
             }
-            let _ = shared.events.send(LinkEvent::InterestDropped(job));
+            let _ = shared.events.send(LinkEvent::InterestDropped(job)).await;
         }
     }
 }

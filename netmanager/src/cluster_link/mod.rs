@@ -14,7 +14,6 @@ mod queries;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::addresses::Subnet;
 pub use messages::{ServiceIpEntry, TableInstance, TableResult};
+use worker_common::tls::ClientTls;
 
 /// How long an unanswered subnet request waits before it is repeated
 /// (upstream's worker waits about as long).
@@ -32,6 +32,8 @@ pub const SUBNET_RETRY: Duration = Duration::from_secs(10);
 
 const SUBNET_REQUEST: &[u8] = br#"{"METHOD":"GET"}"#;
 
+/// Link events waiting for the node; beyond this, updates are dropped.
+const EVENT_QUEUE: usize = 1024;
 
 /// What a table query asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -65,10 +67,11 @@ pub struct LinkOptions {
     pub node_id: String,
     pub host: String,
     pub port: u16,
-    /// Client certificate and key (PEM) for MQTTS.
-    pub tls: Option<(PathBuf, PathBuf)>,
-    /// Extra CA (PEM) trusted for the broker; clusters often use a private CA.
-    pub ca: Option<PathBuf>,
+    /// MQTTS: how the broker is verified and whether we present a
+    /// certificate. None: plaintext (warned about at start).
+    pub tls: Option<ClientTls>,
+    /// Username and password for the broker.
+    pub credentials: Option<(String, String)>,
     pub query_timeout: Duration,
     pub interest_ttl: Duration,
     pub keep_alive: Duration,
@@ -81,7 +84,7 @@ impl LinkOptions {
             host: host.to_string(),
             port,
             tls: None,
-            ca: None,
+            credentials: None,
             query_timeout: Duration::from_secs(10),
             interest_ttl: Duration::from_secs(10),
             keep_alive: Duration::from_secs(30),
@@ -108,7 +111,7 @@ struct Shared {
     node_id: String,
     client: AsyncClient,
     state: Mutex<LinkState>,
-    events: mpsc::UnboundedSender<LinkEvent>,
+    events: mpsc::Sender<LinkEvent>,
     /// True while connected and subscribed to the result topics.
     connected: tokio::sync::watch::Sender<bool>,
 }
@@ -146,22 +149,29 @@ impl Drop for TaskGuard {
 
 impl ClusterLink {
     /// Start the client; it connects (and reconnects) in the background.
-    pub fn connect(opts: LinkOptions) -> Result<(ClusterLink, mpsc::UnboundedReceiver<LinkEvent>)> {
+    pub fn connect(opts: LinkOptions) -> Result<(ClusterLink, mpsc::Receiver<LinkEvent>)> {
         let mut mqtt = MqttOptions::new(opts.node_id.clone(), opts.host.clone(), opts.port);
         mqtt.set_keep_alive(opts.keep_alive);
         // We resubscribe ourselves on every ConnAck, so a clean session is fine
         // and avoids a broker replaying stale results from a previous run.
         mqtt.set_clean_session(true);
         mqtt.set_max_packet_size(1 << 20, 1 << 20);
-        if let Some((cert, key)) = &opts.tls {
-            let mut tls = worker_common::tls::ClientTls::system_roots().with_identity(cert, key);
-            if let Some(ca) = &opts.ca {
-                tls = tls.with_extra_ca(ca);
+        match &opts.tls {
+            Some(tls) => {
+                let config = tls.build().context("MQTTS client configuration")?;
+                mqtt.set_transport(Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(config),
+                ));
             }
-            let config = tls.build().context("MQTTS client configuration")?;
-            mqtt.set_transport(Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(config),
-            ));
+            None => tracing::warn!(
+                broker = %format!("{}:{}", opts.host, opts.port),
+                "the MQTT link to the cluster is PLAINTEXT: anyone on the path can read it and, \
+                 without broker credentials, publish table results to this node; set MqttTls \
+                 (or MqttCert/MqttKey) and MqttUsername/MqttPasswordFile (docs/security.md)"
+            ),
+        }
+        if let Some((user, password)) = &opts.credentials {
+            mqtt.set_credentials(user.clone(), password.clone());
         }
         let (client, mut eventloop) = AsyncClient::new(mqtt, 256);
         // Table queries are small request/answer exchanges on the miss path:
@@ -170,7 +180,7 @@ impl ClusterLink {
         let mut net = eventloop.network_options();
         net.set_tcp_nodelay(true);
         eventloop.set_network_options(net);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let shared = Arc::new(Shared {
             node_id: opts.node_id.clone(),
             client,
@@ -322,7 +332,7 @@ async fn on_connected(shared: Arc<Shared>) {
     // Subscriptions are queued before this point, so a subnet request sent
     // from now on cannot overtake them.
     shared.connected.send_replace(true);
-    let _ = shared.events.send(LinkEvent::Connected);
+    let _ = shared.events.send(LinkEvent::Connected).await;
 }
 
 fn dispatch(shared: &Shared, topic: &str, payload: &[u8]) {
@@ -351,7 +361,15 @@ fn dispatch(shared: &Shared, topic: &str, payload: &[u8]) {
         .strip_prefix("jobs/")
         .and_then(|t| t.strip_suffix("/updates_available"))
     {
-        let _ = shared.events.send(LinkEvent::JobUpdated(job.to_string()));
+        // Bounded: a flood of updates cannot grow memory. A dropped update
+        // only delays a refresh until the next one or a reconnect.
+        if shared
+            .events
+            .try_send(LinkEvent::JobUpdated(job.to_string()))
+            .is_err()
+        {
+            tracing::debug!(job, "update dropped: event queue full");
+        }
     } else {
         tracing::debug!(topic, "message on an unexpected topic");
     }
