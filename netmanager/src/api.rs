@@ -31,9 +31,10 @@ use worker_common::netmanager_api::{
 /// Bodies are tiny; anything larger is not ours.
 const MAX_BODY: usize = 64 * 1024;
 
-/// Bind the socket (replacing a stale one) with mode 0600.
-pub fn bind(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+/// Bind the socket (replacing a stale one), created with mode 0600: the
+/// umask is narrowed around `bind`, so there is no moment in which another
+/// user could connect.
+pub fn bind(path: &Path) -> Result<PeerCheckedListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -44,18 +45,70 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
             return Err(e).with_context(|| format!("removing stale socket {}", path.display()));
         }
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
-    Ok(listener)
+    // SAFETY: umask has no preconditions; the old mask is restored at once.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let inner = bound.with_context(|| format!("binding {}", path.display()))?;
+    Ok(PeerCheckedListener { inner })
 }
 
 /// Serve until the listener fails.
-pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener) -> Result<()> {
+pub async fn serve(daemon: Arc<Daemon>, listener: PeerCheckedListener) -> Result<()> {
     axum::serve(listener, router(daemon))
         .await
         .context("serving the API socket")
+}
+
+/// The API socket, accepting only root (and the daemon's own user): the
+/// peer's credentials are checked on every connection (SO_PEERCRED), so a
+/// socket whose mode was loosened by hand still refuses other users.
+pub struct PeerCheckedListener {
+    inner: UnixListener,
+}
+
+impl PeerCheckedListener {
+    fn allowed(stream: &tokio::net::UnixStream) -> std::result::Result<(), String> {
+        let cred = stream
+            .peer_cred()
+            .map_err(|e| format!("reading the peer's credentials: {e}"))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if cred.uid() == 0 || cred.uid() == me {
+            Ok(())
+        } else {
+            Err(format!(
+                "uid {} (pid {:?}) is not allowed",
+                cred.uid(),
+                cred.pid()
+            ))
+        }
+    }
+}
+
+impl axum::serve::Listener for PeerCheckedListener {
+    type Io = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => match Self::allowed(&stream) {
+                    Ok(()) => return (stream, addr),
+                    Err(why) => tracing::warn!("API connection refused: {why}"),
+                },
+                Err(e) => {
+                    tracing::warn!("accepting on the API socket: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }
 
 pub fn router(daemon: Arc<Daemon>) -> Router {

@@ -1,6 +1,6 @@
 //! The small state file that lets a restarted daemon (even after kill -9)
 //! pick up where it was: node identity, subnet and every local deployment.
-//! Written atomically (temp file + rename) after every change.
+//! Written atomically and durably after every change (see `save`).
 
 use std::path::Path;
 
@@ -80,16 +80,59 @@ pub fn load(path: &Path) -> Result<Option<PersistedState>> {
     }
 }
 
+/// Write the state durably and atomically: a uniquely named temporary file
+/// in the same directory (created exclusively, mode 0600), fsynced, renamed
+/// over the old one, and the directory fsynced, so a crash or power loss
+/// leaves either the old or the new state, never a torn or empty file.
 pub fn save(path: &Path, state: &PersistedState) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("json.tmp");
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let body = serde_json::to_vec_pretty(state)?;
-    std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".netmanager-state")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(&body)
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("replacing {}", path.display()))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 pub fn remove(path: &Path) {
     let _ = std::fs::remove_file(path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_is_atomic_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let state = PersistedState {
+            node_id: "n".into(),
+            cluster_address: "c".into(),
+            subnet: Subnet::parse("10.18.0.64", "fc00::40").unwrap(),
+            deployments: vec![],
+        };
+        save(&path, &state).unwrap();
+        save(&path, &state).unwrap();
+        assert_eq!(load(&path).unwrap(), Some(state));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // No temporary files left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
 }

@@ -521,6 +521,56 @@ fn forged_and_unsolicited_table_results_are_ignored() {
     assert!(e.nm.alive());
 }
 
+/// The API socket is created private, and even when its mode is loosened
+/// another user's connection is refused (peer credentials).
+#[test]
+fn api_socket_is_private_and_checks_peers() {
+    if !require_root("api_socket_is_private_and_checks_peers") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let e = env();
+    let mode = std::fs::metadata(&e.nm.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    std::fs::set_permissions(&e.nm.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    // The temp dir is root's; let nobody reach the socket path.
+    std::fs::set_permissions(
+        e.nm.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let script = format!(
+        "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect('{}')\n\
+         s.sendall(b'GET /status HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\ns.settimeout(5)\n\
+         print(repr(s.recv(100)))",
+        e.nm.socket.display()
+    );
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "python3",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("HTTP/1.1"),
+        "another user got an answer: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Root still gets one.
+    let (code, _) = e.nm.get("/status");
+    assert_eq!(code, 200);
+}
+
 /// A cluster address in /register wins over ClusterUrl, as upstream.
 #[test]
 fn register_cluster_address_overrides_cluster_url() {
