@@ -114,6 +114,7 @@ impl axum::serve::Listener for PeerCheckedListener {
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route(routes::STATUS, get(status))
+        .merge(health_routes())
         .route(routes::REGISTER, post(register))
         .route(routes::CONTAINER_DEPLOY, post(deploy_container))
         .route(routes::UNIKERNEL_DEPLOY, post(deploy_unikernel))
@@ -137,6 +138,65 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
 }
 
 type Shared = State<Arc<Daemon>>;
+
+/// `/healthz`, `/readyz` and `/metrics`: on the API socket and on the
+/// metrics listener.
+fn health_routes() -> Router<Arc<Daemon>> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// The metrics and health listener (TCP, loopback by default).
+pub fn metrics_router(daemon: Arc<Daemon>) -> Router {
+    health_routes()
+        .fallback(|req: Request| async move {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no route {}", req.uri().path()),
+            )
+        })
+        .with_state(daemon)
+}
+
+/// Alive: the daemon answers.
+async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready: registered, programs attached, broker connected (503 and the
+/// reasons otherwise), for probes and scripts.
+async fn readyz(State(daemon): Shared) -> Response {
+    let why = daemon.status().await.not_ready();
+    if why.is_empty() {
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"ready": true})),
+        )
+            .into_response()
+    } else {
+        let body = serde_json::json!({"ready": false, "reasons": why});
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    }
+}
+
+async fn metrics(State(daemon): Shared) -> Response {
+    match crate::metrics::render(&daemon.status().await) {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}"),
+        ),
+    }
+}
 
 async fn status(State(daemon): Shared) -> axum::Json<Status> {
     axum::Json(daemon.status().await)

@@ -54,6 +54,15 @@ pub struct Cli {
     /// Extra CA certificate (PEM) trusted for the MQTT broker (private cluster CAs).
     #[arg(long = "mqtt-ca", env = "NETMANAGER_MQTT_CA", global = true)]
     pub mqtt_ca: Option<PathBuf>,
+    /// Prometheus metrics and /healthz, /readyz over HTTP on this address
+    /// ("off" disables it).
+    #[arg(
+        long = "metrics-address",
+        env = "NETMANAGER_METRICS_ADDRESS",
+        default_value = "127.0.0.1:9102",
+        global = true
+    )]
+    pub metrics_address: String,
     /// Log filter in RUST_LOG syntax (wins over netcfg.json's Debug).
     #[arg(
         long = "log-filter",
@@ -123,12 +132,15 @@ impl Cli {
     }
 }
 
-/// `NetManager status`.
+/// `NetManager status`: prints the state; fails (for scripts and probes)
+/// when the daemon is not ready.
 pub async fn status(socket: &Path) -> Result<()> {
     let status: crate::status::Status = worker_common::http::Client::unix(socket)
         .get_json(worker_common::netmanager_api::routes::STATUS)
         .await
         .map_err(|e| anyhow::anyhow!("{e} (is NetManager running?)"))?;
     print!("{}", status.render());
+    let why = status.not_ready();
+    anyhow::ensure!(why.is_empty(), "not ready: {}", why.join("; "));
     Ok(())
 }

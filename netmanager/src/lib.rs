@@ -20,6 +20,7 @@ pub mod error;
 pub mod forwarding;
 pub mod kernel_support;
 pub mod local;
+pub mod metrics;
 pub mod node;
 pub mod plumbing;
 pub mod registration;

@@ -67,10 +67,36 @@ async fn run_daemon(args: &Cli) -> Result<()> {
     let listener = netmanager::api::bind(&socket)?;
     tracing::info!(socket = %socket.display(), "listening");
     let server = tokio::spawn(netmanager::api::serve(daemon.clone(), listener));
+    let metrics = serve_metrics(&args.metrics_address, daemon.clone()).await;
     worker_common::shutdown::stop_signal().await;
     tracing::info!("stopping; containers, bridge and dataplane stay in place for the next start");
     server.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     daemon.shutdown().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// The metrics/health listener; a failure to bind is logged, not fatal (the
+/// API socket is what NodeEngine needs).
+async fn serve_metrics(address: &str, daemon: Arc<Daemon>) -> Option<tokio::task::JoinHandle<()>> {
+    if address.is_empty() || address == "off" {
+        return None;
+    }
+    let listener = match tokio::net::TcpListener::bind(address).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(address, "metrics listener not started: {e}");
+            return None;
+        }
+    };
+    tracing::info!(address, "serving /metrics, /healthz and /readyz");
+    let app = netmanager::api::metrics_router(daemon);
+    Some(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!("metrics listener: {e}");
+        }
+    }))
 }

@@ -159,6 +159,8 @@ impl Node {
                 services,
             },
             resolver: self.resolver.stats(),
+            mqtt: self.link.stats(),
+            no_dataplane: self.settings.no_dataplane,
             dataplane: match self.fwd.status() {
                 Ok(s) => DataplaneReport::Ok(s),
                 Err(e) => DataplaneReport::Error {

@@ -175,11 +175,23 @@ impl Daemon {
             .await
     }
 
+    /// The typed status; reading the maps runs off the async workers.
     pub async fn status(&self) -> Status {
-        let node = self.node().await;
-        Status {
-            registered: node.is_some(),
-            node: node.map(|n| n.status()),
+        let Some(node) = self.node().await else {
+            return Status::default();
+        };
+        match tokio::task::spawn_blocking(move || node.status()).await {
+            Ok(status) => Status {
+                registered: true,
+                node: Some(status),
+            },
+            Err(e) => {
+                tracing::warn!("collecting the status: {e}");
+                Status {
+                    registered: true,
+                    node: None,
+                }
+            }
         }
     }
 

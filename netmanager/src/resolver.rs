@@ -35,6 +35,8 @@ const LOG_LINES_PER_MINUTE: u32 = 20;
 struct Pending {
     /// Frames held per address while its lookup is in flight.
     frames: HashMap<IpAddr, Vec<Vec<u8>>>,
+    /// When each lookup in flight started.
+    started: HashMap<IpAddr, Instant>,
     failed: HashMap<IpAddr, Instant>,
     queries: TokenBucket,
     log: LogBudget,
@@ -51,6 +53,34 @@ pub struct ResolverStats {
     pub refused_rate: u64,
     /// Misses dropped inside the negative-cache window of a failed lookup.
     pub refused_recent_failure: u64,
+    /// How long lookups took, miss to outcome.
+    pub latency: Latency,
+}
+
+/// Upper bounds of the lookup-latency buckets, in seconds.
+pub const LATENCY_BOUNDS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 10.0,
+];
+
+/// A fixed-bucket histogram (cumulative counts per upper bound).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Latency {
+    pub buckets: [u64; LATENCY_BOUNDS.len()],
+    pub count: u64,
+    pub sum_micros: u64,
+}
+
+impl Latency {
+    fn record(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (bound, n) in LATENCY_BOUNDS.iter().zip(self.buckets.iter_mut()) {
+            if secs <= *bound {
+                *n += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_micros += u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    }
 }
 
 /// Token bucket for table queries.
@@ -223,6 +253,7 @@ impl Resolver {
                 Some(Refusal::Rate)
             } else {
                 p.frames.insert(miss.addr, miss.frame.into_iter().collect());
+                p.started.insert(miss.addr, Instant::now());
                 None
             }
         };
@@ -249,6 +280,10 @@ impl Resolver {
             if outcome.is_err() {
                 p.failed.insert(addr, Instant::now());
                 p.failed.retain(|_, t| t.elapsed() < NEGATIVE_TTL);
+            }
+            if let Some(t) = p.started.remove(&addr) {
+                let took = t.elapsed();
+                self.count(|s| s.latency.record(took));
             }
             p.frames.remove(&addr).unwrap_or_default()
         };
@@ -372,6 +407,18 @@ mod tests {
         let s = r.stats();
         assert_eq!(s.refused_rate as usize, 1000 - started);
         assert!(r.pending().frames.len() <= MAX_LOOKUPS);
+    }
+
+    #[test]
+    fn latency_buckets_are_cumulative() {
+        let mut l = Latency::default();
+        l.record(Duration::from_micros(1500));
+        l.record(Duration::from_millis(30));
+        assert_eq!(l.count, 2);
+        assert_eq!(l.buckets[0], 0); // <= 1 ms
+        assert_eq!(l.buckets[1], 1); // <= 2 ms
+        assert_eq!(l.buckets[5], 2); // <= 50 ms
+        assert_eq!(l.sum_micros, 31_500);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster_link::LinkStats;
 use crate::dataplane::DataplaneStatus;
 use crate::resolver::ResolverStats;
 use crate::state::{Deployment, DeploymentKind};
@@ -32,6 +33,12 @@ pub struct NodeStatus {
     /// Miss resolution so far.
     #[serde(default)]
     pub resolver: ResolverStats,
+    /// The MQTT link to the cluster.
+    #[serde(default)]
+    pub mqtt: LinkStats,
+    /// Whether the daemon runs without eBPF (`--no-dataplane`).
+    #[serde(default)]
+    pub no_dataplane: bool,
     pub dataplane: DataplaneReport,
 }
 
@@ -82,6 +89,26 @@ pub enum DataplaneReport {
 }
 
 impl Status {
+    /// Ready means: registered, the programs attached (unless running
+    /// without eBPF) and the cluster broker connected. Otherwise, why not.
+    pub fn not_ready(&self) -> Vec<String> {
+        let Some(n) = &self.node else {
+            return vec!["not registered (NodeEngine has not called /register)".into()];
+        };
+        let mut why = Vec::new();
+        if !n.mqtt.connected {
+            why.push("not connected to the cluster's MQTT broker".into());
+        }
+        match &n.dataplane {
+            DataplaneReport::Error { error } => why.push(format!("dataplane: {error}")),
+            DataplaneReport::Ok(dp) if dp.attachments.is_empty() && !n.no_dataplane => {
+                why.push("no eBPF program attached".into())
+            }
+            DataplaneReport::Ok(_) => {}
+        }
+        why
+    }
+
     /// Human-readable form for `NetManager status`.
     pub fn render(&self) -> String {
         match &self.node {
@@ -94,6 +121,18 @@ impl Status {
 impl NodeStatus {
     fn render(&self) -> String {
         let mut out = format!(
+            "MQTT {}  ({} connections; table queries {} sent, {} answered, {} timed out)\n",
+            if self.mqtt.connected {
+                "connected"
+            } else {
+                "DISCONNECTED"
+            },
+            self.mqtt.connections,
+            self.mqtt.queries_sent,
+            self.mqtt.queries_answered,
+            self.mqtt.queries_timed_out
+        );
+        out.push_str(&format!(
             "node {}  cluster {}\nsubnet {} {}  node address {}:{} via {}\n",
             self.node_id,
             self.cluster_address,
@@ -102,7 +141,7 @@ impl NodeStatus {
             self.node_ip,
             self.tunnel_port,
             self.uplink
-        );
+        ));
         out.push_str(&format!("\ndeployments ({}):\n", self.deployments.len()));
         for d in &self.deployments {
             out.push_str(&format!(
@@ -187,6 +226,8 @@ mod tests {
                 interests: vec!["a.b.c.d".into()],
                 routes: RouteCounts::default(),
                 resolver: ResolverStats::default(),
+                mqtt: LinkStats::default(),
+                no_dataplane: false,
                 dataplane: DataplaneReport::Error {
                     error: "no eBPF".into(),
                 },

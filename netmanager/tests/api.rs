@@ -114,8 +114,29 @@ fn bad_requests_before_and_after_register() {
     let (code, body) = nm.get("/container/deploy/x");
     assert_error(code, &body, 404);
 
+    // Not ready before registration: for probes and for scripts.
+    let (code, body) = nm.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["reasons"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("not registered"),
+        "{body}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_NetManager"))
+        .args(["status", "--socket"])
+        .arg(&nm.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "status exits 0 while not ready");
     register(nm);
     register(nm); // same id again
+    wait_until("ready", Duration::from_secs(10), || {
+        nm.get("/readyz").0 == 200
+    });
+    let (code, body) = nm.get("/healthz");
+    assert_eq!((code, body), (200, json!({"status": "ok"})));
     let (code, body) = nm.post(
         "/register",
         r#"{"client_id":"ffffffffffffffffffffffff","cluster_address":"127.0.0.1"}"#,

@@ -123,6 +123,25 @@ fn service_ip_across_two_nodes() {
         Some("hello 10.30.0.1")
     );
 
+    // The operator's view: Prometheus metrics parsed by the reference
+    // OpenMetrics parser, and readiness.
+    let m = scrape(&n1);
+    let v = |key: &str| m[key].as_f64().unwrap_or_else(|| panic!("no {key} in {m}"));
+    assert_eq!(v("netmanager_ready"), 1.0);
+    assert!(v("netmanager_dataplane_packets_total{reason=,verdict=tunnelled}") > 0.0);
+    assert!(v("netmanager_dataplane_packets_total{reason=,verdict=reverse_translated}") > 0.0);
+    assert!(v("netmanager_map_capacity{map=FLOWS}") > 0.0);
+    assert_eq!(
+        v("netmanager_program_attached{hook=tcx/ingress,interface=uplink0,program=uplink_ingress}"),
+        1.0
+    );
+    assert!(v("netmanager_miss_resolutions_total{outcome=resolved}") >= 1.0);
+    assert!(v("netmanager_miss_resolution_seconds_count") >= 1.0);
+    assert_eq!(v("netmanager_mqtt_connected"), 1.0);
+    assert_eq!(v("netmanager_deployments{kind=container}"), 1.0);
+    let (code, ready) = nm1.get("/readyz");
+    assert_eq!((code, ready), (200, json!({"ready": true})));
+
     // The dataplane shows up in status.
     let (_, st) = nm1.get("/status");
     assert!(
@@ -246,6 +265,30 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable() {
         nm1.log_text()
     );
     drop(csm);
+}
+
+/// `/metrics` of the NetManager in `node`, parsed with the Prometheus
+/// project's OpenMetrics parser: `{"name{label=value,...}": value}`.
+fn scrape(node: &Netns) -> Value {
+    let script = "import json,urllib.request\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\n\
+        text=urllib.request.urlopen('http://127.0.0.1:9102/metrics',timeout=5).read().decode()\n\
+        out={}\n\
+        for fam in parse(text):\n\
+        \x20 for s in fam.samples:\n\
+        \x20   key=s.name+('{'+','.join('%s=%s'%kv for kv in sorted(s.labels.items()))+'}' if s.labels else '')\n\
+        \x20   out[key]=s.value\n\
+        print(json.dumps(out))";
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.name, "python3", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scrape: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn echo_server(c: &Proc, port: u16) -> Proc {

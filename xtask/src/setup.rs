@@ -38,6 +38,7 @@ pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     packages()?;
+    python_packages()?;
     bpffs()?;
     println!("setup complete");
     Ok(())
@@ -97,6 +98,28 @@ fn installed(package: &str) -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         .unwrap_or(false)
+}
+
+/// Python modules the tests use: the Prometheus project's own parser checks
+/// that our /metrics output is valid OpenMetrics.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("prometheus_client", "prometheus-client")];
+
+fn python_packages() -> Result<()> {
+    for (module, package) in PYTHON_PACKAGES {
+        let have = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if have {
+            println!("ok: python module {module}");
+            continue;
+        }
+        run_cmd(
+            Command::new("python3").args(["-m", "pip", "install", "--quiet", package]),
+            "pip install",
+        )?;
+    }
+    Ok(())
 }
 
 fn bpffs() -> Result<()> {

@@ -114,9 +114,26 @@ struct Shared {
     events: mpsc::Sender<LinkEvent>,
     /// True while connected and subscribed to the result topics.
     connected: tokio::sync::watch::Sender<bool>,
+    stats: Mutex<LinkStats>,
+}
+
+/// What the link did, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinkStats {
+    pub connected: bool,
+    /// Successful connections (the first one, then every reconnect).
+    pub connections: u64,
+    /// Table queries sent (coalesced ones count once).
+    pub queries_sent: u64,
+    pub queries_answered: u64,
+    pub queries_timed_out: u64,
 }
 
 impl Shared {
+    fn count(&self, f: impl FnOnce(&mut LinkStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
     fn state(&self) -> MutexGuard<'_, LinkState> {
         // A panic while holding this lock leaves only plain collections behind;
         // keep going rather than poisoning the whole link.
@@ -187,6 +204,7 @@ impl ClusterLink {
             state: Mutex::new(LinkState::default()),
             events: tx,
             connected: tokio::sync::watch::Sender::new(false),
+            stats: Mutex::new(LinkStats::default()),
         });
         let poller = tokio::spawn(run_eventloop(shared.clone(), eventloop));
         let sweeper = tokio::spawn(interests::sweep_interests(
@@ -254,6 +272,10 @@ impl ClusterLink {
             .await
     }
 
+    pub fn stats(&self) -> LinkStats {
+        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Disconnect politely (the broker then does not wait for the keepalive).
     pub async fn disconnect(&self) {
         let _ = self.shared.client.disconnect().await;
@@ -277,6 +299,7 @@ async fn run_eventloop(shared: Arc<Shared>, mut eventloop: EventLoop) {
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                 tracing::info!(resumed = was_down, "connected to the cluster MQTT broker");
+                shared.count(|s| s.connections += 1);
                 was_down = false;
                 // Subscribing through the bounded request channel from inside
                 // the poll loop could deadlock; do it from a separate task.
@@ -286,6 +309,7 @@ async fn run_eventloop(shared: Arc<Shared>, mut eventloop: EventLoop) {
             Ok(_) => {}
             Err(e) => {
                 shared.connected.send_replace(false);
+                shared.count(|s| s.connected = false);
                 if !was_down {
                     tracing::warn!("MQTT connection lost: {e}; reconnecting");
                 }
@@ -332,6 +356,7 @@ async fn on_connected(shared: Arc<Shared>) {
     // Subscriptions are queued before this point, so a subnet request sent
     // from now on cannot overtake them.
     shared.connected.send_replace(true);
+    shared.count(|s| s.connected = true);
     let _ = shared.events.send(LinkEvent::Connected).await;
 }
 

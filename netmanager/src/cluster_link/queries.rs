@@ -86,6 +86,7 @@ impl ClusterLink {
         };
         if first {
             tracing::debug!(%key, "table query");
+            self.shared.count(|s| s.queries_sent += 1);
             if let Err(e) = self.publish_query(key).await {
                 self.shared.state().pending.remove(key);
                 return Err(e);
@@ -98,6 +99,7 @@ impl ClusterLink {
                 if first {
                     // Fail every joiner too: they wait on the same request.
                     self.shared.state().pending.remove(key);
+                    self.shared.count(|s| s.queries_timed_out += 1);
                 }
                 bail!(
                     "table query for {key}: no answer within {:?}",
@@ -143,6 +145,7 @@ pub(super) fn deliver_table(shared: &Shared, result: Arc<TableResult>) {
     let waiters = shared.state().pending.remove(&key);
     match waiters {
         Some(waiters) => {
+            shared.count(|s| s.queries_answered += 1);
             for w in waiters {
                 let _ = w.send(result.clone());
             }
