@@ -23,9 +23,11 @@ pub struct Cli {
     /// Configuration file (docs/contract.md, NetManager configuration).
     #[arg(long, env = "NETMANAGER_CONFIG", default_value = config::DEFAULT_CONFIG_PATH, global = true)]
     pub config: PathBuf,
-    /// API socket.
-    #[arg(long, env = "NETMANAGER_SOCKET", default_value = config::DEFAULT_SOCKET_PATH, global = true)]
-    pub socket: PathBuf,
+    /// API socket [default: /etc/netmanager/netmanager.sock, suffixed with
+    /// the network namespace when not the machine's own; NodeEngine
+    /// computes the same default].
+    #[arg(long, env = "NETMANAGER_SOCKET", global = true)]
+    pub socket: Option<PathBuf>,
     /// bpffs directory for pinned maps and links [default: /sys/fs/bpf/oakestra,
     /// suffixed with the network namespace when not the machine's own].
     #[arg(long = "bpf-dir", env = "NETMANAGER_BPF_DIR", global = true)]
@@ -108,11 +110,17 @@ impl Cli {
         }
     }
 
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| per_netns(config::DEFAULT_SOCKET_PATH))
+    }
+
     pub fn settings(&self) -> Result<Settings> {
         let net = NetConfig::load(&self.config)?;
         Ok(Settings {
             config_path: self.config.clone(),
-            socket_path: self.socket.clone(),
+            socket_path: self.socket_path(),
             bpf_dir: self
                 .bpf_dir
                 .clone()

@@ -20,7 +20,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|| netmanager::config::DEFAULT_LOG_PATH.into());
             worker_common::logging::follow(&path).map_err(Into::into)
         }
-        Some(Command::Status) => runtime().and_then(|rt| rt.block_on(cli::status(&args.socket))),
+        Some(Command::Status) => {
+            runtime().and_then(|rt| rt.block_on(cli::status(&args.socket_path())))
+        }
         None => runtime().and_then(|rt| rt.block_on(run_daemon(&args))),
     };
     match result {

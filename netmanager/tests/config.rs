@@ -175,7 +175,7 @@ fn dataplane_table_sizes_are_configurable() {
 }
 
 /// Two NetManagers in two network namespaces with default paths never share
-/// a state file or a pin directory.
+/// a state file, a pin directory or a socket.
 #[test]
 fn default_state_and_pins_are_per_network_namespace() {
     if !common::require_root("default_state_and_pins_are_per_network_namespace") {
@@ -188,16 +188,15 @@ fn default_state_and_pins_are_per_network_namespace() {
         let log = dir.path(&format!("{tag}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_NetManager"));
         cmd.env("NETMANAGER_CONFIG", dir.path("absent.json"))
-            .env("NETMANAGER_SOCKET", dir.path(&format!("{tag}.sock")))
+            .env_remove("NETMANAGER_SOCKET")
             .env_remove("NETMANAGER_STATE")
             .env_remove("NETMANAGER_BPF_DIR")
             .env("RUST_LOG", "info")
             .stderr(std::fs::File::create(&log).unwrap());
         ns.enter(&mut cmd);
         let mut child = common::Proc(cmd.spawn().unwrap());
-        let sock = dir.path(&format!("{tag}.sock"));
-        common::wait_until("socket", std::time::Duration::from_secs(10), || {
-            sock.exists()
+        common::wait_until("start", std::time::Duration::from_secs(10), || {
+            std::fs::read_to_string(&log).is_ok_and(|t| t.contains("listening"))
         });
         child.kill9();
         let text = std::fs::read_to_string(&log).unwrap();
@@ -208,10 +207,14 @@ fn default_state_and_pins_are_per_network_namespace() {
                 .unwrap_or_else(|| panic!("no {name} in {text}"))
                 .to_string()
         };
-        seen.push((field("state"), field("bpf_dir")));
+        seen.push((field("state"), field("bpf_dir"), field("socket")));
     }
     assert_ne!(seen[0].0, seen[1].0, "{seen:?}");
     assert_ne!(seen[0].1, seen[1].1, "{seen:?}");
+    assert_ne!(seen[0].2, seen[1].2, "{seen:?}");
+    for (_, _, socket) in &seen {
+        let _ = std::fs::remove_file(socket);
+    }
     assert!(
         seen[0].0.starts_with("/run/oakestra/netmanager-state."),
         "{seen:?}"
