@@ -110,8 +110,31 @@ pub enum ConfigCommand {
         #[arg(value_enum)]
         state: OnOff,
     },
+    /// CSI drivers: list, add or remove (advertised when they answer a probe)
+    Csi {
+        #[command(subcommand)]
+        action: Option<CsiCommand>,
+    },
     /// Reset the configuration to defaults
     Default,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CsiCommand {
+    /// List the configured CSI drivers (also `config csi` alone)
+    List,
+    /// Add a CSI driver, or change the endpoint of one with this name
+    Add {
+        /// Driver name, as jobs' volumes name it (e.g. csi.oakestra.io/hostpath)
+        name: String,
+        /// The plugin's unix socket: unix:///path or /path
+        endpoint: String,
+    },
+    /// Remove a CSI driver
+    Remove {
+        /// Driver name
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -278,7 +301,58 @@ fn configure(path: &Path, c: ConfigCommand) -> Result<()> {
                 edit(path, |cfg| cfg.set_unikernel(state == OnOff::On))
             }
         },
+        ConfigCommand::Csi { action } => configure_csi(path, action.unwrap_or(CsiCommand::List)),
         ConfigCommand::Default => save(path, &Config::default()),
+    }
+}
+
+fn configure_csi(path: &Path, action: CsiCommand) -> Result<()> {
+    match action {
+        CsiCommand::List => {
+            let cfg = Config::load(path)?;
+            if cfg.csi_drivers.is_empty() {
+                println!("no CSI drivers configured (NodeEngine config csi add NAME ENDPOINT)");
+                return Ok(());
+            }
+            let width = cfg
+                .csi_drivers
+                .iter()
+                .map(|d| d.csi_driver_name.len())
+                .max()
+                .unwrap_or(0)
+                .max("DRIVER".len());
+            println!("{:<width$}  ENDPOINT", "DRIVER");
+            for d in &cfg.csi_drivers {
+                println!("{:<width$}  {}", d.csi_driver_name, d.csi_driver_endpoint);
+            }
+            Ok(())
+        }
+        CsiCommand::Add { name, endpoint } => {
+            let name = name.trim().to_string();
+            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                bail!("CSI driver name {name:?} is empty or contains whitespace");
+            }
+            crate::csi::plugin::socket_path(&endpoint)?;
+            let mut replaced = false;
+            edit(path, |cfg| {
+                replaced = cfg.set_csi_driver(&name, endpoint.trim())
+            })?;
+            let verb = if replaced { "updated" } else { "added" };
+            println!(
+                "CSI driver {name} {verb} ({}); restart NodeEngine to use it",
+                endpoint.trim()
+            );
+            Ok(())
+        }
+        CsiCommand::Remove { name } => {
+            let mut cfg = Config::load(path)?;
+            if !cfg.remove_csi_driver(&name) {
+                bail!("no CSI driver named {name:?} is configured");
+            }
+            save(path, &cfg)?;
+            println!("CSI driver {name} removed; restart NodeEngine to stop using it");
+            Ok(())
+        }
     }
 }
 

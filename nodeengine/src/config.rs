@@ -328,6 +328,35 @@ impl Config {
         out
     }
 
+    /// Adds a CSI driver, or changes the endpoint of the one with this name;
+    /// true when it replaced one.
+    pub fn set_csi_driver(&mut self, name: &str, endpoint: &str) -> bool {
+        match self
+            .csi_drivers
+            .iter_mut()
+            .find(|d| d.csi_driver_name == name)
+        {
+            Some(d) => {
+                d.csi_driver_endpoint = endpoint.into();
+                true
+            }
+            None => {
+                self.csi_drivers.push(CsiDriver {
+                    csi_driver_name: name.into(),
+                    csi_driver_endpoint: endpoint.into(),
+                });
+                false
+            }
+        }
+    }
+
+    /// Removes the CSI driver with this name; false when there was none.
+    pub fn remove_csi_driver(&mut self, name: &str) -> bool {
+        let before = self.csi_drivers.len();
+        self.csi_drivers.retain(|d| d.csi_driver_name != name);
+        self.csi_drivers.len() != before
+    }
+
     pub fn runtime_active(&self, runtime: &str) -> bool {
         self.virtualizations
             .iter()
@@ -387,6 +416,24 @@ mod tests {
     fn trailing_garbage_is_an_error() {
         assert!(Config::parse(&format!("{UPSTREAM} x"), Path::new("x")).is_err());
         assert!(Config::parse(&format!("{UPSTREAM}\n"), Path::new("x")).is_ok());
+    }
+
+    #[test]
+    fn csi_drivers_round_trip() {
+        let mut c = Config::parse(UPSTREAM, Path::new("x")).expect("parse");
+        assert!(!c.set_csi_driver("csi.example.io", "unix:///run/a.sock"));
+        assert!(c.set_csi_driver("csi.example.io", "/run/b.sock"));
+        assert!(!c.set_csi_driver("other", "/run/c.sock"));
+        let json = c.to_json();
+        assert!(
+            json.ends_with(r#""csi_drivers":[{"csi_driver_name":"csi.example.io","csi_driver_endpoint":"/run/b.sock"},{"csi_driver_name":"other","csi_driver_endpoint":"/run/c.sock"}]}"#),
+            "{json}"
+        );
+        let mut back = Config::parse(&json, Path::new("x")).expect("parse");
+        assert_eq!(back, c);
+        assert!(back.remove_csi_driver("csi.example.io"));
+        assert!(!back.remove_csi_driver("csi.example.io"));
+        assert_eq!(back.csi_drivers.len(), 1);
     }
 
     #[test]

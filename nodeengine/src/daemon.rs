@@ -18,6 +18,7 @@ use crate::config::{
     CONF_ENV, Config, DEFAULT_CONF_PATH, NetworkMode, RUNTIME_CONTAINER, RUNTIME_UNIKERNEL,
 };
 use crate::containerd_runtime::{self, ContainerdRuntime, ContainerdSettings};
+use crate::csi::{Registry as CsiRegistry, VolumeManager};
 use crate::deploy::{Engine, EngineSettings};
 use crate::netmanager_client::NetManagerClient;
 use crate::netmanager_supervisor;
@@ -27,8 +28,10 @@ use crate::unikernel::UnikernelRuntime;
 /// What upstream reports as the node's port without `MY_PORT`.
 const DEFAULT_NODE_PORT: &str = "3000";
 
-/// Where unikernel kernels are unpacked.
-const UNIKERNEL_STATE: &str = "/var/lib/oakestra/unikernel";
+/// Where the daemon keeps what must outlive it: CSI mount records, staging and
+/// target paths (`csi/`, upstream's location) and unikernel instances
+/// (`unikernel/`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/oakestra";
 
 /// `nodeengined`'s command line. Everything the daemon takes from its
 /// environment is declared here; the rest is in the configuration file.
@@ -75,6 +78,16 @@ pub struct DaemonArgs {
     )]
     pub node_port: String,
 
+    /// State directory (CSI volumes under csi/, unikernels under unikernel/)
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "OAKESTRA_STATE_DIR",
+        default_value = DEFAULT_STATE_DIR,
+        value_parser = empty_is_default::<PathBuf>(DEFAULT_STATE_DIR)
+    )]
+    pub state_dir: PathBuf,
+
     /// Log filter, e.g. `info,nodeengine=debug`
     #[arg(long, value_name = "FILTER", env = "RUST_LOG")]
     pub log_filter: Option<String>,
@@ -114,6 +127,8 @@ fn build_engine(
     cfg: &Config,
     containerd: ContainerdSettings,
     net: Option<NetManagerClient>,
+    volumes: VolumeManager,
+    state_dir: &std::path::Path,
 ) -> Result<(
     Arc<Engine>,
     tokio::sync::mpsc::UnboundedReceiver<crate::job::StatusReport>,
@@ -127,7 +142,7 @@ fn build_engine(
         if let Some(reason) = UnikernelRuntime::unavailable_reason() {
             tracing::warn!("unikernel runtime enabled but {reason}; unikernel jobs will fail");
         }
-        Some(UnikernelRuntime::new(UNIKERNEL_STATE))
+        Some(UnikernelRuntime::new(state_dir.join("unikernel")))
     } else {
         None
     };
@@ -135,6 +150,7 @@ fn build_engine(
         containerd,
         unikernel,
         netmanager: net,
+        volumes,
         app_logs: PathBuf::from(&cfg.app_logs),
         node_ip: node_report::primary_ipv4(),
     }))
@@ -152,14 +168,28 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
             .context("starting NetManager (network mode auto)")?;
     }
     let net = mode.socket().map(NetManagerClient::new);
-    let (engine, status_rx) = build_engine(&cfg, args.containerd(), net.clone())?;
+    // Probed before the registration, so its node document lists only the
+    // CSI drivers that answer; then again every 30 s.
+    let csi = CsiRegistry::new(&cfg.csi_drivers);
+    csi.probe_all().await;
+    tokio::spawn(csi.clone().reprobe_until(shutdown.clone()));
+    let volumes = VolumeManager::new(csi.clone(), args.state_dir.join("csi"));
+    let (engine, status_rx) = build_engine(
+        &cfg,
+        args.containerd(),
+        net.clone(),
+        volumes,
+        &args.state_dir,
+    )?;
     if cfg.runtime_active(RUNTIME_CONTAINER)
         && let Err(e) = engine.reconcile().await
     {
         tracing::warn!("reconciling with containerd: {e:#}");
     }
+    engine.release_orphaned_volumes().await;
 
-    let mut sampler = NodeSampler::new(StaticFacts::from_config(&cfg, &args.node_port));
+    let mut sampler =
+        NodeSampler::new(StaticFacts::from_config(&cfg, &args.node_port)).with_csi(csi);
     let cluster =
         cluster_link::ClusterLink::new(&cfg.cluster_address, cfg.cluster_port, cfg.cluster_ssl)?;
     let reg = cluster.register_with_retry(|| sampler.sample("")).await;
@@ -252,6 +282,7 @@ mod tests {
                 "CONTAINERD_NAMESPACE",
                 "MY_PORT",
                 "OAKESTRA_CONF",
+                "OAKESTRA_STATE_DIR",
                 "RUST_LOG"
             ]
         );

@@ -18,6 +18,7 @@ use crate::config::{RUNTIME_CONTAINER, RUNTIME_UNIKERNEL};
 use crate::containerd_runtime::{
     self, ContainerdRuntime, LABEL_INSTANCE, LABEL_JOB, LABEL_ONE_SHOT, LABEL_VIRT, NewContainer,
 };
+use crate::csi::VolumeManager;
 use crate::job::{
     self, DeleteRequest, DeployRequest, JobStatus, ResourcesReport, ServiceResources, StatusReport,
 };
@@ -42,8 +43,6 @@ struct Instance {
     virtualization: String,
     one_shot: bool,
     kind: Kind,
-    /// Stops a unikernel's qemu; containers are stopped through containerd.
-    vm_kill: Option<oneshot::Sender<()>>,
     last_cpu: Option<cgroup_stats::Reading>,
 }
 
@@ -52,6 +51,8 @@ pub struct EngineSettings {
     pub containerd: Option<ContainerdRuntime>,
     pub unikernel: Option<UnikernelRuntime>,
     pub netmanager: Option<NetManagerClient>,
+    /// Mounts jobs' CSI volumes.
+    pub volumes: VolumeManager,
     pub app_logs: PathBuf,
     /// Reported as `publicip` in status messages.
     pub node_ip: String,
@@ -245,7 +246,6 @@ impl Engine {
                         virtualization: req.virtualization.clone(),
                         one_shot: req.one_shot,
                         kind: started.kind,
-                        vm_kill: started.vm_kill,
                         last_cpu: None,
                     },
                 );
@@ -276,11 +276,13 @@ impl Engine {
                 self.deploy_container(req, &runtime).await?;
                 Ok(Started {
                     kind: Kind::Container,
-                    vm_kill: None,
                     vm_exit: None,
                 })
             }
             Placement::Unikernel => {
+                if !req.volumes.is_empty() {
+                    bail!("CSI volumes are supported for containers only, not for unikernels");
+                }
                 let uk = self.s.unikernel.as_ref().ok_or_else(|| {
                     anyhow!(
                         "the unikernel runtime is not enabled on this node \
@@ -291,7 +293,6 @@ impl Engine {
                 let vm = uk.start(req, self.s.netmanager.as_ref(), &log).await?;
                 Ok(Started {
                     kind: Kind::Unikernel,
-                    vm_kill: Some(vm.kill),
                     vm_exit: Some(vm.exit),
                 })
             }
@@ -323,7 +324,7 @@ impl Engine {
         if !image.defaults.user.is_empty() && oci_spec::parse_user(&image.defaults.user).is_none() {
             tracing::warn!(id, user = %image.defaults.user, "non-numeric image user; running as root");
         }
-        let spec = oci_spec::build_spec(&SpecInput {
+        let mut spec = oci_spec::build_spec(&SpecInput {
             namespace: &rt.settings().namespace,
             id: &id,
             instance: req.instance,
@@ -336,13 +337,17 @@ impl Engine {
             host_network: self.s.netmanager.is_none(),
         });
         let log = self.log_path(&id)?;
+        // Before the container exists: runc binds the published volumes when it
+        // creates the container's mount namespace.
+        let mounted = self.s.volumes.mount_all(&id, &req.volumes).await?;
+        crate::csi::volumes::add_to_spec(&mut spec, &mounted);
         let labels = HashMap::from([
             (LABEL_JOB.to_string(), req.job_name.clone()),
             (LABEL_INSTANCE.to_string(), req.instance.to_string()),
             (LABEL_VIRT.to_string(), req.virtualization.clone()),
             (LABEL_ONE_SHOT.to_string(), req.one_shot.to_string()),
         ]);
-        let rootfs = rt
+        let rootfs = match rt
             .create_container(NewContainer {
                 id: &id,
                 image: &image,
@@ -350,7 +355,14 @@ impl Engine {
                 runtime,
                 labels,
             })
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.s.volumes.release(&id).await;
+                return Err(e);
+            }
+        };
         let mut net_attached = false;
         let result = self
             .start_container(req, rt, rootfs, &log, &mut net_attached)
@@ -364,6 +376,7 @@ impl Engine {
             if let Err(e) = rt.remove(&id, Duration::from_secs(1)).await {
                 tracing::warn!(id, "cleanup after failed deploy: {e:#}");
             }
+            self.s.volumes.release(&id).await;
         }
         result
     }
@@ -477,9 +490,12 @@ impl Engine {
         self.teardown(id, inst).await;
     }
 
-    async fn teardown(&self, id: &str, mut inst: Instance) {
-        if let Some(kill) = inst.vm_kill.take() {
-            let _ = kill.send(());
+    async fn teardown(&self, id: &str, inst: Instance) {
+        // The VM goes before its network namespace (QMP quit, as upstream).
+        if inst.kind == Kind::Unikernel
+            && let Some(uk) = &self.s.unikernel
+        {
+            uk.stop(id).await;
         }
         self.detach_network(&inst.job_name, inst.instance, inst.kind)
             .await;
@@ -497,6 +513,8 @@ impl Engine {
                 }
             }
         }
+        // After the container is gone: nothing holds the volumes any more.
+        self.s.volumes.release(id).await;
     }
 
     // ------------------------------------------------------------------ delete
@@ -551,7 +569,6 @@ impl Engine {
                             virtualization: label(LABEL_VIRT),
                             one_shot: label(LABEL_ONE_SHOT) == "true",
                             kind: Kind::Container,
-                            vm_kill: None,
                             last_cpu: None,
                         },
                     );
@@ -570,6 +587,15 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Releases the CSI volumes of instances that no longer run here (daemon
+    /// start, after [`Engine::reconcile`] adopted the running ones).
+    pub async fn release_orphaned_volumes(&self) {
+        self.s
+            .volumes
+            .sweep(|id| self.instances().contains_key(id))
+            .await;
     }
 
     /// The `jobs/resources` document for all current instances.
@@ -625,7 +651,6 @@ impl Engine {
 
 struct Started {
     kind: Kind,
-    vm_kill: Option<oneshot::Sender<()>>,
     vm_exit: Option<oneshot::Receiver<Option<i32>>>,
 }
 

@@ -76,6 +76,8 @@ pub struct DeployRequest {
     pub arch: Vec<String>,
     pub one_shot: bool,
     pub privileged: bool,
+    /// CSI volumes to mount (upstream's `volumes`).
+    pub volumes: Vec<crate::csi::VolumeRequest>,
 }
 
 impl DeployRequest {
@@ -149,6 +151,9 @@ struct DeployDocument {
     one_shot: bool,
     #[serde(default, deserialize_with = "lenient::bool")]
     privileged: bool,
+    /// Checked by [`crate::csi::volumes::parse_volumes`].
+    #[serde(default)]
+    volumes: Value,
 }
 
 /// The rest of a `control/delete` document.
@@ -227,6 +232,8 @@ pub fn parse_deploy(payload: &[u8]) -> Result<DeployRequest, JobError> {
         let reason = format!("{} MiB is not plausible", doc.memory);
         return Err(invalid("memory", reason));
     }
+    let volumes =
+        crate::csi::volumes::parse_volumes(&doc.volumes).map_err(|e| invalid("volumes", e))?;
     let vcpus = doc.vcpus.unwrap_or(0.0);
     if vcpus > 1024.0 {
         return Err(invalid("vcpus", format!("{vcpus} is not plausible")));
@@ -246,6 +253,7 @@ pub fn parse_deploy(payload: &[u8]) -> Result<DeployRequest, JobError> {
         arch: doc.arch,
         one_shot: doc.one_shot,
         privileged: doc.privileged,
+        volumes,
     })
 }
 
@@ -372,6 +380,31 @@ mod tests {
         assert_eq!(d.virtualization, "docker");
         let del = parse_delete(br#"{"job_name":"a.b.c.d","instance_number":"4"}"#).expect("delete");
         assert_eq!((del.instance, del.virtualization.as_str()), (4, ""));
+    }
+
+    #[test]
+    fn volumes_are_read_and_checked() {
+        let d = parse_deploy(
+            br#"{"job_name":"a.b.c.d","instance_number":0,"Volumes":[{"volume_id":"v1","csi_driver":"csi.example.io","mount_path":"/data","config":{"k":"v"}}]}"#,
+        )
+        .expect("parses");
+        assert_eq!(d.volumes.len(), 1);
+        assert_eq!(d.volumes[0].csi_driver, "csi.example.io");
+        assert_eq!(d.volumes[0].mount_path, "/data");
+        let field = |p: &[u8]| match parse_deploy(p) {
+            Err(JobError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(br#"{"job_name":"a.b.c.d","instance_number":0,"volumes":[{"volume_id":"v","csi_driver":"d","mount_path":"/../etc"}]}"#),
+            "volumes"
+        );
+        assert!(
+            parse_deploy(FIXTURE.as_bytes())
+                .expect("fixture")
+                .volumes
+                .is_empty()
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! ([`cluster_link`]), keeps an MQTT session with it ([`cluster_mqtt`]), reports
 //! the node ([`node_report`]) and runs deployments ([`deploy`]) on containerd
 //! ([`containerd_runtime`]) or qemu ([`unikernel`]), attaching them to the overlay
-//! through NetManager ([`netmanager_client`], [`netmanager_supervisor`]).
+//! through NetManager ([`netmanager_client`], [`netmanager_supervisor`]) and
+//! their volumes to CSI drivers ([`csi`]).
 
 pub mod cgroup_stats;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod cluster_link;
 pub mod cluster_mqtt;
 pub mod config;
 pub mod containerd_runtime;
+pub mod csi;
 pub mod daemon;
 pub mod deploy;
 pub mod job;

@@ -72,11 +72,9 @@ impl StaticFacts {
         StaticFacts {
             virtualization: cfg.active_runtimes(),
             supported_addons: cfg.active_addons(),
-            csi_drivers: cfg
-                .csi_drivers
-                .iter()
-                .filter_map(|d| serde_json::to_value(d).ok())
-                .collect(),
+            // Only drivers that answer their probe are advertised: see
+            // [`NodeSampler::with_csi`].
+            csi_drivers: Vec::new(),
             port: port.to_string(),
         }
     }
@@ -87,6 +85,8 @@ pub struct NodeSampler {
     sys: Option<System>,
     facts: StaticFacts,
     has_nvidia_smi: bool,
+    /// The probed CSI drivers; replaces `facts.csi_drivers` when set.
+    csi: Option<crate::csi::Registry>,
 }
 
 impl NodeSampler {
@@ -100,6 +100,24 @@ impl NodeSampler {
             sys,
             facts,
             has_nvidia_smi: which("nvidia-smi"),
+            csi: None,
+        }
+    }
+
+    /// Reports the drivers of `registry` that answered their last probe.
+    pub fn with_csi(mut self, registry: crate::csi::Registry) -> Self {
+        self.csi = Some(registry);
+        self
+    }
+
+    fn csi_drivers(&self) -> Vec<serde_json::Value> {
+        match &self.csi {
+            Some(r) => r
+                .advertised()
+                .iter()
+                .filter_map(|d| serde_json::to_value(d).ok())
+                .collect(),
+            None => self.facts.csi_drivers.clone(),
         }
     }
 
@@ -132,7 +150,7 @@ impl NodeSampler {
             vram: gpu.vram_free_mib,
             virtualization: self.facts.virtualization.clone(),
             supported_addons: self.facts.supported_addons.clone(),
-            csi_drivers: self.facts.csi_drivers.clone(),
+            csi_drivers: self.csi_drivers(),
         }
     }
 

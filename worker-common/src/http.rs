@@ -244,6 +244,75 @@ impl Client {
         })
     }
 
+    /// `GET target`, streaming a success answer's body into `out` frame by
+    /// frame (each frame also goes to `inspect`, e.g. a hasher) instead of
+    /// holding it in memory; returns the byte count. The body limit
+    /// ([`Client::max_body`]) and the deadline ([`Client::timeout`]) apply to
+    /// the whole download. Error answers are reported like
+    /// [`Response::success`] does.
+    pub async fn download<W>(
+        &self,
+        target: &str,
+        out: &mut W,
+        mut inspect: impl FnMut(&[u8]),
+    ) -> Result<u64, Error>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::AsyncWriteExt;
+        let request = self.describe(&Method::GET, target);
+        let fail = |kind| Error {
+            request: request.clone(),
+            kind,
+        };
+        let req = self.build(Method::GET, target, None).map_err(fail)?;
+        let exchange = async {
+            let resp = match &self.transport {
+                Transport::Unix { pool, .. } => pool.request(req).await,
+                Transport::Tcp { pool } => pool.request(req).await,
+            }
+            .map_err(|e| ErrorKind::Transport(causes(&e)))?;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            if !status.is_success() {
+                let bytes = Limited::new(body, ERROR_BODY_CHARS * 4)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let text: String = String::from_utf8_lossy(&bytes)
+                    .trim()
+                    .chars()
+                    .take(ERROR_BODY_CHARS)
+                    .collect();
+                return Err(ErrorKind::Status { status, body: text });
+            }
+            let mut total: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| ErrorKind::Body(causes(&e)))?;
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers
+                };
+                total += data.len() as u64;
+                if total > self.max_body as u64 {
+                    return Err(ErrorKind::TooLarge(self.max_body));
+                }
+                inspect(&data);
+                out.write_all(&data)
+                    .await
+                    .map_err(|e| ErrorKind::Body(format!("writing: {e}")))?;
+            }
+            out.flush()
+                .await
+                .map_err(|e| ErrorKind::Body(format!("writing: {e}")))?;
+            Ok(total)
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| fail(ErrorKind::Timeout(self.timeout)))?
+            .map_err(fail)
+    }
+
     fn build(
         &self,
         method: Method,
