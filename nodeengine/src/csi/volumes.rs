@@ -382,6 +382,10 @@ impl VolumeManager {
         if let Some(target) = &m.target {
             plugin.unpublish(&m.volume_id, target).await?;
             remove_empty_dir(target);
+            // <driver>/<task id>/ is this instance's alone.
+            if let Some(task_dir) = target.parent() {
+                let _ = std::fs::remove_dir(task_dir);
+            }
             tracing::info!(task = task_id, volume = %m.volume_id, driver = %m.driver, "CSI volume unpublished");
         }
         if let Some(staging) = &m.staging {

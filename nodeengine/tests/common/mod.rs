@@ -552,6 +552,16 @@ pub fn test_config(dir: &Path, http_port: u16, containerd: bool) -> PathBuf {
 
 impl Daemon {
     pub fn start(dir: &Path, conf: &Path, containerd: Option<&Containerd>) -> Daemon {
+        Daemon::start_with_env(dir, conf, containerd, &[])
+    }
+
+    /// As [`Daemon::start`], with more environment (e.g. `OAKESTRA_STATE_DIR`).
+    pub fn start_with_env(
+        dir: &Path,
+        conf: &Path,
+        containerd: Option<&Containerd>,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
         let mut env = HashMap::new();
         match containerd {
             Some(c) => {
@@ -565,6 +575,9 @@ impl Daemon {
                 );
                 env.insert("CONTAINERD_NAMESPACE".into(), unique("none"));
             }
+        }
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
         }
         let mut d = Daemon {
             child: None,
