@@ -2,7 +2,8 @@
 //! Debian 12's Linux 6.1 under qemu and runs the eBPF test suites there.
 //!
 //! The kernel comes from Debian's own package (the newest bookworm
-//! `linux-image-6.1.0-N-amd64`, cached under `target/old-kernel/`). The guest
+//! `linux-image-6.1.0-N-amd64`, cached under `target/old-kernel/`; see
+//! [`xtask::debian_kernel`], shared with the unikernel test). The guest
 //! is a small initramfs: busybox, bpftool and the compiled test binaries
 //! with the shared libraries they need. Its `/init` mounts proc, sysfs and
 //! bpffs, runs each suite and reports on the serial console between marker
@@ -12,7 +13,6 @@
 //! The last result is written into `docs/old-kernels.md`.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,10 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::ebpf::{run, workspace_root};
+use xtask::debian_kernel;
 
-/// Debian 12's kernel packages are `linux-image-6.1.0-<ABI>-amd64`.
-const PACKAGE_PREFIX: &str = "linux-image-6.1.0-";
-const PACKAGE_SUFFIX: &str = "-amd64";
 /// TCG takes about a minute; leave room for a slow, shared machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 const GUEST_MEMORY_MIB: u32 = 1024;
@@ -147,7 +145,7 @@ pub fn run_old_kernel_suites() -> Result<()> {
             bail!("{tool} is missing: `cargo xtask setup` installs it");
         }
     }
-    let kernel = kernel_image(&cache)?;
+    let kernel = debian_kernel::kernel_image(&cache, MODULES)?;
     println!("old kernel: {} ({})", kernel.package, kernel.deb.display());
     let binaries = build_test_binaries(&root)?;
     let initramfs = build_initramfs(&cache, &binaries, &kernel.modules)?;
@@ -174,147 +172,6 @@ fn which(tool: &str) -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
         .map(|d| d.join(tool))
         .find(|p| p.is_file())
-}
-
-struct Kernel {
-    package: String,
-    deb: PathBuf,
-    vmlinuz: PathBuf,
-    /// The [`MODULES`], extracted.
-    modules: Vec<PathBuf>,
-}
-
-/// The newest bookworm 6.1 kernel package, downloaded once into the cache.
-fn kernel_image(cache: &Path) -> Result<Kernel> {
-    let package = match newest_kernel_package()? {
-        Some(p) => p,
-        None => cached_package(cache)?.context(
-            "apt knows no linux-image-6.1.0-*-amd64 package and none is cached: \
-             run `apt-get update` (Debian 12 sources) or `cargo xtask setup`",
-        )?,
-    };
-    let deb = match find_deb(cache, &package)? {
-        Some(d) => d,
-        None => {
-            run(
-                Command::new("apt-get")
-                    .current_dir(cache)
-                    .args(["download", &package]),
-                &format!("apt-get download {package}"),
-            )?;
-            find_deb(cache, &package)?
-                .with_context(|| format!("apt-get download left no {package} .deb"))?
-        }
-    };
-    let dir = cache.join(&package);
-    let vmlinuz = dir.join("vmlinuz");
-    let modules: Vec<PathBuf> = MODULES
-        .iter()
-        .map(|m| dir.join(Path::new(m).file_name().unwrap_or_default()))
-        .collect();
-    if !vmlinuz.exists() || modules.iter().any(|m| !m.exists()) {
-        fs::create_dir_all(&dir)?;
-        extract(&deb, &dir)?;
-    }
-    Ok(Kernel {
-        package,
-        deb,
-        vmlinuz,
-        modules,
-    })
-}
-
-/// ABI number of a `linux-image-6.1.0-<ABI>-amd64` name.
-fn abi(name: &str) -> Option<u32> {
-    name.strip_prefix(PACKAGE_PREFIX)?
-        .strip_suffix(PACKAGE_SUFFIX)?
-        .parse()
-        .ok()
-}
-
-fn newest_kernel_package() -> Result<Option<String>> {
-    let out = Command::new("apt-cache")
-        .args(["pkgnames", PACKAGE_PREFIX])
-        .output()
-        .context("running apt-cache")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| abi(l.trim()).map(|n| (n, l.trim().to_string())))
-        .max()
-        .map(|(_, name)| name))
-}
-
-fn cached_package(cache: &Path) -> Result<Option<String>> {
-    let mut best: Option<(u32, String)> = None;
-    for e in fs::read_dir(cache)? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if let Some(pkg) = name.split('_').next()
-            && name.ends_with(".deb")
-            && let Some(n) = abi(pkg)
-            && best.as_ref().is_none_or(|(b, _)| n > *b)
-        {
-            best = Some((n, pkg.to_string()));
-        }
-    }
-    Ok(best.map(|(_, p)| p))
-}
-
-fn find_deb(cache: &Path, package: &str) -> Result<Option<PathBuf>> {
-    let prefix = format!("{package}_");
-    for e in fs::read_dir(cache)? {
-        let p = e?.path();
-        let name = p.file_name().unwrap_or_default().to_string_lossy();
-        if name.starts_with(&prefix) && name.ends_with(".deb") {
-            return Ok(Some(p));
-        }
-    }
-    Ok(None)
-}
-
-/// Takes /boot/vmlinuz-* (as `vmlinuz`) and the [`MODULES`] out of the
-/// package's data archive into `dir`.
-fn extract(deb: &Path, dir: &Path) -> Result<()> {
-    let mut child = Command::new("dpkg-deb")
-        .arg("--fsys-tarfile")
-        .arg(deb)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running dpkg-deb")?;
-    let stdout = child.stdout.take().context("dpkg-deb stdout")?;
-    let mut archive = tar::Archive::new(stdout);
-    let mut missing = MODULES.len() + 1;
-    for entry in archive.entries().context("reading the kernel package")? {
-        let mut entry = entry?;
-        let path = entry.path()?.to_string_lossy().into_owned();
-        let path = path.trim_start_matches("./");
-        let dest = if path.starts_with("boot/vmlinuz-") {
-            dir.join("vmlinuz")
-        } else if let Some(m) = MODULES
-            .iter()
-            .find(|m| path.starts_with("lib/modules/") && path.ends_with(*m))
-        {
-            dir.join(Path::new(m).file_name().unwrap_or_default())
-        } else {
-            continue;
-        };
-        let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes)?;
-        fs::write(&dest, bytes).with_context(|| format!("writing {}", dest.display()))?;
-        missing -= 1;
-        if missing == 0 {
-            break;
-        }
-    }
-    // We may stop reading early: dpkg-deb then dies of SIGPIPE, which is fine.
-    let _ = child.kill();
-    let _ = child.wait();
-    if missing != 0 {
-        bail!(
-            "{} lacks boot/vmlinuz-* or one of {MODULES:?}",
-            deb.display()
-        );
-    }
-    Ok(())
 }
 
 /// Builds the suites' test binaries and returns (suite name, executable).
@@ -701,12 +558,5 @@ mod tests {
         let f = parse_serial(cut).failures();
         assert!(f.contains(&"suite dataplane_packets did not finish".to_string()));
         assert!(f.contains(&"the guest did not finish".to_string()));
-    }
-
-    #[test]
-    fn kernel_package_names_give_their_abi() {
-        assert_eq!(abi("linux-image-6.1.0-57-amd64"), Some(57));
-        assert_eq!(abi("linux-image-6.1.0-57-cloud-amd64"), None);
-        assert_eq!(abi("linux-image-6.12.1-amd64"), None);
     }
 }

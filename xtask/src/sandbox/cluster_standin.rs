@@ -145,6 +145,12 @@ impl ClusterStandin {
         self.publish(&format!("nodes/{node}/control/deploy"), doc.to_string())
     }
 
+    /// Sends `node` a deploy document as is (tests of fields [`JobSpec`] does
+    /// not vary: virtualization, volumes, ...; start from [`job_document`]).
+    pub fn deploy_document(&self, node: &str, doc: &Value) -> Result<()> {
+        self.publish(&format!("nodes/{node}/control/deploy"), doc.to_string())
+    }
+
     /// Asks `node` to remove instance `n` of `job` (control/delete).
     pub fn undeploy(&self, node: &str, job: &str, n: u64) -> Result<()> {
         let body = json!({"job_name": job, "virtualization": "docker", "instance_number": n});
@@ -222,7 +228,7 @@ impl ClusterStandin {
     }
 
     /// The status_detail of the first FAILED report for `job`, if any.
-    fn failure(&self, job: &str) -> Option<String> {
+    pub fn failure(&self, job: &str) -> Option<String> {
         self.lock()
             .reports
             .iter()

@@ -207,6 +207,8 @@ impl Worker {
         self.nodeengine = None;
         let mut cmd = self.netns_command(&self.bins.nodeengined)?;
         cmd.env("OAKESTRA_CONF", self.dir.join("conf.json"))
+            // CSI mounts and unikernel instances under the worker's directory.
+            .env("OAKESTRA_STATE_DIR", self.dir.join("state"))
             .env("CONTAINERD_ADDRESS", &self.containerd_socket)
             .env("CONTAINERD_NAMESPACE", &self.containerd_ns)
             .env("RUST_LOG", "info")

@@ -1,0 +1,357 @@
+//! A unikernel job end to end through the sandbox: the real NodeEngine
+//! downloads the image from an HTTP server, NetManager prepares the
+//! instance's namespace, qemu boots the guest, and QMP `quit` stops it on
+//! undeploy.
+//!
+//! No unikernel image can be fetched here, so the guest is Debian 12's stock
+//! kernel with a busybox initramfs whose init does what a unikernel does with
+//! upstream's command line: it reads its network from the `netdev.*`
+//! arguments, configures it, and reports (on the serial console, which is
+//! the app log) `/proc/cmdline`, its arguments after `--`, address, gateway,
+//! mask and MAC, a ping of the gateway, the 9p share `fs0` and then serves
+//! HTTP. The archive has upstream's layout: `kernel`, `initramfs.cpio`,
+//! `files/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use oakestra_worker_tests::e2e::{E2e, eventually};
+use oakestra_worker_tests::{ns_sh, sh};
+use serde_json::{Value, json};
+use xtask::debian_kernel;
+use xtask::sandbox::cluster_standin::{JobSpec, job_document};
+use xtask::sandbox::procs::{Proc, kill_matching, netns_connect, wait_for};
+use xtask::sandbox::topology::netns_path;
+use xtask::sandbox::workers::Worker;
+
+/// The guest's drivers: virtio PCI and net, 9p over virtio (Debian builds
+/// them as modules). The init loads them in a few passes, so order is free.
+const MODULES: &[&str] = &[
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/net/core/failover.ko",
+    "kernel/drivers/net/net_failover.ko",
+    "kernel/drivers/net/virtio_net.ko",
+    "kernel/fs/netfs/netfs.ko",
+    "kernel/fs/fscache/fscache.ko",
+    "kernel/net/9p/9pnet.ko",
+    "kernel/net/9p/9pnet_virtio.ko",
+    "kernel/fs/9p/9p.ko",
+];
+
+/// The guest's PID 1. Its output goes to the serial console (the instance's
+/// app log); the kernel's own messages do not (no console= argument).
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+exec >/dev/ttyS0 2>&1
+for pass in 1 2 3 4; do
+  for m in /modules/*.ko; do
+    n=$(basename $m .ko | tr - _)
+    grep -q "^$n " /proc/modules || insmod $m 2>/dev/null
+  done
+done
+echo "OAK-UK-CMDLINE $(cat /proc/cmdline)"
+echo "OAK-UK-ARGS $*"
+for w in $(cat /proc/cmdline); do
+  case $w in
+    netdev.ipv4_addr=*) addr=${w#*=} ;;
+    netdev.ipv4_gw_addr=*) gw=${w#*=} ;;
+    netdev.ipv4_subnet_mask=*) mask=${w#*=} ;;
+  esac
+done
+ip link set lo up
+ifconfig eth0 "$addr" netmask "$mask" up
+route add default gw "$gw"
+echo "OAK-UK-NET addr=$(ifconfig eth0 | grep -o 'inet addr:[0-9.]*' | cut -d: -f2) mask=$(ifconfig eth0 | grep -o 'Mask:[0-9.]*' | cut -d: -f2) gw=$(route -n | grep '^0.0.0.0' | tr -s ' ' | cut -d' ' -f2) mac=$(cat /sys/class/net/eth0/address)"
+if ping -c 1 -W 5 "$gw" >/dev/null 2>&1; then echo "OAK-UK-PING ok"; else echo "OAK-UK-PING failed"; fi
+mkdir -p /mnt/fs0
+if mount -t 9p -o trans=virtio,version=9p2000.L fs0 /mnt/fs0; then echo "OAK-UK-FILES $(cat /mnt/fs0/greeting.txt)"; fi
+mkdir -p /www
+echo "hello from the unikernel" > /www/index.html
+httpd -p 8080 -h /www
+echo "OAK-UK-READY"
+while true; do sleep 3600; done
+"#;
+
+/// Marker lines of the guest's report, by name (`OAK-UK-<NAME> rest`).
+fn report(log: &str, name: &str) -> Option<String> {
+    let mark = format!("OAK-UK-{name}");
+    log.lines()
+        .filter_map(|l| {
+            l.find(&mark)
+                .map(|i| l[i + mark.len()..].trim().to_string())
+        })
+        .next_back()
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or("")
+}
+
+/// Builds `<dir>/uk.tar.gz` (kernel, initramfs.cpio, files/greeting.txt);
+/// returns its SHA-256.
+fn build_image(dir: &Path) -> Result<String> {
+    let root = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .and_then(|d| d.parent().map(Path::to_path_buf))
+        .context("workspace root")?;
+    let kernel = debian_kernel::kernel_image(&root.join("target/old-kernel"), MODULES)?;
+    let guest = dir.join("guest");
+    for d in ["bin", "modules", "proc", "sys", "dev", "mnt", "tmp"] {
+        std::fs::create_dir_all(guest.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", guest.join("bin/busybox")).context("busybox")?;
+    for m in &kernel.modules {
+        std::fs::copy(
+            m,
+            guest
+                .join("modules")
+                .join(m.file_name().unwrap_or_default()),
+        )?;
+    }
+    let init = guest.join("init");
+    std::fs::write(&init, INIT)?;
+    sh(&format!("chmod 755 {}", init.display()))?;
+    let image = dir.join("image");
+    std::fs::create_dir_all(image.join("files"))?;
+    std::fs::copy(&kernel.vmlinuz, image.join("kernel"))?;
+    std::fs::write(image.join("files/greeting.txt"), "hello-over-9p\n")?;
+    sh(&format!(
+        "cd {} && find . | busybox cpio -o -H newc > {} 2>/dev/null",
+        guest.display(),
+        image.join("initramfs.cpio").display()
+    ))?;
+    sh(&format!(
+        "tar -C {} -czf {} kernel initramfs.cpio files",
+        image.display(),
+        dir.join("uk.tar.gz").display()
+    ))?;
+    let sum = sh(&format!("sha256sum {}", dir.join("uk.tar.gz").display()))?;
+    Ok(sum.split_whitespace().next().unwrap_or("").to_string())
+}
+
+/// An HTTP server for `dir` on 127.0.0.1:`port` in the worker's namespace
+/// (where NodeEngine downloads from).
+fn serve(w: &Worker, dir: &Path, port: u16) -> Result<Proc> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &w.ns, "python3", "-m", "http.server"])
+        .arg(port.to_string())
+        .args(["--bind", "127.0.0.1", "--directory"])
+        .arg(dir);
+    let p = Proc::spawn("http.server", cmd, &w.dir.join("http-server.log"))?;
+    let ns = netns_path(&w.ns);
+    wait_for("the image server", Duration::from_secs(10), || {
+        netns_connect(&ns, port)
+    })?;
+    Ok(p)
+}
+
+/// Turns on `virtualization unikernel` in the worker's conf.json and
+/// restarts its NodeEngine.
+fn enable_unikernels(e: &mut E2e) -> Result<()> {
+    let w = e.sb.worker_mut(1)?;
+    let conf = w.dir.join("conf.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&conf)?)?;
+    cfg["virtualizations"]
+        .as_array_mut()
+        .context("virtualizations")?
+        .push(
+            json!({"virutalizaiton_name": "unikraft", "virutalizaiton_runtime": "unikernel",
+                     "virutalizaiton_active": true, "virutalizaiton_config": []}),
+        );
+    std::fs::write(&conf, cfg.to_string())?;
+    w.stop_nodeengine();
+    w.start_nodeengine()
+}
+
+fn unikernel_doc(e: &E2e, job: &str, image: &str) -> Result<Value> {
+    let spec = JobSpec {
+        job_name: job.into(),
+        image: image.into(),
+        cmd: vec!["report".into(), "--verbose".into()],
+        environment: Vec::new(),
+    };
+    let (rr, _) = e.sb.cluster.service_ips(job);
+    let mut doc = job_document(&spec, 0, &rr)?;
+    doc["virtualization"] = "unikernel".into();
+    doc["arch"] = json!(["amd64"]);
+    doc["memory"] = 256.into();
+    doc["vcpus"] = 1.into();
+    Ok(doc)
+}
+
+/// Why `job` failed, as its worker reported.
+fn failure(e: &E2e, job: &str) -> String {
+    e.sb.cluster.failure(job).unwrap_or_default()
+}
+
+/// A locally administered MAC differing from `tap` in its last bit: what
+/// NodeEngine gives the guest in a bridged namespace.
+fn expected_mac(tap: &str) -> String {
+    let mut b: Vec<u8> = tap
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).unwrap_or(0))
+        .collect();
+    b[0] = (b[0] | 2) & !1;
+    b[5] ^= 1;
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Removes what a failed run would leave: the instance's qemu and the
+/// namespace NetManager made for it (the sandbox only removes its own).
+struct Leftovers(String);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let name = format!("{},debug-threads=on", self.0);
+        kill_matching(|cmdline| cmdline.contains("qemu-system") && cmdline.contains(&name));
+        let _ = sh(&format!("ip netns del {} 2>/dev/null || true", self.0));
+    }
+}
+
+#[test]
+fn unikernel_boots_with_upstreams_network_and_stops_by_qmp() -> Result<()> {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        bail!("qemu-system-x86_64 is missing: `cargo xtask setup` installs it");
+    }
+    let Some(mut e) = E2e::start("uk", 1)? else {
+        return Ok(());
+    };
+    let files = tempfile::tempdir()?;
+    let sha = build_image(files.path())?;
+    enable_unikernels(&mut e)?;
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let _server = serve(e.worker(1), files.path(), port)?;
+    let node = e.worker(1).id.clone();
+    let url = format!("http://127.0.0.1:{port}/uk.tar.gz");
+
+    // Plain HTTP without a digest is refused (and shows NodeEngine is up again).
+    let unpinned = e.job("nodigest");
+    eventually(
+        "the restarted NodeEngine to refuse an unpinned image",
+        || {
+            e.sb.cluster
+                .deploy_document(&node, &unikernel_doc(&e, &unpinned, &url)?)?;
+            wait_for("FAILED", Duration::from_secs(5), || {
+                e.sb.cluster
+                    .statuses(&unpinned, 0)
+                    .iter()
+                    .any(|s| s == "FAILED")
+            })
+        },
+    )?;
+    ensure!(
+        failure(&e, &unpinned).contains("plain HTTP"),
+        "{}",
+        failure(&e, &unpinned)
+    );
+
+    // A digest that does not match is refused.
+    let wrong = e.job("wrongsum");
+    let bad = format!("{url}#sha256={}", "0".repeat(64));
+    e.sb.cluster
+        .deploy_document(&node, &unikernel_doc(&e, &wrong, &bad)?)?;
+    e.sb.cluster.wait_status(&wrong, 0, "FAILED", 1)?;
+    ensure!(
+        failure(&e, &wrong).contains("SHA-256"),
+        "{}",
+        failure(&e, &wrong)
+    );
+
+    // The real one.
+    let job = e.job("guest");
+    let task = format!("{job}.instance.0");
+    let _leftovers = Leftovers(task.clone());
+    let pinned = format!("{url}#sha256={sha}");
+    e.sb.cluster
+        .deploy_document(&node, &unikernel_doc(&e, &job, &pinned)?)?;
+    e.sb.cluster.wait_status(&job, 0, "CREATED", 1)?;
+    let log = e.worker(1).app_log(&job, 0);
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the guest to report", Duration::from_secs(240), || {
+        text().contains("OAK-UK-READY")
+    })
+    .with_context(|| format!("guest output so far:\n{}", text()))?;
+    let out = text();
+
+    // What the guest sees: upstream's command line, its network, its files.
+    let cmdline = report(&out, "CMDLINE").context("cmdline")?;
+    ensure!(
+        cmdline
+            == "netdev.ipv4_addr=192.168.1.2 netdev.ipv4_gw_addr=192.168.1.1 \
+                netdev.ipv4_subnet_mask=255.255.255.252 -- report --verbose",
+        "guest cmdline: {cmdline:?}"
+    );
+    ensure!(
+        report(&out, "ARGS").as_deref() == Some("report --verbose"),
+        "{out}"
+    );
+    let net = report(&out, "NET").context("net")?;
+    ensure!(field(&net, "addr") == "192.168.1.2", "{net}");
+    ensure!(field(&net, "mask") == "255.255.255.252", "{net}");
+    ensure!(field(&net, "gw") == "192.168.1.1", "{net}");
+    let tap: Value = serde_json::from_str(&sh(&format!("ip -j -n {task} link show tap0"))?)?;
+    let tap_mac = tap[0]["address"].as_str().unwrap_or("").to_string();
+    ensure!(
+        field(&net, "mac") == expected_mac(&tap_mac),
+        "{net} (tap0 {tap_mac})"
+    );
+    ensure!(report(&out, "PING").as_deref() == Some("ok"), "{out}");
+    ensure!(
+        report(&out, "FILES").as_deref() == Some("hello-over-9p"),
+        "{out}"
+    );
+
+    // The guest answers on the instance's address through NetManager's NAT.
+    let eth0: Value = serde_json::from_str(&sh(&format!("ip -j -n {task} -4 addr show eth0"))?)?;
+    let instance_ip = eth0[0]["addr_info"][0]["local"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    ensure!(!instance_ip.is_empty(), "no instance address: {eth0}");
+    let page = eventually("the guest's HTTP server", || {
+        let answer = ns_sh(
+            &e.worker(1).ns,
+            &format!("printf \"GET / HTTP/1.0\\r\\n\\r\\n\" | busybox nc -w 5 {instance_ip} 8080"),
+        )?;
+        ensure!(answer.contains("hello from the unikernel"), "{answer:?}");
+        Ok(answer)
+    })?;
+    ensure!(
+        page.starts_with("HTTP/1.") && page.contains(" 200 "),
+        "{page}"
+    );
+
+    // Undeploy: QMP quit, qemu gone, namespace gone.
+    e.sb.cluster.undeploy(&node, &job, 0)?;
+    e.sb.cluster.wait_status(&job, 0, "UNDEPLOYED", 1)?;
+    let nodeengine = std::fs::read_to_string(e.worker(1).log("nodeengine"))?;
+    ensure!(
+        nodeengine
+            .lines()
+            .any(|l| l.contains("unikernel stopped through QMP quit") && l.contains(&task)),
+        "no QMP stop in the NodeEngine log"
+    );
+    let qemus = sh("pgrep -af qemu-system || true")?;
+    ensure!(!qemus.contains(&task), "qemu still runs: {qemus}");
+    let namespaces = sh("ip netns list")?;
+    ensure!(!namespaces.contains(&task), "namespace left: {namespaces}");
+    Ok(())
+}
