@@ -239,7 +239,7 @@ async fn volume_mounted_seen_and_released(stage: bool) {
     s.cluster.wait_status(name, 0, "UNDEPLOYED").await;
     assert_eq!(
         s.plugin.paths("NodeUnpublishVolume", "vol1"),
-        [target.clone()]
+        vec![target.clone()]
     );
     assert!(!is_mounted(&target));
     assert!(!target.exists(), "target dir left: {}", target.display());
