@@ -186,7 +186,7 @@ impl Deployer {
             .net
             .attach(target, host_ifname, addrs, &self.subnet)
             .await;
-        let attached = match (attached, target) {
+        let mut attached = match (attached, target) {
             (Ok(a), _) => a,
             (Err(e), NetnsRef::Named(name)) => {
                 let _ = plumbing::netns::delete_named(name);
@@ -194,12 +194,16 @@ impl Deployer {
             }
             (Err(e), _) => return Err(e),
         };
-        if let (DeploymentKind::Unikernel, NetnsRef::Named(name)) = (kind, target)
-            && let Err(e) = plumbing::configure_unikernel_ns(name, addrs.v4).await
-        {
-            let _ = self.net.delete_link(host_ifname).await;
-            let _ = plumbing::netns::delete_named(name);
-            return Err(e);
+        if let (DeploymentKind::Unikernel, NetnsRef::Named(name)) = (kind, target) {
+            match plumbing::unikernel_tap(name).await {
+                // The guest owns the instance address behind this MAC.
+                Ok(mac) => attached.mac = mac,
+                Err(e) => {
+                    let _ = self.net.delete_link(host_ifname).await;
+                    let _ = plumbing::netns::delete_named(name);
+                    return Err(e);
+                }
+            }
         }
         Ok(attached)
     }

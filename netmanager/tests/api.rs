@@ -635,11 +635,20 @@ fn unikernel_namespace_with_tap() {
     );
     assert_eq!(code, 200, "{a}");
     let ns = format!("{job}.instance.0");
-    let links = try_run(&["ip", "-n", &ns, "link", "show"]).expect("unikernel namespace missing");
-    assert!(
-        links.contains("eth0") && links.contains("tap0") && links.contains("virbr0"),
-        "{links}"
+    // Upstream's layout: a macvtap in bridge mode on eth0, whose MAC the
+    // dataplane delivers to (the guest takes over the instance address).
+    let links = try_run(&["ip", "-n", &ns, "-d", "-j", "link", "show", "tap0"])
+        .expect("unikernel namespace or tap0 missing");
+    let tap: Value = serde_json::from_str(&links).unwrap();
+    assert_eq!(tap[0]["linkinfo"]["info_kind"], json!("macvtap"), "{tap}");
+    assert_eq!(
+        tap[0]["linkinfo"]["info_data"]["mode"],
+        json!("bridge"),
+        "{tap}"
     );
+    assert_eq!(tap[0]["link"], json!("eth0"), "{tap}");
+    let addr = try_run(&["ip", "-n", &ns, "-4", "addr", "show", "dev", "eth0"]).unwrap();
+    assert!(addr.contains(a["nsAddress"].as_str().unwrap()), "{addr}");
     let (code, body) = e.nm.post(
         "/unikernel/undeploy",
         &json!({"serviceName": job, "instanceNumber": 0}).to_string(),

@@ -10,10 +10,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::{Context, Result, anyhow, bail};
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags};
+use netlink_packet_route::link::MacVtapMode;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{RouteAttribute, RouteMessage};
 use rtnetlink::{
-    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    Handle, LinkBridge, LinkMacVtap, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
 
 use crate::addresses::{AddressPair, Subnet, V4_PREFIX, V6_PREFIX};
@@ -22,6 +23,8 @@ pub use netns::NetnsRef;
 pub const BRIDGE: &str = "goProxyBridge";
 /// Name of the container end inside its namespace.
 pub const CONTAINER_IFNAME: &str = "eth0";
+/// The guest's NIC in a unikernel namespace.
+pub const UNIKERNEL_TAP: &str = "tap0";
 
 /// What was created for one deployment.
 #[derive(Debug, Clone, Copy)]
@@ -378,56 +381,38 @@ fn enable_forwarding() -> Result<()> {
     Ok(())
 }
 
-/// Extra setup inside a unikernel namespace, mirroring upstream: a bridge
-/// `virbr0` (192.168.1.1/30) with a tap `tap0` for qemu, and NAT between eth0
-/// and the VM at 192.168.1.2.
-pub async fn configure_unikernel_ns(ns_name: &str, ns_v4: Ipv4Addr) -> Result<()> {
-    let target = NetnsRef::Named(ns_name.to_string());
-    let ns = target.open()?;
-    netns::blocking_in_netns(ns, || netns::create_tap("tap0")).await?;
-    let ns = target.open()?;
+/// The guest's NIC in a unikernel namespace, as upstream's NetManager makes
+/// it: a macvtap `tap0` in bridge mode on the namespace's `eth0`. The guest
+/// takes over the instance address (NodeEngine moves it from `eth0` to the
+/// guest), so the dataplane delivers to the macvtap's MAC, which is
+/// returned.
+pub async fn unikernel_tap(ns_name: &str) -> Result<[u8; 6]> {
+    let ns = NetnsRef::Named(ns_name.to_string()).open()?;
     netns::in_netns(ns, |h| async move {
-        h.link()
-            .add(LinkBridge::new("virbr0").build())
-            .execute()
-            .await
-            .context("creating virbr0")?;
-        let br = link_by_name(&h, "virbr0")
+        let eth = link_by_name(&h, CONTAINER_IFNAME)
             .await?
-            .ok_or_else(|| anyhow!("virbr0 missing"))?
+            .ok_or_else(|| anyhow!("{CONTAINER_IFNAME} missing in the unikernel namespace"))?
             .header
             .index;
-        let tap = link_by_name(&h, "tap0")
+        h.link()
+            .add(
+                LinkMacVtap::new(UNIKERNEL_TAP, eth, MacVtapMode::Bridge)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .context("creating the macvtap tap0 (is the macvtap module available?)")?;
+        let tap = link_by_name(&h, UNIKERNEL_TAP)
             .await?
-            .ok_or_else(|| anyhow!("tap0 missing"))?
-            .header
-            .index;
-        add_address(&h, br, IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1)), 30).await?;
-        h.link()
-            .set(LinkUnspec::new_with_index(tap).controller(br).up().build())
-            .execute()
-            .await
-            .context("attaching tap0 to virbr0")?;
-        h.link()
-            .set(LinkUnspec::new_with_index(br).up().build())
-            .execute()
-            .await
-            .context("bringing virbr0 up")?;
-        Ok(())
-    })
-    .await?;
-    let ns = target.open()?;
-    let script = format!(
-        "add table ip {t}\ndelete table ip {t}\ntable ip {t} {{\n\
-         \tchain prerouting {{ type nat hook prerouting priority dstnat; iifname \"{e}\" dnat to 192.168.1.2; }}\n\
-         \tchain postrouting {{ type nat hook postrouting priority srcnat; oifname \"{e}\" snat to {ns_v4}; }}\n}}\n",
-        t = nft::TABLE,
-        e = CONTAINER_IFNAME
-    );
-    netns::blocking_in_netns(ns, move || {
-        write_sysctl("net/ipv4/ip_forward", "1")?;
-        nft::run_nft(&script)
+            .ok_or_else(|| anyhow!("{UNIKERNEL_TAP} vanished after creation"))?;
+        tap.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("{UNIKERNEL_TAP} has no MAC address"))
     })
     .await
-    .context("unikernel NAT")
 }

@@ -172,39 +172,3 @@ fn validate_name(name: &str) -> Result<()> {
     }
     Ok(())
 }
-
-/// Create a persistent tap device in the current thread's namespace.
-pub fn create_tap(name: &str) -> Result<()> {
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    if name.len() >= libc::IFNAMSIZ {
-        bail!("tap name {name} too long");
-    }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .context("opening /dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: ioctls on an open tun fd with a properly sized ifreq.
-    unsafe {
-        if libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req) < 0 {
-            bail!("TUNSETIFF {name}: {}", std::io::Error::last_os_error());
-        }
-        if libc::ioctl(f.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) < 0 {
-            bail!("TUNSETPERSIST {name}: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
