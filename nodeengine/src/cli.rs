@@ -29,8 +29,7 @@ use crate::service::{self, NETMANAGER_UNIT, NODEENGINE_LOG, NODEENGINE_UNIT};
     long_about = "Start a new Oakestra worker node, and configure it.\n\n\
         Without a command, NodeEngine saves the flags given in the configuration, \
         starts the NodeEngine service and follows its log (Ctrl-C stops the service; \
-        -d returns at once). Without systemd the daemon runs in the foreground.",
-    args_conflicts_with_subcommands = true
+        -d returns at once). Without systemd the daemon runs in the foreground."
 )]
 pub struct Cli {
     /// Configuration file
@@ -53,7 +52,7 @@ pub struct Cli {
 
 /// Upstream's root flags: each one given is saved in the configuration
 /// before the service starts.
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, PartialEq)]
 pub struct StartArgs {
     /// Address of the cluster orchestrator without port
     #[arg(
@@ -298,9 +297,24 @@ pub enum Decision {
     Refuse,
 }
 
+/// Parses the command line: the start flags belong to `NodeEngine` alone
+/// (as upstream's root flags), `--config` goes anywhere.
+fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, clap::Error> {
+    use clap::CommandFactory;
+    let cli = Cli::try_parse_from(args)?;
+    if cli.command.is_some() && cli.start != StartArgs::default() {
+        return Err(Cli::command().error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "the start flags (-a, -p, -s, -d, -c, -k, -l, -o, --image-builder, \
+             --flops-learner) go with `NodeEngine` alone, not with a command",
+        ));
+    }
+    Ok(cli)
+}
+
 /// Runs the CLI; returns the process exit code.
 pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
-    let cli = match Cli::try_parse_from(args) {
+    let cli = match parse(args) {
         Ok(c) => c,
         Err(e) => {
             // Help and version go to stdout with 0, usage errors to stderr with 2.
@@ -927,8 +941,11 @@ mod tests {
         let cli = Cli::try_parse_from(["NodeEngine", "--address", "h", "--port", "1", "--detach"])
             .expect("aliases parse");
         assert_eq!(cli.start.cluster_addr.as_deref(), Some("h"));
-        // Root flags belong to the root command only.
-        assert!(Cli::try_parse_from(["NodeEngine", "-a", "h", "status"]).is_err());
+        // Root flags belong to the root command only; --config goes anywhere.
+        assert!(parse(["NodeEngine", "-a", "h", "status"].map(Into::into)).is_err());
+        assert!(
+            parse(["NodeEngine", "--config", "/c.json", "config", "csi"].map(Into::into)).is_ok()
+        );
     }
 
     #[test]
