@@ -63,24 +63,51 @@ pub fn read(cgroups_path: &str) -> Option<Reading> {
     }
 }
 
-/// CPU percent between two readings (100 = one core busy).
-pub fn cpu_percent(prev: &Reading, now: &Reading) -> f64 {
+/// CPU use between two readings in percent of the whole machine (100 = all
+/// `cores` busy), as upstream divides a container's CPU share by the cores.
+pub fn cpu_percent(prev: &Reading, now: &Reading, cores: u64) -> f64 {
     let wall = now.at.saturating_duration_since(prev.at).as_nanos() as f64;
     if wall <= 0.0 {
         return 0.0;
     }
-    now.cpu_ns.saturating_sub(prev.cpu_ns) as f64 * 100.0 / wall
+    now.cpu_ns.saturating_sub(prev.cpu_ns) as f64 * 100.0 / wall / cores.max(1) as f64
 }
 
-/// Memory percent of the container's limit, or of the machine when unlimited.
-pub fn memory_percent(r: &Reading, machine_total: u64) -> f64 {
-    let base = match r.mem_limit {
-        Some(l) if l > 0 && l < machine_total => l,
-        _ => machine_total,
-    };
-    if base == 0 {
-        0.0
-    } else {
-        r.mem_bytes as f64 * 100.0 / base as f64
+/// Upstream's service `memory_percent`: the container's memory in bytes over
+/// the node's available memory (`memory` of the node report, MiB), a
+/// fraction despite its name; 100 when the node reports no memory.
+pub fn memory_share(r: &Reading, available_mib: u64) -> f64 {
+    if available_mib == 0 {
+        return 100.0;
+    }
+    r.mem_bytes as f64 / (available_mib as f64 * 1024.0 * 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn values_as_upstream_computes_them() {
+        let at = Instant::now();
+        let prev = Reading {
+            cpu_ns: 0,
+            mem_bytes: 0,
+            mem_limit: None,
+            at,
+        };
+        let now = Reading {
+            cpu_ns: 1_000_000_000,
+            mem_bytes: 512 << 20,
+            mem_limit: Some(64 << 20),
+            at: at + Duration::from_secs(1),
+        };
+        // One core busy on a 4-core machine.
+        assert_eq!(cpu_percent(&prev, &now, 4), 25.0);
+        // 512 MiB used of 2048 MiB available, whatever the limit.
+        assert_eq!(memory_share(&now, 2048), 0.25);
+        assert_eq!(memory_share(&now, 0), 100.0);
     }
 }

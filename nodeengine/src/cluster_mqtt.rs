@@ -7,7 +7,8 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
@@ -15,22 +16,104 @@ use tokio::sync::{mpsc, watch};
 use worker_common::backoff::Backoff;
 use worker_common::tls::ClientTls;
 
+use crate::config::Config;
 use crate::deploy::{Control, Engine};
 use crate::job::StatusReport;
-use crate::node_report::NodeSampler;
+use crate::last_report::LastReport;
+use crate::node_report::{NodeIp, NodeSampler};
+use crate::public_ip::PublicIpSource;
 
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE: Duration = Duration::from_secs(30);
 /// Job documents and node documents can exceed rumqttc's 10 KiB default.
 const MAX_PACKET: usize = 4 << 20;
+/// A password file is a line, not a document.
+const MAX_PASSWORD_FILE: u64 = 4096;
 
 #[derive(Debug, Clone)]
 pub struct MqttSettings {
     pub node_id: String,
     pub host: String,
     pub port: u16,
+    pub security: MqttSecurity,
+}
+
+/// How the session is protected: upstream's client certificate, and our
+/// additions (docs/security.md): server-verified TLS without a client
+/// certificate, a broker user and password.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MqttSecurity {
     pub cert_file: String,
     pub key_file: String,
+    pub ca_file: String,
+    pub tls: bool,
+    pub username: String,
+    pub password_file: String,
+}
+
+impl MqttSecurity {
+    pub fn from_config(cfg: &Config) -> MqttSecurity {
+        MqttSecurity {
+            cert_file: cfg.mqtt_cert_file.clone(),
+            key_file: cfg.mqtt_key_file.clone(),
+            ca_file: cfg.mqtt_ca_file.clone(),
+            tls: cfg.mqtt_tls,
+            username: cfg.mqtt_username.clone(),
+            password_file: cfg.mqtt_password_file.clone(),
+        }
+    }
+
+    fn has_identity(&self) -> bool {
+        !self.cert_file.is_empty() && !self.key_file.is_empty()
+    }
+
+    /// TLS when asked for, or, as upstream, when a client certificate is set.
+    pub fn uses_tls(&self) -> bool {
+        self.tls || self.has_identity()
+    }
+
+    /// The broker is checked against the system roots plus the configured CA,
+    /// else `ca.crt` next to the client certificate, where Oakestra's setup
+    /// scripts put the cluster CA.
+    fn client_tls(&self) -> ClientTls {
+        let mut tls = ClientTls::system_roots();
+        if self.has_identity() {
+            tls = tls.with_identity(&self.cert_file, &self.key_file);
+        }
+        if !self.ca_file.is_empty() {
+            return tls.with_extra_ca(&self.ca_file);
+        }
+        match Path::new(&self.cert_file)
+            .parent()
+            .map(|d| d.join("ca.crt"))
+        {
+            Some(ca) if !self.cert_file.is_empty() && ca.exists() => tls.with_extra_ca(ca),
+            _ => tls,
+        }
+    }
+
+    /// The password: the file without its trailing line end (as NetManager
+    /// reads its `MqttPasswordFile`).
+    fn password(&self) -> Result<String> {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let path = Path::new(&self.password_file);
+        let f = std::fs::File::open(path)
+            .with_context(|| format!("MQTT password file {}", path.display()))?;
+        if f.metadata()
+            .is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+        {
+            tracing::warn!(
+                file = %path.display(),
+                "the MQTT password file can be read by other users; chmod 600 it"
+            );
+        }
+        let mut text = String::new();
+        f.take(MAX_PASSWORD_FILE)
+            .read_to_string(&mut text)
+            .with_context(|| format!("MQTT password file {}", path.display()))?;
+        Ok(text.trim_end_matches(['\n', '\r']).to_string())
+    }
 }
 
 /// Topic names for one node.
@@ -58,48 +141,85 @@ impl Topics {
     }
 }
 
-/// TLS for MQTTS with the node's client certificate. The broker is checked
-/// against the system roots plus `ca.crt` next to the client certificate,
-/// where Oakestra's setup scripts put the cluster CA.
-fn mqtts_tls(cert_file: &str, key_file: &str) -> ClientTls {
-    let tls = ClientTls::system_roots().with_identity(cert_file, key_file);
-    match Path::new(cert_file).parent().map(|d| d.join("ca.crt")) {
-        Some(ca) if ca.exists() => tls.with_extra_ca(ca),
-        _ => tls,
-    }
-}
-
 pub fn options(s: &MqttSettings) -> Result<MqttOptions> {
     let mut o = MqttOptions::new(format!("{}-ne", s.node_id), s.host.clone(), s.port);
     o.set_keep_alive(KEEPALIVE);
     o.set_clean_session(true);
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
-    if !s.cert_file.is_empty() && !s.key_file.is_empty() {
-        let cfg = mqtts_tls(&s.cert_file, &s.key_file)
-            .build()
-            .context("MQTT over TLS")?;
+    let sec = &s.security;
+    if sec.uses_tls() {
+        let cfg = sec.client_tls().build().context("MQTT over TLS")?;
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(cfg)));
+    }
+    if !sec.username.is_empty() {
+        let password = if sec.password_file.is_empty() {
+            String::new()
+        } else {
+            sec.password()?
+        };
+        o.set_credentials(sec.username.clone(), password);
     }
     Ok(o)
 }
 
+/// Says loudly at start when the link to the cluster is not encrypted: any
+/// host on the path could then read the node's reports and, worse, publish
+/// deploy commands to it.
+pub fn warn_if_plaintext(s: &MqttSettings) {
+    if s.security.uses_tls() {
+        tracing::info!(host = %s.host, port = s.port, "MQTT to the cluster over TLS");
+        return;
+    }
+    tracing::warn!(
+        "MQTT to the cluster broker at {}:{} is PLAINTEXT: anyone on the network path can read \
+         this node's reports and publish deploy commands to it{}. Configure TLS \
+         (`NodeEngine config auth --tls on --ca CA`, or a client certificate) and broker \
+         credentials (docs/security.md).",
+        s.host,
+        s.port,
+        if s.security.username.is_empty() {
+            ""
+        } else {
+            ", and the broker password travels in the clear"
+        }
+    );
+}
+
+/// What the session needs besides the engine.
+pub struct Session {
+    pub settings: MqttSettings,
+    pub sampler: NodeSampler,
+    pub public_ip: PublicIpSource,
+    pub node_ip: NodeIp,
+    pub last_report: LastReport,
+}
+
 /// Runs the session until `shutdown` turns true.
 pub async fn run(
-    settings: MqttSettings,
+    session: Session,
     engine: Arc<Engine>,
-    mut status_rx: mpsc::UnboundedReceiver<StatusReport>,
-    sampler: NodeSampler,
+    mut status_rx: mpsc::Receiver<StatusReport>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    let settings = session.settings.clone();
     let topics = Topics::new(&settings.node_id);
+    warn_if_plaintext(&settings);
     let (client, mut eventloop) = AsyncClient::new(options(&settings)?, 256);
+    let connected = Arc::new(AtomicBool::new(false));
+    let last_report = Arc::new(std::sync::Mutex::new(session.last_report));
 
     let reporter = tokio::spawn(report_loop(
         client.clone(),
         topics.clone(),
-        settings.node_id.clone(),
         engine.clone(),
-        sampler,
+        Reporting {
+            node_id: settings.node_id.clone(),
+            sampler: session.sampler,
+            public_ip: session.public_ip,
+            node_ip: session.node_ip,
+            last_report: last_report.clone(),
+            connected: connected.clone(),
+        },
     ));
     let status_client = client.clone();
     let job_topic = topics.job.clone();
@@ -116,9 +236,13 @@ pub async fn run(
             ev = eventloop.poll() => match ev {
                 Ok(ev) => {
                     backoff.reset();
+                    if matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
+                        connected.store(true, Ordering::SeqCst);
+                    }
                     on_event(ev, &client, &topics, &engine);
                 }
                 Err(e) => {
+                    connected.store(false, Ordering::SeqCst);
                     let delay = backoff.next_delay();
                     tracing::warn!(host = %settings.host, port = settings.port,
                         "MQTT connection: {e}; reconnecting in {delay:?}");
@@ -135,6 +259,16 @@ pub async fn run(
     let _ = client.try_disconnect();
     // Give the disconnect a moment to reach the broker.
     let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+    let flushed = tokio::task::spawn_blocking(move || {
+        last_report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush()
+    })
+    .await;
+    if let Ok(Err(e)) = flushed {
+        tracing::warn!("{e:#}");
+    }
     Ok(())
 }
 
@@ -192,40 +326,75 @@ async fn publish_json<T: serde::Serialize>(client: &AsyncClient, topic: &str, va
     }
 }
 
-fn try_publish_json<T: serde::Serialize>(client: &AsyncClient, topic: &str, value: &T) {
+/// Queues a report without waiting; returns whether it was queued.
+fn try_publish_json<T: serde::Serialize>(client: &AsyncClient, topic: &str, value: &T) -> bool {
     match serde_json::to_vec(value) {
-        Ok(body) => {
-            if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, body) {
+        Ok(body) => match client.try_publish(topic, QoS::AtLeastOnce, false, body) {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::debug!(topic, "report dropped: {e}");
+                false
             }
+        },
+        Err(e) => {
+            tracing::error!(topic, "cannot encode report: {e}");
+            false
         }
-        Err(e) => tracing::error!(topic, "cannot encode report: {e}"),
     }
 }
 
-async fn report_loop(
-    client: AsyncClient,
-    topics: Topics,
+/// What the periodic reports need.
+struct Reporting {
     node_id: String,
-    engine: Arc<Engine>,
     sampler: NodeSampler,
-) {
+    public_ip: PublicIpSource,
+    node_ip: NodeIp,
+    last_report: Arc<std::sync::Mutex<LastReport>>,
+    connected: Arc<AtomicBool>,
+}
+
+async fn report_loop(client: AsyncClient, topics: Topics, engine: Arc<Engine>, r: Reporting) {
+    let Reporting {
+        node_id,
+        sampler,
+        mut public_ip,
+        node_ip,
+        last_report,
+        connected,
+    } = r;
     let sampler = Arc::new(std::sync::Mutex::new(sampler));
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let public = public_ip.current().await;
         let s = sampler.clone();
         let id = node_id.clone();
         // sysinfo reads /proc and /sys synchronously.
         let doc = tokio::task::spawn_blocking(move || {
-            s.lock().unwrap_or_else(|p| p.into_inner()).sample(&id)
+            let mut s = s.lock().unwrap_or_else(|p| p.into_inner());
+            s.set_public_ip(public);
+            s.sample(&id)
         })
         .await;
         if let Ok(doc) = doc {
+            // Refreshed every report; status reports carry the same address.
+            node_ip.set(&doc.ip);
             try_publish_json(&client, &topics.information, &doc);
         }
         let resources = engine.resources().await;
-        try_publish_json(&client, &topics.resources, &resources);
+        let queued = try_publish_json(&client, &topics.resources, &resources);
+        if queued && connected.load(Ordering::SeqCst) {
+            let last = last_report.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                last.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(SystemTime::now())
+            })
+            .await;
+            if let Ok(Err(e)) = written {
+                tracing::warn!("{e:#}");
+            }
+        }
     }
 }

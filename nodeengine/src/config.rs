@@ -22,7 +22,8 @@ pub use worker_common::paths::NETMANAGER_SOCKET as DEFAULT_NETMANAGER_SOCK;
 
 /// `overlay_network` value meaning "NodeEngine starts NetManager".
 pub const OVERLAY_AUTO: &str = "default";
-/// `overlay_network` value meaning "no overlay".
+/// `overlay_network` value upstream's `-o disabled` writes; `config network
+/// off` writes `""`. Both (and anything unknown) mean "no overlay".
 pub const OVERLAY_DISABLED: &str = "disabled";
 /// Prefix of `overlay_network` for an operator-managed NetManager socket.
 pub const OVERLAY_CUSTOM_PREFIX: &str = "custom:";
@@ -34,6 +35,7 @@ pub const ADDON_IMAGE_BUILDER: &str = "image-builder";
 /// Runtime names used in `virutalizaiton_runtime` and in job documents.
 pub const RUNTIME_CONTAINER: &str = "docker";
 pub const RUNTIME_UNIKERNEL: &str = "unikernel";
+pub const RUNTIME_CROSVM: &str = "crosvm";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -124,9 +126,64 @@ pub struct Config {
     /// Upstream writes `null` here; we read it as empty and write `[]`.
     #[serde(default, deserialize_with = "lenient::null_as_default")]
     pub csi_drivers: Vec<CsiDriver>,
+    // Our additions (docs/nodeengine-parity.md). Absent while at their
+    // defaults, so a file upstream wrote round-trips unchanged and upstream
+    // reads our files (it ignores keys it does not know).
+    /// Broker user name (password in `mqtt_password_file`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mqtt_username: String,
+    /// A root-only file holding the broker password (never the password
+    /// itself: this file is world-readable, as upstream writes it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mqtt_password_file: String,
+    /// MQTT over TLS, verifying the broker, even without a client certificate.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub mqtt_tls: bool,
+    /// The cluster CA the broker's certificate is checked against (besides
+    /// the system's); default `ca.crt` next to `mqtt_cert_file`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mqtt_ca_file: String,
+    /// What this node runs whatever the cluster asks (docs/security.md).
+    #[serde(default, skip_serializing_if = "LocalPolicy::is_default")]
+    pub local_policy: LocalPolicy,
     /// Keys written by newer upstream versions (`mode`, `p2p`, ...) survive our edits.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The node's own limits on what the cluster may run here. Only the node's
+/// configuration sets them: no job document can change them, so a publisher
+/// on the broker cannot turn them off.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LocalPolicy {
+    /// Run jobs marked `privileged` (they get `/dev/fuse`, as upstream).
+    #[serde(default)]
+    pub allow_privileged: bool,
+    /// Run jobs whose `virtualization` names no runtime of this node (an
+    /// `io.containerd.*` shim, or a runtime binary on PATH, as upstream does).
+    #[serde(default)]
+    pub allow_unknown_runtimes: bool,
+}
+
+impl LocalPolicy {
+    fn is_default(&self) -> bool {
+        *self == LocalPolicy::default()
+    }
+}
+
+/// Where the node's `ip` comes from (`public_ip`, `config visibility`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicIp {
+    /// The first non-loopback IPv4 address of the machine.
+    Private,
+    /// The address a discovery service sees us coming from.
+    Discover,
+    /// An address the operator wrote (upstream's newer string form).
+    Fixed(String),
 }
 
 fn default_version() -> String {
@@ -169,6 +226,11 @@ impl Default for Config {
                 config: Vec::new(),
             }],
             csi_drivers: Vec::new(),
+            mqtt_username: String::new(),
+            mqtt_password_file: String::new(),
+            mqtt_tls: false,
+            mqtt_ca_file: String::new(),
+            local_policy: LocalPolicy::default(),
             extra: serde_json::Map::new(),
         }
     }
@@ -271,12 +333,34 @@ impl Config {
         }
     }
 
+    /// `off` writes `""`, as upstream's `config network off` does.
     pub fn set_network_mode(&mut self, mode: &NetworkMode) {
         self.overlay_network = match mode {
             NetworkMode::Auto => OVERLAY_AUTO.into(),
             NetworkMode::Manual(p) => format!("{OVERLAY_CUSTOM_PREFIX}{}", p.display()),
-            NetworkMode::Off => OVERLAY_DISABLED.into(),
+            NetworkMode::Off => String::new(),
         };
+    }
+
+    /// `public_ip`: `false`, `"false"` and `""` keep the private address;
+    /// `true`, `"true"` and `"auto"` discover the public one; any other
+    /// string is taken as the address (upstream's newer form).
+    pub fn public_ip(&self) -> PublicIp {
+        match &self.public_ip {
+            serde_json::Value::Bool(true) => PublicIp::Discover,
+            serde_json::Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+                "" | "false" => PublicIp::Private,
+                "true" | "auto" => PublicIp::Discover,
+                _ => PublicIp::Fixed(s.trim().to_string()),
+            },
+            _ => PublicIp::Private,
+        }
+    }
+
+    /// `config visibility public|private` writes a boolean, which both
+    /// upstream's older (bool) and newer (string) readers accept.
+    pub fn set_public_ip(&mut self, public: bool) {
+        self.public_ip = serde_json::Value::Bool(public);
     }
 
     /// Turns an addon on or off, adding its entry when absent.
@@ -300,17 +384,22 @@ impl Config {
             .collect()
     }
 
-    /// Turns the unikernel runtime on or off, adding its entry when absent.
-    pub fn set_unikernel(&mut self, active: bool) {
+    /// Turns a virtualization on or off, adding its entry (named as upstream
+    /// names it) when absent.
+    pub fn set_virtualization(&mut self, runtime: &str, active: bool) {
         match self
             .virtualizations
             .iter_mut()
-            .find(|v| v.runtime == RUNTIME_UNIKERNEL)
+            .find(|v| v.runtime == runtime)
         {
             Some(v) => v.active = active,
             None => self.virtualizations.push(Virtualization {
-                name: "unikraft".into(),
-                runtime: RUNTIME_UNIKERNEL.into(),
+                name: match runtime {
+                    RUNTIME_UNIKERNEL => "unikraft".into(),
+                    RUNTIME_CONTAINER => "containerd".into(),
+                    other => other.into(),
+                },
+                runtime: runtime.into(),
                 active,
                 config: Vec::new(),
             }),
@@ -444,6 +533,46 @@ mod tests {
         assert_eq!(c.overlay_network, "custom:/run/nm.sock");
         assert_eq!(c.network_mode(), NetworkMode::Manual("/run/nm.sock".into()));
         c.set_network_mode(&NetworkMode::Off);
+        assert_eq!(c.overlay_network, "");
         assert_eq!(c.network_mode(), NetworkMode::Off);
+        c.overlay_network = OVERLAY_DISABLED.into();
+        assert_eq!(c.network_mode(), NetworkMode::Off);
+    }
+
+    #[test]
+    fn public_ip_forms() {
+        let mut c = Config::default();
+        assert_eq!(c.public_ip(), PublicIp::Private);
+        c.set_public_ip(true);
+        assert!(c.to_json().contains("\"public_ip\":true"));
+        assert_eq!(c.public_ip(), PublicIp::Discover);
+        for (v, want) in [
+            ("auto", PublicIp::Discover),
+            (" TRUE ", PublicIp::Discover),
+            ("false", PublicIp::Private),
+            ("", PublicIp::Private),
+            ("203.0.113.9", PublicIp::Fixed("203.0.113.9".into())),
+        ] {
+            c.public_ip = serde_json::json!(v);
+            assert_eq!(c.public_ip(), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn our_additions_are_read_and_written_only_when_set() {
+        let text = format!(
+            "{},\"mqtt_username\":\"n1\",\"mqtt_tls\":true,\"local_policy\":{{\"allow_privileged\":true}}}}",
+            &UPSTREAM[..UPSTREAM.len() - 1]
+        );
+        let c = Config::parse(&text, Path::new("x")).expect("parse");
+        assert_eq!(c.mqtt_username, "n1");
+        assert!(c.mqtt_tls);
+        assert!(c.local_policy.allow_privileged);
+        assert!(!c.local_policy.allow_unknown_runtimes);
+        assert!(c.extra.is_empty(), "{:?}", c.extra);
+        let json = c.to_json();
+        assert!(json.ends_with(
+            ",\"mqtt_username\":\"n1\",\"mqtt_tls\":true,\"local_policy\":{\"allow_privileged\":true,\"allow_unknown_runtimes\":false}}"
+        ), "{json}");
     }
 }

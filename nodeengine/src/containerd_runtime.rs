@@ -87,9 +87,58 @@ pub struct NewContainer<'a> {
     pub id: &'a str,
     pub image: &'a ResolvedImage,
     pub spec: serde_json::Value,
-    pub runtime: &'a str,
+    pub runtime: &'a RuntimeChoice,
     pub labels: HashMap<String, String>,
 }
+
+/// The containerd shim that runs a container, and for runc-compatible
+/// runtimes the binary runc's shim should run instead of `runc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeChoice {
+    pub shim: String,
+    pub binary: Option<PathBuf>,
+}
+
+impl Default for RuntimeChoice {
+    /// containerd's default: runc.
+    fn default() -> Self {
+        RuntimeChoice {
+            shim: RUNC_RUNTIME.to_string(),
+            binary: None,
+        }
+    }
+}
+
+/// `containerd.runc.v1.Options` (api/types/runc/options/oci.proto): only
+/// the field we set; the runc shim reads the rest as defaults.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuncOptions {
+    #[prost(string, tag = "6")]
+    binary_name: String,
+}
+
+const RUNC_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.Options";
+
+impl RuntimeChoice {
+    fn to_runtime(&self) -> Runtime {
+        use prost::Message;
+        Runtime {
+            name: self.shim.clone(),
+            options: self.binary.as_ref().map(|b| prost_types::Any {
+                type_url: RUNC_OPTIONS_TYPE_URL.into(),
+                value: RuncOptions {
+                    binary_name: b.display().to_string(),
+                }
+                .encode_to_vec(),
+            }),
+        }
+    }
+}
+
+/// What a registry that speaks only plain HTTP answers a TLS client (Go's
+/// net/http wording, which containerd and ctr pass on); upstream retries
+/// such pulls over HTTP.
+const PLAIN_HTTP_ONLY: &str = "server gave HTTP response to HTTPS client";
 
 #[derive(Clone)]
 pub struct ContainerdRuntime {
@@ -420,13 +469,37 @@ impl ContainerdRuntime {
     /// Pulls through containerd's Transfer service (containerd >= 1.7). Older
     /// containerd has no Transfer service; then `ctr` (same daemon, same namespace)
     /// pulls, since implementing a registry client here would duplicate containerd.
+    /// A registry that only speaks plain HTTP is tried again over HTTP, with a
+    /// warning, as upstream does.
     async fn pull(&self, name: &str, platform: &Platform) -> Result<()> {
         let reference = normalize_image_name(name);
         tracing::info!(image = %reference, "pulling image");
-        match self.pull_with_transfer(&reference, platform).await {
+        match self.pull_once(&reference, platform, false).await {
+            Err(e) if format!("{e:#}").contains(PLAIN_HTTP_ONLY) => {
+                tracing::warn!(
+                    image = %reference,
+                    "the registry speaks only plain HTTP: pulling without TLS, so the \
+                     image is neither encrypted nor authenticated in transit"
+                );
+                self.pull_once(&reference, platform, true).await
+            }
+            other => other,
+        }
+    }
+
+    async fn pull_once(
+        &self,
+        reference: &str,
+        platform: &Platform,
+        plain_http: bool,
+    ) -> Result<()> {
+        match self
+            .pull_with_transfer(reference, platform, plain_http)
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if e.code() == Code::Unimplemented => {
-                self.pull_with_ctr(&reference, platform).await
+                self.pull_with_ctr(reference, platform, plain_http).await
             }
             Err(e) => Err(anyhow!("pulling {reference}: {}", e.message())),
         }
@@ -436,11 +509,17 @@ impl ContainerdRuntime {
         &self,
         reference: &str,
         platform: &Platform,
+        plain_http: bool,
     ) -> std::result::Result<(), Status> {
-        use containerd_client::types::transfer::{ImageStore, OciRegistry, UnpackConfiguration};
+        use containerd_client::types::transfer::{
+            ImageStore, OciRegistry, RegistryResolver, UnpackConfiguration,
+        };
         let source = OciRegistry {
             reference: reference.to_string(),
-            resolver: None,
+            resolver: plain_http.then(|| RegistryResolver {
+                default_scheme: "http".into(),
+                ..Default::default()
+            }),
         };
         let destination = ImageStore {
             name: reference.to_string(),
@@ -462,7 +541,12 @@ impl ContainerdRuntime {
             .map(|_| ())
     }
 
-    async fn pull_with_ctr(&self, reference: &str, platform: &Platform) -> Result<()> {
+    async fn pull_with_ctr(
+        &self,
+        reference: &str,
+        platform: &Platform,
+        plain_http: bool,
+    ) -> Result<()> {
         let ctr = crate::node_report::find_on_path("ctr").ok_or_else(|| {
             anyhow!(
                 "image {reference} is not present, containerd has no Transfer service \
@@ -470,16 +554,18 @@ impl ContainerdRuntime {
             )
         })?;
         let plat = format!("{}/{}", platform.os, platform.architecture);
-        let out = tokio::process::Command::new(ctr)
-            .arg("-a")
-            .arg(&self.settings.socket)
-            .args([
-                "-n",
-                &self.settings.namespace,
-                "images",
-                "pull",
-                "--platform",
-            ])
+        let mut cmd = tokio::process::Command::new(ctr);
+        cmd.arg("-a").arg(&self.settings.socket).args([
+            "-n",
+            &self.settings.namespace,
+            "images",
+            "pull",
+        ]);
+        if plain_http {
+            cmd.arg("--plain-http");
+        }
+        let out = cmd
+            .arg("--platform")
             .arg(&plat)
             .arg(reference)
             .kill_on_drop(true)
@@ -641,10 +727,7 @@ impl ContainerdRuntime {
             id: c.id.to_string(),
             labels: c.labels,
             image: c.image.name.clone(),
-            runtime: Some(Runtime {
-                name: c.runtime.to_string(),
-                options: None,
-            }),
+            runtime: Some(c.runtime.to_runtime()),
             spec: Some(prost_types::Any {
                 type_url: SPEC_TYPE_URL.into(),
                 value: spec,
@@ -682,6 +765,30 @@ impl ContainerdRuntime {
                 ))
             }
         }
+    }
+
+    /// Replaces the OCI spec of a container that has no task yet.
+    pub async fn update_spec(&self, id: &str, spec: &serde_json::Value) -> Result<()> {
+        use containerd_client::services::v1::UpdateContainerRequest;
+        let spec = serde_json::to_vec(spec).context("encoding the OCI spec")?;
+        let mut containers = ContainersClient::new(self.channel.clone());
+        containers
+            .update(self.req(UpdateContainerRequest {
+                container: Some(Container {
+                    id: id.to_string(),
+                    spec: Some(prost_types::Any {
+                        type_url: SPEC_TYPE_URL.into(),
+                        value: spec,
+                    }),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["spec".into()],
+                }),
+            }))
+            .await
+            .map_err(|s| anyhow!("updating container {id}: {}", s.message()))?;
+        Ok(())
     }
 
     /// Creates the task (the process exists but does not run yet); returns its pid.

@@ -1,9 +1,9 @@
 //! `nodeengined`: reads its command line and the configuration, joins the
 //! cluster and serves it until SIGTERM/SIGINT.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -12,25 +12,32 @@ use worker_common::args::empty_is_default;
 use worker_common::backoff::Backoff;
 use worker_common::shutdown::stop_signal;
 
+use crate::addons;
+use crate::app_logs::{self, AppLogs};
 use crate::cluster_link;
-use crate::cluster_mqtt::{self, MqttSettings};
+use crate::cluster_mqtt::{self, MqttSecurity, MqttSettings, Session};
 use crate::config::{
-    CONF_ENV, Config, DEFAULT_CONF_PATH, NetworkMode, RUNTIME_CONTAINER, RUNTIME_UNIKERNEL,
+    ADDON_FLOPS, CONF_ENV, Config, DEFAULT_CONF_PATH, NetworkMode, RUNTIME_CONTAINER,
+    RUNTIME_UNIKERNEL,
 };
 use crate::containerd_runtime::{self, ContainerdRuntime, ContainerdSettings};
 use crate::csi::{Registry as CsiRegistry, VolumeManager};
 use crate::deploy::{Engine, EngineSettings};
+use crate::last_report::{self, LastReport};
 use crate::netmanager_client::NetManagerClient;
 use crate::netmanager_supervisor;
-use crate::node_report::{self, NodeSampler, StaticFacts};
+use crate::node_report::{NodeIp, NodeSampler, StaticFacts};
+use crate::public_ip::{self, PublicIpSource};
+use crate::runtimes::{self, Runtimes};
 use crate::unikernel::UnikernelRuntime;
 
 /// What upstream reports as the node's port without `MY_PORT`.
 const DEFAULT_NODE_PORT: &str = "3000";
 
 /// Where the daemon keeps what must outlive it: CSI mount records, staging and
-/// target paths (`csi/`, upstream's location) and unikernel instances
-/// (`unikernel/`).
+/// target paths (`csi/`, upstream's location), unikernel instances
+/// (`unikernel/`), the time of the last report (`last-report`), the fallback
+/// resolv.conf and the FLOps data server's volume (`flops/`).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/oakestra";
 
 /// `nodeengined`'s command line. Everything the daemon takes from its
@@ -68,6 +75,16 @@ pub struct DaemonArgs {
     )]
     pub containerd_namespace: String,
 
+    /// containerd's configuration, where its runtimes (runsc, kata, ...) are found
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "CONTAINERD_CONFIG",
+        default_value = runtimes::DEFAULT_CONTAINERD_CONFIG,
+        value_parser = empty_is_default::<PathBuf>(runtimes::DEFAULT_CONTAINERD_CONFIG)
+    )]
+    pub containerd_config: PathBuf,
+
     /// The port this node reports to the cluster (upstream's `MY_PORT`)
     #[arg(
         long,
@@ -78,7 +95,8 @@ pub struct DaemonArgs {
     )]
     pub node_port: String,
 
-    /// State directory (CSI volumes under csi/, unikernels under unikernel/)
+    /// State directory (CSI volumes under csi/, unikernels under unikernel/,
+    /// the last report time, the fallback resolv.conf, addon data)
     #[arg(
         long,
         value_name = "DIR",
@@ -87,6 +105,44 @@ pub struct DaemonArgs {
         value_parser = empty_is_default::<PathBuf>(DEFAULT_STATE_DIR)
     )]
     pub state_dir: PathBuf,
+
+    /// Seconds without reports after which the cluster has replaced this
+    /// node's instances: containers found at start are adopted only within it
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "NODEENGINE_ADOPT_WINDOW",
+        default_value_t = last_report::DEFAULT_WINDOW.as_secs()
+    )]
+    pub adopt_window: u64,
+
+    /// Where the public address is discovered (`config visibility public`)
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "NODEENGINE_PUBLIC_IP_URL",
+        default_value = public_ip::DEFAULT_URL,
+        value_parser = empty_is_default::<String>(public_ip::DEFAULT_URL)
+    )]
+    pub public_ip_url: String,
+
+    /// Seconds between public address discoveries
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "NODEENGINE_PUBLIC_IP_REFRESH",
+        default_value_t = public_ip::DEFAULT_REFRESH.as_secs()
+    )]
+    pub public_ip_refresh: u64,
+
+    /// Largest size of one application's log before it is cut to its newest half
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "NODEENGINE_APP_LOG_MAX_BYTES",
+        default_value_t = app_logs::DEFAULT_MAX_BYTES
+    )]
+    pub app_log_max_bytes: u64,
 
     /// Log filter, e.g. `info,nodeengine=debug`
     #[arg(long, value_name = "FILTER", env = "RUST_LOG")]
@@ -125,16 +181,17 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 
 fn build_engine(
     cfg: &Config,
-    containerd: ContainerdSettings,
+    args: &DaemonArgs,
+    runtimes: Runtimes,
     net: Option<NetManagerClient>,
     volumes: VolumeManager,
-    state_dir: &std::path::Path,
+    node_ip: NodeIp,
 ) -> Result<(
     Arc<Engine>,
-    tokio::sync::mpsc::UnboundedReceiver<crate::job::StatusReport>,
+    tokio::sync::mpsc::Receiver<crate::job::StatusReport>,
 )> {
     let containerd = if cfg.runtime_active(RUNTIME_CONTAINER) {
-        Some(ContainerdRuntime::new(containerd)?)
+        Some(ContainerdRuntime::new(args.containerd())?)
     } else {
         None
     };
@@ -142,18 +199,66 @@ fn build_engine(
         if let Some(reason) = UnikernelRuntime::unavailable_reason() {
             tracing::warn!("unikernel runtime enabled but {reason}; unikernel jobs will fail");
         }
-        Some(UnikernelRuntime::new(state_dir.join("unikernel")))
+        Some(UnikernelRuntime::new(args.state_dir.join("unikernel")))
     } else {
         None
     };
+    let app_logs = AppLogs::open(Path::new(&cfg.app_logs), args.app_log_max_bytes)?;
+    tracing::info!(dir = %app_logs.dir().display(), "application logs");
     Ok(Engine::new(EngineSettings {
         containerd,
         unikernel,
         netmanager: net,
         volumes,
-        app_logs: PathBuf::from(&cfg.app_logs),
-        node_ip: node_report::primary_ipv4(),
+        app_logs,
+        runtimes,
+        policy: cfg.local_policy.clone(),
+        state_dir: args.state_dir.clone(),
+        node_ip,
     }))
+}
+
+/// Adopts running containers when the cluster still counts them, removes
+/// them otherwise (see `last_report`).
+async fn reconcile(engine: &Arc<Engine>, last: &LastReport, window: Duration) {
+    let adopt = last.within(window, SystemTime::now());
+    match last.stored() {
+        Some(at) => tracing::info!(
+            "last report went out {:?} ago (window {window:?}): {}",
+            SystemTime::now().duration_since(at).unwrap_or_default(),
+            if adopt {
+                "adopting running instances"
+            } else {
+                "removing instances the cluster has replaced"
+            }
+        ),
+        None => tracing::info!("no earlier report known: removing leftover instances"),
+    }
+    if let Err(e) = engine.reconcile(adopt).await {
+        tracing::warn!("reconciling with containerd: {e:#}");
+    }
+}
+
+/// Addons that need work at start; returns whether the FLOps data server runs.
+async fn start_addons(cfg: &Config, args: &DaemonArgs) -> bool {
+    if !cfg.active_addons().iter().any(|a| a == ADDON_FLOPS) {
+        return false;
+    }
+    let started = match ContainerdRuntime::new(args.containerd()) {
+        Ok(rt) => addons::start_flops_data_server(&rt, &args.state_dir).await,
+        Err(e) => Err(e),
+    };
+    match started {
+        Ok(()) => true,
+        Err(e) => {
+            // Upstream exits here; the node keeps serving its other jobs and
+            // does not advertise FLOps-learner.
+            tracing::error!(
+                "FLOps ML data server not started, FLOps-learner not advertised: {e:#}"
+            );
+            false
+        }
+    }
 }
 
 async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -> Result<()> {
@@ -168,6 +273,8 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
             .context("starting NetManager (network mode auto)")?;
     }
     let net = mode.socket().map(NetManagerClient::new);
+    let node_ip = NodeIp::default();
+    let runtimes = Runtimes::new(&cfg, &args.containerd_config);
     // Probed before the registration, so its node document lists only the
     // CSI drivers that answer; then again every 30 s.
     let csi = CsiRegistry::new(&cfg.csi_drivers);
@@ -176,23 +283,48 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
     let volumes = VolumeManager::new(csi.clone(), args.state_dir.join("csi"));
     let (engine, status_rx) = build_engine(
         &cfg,
-        args.containerd(),
+        &args,
+        runtimes.clone(),
         net.clone(),
         volumes,
-        &args.state_dir,
+        node_ip.clone(),
     )?;
-    if cfg.runtime_active(RUNTIME_CONTAINER)
-        && let Err(e) = engine.reconcile().await
-    {
-        tracing::warn!("reconciling with containerd: {e:#}");
+    let last_report = LastReport::new(&args.state_dir);
+    if cfg.runtime_active(RUNTIME_CONTAINER) {
+        reconcile(
+            &engine,
+            &last_report,
+            Duration::from_secs(args.adopt_window),
+        )
+        .await;
     }
     engine.release_orphaned_volumes().await;
+    let flops = start_addons(&cfg, &args).await;
 
-    let mut sampler =
-        NodeSampler::new(StaticFacts::from_config(&cfg, &args.node_port)).with_csi(csi);
+    let mut facts = StaticFacts::from_config(&cfg, &args.node_port);
+    facts.virtualization = runtimes.advertised(&cfg);
+    // The imageBuilder check runs dpkg: on the blocking pool.
+    let addon_cfg = cfg.clone();
+    facts.supported_addons =
+        tokio::task::spawn_blocking(move || addons::advertised(&addon_cfg, flops))
+            .await
+            .unwrap_or_default();
+    let mut sampler = NodeSampler::new(facts).with_csi(csi);
+    let mut public_ip = PublicIpSource::new(
+        cfg.public_ip(),
+        &args.public_ip_url,
+        Duration::from_secs(args.public_ip_refresh.max(1)),
+    )?;
+    sampler.set_public_ip(public_ip.current().await);
     let cluster =
         cluster_link::ClusterLink::new(&cfg.cluster_address, cfg.cluster_port, cfg.cluster_ssl)?;
-    let reg = cluster.register_with_retry(|| sampler.sample("")).await;
+    let reg = cluster
+        .register_with_retry(|| {
+            let doc = sampler.sample("");
+            node_ip.set(&doc.ip);
+            doc
+        })
+        .await;
     tracing::info!(node_id = %reg.node_id, mqtt_port = reg.mqtt_port, "registered with the cluster");
 
     if let Some(net) = net.clone() {
@@ -201,14 +333,19 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
         tokio::spawn(async move { register_with_netmanager(&net, &id, &cluster).await });
     }
 
-    let mqtt = MqttSettings {
-        node_id: reg.node_id.clone(),
-        host: cfg.cluster_address.clone(),
-        port: reg.mqtt_port,
-        cert_file: cfg.mqtt_cert_file.clone(),
-        key_file: cfg.mqtt_key_file.clone(),
+    let session = Session {
+        settings: MqttSettings {
+            node_id: reg.node_id.clone(),
+            host: cfg.cluster_address.clone(),
+            port: reg.mqtt_port,
+            security: MqttSecurity::from_config(&cfg),
+        },
+        sampler,
+        public_ip,
+        node_ip,
+        last_report,
     };
-    let result = cluster_mqtt::run(mqtt, engine, status_rx, sampler, shutdown).await;
+    let result = cluster_mqtt::run(session, engine, status_rx, shutdown).await;
     if let Some(sup) = supervisor {
         let _ = tokio::time::timeout(Duration::from_secs(6), sup).await;
     }
@@ -262,6 +399,7 @@ mod tests {
             containerd_runtime::DEFAULT_NAMESPACE
         );
         assert_eq!(a.node_port, "4000");
+        assert_eq!(a.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
     }
 
     /// Everything the daemon takes from its environment is an argument.
@@ -279,8 +417,13 @@ mod tests {
             vars,
             [
                 "CONTAINERD_ADDRESS",
+                "CONTAINERD_CONFIG",
                 "CONTAINERD_NAMESPACE",
                 "MY_PORT",
+                "NODEENGINE_ADOPT_WINDOW",
+                "NODEENGINE_APP_LOG_MAX_BYTES",
+                "NODEENGINE_PUBLIC_IP_REFRESH",
+                "NODEENGINE_PUBLIC_IP_URL",
                 "OAKESTRA_CONF",
                 "OAKESTRA_STATE_DIR",
                 "RUST_LOG"

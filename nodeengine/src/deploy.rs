@@ -3,7 +3,10 @@
 //!
 //! Each instance (task id `<job_name>.instance.<n>`) has its own async lock, so a
 //! delete that arrives while the deploy is still pulling waits for it, and an exit
-//! racing with a delete is reported once.
+//! racing with a delete is reported once. Control messages for one instance
+//! queue in arrival order in a bounded queue; queues and locks are dropped as
+//! soon as nothing uses them, so a stream of distinct job names cannot grow
+//! the daemon's memory.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,23 +16,36 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::app_logs::AppLogs;
 use crate::cgroup_stats;
-use crate::config::{RUNTIME_CONTAINER, RUNTIME_UNIKERNEL};
+use crate::config::LocalPolicy;
 use crate::containerd_runtime::{
     self, ContainerdRuntime, LABEL_INSTANCE, LABEL_JOB, LABEL_ONE_SHOT, LABEL_VIRT, NewContainer,
+    RuntimeChoice,
 };
 use crate::csi::VolumeManager;
+use crate::image_user::{self, ProcessUser};
 use crate::job::{
     self, DeleteRequest, DeployRequest, JobStatus, ResourcesReport, ServiceResources, StatusReport,
 };
 use crate::netmanager_client::{self, NetManagerClient, UndeployRequest};
-use crate::oci_spec::{self, SpecInput};
+use crate::node_report::NodeIp;
+use crate::oci_spec::{self, HostDevice, SpecInput};
+use crate::runtimes::{Placement, Runtimes};
 use crate::unikernel::UnikernelRuntime;
+use crate::{gpu, node_report, resolv_conf};
 
 /// Grace period between SIGTERM and SIGKILL when removing an instance.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How much of an application log the resources report carries.
 const LOG_TAIL: u64 = 1024;
+/// Control messages one instance may have waiting; the cluster sends one
+/// deploy and one delete per instance, so more is a misbehaving peer.
+const QUEUE_DEPTH: usize = 16;
+/// Instances that may have control messages waiting at once.
+const MAX_QUEUES: usize = 4096;
+/// Status reports waiting for the MQTT session.
+const STATUS_QUEUE: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -53,9 +69,13 @@ pub struct EngineSettings {
     pub netmanager: Option<NetManagerClient>,
     /// Mounts jobs' CSI volumes.
     pub volumes: VolumeManager,
-    pub app_logs: PathBuf,
-    /// Reported as `publicip` in status messages.
-    pub node_ip: String,
+    pub app_logs: AppLogs,
+    pub runtimes: Runtimes,
+    pub policy: LocalPolicy,
+    /// Where the daemon keeps its own files (the fallback resolv.conf).
+    pub state_dir: PathBuf,
+    /// The node's current `ip`, reported as `publicip` in status messages.
+    pub node_ip: NodeIp,
 }
 
 /// A control message from the cluster.
@@ -72,66 +92,45 @@ pub struct Engine {
     instances: Mutex<HashMap<String, Instance>>,
     /// Control messages for one instance are handled in arrival order (a deploy
     /// followed by a delete must not be swapped); different instances in parallel.
-    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Control>>>,
+    queues: Mutex<HashMap<String, mpsc::Sender<Control>>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    status_tx: mpsc::UnboundedSender<StatusReport>,
-    machine_memory: u64,
+    status_tx: mpsc::Sender<StatusReport>,
 }
 
-/// How a virtualization name maps onto our runtimes.
-#[derive(Debug, PartialEq)]
-enum Placement {
-    Containerd(String),
-    Unikernel,
+/// Why the node's local policy refuses a job (the FAILED report's detail).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "privileged jobs are refused by this node's local policy \
+     (local_policy.allow_privileged in the node's conf.json; \
+     `NodeEngine config policy privileged allow`)"
+)]
+pub struct PrivilegedRefused;
+
+/// Sizes of the engine's bookkeeping, for tests and `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bookkeeping {
+    pub instances: usize,
+    pub queues: usize,
+    pub locks: usize,
 }
 
-fn placement(virtualization: &str) -> Result<Placement> {
-    match virtualization.trim() {
-        "" | RUNTIME_CONTAINER | "containerd" => Ok(Placement::Containerd(
-            containerd_runtime::RUNC_RUNTIME.to_string(),
-        )),
-        RUNTIME_UNIKERNEL => Ok(Placement::Unikernel),
-        other if other.starts_with("io.containerd.") && other.len() < 100 => {
-            Ok(Placement::Containerd(other.to_string()))
-        }
-        other => bail!("unknown virtualization {other:?}"),
-    }
-}
-
-/// Last `LOG_TAIL` bytes of the application log (lossy UTF-8).
-fn log_tail(path: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)))
-        .is_err()
-    {
-        return String::new();
-    }
-    let mut buf = Vec::with_capacity(LOG_TAIL as usize);
-    let _ = f.take(LOG_TAIL).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
+/// Runs blocking file work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow!("blocking task failed: {e}"))
 }
 
 impl Engine {
     /// Returns the engine and the stream of status reports to publish.
-    pub fn new(s: EngineSettings) -> (Arc<Engine>, mpsc::UnboundedReceiver<StatusReport>) {
-        let (status_tx, rx) = mpsc::unbounded_channel();
-        let machine_memory = sysinfo::System::new()
-            .map(|mut sys| {
-                sys.refresh_memory();
-                sys.total_memory()
-            })
-            .unwrap_or(0);
+    pub fn new(s: EngineSettings) -> (Arc<Engine>, mpsc::Receiver<StatusReport>) {
+        let (status_tx, rx) = mpsc::channel(STATUS_QUEUE);
         let engine = Engine {
             s,
             instances: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             status_tx,
-            machine_memory,
         };
         (Arc::new(engine), rx)
     }
@@ -141,9 +140,33 @@ impl Engine {
         self.instances.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn locks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn queues(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Control>>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(id.to_string()).or_default().clone()
+        self.locks().entry(id.to_string()).or_default().clone()
+    }
+
+    /// Forgets the lock of `id` when nobody holds or waits for it (the map's
+    /// own reference is the only one left).
+    fn release_lock(&self, id: &str) {
+        let mut locks = self.locks();
+        if locks.get(id).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(id);
+        }
+    }
+
+    pub fn bookkeeping(&self) -> Bookkeeping {
+        Bookkeeping {
+            instances: self.instances().len(),
+            queues: self.queues().len(),
+            locks: self.locks().len(),
+        }
     }
 
     fn report(&self, job_name: &str, instance: u32, status: JobStatus, detail: String) {
@@ -152,10 +175,12 @@ impl Engine {
             status,
             status_detail: detail,
             instance,
-            publicip: self.s.node_ip.clone(),
+            publicip: self.s.node_ip.get(),
         };
         tracing::info!(job = job_name, instance, status = ?status, detail = %report.status_detail, "status");
-        let _ = self.status_tx.send(report);
+        if let Err(e) = self.status_tx.try_send(report) {
+            tracing::error!(job = job_name, instance, "status report lost: {e}");
+        }
     }
 
     pub fn instance_count(&self) -> usize {
@@ -168,34 +193,70 @@ impl Engine {
             Control::Deploy(p) | Control::Delete(p) => p,
         };
         let Some((job_name, instance)) = job::identify(payload) else {
-            // Not addressable to an instance: only a log line will come of it.
-            let engine = self.clone();
-            tokio::spawn(async move { engine.handle(c).await });
+            // Not addressable to an instance: only a log line comes of it.
+            let what = match &c {
+                Control::Deploy(p) => job::parse_deploy(p).err(),
+                Control::Delete(p) => job::parse_delete(p).err(),
+            };
+            if let Some(e) = what {
+                tracing::warn!("ignoring control message: {e}");
+            }
             return;
         };
         let key = job::task_id(&job_name, instance);
-        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let mut queues = self.queues();
         let c = match queues.get(&key) {
-            Some(tx) => match tx.send(c) {
-                Ok(()) => return,
-                Err(mpsc::error::SendError(c)) => c,
-            },
             None => c,
+            Some(tx) => match tx.try_send(c) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(c)) => {
+                    drop(queues);
+                    return self.refuse(
+                        c,
+                        &job_name,
+                        instance,
+                        "too many control messages waiting",
+                    );
+                }
+                // The worker just ended: start a new one.
+                Err(mpsc::error::TrySendError::Closed(c)) => c,
+            },
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(c);
+        if queues.len() >= MAX_QUEUES {
+            drop(queues);
+            return self.refuse(
+                c,
+                &job_name,
+                instance,
+                "too many instances with control messages waiting",
+            );
+        }
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        // A fresh channel has room.
+        let _ = tx.try_send(c);
         queues.insert(key.clone(), tx);
         let engine = self.clone();
         tokio::spawn(async move { engine.queue_worker(key, rx).await });
     }
 
-    async fn queue_worker(self: Arc<Self>, key: String, mut rx: mpsc::UnboundedReceiver<Control>) {
+    /// A control message that does not fit: a deploy is answered FAILED so
+    /// the cluster places the instance elsewhere; a delete is logged.
+    fn refuse(&self, c: Control, job_name: &str, instance: u32, why: &str) {
+        match c {
+            Control::Deploy(_) => self.report(job_name, instance, JobStatus::Failed, why.into()),
+            Control::Delete(_) => {
+                tracing::error!(job = job_name, instance, "delete dropped: {why}")
+            }
+        }
+    }
+
+    async fn queue_worker(self: Arc<Self>, key: String, mut rx: mpsc::Receiver<Control>) {
         loop {
             match tokio::time::timeout(QUEUE_IDLE, rx.recv()).await {
                 Ok(Some(c)) => self.handle(c).await,
                 Ok(None) => return,
                 Err(_) => {
-                    let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut queues = self.queues();
                     if rx.is_empty() {
                         queues.remove(&key);
                         return;
@@ -231,15 +292,24 @@ impl Engine {
         };
         let id = req.task_id();
         let lock = self.lock_for(&id);
-        let _guard = lock.lock().await;
-        if self.instances().contains_key(&id) {
+        let guard = lock.lock().await;
+        self.deploy_locked(&req, &id).await;
+        drop(guard);
+        drop(lock);
+        self.release_lock(&id);
+    }
+
+    async fn deploy_locked(self: &Arc<Self>, req: &DeployRequest, id: &str) {
+        if self.instances().contains_key(id) {
+            // MQTT QoS 1 may deliver a deploy twice; upstream's FAILED here
+            // would make the cluster replace a healthy instance.
             tracing::warn!(id, "deploy for an instance that already runs here; ignored");
             return;
         }
-        match self.deploy(&req).await {
+        match self.deploy(req).await {
             Ok(started) => {
                 self.instances().insert(
-                    id.clone(),
+                    id.to_string(),
                     Instance {
                         job_name: req.job_name.clone(),
                         instance: req.instance,
@@ -256,9 +326,9 @@ impl Engine {
                     String::new(),
                 );
                 if let Some(exit) = started.vm_exit {
-                    self.spawn_vm_waiter(id, exit);
+                    self.spawn_vm_waiter(id.to_string(), exit);
                 } else {
-                    self.spawn_container_waiter(id);
+                    self.spawn_container_waiter(id.to_string());
                 }
             }
             Err(e) => self.report(
@@ -271,7 +341,11 @@ impl Engine {
     }
 
     async fn deploy(&self, req: &DeployRequest) -> Result<Started> {
-        match placement(&req.virtualization)? {
+        // The node's own policy first: no job document can change it.
+        if req.privileged && !self.s.policy.allow_privileged {
+            return Err(PrivilegedRefused.into());
+        }
+        match self.s.runtimes.place(&req.virtualization)? {
             Placement::Containerd(runtime) => {
                 self.deploy_container(req, &runtime).await?;
                 Ok(Started {
@@ -289,7 +363,7 @@ impl Engine {
                          (NodeEngine config virtualization unikernel on)"
                     )
                 })?;
-                let log = self.log_path(&req.task_id())?;
+                let log = self.create_log(&req.task_id()).await?;
                 let vm = uk.start(req, self.s.netmanager.as_ref(), &log).await?;
                 Ok(Started {
                     kind: Kind::Unikernel,
@@ -299,14 +373,11 @@ impl Engine {
         }
     }
 
-    fn log_path(&self, id: &str) -> Result<PathBuf> {
-        std::fs::create_dir_all(&self.s.app_logs).with_context(|| {
-            format!(
-                "creating the app log directory {}",
-                self.s.app_logs.display()
-            )
-        })?;
-        Ok(self.s.app_logs.join(id))
+    /// A new, empty application log for the instance.
+    async fn create_log(&self, id: &str) -> Result<PathBuf> {
+        let logs = self.s.app_logs.clone();
+        let id = id.to_string();
+        blocking(move || logs.create(&id)).await?
     }
 
     fn containerd(&self) -> Result<&ContainerdRuntime> {
@@ -316,42 +387,81 @@ impl Engine {
             .ok_or_else(|| anyhow!("the containerd runtime is not active on this node"))
     }
 
-    async fn deploy_container(&self, req: &DeployRequest, runtime: &str) -> Result<()> {
+    /// What a job's spec needs from the host besides the job: the resolver
+    /// file, the privileged device and the GPU hook (all blocking work).
+    async fn host_parts(&self, req: &DeployRequest) -> Result<HostParts> {
+        let state_dir = self.s.state_dir.clone();
+        let (privileged, vgpus) = (req.privileged, req.vgpus);
+        blocking(move || -> Result<HostParts> {
+            let resolv_conf = resolv_conf::resolver_file(&state_dir)?;
+            let devices = if privileged {
+                vec![
+                    HostDevice::from_host(oci_spec::PRIVILEGED_DEVICE)
+                        .context("the privileged job's device")?,
+                ]
+            } else {
+                Vec::new()
+            };
+            let hooks = if vgpus > 0 {
+                vec![gpu::hook_for(vgpus)?]
+            } else {
+                Vec::new()
+            };
+            Ok(HostParts {
+                resolv_conf,
+                devices,
+                hooks,
+            })
+        })
+        .await?
+    }
+
+    async fn deploy_container(&self, req: &DeployRequest, runtime: &RuntimeChoice) -> Result<()> {
         let rt = self.containerd()?;
         let id = req.task_id();
+        let host = self.host_parts(req).await?;
         let platform = containerd_runtime::platform_of(&req.platform);
         let image = rt.ensure_image(&req.image, &platform).await?;
-        if !image.defaults.user.is_empty() && oci_spec::parse_user(&image.defaults.user).is_none() {
-            tracing::warn!(id, user = %image.defaults.user, "non-numeric image user; running as root");
-        }
-        let mut spec = oci_spec::build_spec(&SpecInput {
-            namespace: &rt.settings().namespace,
-            id: &id,
-            instance: req.instance,
-            image: &image.defaults,
-            cmd: &req.cmd,
-            environment: &req.environment,
-            vcpus: req.vcpus,
-            memory_mib: req.memory_mib,
-            privileged: req.privileged,
-            host_network: self.s.netmanager.is_none(),
-        });
-        let log = self.log_path(&id)?;
         // Before the container exists: runc binds the published volumes when it
         // creates the container's mount namespace.
         let mounted = self.s.volumes.mount_all(&id, &req.volumes).await?;
-        crate::csi::volumes::add_to_spec(&mut spec, &mounted);
+        let spec_for = |user: &ProcessUser| {
+            let mut spec = oci_spec::build_spec(&SpecInput {
+                namespace: &rt.settings().namespace,
+                id: &id,
+                instance: req.instance,
+                image: &image.defaults,
+                cmd: &req.cmd,
+                environment: &req.environment,
+                vcpus: req.vcpus,
+                memory_mib: req.memory_mib,
+                user,
+                resolv_conf: &host.resolv_conf,
+                devices: &host.devices,
+                prestart_hooks: &host.hooks,
+            });
+            crate::csi::volumes::add_to_spec(&mut spec, &mounted);
+            spec
+        };
+        let log = match self.create_log(&id).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.s.volumes.release(&id).await;
+                return Err(e);
+            }
+        };
         let labels = HashMap::from([
             (LABEL_JOB.to_string(), req.job_name.clone()),
             (LABEL_INSTANCE.to_string(), req.instance.to_string()),
             (LABEL_VIRT.to_string(), req.virtualization.clone()),
             (LABEL_ONE_SHOT.to_string(), req.one_shot.to_string()),
         ]);
+        let root = ProcessUser::default();
         let rootfs = match rt
             .create_container(NewContainer {
                 id: &id,
                 image: &image,
-                spec,
+                spec: spec_for(&root),
                 runtime,
                 labels,
             })
@@ -364,9 +474,19 @@ impl Engine {
             }
         };
         let mut net_attached = false;
-        let result = self
-            .start_container(req, rt, rootfs, &log, &mut net_attached)
-            .await;
+        let result = async {
+            // The image's USER is resolved in the image's own files.
+            let user_name = image.defaults.user.clone();
+            let mounts = rootfs.clone();
+            let user =
+                blocking(move || image_user::resolve_in_rootfs(&user_name, &mounts)).await??;
+            if user != root {
+                rt.update_spec(&id, &spec_for(&user)).await?;
+            }
+            self.start_container(req, rt, rootfs, &log, &mut net_attached)
+                .await
+        }
+        .await;
         if result.is_err() {
             // Leave nothing half-made behind: the cluster will retry elsewhere.
             if net_attached {
@@ -473,21 +593,24 @@ impl Engine {
     /// Does nothing when a delete already took the instance.
     async fn on_exit(self: &Arc<Self>, id: &str, code: Option<u32>) {
         let lock = self.lock_for(id);
-        let _guard = lock.lock().await;
-        let Some(inst) = self.instances().remove(id) else {
-            return;
-        };
-        let status = if code == Some(0) && inst.one_shot {
-            JobStatus::Completed
-        } else {
-            JobStatus::Dead
-        };
-        let detail = match code {
-            Some(c) => format!("exited with code {c}"),
-            None => "exited (exit code unknown)".to_string(),
-        };
-        self.report(&inst.job_name, inst.instance, status, detail);
-        self.teardown(id, inst).await;
+        let guard = lock.lock().await;
+        let removed = self.instances().remove(id);
+        if let Some(inst) = removed {
+            let status = if code == Some(0) && inst.one_shot {
+                JobStatus::Completed
+            } else {
+                JobStatus::Dead
+            };
+            let detail = match code {
+                Some(c) => format!("exited with code {c}"),
+                None => "exited (exit code unknown)".to_string(),
+            };
+            self.report(&inst.job_name, inst.instance, status, detail);
+            self.teardown(id, inst).await;
+        }
+        drop(guard);
+        drop(lock);
+        self.release_lock(id);
     }
 
     async fn teardown(&self, id: &str, inst: Instance) {
@@ -531,27 +654,36 @@ impl Engine {
         };
         let id = job::task_id(&req.job_name, req.instance);
         let lock = self.lock_for(&id);
-        let _guard = lock.lock().await;
-        let Some(inst) = self.instances().remove(&id) else {
-            tracing::info!(
+        let guard = lock.lock().await;
+        let removed = self.instances().remove(&id);
+        match removed {
+            Some(inst) => {
+                self.teardown(&id, inst).await;
+                self.report(
+                    &req.job_name,
+                    req.instance,
+                    JobStatus::Undeployed,
+                    String::new(),
+                );
+            }
+            None => tracing::info!(
                 id,
                 "delete for an instance this node does not run; nothing to do"
-            );
-            return;
-        };
-        self.teardown(&id, inst).await;
-        self.report(
-            &req.job_name,
-            req.instance,
-            JobStatus::Undeployed,
-            String::new(),
-        );
+            ),
+        }
+        drop(guard);
+        drop(lock);
+        self.release_lock(&id);
     }
 
     // ------------------------------------------------------- reconcile & report
 
-    /// Adopts our running containers and removes dead ones (daemon start).
-    pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
+    /// At daemon start: with `adopt`, running containers of ours are adopted
+    /// (the cluster still counts them: the last report went out within its
+    /// window); otherwise, and for anything stopped or unrecognised, they are
+    /// removed, as upstream removes everything at every start, because the
+    /// cluster has marked them FAILED and placed replacements elsewhere.
+    pub async fn reconcile(self: &Arc<Self>, adopt: bool) -> Result<()> {
         let rt = self.containerd()?;
         for c in rt.list_ours().await? {
             let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
@@ -559,7 +691,7 @@ impl Engine {
                 *job == label(LABEL_JOB) && n.to_string() == label(LABEL_INSTANCE)
             });
             match (parsed, c.running_pid) {
-                (Some((job_name, instance)), Some(pid)) => {
+                (Some((job_name, instance)), Some(pid)) if adopt => {
                     tracing::info!(id = %c.id, pid, "adopting running instance");
                     self.instances().insert(
                         c.id.clone(),
@@ -574,8 +706,12 @@ impl Engine {
                     );
                     self.spawn_container_waiter(c.id);
                 }
-                (parsed, _) => {
-                    tracing::info!(id = %c.id, "removing stopped or unrecognised instance");
+                (parsed, pid) => {
+                    if pid.is_some() {
+                        tracing::warn!(id = %c.id, "removing an instance the cluster has replaced by now");
+                    } else {
+                        tracing::info!(id = %c.id, "removing stopped or unrecognised instance");
+                    }
                     if let Some((job_name, instance)) = parsed {
                         self.detach_network(&job_name, instance, Kind::Container)
                             .await;
@@ -598,7 +734,10 @@ impl Engine {
             .await;
     }
 
-    /// The `jobs/resources` document for all current instances.
+    /// The `jobs/resources` document for all current instances, with the
+    /// values upstream computes: CPU in percent of the whole machine,
+    /// `memory_percent` as used bytes over the node's available memory (a
+    /// fraction, despite the name), both with `%f`'s six decimals.
     pub async fn resources(&self) -> ResourcesReport {
         let ns = self
             .s
@@ -606,21 +745,43 @@ impl Engine {
             .as_ref()
             .map(|r| r.settings().namespace.clone())
             .unwrap_or_default();
-        let mut services = Vec::new();
         let ids: Vec<(String, Kind)> = self
             .instances()
             .iter()
             .map(|(id, i)| (id.clone(), i.kind))
             .collect();
-        for (id, kind) in ids {
-            let disk = match (kind, &self.s.containerd) {
-                (Kind::Container, Some(rt)) => rt.disk_usage(&id).await.unwrap_or(0),
-                _ => 0,
-            };
-            let reading = (kind == Kind::Container)
-                .then(|| cgroup_stats::read(&format!("/{ns}/{id}")))
-                .flatten();
-            let mut instances = self.instances();
+        let mut disks = HashMap::new();
+        for (id, kind) in &ids {
+            if let (Kind::Container, Some(rt)) = (kind, &self.s.containerd) {
+                disks.insert(id.clone(), rt.disk_usage(id).await.unwrap_or(0));
+            }
+        }
+        // cgroup files and logs are read on the blocking pool.
+        let logs = self.s.app_logs.clone();
+        let sampled = blocking(move || {
+            let node = node_report::MemoryFigures::read();
+            let per_instance: Vec<_> = ids
+                .into_iter()
+                .map(|(id, kind)| {
+                    let reading = (kind == Kind::Container)
+                        .then(|| cgroup_stats::read(&format!("/{ns}/{id}")))
+                        .flatten();
+                    logs.enforce_cap(&id);
+                    let tail = logs.tail(&id, LOG_TAIL);
+                    (id, reading, tail)
+                })
+                .collect();
+            (node, per_instance)
+        })
+        .await;
+        let Ok((node, per_instance)) = sampled else {
+            return ResourcesReport::default();
+        };
+        let cores = node_report::cpu_count();
+        let available = node.map(|m| m.available_mib()).unwrap_or(0);
+        let mut services = Vec::new();
+        let mut instances = self.instances();
+        for (id, reading, logs) in per_instance {
             let Some(inst) = instances.get_mut(&id) else {
                 continue;
             };
@@ -628,18 +789,18 @@ impl Engine {
                 Some(r) => {
                     let cpu = inst
                         .last_cpu
-                        .map(|prev| cgroup_stats::cpu_percent(&prev, &r))
+                        .map(|prev| cgroup_stats::cpu_percent(&prev, &r, cores))
                         .unwrap_or(0.0);
                     inst.last_cpu = Some(r);
-                    (cpu, cgroup_stats::memory_percent(&r, self.machine_memory))
+                    (cpu, cgroup_stats::memory_share(&r, available))
                 }
                 None => (0.0, 0.0),
             };
             services.push(ServiceResources {
-                cpu_percent: format!("{cpu:.2}"),
-                memory_percent: format!("{mem:.2}"),
-                disk: disk.to_string(),
-                logs: log_tail(&self.s.app_logs.join(&id)),
+                cpu_percent: format!("{cpu:.6}"),
+                memory_percent: format!("{mem:.6}"),
+                disk: disks.get(&id).copied().unwrap_or(0).to_string(),
+                logs,
                 job_name: inst.job_name.clone(),
                 virtualization: inst.virtualization.clone(),
                 instance: inst.instance,
@@ -647,6 +808,13 @@ impl Engine {
         }
         ResourcesReport { services }
     }
+}
+
+/// Host pieces of a job's spec.
+struct HostParts {
+    resolv_conf: PathBuf,
+    devices: Vec<HostDevice>,
+    hooks: Vec<serde_json::Value>,
 }
 
 struct Started {
@@ -657,15 +825,91 @@ struct Started {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
-    #[test]
-    fn placements() {
-        assert!(matches!(placement("docker"), Ok(Placement::Containerd(_))));
-        assert_eq!(placement("unikernel").ok(), Some(Placement::Unikernel));
-        assert_eq!(
-            placement("io.containerd.runsc.v1").ok(),
-            Some(Placement::Containerd("io.containerd.runsc.v1".into()))
+    fn engine(
+        policy: LocalPolicy,
+    ) -> (Arc<Engine>, mpsc::Receiver<StatusReport>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = Config {
+            local_policy: policy.clone(),
+            ..Config::default()
+        };
+        let (engine, rx) = Engine::new(EngineSettings {
+            containerd: None,
+            unikernel: None,
+            netmanager: None,
+            volumes: VolumeManager::new(crate::csi::Registry::new(&[]), dir.path().join("csi")),
+            app_logs: AppLogs::open(dir.path(), crate::app_logs::DEFAULT_MAX_BYTES).expect("logs"),
+            runtimes: Runtimes::new(&cfg, &dir.path().join("no-containerd.toml")),
+            policy,
+            state_dir: dir.path().to_path_buf(),
+            node_ip: NodeIp::default(),
+        });
+        (engine, rx, dir)
+    }
+
+    fn job(name: &str, extra: &str) -> bytes::Bytes {
+        bytes::Bytes::from(format!(
+            r#"{{"job_name":"{name}","instance_number":0,"image":"x"{extra}}}"#
+        ))
+    }
+
+    #[tokio::test]
+    async fn privileged_jobs_are_refused_by_the_local_policy() {
+        let (engine, mut rx, _dir) = engine(LocalPolicy::default());
+        engine
+            .handle_deploy(&job("a.b.c.d", r#","privileged":true"#))
+            .await;
+        let r = rx.recv().await.expect("report");
+        assert_eq!(r.status, JobStatus::Failed);
+        assert!(
+            r.status_detail.contains("local_policy.allow_privileged"),
+            "{}",
+            r.status_detail
         );
-        assert!(placement("wasm").is_err());
+    }
+
+    #[tokio::test]
+    async fn locks_and_queues_are_dropped_when_done() {
+        let (engine, mut rx, _dir) = engine(LocalPolicy::default());
+        for i in 0..50 {
+            engine.submit(Control::Deploy(job(
+                &format!("a.b.c.d{i}"),
+                r#","virtualization":"no-such-runtime""#,
+            )));
+            engine.submit(Control::Delete(job(&format!("a.b.c.d{i}"), "")));
+        }
+        for _ in 0..50 {
+            let r = rx.recv().await.expect("report");
+            assert_eq!(r.status, JobStatus::Failed);
+        }
+        // The deletes of instances that never ran leave nothing behind either.
+        let settled = async {
+            while engine.bookkeeping().locks != 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), settled)
+            .await
+            .expect("locks released");
+        assert_eq!(engine.bookkeeping().instances, 0);
+    }
+
+    #[tokio::test]
+    async fn a_flood_for_one_instance_is_bounded() {
+        let (engine, mut rx, _dir) = engine(LocalPolicy::default());
+        // Hold the instance's lock so nothing drains its queue.
+        let lock = engine.lock_for("a.b.c.d.instance.0");
+        let guard = lock.lock().await;
+        for _ in 0..(QUEUE_DEPTH + 10) {
+            engine.submit(Control::Deploy(job("a.b.c.d", "")));
+        }
+        assert_eq!(engine.bookkeeping().queues, 1);
+        // What did not fit is answered at once: FAILED, with the reason.
+        let r = rx.recv().await.expect("report");
+        assert_eq!(r.status, JobStatus::Failed);
+        assert!(r.status_detail.contains("too many"), "{}", r.status_detail);
+        drop(guard);
     }
 }

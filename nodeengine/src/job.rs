@@ -217,12 +217,14 @@ pub fn parse_deploy(payload: &[u8]) -> Result<DeployRequest, JobError> {
     let doc = document(payload)?;
     let (job_name, instance) = instance_of(&doc)?;
     let doc: DeployDocument = fields(&doc)?;
+    // An entry without `=` is not an error: as in upstream's containerd, it
+    // removes that variable (oci_spec::process_env).
     if let Some(bad) = doc
         .environment
         .iter()
-        .find(|e| !e.contains('=') || e.contains('\0'))
+        .find(|e| e.contains('\0') || e.starts_with('='))
     {
-        return Err(invalid("environment", format!("entry {bad:?} is not K=V")));
+        return Err(invalid("environment", format!("entry {bad:?} has no name")));
     }
     if doc.cmd.iter().any(|c| c.contains('\0')) {
         return Err(invalid("cmd", "contains a NUL byte".into()));
@@ -238,13 +240,17 @@ pub fn parse_deploy(payload: &[u8]) -> Result<DeployRequest, JobError> {
     if vcpus > 1024.0 {
         return Err(invalid("vcpus", format!("{vcpus} is not plausible")));
     }
+    let (port, dropped) = lenient_ports(&doc.port);
+    for d in dropped {
+        tracing::warn!(job = %job_name, instance, "port mapping {:?} ignored: {}", d.item, d.why);
+    }
     Ok(DeployRequest {
         job_name,
         instance,
         image: doc.image.or(doc.code).unwrap_or_default(),
         cmd: doc.cmd,
         environment: doc.environment,
-        port: doc.port,
+        port,
         virtualization: doc.virtualization.unwrap_or_else(|| "docker".into()),
         platform: doc.platform,
         vcpus,
@@ -255,6 +261,45 @@ pub fn parse_deploy(payload: &[u8]) -> Result<DeployRequest, JobError> {
         privileged: doc.privileged,
         volumes,
     })
+}
+
+/// A port mapping left out of a job's `port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedPort {
+    pub item: String,
+    pub why: &'static str,
+}
+
+/// The job's `port` (docs/contract.md §2.2 syntax) without what upstream
+/// runs anyway but NetManager's stricter reader refuses: a host port 0
+/// (nothing to map) and a host port given again for the same protocol (the
+/// first mapping is the one that works upstream). Everything else is passed
+/// on for NetManager to judge.
+pub fn lenient_ports(port: &str) -> (String, Vec<DroppedPort>) {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut seen: Vec<(u16, &str)> = Vec::new();
+    let mut dropped = Vec::new();
+    for item in port.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        let (ports, proto) = item.split_once('/').unwrap_or((item, "tcp"));
+        let host = ports.split(':').next().unwrap_or_default().trim();
+        let Ok(host) = host.parse::<u16>() else {
+            kept.push(item);
+            continue;
+        };
+        let drop = |why| DroppedPort {
+            item: item.to_string(),
+            why,
+        };
+        if host == 0 {
+            dropped.push(drop("host port 0"));
+        } else if seen.contains(&(host, proto.trim())) {
+            dropped.push(drop("host port given twice; the first mapping is kept"));
+        } else {
+            seen.push((host, proto.trim()));
+            kept.push(item);
+        }
+    }
+    (kept.join(";"), dropped)
 }
 
 /// Parses a `control/delete` payload.
@@ -324,7 +369,7 @@ mod tests {
             br#"{"job_name":"a.b.c.d","instance_number":-1}"#,
             br#"{"job_name":"a.b.c.d","instance_number":0,"memory":-5}"#,
             br#"{"job_name":"a.b.c.d","instance_number":0,"cmd":{"x":1}}"#,
-            br#"{"job_name":"a.b.c.d","instance_number":0,"environment":["NOEQUALS"]}"#,
+            br#"{"job_name":"a.b.c.d","instance_number":0,"environment":["=x"]}"#,
             br#"{"job_name":5,"instance_number":0}"#,
         ] {
             assert!(parse_deploy(p).is_err());
@@ -405,6 +450,19 @@ mod tests {
                 .volumes
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn leniency_as_upstream() {
+        let d = parse_deploy(
+            br#"{"job_name":"a.b.c.d","instance_number":0,"environment":["A=1","UNSET"],"port":"80:8080;80:9090;0:53/udp;80/udp;x"}"#,
+        )
+        .expect("upstream runs this job");
+        assert_eq!(d.environment, ["A=1", "UNSET"]);
+        assert_eq!(d.port, "80:8080;80/udp;x");
+        let (_, dropped) = lenient_ports("80:8080;80:9090;0:53/udp");
+        assert_eq!(dropped.len(), 2);
+        assert_eq!(lenient_ports("9080:80/tcp;9081").0, "9080:80/tcp;9081");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! through NetManager ([`netmanager_client`], [`netmanager_supervisor`]) and
 //! their volumes to CSI drivers ([`csi`]).
 
+pub mod addons;
+pub mod app_logs;
 pub mod cgroup_stats;
 pub mod cli;
 pub mod cluster_link;
@@ -17,10 +19,17 @@ pub mod containerd_runtime;
 pub mod csi;
 pub mod daemon;
 pub mod deploy;
+pub mod gpu;
+pub mod image_user;
 pub mod job;
+pub mod last_report;
 pub mod netmanager_client;
 pub mod netmanager_supervisor;
 pub mod node_report;
 pub mod oci_spec;
+pub mod public_ip;
+pub mod resolv_conf;
+pub mod runtimes;
+pub mod seccomp;
 pub mod service;
 pub mod unikernel;

@@ -6,8 +6,8 @@
 //! always present, in upstream's order.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::process::Command;
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 use sysinfo::{Disks, Networks, System};
@@ -46,15 +46,117 @@ pub struct NodeDocument {
     pub csi_drivers: Vec<serde_json::Value>,
 }
 
-/// GPU figures from `nvidia-smi`, or zero values when there is none.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What `gpu_driver` says when the node has no (NVIDIA) GPU, as upstream.
+pub const NO_GPU_DRIVER: &str = "-";
+
+/// GPU figures from `nvidia-smi`, or upstream's values for "no GPU".
+#[derive(Debug, Clone, PartialEq)]
 pub struct GpuInfo {
     pub driver: String,
     pub usage: f64,
     pub count: u64,
     pub temp: f64,
     pub vram_percent: f64,
-    pub vram_free_mib: f64,
+    /// Total video memory of all GPUs, MiB (upstream's `vram`).
+    pub vram_total_mib: f64,
+}
+
+impl Default for GpuInfo {
+    fn default() -> Self {
+        GpuInfo {
+            driver: NO_GPU_DRIVER.into(),
+            usage: 0.0,
+            count: 0,
+            temp: 0.0,
+            vram_percent: 0.0,
+            vram_total_mib: 0.0,
+        }
+    }
+}
+
+/// The node's current `ip`, shared by the node report (which refreshes it)
+/// and the status reports (whose `publicip` is the same, as upstream).
+#[derive(Debug, Clone, Default)]
+pub struct NodeIp(Arc<RwLock<String>>);
+
+impl NodeIp {
+    pub fn get(&self) -> String {
+        self.0.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn set(&self, ip: &str) {
+        if let Ok(mut s) = self.0.write()
+            && *s != ip
+        {
+            *s = ip.to_string();
+        }
+    }
+}
+
+/// `/proc/meminfo` figures, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MemoryFigures {
+    pub total: u64,
+    pub free: u64,
+    pub buffers: u64,
+    pub cached: u64,
+    pub sreclaimable: u64,
+    pub available: u64,
+}
+
+impl MemoryFigures {
+    pub fn parse(meminfo: &str) -> MemoryFigures {
+        let mut m = MemoryFigures::default();
+        for line in meminfo.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(key), Some(value)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(kib) = value.parse::<u64>() else {
+                continue;
+            };
+            let slot = match key {
+                "MemTotal:" => &mut m.total,
+                "MemFree:" => &mut m.free,
+                "Buffers:" => &mut m.buffers,
+                "Cached:" => &mut m.cached,
+                "SReclaimable:" => &mut m.sreclaimable,
+                "MemAvailable:" => &mut m.available,
+                _ => continue,
+            };
+            *slot = kib.saturating_mul(1024);
+        }
+        m
+    }
+
+    pub fn read() -> Option<MemoryFigures> {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .map(|t| MemoryFigures::parse(&t))
+    }
+
+    /// Upstream's `memory_percent` (gopsutil's used percent): what is neither
+    /// free nor buffers nor page cache (reclaimable slab included), of the total.
+    pub fn used_percent(&self) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        let cache = self.buffers + self.cached + self.sreclaimable;
+        self.total.saturating_sub(self.free).saturating_sub(cache) as f64 * 100.0
+            / self.total as f64
+    }
+
+    /// Upstream's `memory`: available memory in MiB.
+    pub fn available_mib(&self) -> u64 {
+        self.available >> 20
+    }
+}
+
+/// Logical CPUs online (upstream's `vcpus` and its divisor of CPU use).
+pub fn cpu_count() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u64::try_from(n).ok().filter(|n| *n > 0).unwrap_or(1)
 }
 
 /// What stays the same between two reports.
@@ -87,6 +189,8 @@ pub struct NodeSampler {
     has_nvidia_smi: bool,
     /// The probed CSI drivers; replaces `facts.csi_drivers` when set.
     csi: Option<crate::csi::Registry>,
+    /// The public address to report instead of the machine's (`public_ip`).
+    public_ip: Option<String>,
 }
 
 impl NodeSampler {
@@ -101,6 +205,7 @@ impl NodeSampler {
             facts,
             has_nvidia_smi: which("nvidia-smi"),
             csi: None,
+            public_ip: None,
         }
     }
 
@@ -121,6 +226,11 @@ impl NodeSampler {
         }
     }
 
+    /// Reports `ip` as the node's address from now on (`None`: the machine's).
+    pub fn set_public_ip(&mut self, ip: Option<String>) {
+        self.public_ip = ip;
+    }
+
     /// A fresh node document for node `id` ("" for the registration).
     pub fn sample(&mut self, id: &str) -> NodeDocument {
         let (cpu_percent, vcpus, memory_percent, memory) = self.cpu_and_memory();
@@ -132,7 +242,7 @@ impl NodeSampler {
         NodeDocument {
             id: id.to_string(),
             host: System::host_name().unwrap_or_default(),
-            ip: primary_ipv4(),
+            ip: self.public_ip.clone().unwrap_or_else(primary_ipv4),
             port: self.facts.port.clone(),
             system_info: system_info(),
             cpu_percent,
@@ -147,7 +257,7 @@ impl NodeSampler {
             vgpus: gpu.count,
             gpu_temp: gpu.temp,
             vram_percent: gpu.vram_percent,
-            vram: gpu.vram_free_mib,
+            vram: gpu.vram_total_mib,
             virtualization: self.facts.virtualization.clone(),
             supported_addons: self.facts.supported_addons.clone(),
             csi_drivers: self.csi_drivers(),
@@ -155,23 +265,15 @@ impl NodeSampler {
     }
 
     fn cpu_and_memory(&mut self) -> (f64, u64, f64, u64) {
-        let Some(sys) = self.sys.as_mut() else {
-            return (0.0, 0, 0.0, 0);
+        let (cpu, cores) = match self.sys.as_mut() {
+            Some(sys) => {
+                sys.refresh_cpu_all();
+                (f64::from(sys.global_cpu_usage()), sys.cpus().len() as u64)
+            }
+            None => (0.0, cpu_count()),
         };
-        sys.refresh_cpu_all();
-        sys.refresh_memory();
-        let total = sys.total_memory();
-        let mem_percent = if total > 0 {
-            sys.used_memory() as f64 * 100.0 / total as f64
-        } else {
-            0.0
-        };
-        (
-            f64::from(sys.global_cpu_usage()),
-            sys.cpus().len() as u64,
-            mem_percent,
-            sys.available_memory() >> 20,
-        )
+        let mem = MemoryFigures::read().unwrap_or_default();
+        (cpu, cores, mem.used_percent(), mem.available_mib())
     }
 }
 
@@ -208,25 +310,62 @@ fn system_info() -> SystemInfo {
     }
 }
 
-/// First non-loopback IPv4 address, as upstream reports it.
+/// The first non-loopback IPv4 address in interface-index order, as
+/// upstream takes it (Go's `net.InterfaceAddrs`); read anew at every call.
 pub fn primary_ipv4() -> String {
-    let Ok(nets) = Networks::new_with_refreshed_list() else {
-        return String::new();
-    };
-    let mut names: Vec<_> = nets.keys().collect();
-    names.sort();
-    for name in names {
-        let Some(data) = nets.get(name) else { continue };
-        for ipn in data.ip_networks() {
-            if let IpAddr::V4(v4) = ipn.addr
-                && !v4.is_loopback()
-                && !v4.is_link_local()
-            {
-                return v4.to_string();
+    let mut candidates: Vec<(u32, std::net::Ipv4Addr)> = ipv4_addresses()
+        .into_iter()
+        .filter(|(_, a)| !a.is_loopback())
+        .map(|(name, a)| (if_index(&name), a))
+        .collect();
+    // Stable: addresses of one interface keep the kernel's order.
+    candidates.sort_by_key(|(index, _)| *index);
+    candidates
+        .first()
+        .map(|(_, a)| a.to_string())
+        .unwrap_or_default()
+}
+
+/// Every IPv4 address of the network namespace we run in, with its
+/// interface's name (getifaddrs asks the kernel over netlink, so the
+/// answer is the current namespace's even where /sys shows another one).
+fn ipv4_addresses() -> Vec<(String, std::net::Ipv4Addr)> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive
+        // until freeifaddrs; its name is a NUL-terminated string and an
+        // AF_INET address is a sockaddr_in.
+        unsafe {
+            let ifa = &*cur;
+            if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                let addr = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                let name = std::ffi::CStr::from_ptr(ifa.ifa_name)
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((name, addr));
             }
+            cur = ifa.ifa_next;
         }
     }
-    String::new()
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+/// The kernel's index of an interface (0, sorting first, if it vanished).
+fn if_index(name: &str) -> u32 {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: a valid NUL-terminated string; the call only reads it.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
 }
 
 fn disk_info() -> BTreeMap<String, String> {
@@ -293,27 +432,35 @@ pub(crate) fn find_on_path(bin: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Averages over all GPUs `nvidia-smi` lists.
-fn query_nvidia_smi() -> Option<GpuInfo> {
+/// `nvidia-smi --query-gpu=<fields>` as CSV without header and units, one
+/// line per GPU; `None` when it cannot tell.
+pub(crate) fn nvidia_smi_query(fields: &str) -> Option<String> {
     let out = Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=driver_version,utilization.gpu,temperature.gpu,memory.used,memory.total,memory.free",
-            "--format=csv,noheader,nounits",
-        ])
+        .arg(format!("--query-gpu={fields}"))
+        .arg("--format=csv,noheader,nounits")
         .output()
         .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    parse_nvidia_smi(&String::from_utf8_lossy(&out.stdout))
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Figures over all GPUs `nvidia-smi` lists.
+fn query_nvidia_smi() -> Option<GpuInfo> {
+    let text = nvidia_smi_query(
+        "driver_version,utilization.gpu,temperature.gpu,memory.used,memory.total",
+    )?;
+    parse_nvidia_smi(&text)
+}
+
+/// Averages usage and temperature, sums the video memory; `None` (upstream's
+/// "-" driver and zeros) when no GPU is listed.
 fn parse_nvidia_smi(text: &str) -> Option<GpuInfo> {
     let mut info = GpuInfo::default();
-    let (mut used, mut total) = (0.0, 0.0);
+    let mut used = 0.0;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        if f.len() < 6 {
+        if f.len() < 5 {
             continue;
         }
         let num = |s: &str| s.parse::<f64>().unwrap_or(0.0);
@@ -321,8 +468,7 @@ fn parse_nvidia_smi(text: &str) -> Option<GpuInfo> {
         info.usage += num(f[1]);
         info.temp += num(f[2]);
         used += num(f[3]);
-        total += num(f[4]);
-        info.vram_free_mib += num(f[5]);
+        info.vram_total_mib += num(f[4]);
         info.count += 1;
     }
     if info.count == 0 {
@@ -331,8 +477,8 @@ fn parse_nvidia_smi(text: &str) -> Option<GpuInfo> {
     let n = info.count as f64;
     info.usage /= n;
     info.temp /= n;
-    info.vram_percent = if total > 0.0 {
-        used * 100.0 / total
+    info.vram_percent = if info.vram_total_mib > 0.0 {
+        used * 100.0 / info.vram_total_mib
     } else {
         0.0
     };
@@ -363,12 +509,26 @@ mod tests {
 
     #[test]
     fn nvidia_smi_lines() {
-        let g =
-            parse_nvidia_smi("535.1, 50, 60, 1000, 4000, 3000\n535.1, 30, 40, 1000, 4000, 3000\n")
-                .expect("parses");
+        let g = parse_nvidia_smi("535.1, 50, 60, 1000, 4000\n535.1, 30, 40, 1000, 4000\n")
+            .expect("parses");
         assert_eq!(g.count, 2);
         assert_eq!(g.usage, 40.0);
         assert_eq!(g.vram_percent, 25.0);
+        assert_eq!(g.vram_total_mib, 8000.0);
         assert_eq!(g.driver, "535.1");
+        assert_eq!(parse_nvidia_smi(""), None);
+        assert_eq!(GpuInfo::default().driver, "-");
+    }
+
+    #[test]
+    fn memory_as_upstream_computes_it() {
+        let m = MemoryFigures::parse(
+            "MemTotal:       1000000 kB\nMemFree:         100000 kB\nMemAvailable:    600000 kB\n\
+             Buffers:          50000 kB\nCached:          300000 kB\nSwapCached: 0 kB\n\
+             SReclaimable:     50000 kB\n",
+        );
+        // used = total - free - buffers - cached - sreclaimable = 500000 kB
+        assert_eq!(m.used_percent(), 50.0);
+        assert_eq!(m.available_mib(), (600000 * 1024) >> 20);
     }
 }

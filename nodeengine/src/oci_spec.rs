@@ -1,9 +1,23 @@
 //! The OCI runtime spec (config.json) we hand to containerd for one instance.
 //!
-//! Written by hand rather than through a spec crate: it is one JSON document, and
-//! keeping it here makes every security-relevant default visible in one place.
+//! What a job gets is what upstream's containerd defaults give it
+//! (docs/nodeengine-parity.md): containerd's default capabilities, masked
+//! and read-only paths, its own network namespace (populated by NetManager,
+//! or only loopback with the overlay off), `cmd` replacing the image's
+//! ENTRYPOINT and CMD, `/dev/fuse` for privileged jobs, NVIDIA GPUs for
+//! `vgpus`. Added for confinement (docs/security.md): a default seccomp
+//! profile, a pids limit and the image user resolved by name.
+//!
+//! Written by hand rather than through a spec crate: it is one JSON document,
+//! and keeping it here makes every security-relevant default visible in one place.
 
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
+
+use crate::image_user::ProcessUser;
+use crate::seccomp;
 
 /// Image defaults read from the image config blob.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -15,27 +29,66 @@ pub struct ImageDefaults {
     pub user: String,
 }
 
-/// Everything the spec depends on.
+/// Everything a job's spec depends on.
 #[derive(Debug, Clone)]
 pub struct SpecInput<'a> {
     pub namespace: &'a str,
     pub id: &'a str,
     pub instance: u32,
     pub image: &'a ImageDefaults,
-    /// Replaces the image's Cmd when not empty (Entrypoint is kept, as docker does).
+    /// Replaces the image's ENTRYPOINT and CMD when not empty (upstream's
+    /// `WithProcessArgs`).
     pub cmd: &'a [String],
     pub environment: &'a [String],
     pub vcpus: f64,
     pub memory_mib: u64,
-    pub privileged: bool,
-    /// Share the host network namespace (overlay off) instead of a private one that
-    /// NetManager populates.
-    pub host_network: bool,
+    pub user: &'a ProcessUser,
+    /// Bind-mounted at `/etc/resolv.conf` (see `resolv_conf`).
+    pub resolv_conf: &'a Path,
+    /// Host devices passed through (`/dev/fuse` for privileged jobs).
+    pub devices: &'a [HostDevice],
+    /// OCI prestart hooks (the NVIDIA GPU hook).
+    pub prestart_hooks: &'a [Value],
+}
+
+/// A character device of the host, as a container sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostDevice {
+    pub path: String,
+    pub major: u64,
+    pub minor: u64,
+    pub file_mode: u32,
+}
+
+/// Upstream grants privileged jobs FUSE, nothing else.
+pub const PRIVILEGED_DEVICE: &str = "/dev/fuse";
+
+impl HostDevice {
+    /// The host's character device at `path` (its numbers and mode).
+    pub fn from_host(path: &str) -> Result<HostDevice> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("{path} does not exist on this node"))?;
+        if !meta.file_type().is_char_device() {
+            bail!("{path} is not a character device");
+        }
+        let rdev = meta.rdev();
+        Ok(HostDevice {
+            path: path.to_string(),
+            major: u64::from(rustix::fs::major(rdev)),
+            minor: u64::from(rustix::fs::minor(rdev)),
+            file_mode: meta.mode() & 0o7777,
+        })
+    }
 }
 
 const CPU_PERIOD_US: u64 = 100_000;
 
-/// Docker's default capability set: what an unprivileged service gets.
+/// Most tasks a container may run: enough for any service, not for a fork
+/// bomb to exhaust the node's pid space.
+pub const PIDS_LIMIT: u64 = 4096;
+
+/// containerd's default capability set, which upstream's containers get.
 const DEFAULT_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -53,57 +106,39 @@ const DEFAULT_CAPS: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
-const PRIVILEGED_EXTRA_CAPS: &[&str] = &[
-    "CAP_SYS_ADMIN",
-    "CAP_NET_ADMIN",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RAWIO",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_SYS_BOOT",
-    "CAP_LEASE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_CONTROL",
-    "CAP_MAC_ADMIN",
-    "CAP_MAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_NET_BROADCAST",
-    "CAP_SYSLOG",
-];
-
-/// The process arguments: image Entrypoint, then the job's cmd or the image's Cmd.
+/// The process arguments: the job's `cmd` replaces ENTRYPOINT and CMD, as
+/// upstream's `WithProcessArgs(cmd...)`; without it, ENTRYPOINT then CMD.
 pub fn process_args(image: &ImageDefaults, cmd: &[String]) -> Vec<String> {
-    let mut args = image.entrypoint.clone();
-    if cmd.is_empty() {
-        args.extend(image.cmd.iter().cloned());
-    } else {
-        args.extend(cmd.iter().cloned());
+    if !cmd.is_empty() {
+        return cmd.to_vec();
     }
+    let mut args = image.entrypoint.clone();
+    args.extend(image.cmd.iter().cloned());
     args
 }
 
-/// Image env, then `HOSTNAME`, then the job's environment; later entries win.
+/// Image env, then `HOSTNAME`, then the job's environment, merged as
+/// containerd merges them: a later `K=V` replaces `K`, and an entry without
+/// `=` removes that variable.
 pub fn process_env(image: &ImageDefaults, instance: u32, job_env: &[String]) -> Vec<String> {
     let mut env: Vec<String> = Vec::new();
-    let mut set = |kv: String| {
-        let key = kv.split('=').next().unwrap_or_default().to_string();
-        env.retain(|e| e.split('=').next() != Some(key.as_str()));
-        env.push(kv);
-    };
-    for e in &image.env {
-        set(e.clone());
-    }
-    set(format!("HOSTNAME=instance-{instance}"));
-    for e in job_env {
-        set(e.clone());
+    let key = |kv: &str| kv.split('=').next().unwrap_or_default().to_string();
+    let hostname = format!("HOSTNAME=instance-{instance}");
+    for e in image
+        .env
+        .iter()
+        .chain(std::iter::once(&hostname))
+        .chain(job_env)
+    {
+        let k = key(e);
+        if e.contains('=') {
+            match env.iter_mut().find(|x| key(x) == k) {
+                Some(slot) => *slot = e.clone(),
+                None => env.push(e.clone()),
+            }
+        } else {
+            env.retain(|x| key(x) != k);
+        }
     }
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.insert(
@@ -112,29 +147,6 @@ pub fn process_env(image: &ImageDefaults, instance: u32, job_env: &[String]) -> 
         );
     }
     env
-}
-
-/// `uid[:gid]` when numeric; a user name would need the image's /etc/passwd, which we
-/// do not read, so it runs as root (logged by the caller).
-pub fn parse_user(user: &str) -> Option<(u32, u32)> {
-    if user.is_empty() {
-        return Some((0, 0));
-    }
-    let (u, g) = user.split_once(':').unwrap_or((user, ""));
-    let uid: u32 = u.parse().ok()?;
-    let gid: u32 = if g.is_empty() { uid } else { g.parse().ok()? };
-    Some((uid, gid))
-}
-
-/// The host's resolv.conf; with systemd-resolved the stub file points at 127.0.0.53,
-/// which is unreachable from another network namespace, so prefer the real one.
-pub fn host_resolv_conf() -> &'static str {
-    const RESOLVED: &str = "/run/systemd/resolve/resolv.conf";
-    if std::path::Path::new(RESOLVED).exists() {
-        RESOLVED
-    } else {
-        "/etc/resolv.conf"
-    }
 }
 
 fn bind(dest: &str, source: &str, ro: bool) -> Value {
@@ -157,8 +169,12 @@ fn base_mounts() -> Vec<Value> {
     ]
 }
 
-fn resources(vcpus: f64, memory_mib: u64) -> Value {
-    let mut r = json!({"devices": [{"allow": false, "access": "rwm"}]});
+fn resources(vcpus: f64, memory_mib: u64, devices: &[HostDevice]) -> Value {
+    let mut allowed = vec![json!({"allow": false, "access": "rwm"})];
+    for d in devices {
+        allowed.push(json!({"allow": true, "type": "c", "major": d.major, "minor": d.minor, "access": "rwm"}));
+    }
+    let mut r = json!({"devices": allowed, "pids": {"limit": PIDS_LIMIT}});
     if memory_mib > 0 {
         r["memory"] = json!({"limit": memory_mib.saturating_mul(1 << 20)});
     }
@@ -170,73 +186,143 @@ fn resources(vcpus: f64, memory_mib: u64) -> Value {
     r
 }
 
-/// Builds the runtime spec.
-pub fn build_spec(input: &SpecInput<'_>) -> Value {
-    let (uid, gid) = parse_user(&input.image.user).unwrap_or((0, 0));
-    let mut caps: Vec<&str> = DEFAULT_CAPS.to_vec();
-    if input.privileged {
-        caps.extend_from_slice(PRIVILEGED_EXTRA_CAPS);
-    }
-    let cwd = if input.image.working_dir.starts_with('/') {
-        input.image.working_dir.as_str()
-    } else {
-        "/"
-    };
-    let mut mounts = base_mounts();
-    mounts.push(bind("/etc/hosts", "/etc/hosts", true));
-    mounts.push(bind("/etc/resolv.conf", host_resolv_conf(), true));
+/// The confinement every container gets: containerd's masked and read-only
+/// paths and the default seccomp profile.
+fn confine(linux: &mut Value) {
+    linux["maskedPaths"] = json!([
+        "/proc/acpi",
+        "/proc/asound",
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/latency_stats",
+        "/proc/timer_list",
+        "/proc/timer_stats",
+        "/proc/sched_debug",
+        "/sys/firmware",
+        "/sys/devices/virtual/powercap",
+        "/proc/scsi"
+    ]);
+    linux["readonlyPaths"] = json!([
+        "/proc/bus",
+        "/proc/fs",
+        "/proc/irq",
+        "/proc/sys",
+        "/proc/sysrq-trigger"
+    ]);
+    linux["seccomp"] = seccomp::default_profile();
+}
 
-    let mut namespaces = vec![
-        json!({"type": "pid"}),
-        json!({"type": "ipc"}),
-        json!({"type": "uts"}),
-        json!({"type": "mount"}),
-    ];
-    if !input.host_network {
-        namespaces.push(json!({"type": "network"}));
-    }
-    let mut linux = json!({
-        "resources": resources(input.vcpus, input.memory_mib),
-        "cgroupsPath": format!("/{}/{}", input.namespace, input.id),
-        "namespaces": namespaces,
-    });
-    if !input.privileged {
-        linux["maskedPaths"] = json!([
-            "/proc/acpi",
-            "/proc/asound",
-            "/proc/kcore",
-            "/proc/keys",
-            "/proc/latency_stats",
-            "/proc/timer_list",
-            "/proc/timer_stats",
-            "/proc/sched_debug",
-            "/sys/firmware",
-            "/proc/scsi"
-        ]);
-        linux["readonlyPaths"] = json!([
-            "/proc/bus",
-            "/proc/fs",
-            "/proc/irq",
-            "/proc/sys",
-            "/proc/sysrq-trigger"
-        ]);
+fn process(args: Vec<String>, env: Vec<String>, cwd: &str, user: &ProcessUser) -> Value {
+    let mut u = json!({"uid": user.uid, "gid": user.gid});
+    if !user.additional_gids.is_empty() {
+        u["additionalGids"] = json!(user.additional_gids);
     }
     json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": {"uid": uid, "gid": gid},
-            "args": process_args(input.image, input.cmd),
-            "env": process_env(input.image, input.instance, input.environment),
-            "cwd": cwd,
-            "capabilities": {
-                "bounding": caps, "effective": caps, "permitted": caps
-            },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": !input.privileged
+        "terminal": false,
+        "user": u,
+        "args": args,
+        "env": env,
+        "cwd": cwd,
+        "capabilities": {
+            "bounding": DEFAULT_CAPS, "effective": DEFAULT_CAPS, "permitted": DEFAULT_CAPS
         },
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+        "noNewPrivileges": false
+    })
+}
+
+fn working_dir(image: &ImageDefaults) -> &str {
+    if image.working_dir.starts_with('/') {
+        image.working_dir.as_str()
+    } else {
+        "/"
+    }
+}
+
+/// Builds a job's runtime spec.
+pub fn build_spec(input: &SpecInput<'_>) -> Value {
+    let mut mounts = base_mounts();
+    mounts.push(bind("/etc/hosts", "/etc/hosts", true));
+    mounts.push(bind(
+        "/etc/resolv.conf",
+        &input.resolv_conf.display().to_string(),
+        true,
+    ));
+    // Always a network namespace of its own, as upstream: NetManager gives it
+    // the overlay address; with the overlay off it has only loopback.
+    let namespaces = json!([
+        {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}
+    ]);
+    let devices: Vec<Value> = input
+        .devices
+        .iter()
+        .map(|d| {
+            json!({"path": d.path, "type": "c", "major": d.major, "minor": d.minor,
+                   "fileMode": d.file_mode, "uid": 0, "gid": 0})
+        })
+        .collect();
+    let mut linux = json!({
+        "resources": resources(input.vcpus, input.memory_mib, input.devices),
+        "cgroupsPath": format!("/{}/{}", input.namespace, input.id),
+        "namespaces": namespaces,
+        "devices": devices,
+    });
+    confine(&mut linux);
+    let mut spec = json!({
+        "ociVersion": "1.0.2",
+        "process": process(
+            process_args(input.image, input.cmd),
+            process_env(input.image, input.instance, input.environment),
+            working_dir(input.image),
+            input.user,
+        ),
         "root": {"path": "rootfs", "readonly": false},
         "hostname": format!("instance-{}", input.instance),
+        "mounts": mounts,
+        "linux": linux
+    });
+    if !input.prestart_hooks.is_empty() {
+        spec["hooks"] = json!({"prestart": input.prestart_hooks});
+    }
+    spec
+}
+
+/// A node-level helper container (the FLOps data server): the image's own
+/// command, the host's network (upstream publishes its port on the host),
+/// one data directory, the same confinement as jobs.
+#[derive(Debug, Clone)]
+pub struct SidecarSpec<'a> {
+    pub namespace: &'a str,
+    pub id: &'a str,
+    pub image: &'a ImageDefaults,
+    /// Host directory and where it appears in the container.
+    pub volume: (&'a Path, &'a str),
+}
+
+pub fn sidecar_spec(input: &SidecarSpec<'_>) -> Value {
+    let mut mounts = base_mounts();
+    mounts.push(bind("/etc/hosts", "/etc/hosts", true));
+    mounts.push(bind("/etc/resolv.conf", "/etc/resolv.conf", true));
+    mounts.push(bind(
+        input.volume.1,
+        &input.volume.0.display().to_string(),
+        false,
+    ));
+    let mut linux = json!({
+        "resources": resources(0.0, 0, &[]),
+        "cgroupsPath": format!("/{}/{}", input.namespace, input.id),
+        "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}],
+    });
+    confine(&mut linux);
+    json!({
+        "ociVersion": "1.0.2",
+        "process": process(
+            process_args(input.image, &[]),
+            process_env(input.image, 0, &[]),
+            working_dir(input.image),
+            &ProcessUser::default(),
+        ),
+        "root": {"path": "rootfs", "readonly": false},
         "mounts": mounts,
         "linux": linux
     })
@@ -244,55 +330,157 @@ pub fn build_spec(input: &SpecInput<'_>) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
-    fn input<'a>(img: &'a ImageDefaults, cmd: &'a [String], env: &'a [String]) -> SpecInput<'a> {
-        SpecInput {
-            namespace: "oakestra",
-            id: "a.b.c.d.instance.2",
-            instance: 2,
-            image: img,
-            cmd,
-            environment: env,
-            vcpus: 0.5,
-            memory_mib: 64,
-            privileged: false,
-            host_network: false,
+    struct Fixture {
+        image: ImageDefaults,
+        cmd: Vec<String>,
+        env: Vec<String>,
+        user: ProcessUser,
+        resolv: PathBuf,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            Fixture {
+                image: ImageDefaults {
+                    env: vec!["PATH=/bin".into(), "A=1".into(), "GONE=x".into()],
+                    entrypoint: vec!["/entry".into()],
+                    cmd: vec!["sh".into()],
+                    ..Default::default()
+                },
+                cmd: vec!["sleep".into(), "5".into()],
+                env: vec!["A=2".into(), "GONE".into(), "B=3".into()],
+                user: ProcessUser {
+                    uid: 65534,
+                    gid: 65534,
+                    additional_gids: vec![5],
+                },
+                resolv: PathBuf::from("/var/lib/oakestra/resolv.conf"),
+            }
+        }
+
+        fn input<'a>(&'a self, devices: &'a [HostDevice], hooks: &'a [Value]) -> SpecInput<'a> {
+            SpecInput {
+                namespace: "oakestra",
+                id: "a.b.c.d.instance.2",
+                instance: 2,
+                image: &self.image,
+                cmd: &self.cmd,
+                environment: &self.env,
+                vcpus: 0.5,
+                memory_mib: 64,
+                user: &self.user,
+                resolv_conf: &self.resolv,
+                devices,
+                prestart_hooks: hooks,
+            }
         }
     }
 
     #[test]
-    fn spec_has_limits_hostname_env_and_cmd() {
-        let img = ImageDefaults {
-            env: vec!["PATH=/bin".into(), "A=1".into()],
-            entrypoint: vec![],
-            cmd: vec!["sh".into()],
-            ..Default::default()
-        };
-        let cmd = vec!["sleep".to_string(), "5".to_string()];
-        let env = vec!["A=2".to_string()];
-        let s = build_spec(&input(&img, &cmd, &env));
+    fn spec_has_limits_hostname_env_user_and_cmd() {
+        let f = Fixture::new();
+        let s = build_spec(&f.input(&[], &[]));
         assert_eq!(s["hostname"], "instance-2");
+        // cmd replaces the ENTRYPOINT too.
         assert_eq!(s["process"]["args"], json!(["sleep", "5"]));
         assert_eq!(
             s["process"]["env"],
-            json!(["PATH=/bin", "HOSTNAME=instance-2", "A=2"])
+            json!(["PATH=/bin", "A=2", "HOSTNAME=instance-2", "B=3"])
+        );
+        assert_eq!(
+            s["process"]["user"],
+            json!({"uid": 65534, "gid": 65534, "additionalGids": [5]})
         );
         assert_eq!(s["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(s["linux"]["resources"]["cpu"]["quota"], 50_000);
+        assert_eq!(s["linux"]["resources"]["pids"]["limit"], PIDS_LIMIT);
         assert_eq!(s["linux"]["cgroupsPath"], "/oakestra/a.b.c.d.instance.2");
+        assert_eq!(s["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        let mounts = s["mounts"].as_array().expect("mounts");
+        let resolv = mounts
+            .iter()
+            .find(|m| m["destination"] == "/etc/resolv.conf")
+            .expect("resolv.conf");
+        assert_eq!(resolv["source"], "/var/lib/oakestra/resolv.conf");
         assert!(
-            s["mounts"]
+            s["linux"]["namespaces"]
                 .as_array()
-                .is_some_and(|m| m.iter().any(|m| m["destination"] == "/etc/hosts"))
+                .is_some_and(|n| n.iter().any(|n| n["type"] == "network"))
+        );
+        assert!(s.get("hooks").is_none());
+    }
+
+    #[test]
+    fn without_cmd_entrypoint_then_cmd() {
+        let f = Fixture::new();
+        assert_eq!(process_args(&f.image, &[]), ["/entry", "sh"]);
+    }
+
+    #[test]
+    fn privileged_gets_fuse_and_nothing_else() {
+        let f = Fixture::new();
+        let plain = build_spec(&f.input(&[], &[]));
+        let fuse = HostDevice {
+            path: PRIVILEGED_DEVICE.into(),
+            major: 10,
+            minor: 229,
+            file_mode: 0o666,
+        };
+        let privileged = build_spec(&f.input(std::slice::from_ref(&fuse), &[]));
+        assert_eq!(
+            privileged["process"]["capabilities"],
+            plain["process"]["capabilities"]
+        );
+        assert_eq!(privileged["linux"]["seccomp"], plain["linux"]["seccomp"]);
+        assert_eq!(
+            privileged["linux"]["maskedPaths"],
+            plain["linux"]["maskedPaths"]
+        );
+        assert_eq!(
+            privileged["linux"]["devices"],
+            json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229,
+                    "fileMode": 0o666, "uid": 0, "gid": 0}])
+        );
+        assert_eq!(
+            privileged["linux"]["resources"]["devices"][1],
+            json!({"allow": true, "type": "c", "major": 10, "minor": 229, "access": "rwm"})
         );
     }
 
     #[test]
-    fn users() {
-        assert_eq!(parse_user(""), Some((0, 0)));
-        assert_eq!(parse_user("1000"), Some((1000, 1000)));
-        assert_eq!(parse_user("1000:5"), Some((1000, 5)));
-        assert_eq!(parse_user("nobody"), None);
+    fn hooks_are_prestart_hooks() {
+        let f = Fixture::new();
+        let hook = json!({"path": "/usr/bin/containerd", "args": ["containerd", "oci-hook"]});
+        let s = build_spec(&f.input(&[], std::slice::from_ref(&hook)));
+        assert_eq!(s["hooks"]["prestart"], json!([hook]));
+    }
+
+    #[test]
+    fn sidecar_shares_the_host_network() {
+        let img = ImageDefaults {
+            cmd: vec!["serve".into()],
+            ..Default::default()
+        };
+        let s = sidecar_spec(&SidecarSpec {
+            namespace: "oakestra",
+            id: "ml_data_server",
+            image: &img,
+            volume: (Path::new("/var/lib/x"), "/ml_data_server_volume"),
+        });
+        assert!(
+            s["linux"]["namespaces"]
+                .as_array()
+                .is_some_and(|n| n.iter().all(|n| n["type"] != "network"))
+        );
+        assert_eq!(s["process"]["args"], json!(["serve"]));
+        assert!(s["mounts"].as_array().is_some_and(|m| {
+            m.iter().any(|m| {
+                m["destination"] == "/ml_data_server_volume" && m["source"] == "/var/lib/x"
+            })
+        }));
     }
 }

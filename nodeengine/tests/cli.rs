@@ -140,12 +140,13 @@ fn config_addons() {
 #[test]
 fn config_network_modes() {
     let (_d, conf) = setup();
+    // Upstream's `config network off` writes "".
     let got = ok(&conf, &["config", "network", "off"]);
     assert_eq!(
         got,
         expected(|s| *s = s.replace(
             "\"overlay_network\":\"default\"",
-            "\"overlay_network\":\"disabled\""
+            "\"overlay_network\":\"\""
         ))
     );
     let got = ok(&conf, &["config", "network", "manual", "/run/nm.sock"]);
@@ -247,10 +248,14 @@ fn bad_arguments_are_usage_errors() {
         &["config", "network", "sideways"],
         &["config", "cluster"],
         &["config", "cluster", "1.2.3.4", "-p", "notaport"],
-        &["config", "auth", "-c", "x"],
+        &["config", "auth", "-c"],
         &["config", "virtualization", "wasm", "on"],
+        &["config", "virtualization", "unikernel", "maybe"],
+        &["config", "addon", "FLOps"],
+        &["config", "visibility", "sideways"],
+        &["config", "policy", "privileged", "perhaps"],
         &["frobnicate"],
-        &["-p", "10"],
+        &["-a", "10.0.0.1", "status"],
     ] {
         let out = ne(&conf, args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -292,4 +297,206 @@ fn status_and_stop_without_systemd_say_so() {
     let out = ne(&conf, &["stop"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("systemd is not running"));
+}
+
+/// Runs the CLI with extra environment.
+fn ne_env(conf: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_NodeEngine"))
+        .env("OAKESTRA_CONF", conf)
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run NodeEngine")
+}
+
+#[test]
+fn addon_and_virtualization_without_arguments_list_the_state() {
+    let (_d, conf) = setup();
+    let out = ne(&conf, &["config", "addon"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Configured Addons:\n\t - FLOps-learner: 🟢 Active\n"
+    );
+    let out = ne(&conf, &["config", "virtualization"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Virtualization Runtimes:\n\t - containerd: 🟢 Active\n\t - unikraft: 🟢 Active\n"
+    );
+    // Listing writes nothing.
+    assert_eq!(std::fs::read_to_string(&conf).expect("r"), FIXTURE);
+    ok(&conf, &["config", "default"]);
+    let out = ne(&conf, &["config", "addon"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Configured Addons:\nNo Addons Configured.\n"
+    );
+}
+
+#[test]
+fn enable_true_disable_false_as_upstream() {
+    let (_d, conf) = setup();
+    for (word, active) in [
+        ("disable", false),
+        ("enable", true),
+        ("false", false),
+        ("true", true),
+        ("OFF", false),
+        ("On", true),
+    ] {
+        let got = ok(&conf, &["config", "virtualization", "unikernel", word]);
+        let v: Value = serde_json::from_str(&got).expect("json");
+        assert_eq!(
+            v["virtualizations"][1]["virutalizaiton_active"], active,
+            "{word}"
+        );
+        let got = ok(&conf, &["config", "addon", "FLOps", word]);
+        let v: Value = serde_json::from_str(&got).expect("json");
+        assert_eq!(v["addons"][0]["addon_active"], active, "{word}");
+    }
+}
+
+#[test]
+fn crosvm_and_visibility_as_upstream_writes_them() {
+    let (_d, conf) = setup();
+    let got = ok(&conf, &["config", "virtualization", "crosvm", "on"]);
+    assert!(
+        got.contains(
+            "{\"virutalizaiton_name\":\"crosvm\",\"virutalizaiton_runtime\":\"crosvm\",\"virutalizaiton_active\":true,\"virutalizaiton_config\":[]}"
+        ),
+        "{got}"
+    );
+    let got = ok(&conf, &["config", "visibility", "public"]);
+    assert!(got.contains("\"public_ip\":true"), "{got}");
+    let got = ok(&conf, &["config", "visibility", "private"]);
+    assert!(got.contains("\"public_ip\":false"), "{got}");
+}
+
+#[test]
+fn upstream_flag_names_of_config_verbs() {
+    let (d, conf) = setup();
+    let got = ok(
+        &conf,
+        &[
+            "config",
+            "cluster",
+            "10.9.9.9",
+            "--clusterPort",
+            "10300",
+            "--clusterSSL",
+        ],
+    );
+    assert!(
+        got.contains(
+            "\"cluster_address\":\"10.9.9.9\",\"cluster_ssl\":true,\"cluster_port\":10300"
+        ),
+        "{got}"
+    );
+    let cert = d.path().join("n.crt");
+    let key = d.path().join("n.key");
+    std::fs::write(&cert, "c").expect("w");
+    std::fs::write(&key, "k").expect("w");
+    let got = ok(
+        &conf,
+        &[
+            "config",
+            "auth",
+            "--certFile",
+            &cert.display().to_string(),
+            "--keyFile",
+            &key.display().to_string(),
+        ],
+    );
+    assert!(got.contains(&format!("\"mqtt_cert_file\":\"{}\"", cert.display())));
+    // Only the key: the certificate stays.
+    let got = ok(&conf, &["config", "auth", "-k", &key.display().to_string()]);
+    assert!(got.contains(&format!("\"mqtt_cert_file\":\"{}\"", cert.display())));
+}
+
+#[test]
+fn broker_credentials_tls_and_policy() {
+    let (d, conf) = setup();
+    let ca = d.path().join("ca.crt");
+    let pw = d.path().join("mqtt.pw");
+    std::fs::write(&ca, "ca").expect("w");
+    std::fs::write(&pw, "secret\n").expect("w");
+    let got = ok(
+        &conf,
+        &[
+            "config",
+            "auth",
+            "--tls",
+            "on",
+            "--ca",
+            &ca.display().to_string(),
+            "-u",
+            "node-1",
+            "--password-file",
+            &pw.display().to_string(),
+        ],
+    );
+    let v: Value = serde_json::from_str(&got).expect("json");
+    assert_eq!(v["mqtt_tls"], true);
+    assert_eq!(v["mqtt_username"], "node-1");
+    assert_eq!(v["mqtt_password_file"], pw.display().to_string());
+    assert_eq!(v["mqtt_ca_file"], ca.display().to_string());
+    let out = ne(&conf, &["config", "auth"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("transport: TLS"));
+
+    let out = ne(&conf, &["config", "policy"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("privileged: refuse"));
+    let got = ok(&conf, &["config", "policy", "privileged", "allow"]);
+    let v: Value = serde_json::from_str(&got).expect("json");
+    assert_eq!(v["local_policy"]["allow_privileged"], true);
+    assert_eq!(v["local_policy"]["allow_unknown_runtimes"], false);
+    let got = ok(&conf, &["config", "policy", "privileged", "refuse"]);
+    assert!(
+        !got.contains("local_policy"),
+        "defaults are not written: {got}"
+    );
+}
+
+/// A `dpkg` that says whether qemu-user-static is installed.
+fn fake_dpkg(dir: &Path, installed: bool) -> String {
+    let bin = dir.join(if installed { "dpkg-yes" } else { "dpkg-no" });
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    let script = if installed {
+        "#!/bin/sh\necho 'Package: qemu-user-static'\necho 'Status: install ok installed'\n"
+    } else {
+        "#!/bin/sh\necho \"dpkg-query: package '$2' is not installed\" >&2\nexit 1\n"
+    };
+    let path = bin.join("dpkg");
+    std::fs::write(&path, script).expect("w");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+#[test]
+fn image_builder_needs_qemu_user_static() {
+    let (d, conf) = setup();
+    let out = ne_env(
+        &conf,
+        &["config", "addon", "imageBuilder", "on"],
+        &[("PATH", &fake_dpkg(d.path(), false))],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("qemu-user-static"));
+    assert_eq!(std::fs::read_to_string(&conf).expect("r"), FIXTURE);
+    let out = ne_env(
+        &conf,
+        &["config", "addon", "image-builder", "on"],
+        &[("PATH", &fake_dpkg(d.path(), true))],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        std::fs::read_to_string(&conf)
+            .expect("r")
+            .contains("\"image-builder\"")
+    );
 }

@@ -81,7 +81,13 @@ fn assert_node_document(v: &Value, id: &str) {
         v["virtualization"],
         serde_json::json!(["docker", "unikernel"])
     );
-    assert_eq!(v["supported_addons"], serde_json::json!(["FLOps-learner"]));
+    // FLOps-learner is advertised only while its ML data server runs, which
+    // needs containerd (absent here; see containerd_deploy.rs).
+    assert_eq!(v["supported_addons"], serde_json::json!([]));
+    // Upstream's values without a GPU.
+    assert_eq!(v["gpu_driver"], "-");
+    assert_eq!(v["vgpus"], 0);
+    assert_eq!(v["vram"], 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,6 +130,12 @@ async fn registers_and_reports() {
     })
     .await;
     assert!(logged, "control/error not logged");
+    // A plaintext link to the cluster is called out at start.
+    assert!(
+        s.daemon.log_text().contains("is PLAINTEXT"),
+        "{}",
+        s.daemon.log_text()
+    );
 
     let st = s.daemon.stop();
     assert!(
@@ -187,6 +199,13 @@ async fn hostile_deploys_fail_cleanly_and_the_daemon_keeps_serving() {
             .as_str()
             .unwrap_or_default()
             .contains("unknown virtualization"),
+        "{f}"
+    );
+    assert!(
+        f["status_detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("local_policy.allow_unknown_runtimes"),
         "{f}"
     );
     let f = s.cluster.wait_status("app.ns.svc.plain", 3, "FAILED").await;
@@ -278,4 +297,263 @@ async fn registration_is_retried_until_the_cluster_answers() {
     assert!(retried, "no retries logged:\n{}", daemon.log_text());
     assert!(daemon.is_running(), "upstream exits here; we must not");
     drop(broker);
+}
+
+/// The node's local policy, not the job document, decides: privileged jobs
+/// and shims the node does not offer are refused by default, with a reason
+/// naming the policy; crosvm jobs fail with a reason where crosvm is absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_policy_refuses_what_the_cluster_cannot_override() {
+    if !can_run("local_policy", &["/usr/sbin/mosquitto"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Mosquitto::start(dir.path());
+    let mut cluster = ClusterDouble::start(broker.port).await;
+    let conf = test_config_with(dir.path(), cluster.http_port, true, |cfg| {
+        cfg["virtualizations"].as_array_mut().expect("list").push(
+            serde_json::json!({"virutalizaiton_name": "crosvm",
+                "virutalizaiton_runtime": "crosvm", "virutalizaiton_active": true,
+                "virutalizaiton_config": []}),
+        );
+    });
+    let daemon = Daemon::start(dir.path(), &conf, None);
+    cluster
+        .wait_for("information", Duration::from_secs(30), |_| true)
+        .await
+        .unwrap_or_else(|| panic!("daemon not up:\n{}", daemon.log_text()));
+    let info = cluster.messages("information").pop().expect("report");
+    // crosvm cannot run here, so the scheduler is not told it can.
+    assert_eq!(
+        info["virtualization"],
+        serde_json::json!(["docker", "unikernel"])
+    );
+
+    let mut privileged = job("app.ns.policy.priv", 0, &["true"], false);
+    // However the document spells it.
+    privileged
+        .as_object_mut()
+        .expect("object")
+        .remove("privileged");
+    privileged["Privileged"] = "true".into();
+    cluster
+        .publish("control/deploy", privileged.to_string())
+        .await;
+    let mut shim = job("app.ns.policy.shim", 0, &["true"], false);
+    shim["virtualization"] = "io.containerd.runc.v1".into();
+    cluster.publish("control/deploy", shim.to_string()).await;
+    let mut crosvm = job("app.ns.policy.crosvm", 0, &["true"], false);
+    crosvm["virtualization"] = "crosvm".into();
+    cluster.publish("control/deploy", crosvm.to_string()).await;
+
+    let detail = |v: &Value| v["status_detail"].as_str().unwrap_or_default().to_string();
+    let f = cluster.wait_status("app.ns.policy.priv", 0, "FAILED").await;
+    assert!(detail(&f).contains("local_policy.allow_privileged"), "{f}");
+    let f = cluster.wait_status("app.ns.policy.shim", 0, "FAILED").await;
+    assert!(
+        detail(&f).contains("local_policy.allow_unknown_runtimes"),
+        "{f}"
+    );
+    let f = cluster
+        .wait_status("app.ns.policy.crosvm", 0, "FAILED")
+        .await;
+    assert!(detail(&f).contains("crosvm"), "{f}");
+    assert!(
+        detail(&f).contains("not installed") || detail(&f).contains("does not run crosvm"),
+        "{f}"
+    );
+    drop(daemon);
+}
+
+/// `ip` is the discovered public address when `public_ip` is on, and the
+/// `publicip` of job reports is the same, as upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_ip_is_discovered_refreshed_and_reported_as_publicip() {
+    if !can_run("public_ip", &["/usr/sbin/mosquitto"]) {
+        return;
+    }
+    use axum::routing::get;
+    let answer = std::sync::Arc::new(std::sync::Mutex::new("203.0.113.5\n".to_string()));
+    let served = answer.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    let app = axum::Router::new().route(
+        "/",
+        get(move || {
+            let a = served.clone();
+            async move { a.lock().expect("lock").clone() }
+        }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Mosquitto::start(dir.path());
+    let mut cluster = ClusterDouble::start(broker.port).await;
+    let conf = test_config_with(dir.path(), cluster.http_port, true, |cfg| {
+        cfg["public_ip"] = true.into();
+    });
+    let daemon = Daemon::start_with(
+        dir.path(),
+        &conf,
+        None,
+        &[
+            ("NODEENGINE_PUBLIC_IP_URL", url),
+            ("NODEENGINE_PUBLIC_IP_REFRESH", "1".into()),
+        ],
+    );
+    let info = cluster
+        .wait_for("information", Duration::from_secs(30), |v| {
+            v["ip"] == "203.0.113.5"
+        })
+        .await
+        .unwrap_or_else(|| panic!("no public ip reported:\n{}", daemon.log_text()));
+    assert_eq!(info["ip"], "203.0.113.5");
+    let regs = cluster.registrations.lock().expect("lock").clone();
+    assert_eq!(regs[0]["ip"], "203.0.113.5", "registration carries it too");
+
+    // A job report's publicip is the node's ip.
+    let mut unknown = job("app.ns.pub.ip", 0, &[], false);
+    unknown["virtualization"] = "nope".into();
+    cluster.publish("control/deploy", unknown.to_string()).await;
+    let f = cluster.wait_status("app.ns.pub.ip", 0, "FAILED").await;
+    assert_eq!(f["publicip"], "203.0.113.5");
+
+    // Refreshed: a new answer becomes the new ip; garbage never does.
+    *answer.lock().expect("lock") = "<html>rate limited</html>".into();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    *answer.lock().expect("lock") = "198.51.100.77".into();
+    cluster.clear();
+    let info = cluster
+        .wait_for("information", Duration::from_secs(30), |v| {
+            v["ip"] == "198.51.100.77"
+        })
+        .await;
+    assert!(info.is_some(), "not refreshed:\n{}", daemon.log_text());
+    assert!(
+        cluster
+            .messages("information")
+            .iter()
+            .all(|v| v["ip"] == "203.0.113.5" || v["ip"] == "198.51.100.77"),
+        "a bad answer became the address"
+    );
+    drop(daemon);
+    server.abort();
+}
+
+/// MQTT over TLS that verifies the broker, without a client certificate,
+/// with a broker user and password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_with_server_verified_tls_and_credentials() {
+    if !can_run(
+        "mqtt_tls_credentials",
+        &["/usr/sbin/mosquitto", "mosquitto_passwd"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let security = BrokerSecurity {
+        pki: pki.clone(),
+        user: "node-user".into(),
+        password: "s3cret-pw".into(),
+    };
+    let broker = Mosquitto::start_with(dir.path(), Some(security));
+    let mut cluster = ClusterDouble::start_with(
+        broker.port,
+        Some(DoubleLogin {
+            tls: pki.client_config(),
+            user: "node-user".into(),
+            password: "s3cret-pw".into(),
+        }),
+    )
+    .await;
+    let pw = dir.path().join("mqtt.pw");
+    std::fs::write(&pw, "s3cret-pw\n").expect("w");
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let conf = test_config_with(dir.path(), cluster.http_port, true, |cfg| {
+        cfg["mqtt_tls"] = true.into();
+        cfg["mqtt_ca_file"] = pki.ca.display().to_string().into();
+        cfg["mqtt_username"] = "node-user".into();
+        cfg["mqtt_password_file"] = pw.display().to_string().into();
+    });
+    let daemon = Daemon::start(dir.path(), &conf, None);
+    cluster
+        .wait_for("information", Duration::from_secs(30), |_| true)
+        .await
+        .unwrap_or_else(|| panic!("no reports over TLS:\n{}", daemon.log_text()));
+    // Subscriptions work too: a deploy is answered.
+    let mut unknown = job("app.ns.tls.job", 0, &[], false);
+    unknown["virtualization"] = "nope".into();
+    cluster.publish("control/deploy", unknown.to_string()).await;
+    cluster.wait_status("app.ns.tls.job", 0, "FAILED").await;
+    assert!(!daemon.log_text().contains("PLAINTEXT"));
+    drop(daemon);
+
+    // A wrong password is refused by the broker; the daemon says so and retries.
+    std::fs::write(&pw, "wrong\n").expect("w");
+    cluster.clear();
+    let daemon = Daemon::start(dir.path(), &conf, None);
+    let refused = wait_until(Duration::from_secs(30), || {
+        daemon.log_text().contains("MQTT connection")
+    })
+    .await;
+    assert!(refused, "{}", daemon.log_text());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(cluster.messages("information").is_empty());
+}
+
+/// GPU figures as upstream computes them, and addons advertised only when
+/// they can work (imageBuilder needs qemu-user-static).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_figures_and_addons_as_upstream() {
+    if !can_run("gpu_figures", &["/usr/sbin/mosquitto"]) {
+        return;
+    }
+    for qemu_installed in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("bin");
+        write_script(
+            &bin.join("nvidia-smi"),
+            "printf '535.1, 10, 40, 1000, 16000\\n535.1, 30, 50, 3000, 8000\\n'\n",
+        );
+        write_script(
+            &bin.join("dpkg"),
+            if qemu_installed {
+                "echo 'Status: install ok installed'\n"
+            } else {
+                "echo 'dpkg-query: package is not installed' >&2; exit 1\n"
+            },
+        );
+        let broker = Mosquitto::start(dir.path());
+        let mut cluster = ClusterDouble::start(broker.port).await;
+        let conf = test_config_with(dir.path(), cluster.http_port, true, |cfg| {
+            cfg["addons"] = serde_json::json!([
+                {"addon_name": "image-builder", "addon_active": true, "addon_config": []}
+            ]);
+        });
+        let daemon = Daemon::start_with(dir.path(), &conf, None, &[("PATH", path_with(&bin))]);
+        let info = cluster
+            .wait_for("information", Duration::from_secs(30), |_| true)
+            .await
+            .unwrap_or_else(|| panic!("daemon not up:\n{}", daemon.log_text()));
+        assert_eq!(info["gpu_driver"], "535.1");
+        assert_eq!(info["vgpus"], 2);
+        assert_eq!(info["vram"], 24000.0, "total MiB, as upstream");
+        assert_eq!(info["gpu_usage"], 20.0);
+        let expected = if qemu_installed {
+            serde_json::json!(["image-builder"])
+        } else {
+            serde_json::json!([])
+        };
+        assert_eq!(
+            info["supported_addons"], expected,
+            "qemu-user-static: {qemu_installed}"
+        );
+        let mem = info["memory_percent"].as_f64().expect("float");
+        assert!((0.0..=100.0).contains(&mem));
+        drop(daemon);
+    }
 }

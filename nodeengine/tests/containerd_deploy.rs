@@ -18,13 +18,25 @@ struct Setup {
 }
 
 async fn setup(unpack: bool) -> Setup {
+    setup_with(unpack, |_, _, _| Vec::new()).await
+}
+
+/// `prepare` gets the test directory, containerd and the configuration to
+/// edit before the daemon starts, and returns extra daemon environment.
+async fn setup_with(
+    unpack: bool,
+    prepare: impl FnOnce(&std::path::Path, &Containerd, &mut Value) -> Vec<(&'static str, String)>,
+) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let containerd = Containerd::start(dir.path());
     containerd.import_test_image(unpack);
     let broker = Mosquitto::start(dir.path());
     let cluster = ClusterDouble::start(broker.port).await;
-    let conf = test_config(dir.path(), cluster.http_port, true);
-    let daemon = Daemon::start(dir.path(), &conf, Some(&containerd));
+    let mut env = Vec::new();
+    let conf = test_config_with(dir.path(), cluster.http_port, true, |cfg| {
+        env = prepare(dir.path(), &containerd, cfg);
+    });
+    let daemon = Daemon::start_with(dir.path(), &conf, Some(&containerd), &env);
     let mut s = Setup {
         dir,
         broker,
@@ -100,8 +112,9 @@ async fn deploy_report_and_delete() {
         .await
         .unwrap_or_else(|| {
             panic!(
-                "instance not in resources with its log: {:?}",
-                s.cluster.messages("jobs/resources").last()
+                "instance not in resources with its log: {:?}; log: {:?}",
+                s.cluster.messages("jobs/resources").last(),
+                std::fs::read_to_string(s.dir.path().join("applogs").join(&id))
             )
         });
     let e = resources_entry(&res, name, 0).expect("entry");
@@ -116,8 +129,16 @@ async fn deploy_report_and_delete() {
             .contains("hello-hello-from-image-instance-0")
     );
 
-    // A second deploy of the same instance is ignored, not FAILED.
+    // A second deploy of the same instance (MQTT QoS 1 may deliver twice) is
+    // a logged no-op, not FAILED.
     s.cluster.publish("control/deploy", j.to_string()).await;
+    let logged = wait_until(Duration::from_secs(20), || {
+        s.daemon
+            .log_text()
+            .contains("deploy for an instance that already runs here; ignored")
+    })
+    .await;
+    assert!(logged, "{}", s.daemon.log_text());
 
     // Delete: exactly one UNDEPLOYED, container gone.
     let del =
@@ -210,7 +231,12 @@ async fn restart_adopts_running_instances_and_broker_restart_keeps_deploying() {
     if !can_run("restart_adopts", BINS) {
         return;
     }
-    let mut s = setup(true).await;
+    // The node's window and the cluster's match (60 s); the restart is far shorter.
+    let mut s = setup_with(true, |_, _, _| {
+        vec![("NODEENGINE_ADOPT_WINDOW", "60".to_string())]
+    })
+    .await;
+    s.cluster.mark_failed_after(Duration::from_secs(60));
     let name = "app.ns.keep.alive";
     s.cluster
         .publish(
@@ -230,6 +256,12 @@ async fn restart_adopts_running_instances_and_broker_restart_keeps_deploying() {
         })
         .await;
     assert!(adopted.is_some(), "not adopted:\n{}", s.daemon.log_text());
+    assert!(s.cluster.failed_instances().is_empty());
+    assert!(
+        s.containerd
+            .container_ids()
+            .contains(&format!("{name}.instance.4"))
+    );
 
     // Broker restart: deploys still work afterwards.
     s.broker.restart();
@@ -262,4 +294,724 @@ async fn restart_adopts_running_instances_and_broker_restart_keeps_deploying() {
     let del = serde_json::json!({"job_name": name, "instance_number": 4});
     s.cluster.publish("control/delete", del.to_string()).await;
     s.cluster.wait_status(name, 4, "UNDEPLOYED").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_longer_than_the_window_instances_are_removed() {
+    if !can_run("after_an_outage", BINS) {
+        return;
+    }
+    // A short window on both sides keeps the test quick.
+    let window = Duration::from_secs(3);
+    let mut s = setup_with(true, |_, _, _| {
+        vec![("NODEENGINE_ADOPT_WINDOW", window.as_secs().to_string())]
+    })
+    .await;
+    s.cluster.mark_failed_after(window);
+    let name = "app.ns.long.outage";
+    let id = format!("{name}.instance.1");
+    s.cluster
+        .publish(
+            "control/deploy",
+            job(name, 1, &["sleep", "300"], false).to_string(),
+        )
+        .await;
+    s.cluster.wait_status(name, 1, "CREATED").await;
+    s.cluster
+        .wait_for("jobs/resources", Duration::from_secs(20), |v| {
+            resources_entry(v, name, 1).is_some()
+        })
+        .await
+        .expect("reported");
+
+    // The node goes away; the cluster marks its instance FAILED (and would
+    // place a replacement elsewhere).
+    s.daemon.stop();
+    let failed = wait_until(Duration::from_secs(30), || {
+        s.cluster
+            .failed_instances()
+            .contains(&(name.to_string(), 1))
+    })
+    .await;
+    assert!(
+        failed,
+        "the cluster double never marked the instance FAILED"
+    );
+
+    // Back after the window: the container is a duplicate now and goes.
+    s.cluster.clear();
+    s.daemon.restart();
+    let removed = wait_until(Duration::from_secs(30), || {
+        !s.containerd.container_ids().contains(&id)
+    })
+    .await;
+    assert!(removed, "duplicate left running:\n{}", s.daemon.log_text());
+    for _ in 0..3 {
+        let report = s
+            .cluster
+            .wait_for("jobs/resources", Duration::from_secs(20), |_| true)
+            .await
+            .expect("reports resume");
+        assert!(
+            resources_entry(&report, name, 1).is_none(),
+            "reported a replaced instance: {report}"
+        );
+        s.cluster.clear();
+    }
+}
+
+const PASSWD: &[u8] =
+    b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+const GROUP: &[u8] = b"root:x:0:\nnogroup:x:65534:\nfuse:x:107:nobody\n";
+
+fn spec_of(containerd: &Containerd, id: &str) -> Value {
+    let info = containerd.ctr(&["containers", "info", id]);
+    let info: Value = serde_json::from_slice(&info.stdout).expect("ctr info json");
+    info["Spec"].clone()
+}
+
+async fn wait_for_log(s: &Setup, id: &str, text: &str) -> String {
+    let path = s.dir.path().join("applogs").join(id);
+    let found = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&path).is_ok_and(|l| l.contains(text))
+    })
+    .await;
+    let log = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        found,
+        "{id}: no {text:?} in its log: {log:?}\n{}",
+        s.daemon.log_text()
+    );
+    log
+}
+
+/// Points 1, 6 and 7 of the parity issue and the confinement of the security
+/// issue, on real containers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_get_upstreams_spec_and_are_confined() {
+    if !can_run("containers_get_upstreams_spec", BINS) {
+        return;
+    }
+    let entry_image = "docker.io/library/nodeengine-entry:latest";
+    let user_image = "docker.io/library/nodeengine-nobody:latest";
+    let mut s = setup_with(true, |_, containerd, _| {
+        containerd.import_image(
+            &TestImage {
+                entrypoint: &["/bin/false"],
+                ..TestImage::named(entry_image)
+            },
+            true,
+        );
+        containerd.import_image(
+            &TestImage {
+                files: &[("etc/passwd", PASSWD), ("etc/group", GROUP)],
+                user: "nobody",
+                ..TestImage::named(user_image)
+            },
+            true,
+        );
+        vec![("NODEENGINE_APP_LOG_MAX_BYTES", "8192".to_string())]
+    })
+    .await;
+
+    // cmd replaces the ENTRYPOINT (which would exit 1); an env entry
+    // without `=` removes the variable; own network namespace with only
+    // loopback (overlay off); upstream's resolver; seccomp denies user
+    // namespaces; lenient ports.
+    let checks = "echo cmd-ran; echo \"[$IMAGE_VAR]\"; echo \"ifaces=$(grep -c : /proc/net/dev)\"; \
+        cat /etc/resolv.conf; if unshare -U true 2>/dev/null; then echo userns-allowed; \
+        else echo userns-denied; fi; echo checks-done; sleep 600";
+    let mut j = job("app.ns.spec.checks", 0, &["sh", "-c", checks], false);
+    j["image"] = entry_image.into();
+    j["environment"] = serde_json::json!(["GREETING=hello", "IMAGE_VAR"]);
+    j["port"] = "8080:80;8080:81;0:90".into();
+    s.cluster.publish("control/deploy", j.to_string()).await;
+    // The image's USER is resolved in its own /etc/passwd.
+    let mut u = job(
+        "app.ns.spec.user",
+        0,
+        &[
+            "sh",
+            "-c",
+            "echo \"ids=$(id -u):$(id -g):$(id -G)\"; sleep 600",
+        ],
+        false,
+    );
+    u["image"] = user_image.into();
+    s.cluster.publish("control/deploy", u.to_string()).await;
+    // A chatty one: its log is capped.
+    let chatty = job(
+        "app.ns.spec.chatty",
+        0,
+        &["sh", "-c", "seq 1 20000; echo chatty-done; sleep 600"],
+        false,
+    );
+    s.cluster
+        .publish("control/deploy", chatty.to_string())
+        .await;
+    // GPUs without the NVIDIA tools: FAILED with the reason, not a silent run.
+    let mut gpu = job("app.ns.spec.gpu", 0, &["true"], false);
+    gpu["vgpus"] = 1.into();
+    s.cluster.publish("control/deploy", gpu.to_string()).await;
+    // Privileged: refused by the node's local policy (the default).
+    let mut privileged = job("app.ns.spec.priv", 0, &["true"], false);
+    privileged["privileged"] = true.into();
+    s.cluster
+        .publish("control/deploy", privileged.to_string())
+        .await;
+
+    s.cluster
+        .wait_status("app.ns.spec.checks", 0, "CREATED")
+        .await;
+    s.cluster
+        .wait_status("app.ns.spec.user", 0, "CREATED")
+        .await;
+    s.cluster
+        .wait_status("app.ns.spec.chatty", 0, "CREATED")
+        .await;
+    let f = s.cluster.wait_status("app.ns.spec.gpu", 0, "FAILED").await;
+    assert!(
+        f["status_detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("nvidia-container-cli")),
+        "{f}"
+    );
+    let f = s.cluster.wait_status("app.ns.spec.priv", 0, "FAILED").await;
+    assert!(
+        f["status_detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("local_policy.allow_privileged")),
+        "{f}"
+    );
+
+    let log = wait_for_log(&s, "app.ns.spec.checks.instance.0", "checks-done").await;
+    assert!(log.contains("cmd-ran\n"), "{log}");
+    assert!(log.contains("[]\n"), "IMAGE_VAR was not removed: {log}");
+    assert!(log.contains("ifaces=1\n"), "not only loopback: {log}");
+    assert!(log.contains("nameserver "), "{log}");
+    assert!(
+        !log.contains("nameserver 127."),
+        "a loopback resolver: {log}"
+    );
+    assert!(
+        log.contains("userns-denied\n"),
+        "seccomp let unshare through: {log}"
+    );
+    let log = wait_for_log(&s, "app.ns.spec.user.instance.0", "ids=").await;
+    assert!(log.contains("ids=65534:65534:65534 107\n"), "{log}");
+
+    // The spec as containerd stores it.
+    let spec = spec_of(&s.containerd, "app.ns.spec.checks.instance.0");
+    assert_eq!(spec["process"]["args"][0], "sh");
+    assert_eq!(spec["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+    assert_eq!(spec["linux"]["resources"]["pids"]["limit"], 4096);
+    let resolv = spec["mounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["destination"] == "/etc/resolv.conf"))
+        .expect("resolv.conf mount")["source"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_ne!(resolv, "/etc/resolv.conf", "the host's resolver file");
+    if resolv != "/run/systemd/resolve/resolv.conf" {
+        assert_eq!(
+            std::fs::read_to_string(&resolv).expect("resolv"),
+            "nameserver 8.8.8.8\n"
+        );
+    }
+    // cgroup v2, or v1's pids hierarchy.
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let pids_max = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/{}{}/app.ns.spec.checks.instance.0/pids.max",
+        if v2 { "" } else { "pids/" },
+        s.containerd.namespace
+    ))
+    .expect("pids.max of the container's cgroup");
+    assert_eq!(pids_max.trim(), "4096");
+
+    // The log is capped to its newest part, a private file.
+    let chatty_log = s.dir.path().join("applogs/app.ns.spec.chatty.instance.0");
+    let capped = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&chatty_log)
+            .is_ok_and(|l| l.len() <= 8192 && l.contains("20000\nchatty-done\n"))
+    })
+    .await;
+    assert!(
+        capped,
+        "log not capped: {} bytes",
+        std::fs::metadata(&chatty_log).map(|m| m.len()).unwrap_or(0)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&chatty_log)
+        .expect("log")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Resources as upstream computes them: six decimals, memory a fraction.
+    let res = s
+        .cluster
+        .wait_for("jobs/resources", Duration::from_secs(20), |v| {
+            resources_entry(v, "app.ns.spec.user", 0).is_some()
+        })
+        .await
+        .expect("resources");
+    let e = resources_entry(&res, "app.ns.spec.user", 0).expect("entry");
+    for k in ["cpu_percent", "memory_percent"] {
+        let v = e[k].as_str().expect("string");
+        assert_eq!(v.split('.').nth(1).map(str::len), Some(6), "{k}={v}");
+    }
+    let mem: f64 = e["memory_percent"]
+        .as_str()
+        .unwrap_or("x")
+        .parse()
+        .expect("number");
+    assert!(
+        (0.0..1.0).contains(&mem),
+        "memory_percent is a fraction upstream: {mem}"
+    );
+}
+
+/// With the local policy allowing privileged jobs they get what upstream
+/// grants (`/dev/fuse`, no more capabilities); GPUs are handed over by the
+/// NVIDIA hook; runtimes come from containerd's configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileged_gpus_and_configured_runtimes_as_upstream() {
+    if !can_run("privileged_gpus_and_runtimes", BINS) {
+        return;
+    }
+    let mut s = setup_with(true, |dir, _, cfg| {
+        cfg["local_policy"] = serde_json::json!({"allow_privileged": true});
+        let bin = dir.join("bin");
+        // Two GPUs, the second with more free memory.
+        write_script(
+            &bin.join("nvidia-smi"),
+            "case \"$1\" in --query-gpu=index,memory.free) printf '0, 1000\\n1, 8000\\n';;\n\
+             *) printf '535.1, 10, 40, 100, 16000\\n535.1, 30, 50, 300, 16000\\n';; esac\n",
+        );
+        write_script(
+            &bin.join("nvidia-container-cli"),
+            &format!("echo \"$@\" >> {}\n", dir.join("nvidia-calls").display()),
+        );
+        // A runc-compatible runtime configured in containerd, as upstream finds them.
+        let runc = std::process::Command::new("sh")
+            .args(["-c", "command -v runc"])
+            .output()
+            .expect("which runc");
+        let runc = String::from_utf8_lossy(&runc.stdout).trim().to_string();
+        write_script(
+            &bin.join("oak-runc"),
+            &format!(
+                "echo \"$@\" >> {}\nexec {runc} \"$@\"\n",
+                dir.join("oak-runc-calls").display()
+            ),
+        );
+        std::fs::write(
+            dir.join("containerd-runtimes.toml"),
+            format!(
+                "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.oakrunc]\n\
+                 runtime_type = \"io.containerd.runc.v2\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.oakrunc.options]\n\
+                 BinaryName = \"{}\"\n",
+                bin.join("oak-runc").display()
+            ),
+        )
+        .expect("containerd runtimes");
+        vec![("PATH", path_with(&bin))]
+    })
+    .await;
+
+    let info = s
+        .cluster
+        .wait_for("information", Duration::from_secs(20), |_| true)
+        .await
+        .expect("report");
+    assert_eq!(
+        info["virtualization"],
+        serde_json::json!(["docker", "unikernel", "oakrunc"])
+    );
+
+    let mut privileged = job("app.ns.priv.fuse", 0, &["sleep", "600"], false);
+    privileged["privileged"] = true.into();
+    s.cluster
+        .publish("control/deploy", privileged.to_string())
+        .await;
+    let mut gpu = job("app.ns.gpu.two", 0, &["sleep", "600"], false);
+    gpu["vgpus"] = 2.into();
+    s.cluster.publish("control/deploy", gpu.to_string()).await;
+    let mut custom = job("app.ns.rt.custom", 0, &["sleep", "600"], false);
+    custom["virtualization"] = "oakrunc".into();
+    s.cluster
+        .publish("control/deploy", custom.to_string())
+        .await;
+    let plain = job("app.ns.plain.one", 0, &["sleep", "600"], false);
+    s.cluster.publish("control/deploy", plain.to_string()).await;
+
+    for name in [
+        "app.ns.priv.fuse",
+        "app.ns.gpu.two",
+        "app.ns.rt.custom",
+        "app.ns.plain.one",
+    ] {
+        s.cluster.wait_status(name, 0, "CREATED").await;
+    }
+    let p = spec_of(&s.containerd, "app.ns.priv.fuse.instance.0");
+    let plain = spec_of(&s.containerd, "app.ns.plain.one.instance.0");
+    assert_eq!(
+        p["process"]["capabilities"],
+        plain["process"]["capabilities"]
+    );
+    assert_eq!(p["linux"]["seccomp"], plain["linux"]["seccomp"]);
+    let devices = p["linux"]["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0]["path"], "/dev/fuse");
+    assert_eq!(
+        p["linux"]["resources"]["devices"][1],
+        serde_json::json!({"allow": true, "type": "c", "major": 10, "minor": 229, "access": "rwm"})
+    );
+
+    // The NVIDIA hook ran (through containerd oci-hook) for the two GPUs
+    // with the most free memory.
+    let calls = std::fs::read_to_string(s.dir.path().join("nvidia-calls")).unwrap_or_default();
+    assert!(
+        calls.contains("--load-kmods configure --device=1,0 --compute"),
+        "{calls}"
+    );
+    assert!(calls.contains("--pid="), "{calls}");
+    assert!(
+        !calls.contains("{{pid}}"),
+        "placeholders not filled: {calls}"
+    );
+
+    // The configured runtime's binary ran the container.
+    let calls = std::fs::read_to_string(s.dir.path().join("oak-runc-calls")).unwrap_or_default();
+    assert!(calls.contains("app.ns.rt.custom.instance.0"), "{calls}");
+}
+
+/// An ML data server sidecar for the FLOps-learner addon, as upstream starts
+/// it (image, name, host port 11027, its volume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flops_starts_its_ml_data_server() {
+    if !can_run("flops_starts_its_ml_data_server", BINS) {
+        return;
+    }
+    let mut s = setup_with(true, |_, containerd, _| {
+        containerd.import_image(
+            &TestImage {
+                cmd: &["sleep", "3600"],
+                ..TestImage::named(nodeengine::addons::FLOPS_DATA_SERVER_IMAGE)
+            },
+            true,
+        );
+        Vec::new()
+    })
+    .await;
+    let info = s
+        .cluster
+        .wait_for("information", Duration::from_secs(20), |_| true)
+        .await
+        .expect("report");
+    assert_eq!(
+        info["supported_addons"],
+        serde_json::json!(["FLOps-learner"])
+    );
+    let tasks = s.containerd.ctr(&["tasks", "ls"]);
+    let tasks = String::from_utf8_lossy(&tasks.stdout);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("ml_data_server") && l.contains("RUNNING")),
+        "{tasks}"
+    );
+    let spec = spec_of(&s.containerd, "ml_data_server");
+    assert!(
+        spec["linux"]["namespaces"]
+            .as_array()
+            .is_some_and(|n| n.iter().all(|n| n["type"] != "network")),
+        "upstream publishes port 11027 on the host: {spec}"
+    );
+    assert!(
+        spec["mounts"].as_array().is_some_and(|m| m
+            .iter()
+            .any(|m| m["destination"] == "/ml_data_server_volume")),
+        "{spec}"
+    );
+    // It is the node's, not a job's: never reported, never reconciled away.
+    s.daemon.restart();
+    s.cluster.clear();
+    let res = s
+        .cluster
+        .wait_for("jobs/resources", Duration::from_secs(30), |_| true)
+        .await
+        .expect("resources");
+    assert_eq!(res, serde_json::json!({"services": []}));
+    assert!(
+        s.containerd
+            .container_ids()
+            .contains(&"ml_data_server".to_string())
+    );
+    assert!(s.daemon.log_text().contains("already runs"));
+}
+
+// ------------------------------------------------------------ registry double
+
+/// What the registry double serves: blobs by digest, manifests by tag.
+struct Repository {
+    name: String,
+    tag: String,
+    manifest_digest: String,
+    blobs: std::collections::HashMap<String, Vec<u8>>,
+}
+
+/// The blobs of an OCI layout tarball (as the image tests import).
+fn repository_from_layout(
+    dir: &std::path::Path,
+    tarball: &std::path::Path,
+    name: &str,
+    tag: &str,
+) -> Repository {
+    let layout = dir.join("layout");
+    std::fs::create_dir_all(&layout).expect("mkdir");
+    let out = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(tarball)
+        .arg("-C")
+        .arg(&layout)
+        .output()
+        .expect("tar");
+    assert!(out.status.success(), "{out:?}");
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index"))
+            .expect("index json");
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let mut blobs = std::collections::HashMap::new();
+    for e in std::fs::read_dir(layout.join("blobs/sha256"))
+        .expect("blobs")
+        .flatten()
+    {
+        let digest = format!("sha256:{}", e.file_name().to_string_lossy());
+        blobs.insert(digest, std::fs::read(e.path()).expect("blob"));
+    }
+    Repository {
+        name: name.into(),
+        tag: tag.into(),
+        manifest_digest,
+        blobs,
+    }
+}
+
+/// A registry that speaks only plain HTTP (as local registries often do): a
+/// TLS client gets the plain-HTTP answer Go's servers give it.
+async fn serve_plain_registry(listener: tokio::net::TcpListener, repo: std::sync::Arc<Repository>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let repo = repo.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 65536 {
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                if buf.first() == Some(&0x16) {
+                    // A TLS ClientHello.
+                    let _ = conn
+                        .write_all(b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+                        .await;
+                    return;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf);
+            let mut words = head.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let prefix = format!("/v2/{}/", repo.name);
+            let (status, ctype, body, digest): (&str, &str, Vec<u8>, String) = if path == "/v2/" {
+                ("200 OK", "application/json", b"{}".to_vec(), String::new())
+            } else if let Some(reference) = path
+                .strip_prefix(&prefix)
+                .and_then(|p| p.strip_prefix("manifests/"))
+            {
+                let digest = if reference == repo.tag {
+                    repo.manifest_digest.clone()
+                } else {
+                    reference.to_string()
+                };
+                match repo.blobs.get(&digest) {
+                    Some(b) => (
+                        "200 OK",
+                        "application/vnd.oci.image.manifest.v1+json",
+                        b.clone(),
+                        digest,
+                    ),
+                    None => ("404 Not Found", "text/plain", Vec::new(), String::new()),
+                }
+            } else if let Some(digest) = path
+                .strip_prefix(&prefix)
+                .and_then(|p| p.strip_prefix("blobs/"))
+            {
+                match repo.blobs.get(digest) {
+                    Some(b) => (
+                        "200 OK",
+                        "application/octet-stream",
+                        b.clone(),
+                        digest.to_string(),
+                    ),
+                    None => ("404 Not Found", "text/plain", Vec::new(), String::new()),
+                }
+            } else {
+                ("404 Not Found", "text/plain", Vec::new(), String::new())
+            };
+            let mut answer = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
+            if !digest.is_empty() {
+                answer.push_str(&format!("Docker-Content-Digest: {digest}\r\n"));
+            }
+            answer.push_str("\r\n");
+            let _ = conn.write_all(answer.as_bytes()).await;
+            if method != "HEAD" {
+                let _ = conn.write_all(&body).await;
+            }
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+/// A name for this machine that is not "localhost" or an IP literal (which
+/// containerd would reach over plain HTTP anyway) but resolves to loopback.
+fn loopback_host_name() -> (String, std::net::IpAddr) {
+    use std::net::ToSocketAddrs;
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
+    let addr = (name.as_str(), 0)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.find(|a| a.ip().is_loopback()))
+        .unwrap_or_else(|| {
+            panic!("this test needs the host name {name:?} to resolve to a loopback address (/etc/hosts)")
+        });
+    (name, addr.ip())
+}
+
+/// Images on a registry that only speaks plain HTTP are pulled over HTTP,
+/// with a warning, as upstream does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_from_plain_http_registries_are_pulled() {
+    if !can_run("plain_http_registry", BINS) {
+        return;
+    }
+    let mut s = setup(true).await;
+    let (host, ip) = loopback_host_name();
+    let tarball = s.dir.path().join("registry-image.tar");
+    write_image(&tarball, &TestImage::named("oak/plain:v1"));
+    let repo = repository_from_layout(s.dir.path(), &tarball, "oak/plain", "v1");
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let registry = tokio::spawn(serve_plain_registry(listener, std::sync::Arc::new(repo)));
+
+    let mut j = job("app.ns.plain.http", 0, &["sleep", "600"], false);
+    j["image"] = format!("{host}:{port}/oak/plain:v1").into();
+    s.cluster.publish("control/deploy", j.to_string()).await;
+    s.cluster
+        .wait_status("app.ns.plain.http", 0, "CREATED")
+        .await;
+    assert!(
+        s.daemon.log_text().contains("speaks only plain HTTP"),
+        "{}",
+        s.daemon.log_text()
+    );
+    registry.abort();
+}
+
+// ------------------------------------------------------ NetManager stand-in
+
+type SeenPorts = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// NetManager's local API as far as a deploy needs it; it refuses port
+/// mappings as NetManager's reader does (a host port 0 or twice).
+fn netmanager_stand_in(sock: std::path::PathBuf) -> SeenPorts {
+    use axum::Json;
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    async fn deploy(
+        State(seen): State<SeenPorts>,
+        Json(v): Json<Value>,
+    ) -> (StatusCode, Json<Value>) {
+        let ports = v["portMappings"].as_str().unwrap_or_default().to_string();
+        seen.lock().expect("lock").push(ports.clone());
+        let mut hosts = Vec::new();
+        for item in ports.split(';').filter(|i| !i.is_empty()) {
+            let host = item
+                .split([':', '/'])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if host == "0" || hosts.contains(&host) {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(serde_json::json!({"error": format!("port mapping {item:?} refused")})),
+                );
+            }
+            hosts.push(host);
+        }
+        (
+            StatusCode::OK,
+            Json(
+                serde_json::json!({"serviceName": v["serviceName"], "nsAddress": "10.18.0.2", "nsAddressv6": "fc00::2"}),
+            ),
+        )
+    }
+    let seen: SeenPorts = Default::default();
+    let listener = tokio::net::UnixListener::bind(sock).expect("bind");
+    let app = axum::Router::new()
+        .route("/container/deploy", post(deploy))
+        .route("/register", post(|| async { Json(serde_json::json!({})) }))
+        .route(
+            "/container/undeploy",
+            post(|| async { Json(serde_json::json!({})) }),
+        )
+        .with_state(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    seen
+}
+
+/// Duplicate or zero host ports do not fail a deploy that upstream runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_and_zero_host_ports_do_not_fail_a_deploy() {
+    if !can_run("lenient_ports", BINS) {
+        return;
+    }
+    let sock = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let sock2 = sock.clone();
+    let mut s = setup_with(true, move |dir, _, cfg| {
+        let path = dir.join("nm.sock");
+        cfg["overlay_network"] = format!("custom:{}", path.display()).into();
+        *sock2.lock().expect("lock") = Some(path);
+        Vec::new()
+    })
+    .await;
+    let path = sock.lock().expect("lock").clone().expect("socket path");
+    let seen = netmanager_stand_in(path);
+    let mut j = job("app.ns.ports.dup", 0, &["sleep", "600"], false);
+    j["port"] = "8080:80;8080:81/tcp;0:90;53:53/udp".into();
+    s.cluster.publish("control/deploy", j.to_string()).await;
+    s.cluster
+        .wait_status("app.ns.ports.dup", 0, "CREATED")
+        .await;
+    assert_eq!(
+        seen.lock().expect("lock").as_slice(),
+        ["8080:80;53:53/udp".to_string()]
+    );
+    assert!(s.daemon.log_text().contains("host port given twice"));
 }

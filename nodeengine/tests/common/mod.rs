@@ -99,29 +99,63 @@ pub struct Mosquitto {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    security: Option<BrokerSecurity>,
+}
+
+/// A broker that speaks TLS (server certificate only) and wants a password.
+#[derive(Clone)]
+pub struct BrokerSecurity {
+    pub pki: Pki,
+    pub user: String,
+    pub password: String,
 }
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Mosquitto {
+        Mosquitto::start_with(dir, None)
+    }
+
+    pub fn start_with(dir: &Path, security: Option<BrokerSecurity>) -> Mosquitto {
         let mut m = Mosquitto {
             port: free_port(),
             dir: dir.to_path_buf(),
             child: None,
+            security,
         };
         m.spawn();
         m
     }
 
+    fn config_text(&self) -> String {
+        let mut conf = format!("listener {} 127.0.0.1\npersistence false\n", self.port);
+        match &self.security {
+            None => conf.push_str("allow_anonymous true\n"),
+            Some(sec) => {
+                let passwd = self.dir.join("mosquitto.passwd");
+                let out = Command::new("mosquitto_passwd")
+                    .args(["-b", "-c"])
+                    .arg(&passwd)
+                    .arg(&sec.user)
+                    .arg(&sec.password)
+                    .output()
+                    .expect("run mosquitto_passwd");
+                assert!(out.status.success(), "mosquitto_passwd: {out:?}");
+                conf.push_str(&format!(
+                    "allow_anonymous false\npassword_file {}\ncafile {}\ncertfile {}\nkeyfile {}\n\
+                     require_certificate false\n",
+                    passwd.display(),
+                    sec.pki.ca.display(),
+                    sec.pki.server_cert.display(),
+                    sec.pki.server_key.display()
+                ));
+            }
+        }
+        conf
+    }
+
     fn spawn(&mut self) {
         let conf = self.dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
-                self.port
-            ),
-        )
-        .expect("write mosquitto conf");
+        std::fs::write(&conf, self.config_text()).expect("write mosquitto conf");
         let log = std::fs::File::create(self.dir.join("mosquitto.log")).expect("log");
         let child = Command::new("/usr/sbin/mosquitto")
             .arg("-c")
@@ -133,7 +167,11 @@ impl Mosquitto {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start: {}",
+                std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -155,6 +193,49 @@ impl Mosquitto {
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+// ------------------------------------------------------------------------ PKI
+
+/// A throwaway CA and a server certificate for 127.0.0.1, as PEM files.
+#[derive(Clone)]
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca =
+            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("sign");
+        let write = |name: &str, pem: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, pem).expect("write pem");
+            p
+        };
+        Pki {
+            ca: write("ca.crt", ca.pem()),
+            server_cert: write("server.crt", cert.pem()),
+            server_key: write("server.key", key.serialize_pem()),
+        }
+    }
+
+    /// A rustls client config trusting only this CA.
+    pub fn client_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        worker_common::tls::ClientTls::default()
+            .with_extra_ca(&self.ca)
+            .build()
+            .expect("client tls")
     }
 }
 
@@ -187,12 +268,29 @@ pub struct ClusterDouble {
     client: AsyncClient,
     rx: mpsc::UnboundedReceiver<Published>,
     pub seen: Vec<Published>,
+    /// When the last `jobs/resources` report arrived, and what it listed.
+    last_resources: LastResources,
+    /// Instances this double marked FAILED after the node went quiet.
+    pub failed: Arc<Mutex<Vec<(String, u64)>>>,
     http_task: tokio::task::JoinHandle<()>,
     mqtt_task: tokio::task::JoinHandle<()>,
+    watch_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How the double's own MQTT client reaches a secured broker.
+#[derive(Clone)]
+pub struct DoubleLogin {
+    pub tls: std::sync::Arc<rustls::ClientConfig>,
+    pub user: String,
+    pub password: String,
 }
 
 impl ClusterDouble {
     pub async fn start(mqtt_port: u16) -> ClusterDouble {
+        ClusterDouble::start_with(mqtt_port, None).await
+    }
+
+    pub async fn start_with(mqtt_port: u16, login: Option<DoubleLogin>) -> ClusterDouble {
         let node_id = format!("{:024x}", rand_u128() & ((1u128 << 96) - 1));
         let registrations = Arc::new(Mutex::new(Vec::new()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -205,7 +303,9 @@ impl ClusterDouble {
             node_id.clone(),
             mqtt_port,
         ));
-        let (client, rx, mqtt_task) = subscriber(mqtt_port, &node_id).await;
+        let last_resources = Arc::new(Mutex::new(None));
+        let (client, rx, mqtt_task) =
+            subscriber(mqtt_port, &node_id, login, last_resources.clone()).await;
         ClusterDouble {
             node_id,
             http_port,
@@ -213,9 +313,36 @@ impl ClusterDouble {
             client,
             rx,
             seen: Vec::new(),
+            last_resources,
+            failed: Arc::new(Mutex::new(Vec::new())),
             http_task,
             mqtt_task,
+            watch_task: None,
         }
+    }
+
+    /// Behaves as the real cluster after an outage: once no `jobs/resources`
+    /// report has come for `window`, the instances of the last report are
+    /// marked FAILED (and would be placed elsewhere).
+    pub fn mark_failed_after(&mut self, window: Duration) {
+        let last = self.last_resources.clone();
+        let failed = self.failed.clone();
+        self.watch_task = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut last = last.lock().expect("lock");
+                if let Some((at, instances)) = last.as_mut()
+                    && at.elapsed() > window
+                    && !instances.is_empty()
+                {
+                    failed.lock().expect("lock").append(instances);
+                }
+            }
+        }));
+    }
+
+    pub fn failed_instances(&self) -> Vec<(String, u64)> {
+        self.failed.lock().expect("lock").clone()
     }
 
     pub fn topic(&self, suffix: &str) -> String {
@@ -298,6 +425,9 @@ impl Drop for ClusterDouble {
     fn drop(&mut self) {
         self.http_task.abort();
         self.mqtt_task.abort();
+        if let Some(t) = &self.watch_task {
+            t.abort();
+        }
     }
 }
 
@@ -337,9 +467,13 @@ async fn serve_register(
 
 /// The cluster side's subscriber to everything the worker publishes. It survives
 /// broker restarts (resubscribing on each ConnAck).
+type LastResources = Arc<Mutex<Option<(Instant, Vec<(String, u64)>)>>>;
+
 async fn subscriber(
     port: u16,
     node_id: &str,
+    login: Option<DoubleLogin>,
+    last_resources: LastResources,
 ) -> (
     AsyncClient,
     mpsc::UnboundedReceiver<Published>,
@@ -349,6 +483,13 @@ async fn subscriber(
     o.set_keep_alive(Duration::from_secs(5));
     o.set_clean_session(true);
     o.set_max_packet_size(4 << 20, 4 << 20);
+    if let Some(l) = login {
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(l.tls),
+        ));
+        o.set_credentials(l.user, l.password);
+    }
+    let resources_topic = format!("nodes/{node_id}/jobs/resources");
     let (client, mut ev) = AsyncClient::new(o, 100);
     let (tx, rx) = mpsc::unbounded_channel();
     let filter = format!("nodes/{node_id}/#");
@@ -371,6 +512,25 @@ async fn subscriber(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if p.topic == resources_topic {
+                        let listed: Vec<(String, u64)> =
+                            serde_json::from_slice::<Value>(&p.payload)
+                                .ok()
+                                .and_then(|v| {
+                                    v["services"].as_array().map(|a| {
+                                        a.iter()
+                                            .filter_map(|s| {
+                                                Some((
+                                                    s["job_name"].as_str()?.to_string(),
+                                                    s["instance"].as_u64()?,
+                                                ))
+                                            })
+                                            .collect()
+                                    })
+                                })
+                                .unwrap_or_default();
+                        *last_resources.lock().expect("lock") = Some((Instant::now(), listed));
+                    }
                     let _ = tx.send(Published {
                         topic: p.topic.clone(),
                         payload: p.payload.to_vec(),
@@ -447,8 +607,12 @@ impl Containerd {
 
     /// Builds a one-layer busybox image offline and imports it.
     pub fn import_test_image(&self, unpack: bool) {
-        let tarball = self.dir.join("image.tar");
-        write_busybox_oci_tar(&tarball, TEST_IMAGE);
+        self.import_image(&TestImage::named(TEST_IMAGE), unpack);
+    }
+
+    pub fn import_image(&self, image: &TestImage, unpack: bool) {
+        let tarball = self.dir.join(format!("{}.tar", unique("image")));
+        write_image(&tarball, image);
         let path = tarball.to_string_lossy().to_string();
         let mut args = vec!["images", "import"];
         if !unpack {
@@ -515,13 +679,45 @@ impl Drop for Containerd {
 /// An OCI layout tarball: one layer with busybox and its applets as symlinks
 /// (the sandbox's image builder, with this suite's environment and command).
 pub fn write_busybox_oci_tar(dest: &Path, name: &str) {
+    write_image(dest, &TestImage::named(name));
+}
+
+/// Busybox applets the tests call.
+pub const TEST_APPLETS: &[&str] = &[
+    "sh", "sleep", "echo", "cat", "env", "hostname", "ls", "true", "false", "id", "unshare",
+    "head", "tail", "wc", "seq", "dd",
+];
+
+/// A test image: busybox plus what a test needs.
+pub struct TestImage<'a> {
+    pub name: &'a str,
+    pub cmd: &'a [&'a str],
+    pub entrypoint: &'a [&'a str],
+    pub files: &'a [(&'a str, &'a [u8])],
+    pub user: &'a str,
+}
+
+impl<'a> TestImage<'a> {
+    pub fn named(name: &'a str) -> TestImage<'a> {
+        TestImage {
+            name,
+            cmd: &["sh"],
+            entrypoint: &[],
+            files: &[],
+            user: "",
+        }
+    }
+}
+
+pub fn write_image(dest: &Path, image: &TestImage) {
     let spec = xtask::sandbox::image::ImageSpec {
-        name,
-        applets: &[
-            "sh", "sleep", "echo", "cat", "env", "hostname", "ls", "true", "false",
-        ],
+        name: image.name,
+        applets: TEST_APPLETS,
         env: &["PATH=/bin", "IMAGE_VAR=from-image"],
-        cmd: &["sh"],
+        cmd: image.cmd,
+        entrypoint: image.entrypoint,
+        files: image.files,
+        user: image.user,
     };
     xtask::sandbox::image::write_busybox_oci_tar(dest, &spec).expect("write oci tar");
 }
@@ -538,6 +734,16 @@ pub struct Daemon {
 
 /// A configuration for the daemon under test: cluster on localhost, overlay off.
 pub fn test_config(dir: &Path, http_port: u16, containerd: bool) -> PathBuf {
+    test_config_with(dir, http_port, containerd, |_| {})
+}
+
+/// [`test_config`], then `edit`.
+pub fn test_config_with(
+    dir: &Path,
+    http_port: u16,
+    containerd: bool,
+    edit: impl FnOnce(&mut Value),
+) -> PathBuf {
     let mut cfg: Value = serde_json::from_str(FIXTURE_CONF).expect("fixture");
     cfg["cluster_address"] = "127.0.0.1".into();
     cfg["cluster_port"] = http_port.into();
@@ -545,6 +751,7 @@ pub fn test_config(dir: &Path, http_port: u16, containerd: bool) -> PathBuf {
     let logs = dir.join("applogs");
     cfg["app_logs"] = logs.display().to_string().into();
     cfg["virtualizations"][0]["virutalizaiton_active"] = containerd.into();
+    edit(&mut cfg);
     let path = dir.join("conf.json");
     std::fs::write(&path, cfg.to_string()).expect("write conf");
     path
@@ -552,7 +759,7 @@ pub fn test_config(dir: &Path, http_port: u16, containerd: bool) -> PathBuf {
 
 impl Daemon {
     pub fn start(dir: &Path, conf: &Path, containerd: Option<&Containerd>) -> Daemon {
-        Daemon::start_with_env(dir, conf, containerd, &[])
+        Daemon::start_with(dir, conf, containerd, &[])
     }
 
     /// As [`Daemon::start`], with more environment (e.g. `OAKESTRA_STATE_DIR`).
@@ -562,7 +769,28 @@ impl Daemon {
         containerd: Option<&Containerd>,
         extra: &[(&str, &str)],
     ) -> Daemon {
+        let extra: Vec<(&str, String)> = extra.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        Daemon::start_with(dir, conf, containerd, &extra)
+    }
+
+    /// With extra environment (`NODEENGINE_*` settings, `PATH`, ...).
+    pub fn start_with(
+        dir: &Path,
+        conf: &Path,
+        containerd: Option<&Containerd>,
+        extra: &[(&str, String)],
+    ) -> Daemon {
         let mut env = HashMap::new();
+        // Each test's daemon keeps its own state (last report time, ...).
+        env.insert(
+            "OAKESTRA_STATE_DIR".into(),
+            dir.join("state").display().to_string(),
+        );
+        // containerd's runtimes come from the test's config, not the host's.
+        env.insert(
+            "CONTAINERD_CONFIG".into(),
+            dir.join("containerd-runtimes.toml").display().to_string(),
+        );
         match containerd {
             Some(c) => {
                 env.insert("CONTAINERD_ADDRESS".into(), c.socket.display().to_string());
@@ -577,7 +805,7 @@ impl Daemon {
             }
         }
         for (k, v) in extra {
-            env.insert(k.to_string(), v.to_string());
+            env.insert((*k).to_string(), v.clone());
         }
         let mut d = Daemon {
             child: None,
@@ -661,4 +889,23 @@ pub fn job(job_name: &str, instance: u64, cmd: &[&str], one_shot: bool) -> Value
     v["memory"] = 64.into();
     v["vcpus"] = 1.into();
     v
+}
+
+/// An executable shell script at `path`.
+pub fn write_script(path: &Path, body: &str) {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    std::fs::write(path, format!("#!/bin/sh\n{body}")).expect("write script");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+}
+
+/// `PATH` with `dir` first.
+pub fn path_with(dir: &Path) -> String {
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
 }

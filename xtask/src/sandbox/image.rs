@@ -21,6 +21,12 @@ pub struct ImageSpec<'a> {
     pub applets: &'a [&'a str],
     pub env: &'a [&'a str],
     pub cmd: &'a [&'a str],
+    /// The image config's `Entrypoint` (empty: none).
+    pub entrypoint: &'a [&'a str],
+    /// Extra files (path inside the image, content), e.g. `etc/passwd`.
+    pub files: &'a [(&'a str, &'a [u8])],
+    /// The image config's `User` (empty: none).
+    pub user: &'a str,
 }
 
 impl Default for ImageSpec<'_> {
@@ -30,6 +36,9 @@ impl Default for ImageSpec<'_> {
             applets: APPLETS,
             env: &["PATH=/bin"],
             cmd: &["sh"],
+            entrypoint: &[],
+            files: &[],
+            user: "",
         }
     }
 }
@@ -67,7 +76,7 @@ fn add_file(b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8], mode: u32) -
         .with_context(|| format!("adding {name}"))
 }
 
-fn layer(applets: &[&str]) -> Result<Vec<u8>> {
+fn layer(applets: &[&str], files: &[(&str, &[u8])]) -> Result<Vec<u8>> {
     let busybox =
         std::fs::read("/bin/busybox").context("reading /bin/busybox (install busybox-static)")?;
     let mut b = tar::Builder::new(Vec::new());
@@ -82,17 +91,27 @@ fn layer(applets: &[&str]) -> Result<Vec<u8>> {
         b.append_link(&mut h, format!("bin/{applet}"), "busybox")
             .with_context(|| format!("adding applet {applet}"))?;
     }
+    for (name, data) in files {
+        add_file(&mut b, name, data, 0o644)?;
+    }
     b.into_inner().context("finishing the layer")
 }
 
 /// Writes an OCI layout tarball (importable with `ctr images import`).
 pub fn write_busybox_oci_tar(dest: &Path, spec: &ImageSpec) -> Result<()> {
-    let layer = layer(spec.applets)?;
+    let layer = layer(spec.applets, spec.files)?;
     let layer_digest = format!("sha256:{}", sha256_hex(&layer));
+    let mut run_config = serde_json::json!({"Env": spec.env, "Cmd": spec.cmd});
+    if !spec.user.is_empty() {
+        run_config["User"] = spec.user.into();
+    }
+    if !spec.entrypoint.is_empty() {
+        run_config["Entrypoint"] = spec.entrypoint.into();
+    }
     let config = serde_json::json!({
         "architecture": go_arch(),
         "os": "linux",
-        "config": {"Env": spec.env, "Cmd": spec.cmd},
+        "config": run_config,
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
     })
     .to_string()
