@@ -250,7 +250,10 @@ pub enum NetworkMode {
 impl NetworkMode {
     pub fn socket(&self) -> Option<PathBuf> {
         match self {
-            NetworkMode::Auto => Some(PathBuf::from(DEFAULT_NETMANAGER_SOCK)),
+            // NetManager started in a network namespace of its own (tests, the
+            // sandbox) listens on a socket named for that namespace; a NodeEngine
+            // in the same namespace must find it there.
+            NetworkMode::Auto => Some(worker_common::paths::per_netns(DEFAULT_NETMANAGER_SOCK)),
             NetworkMode::Manual(p) => Some(p.clone()),
             NetworkMode::Off => None,
         }
