@@ -96,6 +96,8 @@ counters! {
     DropFlowTableFull: drop "flow_table_full", "A new flow could not be written to FLOWS or REVERSE_FLOWS.";
     DropRedirect: drop "redirect", "The redirect to the target interface failed (e.g. a vanished veth).";
     DropEncap: drop "encap", "Making room for the tunnel headers failed.";
+    Resegmented: verdict "resegmented", "GSO packet for a node on an IPv6 underlay, sent through the reinjection device to be cut into segments, each then tunnelled with its own UDP checksum.";
+    DropNoRoute: drop "no_route", "No route to the backend's node: the FIB lookup found it unreachable, blackholed, prohibited, local, or without a source address.";
 }
 
 impl Counter {

@@ -13,7 +13,7 @@ pub mod maps;
 pub use counters::{COUNTER_NAMES, Counter, CounterKind, CounterValue};
 pub use maps::{
     DEFAULT_BACKENDS, DEFAULT_FLOWS, DEFAULT_INSTANCES, DEFAULT_MISS_HOLD, DEFAULT_MISS_RING_BYTES,
-    DEFAULT_PENDING, DEFAULT_SERVICES, MAP_NAMES,
+    DEFAULT_NODE_ADDRESSES, DEFAULT_PENDING, DEFAULT_SERVICES, MAP_NAMES,
 };
 
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
@@ -50,6 +50,12 @@ impl Addr {
     #[inline(always)]
     pub fn is_zero(&self) -> bool {
         self.bytes == [0; 16]
+    }
+
+    /// Whether this is an IPv4(-mapped) address.
+    #[inline(always)]
+    pub fn is_v4(&self) -> bool {
+        self.v4_octets().is_some()
     }
 }
 
@@ -117,8 +123,9 @@ pub struct Instance {
     /// The instance's own `instance_ip` (same family as the key). Zero while
     /// a local container's own table entry is still unknown.
     pub instance_ip: Addr,
-    /// Underlay address of the node that runs it, IPv4, network order.
-    pub node_ip: [u8; 4],
+    /// Underlay address of the node that runs it (IPv4-mapped for an IPv4
+    /// underlay): the outer destination of what is tunnelled to it.
+    pub node_ip: Addr,
     /// Tunnel UDP port of that node, host order.
     pub node_port: u16,
     /// [`INSTANCE_LOCAL`] when it runs on this node.
@@ -188,21 +195,42 @@ pub const MAX_SERVICE_RANGES: usize = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// This node's underlay address (outer source, tunnel destination), IPv4.
-    pub node_ip: [u8; 4],
+    /// Outer source towards IPv4 peers, network order: the advertised node
+    /// address when this node owns it, else its address on the uplink
+    /// (zero: none). Also the first address the receive path compares a
+    /// tunnel datagram's destination with before it asks `NODE_ADDRESSES`.
+    pub src_v4: [u8; 4],
     /// Tunnel port we listen on and send from, host order.
     pub tunnel_port: u16,
     /// Largest inner IP packet the tunnel carries (1450 by default).
     pub tunnel_mtu: u16,
-    /// Interface the tunnel leaves by.
+    /// Interface the tunnel leaves by when the FIB gives no usable answer.
     pub uplink_ifindex: u32,
     /// How many entries of `service_ranges` are valid.
     pub n_ranges: u32,
     pub service_ranges: [Prefix; MAX_SERVICE_RANGES],
     /// Packets held per unknown service address while userspace resolves it.
     pub miss_hold: u32,
-    pub _pad: u32,
+    /// [`CONFIG_FIB_SOURCE_V4`] and [`CONFIG_FIB_SOURCE_V6`].
+    pub flags: u32,
+    /// Outer source towards IPv6 peers, like `src_v4` (zero: none).
+    pub src_v6: Addr,
+    /// Where a GSO packet for an IPv6-underlay peer is sent to be cut into
+    /// segments: the reinjection device, whose far end runs the container
+    /// program again on each segment (0: no such device).
+    pub segment_ifindex: u32,
+    /// The far end of that device: a packet arriving there is never sent
+    /// around again.
+    pub segment_return_ifindex: u32,
 }
+
+/// `Config::flags`: this node does not own the address it advertises for
+/// IPv4 (it is behind NAT); ask the FIB for the route's source address per
+/// peer, `src_v4` being the fallback on kernels without
+/// `BPF_FIB_LOOKUP_SRC` (Linux 6.7).
+pub const CONFIG_FIB_SOURCE_V4: u32 = 1;
+/// The same for IPv6 peers.
+pub const CONFIG_FIB_SOURCE_V6: u32 = 2;
 
 /// Why the programs raised a miss event (`MissEvent::reason`).
 #[repr(u32)]
@@ -281,12 +309,15 @@ mod tests {
         assert_eq!(size_of::<Addr>(), 16);
         assert_eq!(size_of::<Service>(), 16);
         assert_eq!(size_of::<BackendKey>(), 24);
-        assert_eq!(size_of::<Instance>(), 16 + 4 + 2 + 2 + 4 + 6 + 2);
+        assert_eq!(size_of::<Instance>(), 16 + 16 + 2 + 2 + 4 + 6 + 2);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 40);
         assert_eq!(size_of::<ReverseFlow>(), 24);
         assert_eq!(size_of::<Prefix>(), 20);
-        assert_eq!(size_of::<Config>(), 16 + 20 * MAX_SERVICE_RANGES + 8);
+        assert_eq!(
+            size_of::<Config>(),
+            16 + 20 * MAX_SERVICE_RANGES + 8 + 16 + 8
+        );
     }
 
     #[test]

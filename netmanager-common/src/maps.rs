@@ -37,6 +37,8 @@ map_names! {
     MISSES,
     /// Per-CPU scratch space for building ICMP errors.
     SCRATCH,
+    /// This node's own underlay addresses: tunnel datagrams to any of them are ours.
+    NODE_ADDRESSES,
 }
 
 /// Default map sizes (max entries) of the daemon, the eBPF object and every
@@ -48,5 +50,7 @@ pub const DEFAULT_INSTANCES: u32 = 8_192;
 pub const DEFAULT_PENDING: u32 = 1_024;
 /// Packets held per unknown address while NetManager resolves it.
 pub const DEFAULT_MISS_HOLD: u32 = 4;
+/// Addresses a node may carry on its interfaces (fixed: not configurable).
+pub const DEFAULT_NODE_ADDRESSES: u32 = 256;
 /// Size of the `MISSES` ring buffer (fixed: not configurable).
 pub const DEFAULT_MISS_RING_BYTES: u32 = 1 << 20;

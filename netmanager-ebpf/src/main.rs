@@ -5,9 +5,14 @@
 //!   (what a container sends). Service-addressed packets are translated
 //!   (contract 2.5 steps 1-4) and either delivered to a local container or
 //!   tunnelled to the backend's node.
-//! - `uplink_ingress`: TC ingress on the uplink. Datagrams to our tunnel port
-//!   are decapsulated, reverse-translated when this node owns the flow, and
-//!   delivered straight into the container's namespace.
+//! - `uplink_ingress`: TC ingress on every interface that carries one of the
+//!   node's addresses. Datagrams to our tunnel port are decapsulated,
+//!   reverse-translated when this node owns the flow, and delivered straight
+//!   into the container's namespace.
+//! - `slow_path_ingress`: the same receive path for datagrams the kernel
+//!   handed to NetManager's tunnel socket instead (fragmented, with IP
+//!   options, or from an interface without the program), which NetManager
+//!   writes back through the slow-path device.
 #![no_std]
 #![no_main]
 
@@ -15,11 +20,12 @@ mod flows;
 mod maps;
 mod packet;
 mod pmtu;
+mod route;
 mod tunnel;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_redir_neigh},
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_load_bytes},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_load_bytes},
     macros::classifier,
     programs::TcContext,
 };
@@ -48,21 +54,40 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else {
         return TC_ACT_OK;
     };
-    let Some(inner) = tunnel::is_tunnel_datagram(&ctx, cfg) else {
+    let Some(outer) = tunnel::tunnel_datagram(&ctx, cfg) else {
         // Not overlay traffic: untouched, and not even counted, to keep the
         // uplink's other traffic at zero cost beyond the header reads.
         return TC_ACT_OK;
     };
     let len = ctx.len();
-    let verdict = match from_tunnel(&ctx, cfg, inner) {
+    let verdict = match from_tunnel(&ctx, cfg, &outer) {
         Ok(v) => v,
         Err(c) => Verdict::Drop(c),
     };
     finish(verdict, len)
 }
 
+#[classifier]
+pub fn slow_path_ingress(ctx: TcContext) -> i32 {
+    let Some(cfg) = config() else {
+        return TC_ACT_SHOT;
+    };
+    let len = ctx.len();
+    let verdict = match tunnel::tunnel_datagram(&ctx, cfg) {
+        Some(outer) => match from_tunnel(&ctx, cfg, &outer) {
+            // Never back to the stack: it would hand the datagram to the
+            // slow-path socket again.
+            Ok(Verdict::Pass(_)) => Verdict::Drop(Counter::DropMalformed),
+            Ok(v) => v,
+            Err(c) => Verdict::Drop(c),
+        },
+        None => Verdict::Drop(Counter::DropMalformed),
+    };
+    finish(verdict, len)
+}
+
 /// What happened to a packet, with the counter it is accounted under.
-enum Verdict {
+pub(crate) enum Verdict {
     /// Continue in the kernel stack.
     Pass(Counter),
     /// Redirected by a helper; return its action.
@@ -156,29 +181,14 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     let Some(backend) = (unsafe { INSTANCES.get(backend_ns) }) else {
         return Err(Counter::DropNoBackend);
     };
-    let local = backend.flags & INSTANCE_LOCAL != 0;
-    if !local && too_big(ctx, cfg, &p) {
-        return Ok(send_too_big(ctx, cfg, &p));
+    if backend.flags & INSTANCE_LOCAL == 0 {
+        return tunnel::send_to_peer(ctx, cfg, &mut p, &src_instance, &backend_ns, backend);
     }
     packet::decrement_ttl(ctx, &mut p).map_err(|_| Counter::DropMalformed)?;
     packet::set_src(ctx, &mut p, &src_instance).map_err(|_| Counter::DropMalformed)?;
     packet::set_dst(ctx, &mut p, &backend_ns).map_err(|_| Counter::DropMalformed)?;
-    if local {
-        // Same-node service traffic: never encapsulated (step 4).
-        return deliver(ctx, &mut p, backend, Counter::LocalDelivered);
-    }
-    tunnel::encapsulate(ctx, cfg, backend).map_err(|_| Counter::DropEncap)?;
-    // The kernel resolves the next hop towards the backend's node (routing
-    // and neighbour tables), so nodes need not share a link.
-    let action = unsafe {
-        bpf_redirect_neigh(
-            cfg.uplink_ifindex,
-            core::ptr::null_mut::<bpf_redir_neigh>(),
-            0,
-            0,
-        )
-    };
-    Ok(Verdict::Redirect(Counter::Tunnelled, action as i32))
+    // Same-node service traffic: never encapsulated (step 4).
+    deliver(ctx, &mut p, backend, Counter::LocalDelivered)
 }
 
 /// Destination address of an IPv4/IPv6 packet after the Ethernet header.
@@ -200,19 +210,21 @@ fn destination(ctx: &TcContext, ethertype: u16) -> Option<Addr> {
 /// A single (non-GSO) packet larger than the tunnel carries. GSO packets are
 /// segmented to the container's MTU before they leave, so they always fit.
 #[inline(always)]
-fn too_big(ctx: &TcContext, cfg: &Config, p: &Packet) -> bool {
+pub(crate) fn too_big(ctx: &TcContext, cfg: &Config, p: &Packet) -> bool {
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     gso_size == 0 && p.ip_len > cfg.tunnel_mtu as u32
 }
 
+/// Answers a packet larger than `mtu` (the tunnel's, or what the route to
+/// the peer leaves of it) with ICMP fragmentation-needed / packet-too-big.
 #[inline(always)]
-fn send_too_big(ctx: &TcContext, cfg: &Config, p: &Packet) -> Verdict {
+pub(crate) fn send_too_big(ctx: &TcContext, p: &Packet, mtu: u16) -> Verdict {
     // IPv4 without DF may legally be fragmented, but not by us: drop it.
     if !p.dont_fragment {
         return Verdict::Drop(Counter::DropTooBig);
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if pmtu::to_icmp_too_big(ctx, p, cfg.tunnel_mtu).is_err() {
+    if pmtu::to_icmp_too_big(ctx, p, mtu).is_err() {
         return Verdict::Drop(Counter::DropTooBig);
     }
     // Back out of the veth we are attached to, i.e. to the sender.
@@ -220,10 +232,12 @@ fn send_too_big(ctx: &TcContext, cfg: &Config, p: &Packet) -> Verdict {
     Verdict::Redirect(Counter::PmtuSent, action as i32)
 }
 
-/// The receiver side of contract 2.5 (steps 5-6).
+/// The receiver side of contract 2.5 (steps 5-6), for the fast and the slow
+/// path alike: every check on `outer` (the sending node) belongs here.
 #[inline(never)]
-fn from_tunnel(ctx: &TcContext, cfg: &Config, inner: u16) -> Result<Verdict, Counter> {
-    tunnel::decapsulate(ctx, inner).map_err(|_| Counter::DropMalformed)?;
+fn from_tunnel(ctx: &TcContext, cfg: &Config, outer: &tunnel::Outer) -> Result<Verdict, Counter> {
+    let inner = outer.inner;
+    tunnel::decapsulate(ctx, outer).map_err(|_| Counter::DropMalformed)?;
     let mut p = Packet::default();
     match packet::parse(ctx, ETH_HLEN, inner, &mut p) {
         Ok(()) => {}

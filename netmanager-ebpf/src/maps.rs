@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use netmanager_common::{
     Addr, BackendKey, Config, Counter, CounterValue, DEFAULT_BACKENDS, DEFAULT_FLOWS,
-    DEFAULT_INSTANCES, DEFAULT_MISS_RING_BYTES, DEFAULT_PENDING, DEFAULT_SERVICES, Flow, FlowKey,
+    DEFAULT_INSTANCES, DEFAULT_MISS_RING_BYTES, DEFAULT_NODE_ADDRESSES, DEFAULT_PENDING, DEFAULT_SERVICES, Flow, FlowKey,
     Instance, MissEvent, ReverseFlow, Service,
 };
 
@@ -72,3 +72,10 @@ pub fn config() -> Option<&'static Config> {
 /// cannot hold them next to the rest of the program's state.
 #[btf_map]
 pub static SCRATCH: PerCpuArray<[u8; 256], 1> = PerCpuArray::new();
+
+/// This node's underlay addresses (value: the interface carrying each),
+/// kept in step with the kernel's by NetManager: a tunnel datagram to any of
+/// them is ours, whatever address the node advertises.
+#[btf_map]
+pub static NODE_ADDRESSES: HashMap<Addr, u32, { DEFAULT_NODE_ADDRESSES as usize }> =
+    HashMap::new();

@@ -1,64 +1,356 @@
 //! The Oakestra tunnel on the wire: the translated IP packet is the whole
 //! payload of one UDP datagram between the nodes' tunnel ports -- no extra
-//! header, byte-compatible with an upstream NetManager.
+//! header, byte-compatible with an upstream NetManager over IPv4. Between
+//! our own workers the outer header may also be IPv6 (docs/dataplane.md,
+//! "IPv6 underlay"), with a real UDP checksum.
+//!
+//! Sending: [`send_to_peer`] asks the FIB ([`crate::route`]) where the
+//! backend's node is, translates, wraps and redirects. Receiving:
+//! [`tunnel_datagram`] recognises a datagram to any of this node's
+//! addresses, [`decapsulate`] strips the outer headers.
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, bpf_redir_neigh,
     },
-    helpers::bpf_skb_change_proto,
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_proto},
     programs::TcContext,
 };
-use netmanager_common::{Config, Instance};
+use netmanager_common::{Addr, Config, Counter, Instance};
 
-use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP};
+use crate::maps::{NODE_ADDRESSES, SCRATCH};
+use crate::packet::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_UDP, Packet};
+use crate::route::{self, Route};
+use crate::{Verdict, send_too_big, too_big};
 
 const BPF_ADJ_ROOM_MAC: u32 = aya_ebpf::bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC;
 
 /// Outer IPv4 (no options) plus UDP.
-pub const OUTER_LEN: usize = 28;
+pub const OUTER_V4_LEN: usize = 28;
+/// Outer IPv6 (no extension headers) plus UDP.
+pub const OUTER_V6_LEN: usize = 48;
 
-#[repr(C)]
-struct Outer {
-    ip: [u8; 20],
-    udp: [u8; 8],
+/// Bytes of outer headers towards `peer`.
+#[inline(always)]
+pub fn overhead(peer: &Addr) -> usize {
+    if peer.is_v4() {
+        OUTER_V4_LEN
+    } else {
+        OUTER_V6_LEN
+    }
 }
 
-/// Wraps the IP packet after the Ethernet header into IPv4/UDP towards the
-/// node running `backend`. The caller redirects it out of the uplink.
+/// The contract's sending side (2.5 step 4) for a backend on another node:
+/// route, translate, wrap, redirect. `p` is the parsed, not yet translated
+/// packet; `backend_ns` the backend's namespace address.
+#[inline(always)]
+pub fn send_to_peer(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut Packet,
+    src_instance: &Addr,
+    backend_ns: &Addr,
+    backend: &Instance,
+) -> Result<Verdict, Counter> {
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if gso && !backend.node_ip.is_v4() {
+        // A GSO packet would leave as segments that all carry one copy of
+        // the outer header: over IPv6 their UDP checksums would be wrong.
+        return Ok(resegment(ctx, cfg));
+    }
+    if too_big(ctx, cfg, p) {
+        return Ok(send_too_big(ctx, p, cfg.tunnel_mtu));
+    }
+    let outer_len = overhead(&backend.node_ip);
+    // GSO packets are checked per segment by the kernel; a single packet
+    // against the route's MTU (path-MTU exceptions included) here.
+    let tot_len = if gso {
+        0
+    } else {
+        (p.ip_len as usize + outer_len) as u16
+    };
+    let mut r = Route::default();
+    match route::lookup(ctx, cfg, backend, tot_len, &mut r) {
+        route::RESOLVED | route::NO_NEIGH | route::FALLBACK => {}
+        route::FRAG_NEEDED => {
+            let mtu = (r.mtu as usize).saturating_sub(outer_len).min(cfg.tunnel_mtu as usize);
+            return Ok(send_too_big(ctx, p, mtu as u16));
+        }
+        _ => return Err(Counter::DropNoRoute),
+    }
+    packet::decrement_ttl(ctx, p).map_err(|_| Counter::DropMalformed)?;
+    packet::set_src(ctx, p, src_instance).map_err(|_| Counter::DropMalformed)?;
+    packet::set_dst(ctx, p, backend_ns).map_err(|_| Counter::DropMalformed)?;
+    encapsulate(ctx, cfg, p, backend, &r.src).map_err(|_| Counter::DropEncap)?;
+    let action = match r.kind {
+        route::RESOLVED => {
+            // The FIB knew the next hop's MAC: straight to the interface.
+            ctx.store(0, &r.macs, 0)
+                .map_err(|_| Counter::DropMalformed)?;
+            unsafe { bpf_redirect(r.ifindex, 0) }
+        }
+        // The kernel resolves the neighbour (and queues until it answers).
+        route::NO_NEIGH => unsafe {
+            bpf_redirect_neigh(r.ifindex, core::ptr::null_mut::<bpf_redir_neigh>(), 0, 0)
+        },
+        _ => unsafe {
+            bpf_redirect_neigh(
+                cfg.uplink_ifindex,
+                core::ptr::null_mut::<bpf_redir_neigh>(),
+                0,
+                0,
+            )
+        },
+    };
+    Ok(Verdict::Redirect(Counter::Tunnelled, action as i32))
+}
+
+/// Sends a GSO packet through the reinjection device, whose transmit path
+/// cuts it into segments (its GSO limit is one segment); each segment comes
+/// back through the container program and is tunnelled on its own.
+#[inline(always)]
+fn resegment(ctx: &TcContext, cfg: &Config) -> Verdict {
+    let here = unsafe { (*ctx.skb.skb).ifindex };
+    if cfg.segment_ifindex == 0 || here == cfg.segment_return_ifindex {
+        // No device to segment through, or a packet that came back still
+        // whole: it cannot be sent with correct checksums.
+        return Verdict::Drop(Counter::DropEncap);
+    }
+    let action = unsafe { bpf_redirect(cfg.segment_ifindex, 0) };
+    Verdict::Redirect(Counter::Resegmented, action as i32)
+}
+
+/// Wraps the IP packet after the Ethernet header into UDP towards the node
+/// running `backend`, over IPv4 or IPv6 as that node's address is, from
+/// `src`. The caller redirects it.
 #[inline(never)]
-pub fn encapsulate(ctx: &TcContext, cfg: &Config, backend: &Instance) -> Result<(), ()> {
+fn encapsulate(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &Packet,
+    backend: &Instance,
+    src: &Addr,
+) -> Result<(), ()> {
+    match (backend.node_ip.v4_octets(), src.v4_octets()) {
+        (Some(dst), Some(src)) => encapsulate_v4(ctx, cfg, backend, &src, &dst),
+        (None, None) => encapsulate_v6(ctx, cfg, p, backend, src),
+        _ => Err(()),
+    }
+}
+
+#[inline(always)]
+fn encapsulate_v4(
+    ctx: &TcContext,
+    cfg: &Config,
+    backend: &Instance,
+    src: &[u8; 4],
+    dst: &[u8; 4],
+) -> Result<(), ()> {
     let inner_len = ctx.len() as usize - ETH_HLEN;
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
-    ctx.adjust_room(OUTER_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+    ctx.adjust_room(OUTER_V4_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| ())?;
-    let outer = outer_headers(cfg, backend, inner_len);
-    ctx.store(ETH_HLEN, &outer, 0).map_err(|_| ())?;
+    let total = (inner_len + OUTER_V4_LEN) as u16;
+    // DF like a Linux UDP socket doing path-MTU discovery (upstream's sender).
+    let ip = ipv4_header(total, 0, 0x4000, IPPROTO_UDP, src, dst);
+    let sp = cfg.tunnel_port.to_be_bytes();
+    let dp = backend.node_port.to_be_bytes();
+    let l = ((inner_len + 8) as u16).to_be_bytes();
+    // UDP checksum 0: allowed over IPv4, and the inner packet carries its own.
+    let udp = [sp[0], sp[1], dp[0], dp[1], l[0], l[1], 0, 0];
+    ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN + 20, &udp, 0).map_err(|_| ())?;
     // An IPv6 inner packet now travels in IPv4.
     ctx.store(12, &ETH_P_IP.to_be(), 0).map_err(|_| ())
 }
 
 #[inline(always)]
-fn outer_headers(cfg: &Config, backend: &Instance, inner_len: usize) -> Outer {
-    let total = (inner_len + OUTER_LEN) as u16;
+fn encapsulate_v6(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &Packet,
+    backend: &Instance,
+    src: &Addr,
+) -> Result<(), ()> {
+    let inner_len = ctx.len() as usize - ETH_HLEN;
     let udp_len = (inner_len + 8) as u16;
-    // DF like a Linux UDP socket doing path-MTU discovery (upstream's sender).
-    let ip = ipv4_header(
-        total,
-        0,
-        0x4000,
-        IPPROTO_UDP,
-        &cfg.node_ip,
-        &backend.node_ip,
-    );
+    let check = udp6_checksum(ctx, cfg, p, backend, src, udp_len)?;
+    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
+    ctx.adjust_room(OUTER_V6_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| ())?;
+    let l = udp_len.to_be_bytes();
+    let mut h = [0u8; 8];
+    h[0] = 0x60;
+    h[4] = l[0];
+    h[5] = l[1];
+    h[6] = IPPROTO_UDP;
+    h[7] = 64;
+    ctx.store(ETH_HLEN, &h, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN + 8, &src.bytes, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN + 24, &backend.node_ip.bytes, 0)
+        .map_err(|_| ())?;
     let sp = cfg.tunnel_port.to_be_bytes();
     let dp = backend.node_port.to_be_bytes();
-    let l = udp_len.to_be_bytes();
-    // UDP checksum 0: allowed over IPv4, and the inner packet carries its own.
-    Outer {
-        ip,
-        udp: [sp[0], sp[1], dp[0], dp[1], l[0], l[1], 0, 0],
+    let c = check.to_be_bytes();
+    let udp = [sp[0], sp[1], dp[0], dp[1], l[0], l[1], c[0], c[1]];
+    ctx.store(ETH_HLEN + 40, &udp, 0).map_err(|_| ())?;
+    ctx.store(12, &ETH_P_IPV6.to_be(), 0).map_err(|_| ())
+}
+
+/// Sum of the big-endian 16-bit words of an address.
+#[inline(always)]
+fn sum_addr(a: &Addr) -> u64 {
+    let mut s = 0u64;
+    let mut i = 0;
+    while i < 16 {
+        s += u16::from_be_bytes([a.bytes[i], a.bytes[i + 1]]) as u64;
+        i += 2;
     }
+    s
+}
+
+/// Folds a one's-complement sum of 16-bit words to 16 bits.
+#[inline(always)]
+fn fold16(mut s: u64) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// The outer UDP checksum (RFC 8200 forbids zero over IPv6), computed the
+/// way Linux's local checksum offload does for its own tunnels: a correct
+/// L4 checksum makes the L4 segment sum to the complement of its pseudo
+/// header, so only headers are summed -- never the payload, and whether the
+/// inner checksum is already complete or still left to the NIC
+/// (`CHECKSUM_PARTIAL`) does not matter. `p` is the translated packet.
+#[inline(always)]
+fn udp6_checksum(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &Packet,
+    backend: &Instance,
+    src: &Addr,
+    udp_len: u16,
+) -> Result<u16, ()> {
+    // Outer pseudo header and UDP header (checksum field zero).
+    let mut sum = sum_addr(src)
+        + sum_addr(&backend.node_ip)
+        + udp_len as u64
+        + IPPROTO_UDP as u64
+        + cfg.tunnel_port as u64
+        + backend.node_port as u64
+        + udp_len as u64;
+    let l4_len = p.ip_len as u64 - (p.l4 - p.l3) as u64;
+    // The inner IP header. IPv4: its own checksum makes it sum to zero.
+    if p.v6 {
+        let word0: [u8; 4] = ctx.load(p.l3).map_err(|_| ())?;
+        sum += u16::from_be_bytes([word0[0], word0[1]]) as u64
+            + u16::from_be_bytes([word0[2], word0[3]]) as u64
+            + l4_len
+            + u16::from_be_bytes([p.proto, p.ttl]) as u64
+            + sum_addr(&p.src)
+            + sum_addr(&p.dst);
+    }
+    // The inner L4 segment.
+    let pseudo = if p.v6 {
+        sum_addr(&p.src) + sum_addr(&p.dst) + l4_len + p.proto as u64
+    } else {
+        sum_addr(&p.src) + sum_addr(&p.dst) - 2 * 0xffff + l4_len + p.proto as u64
+    };
+    if p.proto == IPPROTO_ICMP {
+        // ICMPv4 has no pseudo header: a correct message sums to zero.
+    } else if p.proto == IPPROTO_UDP && !p.v6 && udp_checksum_absent(ctx, p)? {
+        // IPv4 UDP may go without a checksum: nothing to lean on, sum it all.
+        sum += sum_bytes(ctx, p.l4, l4_len as usize)? as u64;
+    } else {
+        sum += (!fold16(pseudo)) as u64;
+    }
+    let c = !fold16(sum);
+    Ok(if c == 0 { 0xffff } else { c })
+}
+
+#[inline(always)]
+fn udp_checksum_absent(ctx: &TcContext, p: &Packet) -> Result<bool, ()> {
+    let c: [u8; 2] = ctx.load(p.csum_off).map_err(|_| ())?;
+    Ok(c == [0, 0])
+}
+
+/// Chunk size of [`sum_bytes`]: the per-CPU scratch buffer.
+const CHUNK: usize = 256;
+/// Longest L4 segment [`sum_bytes`] sums (a tunnel MTU of 1450 needs 1430).
+const MAX_SUMMED: usize = 8 * CHUNK;
+
+/// One's-complement sum (folded, of 16-bit big-endian words) of `len`
+/// packet bytes from `off` (an even offset into the checksummed data), for
+/// the rare inner IPv4 UDP datagram without checksum. Whole words go
+/// through `bpf_csum_diff` a scratch buffer at a time, the last one to
+/// three bytes one by one: constant bounds everywhere keep the verifier's
+/// work small.
+#[inline(never)]
+fn sum_bytes(ctx: &TcContext, off: usize, len: usize) -> Result<u16, ()> {
+    if len > MAX_SUMMED {
+        return Err(());
+    }
+    let buf = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: per-CPU slot, used by this program invocation only.
+    let buf = unsafe { &mut *buf };
+    let words = len & !3;
+    let mut native: u64 = 0;
+    let mut done = 0usize;
+    for _ in 0..MAX_SUMMED / CHUNK {
+        if done >= words {
+            break;
+        }
+        let left = words - done;
+        let n = if left > CHUNK { CHUNK } else { left } as u32;
+        // 1..=CHUNK for the verifier (n is a multiple of 4 in that range).
+        let n = ((n - 1) & (CHUNK as u32 - 1)) + 1;
+        // SAFETY: n bytes into the CHUNK-byte buffer.
+        let r = unsafe {
+            aya_ebpf::helpers::bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                (off + done) as u32,
+                buf.as_mut_ptr() as *mut core::ffi::c_void,
+                n,
+            )
+        };
+        if r != 0 {
+            return Err(());
+        }
+        // SAFETY: n & !3 bytes of the buffer, a multiple of 4.
+        let s = unsafe {
+            bpf_csum_diff(
+                core::ptr::null_mut(),
+                0,
+                buf.as_mut_ptr() as *mut u32,
+                n & !3,
+                0,
+            )
+        };
+        if s < 0 {
+            return Err(());
+        }
+        native += s as u64 & 0xffff_ffff;
+        done += n as usize;
+    }
+    // bpf_csum_diff adds native-endian words: on a little-endian machine its
+    // folded sum is the big-endian one byte-swapped (RFC 1071, 2.(B)).
+    let mut sum = fold16(native).swap_bytes() as u64;
+    for k in 0..3 {
+        if words + k < len {
+            let b: u8 = ctx.load(off + words + k).map_err(|_| ())?;
+            // Even positions are a word's high byte.
+            sum += if k % 2 == 0 {
+                (b as u64) << 8
+            } else {
+                b as u64
+            };
+        }
+    }
+    Ok(fold16(sum))
 }
 
 /// A 20-byte IPv4 header (TTL 64, no options) with its checksum.
@@ -103,34 +395,102 @@ fn ipv4_header_checksum(h: &[u8; 20]) -> u16 {
     !(sum as u16)
 }
 
-/// Whether the Ethernet frame is a datagram to this node's tunnel port.
-/// Returns the ethertype of the inner packet when it is.
-#[inline(always)]
-pub fn is_tunnel_datagram(ctx: &TcContext, cfg: &Config) -> Option<u16> {
-    let ethertype: u16 = ctx.load(12).ok()?;
-    if u16::from_be(ethertype) != ETH_P_IP {
-        return None;
+/// A received tunnel datagram's outer headers, as far as the receive path
+/// needs them.
+#[derive(Clone, Copy)]
+pub struct Outer {
+    /// Ethertype of the inner packet.
+    pub inner: u16,
+    /// Whether the outer header is IPv6.
+    pub v6: bool,
+    /// The sending node's address. Peers are recognised by it, never by
+    /// the source port: upstream senders use ephemeral ones.
+    pub src: Addr,
+}
+
+impl Outer {
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        if self.v6 { OUTER_V6_LEN } else { OUTER_V4_LEN }
     }
+}
+
+/// Whether the Ethernet frame is a datagram to one of this node's addresses
+/// and its tunnel port, and if so its outer headers. Outer IPv4 options,
+/// fragments and IPv6 extension headers are left to the kernel, which hands
+/// the (reassembled) datagram to the slow-path socket.
+#[inline(always)]
+pub fn tunnel_datagram(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
+    let ethertype: u16 = ctx.load(12).ok()?;
+    match u16::from_be(ethertype) {
+        ETH_P_IP => outer_v4(ctx, cfg),
+        ETH_P_IPV6 => outer_v6(ctx, cfg),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn outer_v4(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
     let h: [u8; 28] = ctx.load(ETH_HLEN).ok()?;
-    // Outer options or fragments are left to the kernel.
     if h[0] != 0x45 || h[9] != IPPROTO_UDP || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
         return None;
     }
-    if [h[16], h[17], h[18], h[19]] != cfg.node_ip {
-        return None;
-    }
+    // The port first: it turns away most other traffic on the uplink.
     if u16::from_be_bytes([h[22], h[23]]) != cfg.tunnel_port {
         return None;
     }
-    let inner: u8 = ctx.load(ETH_HLEN + OUTER_LEN).ok()?;
-    match inner >> 4 {
+    let dst = [h[16], h[17], h[18], h[19]];
+    // The usual destination is the configured source; any other address of
+    // this node (behind NAT, a second interface) is looked up.
+    if (dst != cfg.src_v4 || dst == [0; 4]) && !node_address(&Addr::from_v4_octets(dst)) {
+        return None;
+    }
+    Some(Outer {
+        inner: inner_ethertype(ctx, OUTER_V4_LEN)?,
+        v6: false,
+        src: Addr::from_v4_octets([h[12], h[13], h[14], h[15]]),
+    })
+}
+
+#[inline(always)]
+fn outer_v6(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
+    let h: [u8; 48] = ctx.load(ETH_HLEN).ok()?;
+    if h[0] >> 4 != 6 || h[6] != IPPROTO_UDP {
+        return None;
+    }
+    if u16::from_be_bytes([h[42], h[43]]) != cfg.tunnel_port {
+        return None;
+    }
+    let mut dst = Addr::ZERO;
+    dst.bytes.copy_from_slice(&h[24..40]);
+    if (dst != cfg.src_v6 || dst.is_zero()) && !node_address(&dst) {
+        return None;
+    }
+    let mut src = Addr::ZERO;
+    src.bytes.copy_from_slice(&h[8..24]);
+    Some(Outer {
+        inner: inner_ethertype(ctx, OUTER_V6_LEN)?,
+        v6: true,
+        src,
+    })
+}
+
+#[inline(always)]
+fn node_address(a: &Addr) -> bool {
+    unsafe { NODE_ADDRESSES.get(a) }.is_some()
+}
+
+#[inline(always)]
+fn inner_ethertype(ctx: &TcContext, outer_len: usize) -> Option<u16> {
+    let version: u8 = ctx.load(ETH_HLEN + outer_len).ok()?;
+    match version >> 4 {
         4 => Some(ETH_P_IP),
         6 => Some(ETH_P_IPV6),
         _ => None,
     }
 }
 
-/// Whether `bpf_skb_adjust_room` takes `BPF_F_ADJ_ROOM_DECAP_L3_IPV6`
+/// Whether `bpf_skb_adjust_room` takes `BPF_F_ADJ_ROOM_DECAP_L3_IPV4/6`
 /// (Linux 6.3): 1 when it does. Probed and set by the loader before the
 /// programs load; read-only, so the verifier sees a constant and drops the
 /// path this kernel does not take. The default, 0, works on every kernel.
@@ -138,43 +498,46 @@ pub fn is_tunnel_datagram(ctx: &TcContext, cfg: &Config) -> Option<u16> {
 #[unsafe(no_mangle)]
 static ADJUST_ROOM_DECAP_L3: u8 = 0;
 
-/// Bytes `bpf_skb_change_proto` inserts after the MAC header when it turns
-/// an IPv4 skb into an IPv6 one (the header size difference).
-const V4_TO_V6_GROWTH: i32 = 20;
+/// Bytes by which `bpf_skb_change_proto` grows (IPv4 to IPv6) or shrinks
+/// (IPv6 to IPv4) the packet right after the MAC header.
+const FAMILY_SWITCH: i32 = 20;
 
-/// Strips the outer IPv4/UDP headers; the inner packet follows the
-/// Ethernet header afterwards, and `skb->protocol` names its family (the
-/// stack picks ip_rcv or ipv6_rcv by it after the redirect).
+/// Strips the outer headers; the inner packet follows the Ethernet header
+/// afterwards, and `skb->protocol` names its family (the stack picks ip_rcv
+/// or ipv6_rcv by it after the redirect).
 #[inline(never)]
-pub fn decapsulate(ctx: &TcContext, inner_ethertype: u16) -> Result<(), ()> {
-    if inner_ethertype != ETH_P_IPV6 {
+pub fn decapsulate(ctx: &TcContext, outer: &Outer) -> Result<(), ()> {
+    let len = outer.len() as i32;
+    let inner_v6 = outer.inner == ETH_P_IPV6;
+    if inner_v6 == outer.v6 {
         // Same family inside and out: no flag needed, on any kernel.
-        ctx.adjust_room(-(OUTER_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
-            .map_err(|_| ())?;
+        ctx.adjust_room(-len, BPF_ADJ_ROOM_MAC, 0).map_err(|_| ())?;
     } else if decap_l3_flag() {
-        ctx.adjust_room(
-            -(OUTER_LEN as i32),
-            BPF_ADJ_ROOM_MAC,
-            BPF_F_ADJ_ROOM_DECAP_L3_IPV6 as u64,
-        )
-        .map_err(|_| ())?;
+        let flag = if inner_v6 {
+            BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+        } else {
+            BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+        };
+        ctx.adjust_room(-len, BPF_ADJ_ROOM_MAC, flag as u64)
+            .map_err(|_| ())?;
     } else {
-        // Before 6.3 only bpf_skb_change_proto switches skb->protocol to
-        // IPv6; it also inserts 20 bytes after the MAC header, which go
-        // out together with the outer headers.
+        // Before 6.3 only bpf_skb_change_proto switches skb->protocol; it
+        // also inserts (to IPv6) or removes (to IPv4) 20 bytes after the
+        // MAC header, which the room adjustment accounts for.
         // SAFETY: plain helper call on our own context.
-        let r = unsafe { bpf_skb_change_proto(ctx.skb.skb, ETH_P_IPV6.to_be(), 0) };
+        let r = unsafe { bpf_skb_change_proto(ctx.skb.skb, outer.inner.to_be(), 0) };
         if r != 0 {
             return Err(());
         }
-        ctx.adjust_room(
-            -(OUTER_LEN as i32 + V4_TO_V6_GROWTH),
-            BPF_ADJ_ROOM_MAC,
-            0,
-        )
-        .map_err(|_| ())?;
+        let rest = if inner_v6 {
+            len + FAMILY_SWITCH
+        } else {
+            len - FAMILY_SWITCH
+        };
+        ctx.adjust_room(-rest, BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| ())?;
     }
-    ctx.store(12, &inner_ethertype.to_be(), 0).map_err(|_| ())
+    ctx.store(12, &outer.inner.to_be(), 0).map_err(|_| ())
 }
 
 #[inline(always)]

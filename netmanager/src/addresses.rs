@@ -57,14 +57,25 @@ pub fn is_namespace_address(ip: IpAddr) -> bool {
         || in_prefix(ip, IpAddr::V6(NAMESPACE_V6.0), NAMESPACE_V6.1)
 }
 
-/// A plausible underlay address of a node: a unicast IPv4 address that is
-/// not loopback, unspecified, link-local, broadcast or multicast.
-pub fn is_node_address(ip: Ipv4Addr) -> bool {
-    !(ip.is_loopback()
-        || ip.is_unspecified()
-        || ip.is_link_local()
-        || ip.is_broadcast()
-        || ip.is_multicast())
+/// A plausible underlay address of a node: a unicast address that is not
+/// loopback, unspecified, link-local, broadcast or multicast. IPv6 is our
+/// extension: only our own workers can use an IPv6 underlay.
+pub fn is_node_address(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(ip) => {
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_link_local()
+                || ip.is_broadcast()
+                || ip.is_multicast())
+        }
+        IpAddr::V6(ip) => {
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_unicast_link_local()
+                || ip.is_multicast())
+        }
+    }
 }
 
 pub const V4_PREFIX: u8 = 26;
@@ -210,9 +221,13 @@ mod tests {
         assert!(!is_namespace_address(ip("192.168.1.1")));
         assert!(is_namespace_address(ip("fc00::42")));
         assert!(!is_namespace_address(ip("2001:db8::1")));
-        assert!(is_node_address("198.51.100.2".parse().unwrap()));
-        assert!(!is_node_address("127.0.0.1".parse().unwrap()));
-        assert!(!is_node_address("224.0.0.1".parse().unwrap()));
+        assert!(is_node_address(ip("198.51.100.2")));
+        assert!(!is_node_address(ip("127.0.0.1")));
+        assert!(!is_node_address(ip("224.0.0.1")));
+        assert!(is_node_address(ip("2001:db8::2")));
+        assert!(!is_node_address(ip("fe80::1")));
+        assert!(!is_node_address(ip("::1")));
+        assert!(!is_node_address(ip("::ffff:127.0.0.1")));
         assert!(Subnet::parse("192.168.0.0", "fc00::").is_err());
         assert!(Subnet::parse("10.18.0.64", "2001:db8::").is_err());
     }

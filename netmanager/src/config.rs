@@ -5,7 +5,7 @@
 //! The file is read with serde; `serde_path_to_error` makes every error name
 //! the field, and absent or empty fields take upstream's defaults.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,8 +27,9 @@ pub use netmanager_common::DEFAULT_MISS_HOLD;
 /// The contents of netcfg.json, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// None: "0.0.0.0", infer from the default route and re-check periodically.
-    pub node_public_address: Option<Ipv4Addr>,
+    /// None: "0.0.0.0", infer from the default route and re-check
+    /// periodically. IPv6 is our extension (upstream workers cannot use it).
+    pub node_public_address: Option<IpAddr>,
     /// Tunnel UDP port (a string on disk).
     pub node_public_port: u16,
     /// None: "0.0.0.0", take the cluster address from the NodeEngine's /register.
@@ -111,8 +112,8 @@ impl Default for NetConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct File {
-    #[serde(rename = "NodePublicAddress", deserialize_with = "unset_or_ipv4")]
-    node_public_address: Option<Ipv4Addr>,
+    #[serde(rename = "NodePublicAddress", deserialize_with = "unset_or_ip")]
+    node_public_address: Option<IpAddr>,
     #[serde(rename = "NodePublicPort", deserialize_with = "port")]
     node_public_port: Option<u16>,
     #[serde(rename = "ClusterUrl", deserialize_with = "unset_or_text")]
@@ -237,13 +238,15 @@ fn unset_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::E
     Ok(text(d)?.filter(|s| s != "0.0.0.0"))
 }
 
-fn unset_or_ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+/// An address; "0.0.0.0" (upstream's unset) and "::" are unset too.
+fn unset_or_ip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
     match unset_or_text(d)? {
         None => Ok(None),
-        Some(s) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| de::Error::custom(format!("{s:?} is not an IPv4 address"))),
+        Some(s) => match s.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() => Ok(None),
+            Ok(ip) => Ok(Some(ip)),
+            Err(_) => Err(de::Error::custom(format!("{s:?} is not an IP address"))),
+        },
     }
 }
 

@@ -3,7 +3,7 @@
 //! state file -- and on any failure undo exactly what was done, because a
 //! half-deployed container is worse than a failed one.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -350,7 +350,7 @@ impl Deployer {
     }
 
     /// The node address changed: reprogram and tell the cluster.
-    pub async fn address_changed(&self, ip: Ipv4Addr) {
+    pub async fn address_changed(&self, ip: IpAddr) {
         if let Err(e) = self.fwd.set_node_ip(ip) {
             tracing::warn!("writing the new node address {ip}: {e:#}");
         }

@@ -5,7 +5,7 @@
 //! `--no-dataplane` runs (plumbing and cluster protocol without eBPF).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
@@ -16,7 +16,7 @@ use crate::dataplane::{
 };
 
 pub trait Forwarding: Send + Sync {
-    fn set_node_ip(&self, ip: Ipv4Addr) -> Result<()>;
+    fn set_node_ip(&self, ip: IpAddr) -> Result<()>;
     fn attach_container(&self, host_ifname: &str) -> Result<()>;
     fn detach_container(&self, host_ifname: &str) -> Result<()>;
     fn upsert_instance(&self, ns_ip: IpAddr, entry: InstanceEntry) -> Result<()>;
@@ -50,7 +50,7 @@ impl Ebpf {
 }
 
 impl Forwarding for Ebpf {
-    fn set_node_ip(&self, ip: Ipv4Addr) -> Result<()> {
+    fn set_node_ip(&self, ip: IpAddr) -> Result<()> {
         Ok(self.dp.set_node_ip(ip)?)
     }
     fn attach_container(&self, host_ifname: &str) -> Result<()> {
@@ -117,7 +117,7 @@ pub struct InMemory {
 
 #[derive(Default, Debug, Clone)]
 pub struct MemTables {
-    pub node_ip: Option<Ipv4Addr>,
+    pub node_ip: Option<IpAddr>,
     pub attached: Vec<String>,
     pub instances: BTreeMap<IpAddr, InstanceEntry>,
     pub services: BTreeMap<IpAddr, (ServiceKind, Vec<IpAddr>)>,
@@ -134,7 +134,7 @@ impl InMemory {
 }
 
 impl Forwarding for InMemory {
-    fn set_node_ip(&self, ip: Ipv4Addr) -> Result<()> {
+    fn set_node_ip(&self, ip: IpAddr) -> Result<()> {
         self.t().node_ip = Some(ip);
         Ok(())
     }
@@ -198,6 +198,8 @@ impl Forwarding for InMemory {
                 ("services (userspace)".into(), t.services.len() as u32, 0),
             ],
             counters: vec![],
+            node_addresses: t.node_ip.iter().map(|a| a.to_string()).collect(),
+            slow_path: None,
         })
     }
 }

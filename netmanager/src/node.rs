@@ -2,7 +2,7 @@
 //! work -- the cluster link, the forwarding plane, the local instances, the
 //! routes, the resolver and the deployer -- wired together once, here.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,7 +131,7 @@ impl Node {
     }
 
     /// The node address changed (address watch).
-    pub async fn address_changed(&self, ip: Ipv4Addr) {
+    pub async fn address_changed(&self, ip: IpAddr) {
         self.deployer.address_changed(ip).await;
     }
 
@@ -174,7 +174,7 @@ impl Node {
 fn open_forwarding(
     settings: &Settings,
     uplink: &str,
-    node_ip: Ipv4Addr,
+    node_ip: IpAddr,
 ) -> Result<Arc<dyn Forwarding>> {
     if settings.no_dataplane {
         tracing::warn!("running without the eBPF dataplane: no overlay traffic will flow");
@@ -185,7 +185,9 @@ fn open_forwarding(
         pin_dir: settings.bpf_dir.clone(),
         uplink: uplink.to_string(),
         node_ip,
-        tunnel_port: settings.net.node_public_port,
+        // The local port; NodePublicPort is only what the node advertises
+        // (behind NAT the router forwards it here).
+        tunnel_port: crate::config::DEFAULT_TUNNEL_PORT,
         tunnel_mtu: settings.tunnel_mtu,
         service_ranges: crate::addresses::SERVICE_RANGES.to_vec(),
         sizes: MapSizes {
@@ -196,6 +198,7 @@ fn open_forwarding(
             pending: t.pending,
         },
         miss_hold: t.miss_hold,
+        container_bridge: crate::plumbing::BRIDGE.to_string(),
     };
     Ok(Arc::new(Ebpf::open(&cfg)?))
 }

@@ -4,7 +4,7 @@
 //! inferred from the default route (`DefaultInterface` when several exist)
 //! and re-checked periodically, since DHCP or roaming may change it.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 
 use anyhow::Result;
@@ -14,14 +14,14 @@ use crate::plumbing::Plumbing;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Current {
     ifname: String,
-    ip: Ipv4Addr,
+    ip: IpAddr,
 }
 
 pub struct Uplink {
     /// Interface the operator asked for (flag/env, else DefaultInterface).
     preferred: Option<String>,
     /// The operator's fixed NodePublicAddress, which inference never replaces.
-    fixed_ip: Option<Ipv4Addr>,
+    fixed_ip: Option<IpAddr>,
     /// Tunnel UDP port advertised to the cluster.
     port: u16,
     current: Mutex<Current>,
@@ -32,7 +32,7 @@ impl Uplink {
     pub async fn discover(
         net: &Plumbing,
         preferred: Option<String>,
-        fixed_ip: Option<Ipv4Addr>,
+        fixed_ip: Option<IpAddr>,
         port: u16,
     ) -> Result<Uplink> {
         let (ifname, inferred) = net.uplink(preferred.as_deref()).await?;
@@ -51,7 +51,7 @@ impl Uplink {
         self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn ip(&self) -> Ipv4Addr {
+    pub fn ip(&self) -> IpAddr {
         self.lock().ip
     }
 
@@ -69,7 +69,7 @@ impl Uplink {
     }
 
     /// Look again; returns the new address when it changed.
-    pub async fn recheck(&self, net: &Plumbing) -> Result<Option<Ipv4Addr>> {
+    pub async fn recheck(&self, net: &Plumbing) -> Result<Option<IpAddr>> {
         if self.fixed_ip.is_some() {
             return Ok(None);
         }

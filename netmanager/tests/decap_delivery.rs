@@ -5,9 +5,10 @@
 //! kernel also needs `skb->protocol` to name the inner family (it picks
 //! ip_rcv or ipv6_rcv by it), which is what the pre-6.3 IPv6-in-IPv4 path
 //! through `bpf_skb_change_proto` must get right. So: the uplink program on
-//! a veth in a node namespace, a tunnel datagram written onto the wire
-//! behind it, and a UDP socket in the container namespace that must receive
-//! the inner datagram. Runs on this kernel and, through
+//! a veth in a node namespace, a tunnel datagram (outer IPv4, and outer
+//! IPv6 as between our own workers) written onto the wire behind it, and a
+//! UDP socket in the container namespace that must receive the inner
+//! datagram. Runs on this kernel and, through
 //! `cargo xtask test --full`, on Debian 12's 6.1 (where aya attaches through
 //! classic tc, as TCX arrived in 6.6).
 
@@ -15,7 +16,7 @@ mod common;
 mod packet_support;
 
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,6 +34,8 @@ use packet_support::*;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const PEER_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+const NODE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const PEER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 const UPLINK_MAC: [u8; 6] = [0x02, 0, 0xc6, 0x33, 0x64, 0x01];
 const CONTAINER_MAC: [u8; 6] = [0x02, 0, 0x0a, 0x12, 0, 0x02];
 const PORT: u16 = 6000;
@@ -137,7 +140,7 @@ fn dataplane(pin_dir: &PinDir, c0: u32) -> Dataplane {
     let cfg = DataplaneConfig {
         pin_dir: pin_dir.0.clone(),
         uplink: String::new(),
-        node_ip: NODE,
+        node_ip: IpAddr::V4(NODE),
         tunnel_port: 50103,
         tunnel_mtu: 1450,
         service_ranges: vec![
@@ -152,14 +155,17 @@ fn dataplane(pin_dir: &PinDir, c0: u32) -> Dataplane {
             pending: 64,
         },
         miss_hold: 2,
+        container_bridge: String::new(),
     };
     let dp = Dataplane::open(&cfg).expect("loading the dataplane");
+    dp.set_node_addresses(&[(IpAddr::V4(NODE), 0), (IpAddr::V6(NODE_V6), 0)])
+        .unwrap();
     for (ns_ip, inst) in [("10.18.0.2", "10.30.0.3"), ("fc00::2", "fdff::3")] {
         dp.upsert_instance(
             ns_ip.parse().unwrap(),
             InstanceEntry {
                 instance_ip: Some(inst.parse().unwrap()),
-                node_ip: NODE,
+                node_ip: IpAddr::V4(NODE),
                 node_port: 50103,
                 local: Some(LocalPort {
                     ifindex: c0,
@@ -197,24 +203,27 @@ fn attach_uplink(pin_dir: &PinDir, node: &Netns, decap_l3: u8) -> aya::Ebpf {
     ebpf
 }
 
-/// Sends `inner` through the tunnel into `up0` and returns what the
-/// container's socket bound to `bind` receives.
+/// Sends `inner` through the tunnel (outer IPv6 when `v6_outer`) into `up0`
+/// and returns what the container's socket bound to `bind` receives.
 fn deliver(
     node: &Netns,
     ctr: &Netns,
     bind: SocketAddr,
     inner: &Ip,
+    v6_outer: bool,
 ) -> Option<(Vec<u8>, SocketAddr)> {
     let sock = in_netns(ctr, || {
         UdpSocket::bind(bind).expect("binding in the container")
     });
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let frame = eth(
-        UPLINK_MAC,
-        [0x02, 0, 0xc6, 0x33, 0x64, 0x02],
-        0x0800,
-        &tunnel_datagram(PEER_NODE, NODE, 50103, 50103, &inner.bytes()),
-    );
+    let peer_mac = [0x02, 0, 0xc6, 0x33, 0x64, 0x02];
+    let frame = if v6_outer {
+        let datagram = tunnel_datagram_v6(PEER_V6, NODE_V6, 40000, 50103, &inner.bytes());
+        eth(UPLINK_MAC, peer_mac, 0x86dd, &datagram)
+    } else {
+        let datagram = tunnel_datagram(PEER_NODE, NODE, 50103, 50103, &inner.bytes());
+        eth(UPLINK_MAC, peer_mac, 0x0800, &datagram)
+    };
     in_netns(node, || send_frame("up1", &frame));
     let mut buf = [0u8; 2048];
     let (n, from) = sock.recv_from(&mut buf).ok()?;
@@ -245,11 +254,14 @@ fn decapsulated_v4_and_v6_packets_reach_the_containers_socket() {
     for decap_l3 in paths {
         let ebpf = attach_uplink(&pin_dir, &node, decap_l3);
         let cases = [
-            ("10.30.0.5", "10.18.0.2", "0.0.0.0"),
-            ("fdff::5", "fc00::2", "::"),
+            ("10.30.0.5", "10.18.0.2", "0.0.0.0", false),
+            ("fdff::5", "fc00::2", "::", false),
+            ("10.30.0.5", "10.18.0.2", "0.0.0.0", true),
+            ("fdff::5", "fc00::2", "::", true),
         ];
-        for (src, dst, any) in cases {
-            let payload = format!("decap {src} -> {dst}, flag {decap_l3}").into_bytes();
+        for (src, dst, any, v6_outer) in cases {
+            let payload =
+                format!("decap {src} -> {dst}, outer v6 {v6_outer}, flag {decap_l3}").into_bytes();
             let inner = Ip::new(
                 src,
                 dst,
@@ -260,12 +272,12 @@ fn decapsulated_v4_and_v6_packets_reach_the_containers_socket() {
                 },
             );
             let bind = SocketAddr::new(any.parse::<IpAddr>().unwrap(), PORT);
-            let got = deliver(&node, &ctr, bind, &inner);
+            let got = deliver(&node, &ctr, bind, &inner, v6_outer);
             let from: IpAddr = src.parse().unwrap();
             assert_eq!(
                 got,
                 Some((payload, SocketAddr::new(from, 7000))),
-                "{src} -> {dst} with the decap flag {decap_l3} did not arrive intact"
+                "{src} -> {dst} (outer IPv6: {v6_outer}) with the decap flag {decap_l3} did not arrive intact"
             );
         }
         // Detaches (filter or TCX link) before the next path attaches.
@@ -279,7 +291,7 @@ fn decapsulated_v4_and_v6_packets_reach_the_containers_socket() {
         .find(|c| c.0 == "decapsulated")
         .map(|c| c.1);
     assert!(
-        decapsulated >= Some(2),
+        decapsulated >= Some(4),
         "decapsulated counter: {decapsulated:?}"
     );
 }

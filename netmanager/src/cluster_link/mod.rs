@@ -230,7 +230,7 @@ impl ClusterLink {
         job: &str,
         instance: u32,
         ns: crate::addresses::AddressPair,
-        host_ip: std::net::Ipv4Addr,
+        host_ip: std::net::IpAddr,
         host_port: u16,
     ) -> Result<()> {
         let msg = messages::Deployed {
@@ -259,7 +259,7 @@ impl ClusterLink {
         &self,
         job: &str,
         instance: u32,
-        host_ip: std::net::Ipv4Addr,
+        host_ip: std::net::IpAddr,
         host_port: u16,
     ) -> Result<()> {
         let msg = messages::AddressChanged {

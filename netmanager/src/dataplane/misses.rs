@@ -13,6 +13,7 @@ use netmanager_common::{Addr, MISS_FRAME_MAX, MissReason, maps};
 use tokio::io::unix::AsyncFd;
 
 use super::addr::from_addr;
+use super::devices::VethPair;
 use super::{DataplaneError, Miss, Result};
 
 /// Name of our end of the reinjection pair (frames are written here) and of
@@ -154,56 +155,12 @@ impl Reinjector {
     }
 }
 
-pub struct InjectDevice {
-    pub name: String,
-    pub peer: String,
-}
-
-/// Creates the reinjection veth pair (up) unless it exists.
-pub fn ensure_inject_device() -> Result<InjectDevice> {
-    let device = InjectDevice {
-        name: INJECT_DEVICE.to_string(),
-        peer: INJECT_PEER.to_string(),
-    };
-    if super::tables::ifindex(INJECT_DEVICE).is_ok() && super::tables::ifindex(INJECT_PEER).is_ok()
-    {
-        return Ok(device);
-    }
-    // rtnetlink is async; run it on a private runtime so `open` works both
-    // inside and outside the caller's runtime.
-    std::thread::spawn(create_inject_pair)
-        .join()
-        .map_err(|_| DataplaneError::Other("netlink thread panicked".into()))??;
-    Ok(device)
-}
-
-fn create_inject_pair() -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| DataplaneError::bpf("starting a netlink runtime", e))?;
-    rt.block_on(async {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|e| DataplaneError::bpf("opening netlink", e))?;
-        tokio::spawn(conn);
-        let what =
-            |e: rtnetlink::Error| DataplaneError::bpf("creating the reinjection veth pair", e);
-        handle
-            .link()
-            .add(
-                rtnetlink::LinkVeth::new(INJECT_DEVICE, INJECT_PEER)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(what)?;
-        let peer = super::tables::ifindex(INJECT_PEER)?;
-        handle
-            .link()
-            .set(rtnetlink::LinkUnspec::new_with_index(peer).up().build())
-            .execute()
-            .await
-            .map_err(what)
-    })
-}
+/// The reinjection pair. Its first end's GSO limit of one segment also
+/// serves the programs: a GSO packet for a node on an IPv6 underlay is sent
+/// into it to come back as segments (docs/dataplane.md, "IPv6 underlay").
+pub static INJECT_PAIR: VethPair = VethPair {
+    name: INJECT_DEVICE,
+    peer: INJECT_PEER,
+    gso_max_segs: Some(1),
+    mtu: None,
+};

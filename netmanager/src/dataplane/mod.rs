@@ -7,16 +7,24 @@
 //! Everything else is a typed operation on those maps, through `&self`: one
 //! mutex inside guards the loaded object (aya needs `&mut` to attach), the
 //! map handles and the attachment list; map updates are short syscalls.
+//! With an uplink, two threads of its own follow the node's addresses
+//! (`address_watch`) and serve the slow-path socket (`slow_path`).
 
 mod addr;
+mod address_watch;
 mod attach;
+mod background;
 mod checksum;
+mod devices;
 mod misses;
+mod slow_path;
 mod tables;
+mod underlay;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult};
 use aya::{Ebpf, EbpfLoader};
@@ -24,9 +32,12 @@ use netmanager_common::{Counter, maps};
 
 pub use misses::MissReceiver;
 pub use netmanager_common::{MAP_NAMES, MissReason, ServiceKind};
+pub use slow_path::SlowPathStatus;
 
 use attach::Attachments;
+use background::Background;
 use tables::Tables;
+use underlay::UnderlayState;
 
 /// The programs, built from `netmanager-ebpf/` and embedded by build.rs.
 pub static EBPF_OBJECT: &[u8] =
@@ -35,8 +46,11 @@ pub static EBPF_OBJECT: &[u8] =
 /// Program attached on the host end of every container veth (and the
 /// reinjection device).
 pub const CONTAINER_PROGRAM: &str = "container_egress";
-/// Program attached on the uplink.
+/// Program attached on the uplink and every other Ethernet interface that
+/// carries one of the node's addresses.
 pub const UPLINK_PROGRAM: &str = "uplink_ingress";
+/// Program attached on the far end of the slow-path device.
+pub const SLOW_PATH_PROGRAM: &str = "slow_path_ingress";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -91,9 +105,11 @@ pub struct DataplaneConfig {
     /// Uplink interface name (tunnel traffic in and out). Empty: attach
     /// nothing and create no reinjection device (packet tests).
     pub uplink: String,
-    /// This node's underlay IPv4 address.
-    pub node_ip: Ipv4Addr,
-    /// Tunnel UDP port (50103).
+    /// The address this node advertises (`NodePublicAddress`, or the
+    /// uplink's own), IPv4 or IPv6: the outer source when the node owns it.
+    pub node_ip: IpAddr,
+    /// Tunnel UDP port the node listens on and sends from (50103; what it
+    /// advertises may differ behind NAT).
     pub tunnel_port: u16,
     /// Tunnel MTU (1450).
     pub tunnel_mtu: u16,
@@ -102,6 +118,9 @@ pub struct DataplaneConfig {
     pub sizes: MapSizes,
     /// Packets held per unknown address while it is resolved.
     pub miss_hold: u32,
+    /// The container bridge: its addresses are the containers' gateways,
+    /// never tunnel endpoints ("" for none).
+    pub container_bridge: String,
 }
 
 /// A container on this node, as the dataplane needs to know it.
@@ -118,7 +137,8 @@ pub struct LocalPort {
 pub struct InstanceEntry {
     /// The instance's own instance_ip (same family as the ns ip); None while unknown.
     pub instance_ip: Option<IpAddr>,
-    pub node_ip: Ipv4Addr,
+    /// Underlay address of its node, IPv4 or IPv6.
+    pub node_ip: IpAddr,
     pub node_port: u16,
     /// Some for containers on this node.
     pub local: Option<LocalPort>,
@@ -142,13 +162,22 @@ pub struct DataplaneStatus {
     pub maps: Vec<(String, u32, u32)>,
     /// (counter, packets, bytes)
     pub counters: Vec<(String, u64, u64)>,
+    /// The node's addresses tunnel datagrams are accepted on.
+    #[serde(default)]
+    pub node_addresses: Vec<String>,
+    /// The slow-path socket's work, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_path: Option<SlowPathStatus>,
 }
 
 pub struct Dataplane {
+    /// Stopped (and joined) before anything else goes: they use the state.
+    _background: Vec<Background>,
     /// The one lock: everything that needs `&mut` or must not interleave.
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     /// Sends on its own packet socket; needs no lock.
     reinjector: Option<misses::Reinjector>,
+    slow_path: Option<Arc<slow_path::SlowPathCounters>>,
     cfg: DataplaneConfig,
 }
 
@@ -157,6 +186,9 @@ struct State {
     tables: Tables,
     attachments: Attachments,
     misses: Option<misses::MissSource>,
+    underlay: UnderlayState,
+    /// Interfaces besides the uplink the receive program was attached to.
+    receive_interfaces: BTreeSet<String>,
 }
 
 impl Dataplane {
@@ -165,39 +197,105 @@ impl Dataplane {
         std::fs::create_dir_all(&cfg.pin_dir)
             .map_err(|e| DataplaneError::bpf(format!("creating {}", cfg.pin_dir.display()), e))?;
         let mut ebpf = load(cfg)?;
-        for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM] {
+        for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM, SLOW_PATH_PROGRAM] {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|e| DataplaneError::bpf(format!("loading program {name}"), e))?;
         }
         let mut tables = Tables::take(&mut ebpf)?;
-        tables.write_config(cfg)?;
+        let underlay = UnderlayState::new(cfg.node_ip, tables::ifindex(&cfg.uplink)?);
+        tables.write_config(cfg, &underlay)?;
         let misses = misses::MissSource::take(&mut ebpf)?;
         let mut state = State {
             ebpf,
             tables,
             attachments: Attachments::new(cfg.pin_dir.join("links")),
             misses: Some(misses),
+            underlay,
+            receive_interfaces: BTreeSet::new(),
         };
-        let mut reinjector = None;
-        if !cfg.uplink.is_empty() {
-            state.attach(UPLINK_PROGRAM, &cfg.uplink)?;
-            let device = misses::ensure_inject_device()?;
-            state.attach(CONTAINER_PROGRAM, &device.peer)?;
-            reinjector = Some(misses::Reinjector::open(&device.name)?);
+        if cfg.uplink.is_empty() {
+            return Ok(Dataplane {
+                _background: Vec::new(),
+                state: Arc::new(Mutex::new(state)),
+                reinjector: None,
+                slow_path: None,
+                cfg: cfg.clone(),
+            });
+        }
+        state.attach(UPLINK_PROGRAM, &cfg.uplink)?;
+        let inject = devices::ensure(&misses::INJECT_PAIR)?;
+        state.attach(CONTAINER_PROGRAM, misses::INJECT_PEER)?;
+        let reinjector = Some(misses::Reinjector::open(misses::INJECT_DEVICE)?);
+        if inject.gso_limited {
+            state.underlay.segment = Some((inject.ifindex, inject.peer_ifindex));
+        } else {
+            tracing::warn!(
+                "{} cannot segment GSO packets: TCP to nodes on an IPv6 underlay is dropped (counter drop_encap)",
+                misses::INJECT_DEVICE
+            );
+        }
+        let slow = devices::ensure(&slow_path::SLOW_PAIR)?;
+        state.attach(SLOW_PATH_PROGRAM, slow_path::SLOW_PAIR.peer)?;
+        let state = Arc::new(Mutex::new(state));
+        let addresses = address_watch::NodeAddressSet::default();
+        let mut background = vec![address_watch::start(
+            state.clone(),
+            cfg.clone(),
+            addresses.clone(),
+        )?];
+        let mut slow_counters = None;
+        match slow_path::open_socket(cfg.tunnel_port) {
+            Ok(socket) => {
+                let counters = Arc::new(slow_path::SlowPathCounters::default());
+                let path = slow_path::SlowPath {
+                    socket,
+                    tunnel_port: cfg.tunnel_port,
+                    reinjector: misses::Reinjector::open(slow_path::SLOW_PAIR.name)?,
+                    peer_mac: slow.peer_mac,
+                    addresses,
+                    counters: counters.clone(),
+                };
+                background.push(Background::spawn("oak-slow-path", move || path.run())?);
+                slow_counters = Some(counters);
+            }
+            // The fast path works without it; fragmented datagrams, IP
+            // options and interfaces without the program do not.
+            Err(e) => tracing::error!(
+                "slow path off: cannot listen on UDP port {}: {e}",
+                cfg.tunnel_port
+            ),
         }
         Ok(Dataplane {
-            state: Mutex::new(state),
+            _background: background,
+            state,
             reinjector,
+            slow_path: slow_counters,
             cfg: cfg.clone(),
         })
     }
 
-    /// Node address changed.
-    pub fn set_node_ip(&self, ip: Ipv4Addr) -> Result<()> {
-        let mut cfg = self.cfg.clone();
-        cfg.node_ip = ip;
-        self.lock().tables.write_config(&cfg)
+    /// The advertised node address changed.
+    pub fn set_node_ip(&self, ip: IpAddr) -> Result<()> {
+        let mut state = self.lock();
+        let State {
+            tables, underlay, ..
+        } = &mut *state;
+        underlay.advertised = ip;
+        tables.write_config(&self.cfg, underlay)
+    }
+
+    /// The node's addresses (address, ifindex). A dataplane with an uplink
+    /// follows them by itself; without one (packet tests, benchmarks) this
+    /// says what they are.
+    pub fn set_node_addresses(&self, addresses: &[(IpAddr, u32)]) -> Result<()> {
+        let mut state = self.lock();
+        let State {
+            tables, underlay, ..
+        } = &mut *state;
+        underlay.addresses = addresses.iter().copied().collect();
+        tables.sync_node_addresses(&underlay.addresses)?;
+        tables.write_config(&self.cfg, underlay)
     }
 
     /// Attach the container-side program to a container veth (host end).
@@ -282,6 +380,13 @@ impl Dataplane {
                 .into_iter()
                 .map(|(c, p, b)| (c.name().to_string(), p, b))
                 .collect(),
+            node_addresses: state
+                .underlay
+                .addresses
+                .keys()
+                .map(|a| a.to_string())
+                .collect(),
+            slow_path: self.slow_path.as_ref().map(|c| c.status()),
         })
     }
 
@@ -419,15 +524,19 @@ mod tests {
             (maps::PENDING, defaults.pending),
             (maps::COUNTERS, Counter::COUNT as u32),
             (maps::MISSES, netmanager_common::DEFAULT_MISS_RING_BYTES),
+            (
+                maps::NODE_ADDRESSES,
+                netmanager_common::DEFAULT_NODE_ADDRESSES,
+            ),
         ] {
             assert_eq!(obj.maps[name].max_entries(), size, "max entries of {name}");
         }
     }
 
     #[test]
-    fn the_object_has_both_programs() {
+    fn the_object_has_all_programs() {
         let obj = object();
-        for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM] {
+        for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM, SLOW_PATH_PROGRAM] {
             assert!(obj.programs.contains_key(name), "program {name}");
         }
     }

@@ -1,16 +1,20 @@
 //! Typed writes to the maps: configuration, instances, services with their
-//! backend slices, flow expiry, pending misses and counters.
+//! backend slices, the node's own addresses, flow expiry, pending misses
+//! and counters.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use netmanager_common::{
-    Addr, BackendKey, Config, Counter, CounterValue, FLOW_IDLE_NS, Flow, FlowKey, INSTANCE_LOCAL,
-    Instance, MAX_BACKENDS, MAX_SERVICE_RANGES, Prefix, ReverseFlow, Service, ServiceKind, maps,
+    Addr, BackendKey, CONFIG_FIB_SOURCE_V4, CONFIG_FIB_SOURCE_V6, Config, Counter, CounterValue,
+    DEFAULT_NODE_ADDRESSES, FLOW_IDLE_NS, Flow, FlowKey, INSTANCE_LOCAL, Instance, MAX_BACKENDS,
+    MAX_SERVICE_RANGES, Prefix, ReverseFlow, Service, ServiceKind, maps,
 };
 
 use super::addr::to_addr;
+use super::underlay::UnderlayState;
 use super::{DataplaneConfig, DataplaneError, InstanceEntry, MapSizes, Result};
 
 pub struct Tables {
@@ -22,6 +26,7 @@ pub struct Tables {
     reverse: HashMap<MapData, FlowKey, ReverseFlow>,
     pending: HashMap<MapData, Addr, u32>,
     counters: PerCpuArray<MapData, CounterValue>,
+    node_addresses: HashMap<MapData, Addr, u32>,
 }
 
 /// Takes map `name` out of the loaded object, typed.
@@ -56,14 +61,47 @@ impl Tables {
             reverse: take(ebpf, maps::REVERSE_FLOWS)?,
             pending: take(ebpf, maps::PENDING)?,
             counters: take(ebpf, maps::COUNTERS)?,
+            node_addresses: take(ebpf, maps::NODE_ADDRESSES)?,
         })
     }
 
-    pub fn write_config(&mut self, cfg: &DataplaneConfig) -> Result<()> {
-        let value = config_value(cfg)?;
+    pub fn write_config(&mut self, cfg: &DataplaneConfig, underlay: &UnderlayState) -> Result<()> {
+        let value = config_value(cfg, underlay)?;
         self.config
             .set(0, value, 0)
             .map_err(map_err("writing", maps::CONFIG))
+    }
+
+    /// Makes `NODE_ADDRESSES` hold exactly `addresses` (address -> ifindex).
+    pub fn sync_node_addresses(&mut self, addresses: &BTreeMap<IpAddr, u32>) -> Result<()> {
+        if addresses.len() > DEFAULT_NODE_ADDRESSES as usize {
+            return Err(DataplaneError::Other(format!(
+                "{} node addresses; the dataplane tracks at most {DEFAULT_NODE_ADDRESSES}",
+                addresses.len()
+            )));
+        }
+        let wanted: BTreeMap<Addr, u32> =
+            addresses.iter().map(|(a, i)| (to_addr(*a), *i)).collect();
+        let stale: Vec<Addr> = self
+            .node_addresses
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(a, i)| wanted.get(a) != Some(i))
+            .map(|(a, _)| a)
+            .collect();
+        for a in &stale {
+            ignore_missing(
+                self.node_addresses.remove(a),
+                "removing from",
+                maps::NODE_ADDRESSES,
+            )?;
+        }
+        for (a, i) in wanted {
+            self.node_addresses
+                .insert(a, i, 0)
+                .map_err(map_err("writing", maps::NODE_ADDRESSES))?;
+        }
+        Ok(())
     }
 
     pub fn upsert_instance(&mut self, ns_ip: IpAddr, e: &InstanceEntry) -> Result<()> {
@@ -73,7 +111,7 @@ impl Tables {
         };
         let value = Instance {
             instance_ip: e.instance_ip.map(to_addr).unwrap_or(Addr::ZERO),
-            node_ip: e.node_ip.octets(),
+            node_ip: to_addr(e.node_ip),
             node_port: e.node_port,
             flags,
             ifindex,
@@ -258,7 +296,7 @@ fn ignore_missing(
     }
 }
 
-fn config_value(cfg: &DataplaneConfig) -> Result<Config> {
+fn config_value(cfg: &DataplaneConfig, underlay: &UnderlayState) -> Result<Config> {
     if cfg.service_ranges.len() > MAX_SERVICE_RANGES {
         return Err(DataplaneError::Other(format!(
             "{} service ranges configured; at most {MAX_SERVICE_RANGES}",
@@ -281,15 +319,30 @@ fn config_value(cfg: &DataplaneConfig) -> Result<Config> {
             len,
         };
     }
+    let sources = underlay.sources();
+    let mut flags = 0;
+    if sources.v4.from_fib {
+        flags |= CONFIG_FIB_SOURCE_V4;
+    }
+    if sources.v6.from_fib {
+        flags |= CONFIG_FIB_SOURCE_V6;
+    }
     Ok(Config {
-        node_ip: cfg.node_ip.octets(),
+        src_v4: sources.v4.address.map(|a| a.octets()).unwrap_or([0; 4]),
         tunnel_port: cfg.tunnel_port,
         tunnel_mtu: cfg.tunnel_mtu,
         uplink_ifindex: ifindex(&cfg.uplink)?,
         n_ranges: cfg.service_ranges.len() as u32,
         service_ranges: ranges,
         miss_hold: cfg.miss_hold,
-        _pad: 0,
+        flags,
+        src_v6: sources
+            .v6
+            .address
+            .map(|a| Addr { bytes: a.octets() })
+            .unwrap_or(Addr::ZERO),
+        segment_ifindex: underlay.segment.map(|s| s.0).unwrap_or(0),
+        segment_return_ifindex: underlay.segment.map(|s| s.1).unwrap_or(0),
     })
 }
 

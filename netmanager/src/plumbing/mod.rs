@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::TryStreamExt;
-use netlink_packet_route::address::{AddressAttribute, AddressFlags};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
 use netlink_packet_route::link::MacVtapMode;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{RouteAttribute, RouteMessage};
@@ -193,14 +193,18 @@ impl Plumbing {
     }
 
     /// The uplink: `preferred` if given, else the interface of the (first)
-    /// IPv4 default route; and its first IPv4 address.
-    pub async fn uplink(&self, preferred: Option<&str>) -> Result<(String, Ipv4Addr)> {
+    /// IPv4 default route, else of the IPv6 one (an IPv6-only underlay); and
+    /// its first IPv4 address, else its first global IPv6 address.
+    pub async fn uplink(&self, preferred: Option<&str>) -> Result<(String, IpAddr)> {
         let name = match preferred {
             Some(p) => p.to_string(),
             None => {
-                let oifs = self.default_route_oifs().await?;
+                let mut oifs = self.default_route_oifs::<Ipv4Addr>().await?;
+                if oifs.is_empty() {
+                    oifs = self.default_route_oifs::<Ipv6Addr>().await?;
+                }
                 let Some(&oif) = oifs.first() else {
-                    bail!("no IPv4 default route to infer the node address from");
+                    bail!("no default route to infer the node address from");
                 };
                 self.link_name(oif)
                     .await?
@@ -211,16 +215,26 @@ impl Plumbing {
             .link_by_name(&name)
             .await?
             .ok_or_else(|| anyhow!("uplink interface {name} does not exist"))?;
-        let addr = self
-            .first_ipv4(link.header.index)
-            .await?
-            .ok_or_else(|| anyhow!("uplink interface {name} has no IPv4 address"))?;
+        let addr = match self.first_ipv4(link.header.index).await? {
+            Some(v4) => IpAddr::V4(v4),
+            None => self
+                .first_global_ipv6(link.header.index)
+                .await?
+                .map(IpAddr::V6)
+                .ok_or_else(|| {
+                    anyhow!("uplink interface {name} has no IPv4 or global IPv6 address")
+                })?,
+        };
         Ok((name, addr))
     }
 
-    /// Output interfaces of IPv4 default routes in the main table, lowest metric first.
-    pub async fn default_route_oifs(&self) -> Result<Vec<u32>> {
-        let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    /// Output interfaces of default routes of one family in the main table,
+    /// lowest metric first.
+    pub async fn default_route_oifs<T>(&self) -> Result<Vec<u32>>
+    where
+        RouteMessageBuilder<T>: Default,
+    {
+        let req = RouteMessageBuilder::<T>::default().build();
         let mut routes: Vec<RouteMessage> = self
             .handle
             .route()
@@ -265,6 +279,27 @@ impl Plumbing {
             .find_map(|a| match a {
                 AddressAttribute::Local(IpAddr::V4(v))
                 | AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                _ => None,
+            }))
+    }
+
+    /// The first global-scope IPv6 address of an interface.
+    pub async fn first_global_ipv6(&self, index: u32) -> Result<Option<Ipv6Addr>> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .context("listing addresses")?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.scope == AddressScope::Universe)
+            .flat_map(|m| m.attributes.iter())
+            .find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V6(v)) => Some(*v),
                 _ => None,
             }))
     }

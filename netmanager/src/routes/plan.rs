@@ -3,7 +3,7 @@
 //! has (ordered nearest first for Closest).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use crate::addresses::{is_namespace_address, is_node_address, is_service_address};
 use crate::cluster_link::{TableInstance, TableResult};
@@ -12,7 +12,7 @@ use crate::dataplane::{InstanceEntry, LocalPort, ServiceKind};
 /// What planning needs to know about this node.
 #[derive(Debug, Clone, Default)]
 pub struct LocalView {
-    pub node_ip: Option<Ipv4Addr>,
+    pub node_ip: Option<IpAddr>,
     pub node_port: u16,
     /// Namespace address (v4 and v6) of each local container -> its port.
     pub locals: HashMap<IpAddr, LocalPort>,
@@ -62,7 +62,7 @@ fn sip_kind(ip_type: &str) -> SipKind {
 struct Inst {
     number: u32,
     ns: [Option<IpAddr>; 2],
-    node_ip: Ipv4Addr,
+    node_ip: IpAddr,
     node_port: u16,
     local: [Option<LocalPort>; 2],
     /// (kind, v4 address, v6 address)
@@ -84,8 +84,9 @@ impl Inst {
             );
             return None;
         }
-        let node_ip = match t.host_ip.trim().parse::<Ipv4Addr>() {
-            Ok(ip) if is_node_address(ip) => ip,
+        // IPv6 host_ip: our extension between our own workers.
+        let node_ip = match t.host_ip.trim().parse::<IpAddr>() {
+            Ok(ip) if is_node_address(ip) => ip.to_canonical(),
             _ => return skip(&format!("host_ip {:?} is not a node address", t.host_ip)),
         };
         let v4 = namespace_address(&t.namespace_ip, job, view);
@@ -343,7 +344,7 @@ mod tests {
         assert_eq!(p.instances.len(), 4);
         let i0 = p.instances[&ip("10.18.0.130")];
         assert_eq!(i0.instance_ip, Some(ip("10.30.0.3")));
-        assert_eq!(i0.node_ip, "198.51.100.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(i0.node_ip, "198.51.100.2".parse::<IpAddr>().unwrap());
         assert!(i0.local.is_none());
         let i1v6 = p.instances[&ip("fc00::42")];
         assert_eq!(i1v6.instance_ip, Some(ip("fdff::4")));

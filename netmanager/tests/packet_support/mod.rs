@@ -318,3 +318,120 @@ pub fn assert_checksums(ip: &[u8]) {
         _ => {}
     }
 }
+
+/// The Oakestra tunnel over IPv6 (our extension): the IP packet as the whole
+/// payload of one datagram, with the UDP checksum IPv6 requires.
+pub fn tunnel_datagram_v6(
+    outer_src: Ipv6Addr,
+    outer_dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(inner);
+    let mut s = pseudo(outer_src.into(), outer_dst.into(), 17, udp.len());
+    s.extend_from_slice(&udp);
+    let mut c = checksum(&s);
+    if c == 0 {
+        c = 0xffff;
+    }
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    ipv6(outer_src, outer_dst, 64, 17, &udp)
+}
+
+/// MACs of the underlay a [`FibNetns`] sets up.
+pub const UNDER0_MAC: [u8; 6] = [0x02, 0, 0xc6, 0x33, 0x64, 0x01];
+pub const UNDER1_MAC: [u8; 6] = [0x02, 0, 0xc6, 0x33, 0x64, 0x81];
+pub const PEER_MAC: [u8; 6] = [0x02, 0, 0xc6, 0x33, 0x64, 0x02];
+pub const PEER2_MAC: [u8; 6] = [0x02, 0, 0xc6, 0x33, 0x64, 0x82];
+
+/// A private network namespace the calling thread moves into, so the
+/// programs' FIB lookups (which run in the caller's namespace under
+/// BPF_PROG_TEST_RUN) see a known underlay, never the host's:
+/// - `under0`, 198.51.100.1/25 and 2001:db8::1/64, neighbours 198.51.100.2
+///   and 2001:db8::2 at [`PEER_MAC`]; 198.51.100.3 without a neighbour
+///   entry; 198.51.100.99 behind a route with MTU 1400;
+/// - `under1`, 198.51.100.129/25, neighbour 198.51.100.130 at [`PEER2_MAC`];
+/// - 198.51.100.77 blackholed.
+///
+/// Removed on drop (the thread stays in it until it ends).
+pub struct FibNetns {
+    pub name: String,
+}
+
+impl FibNetns {
+    pub fn enter(tag: &str) -> FibNetns {
+        let name = format!("oakfib-{}-{tag}", std::process::id());
+        let ip = |args: &str| {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("ip -n {name} {args}"))
+                .output()
+                .expect("running ip");
+            assert!(
+                out.status.success(),
+                "ip {args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .output();
+        let out = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("running ip");
+        assert!(out.status.success(), "ip netns add {name}");
+        let ns = FibNetns { name: name.clone() };
+        ip("link set lo up");
+        ip("link add under0 address 02:00:c6:33:64:01 type veth peer name under0p");
+        ip("link add under1 address 02:00:c6:33:64:81 type veth peer name under1p");
+        for dev in ["under0", "under0p", "under1", "under1p"] {
+            ip(&format!("link set {dev} up"));
+        }
+        ip("addr add 198.51.100.1/25 dev under0");
+        ip("addr add 198.51.100.129/25 dev under1");
+        ip("-6 addr add 2001:db8::1/64 dev under0 nodad");
+        ip("neigh add 198.51.100.2 lladdr 02:00:c6:33:64:02 dev under0 nud permanent");
+        ip("neigh add 198.51.100.130 lladdr 02:00:c6:33:64:82 dev under1 nud permanent");
+        ip("-6 neigh add 2001:db8::2 lladdr 02:00:c6:33:64:02 dev under0 nud permanent");
+        // Locked: for forwarded traffic (the FIB lookup is a forwarding
+        // one) a route MTU counts when locked, or as a path-MTU exception.
+        ip("route add 198.51.100.99/32 dev under0 mtu lock 1400");
+        ip("neigh add 198.51.100.99 lladdr 02:00:c6:33:64:02 dev under0 nud permanent");
+        ip("route add blackhole 198.51.100.77/32");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "sysctl", "-qw"])
+            .args(["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
+            .output()
+            .expect("running sysctl");
+        assert!(out.status.success(), "forwarding on in {name}");
+        let file = std::fs::File::open(format!("/run/netns/{name}")).expect("namespace file");
+        // SAFETY: a valid namespace descriptor; affects this thread only.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        ns
+    }
+
+    /// ifindex of an interface of the namespace (the caller is inside).
+    pub fn ifindex(&self, dev: &str) -> u32 {
+        let c = std::ffi::CString::new(dev).unwrap();
+        // SAFETY: a valid C string.
+        let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        assert_ne!(i, 0, "no interface {dev}");
+        i
+    }
+}
+
+impl Drop for FibNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

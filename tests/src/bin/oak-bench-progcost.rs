@@ -12,11 +12,16 @@
 //! as the average of many single runs, using the kernel's own in-program
 //! timing (syscall and copy overhead excluded); `repeat` is used only for
 //! paths that leave the packet unchanged, as a cross-check.
+//!
+//! The bench runs in a network namespace of its own with a known underlay
+//! (the packet fixtures' `FibNetns`): the send path asks the FIB for every
+//! tunnelled packet, and BPF_PROG_TEST_RUN answers from the caller's
+//! namespace.
 
 #[path = "../../../netmanager/tests/packet_support/mod.rs"]
 mod packet_support;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -31,6 +36,8 @@ use serde_json::{Value, json};
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const PEER_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+const NODE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const PEER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0x0a, 0x12, 0, 0x03];
 /// Single runs per measured path.
 const RUNS: u32 = 20_000;
@@ -65,12 +72,13 @@ fn main() -> Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(100_000);
+    let netns = FibNetns::enter("progcost");
     let _ = std::fs::remove_dir_all(&pin_dir);
     let _guard = PinGuard(pin_dir.clone());
     let cfg = DataplaneConfig {
         pin_dir: pin_dir.clone(),
         uplink: String::new(),
-        node_ip: NODE,
+        node_ip: IpAddr::V4(NODE),
         tunnel_port: 50103,
         tunnel_mtu: 1450,
         // 10.64.0.0/10 holds the bulk services: 10.30.0.0/16 is too small for 100k.
@@ -84,15 +92,32 @@ fn main() -> Result<()> {
             ..MapSizes::default()
         },
         miss_hold: 2,
+        container_bridge: String::new(),
     };
     let t = Instant::now();
     let dp = Dataplane::open(&cfg).context("opening the dataplane")?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    dp.set_node_addresses(&[
+        (IpAddr::V4(NODE), netns.ifindex("under0")),
+        (IpAddr::V6(NODE_V6), netns.ifindex("under0")),
+    ])?;
     let local = |ifindex, mac| Some(LocalPort { ifindex, mac });
     for (ns, inst, node, local) in [
-        ("10.18.0.2", "10.30.0.3", NODE, local(7, CLIENT_MAC)),
-        ("10.18.0.3", "10.30.0.4", NODE, local(8, BACKEND_MAC)),
-        ("10.18.0.130", "10.30.0.5", PEER_NODE, None),
+        (
+            "10.18.0.2",
+            "10.30.0.3",
+            IpAddr::V4(NODE),
+            local(7, CLIENT_MAC),
+        ),
+        (
+            "10.18.0.3",
+            "10.30.0.4",
+            IpAddr::V4(NODE),
+            local(8, BACKEND_MAC),
+        ),
+        ("10.18.0.130", "10.30.0.5", IpAddr::V4(PEER_NODE), None),
+        // On a node reached over an IPv6 underlay (our extension).
+        ("10.18.0.131", "10.30.0.6", IpAddr::V6(PEER_V6), None),
     ] {
         dp.upsert_instance(
             ip(ns),
@@ -115,6 +140,11 @@ fn main() -> Result<()> {
         &[ip("10.18.0.3"), ip("10.18.0.130")],
     )?;
     dp.upsert_service(ip("10.30.0.5"), ServiceKind::Instance, &[ip("10.18.0.130")])?;
+    dp.upsert_service(
+        ip("10.30.55.58"),
+        ServiceKind::RoundRobin,
+        &[ip("10.18.0.131")],
+    )?;
 
     let mut paths = Vec::new();
     eprintln!("prog_cost: empty tables");
@@ -279,6 +309,26 @@ fn measure_all(dp: &Dataplane, tables: &str, phase: u32, paths: &mut Vec<Value>)
     let unowned = tunnel(&Ip::new("10.30.0.5", "10.18.0.2", tcp(5555, 80)));
     let (ns, v) = single_runs(dp, UPLINK_PROGRAM, RUNS, |_| unowned.clone())?;
     record("ingress_unowned_flow", "single", ns, v);
+
+    // The same two over an IPv6 underlay: outer IPv6 with its UDP checksum.
+    let remote6 = from_container(&Ip::new("10.18.0.2", "10.30.55.58", tcp(40005, 80)));
+    run_once(dp, CONTAINER_PROGRAM, &remote6)?;
+    let (ns, v) = single_runs(dp, CONTAINER_PROGRAM, RUNS, |_| remote6.clone())?;
+    record("egress_remote_v6_underlay_cached_flow", "single", ns, v);
+    let owned6 = eth(
+        [0xaa; 6],
+        [0xbb; 6],
+        0x86dd,
+        &tunnel_datagram_v6(
+            PEER_V6,
+            NODE_V6,
+            40000,
+            50103,
+            &Ip::new("10.30.0.6", "10.18.0.2", tcp(80, 40005)).bytes(),
+        ),
+    );
+    let (ns, v) = single_runs(dp, UPLINK_PROGRAM, RUNS, |_| owned6.clone())?;
+    record("ingress_v6_underlay_owned_flow", "single", ns, v);
 
     // First packet to an unknown service: held in PENDING and reported
     // through the ring buffer (nobody resolves it here).

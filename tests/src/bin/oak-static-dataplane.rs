@@ -2,7 +2,7 @@
 //! line's file argument) until SIGTERM/SIGINT: the overlay without the
 //! cluster conversation, for namespace tests and benchmarks.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use netmanager::dataplane::{
@@ -14,7 +14,8 @@ use serde::Deserialize;
 struct Table {
     pin_dir: String,
     uplink: String,
-    node_ip: Ipv4Addr,
+    /// The address the node advertises (behind NAT: the router's).
+    node_ip: IpAddr,
     #[serde(default = "default_port")]
     tunnel_port: u16,
     service_ranges: Vec<(IpAddr, u8)>,
@@ -36,7 +37,9 @@ fn default_port() -> u16 {
 struct Instance {
     ns_ip: IpAddr,
     instance_ip: IpAddr,
-    node_ip: Ipv4Addr,
+    node_ip: IpAddr,
+    /// The tunnel port its node advertises; the table's by default.
+    node_port: Option<u16>,
     /// Host end of the container's veth when it runs on this node.
     veth: Option<String>,
     mac: Option<[u8; 6]>,
@@ -74,6 +77,7 @@ fn main() -> Result<()> {
         // The daemon's defaults, so benchmarks measure what a node runs.
         sizes: MapSizes::default(),
         miss_hold: netmanager_common::DEFAULT_MISS_HOLD,
+        container_bridge: "goProxyBridge".to_string(),
     };
     let dp = Dataplane::open(&cfg).context("opening the dataplane")?;
     for i in &table.instances {
@@ -90,7 +94,7 @@ fn main() -> Result<()> {
         let entry = InstanceEntry {
             instance_ip: Some(i.instance_ip),
             node_ip: i.node_ip,
-            node_port: table.tunnel_port,
+            node_port: i.node_port.unwrap_or(table.tunnel_port),
             local,
         };
         dp.upsert_instance(i.ns_ip, entry)?;

@@ -1,0 +1,169 @@
+//! Where a tunnel datagram leaves: the kernel's FIB, asked per packet with
+//! `bpf_fib_lookup`, names the interface, the next hop's MAC and -- for a
+//! node that does not own the address it advertises (behind NAT) -- the
+//! source address. So a peer reachable only through a second interface gets
+//! our traffic on that interface, and route changes take effect at once,
+//! with no table of ours to keep in step with the kernel's.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNSUPP_LWT, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
+    },
+    helpers::bpf_fib_lookup as fib_lookup,
+    programs::TcContext,
+};
+use netmanager_common::{Addr, CONFIG_FIB_SOURCE_V4, CONFIG_FIB_SOURCE_V6, Config, Instance};
+
+use crate::packet::IPPROTO_UDP;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Outcome of [`lookup`], as a scalar so it can cross a BPF-to-BPF call.
+/// Route known and the next hop's MAC too: `macs` are valid.
+pub const RESOLVED: u32 = 0;
+/// Route known, neighbour not (yet): let the kernel resolve it.
+pub const NO_NEIGH: u32 = 1;
+/// The FIB cannot answer for this packet (forwarding off on the ingress
+/// interface, a lightweight-tunnel route): send out of the uplink and let
+/// the kernel route it, as before the FIB lookup existed.
+pub const FALLBACK: u32 = 2;
+/// Larger than the route's MTU: `mtu` holds it.
+pub const FRAG_NEEDED: u32 = 3;
+/// Unreachable, blackhole, prohibited, local, or no source address.
+pub const NO_ROUTE: u32 = 4;
+
+#[derive(Default)]
+pub struct Route {
+    /// One of the outcomes above.
+    pub kind: u32,
+    pub ifindex: u32,
+    /// Outer source address.
+    pub src: Addr,
+    /// Destination and source MAC, as the Ethernet header starts.
+    pub macs: [u8; 12],
+    pub mtu: u16,
+}
+
+/// Asks the FIB for the way to `backend`'s node for a datagram of `tot_len`
+/// bytes (0: do not check the MTU, a GSO packet). Writes the answer to
+/// `out` and returns its kind.
+#[inline(never)]
+pub fn lookup(
+    ctx: &TcContext,
+    cfg: &Config,
+    backend: &Instance,
+    tot_len: u16,
+    out: &mut Route,
+) -> u32 {
+    let peer = &backend.node_ip;
+    // SAFETY: a plain C struct of integers and unions of integers.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.l4_protocol = IPPROTO_UDP;
+    params.sport = cfg.tunnel_port.to_be();
+    params.dport = backend.node_port.to_be();
+    params.__bindgen_anon_1.tot_len = tot_len;
+    // The interface the packet came in on: the lookup is the one the kernel
+    // would make forwarding it, policy rules included.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let from_fib = match peer.v4_octets() {
+        Some(dst) => {
+            params.family = AF_INET;
+            params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+            out.src = Addr::from_v4_octets(cfg.src_v4);
+            cfg.flags & CONFIG_FIB_SOURCE_V4 != 0
+        }
+        None => {
+            params.family = AF_INET6;
+            params.__bindgen_anon_4.ipv6_dst = words(&peer.bytes);
+            out.src = cfg.src_v6;
+            cfg.flags & CONFIG_FIB_SOURCE_V6 != 0
+        }
+    };
+    if !from_fib {
+        // The source is fixed (the advertised address, which this node
+        // owns); it takes part in the lookup like a bound socket's would.
+        set_source(&mut params, &out.src);
+    }
+    let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
+    let ctx_ptr = ctx.skb.skb as *mut core::ffi::c_void;
+    let mut rc = if from_fib {
+        // SAFETY: params is a valid bpf_fib_lookup of `size` bytes.
+        unsafe { fib_lookup(ctx_ptr, &mut params, size, BPF_FIB_LOOKUP_SRC) }
+    } else {
+        -1
+    };
+    let mut fib_source = from_fib && rc >= 0;
+    if rc < 0 {
+        // Without the source flag (before Linux 6.7 it is refused, and
+        // nothing else is touched then): `out.src`, the configured
+        // fallback, stays.
+        // SAFETY: as above.
+        rc = unsafe { fib_lookup(ctx_ptr, &mut params, size, 0) };
+        fib_source = false;
+    }
+    let kind = match rc as u32 {
+        _ if rc < 0 => FALLBACK,
+        BPF_FIB_LKUP_RET_SUCCESS => RESOLVED,
+        BPF_FIB_LKUP_RET_NO_NEIGH => NO_NEIGH,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: the kernel wrote the MTU into the union.
+            out.mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+            FRAG_NEEDED
+        }
+        BPF_FIB_LKUP_RET_FWD_DISABLED | BPF_FIB_LKUP_RET_UNSUPP_LWT => FALLBACK,
+        _ => NO_ROUTE,
+    };
+    out.ifindex = params.ifindex;
+    out.macs[..6].copy_from_slice(&params.dmac);
+    out.macs[6..].copy_from_slice(&params.smac);
+    let routed = kind == RESOLVED || kind == NO_NEIGH;
+    if fib_source && routed {
+        out.src = source(&params, peer.is_v4());
+    }
+    if (routed || kind == FALLBACK) && (out.src.is_zero() || out.src == Addr::from_v4_octets([0; 4]))
+    {
+        // Nothing to send from (an IPv6-only node and an IPv4 peer, say).
+        out.kind = NO_ROUTE;
+        return NO_ROUTE;
+    }
+    out.kind = kind;
+    kind
+}
+
+#[inline(always)]
+fn words(b: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+#[inline(always)]
+fn set_source(params: &mut bpf_fib_lookup, src: &Addr) {
+    match src.v4_octets() {
+        Some(o) => params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(o),
+        None => params.__bindgen_anon_3.ipv6_src = words(&src.bytes),
+    }
+}
+
+#[inline(always)]
+fn source(params: &bpf_fib_lookup, v4: bool) -> Addr {
+    // SAFETY: the union member of the family asked for.
+    unsafe {
+        if v4 {
+            Addr::from_v4_octets(params.__bindgen_anon_3.ipv4_src.to_ne_bytes())
+        } else {
+            let w = params.__bindgen_anon_3.ipv6_src;
+            let mut a = Addr::ZERO;
+            a.bytes[..4].copy_from_slice(&w[0].to_ne_bytes());
+            a.bytes[4..8].copy_from_slice(&w[1].to_ne_bytes());
+            a.bytes[8..12].copy_from_slice(&w[2].to_ne_bytes());
+            a.bytes[12..].copy_from_slice(&w[3].to_ne_bytes());
+            a
+        }
+    }
+}
