@@ -213,3 +213,523 @@ fn first_tunnel_payload(pcap: &std::path::Path) -> Result<Vec<u8>> {
     );
     Ok(frame[udp + 8..].to_vec())
 }
+
+// ---------------------------------------------------------------------------
+// The field: nodes behind NAT, datagrams the receive program cannot take,
+// second interfaces, an IPv6 underlay (docs/dataplane.md).
+
+#[path = "../../netmanager/tests/packet_support/mod.rs"]
+#[allow(dead_code)]
+mod packet_support;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use xtask::sandbox::procs::wait_for;
+
+/// The two sites of these tests: container `c1` (10.18.0.2, fc00::2;
+/// instance 10.30.0.3, fdff::3) on node 1 and `c2` (10.18.0.66, fc00::42;
+/// instance 10.30.0.5, fdff::5) on node 2. Services 10.30.55.56 and
+/// fdff:2000::55:56 lead to c2, 10.30.55.57 and fdff:2000::55:57 to c1.
+const SITES: [(&str, &str, &str, &str); 2] = [
+    ("10.18.0.2", "fc00::2", "10.30.0.3", "fdff::3"),
+    ("10.18.0.66", "fc00::42", "10.30.0.5", "fdff::5"),
+];
+
+/// The static table of node `me` (1 or 2): its container local, the other
+/// site's at `peer_ip`, every service.
+fn site_table(
+    lab: &mut Lab,
+    me: usize,
+    uplink: &str,
+    node_ip: &str,
+    local: &oakestra_worker_tests::Container,
+    peer_ip: &str,
+) -> Result<String> {
+    let pin = lab.pin_dir(&format!("s{me}"));
+    let (mine, theirs) = (SITES[me - 1], SITES[2 - me]);
+    let instances = serde_json::json!([
+        {"ns_ip": mine.0, "instance_ip": mine.2, "node_ip": node_ip, "veth": local.veth, "mac": local.mac},
+        {"ns_ip": mine.1, "instance_ip": mine.3, "node_ip": node_ip, "veth": local.veth, "mac": local.mac},
+        {"ns_ip": theirs.0, "instance_ip": theirs.2, "node_ip": peer_ip},
+        {"ns_ip": theirs.1, "instance_ip": theirs.3, "node_ip": peer_ip},
+    ]);
+    let [s1, s2] = SITES;
+    let t = serde_json::json!({
+        "pin_dir": pin,
+        "uplink": uplink,
+        "node_ip": node_ip,
+        "service_ranges": [["10.30.0.0", 16], ["fdff::", 16]],
+        "instances": instances,
+        "services": [
+            {"ip": "10.30.55.56", "kind": "RR", "backends": [s2.0]},
+            {"ip": "fdff:2000::55:56", "kind": "RR", "backends": [s2.1]},
+            {"ip": "10.30.55.57", "kind": "RR", "backends": [s1.0]},
+            {"ip": "fdff:2000::55:57", "kind": "RR", "backends": [s1.1]},
+            {"ip": s1.2, "kind": "instance_ip", "backends": [s1.0]},
+            {"ip": s1.3, "kind": "instance_ip", "backends": [s1.1]},
+            {"ip": s2.2, "kind": "instance_ip", "backends": [s2.0]},
+            {"ip": s2.3, "kind": "instance_ip", "backends": [s2.1]},
+        ],
+    });
+    lab.file(&format!("s{me}.json"), &t.to_string())
+}
+
+/// Containers c1 on `n1` and c2 on `n2`, as [`SITES`] says.
+fn site_containers(
+    lab: &mut Lab,
+    n1: &str,
+    n2: &str,
+) -> Result<(
+    oakestra_worker_tests::Container,
+    oakestra_worker_tests::Container,
+)> {
+    let c1 = lab.container(
+        n1,
+        "c1",
+        ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
+    )?;
+    let c2 = lab.container(
+        n2,
+        "c2",
+        ["10.18.0.66/26", "fc00::42/120", "10.18.0.65", "fc00::41"],
+    )?;
+    Ok((c1, c2))
+}
+
+/// Service traffic both ways between the sites, v4 and v6: ping (replies
+/// from the service address), a hashed TCP stream, UDP through a connected
+/// socket.
+fn traffic_both_ways(
+    lab: &mut Lab,
+    c1: &oakestra_worker_tests::Container,
+    c2: &oakestra_worker_tests::Container,
+) -> Result<()> {
+    let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
+    let echo = "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
+                s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\ns.bind(('::',9999))\n\
+                while True:\n d,a=s.recvfrom(65535)\n s.sendto(d[::-1],a)";
+    for c in [c1, c2] {
+        lab.spawn(
+            &c.ns,
+            "python3",
+            &[&format!("{scripts}/stream_server.py"), "::", "8080"],
+            true,
+        )?;
+        lab.spawn(&c.ns, "python3", &["-c", echo], false)?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for (from, v4, v6) in [
+        (c1, "10.30.55.56", "fdff:2000::55:56"),
+        (c2, "10.30.55.57", "fdff:2000::55:57"),
+    ] {
+        let ping = ns_sh(&from.ns, &format!("busybox ping -c 3 -W 2 {v4}"))?;
+        assert!(ping.contains("3 packets received"), "{v4}: {ping}");
+        assert!(ping.contains(&format!("bytes from {v4}")), "{ping}");
+        let ping6 = ns_sh(&from.ns, &format!("busybox ping -6 -c 3 -W 2 {v6}"))?;
+        assert!(ping6.contains("3 packets received"), "{v6}: {ping6}");
+        for target in [v4, v6] {
+            let out = ns_sh(
+                &from.ns,
+                &format!("python3 {scripts}/stream_client.py {target} 8080 5000000"),
+            )?;
+            assert!(out.starts_with("ok"), "TCP stream to {target}: {out}");
+            let udp = ns_sh(
+                &from.ns,
+                &format!(
+                    "python3 -c \"import socket\nf=socket.AF_INET6 if ':' in '{target}' else socket.AF_INET\n\
+                     s=socket.socket(f,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.connect(('{target}',9999))\n\
+                     for i in range(3):\n  s.send(b'datagram-%d' % i)\n  print(s.recv(100).decode())\""
+                ),
+            )?;
+            assert_eq!(
+                udp.lines().collect::<Vec<_>>(),
+                (0..3).map(|i| format!("{i}-margatad")).collect::<Vec<_>>(),
+                "UDP to {target}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One tunnel datagram of a capture.
+struct Captured {
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    /// The whole UDP datagram.
+    udp: Vec<u8>,
+}
+
+/// The UDP datagrams to or from port 50103 in a pcap file (Ethernet link
+/// type, outer IPv4 without options or IPv6 without extension headers).
+fn tunnel_datagrams(pcap: &std::path::Path) -> Result<Vec<Captured>> {
+    let raw = std::fs::read(pcap)?;
+    anyhow::ensure!(raw.len() >= 24, "not a capture");
+    let mut at = 24;
+    let mut out = Vec::new();
+    while at + 16 <= raw.len() {
+        let incl = u32::from_le_bytes(raw[at + 8..at + 12].try_into()?) as usize;
+        let frame = &raw[at + 16..(at + 16 + incl).min(raw.len())];
+        at += 16 + incl;
+        if frame.len() < 14 + 40 + 8 {
+            continue;
+        }
+        let (src, dst, udp) = match [frame[12], frame[13]] {
+            [0x08, 0x00] if frame[14] == 0x45 && frame[23] == 17 => {
+                let s: [u8; 4] = frame[26..30].try_into()?;
+                let d: [u8; 4] = frame[30..34].try_into()?;
+                (IpAddr::from(s), IpAddr::from(d), &frame[34..])
+            }
+            [0x86, 0xdd] if frame[20] == 17 => {
+                let s: [u8; 16] = frame[22..38].try_into()?;
+                let d: [u8; 16] = frame[38..54].try_into()?;
+                (IpAddr::from(s), IpAddr::from(d), &frame[54..])
+            }
+            _ => continue,
+        };
+        let sport = u16::from_be_bytes([udp[0], udp[1]]);
+        let dport = u16::from_be_bytes([udp[2], udp[3]]);
+        if sport != 50103 && dport != 50103 {
+            continue;
+        }
+        out.push(Captured {
+            src,
+            dst,
+            sport,
+            dport,
+            udp: udp.to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+/// Starts tcpdump on `ifname` in `ns` for tunnel traffic; the capture file
+/// is removed with the lab.
+fn capture(lab: &mut Lab, ns: &str, ifname: &str, tag: &str) -> Result<std::path::PathBuf> {
+    let path = lab.file(&format!("{tag}.pcap"), "")?;
+    lab.spawn(
+        ns,
+        "tcpdump",
+        &["-i", ifname, "-U", "-w", &path, "udp", "port", "50103"],
+        false,
+    )?;
+    std::thread::sleep(Duration::from_millis(800));
+    Ok(path.into())
+}
+
+#[test]
+fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: namespaces and eBPF need root");
+        return Ok(());
+    }
+    // n1 --- underlay 198.51.100.0/25 --- (wan .3) NAT (lan .129) --- n2 (.130)
+    let mut lab = Lab::new("nat");
+    let under = lab.underlay()?;
+    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    lab.uplink(&n1, "eth0", &under, "198.51.100.1/25")?;
+    let nat = lab.ns("nat")?;
+    lab.uplink(&nat, "wan", &under, "198.51.100.3/25")?;
+    let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
+    lab.link(&n2, "eth0", &nat, "lan")?;
+    ns_sh(
+        &n2,
+        "ip addr add 198.51.100.130/25 dev eth0 && ip route add default via 198.51.100.129",
+    )?;
+    // The router: masquerade outbound, forward the tunnel port to n2.
+    let rules = lab.file(
+        "nat.nft",
+        "table ip oaknat {\n\
+         \tchain pre { type nat hook prerouting priority dstnat; iifname \"wan\" udp dport 50103 dnat to 198.51.100.130; }\n\
+         \tchain post { type nat hook postrouting priority srcnat; oifname \"wan\" masquerade; }\n\
+         }\n",
+    )?;
+    ns_sh(
+        &nat,
+        &format!(
+            "ip addr add 198.51.100.129/25 dev lan && sysctl -qw net.ipv4.ip_forward=1 && nft -f {rules}"
+        ),
+    )?;
+    let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
+    // Each node knows the other by its advertised address: n2 advertises
+    // the router's, which it does not own.
+    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.3")?;
+    let t2 = site_table(&mut lab, 2, "eth0", "198.51.100.3", &c2, "198.51.100.1")?;
+    let runner = binary("oak-static-dataplane");
+    let runner = runner.to_string_lossy();
+    lab.spawn(&n1, &runner, &[&t1], true)?;
+    lab.spawn(&n2, &runner, &[&t2], true)?;
+    let pcap = capture(&mut lab, &nat, "wan", "nat-wan")?;
+
+    traffic_both_ways(&mut lab, &c1, &c2)?;
+
+    // On the public side n2 is only ever the router's address; n2 sent from
+    // the address its route gave (masqueraded), never from one it lacks.
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = tunnel_datagrams(&pcap)?;
+    let n1_ip: IpAddr = "198.51.100.1".parse()?;
+    let public: IpAddr = "198.51.100.3".parse()?;
+    assert!(seen.iter().any(|d| d.src == n1_ip && d.dst == public));
+    assert!(seen.iter().any(|d| d.src == public && d.dst == n1_ip));
+    for d in &seen {
+        assert!(
+            [d.src, d.dst].contains(&public) && [d.src, d.dst].contains(&n1_ip),
+            "only n1 and the router's address on the public side: {} -> {}",
+            d.src,
+            d.dst
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: namespaces and eBPF need root");
+        return Ok(());
+    }
+    // n2 plays an upstream worker: a plain UDP socket sends tunnel
+    // datagrams, through a 1280-byte MTU, so its kernel fragments them.
+    let mut lab = Lab::new("frag");
+    let under = lab.underlay()?;
+    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    lab.uplink(&n1, "eth0", &under, "198.51.100.1/24 2001:db8::1/64")?;
+    let n2 = lab.ns("n2")?;
+    lab.uplink(&n2, "eth0", &under, "198.51.100.2/24 2001:db8::2/64")?;
+    ns_sh(&n2, "ip link set eth0 mtu 1280")?;
+    let c1 = lab.container(
+        &n1,
+        "c1",
+        ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
+    )?;
+    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.2")?;
+    let runner = binary("oak-static-dataplane");
+    lab.spawn(&n1, &runner.to_string_lossy(), &[&t1], true)?;
+    let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
+    let received = lab.file("frag-received", "")?;
+    lab.spawn(
+        &c1.ns,
+        "python3",
+        &[&format!("{scripts}/udp_sink.py"), "9999", "3", &received],
+        true,
+    )?;
+    // Everything from n2: later fragments carry no UDP header to filter on.
+    let pcap_path = lab.file("frag.pcap", "")?;
+    lab.spawn(
+        &under,
+        "tcpdump",
+        &[
+            "-i",
+            "u-n2",
+            "-U",
+            "-w",
+            &pcap_path,
+            "src",
+            "host",
+            "198.51.100.2",
+            "or",
+            "src",
+            "host",
+            "2001:db8::2",
+        ],
+        false,
+    )?;
+    std::thread::sleep(Duration::from_millis(800));
+
+    // From n2's instance address to c1: fragmented over IPv4 and over IPv6
+    // (to n1's IPv6 address: the slow-path socket listens on every
+    // address), and one small datagram whose outer header carries options.
+    let mut expected = Vec::new();
+    for (to, size, flags) in [
+        ("198.51.100.1", 1400, ""),
+        ("2001:db8::1", 1400, ""),
+        ("198.51.100.1", 200, "--options"),
+    ] {
+        let sha = ns_sh(
+            &n2,
+            &format!(
+                "python3 {scripts}/tunnel_send.py {to} 50103 10.30.0.5 10.18.0.2 9999 {size} {flags}"
+            ),
+        )?;
+        expected.push(format!("{size} {}", sha.trim()));
+    }
+    wait_for("the datagrams in c1", Duration::from_secs(10), || {
+        std::fs::read_to_string(&received)
+            .map(|s| s.lines().count() >= 3)
+            .unwrap_or(false)
+    })?;
+    let got = std::fs::read_to_string(&received)?;
+    let mut got: Vec<&str> = got.lines().collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+
+    // They did travel as IPv4 and IPv6 fragments, and with IPv4 options.
+    std::thread::sleep(Duration::from_millis(300));
+    let wire = sh(&format!("tcpdump -nn -v -r {pcap_path} 2>/dev/null"))?;
+    assert!(wire.contains("flags [+]"), "IPv4 fragments: {wire}");
+    assert!(
+        wire.contains("next-header Fragment (44)"),
+        "IPv6 fragments: {wire}"
+    );
+    assert!(
+        wire.contains("options (NOP,NOP,NOP,EOL)"),
+        "IPv4 options: {wire}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: namespaces and eBPF need root");
+        return Ok(());
+    }
+    // n1: eth0 on underlay A (its uplink, .1/25), eth1 on underlay B
+    // (.129/25). n2 only on B (.130/25), reaching n1's advertised .1 via .129.
+    let mut lab = Lab::new("twoif");
+    let a = lab.underlay()?;
+    let b = lab.ns("underb")?;
+    ns_sh(&b, "ip link add br0 type bridge && ip link set br0 up")?;
+    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    lab.uplink(&n1, "eth0", &a, "198.51.100.1/25")?;
+    lab.uplink(&n1, "eth1", &b, "198.51.100.129/25")?;
+    let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
+    lab.uplink(&n2, "eth0", &b, "198.51.100.130/25")?;
+    ns_sh(&n2, "ip route add 198.51.100.0/25 via 198.51.100.129")?;
+    let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
+    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.130")?;
+    let t2 = site_table(&mut lab, 2, "eth0", "198.51.100.130", &c2, "198.51.100.1")?;
+    let runner = binary("oak-static-dataplane");
+    let runner = runner.to_string_lossy();
+    lab.spawn(&n1, &runner, &[&t1], true)?;
+    lab.spawn(&n2, &runner, &[&t2], true)?;
+    let pcap = capture(&mut lab, &b, "u-n1-eth1", "twoif")?;
+
+    traffic_both_ways(&mut lab, &c1, &c2)?;
+
+    // The receive program went onto eth1 by itself (it carries a node
+    // address), next to the uplink's.
+    let links = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-s1/links", lab.prefix));
+    for ifname in ["eth0", "eth1"] {
+        let pin = links.join(format!("uplink_ingress@{ifname}"));
+        assert!(pin.exists(), "{} pinned", pin.display());
+    }
+    // n1's datagrams to n2 left through eth1, from its advertised address.
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = tunnel_datagrams(&pcap)?;
+    let (n1_ip, n2_ip): (IpAddr, IpAddr) = ("198.51.100.1".parse()?, "198.51.100.130".parse()?);
+    assert!(
+        seen.iter().any(|d| d.src == n1_ip && d.dst == n2_ip),
+        "n1 -> n2 on eth1"
+    );
+    assert!(
+        seen.iter().any(|d| d.src == n2_ip && d.dst == n1_ip),
+        "n2 -> n1 on eth1"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic() -> Result<()> {
+    if !is_root() {
+        eprintln!("skipped: namespaces and eBPF need root");
+        return Ok(());
+    }
+    let mut lab = Lab::new("v6u");
+    let under = lab.underlay()?;
+    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    lab.uplink(&n1, "eth0", &under, "2001:db8::1/64")?;
+    let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
+    lab.uplink(&n2, "eth0", &under, "2001:db8::2/64")?;
+    let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
+    let t1 = site_table(&mut lab, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2")?;
+    let t2 = site_table(&mut lab, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1")?;
+    let runner = binary("oak-static-dataplane");
+    let runner = runner.to_string_lossy();
+    lab.spawn(&n1, &runner, &[&t1], true)?;
+    lab.spawn(&n2, &runner, &[&t2], true)?;
+    let pcap = capture(&mut lab, &under, "u-n1", "v6u")?;
+
+    traffic_both_ways(&mut lab, &c1, &c2)?;
+
+    // Every tunnel datagram is IPv6 with a correct, non-zero UDP checksum:
+    // verified over the packet as it leaves a real NIC, i.e. with the inner
+    // checksum completed (veths pass the kernel's partial one along).
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = tunnel_datagrams(&pcap)?;
+    assert!(seen.len() > 100, "{} datagrams captured", seen.len());
+    let mut inner_v4 = 0;
+    for d in &seen {
+        assert!(d.src.is_ipv6() && d.dst.is_ipv6(), "{} -> {}", d.src, d.dst);
+        assert_eq!((d.sport, d.dport), (50103, 50103));
+        assert_ne!(&d.udp[6..8], &[0, 0], "zero UDP checksum over IPv6");
+        let mut udp = d.udp.clone();
+        complete_inner_checksum(&mut udp[8..]);
+        let mut sum = pseudo_v6(d.src, d.dst, udp.len());
+        sum.extend_from_slice(&udp);
+        assert_eq!(
+            packet_support::checksum(&sum),
+            0,
+            "UDP checksum of {} bytes",
+            udp.len()
+        );
+        if udp[8] >> 4 == 4 {
+            inner_v4 += 1;
+        }
+    }
+    assert!(inner_v4 > 0, "IPv4 service traffic rode the IPv6 underlay");
+    Ok(())
+}
+
+fn pseudo_v6(src: IpAddr, dst: IpAddr, len: usize) -> Vec<u8> {
+    let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) else {
+        panic!("IPv6 addresses");
+    };
+    let mut p = Vec::new();
+    p.extend_from_slice(&s.octets());
+    p.extend_from_slice(&d.octets());
+    p.extend_from_slice(&(len as u32).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 17]);
+    p
+}
+
+/// Recomputes the L4 checksum of an IP packet from scratch, as a NIC
+/// completes a partial one.
+fn complete_inner_checksum(ip: &mut [u8]) {
+    let v6 = ip[0] >> 4 == 6;
+    let (proto, l4_at, mut pseudo) = if v6 {
+        let len = ip.len() - 40;
+        let mut p = ip[8..40].to_vec();
+        p.extend_from_slice(&(len as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, ip[6]]);
+        (ip[6], 40, p)
+    } else {
+        let ihl = ((ip[0] & 0xf) * 4) as usize;
+        let len = ip.len() - ihl;
+        let mut p = ip[12..20].to_vec();
+        p.extend_from_slice(&[0, ip[9]]);
+        p.extend_from_slice(&(len as u16).to_be_bytes());
+        (ip[9], ihl, p)
+    };
+    let at = match proto {
+        6 => 16,
+        17 => 6,
+        58 => 2,
+        _ => return,
+    };
+    let l4 = &mut ip[l4_at..];
+    if proto == 17 && !v6 && l4[at..at + 2] == [0, 0] {
+        return;
+    }
+    l4[at] = 0;
+    l4[at + 1] = 0;
+    pseudo.extend_from_slice(l4);
+    let mut c = packet_support::checksum(&pseudo);
+    if proto == 17 && c == 0 {
+        c = 0xffff;
+    }
+    l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}

@@ -74,25 +74,66 @@ impl Lab {
         gw4: &str,
         gw6: &str,
     ) -> Result<String> {
+        let n = self.bare_node(name, gw4, gw6)?;
+        self.uplink(&n, "eth0", underlay, &format!("198.51.100.{host}/24"))?;
+        Ok(n)
+    }
+
+    /// A node namespace without any uplink: forwarding on, and the
+    /// container bridge with `gw4`/`gw6`. [`Lab::uplink`] and [`Lab::link`]
+    /// wire it.
+    pub fn bare_node(&mut self, name: &str, gw4: &str, gw6: &str) -> Result<String> {
         let n = self.ns(name)?;
-        let peer = format!("u-{name}");
-        sh(&format!(
-            "ip link add eth0 netns {n} type veth peer name {peer} netns {underlay}"
-        ))?;
-        ns_sh(
-            underlay,
-            &format!("ip link set {peer} master br0 && ip link set {peer} up"),
-        )?;
         ns_sh(
             &n,
             &format!(
-                "ip addr add 198.51.100.{host}/24 dev eth0 && ip link set eth0 up && \
-                 sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && \
+                "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && \
                  ip link add goProxyBridge type bridge && ip link set goProxyBridge up && \
                  ip addr add {gw4} dev goProxyBridge && ip -6 addr add {gw6} dev goProxyBridge nodad"
             ),
         )?;
         Ok(n)
+    }
+
+    /// Interface `ifname` of `node` into the underlay's bridge, carrying
+    /// `address` (with prefix, IPv4 or IPv6; several separated by spaces).
+    /// Its far end in the underlay is `u-<node>` for `eth0`, else
+    /// `u-<node>-<ifname>` (`<node>` without the lab prefix).
+    pub fn uplink(
+        &mut self,
+        node: &str,
+        ifname: &str,
+        underlay: &str,
+        address: &str,
+    ) -> Result<()> {
+        let short = node.rsplit('-').next().unwrap_or(node);
+        let peer = if ifname == "eth0" {
+            format!("u-{short}")
+        } else {
+            format!("u-{short}-{ifname}")
+        };
+        self.link(node, ifname, underlay, &peer)?;
+        ns_sh(underlay, &format!("ip link set {peer} master br0"))?;
+        for a in address.split_whitespace() {
+            let family = if a.contains(':') { "-6" } else { "-4" };
+            let nodad = if a.contains(':') { " nodad" } else { "" };
+            ns_sh(
+                node,
+                &format!("ip {family} addr add {a} dev {ifname}{nodad}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A veth pair between two namespaces, both ends up: `a_if` in `a`,
+    /// `b_if` in `b`.
+    pub fn link(&mut self, a: &str, a_if: &str, b: &str, b_if: &str) -> Result<()> {
+        sh(&format!(
+            "ip link add {a_if} netns {a} type veth peer name {b_if} netns {b}"
+        ))?;
+        ns_sh(a, &format!("ip link set {a_if} up"))?;
+        ns_sh(b, &format!("ip link set {b_if} up"))?;
+        Ok(())
     }
 
     /// A container behind `node`'s bridge with addresses `ip4`/`ip6` (with
