@@ -198,9 +198,7 @@ impl Dataplane {
             .map_err(|e| DataplaneError::bpf(format!("creating {}", cfg.pin_dir.display()), e))?;
         let mut ebpf = load(cfg)?;
         for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM, SLOW_PATH_PROGRAM] {
-            program_mut(&mut ebpf, name)?
-                .load()
-                .map_err(|e| DataplaneError::bpf(format!("loading program {name}"), e))?;
+            load_program(&mut ebpf, name)?;
         }
         let mut tables = Tables::take(&mut ebpf)?;
         let underlay = UnderlayState::new(cfg.node_ip, tables::ifindex(&cfg.uplink)?);
@@ -470,6 +468,27 @@ fn load(cfg: &DataplaneConfig) -> Result<Ebpf> {
             e,
         )
     })
+}
+
+/// Verifies and loads a program. The verifier gives up with EAGAIN when a
+/// signal reaches the loading thread (a child process exiting under a
+/// runtime that handles SIGCHLD, say), so that answer is retried, as
+/// libbpf does.
+fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match program_mut(ebpf, name)?.load() {
+            Ok(()) => return Ok(()),
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                tracing::debug!(program = name, attempt, "verification interrupted; again");
+                attempt += 1;
+            }
+            Err(e) => return Err(DataplaneError::bpf(format!("loading program {name}"), e)),
+        }
+    }
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {

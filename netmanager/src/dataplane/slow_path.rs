@@ -461,7 +461,8 @@ mod tests {
     fn non_ip_payloads_and_mixed_families_are_refused() {
         let peer: SocketAddr = "198.51.100.2:1".parse().unwrap();
         let local: IpAddr = "198.51.100.1".parse().unwrap();
-        assert!(frame(MAC, peer, local, 50103, b"hello").is_none());
+        // Version nibble 1: no IP packet.
+        assert!(frame(MAC, peer, local, 50103, &[0x10, 0, 0, 0]).is_none());
         assert!(frame(MAC, peer, local, 50103, &[]).is_none());
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         assert!(frame(MAC, peer, v6, 50103, &inner()).is_none());
