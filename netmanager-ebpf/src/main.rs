@@ -60,7 +60,7 @@ pub fn uplink_ingress(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let len = ctx.len();
-    let verdict = match from_tunnel(&ctx, cfg, &outer) {
+    let verdict = match from_tunnel(&ctx, cfg, outer) {
         Ok(v) => v,
         Err(c) => Verdict::Drop(c),
     };
@@ -74,7 +74,7 @@ pub fn slow_path_ingress(ctx: TcContext) -> i32 {
     };
     let len = ctx.len();
     let verdict = match tunnel::tunnel_datagram(&ctx, cfg) {
-        Some(outer) => match from_tunnel(&ctx, cfg, &outer) {
+        Some(outer) => match from_tunnel(&ctx, cfg, outer) {
             // Never back to the stack: it would hand the datagram to the
             // slow-path socket again.
             Ok(Verdict::Pass(_)) => Verdict::Drop(Counter::DropMalformed),
@@ -233,9 +233,10 @@ pub(crate) fn send_too_big(ctx: &TcContext, p: &Packet, mtu: u16) -> Verdict {
 }
 
 /// The receiver side of contract 2.5 (steps 5-6), for the fast and the slow
-/// path alike: every check on `outer` (the sending node) belongs here.
+/// path alike: every check on the sending node belongs here, before the
+/// outer headers go.
 #[inline(never)]
-fn from_tunnel(ctx: &TcContext, cfg: &Config, outer: &tunnel::Outer) -> Result<Verdict, Counter> {
+fn from_tunnel(ctx: &TcContext, cfg: &Config, outer: tunnel::Outer) -> Result<Verdict, Counter> {
     let inner = outer.inner;
     tunnel::decapsulate(ctx, outer).map_err(|_| Counter::DropMalformed)?;
     let mut p = Packet::default();

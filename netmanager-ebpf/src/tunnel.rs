@@ -396,16 +396,13 @@ fn ipv4_header_checksum(h: &[u8; 20]) -> u16 {
 }
 
 /// A received tunnel datagram's outer headers, as far as the receive path
-/// needs them.
+/// needs them. (Small enough to cross a BPF-to-BPF call in a register.)
 #[derive(Clone, Copy)]
 pub struct Outer {
     /// Ethertype of the inner packet.
     pub inner: u16,
     /// Whether the outer header is IPv6.
     pub v6: bool,
-    /// The sending node's address. Peers are recognised by it, never by
-    /// the source port: upstream senders use ephemeral ones.
-    pub src: Addr,
 }
 
 impl Outer {
@@ -418,8 +415,10 @@ impl Outer {
 /// Whether the Ethernet frame is a datagram to one of this node's addresses
 /// and its tunnel port, and if so its outer headers. Outer IPv4 options,
 /// fragments and IPv6 extension headers are left to the kernel, which hands
-/// the (reassembled) datagram to the slow-path socket.
-#[inline(always)]
+/// the (reassembled) datagram to the slow-path socket. Not inlined: the
+/// outer header it reads stays off the receive path's deepest call chain
+/// (older verifiers allow 512 bytes of stack along it).
+#[inline(never)]
 pub fn tunnel_datagram(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
     let ethertype: u16 = ctx.load(12).ok()?;
     match u16::from_be(ethertype) {
@@ -448,7 +447,6 @@ fn outer_v4(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
     Some(Outer {
         inner: inner_ethertype(ctx, OUTER_V4_LEN)?,
         v6: false,
-        src: Addr::from_v4_octets([h[12], h[13], h[14], h[15]]),
     })
 }
 
@@ -466,12 +464,9 @@ fn outer_v6(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
     if (dst != cfg.src_v6 || dst.is_zero()) && !node_address(&dst) {
         return None;
     }
-    let mut src = Addr::ZERO;
-    src.bytes.copy_from_slice(&h[8..24]);
     Some(Outer {
         inner: inner_ethertype(ctx, OUTER_V6_LEN)?,
         v6: true,
-        src,
     })
 }
 
@@ -506,7 +501,7 @@ const FAMILY_SWITCH: i32 = 20;
 /// afterwards, and `skb->protocol` names its family (the stack picks ip_rcv
 /// or ipv6_rcv by it after the redirect).
 #[inline(never)]
-pub fn decapsulate(ctx: &TcContext, outer: &Outer) -> Result<(), ()> {
+pub fn decapsulate(ctx: &TcContext, outer: Outer) -> Result<(), ()> {
     let len = outer.len() as i32;
     let inner_v6 = outer.inner == ETH_P_IPV6;
     if inner_v6 == outer.v6 {

@@ -141,6 +141,7 @@ const REQUIREMENTS: &[Requirement] = &[
         "bpf_skb_adjust_room",
         "4.13",
     ),
+    helper(bpf_func_id::BPF_FUNC_fib_lookup, "bpf_fib_lookup", "4.18"),
     helper(
         bpf_func_id::BPF_FUNC_ringbuf_reserve,
         "bpf_ringbuf_reserve",
