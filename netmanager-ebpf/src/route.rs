@@ -15,6 +15,7 @@ use aya_ebpf::{
 };
 use netmanager_common::{Addr, CONFIG_FIB_SOURCE_V4, CONFIG_FIB_SOURCE_V6, Config, Instance};
 
+use crate::maps::SCRATCH;
 use crate::packet::IPPROTO_UDP;
 
 const AF_INET: u8 = 2;
@@ -34,7 +35,6 @@ pub const FRAG_NEEDED: u32 = 3;
 /// Unreachable, blackhole, prohibited, local, or no source address.
 pub const NO_ROUTE: u32 = 4;
 
-#[derive(Default)]
 pub struct Route {
     /// One of the outcomes above.
     pub kind: u32,
@@ -44,6 +44,16 @@ pub struct Route {
     /// Destination and source MAC, as the Ethernet header starts.
     pub macs: [u8; 12],
     pub mtu: u16,
+}
+
+impl Route {
+    pub const EMPTY: Route = Route {
+        kind: NO_ROUTE,
+        ifindex: 0,
+        src: Addr::ZERO,
+        macs: [0; 12],
+        mtu: 0,
+    };
 }
 
 /// Asks the FIB for the way to `backend`'s node for a datagram of `tot_len`
@@ -58,19 +68,28 @@ pub fn lookup(
     out: &mut Route,
 ) -> u32 {
     let peer = &backend.node_ip;
-    // SAFETY: a plain C struct of integers and unions of integers.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // The per-CPU scratch buffer holds the parameters: no 64-byte zeroing
+    // per packet (the compiler's memset is a byte loop on BPF). Every field
+    // the kernel reads is written below.
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+        out.kind = FALLBACK;
+        return FALLBACK;
+    };
+    // SAFETY: per-CPU slot, used by this program invocation only; 256
+    // bytes, 8-byte aligned, room for the 64-byte bpf_fib_lookup.
+    let params = unsafe { &mut *(buf as *mut bpf_fib_lookup) };
     params.l4_protocol = IPPROTO_UDP;
     params.sport = cfg.tunnel_port.to_be();
     params.dport = backend.node_port.to_be();
     params.__bindgen_anon_1.tot_len = tot_len;
+    params.__bindgen_anon_2.flowinfo = 0;
     // The interface the packet came in on: the lookup is the one the kernel
     // would make forwarding it, policy rules included.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let from_fib = match peer.v4_octets() {
         Some(dst) => {
             params.family = AF_INET;
-            params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+            params.__bindgen_anon_4.ipv6_dst = [u32::from_ne_bytes(dst), 0, 0, 0];
             out.src = Addr::from_v4_octets(cfg.src_v4);
             cfg.flags & CONFIG_FIB_SOURCE_V4 != 0
         }
@@ -81,16 +100,18 @@ pub fn lookup(
             cfg.flags & CONFIG_FIB_SOURCE_V6 != 0
         }
     };
-    if !from_fib {
+    if from_fib {
+        params.__bindgen_anon_3.ipv6_src = [0; 4];
+    } else {
         // The source is fixed (the advertised address, which this node
         // owns); it takes part in the lookup like a bound socket's would.
-        set_source(&mut params, &out.src);
+        set_source(params, &out.src);
     }
     let size = core::mem::size_of::<bpf_fib_lookup>() as i32;
     let ctx_ptr = ctx.skb.skb as *mut core::ffi::c_void;
     let mut rc = if from_fib {
         // SAFETY: params is a valid bpf_fib_lookup of `size` bytes.
-        unsafe { fib_lookup(ctx_ptr, &mut params, size, BPF_FIB_LOOKUP_SRC) }
+        unsafe { fib_lookup(ctx_ptr, params, size, BPF_FIB_LOOKUP_SRC) }
     } else {
         -1
     };
@@ -100,7 +121,7 @@ pub fn lookup(
         // nothing else is touched then): `out.src`, the configured
         // fallback, stays.
         // SAFETY: as above.
-        rc = unsafe { fib_lookup(ctx_ptr, &mut params, size, 0) };
+        rc = unsafe { fib_lookup(ctx_ptr, params, size, 0) };
         fib_source = false;
     }
     let kind = match rc as u32 {
@@ -120,7 +141,7 @@ pub fn lookup(
     out.macs[6..].copy_from_slice(&params.smac);
     let routed = kind == RESOLVED || kind == NO_NEIGH;
     if fib_source && routed {
-        out.src = source(&params, peer.is_v4());
+        out.src = source(params, peer.is_v4());
     }
     if (routed || kind == FALLBACK) && (out.src.is_zero() || out.src == Addr::from_v4_octets([0; 4]))
     {
@@ -144,10 +165,10 @@ fn words(b: &[u8; 16]) -> [u32; 4] {
 
 #[inline(always)]
 fn set_source(params: &mut bpf_fib_lookup, src: &Addr) {
-    match src.v4_octets() {
-        Some(o) => params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(o),
-        None => params.__bindgen_anon_3.ipv6_src = words(&src.bytes),
-    }
+    params.__bindgen_anon_3.ipv6_src = match src.v4_octets() {
+        Some(o) => [u32::from_ne_bytes(o), 0, 0, 0],
+        None => words(&src.bytes),
+    };
 }
 
 #[inline(always)]

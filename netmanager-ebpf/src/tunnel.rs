@@ -70,7 +70,7 @@ pub fn send_to_peer(
     } else {
         (p.ip_len as usize + outer_len) as u16
     };
-    let mut r = Route::default();
+    let mut r = Route::EMPTY;
     match route::lookup(ctx, cfg, backend, tot_len, &mut r) {
         route::RESOLVED | route::NO_NEIGH | route::FALLBACK => {}
         route::FRAG_NEEDED => {
@@ -82,14 +82,11 @@ pub fn send_to_peer(
     packet::decrement_ttl(ctx, p).map_err(|_| Counter::DropMalformed)?;
     packet::set_src(ctx, p, src_instance).map_err(|_| Counter::DropMalformed)?;
     packet::set_dst(ctx, p, backend_ns).map_err(|_| Counter::DropMalformed)?;
-    encapsulate(ctx, cfg, p, backend, &r.src).map_err(|_| Counter::DropEncap)?;
+    encapsulate(ctx, cfg, p, backend, &r).map_err(|_| Counter::DropEncap)?;
     let action = match r.kind {
-        route::RESOLVED => {
-            // The FIB knew the next hop's MAC: straight to the interface.
-            ctx.store(0, &r.macs, 0)
-                .map_err(|_| Counter::DropMalformed)?;
-            unsafe { bpf_redirect(r.ifindex, 0) }
-        }
+        // The FIB knew the next hop's MAC (written with the outer headers):
+        // straight to the interface.
+        route::RESOLVED => unsafe { bpf_redirect(r.ifindex, 0) },
         // The kernel resolves the neighbour (and queues until it answers).
         route::NO_NEIGH => unsafe {
             bpf_redirect_neigh(r.ifindex, core::ptr::null_mut::<bpf_redir_neigh>(), 0, 0)
@@ -122,80 +119,119 @@ fn resegment(ctx: &TcContext, cfg: &Config) -> Verdict {
 }
 
 /// Wraps the IP packet after the Ethernet header into UDP towards the node
-/// running `backend`, over IPv4 or IPv6 as that node's address is, from
-/// `src`. The caller redirects it.
+/// running `backend`, over IPv4 or IPv6 as that node's address is, from the
+/// route's source; with the route's MACs when the FIB knew them. The caller
+/// redirects it.
 #[inline(never)]
 fn encapsulate(
     ctx: &TcContext,
     cfg: &Config,
     p: &Packet,
     backend: &Instance,
-    src: &Addr,
-) -> Result<(), ()> {
-    match (backend.node_ip.v4_octets(), src.v4_octets()) {
-        (Some(dst), Some(src)) => encapsulate_v4(ctx, cfg, backend, &src, &dst),
-        (None, None) => encapsulate_v6(ctx, cfg, p, backend, src),
-        _ => Err(()),
-    }
-}
-
-#[inline(always)]
-fn encapsulate_v4(
-    ctx: &TcContext,
-    cfg: &Config,
-    backend: &Instance,
-    src: &[u8; 4],
-    dst: &[u8; 4],
-) -> Result<(), ()> {
-    let inner_len = ctx.len() as usize - ETH_HLEN;
-    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
-    ctx.adjust_room(OUTER_V4_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| ())?;
-    let total = (inner_len + OUTER_V4_LEN) as u16;
-    // DF like a Linux UDP socket doing path-MTU discovery (upstream's sender).
-    let ip = ipv4_header(total, 0, 0x4000, IPPROTO_UDP, src, dst);
-    let sp = cfg.tunnel_port.to_be_bytes();
-    let dp = backend.node_port.to_be_bytes();
-    let l = ((inner_len + 8) as u16).to_be_bytes();
-    // UDP checksum 0: allowed over IPv4, and the inner packet carries its own.
-    let udp = [sp[0], sp[1], dp[0], dp[1], l[0], l[1], 0, 0];
-    ctx.store(ETH_HLEN, &ip, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN + 20, &udp, 0).map_err(|_| ())?;
-    // An IPv6 inner packet now travels in IPv4.
-    ctx.store(12, &ETH_P_IP.to_be(), 0).map_err(|_| ())
-}
-
-#[inline(always)]
-fn encapsulate_v6(
-    ctx: &TcContext,
-    cfg: &Config,
-    p: &Packet,
-    backend: &Instance,
-    src: &Addr,
+    r: &Route,
 ) -> Result<(), ()> {
     let inner_len = ctx.len() as usize - ETH_HLEN;
     let udp_len = (inner_len + 8) as u16;
-    let check = udp6_checksum(ctx, cfg, p, backend, src, udp_len)?;
-    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
-    ctx.adjust_room(OUTER_V6_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+    let v6 = !backend.node_ip.is_v4();
+    // Before the room is made (the checksum reads the inner packet where it
+    // is now) and before the header is built (it may use the scratch
+    // buffer).
+    let check = if v6 {
+        match udp6_checksum(ctx, cfg, p, backend, r) {
+            CHECKSUM_FAILED => return Err(()),
+            c => c as u16,
+        }
+    } else {
+        0
+    };
+    // Ethernet header (MACs, type), outer IP header, UDP header, built in
+    // the per-CPU scratch buffer (a zeroed stack array costs a byte-wise
+    // memset on BPF) and written with one helper call. Every byte written
+    // is set here.
+    let buf = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: per-CPU slot, used by this program invocation only.
+    let buf: &mut [u8; 256] = unsafe { &mut *buf };
+    let h = &mut buf[HEADER_AT..HEADER_AT + ETH_HLEN + OUTER_V6_LEN];
+    h[..12].copy_from_slice(&r.macs);
+    let outer_len = if v6 {
+        h[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+        let l = udp_len.to_be_bytes();
+        // Version 6, traffic class and flow label 0.
+        h[14..18].copy_from_slice(&[0x60, 0, 0, 0]);
+        h[18] = l[0];
+        h[19] = l[1];
+        h[20] = IPPROTO_UDP;
+        h[21] = 64;
+        h[22..38].copy_from_slice(&r.src.bytes);
+        h[38..54].copy_from_slice(&backend.node_ip.bytes);
+        udp_header(&mut h[54..62], cfg, backend, udp_len, check);
+        OUTER_V6_LEN
+    } else {
+        let (Some(src), Some(dst)) = (r.src.v4_octets(), backend.node_ip.v4_octets()) else {
+            return Err(());
+        };
+        // An IPv6 inner packet travels in IPv4 too.
+        h[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        let total = (inner_len + OUTER_V4_LEN) as u16;
+        // DF like a Linux UDP socket doing path-MTU discovery (upstream's
+        // sender).
+        let ip = ipv4_header(total, 0, 0x4000, IPPROTO_UDP, &src, &dst);
+        h[14..34].copy_from_slice(&ip);
+        // UDP checksum 0: allowed over IPv4, and the inner packet carries
+        // its own.
+        udp_header(&mut h[34..42], cfg, backend, udp_len, 0);
+        OUTER_V4_LEN
+    };
+    let flags = BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+        | if v6 {
+            BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
+        } else {
+            BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+        };
+    ctx.adjust_room(outer_len as i32, BPF_ADJ_ROOM_MAC, flags as u64)
         .map_err(|_| ())?;
-    let l = udp_len.to_be_bytes();
-    let mut h = [0u8; 8];
-    h[0] = 0x60;
-    h[4] = l[0];
-    h[5] = l[1];
-    h[6] = IPPROTO_UDP;
-    h[7] = 64;
-    ctx.store(ETH_HLEN, &h, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN + 8, &src.bytes, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN + 24, &backend.node_ip.bytes, 0)
-        .map_err(|_| ())?;
+    // Without the FIB's MACs the frame keeps its own: the kernel's
+    // neighbour output rewrites them.
+    let (from, len) = match (r.kind == route::RESOLVED, v6) {
+        (true, false) => (0, ETH_HLEN + OUTER_V4_LEN),
+        (true, true) => (0, ETH_HLEN + OUTER_V6_LEN),
+        (false, false) => (12, 2 + OUTER_V4_LEN),
+        (false, true) => (12, 2 + OUTER_V6_LEN),
+    };
+    store(ctx, from, &h[from..], len)
+}
+
+/// Where in the scratch buffer [`encapsulate`] builds the headers: after
+/// the FIB lookup's parameters ([`route::lookup`] uses the first 64 bytes).
+const HEADER_AT: usize = 64;
+
+#[inline(always)]
+fn udp_header(h: &mut [u8], cfg: &Config, backend: &Instance, len: u16, check: u16) {
     let sp = cfg.tunnel_port.to_be_bytes();
     let dp = backend.node_port.to_be_bytes();
+    let l = len.to_be_bytes();
     let c = check.to_be_bytes();
-    let udp = [sp[0], sp[1], dp[0], dp[1], l[0], l[1], c[0], c[1]];
-    ctx.store(ETH_HLEN + 40, &udp, 0).map_err(|_| ())?;
-    ctx.store(12, &ETH_P_IPV6.to_be(), 0).map_err(|_| ())
+    h[..8].copy_from_slice(&[sp[0], sp[1], dp[0], dp[1], l[0], l[1], c[0], c[1]]);
+}
+
+/// Writes `len` bytes of `data` at `off` (both constant at each call site,
+/// as the verifier needs).
+#[inline(always)]
+fn store(ctx: &TcContext, off: usize, data: &[u8], len: usize) -> Result<(), ()> {
+    if data.len() < len {
+        return Err(());
+    }
+    // SAFETY: `data` holds at least `len` bytes.
+    let r = unsafe {
+        aya_ebpf::helpers::bpf_skb_store_bytes(
+            ctx.skb.skb,
+            off as u32,
+            data.as_ptr() as *const core::ffi::c_void,
+            len as u32,
+            0,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(()) }
 }
 
 /// Sum of the big-endian 16-bit words of an address.
@@ -226,23 +262,34 @@ fn fold16(mut s: u64) -> u16 {
 /// header, so only headers are summed -- never the payload, and whether the
 /// inner checksum is already complete or still left to the NIC
 /// (`CHECKSUM_PARTIAL`) does not matter. `p` is the translated packet.
+/// [`udp6_checksum`] could not read the packet.
+const CHECKSUM_FAILED: u32 = u32::MAX;
+
+/// Returns the checksum, or [`CHECKSUM_FAILED`] (a scalar: BPF-to-BPF calls
+/// return nothing larger).
+#[inline(never)]
+fn udp6_checksum(ctx: &TcContext, cfg: &Config, p: &Packet, backend: &Instance, r: &Route) -> u32 {
+    udp6_checksum_inner(ctx, cfg, p, backend, r).map_or(CHECKSUM_FAILED, u32::from)
+}
+
 #[inline(always)]
-fn udp6_checksum(
+fn udp6_checksum_inner(
     ctx: &TcContext,
     cfg: &Config,
     p: &Packet,
     backend: &Instance,
-    src: &Addr,
-    udp_len: u16,
+    r: &Route,
 ) -> Result<u16, ()> {
+    let src = &r.src;
+    let udp_len = (ctx.len() as usize - ETH_HLEN + 8) as u64;
     // Outer pseudo header and UDP header (checksum field zero).
     let mut sum = sum_addr(src)
         + sum_addr(&backend.node_ip)
-        + udp_len as u64
+        + udp_len
         + IPPROTO_UDP as u64
         + cfg.tunnel_port as u64
         + backend.node_port as u64
-        + udp_len as u64;
+        + udp_len;
     let l4_len = p.ip_len as u64 - (p.l4 - p.l3) as u64;
     // The inner IP header. IPv4: its own checksum makes it sum to zero.
     if p.v6 {
