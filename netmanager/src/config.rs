@@ -363,6 +363,16 @@ mod tests {
     }
 
     #[test]
+    fn node_public_address_may_be_ipv6_and_unspecified_means_unset() {
+        let c = NetConfig::parse(r#"{"NodePublicAddress": "2001:db8::5"}"#).unwrap();
+        assert_eq!(c.node_public_address, Some("2001:db8::5".parse().unwrap()));
+        for unset in ["0.0.0.0", "::", "", " "] {
+            let c = NetConfig::parse(&format!(r#"{{"NodePublicAddress": "{unset}"}}"#)).unwrap();
+            assert_eq!(c.node_public_address, None, "{unset:?}");
+        }
+    }
+
+    #[test]
     fn bad_field_is_named() {
         for (body, field) in [
             (r#"{"NodePublicPort": "port"}"#, "NodePublicPort"),

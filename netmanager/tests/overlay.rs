@@ -333,3 +333,62 @@ fn read_line(child: &mut Proc) -> String {
     reader.read_line(&mut line).unwrap();
     line.trim().to_string()
 }
+
+/// Behind NAT a node advertises its router's public pair, which it does not
+/// own, and takes the tunnel datagrams the router forwards on its own
+/// address and the tunnel port (the namespace tests carry the traffic
+/// through a NAT router: tests/tests/overlay_namespaces.rs).
+#[test]
+fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
+    let test = "behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served";
+    if !require_root(test) {
+        return;
+    }
+    if !std::path::Path::new("/sys/fs/bpf").exists() {
+        eprintln!("SKIP {test}: needs bpffs");
+        return;
+    }
+    let dir = TempDir::new();
+    let underlay = Underlay::new();
+    let n1 = underlay.node(1);
+    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
+    let csm = ClusterDouble::start_at(
+        "198.51.100.254",
+        broker.port,
+        Some(&underlay.ns),
+        ("10.18.0.0", "fc00::"),
+    );
+    let nm = Daemon::start_ebpf_with(
+        &dir,
+        &n1,
+        broker.port,
+        "nat",
+        json!({"NodePublicAddress": "198.51.100.250", "NodePublicPort": "50200"}),
+    );
+    let (code, body) = nm.post(
+        "/register",
+        &json!({"client_id": N1, "cluster_address": "198.51.100.254"}).to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+    let client = container();
+    let (code, a) = nm.post("/container/deploy", &json!({"pid": client.pid(), "serviceName": CLIENT, "instanceNumber": 0, "portMappings": ""}).to_string());
+    assert_eq!(code, 200, "{a}");
+    let deployed = csm.wait_for("/net/service/deployed", 1, Duration::from_secs(10));
+    assert_eq!(deployed[0]["host_ip"], json!("198.51.100.250"));
+    assert_eq!(deployed[0]["host_port"], json!("50200"));
+
+    let (_, st) = nm.get("/status");
+    assert_eq!(st["node_ip"], json!("198.51.100.250"), "{st}");
+    // Datagrams are taken on the node's own address ...
+    let addresses = st["dataplane"]["node_addresses"].to_string();
+    assert!(addresses.contains("198.51.100.1"), "{st}");
+    assert!(!addresses.contains("198.51.100.250"), "{st}");
+    // ... on port 50103, whatever the node advertises.
+    assert!(st["dataplane"]["slow_path"].is_object(), "{st}");
+    let listening = try_run(&[
+        "ip", "netns", "exec", &n1.name, "ss", "-Hlun", "sport", "=", ":50103",
+    ])
+    .unwrap_or_default();
+    assert!(listening.contains("50103"), "{listening:?}");
+    drop(csm);
+}

@@ -631,12 +631,23 @@ impl Daemon {
 
     /// A daemon with the real eBPF dataplane, files named after `tag`.
     pub fn start_ebpf(dir: &TempDir, node: &Netns, mqtt_port: u16, tag: &str) -> Daemon {
+        Daemon::start_ebpf_with(dir, node, mqtt_port, tag, json!({}))
+    }
+
+    /// [`Daemon::start_ebpf`] with more netcfg.json properties.
+    pub fn start_ebpf_with(
+        dir: &TempDir,
+        node: &Netns,
+        mqtt_port: u16,
+        tag: &str,
+        extra: Value,
+    ) -> Daemon {
         let config = dir.path(&format!("netcfg-{tag}.json"));
-        std::fs::write(
-            &config,
-            json!({"ClusterMqttPort": mqtt_port.to_string(), "Debug": true}).to_string(),
-        )
-        .unwrap();
+        let mut cfg = json!({"ClusterMqttPort": mqtt_port.to_string(), "Debug": true});
+        if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+            cfg.extend(extra.clone());
+        }
+        std::fs::write(&config, cfg.to_string()).unwrap();
         let mut d = Daemon {
             bpf_dir: Some(PathBuf::from(format!("/sys/fs/bpf/{}", unique("nmt")))),
             socket: dir.path(&format!("nm-{tag}.sock")),
