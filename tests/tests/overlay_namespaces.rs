@@ -219,7 +219,6 @@ fn first_tunnel_payload(pcap: &std::path::Path) -> Result<Vec<u8>> {
 // second interfaces, an IPv6 underlay (docs/dataplane.md).
 
 #[path = "../../netmanager/tests/packet_support/mod.rs"]
-#[allow(dead_code)]
 mod packet_support;
 
 use std::net::IpAddr;
