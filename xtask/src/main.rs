@@ -4,7 +4,8 @@
 //! - `build-ebpf`: builds the eBPF object NetManager embeds (netmanager's
 //!   build script does so as well; this is for looking at the object).
 //! - `test`: everything CI runs (format, lint, all tests);
-//!   `--full` adds the eBPF suites on Debian 12's kernel under qemu.
+//!   `--full` adds the long parser fuzzing run and the eBPF suites on
+//!   Debian 12's kernel under qemu.
 //! - `sandbox`: a local cluster stand-in with workers (see docs).
 //! - `bench`: overlay performance against baselines (docs/performance.md).
 
@@ -38,8 +39,9 @@ enum Command {
     },
     /// Run what CI runs: fmt, clippy and every test (needs root).
     Test {
-        /// Also boot Debian 12's Linux 6.1 under qemu and run the eBPF
-        /// suites there (about a minute more; result in docs/old-kernels.md).
+        /// Also run the parser fuzz targets with the long case count, and
+        /// boot Debian 12's Linux 6.1 under qemu and run the eBPF suites
+        /// there (result in docs/old-kernels.md).
         #[arg(long)]
         full: bool,
         /// Extra arguments passed to `cargo test`.
@@ -61,6 +63,7 @@ fn main() -> Result<()> {
         Command::Test { full, args } => {
             test(&args)?;
             if full {
+                parser_fuzz_long()?;
                 kernel_vm::run_old_kernel_suites()?;
             }
             Ok(())
@@ -69,6 +72,20 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
     }
 }
+
+/// The parser fuzz targets with the long run's case count (CI's share runs
+/// in `cargo test`); see netmanager/tests/fuzz_support.
+fn parser_fuzz_long() -> Result<()> {
+    let mut cmd = std::process::Command::new("cargo");
+    cmd.current_dir(ebpf::workspace_root())
+        .args(["test", "-p", "netmanager", "-p", "nodeengine"])
+        .args(["--test", "parser_fuzz", "--release"])
+        .env("OAK_FUZZ_CASES", PARSER_FUZZ_LONG_CASES.to_string());
+    ebpf::run(&mut cmd, "parser fuzzing (long run)")
+}
+
+/// Cases per parser fuzz target in `cargo xtask test --full`.
+const PARSER_FUZZ_LONG_CASES: u32 = 100_000;
 
 /// The README's test command. The eBPF programs need no separate step:
 /// netmanager's build script builds them (once; clippy and test share the
