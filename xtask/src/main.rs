@@ -79,13 +79,13 @@ fn parser_fuzz_long() -> Result<()> {
     let mut cmd = std::process::Command::new("cargo");
     cmd.current_dir(ebpf::workspace_root())
         .args(["test", "-p", "netmanager", "-p", "nodeengine"])
-        .args(["--test", "parser_fuzz", "--release"])
+        .args(["--test", "parser_fuzz"])
         .env("OAK_FUZZ_CASES", PARSER_FUZZ_LONG_CASES.to_string());
     ebpf::run(&mut cmd, "parser fuzzing (long run)")
 }
 
 /// Cases per parser fuzz target in `cargo xtask test --full`.
-const PARSER_FUZZ_LONG_CASES: u32 = 100_000;
+const PARSER_FUZZ_LONG_CASES: u32 = 50_000;
 
 /// The README's test command. The eBPF programs need no separate step:
 /// netmanager's build script builds them (once; clippy and test share the
