@@ -45,7 +45,7 @@ fn view() -> LocalView {
     };
     let local = [ip("10.18.0.66"), ip("fc00::42")];
     LocalView {
-        node_ip: Some(Ipv4Addr::new(198, 51, 100, 1)),
+        node_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))),
         node_port: 50103,
         locals: local.iter().map(|a| (*a, port)).collect(),
         owners: local.iter().map(|a| (*a, LOCAL_JOB.to_string())).collect(),
