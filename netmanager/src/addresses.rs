@@ -58,10 +58,18 @@ pub fn is_namespace_address(ip: IpAddr) -> bool {
 }
 
 /// A plausible underlay address of a node: a unicast address that is not
-/// loopback, unspecified, link-local, broadcast or multicast. IPv6 is our
-/// extension: only our own workers can use an IPv6 underlay.
+/// loopback, unspecified, link-local, broadcast or multicast, and not an
+/// overlay address (a "node" inside the overlay would tunnel into the overlay
+/// itself; a forged table could otherwise aim a service at a container). IPv6
+/// is our extension: only our own workers can use an IPv6 underlay. For IPv6
+/// only the service ranges are excluded, since private IPv6 underlays commonly
+/// use ULA space, which is also where namespace addresses come from.
 pub fn is_node_address(ip: IpAddr) -> bool {
-    match ip.to_canonical() {
+    let ip = ip.to_canonical();
+    if is_service_address(ip) || (ip.is_ipv4() && is_namespace_address(ip)) {
+        return false;
+    }
+    match ip {
         IpAddr::V4(ip) => {
             !(ip.is_loopback()
                 || ip.is_unspecified()
@@ -228,6 +236,12 @@ mod tests {
         assert!(!is_node_address(ip("fe80::1")));
         assert!(!is_node_address(ip("::1")));
         assert!(!is_node_address(ip("::ffff:127.0.0.1")));
+        // Overlay addresses are never node addresses; ULA underlays are.
+        assert!(!is_node_address(ip("10.18.0.5")));
+        assert!(!is_node_address(ip("10.30.0.5")));
+        assert!(!is_node_address(ip("::ffff:10.30.0.5")));
+        assert!(!is_node_address(ip("fdff::5")));
+        assert!(is_node_address(ip("fd12:3456::2")));
         assert!(Subnet::parse("192.168.0.0", "fc00::").is_err());
         assert!(Subnet::parse("10.18.0.64", "2001:db8::").is_err());
     }
