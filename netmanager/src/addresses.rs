@@ -52,6 +52,53 @@ pub fn is_service_address(ip: IpAddr) -> bool {
     SERVICE_RANGES.iter().any(|&(n, l)| in_prefix(ip, n, l))
 }
 
+/// The service ranges in force: [`SERVICE_RANGES`] unless upstream's
+/// tuncfg.json overrides one (`config::TunConfig`). The programs treat
+/// exactly these destinations as services, and cluster messages may name
+/// only these as service addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRanges(Vec<(IpAddr, u8)>);
+
+impl Default for ServiceRanges {
+    fn default() -> Self {
+        ServiceRanges(SERVICE_RANGES.to_vec())
+    }
+}
+
+impl ServiceRanges {
+    /// Ranges as given, without duplicates.
+    pub fn new(ranges: impl IntoIterator<Item = (IpAddr, u8)>) -> ServiceRanges {
+        let mut v: Vec<(IpAddr, u8)> = Vec::new();
+        for r in ranges {
+            if !v.contains(&r) {
+                v.push(r);
+            }
+        }
+        ServiceRanges(v)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|&(n, l)| in_prefix(ip, n, l))
+    }
+
+    pub fn as_slice(&self) -> &[(IpAddr, u8)] {
+        &self.0
+    }
+
+    /// A range that contains addresses of `subnet` (the node's containers):
+    /// their traffic would be taken for service traffic.
+    pub fn collision(&self, subnet: &Subnet) -> Option<(IpAddr, u8)> {
+        let v4 = (IpAddr::V4(subnet.v4_network()), V4_PREFIX);
+        let v6 = (IpAddr::V6(subnet.v6_network()), V6_PREFIX);
+        // Two prefixes overlap when one holds the other's first address.
+        self.0.iter().copied().find(|&(n, l)| {
+            [v4, v6]
+                .iter()
+                .any(|&(s, sl)| in_prefix(s, n, l) || in_prefix(n, s, sl))
+        })
+    }
+}
+
 pub fn is_namespace_address(ip: IpAddr) -> bool {
     in_prefix(ip, IpAddr::V4(NAMESPACE_V4.0), NAMESPACE_V4.1)
         || in_prefix(ip, IpAddr::V6(NAMESPACE_V6.0), NAMESPACE_V6.1)
@@ -223,6 +270,14 @@ mod tests {
         assert!(is_service_address(ip("fcef:7ff::1")));
         assert!(!is_service_address(ip("fcef:800::1")));
         assert!(!is_service_address(ip("10.31.0.1")));
+        let subnet = Subnet::parse("10.18.0.64", "fc00::40").unwrap();
+        assert_eq!(ServiceRanges::default().collision(&subnet), None);
+        let wide = ServiceRanges::new([(ip("fc00::"), 7)]);
+        assert_eq!(wide.collision(&subnet), Some((ip("fc00::"), 7)));
+        let narrow = ServiceRanges::new([(ip("10.18.0.96"), 28)]);
+        assert!(narrow.collision(&subnet).is_some());
+        let beside = ServiceRanges::new([(ip("10.18.0.128"), 26)]);
+        assert_eq!(beside.collision(&subnet), None);
         assert!(is_namespace_address(ip("10.18.0.66")));
         assert!(is_namespace_address(ip("10.31.255.1")));
         assert!(!is_namespace_address(ip("10.32.0.1")));

@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, NetConfig, Settings};
+use crate::config::{self, NetConfig, Settings, TunConfig};
+use crate::dataplane::AttachMode;
 use worker_common::paths::per_netns;
 
 #[derive(Debug, Parser)]
@@ -23,6 +24,10 @@ pub struct Cli {
     /// Configuration file (docs/contract.md, NetManager configuration).
     #[arg(long, env = "NETMANAGER_CONFIG", default_value = config::DEFAULT_CONFIG_PATH, global = true)]
     pub config: PathBuf,
+    /// Upstream's tunnel configuration: service ranges, tunnel port, MTU
+    /// (absent: the defaults).
+    #[arg(long = "tun-config", env = "NETMANAGER_TUN_CONFIG", default_value = config::DEFAULT_TUN_CONFIG_PATH, global = true)]
+    pub tun_config: PathBuf,
     /// API socket [default: /etc/netmanager/netmanager.sock, suffixed with
     /// the network namespace when not the machine's own; NodeEngine
     /// computes the same default].
@@ -45,10 +50,22 @@ pub struct Cli {
     /// Run without loading eBPF: plumbing and cluster protocol only.
     #[arg(long = "no-dataplane", env = "NETMANAGER_NO_DATAPLANE", global = true)]
     pub no_dataplane: bool,
-    /// Largest inner packet the tunnel carries (upstream's TUN_MTU_SIZE).
-    #[arg(long = "tunnel-mtu", env = "TUN_MTU_SIZE", default_value_t = config::DEFAULT_TUNNEL_MTU,
+    /// Largest inner packet the tunnel carries (upstream's TUN_MTU_SIZE)
+    /// [default: tuncfg.json's MTUSize, else 1450].
+    #[arg(long = "tunnel-mtu", env = "TUN_MTU_SIZE",
           value_parser = clap::value_parser!(u16).range(576..=9000), global = true)]
-    pub tunnel_mtu: u16,
+    pub tunnel_mtu: Option<u16>,
+    /// How the programs attach: TCX links (Linux 6.6), classic tc filters
+    /// over netlink, or auto (TCX where the kernel has it).
+    #[arg(long = "attach-mode", env = "NETMANAGER_ATTACH_MODE", value_enum,
+          default_value_t = AttachMode::Auto, global = true)]
+    pub attach_mode: AttachMode,
+    /// Where PublicIPNetworking asks for the node's public address (plain
+    /// text answer) [default: netcfg.json's PublicIPDiscoveryUrl, else
+    /// https://api.ipify.org].
+    #[arg(long = "public-ip-url", env = "NETMANAGER_PUBLIC_IP_URL",
+          value_parser = parse_url, global = true)]
+    pub public_ip_url: Option<String>,
     /// Seconds between re-checks of an inferred node address.
     #[arg(long = "address-check-secs", env = "NETMANAGER_ADDRESS_CHECK_SECS", default_value_t = 120,
           value_parser = clap::value_parser!(u64).range(1..), global = true)]
@@ -118,6 +135,7 @@ impl Cli {
 
     pub fn settings(&self) -> Result<Settings> {
         let net = NetConfig::load(&self.config)?;
+        let tun = TunConfig::load(&self.tun_config)?;
         Ok(Settings {
             config_path: self.config.clone(),
             socket_path: self.socket_path(),
@@ -131,13 +149,29 @@ impl Cli {
                 .unwrap_or_else(|| per_netns(config::DEFAULT_STATE_PATH)),
             log_path: self.effective_log_file(),
             uplink: self.uplink.clone().filter(|s| !s.is_empty()),
-            tunnel_mtu: self.tunnel_mtu,
+            tunnel_mtu: self
+                .tunnel_mtu
+                .or(tun.mtu)
+                .unwrap_or(config::DEFAULT_TUNNEL_MTU),
+            tunnel_port: tun.tunnel_port.unwrap_or(config::DEFAULT_TUNNEL_PORT),
+            service_ranges: tun.service_ranges(),
+            attach_mode: self.attach_mode,
+            public_ip_url: self
+                .public_ip_url
+                .clone()
+                .or_else(|| net.public_ip_url.clone())
+                .unwrap_or_else(|| config::DEFAULT_PUBLIC_IP_URL.to_string()),
             no_dataplane: self.no_dataplane,
             address_check: Duration::from_secs(self.address_check_secs),
             mqtt_ca: self.mqtt_ca.clone(),
             net,
         })
     }
+}
+
+fn parse_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    config::check_url(s).map(|()| s.to_string())
 }
 
 /// `NetManager status`: prints the state; fails (for scripts and probes)

@@ -3,9 +3,12 @@
 //! variables, see `cli`) adds.
 //!
 //! The file is read with serde; `serde_path_to_error` makes every error name
-//! the field, and absent or empty fields take upstream's defaults.
+//! the field, and absent or empty fields take upstream's defaults. Upstream's
+//! second file, `/etc/netmanager/tuncfg.json`, may override the service
+//! ranges, the tunnel port and the tunnel MTU ([`TunConfig`]).
 
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,6 +26,15 @@ pub const DEFAULT_TUNNEL_MTU: u16 = 1450;
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
 pub const DEFAULT_MQTT_PORT: u16 = 10003;
 pub use netmanager_common::DEFAULT_MISS_HOLD;
+/// Upstream's tunnel configuration file.
+pub const DEFAULT_TUN_CONFIG_PATH: &str = "/etc/netmanager/tuncfg.json";
+/// Where PublicIPNetworking asks for the node's public address. Upstream
+/// asks https://ifconfig.co, which answers over IPv6 on a dual-stack host;
+/// this one answers over IPv4 only, and the tunnel underlay is IPv4.
+pub const DEFAULT_PUBLIC_IP_URL: &str = "https://api.ipify.org";
+
+use crate::addresses::{SERVICE_RANGES, ServiceRanges};
+use crate::dataplane::AttachMode;
 
 /// The contents of netcfg.json, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +51,12 @@ pub struct NetConfig {
     /// Interface to prefer when several default routes exist.
     pub default_interface: Option<String>,
     pub debug: bool,
-    /// Upstream resolves the public address through an external service.
+    /// With no NodePublicAddress: advertise the address a discovery
+    /// service sees us coming from (a NAT router's), as upstream does.
     pub public_ip_networking: bool,
+    /// Our extension: the discovery service's URL (`PublicIPDiscoveryUrl`),
+    /// answering the caller's address as plain text.
+    pub public_ip_url: Option<String>,
     pub mqtt_cert: Option<PathBuf>,
     pub mqtt_key: Option<PathBuf>,
     /// Our extension (upstream has only client certificates): broker
@@ -100,6 +116,7 @@ impl Default for NetConfig {
             default_interface: None,
             debug: false,
             public_ip_networking: false,
+            public_ip_url: None,
             mqtt_cert: None,
             mqtt_key: None,
             mqtt_auth: MqttAuth::default(),
@@ -126,6 +143,8 @@ struct File {
     debug: Option<bool>,
     #[serde(rename = "PublicIPNetworking", deserialize_with = "flag")]
     public_ip_networking: Option<bool>,
+    #[serde(rename = "PublicIPDiscoveryUrl", deserialize_with = "url")]
+    public_ip_url: Option<String>,
     #[serde(rename = "MqttCert", deserialize_with = "text")]
     mqtt_cert: Option<String>,
     #[serde(rename = "MqttKey", deserialize_with = "text")]
@@ -201,6 +220,7 @@ impl NetConfig {
             default_interface: f.default_interface,
             debug: f.debug.unwrap_or(d.debug),
             public_ip_networking: f.public_ip_networking.unwrap_or(d.public_ip_networking),
+            public_ip_url: f.public_ip_url,
             mqtt_cert: f.mqtt_cert.map(PathBuf::from),
             mqtt_key: f.mqtt_key.map(PathBuf::from),
             mqtt_auth: MqttAuth {
@@ -231,6 +251,26 @@ fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
             "expected a string, found {other}"
         ))),
     }
+}
+
+/// An http(s) URL.
+fn url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match text(d)? {
+        None => Ok(None),
+        Some(u) => check_url(&u).map(|()| Some(u)).map_err(de::Error::custom),
+    }
+}
+
+/// A URL the HTTP client can ask: http or https with a host.
+pub fn check_url(u: &str) -> Result<(), String> {
+    let rest = u
+        .strip_prefix("http://")
+        .or_else(|| u.strip_prefix("https://"))
+        .ok_or_else(|| format!("{u:?} is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("{u:?} has no host"));
+    }
+    Ok(())
 }
 
 /// Like [`text`], with upstream's "0.0.0.0" meaning unset too.
@@ -304,6 +344,177 @@ fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     }
 }
 
+/// Upstream's `/etc/netmanager/tuncfg.json`, as far as it means anything
+/// to an eBPF dataplane: the service ranges, the tunnel port and the MTU.
+/// Its TUN device keys (`HostTunnelDeviceName`, `TunnelIP`, `TunNetIPv6`)
+/// configure upstream's userspace proxy, which the programs replace; they
+/// are read and ignored. Keys match without regard to case, as Go's JSON
+/// decoder matches them (upstream's own sample file writes `Mtusize`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunConfig {
+    /// `ProxySubnetwork` / `ProxySubnetworkMask`: the IPv4 service range.
+    pub service_v4: Option<(Ipv4Addr, u8)>,
+    /// `ProxySubnetworkIPv6` / `ProxySubnetworkIPv6Prefix`: the IPv6 service
+    /// range upstream routes to its proxy (fcef::/21 by default; its
+    /// built-in fc00::/7 would take in container addresses, which the node
+    /// refuses once it knows its subnet).
+    pub service_v6: Option<(Ipv6Addr, u8)>,
+    /// `TunnelPort`: where tunnel datagrams are received and sent from.
+    pub tunnel_port: Option<u16>,
+    /// `MTUSize`.
+    pub mtu: Option<u16>,
+}
+
+/// tuncfg.json as written (keys lowercased); every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct TunFile {
+    #[serde(rename = "proxysubnetwork", deserialize_with = "text")]
+    proxy_subnetwork: Option<String>,
+    #[serde(rename = "proxysubnetworkmask", deserialize_with = "text")]
+    proxy_subnetwork_mask: Option<String>,
+    #[serde(rename = "proxysubnetworkipv6", deserialize_with = "text")]
+    proxy_subnetwork_v6: Option<String>,
+    #[serde(rename = "proxysubnetworkipv6prefix", deserialize_with = "count")]
+    proxy_subnetwork_v6_prefix: Option<u32>,
+    #[serde(rename = "tunnelport", deserialize_with = "port")]
+    tunnel_port: Option<u16>,
+    #[serde(rename = "mtusize", deserialize_with = "count")]
+    mtu: Option<u32>,
+}
+
+/// Keys of upstream's TUN device, which has no counterpart here.
+const TUN_DEVICE_KEYS: [&str; 3] = ["hosttunneldevicename", "tunnelip", "tunnetipv6"];
+
+impl TunConfig {
+    /// Read the file; a missing file changes nothing (upstream logs it and
+    /// runs on its defaults too).
+    pub fn load(path: &Path) -> Result<TunConfig> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TunConfig::default()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Self::parse(&text)
+            .with_context(|| format!("invalid tunnel configuration {}", path.display()))
+    }
+
+    /// Parse the JSON text; errors name the field as the file spells it.
+    pub fn parse(text: &str) -> Result<TunConfig> {
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            anyhow::anyhow!(
+                "not valid JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            )
+        })?;
+        let Value::Object(map) = value else {
+            bail!("top level must be a JSON object");
+        };
+        let mut spelled = HashMap::new();
+        let mut lower = serde_json::Map::new();
+        for (key, v) in map {
+            let k = key.to_ascii_lowercase();
+            if TUN_DEVICE_KEYS.contains(&k.as_str()) {
+                tracing::debug!(
+                    key,
+                    "tuncfg.json: a setting of upstream's TUN device; ignored"
+                );
+            }
+            spelled.insert(k.clone(), key);
+            lower.insert(k, v);
+        }
+        let named = |k: &str| spelled.get(k).cloned().unwrap_or_else(|| k.to_string());
+        let f: TunFile = serde_path_to_error::deserialize(Value::Object(lower)).map_err(|e| {
+            anyhow::anyhow!("field {}: {}", named(&e.path().to_string()), e.inner())
+        })?;
+        let service_v4 = match (&f.proxy_subnetwork, &f.proxy_subnetwork_mask) {
+            (None, None) => None,
+            (net, mask) => Some(v4_range(net.as_deref(), mask.as_deref()).map_err(|e| {
+                anyhow::anyhow!(
+                    "fields {} / {}: {e}",
+                    named("proxysubnetwork"),
+                    named("proxysubnetworkmask")
+                )
+            })?),
+        };
+        let service_v6 = match (&f.proxy_subnetwork_v6, f.proxy_subnetwork_v6_prefix) {
+            (None, None) => None,
+            (net, len) => Some(v6_range(net.as_deref(), len).map_err(|e| {
+                anyhow::anyhow!(
+                    "fields {} / {}: {e}",
+                    named("proxysubnetworkipv6"),
+                    named("proxysubnetworkipv6prefix")
+                )
+            })?),
+        };
+        let mtu = match f.mtu {
+            None => None,
+            Some(m) if (576..=9000).contains(&m) => Some(m as u16),
+            Some(m) => bail!(
+                "field {}: {m} is not an MTU between 576 and 9000",
+                named("mtusize")
+            ),
+        };
+        Ok(TunConfig {
+            service_v4,
+            service_v6,
+            tunnel_port: f.tunnel_port,
+            mtu,
+        })
+    }
+
+    /// The service ranges with this file's overrides: its IPv4 range
+    /// replaces 10.30.0.0/16, its IPv6 range replaces fcef::/21; fdff::/16,
+    /// which upstream clusters hand out in practice, stays.
+    pub fn service_ranges(&self) -> ServiceRanges {
+        let [v4, v6, rest] = SERVICE_RANGES;
+        ServiceRanges::new([
+            self.service_v4.map_or(v4, |(n, l)| (IpAddr::V4(n), l)),
+            self.service_v6.map_or(v6, |(n, l)| (IpAddr::V6(n), l)),
+            rest,
+        ])
+    }
+}
+
+/// Upstream's defaults fill a half-given range: 10.30.0.0, 255.255.0.0.
+fn v4_range(net: Option<&str>, mask: Option<&str>) -> Result<(Ipv4Addr, u8), String> {
+    let net: Ipv4Addr = net
+        .unwrap_or("10.30.0.0")
+        .parse()
+        .map_err(|_| format!("{:?} is not an IPv4 address", net.unwrap_or_default()))?;
+    let mask_text = mask.unwrap_or("255.255.0.0");
+    let mask: Ipv4Addr = mask_text
+        .parse()
+        .map_err(|_| format!("{mask_text:?} is not an IPv4 netmask"))?;
+    let bits = u32::from(mask);
+    let len = bits.leading_ones();
+    if bits.checked_shl(len).unwrap_or(0) != 0 || len == 0 {
+        return Err(format!(
+            "{mask_text:?} is not a contiguous, non-empty netmask"
+        ));
+    }
+    let net = Ipv4Addr::from(u32::from(net) & bits);
+    // Whether it collides with this node's containers is checked once the
+    // cluster has handed out the subnet (`ServiceRanges::collision`).
+    Ok((net, len as u8))
+}
+
+/// A missing address or prefix keeps fcef::/21's part.
+fn v6_range(net: Option<&str>, len: Option<u32>) -> Result<(Ipv6Addr, u8), String> {
+    let text = net.unwrap_or("fcef::");
+    let net: Ipv6Addr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an IPv6 address"))?;
+    let len = len.unwrap_or(21);
+    if len > 128 {
+        return Err(format!("prefix length {len} is larger than 128"));
+    }
+    let len = len as u8;
+    let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+    Ok((Ipv6Addr::from(u128::from(net) & mask), len))
+}
+
 /// Where the daemon keeps its files and which knobs it runs with; built from
 /// the command line (which also reads the environment), see `cli`.
 #[derive(Debug, Clone)]
@@ -315,7 +526,19 @@ pub struct Settings {
     pub log_path: Option<PathBuf>,
     /// Uplink interface override (else DefaultInterface, else the default route's).
     pub uplink: Option<String>,
+    /// `--tunnel-mtu`/TUN_MTU_SIZE, else tuncfg.json's MTUSize, else 1450.
     pub tunnel_mtu: u16,
+    /// Where tunnel datagrams arrive and leave from: tuncfg.json's
+    /// TunnelPort, else 50103. NodePublicPort is only what peers are told
+    /// (behind NAT the router forwards it here).
+    pub tunnel_port: u16,
+    /// 10.30.0.0/16, fcef::/21, fdff::/16 unless tuncfg.json says otherwise.
+    pub service_ranges: ServiceRanges,
+    /// TCX links, classic tc filters, or what the kernel has.
+    pub attach_mode: AttachMode,
+    /// PublicIPNetworking's discovery service: the flag, else netcfg.json's
+    /// PublicIPDiscoveryUrl, else upstream's.
+    pub public_ip_url: String,
     /// Run without loading eBPF (plumbing and control plane only).
     pub no_dataplane: bool,
     /// How often an inferred node address is re-checked.

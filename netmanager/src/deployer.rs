@@ -17,7 +17,7 @@ use crate::plumbing::{self, NetnsRef, Plumbing, nft};
 use crate::resolver::Resolver;
 use crate::routes::Routes;
 use crate::state::{Deployment, DeploymentKind};
-use crate::uplink::Uplink;
+use crate::uplink::{Uplink, UplinkChange};
 use worker_common::netmanager_api::{DeployAnswer, DeployRequest};
 use worker_common::task_id::{task_id, validate_job_name};
 
@@ -349,8 +349,30 @@ impl Deployer {
         Some(d)
     }
 
+    /// The uplink moved or the node address changed: the dataplane
+    /// follows, and the cluster hears of a new address.
+    pub async fn uplink_changed(&self, change: UplinkChange) {
+        if let Some(ifname) = &change.interface {
+            let ip = self.uplink.ip();
+            match self.fwd.set_uplink(ifname, ip) {
+                Ok(()) => {
+                    tracing::info!(uplink = %ifname, node_ip = %ip, "dataplane follows the uplink")
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "moving the dataplane to uplink {ifname}: {e:#}; retried at the next change or check"
+                    );
+                    self.uplink.retry_interface();
+                }
+            }
+        }
+        if let Some(ip) = change.address {
+            self.address_changed(ip).await;
+        }
+    }
+
     /// The node address changed: reprogram and tell the cluster.
-    pub async fn address_changed(&self, ip: IpAddr) {
+    async fn address_changed(&self, ip: IpAddr) {
         if let Err(e) = self.fwd.set_node_ip(ip) {
             tracing::warn!("writing the new node address {ip}: {e:#}");
         }

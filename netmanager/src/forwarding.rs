@@ -17,6 +17,8 @@ use crate::dataplane::{
 
 pub trait Forwarding: Send + Sync {
     fn set_node_ip(&self, ip: IpAddr) -> Result<()>;
+    /// Tunnel traffic moves to the uplink `ifname`, node address `ip`.
+    fn set_uplink(&self, ifname: &str, ip: IpAddr) -> Result<()>;
     fn attach_container(&self, host_ifname: &str) -> Result<()>;
     fn detach_container(&self, host_ifname: &str) -> Result<()>;
     fn upsert_instance(&self, ns_ip: IpAddr, entry: InstanceEntry) -> Result<()>;
@@ -52,6 +54,9 @@ impl Ebpf {
 impl Forwarding for Ebpf {
     fn set_node_ip(&self, ip: IpAddr) -> Result<()> {
         Ok(self.dp.set_node_ip(ip)?)
+    }
+    fn set_uplink(&self, ifname: &str, ip: IpAddr) -> Result<()> {
+        Ok(self.dp.set_uplink(ifname, ip)?)
     }
     fn attach_container(&self, host_ifname: &str) -> Result<()> {
         Ok(self.dp.attach_container(host_ifname)?)
@@ -118,6 +123,7 @@ pub struct InMemory {
 #[derive(Default, Debug, Clone)]
 pub struct MemTables {
     pub node_ip: Option<IpAddr>,
+    pub uplink: Option<String>,
     pub attached: Vec<String>,
     pub instances: BTreeMap<IpAddr, InstanceEntry>,
     pub services: BTreeMap<IpAddr, (ServiceKind, Vec<IpAddr>)>,
@@ -136,6 +142,12 @@ impl InMemory {
 impl Forwarding for InMemory {
     fn set_node_ip(&self, ip: IpAddr) -> Result<()> {
         self.t().node_ip = Some(ip);
+        Ok(())
+    }
+    fn set_uplink(&self, ifname: &str, ip: IpAddr) -> Result<()> {
+        let mut t = self.t();
+        t.uplink = Some(ifname.to_string());
+        t.node_ip = Some(ip);
         Ok(())
     }
     fn attach_container(&self, host_ifname: &str) -> Result<()> {
@@ -188,6 +200,7 @@ impl Forwarding for InMemory {
     fn status(&self) -> Result<DataplaneStatus> {
         let t = self.t();
         Ok(DataplaneStatus {
+            attach_mode: "none (no eBPF)".to_string(),
             attachments: t
                 .attached
                 .iter()

@@ -50,13 +50,17 @@ async fn run_daemon(args: &Cli) -> Result<()> {
     )?;
     let settings = args.settings()?;
     worker_common::logging::init(&args.log_options(settings.net.debug))?;
-    netmanager::kernel_support::check()?;
+    let kernel = netmanager::kernel_support::check()?;
+    // An impossible --attach-mode fails here, not at the first /register.
+    let attach_mode = settings.attach_mode.resolve(kernel.tcx)?;
     tracing::info!(
         config = %settings.config_path.display(),
         socket = %settings.socket_path.display(),
         bpf_dir = %settings.bpf_dir.display(),
         state = %settings.state_path.display(),
         mtu = settings.tunnel_mtu,
+        tunnel_port = settings.tunnel_port,
+        %attach_mode,
         "NetManager {} starting",
         env!("CARGO_PKG_VERSION")
     );

@@ -20,7 +20,7 @@ use crate::resolver::Resolver;
 use crate::routes::{Limits, Routes};
 use crate::state::Deployment;
 use crate::status::{DataplaneReport, DeploymentStatus, NodeStatus, RouteCounts};
-use crate::uplink::Uplink;
+use crate::uplink::{Uplink, UplinkChange, UplinkOptions};
 
 /// How long registration waits for the cluster to hand out a subnet.
 const SUBNET_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,6 +56,14 @@ impl Node {
             None => link.request_subnet(SUBNET_TIMEOUT).await?,
         };
         tracing::info!(node = id, subnet = %subnet.v4, subnet_v6 = %subnet.v6, "node subnet");
+        if let Some((net, len)) = settings.service_ranges.collision(&subnet) {
+            anyhow::bail!(
+                "the service range {net}/{len} (tuncfg.json) contains this node's subnet {} / {}: \
+                 container traffic would be taken for service traffic",
+                subnet.v4,
+                subnet.v6
+            );
+        }
         let net = Plumbing::new(settings.tunnel_mtu)?;
         net.ensure_bridge(&subnet).await?;
         let preferred = settings
@@ -65,18 +73,19 @@ impl Node {
         let uplink = Arc::new(
             Uplink::discover(
                 &net,
-                preferred,
-                settings.net.node_public_address,
-                settings.net.node_public_port,
+                UplinkOptions {
+                    preferred,
+                    fixed_ip: settings.net.node_public_address,
+                    // NodePublicAddress overrides PublicIPNetworking (upstream).
+                    discovery_url: settings
+                        .net
+                        .public_ip_networking
+                        .then(|| settings.public_ip_url.clone()),
+                    port: settings.net.node_public_port,
+                },
             )
             .await?,
         );
-        if settings.net.public_ip_networking && settings.net.node_public_address.is_none() {
-            tracing::warn!(
-                "PublicIPNetworking needs an external lookup we do not do; using {}; set NodePublicAddress instead",
-                uplink.ip()
-            );
-        }
         let fwd = open_forwarding(&settings, &uplink.ifname(), uplink.ip())?;
         fwd.set_node_ip(uplink.ip())?;
         let identity = Identity {
@@ -90,6 +99,7 @@ impl Node {
             local.clone(),
             uplink.clone(),
             route_limits(&settings),
+            settings.service_ranges.clone(),
         ));
         let resolver = Arc::new(Resolver::new(link.clone(), routes.clone(), fwd.clone()));
         let deployer = Arc::new(Deployer {
@@ -130,9 +140,9 @@ impl Node {
         self.local.save().await
     }
 
-    /// The node address changed (address watch).
-    pub async fn address_changed(&self, ip: IpAddr) {
-        self.deployer.address_changed(ip).await;
+    /// The uplink or the node address changed (uplink watch).
+    pub async fn uplink_changed(&self, change: UplinkChange) {
+        self.deployer.uplink_changed(change).await;
     }
 
     pub fn status(&self) -> NodeStatus {
@@ -185,11 +195,12 @@ fn open_forwarding(
         pin_dir: settings.bpf_dir.clone(),
         uplink: uplink.to_string(),
         node_ip,
-        // The local port; NodePublicPort is only what the node advertises
-        // (behind NAT the router forwards it here).
-        tunnel_port: crate::config::DEFAULT_TUNNEL_PORT,
+        // The local port (tuncfg.json's TunnelPort, else 50103);
+        // NodePublicPort is only what the node advertises (behind NAT the
+        // router forwards it here).
+        tunnel_port: settings.tunnel_port,
         tunnel_mtu: settings.tunnel_mtu,
-        service_ranges: crate::addresses::SERVICE_RANGES.to_vec(),
+        service_ranges: settings.service_ranges.as_slice().to_vec(),
         sizes: MapSizes {
             flows: t.flows,
             services: t.services,
@@ -198,6 +209,7 @@ fn open_forwarding(
             pending: t.pending,
         },
         miss_hold: t.miss_hold,
+        attach_mode: settings.attach_mode,
         container_bridge: crate::plumbing::BRIDGE.to_string(),
     };
     Ok(Arc::new(Ebpf::open(&cfg)?))

@@ -182,7 +182,10 @@ impl NodeStatus {
 }
 
 fn render_dataplane(dp: &DataplaneStatus) -> String {
-    let mut out = String::from("\nprograms attached (program, interface, hook):\n");
+    let mut out = format!(
+        "\nprograms attached in {} mode (program, interface, hook):\n",
+        dp.attach_mode
+    );
     for (program, iface, hook) in &dp.attachments {
         out.push_str(&format!("  {program:<24} {iface:<16} {hook}\n"));
     }

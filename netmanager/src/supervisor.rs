@@ -1,6 +1,7 @@
 //! The background work of a live node, owned in one place: reacting to the
-//! cluster link, resolving dataplane misses, following the node address and
-//! expiring idle flows. Dropping the supervisor stops all of it.
+//! cluster link, resolving dataplane misses, following the uplink and the
+//! node address and expiring idle flows. Dropping the supervisor stops all
+//! of it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +11,17 @@ use tokio::task::JoinHandle;
 
 use crate::cluster_link::LinkEvent;
 use crate::node::Node;
+use crate::plumbing::route_events::RouteEvents;
+use crate::uplink::Recheck;
 
 /// How often idle flows are swept out of the flow tables.
 const FLOW_SWEEP: Duration = Duration::from_secs(10);
+/// A route change comes as a burst (the old default route goes, the new
+/// one comes, addresses follow); look once the burst is over ...
+const SETTLE: Duration = Duration::from_millis(250);
+/// ... or after this long, should events never stop coming (a flapping
+/// link, a stream of container deployments).
+const SETTLE_MAX: Duration = Duration::from_secs(2);
 
 pub struct Supervisor {
     tasks: Vec<JoinHandle<()>>,
@@ -28,7 +37,7 @@ impl Drop for Supervisor {
 
 impl Supervisor {
     /// Start everything for `node`; `address_check` paces the re-check of
-    /// an inferred node address.
+    /// the uplink and the node address between route events.
     pub fn start(
         node: &Arc<Node>,
         events: Receiver<LinkEvent>,
@@ -41,9 +50,7 @@ impl Supervisor {
         if let Some(misses) = node.fwd.take_misses() {
             tasks.push(tokio::spawn(node.resolver.clone().run(misses)));
         }
-        if node.uplink.inferred() {
-            tasks.push(tokio::spawn(watch_address(node.clone(), address_check)));
-        }
+        tasks.push(tokio::spawn(watch_uplink(node.clone(), address_check)));
         Supervisor { tasks }
     }
 }
@@ -74,16 +81,62 @@ async fn link_events(node: Arc<Node>, mut events: Receiver<LinkEvent>) {
     tracing::debug!("cluster link event stream ended");
 }
 
-/// Re-check the inferred node address and follow it.
-async fn watch_address(node: Arc<Node>, period: Duration) {
+/// Follow the uplink and the node address: re-check when the kernel
+/// reports a route or address change, and every `period` in case a
+/// change came without one (or the public address moved behind NAT).
+async fn watch_uplink(node: Arc<Node>, period: Duration) {
+    let mut events = match RouteEvents::subscribe() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(
+                "{e:#}; the uplink is re-checked every {} s only",
+                period.as_secs()
+            );
+            None
+        }
+    };
     let mut tick = tokio::time::interval(period);
     tick.tick().await; // the first tick fires at once; start() just looked
     loop {
-        tick.tick().await;
-        match node.uplink.recheck(&node.net).await {
-            Ok(Some(ip)) => node.address_changed(ip).await,
-            Ok(None) => {}
-            Err(e) => tracing::warn!("re-checking the node address: {e:#}"),
+        let why = tokio::select! {
+            _ = tick.tick() => Recheck::Poll,
+            got = next_change(&mut events) => {
+                if got.is_none() {
+                    tracing::warn!("route events stopped; the uplink is re-checked every {} s only", period.as_secs());
+                    events = None;
+                    continue;
+                }
+                settle(events.as_mut()).await;
+                tracing::debug!("links, routes or addresses changed: re-checking the uplink");
+                Recheck::Event
+            }
+        };
+        match node.uplink.recheck(&node.net, why).await {
+            Ok(change) if change.is_empty() => {}
+            Ok(change) => node.uplink_changed(change).await,
+            // E.g. between the old default route's removal and the new one's
+            // arrival; the next event looks again.
+            Err(e) => tracing::info!("re-checking the uplink: {e:#}"),
+        }
+    }
+}
+
+/// The next relevant route event; never, without a subscription.
+async fn next_change(events: &mut Option<RouteEvents>) -> Option<()> {
+    match events {
+        Some(e) => e.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Wait until no further event arrives for [`SETTLE`], at most [`SETTLE_MAX`].
+async fn settle(events: Option<&mut RouteEvents>) {
+    let Some(events) = events else { return };
+    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(SETTLE, events.next()).await {
+            Ok(Some(())) => continue,
+            _ => return,
         }
     }
 }

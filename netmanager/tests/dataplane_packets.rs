@@ -100,6 +100,7 @@ fn fixture_advertising(name: &str, advertised: IpAddr) -> Fixture {
             pending: 64,
         },
         miss_hold: 2,
+        attach_mode: netmanager::dataplane::AttachMode::Auto,
         container_bridge: String::new(),
     };
     let dp = Dataplane::open(&cfg).expect("loading the dataplane");

@@ -155,6 +155,7 @@ fn dataplane(pin_dir: &PinDir, c0: u32) -> Dataplane {
             pending: 64,
         },
         miss_hold: 2,
+        attach_mode: netmanager::dataplane::AttachMode::Auto,
         container_bridge: String::new(),
     };
     let dp = Dataplane::open(&cfg).expect("loading the dataplane");

@@ -1,6 +1,7 @@
 //! Two nodes with real NetManagers and the eBPF dataplane on one underlay:
 //! a container on node 1 reaches a container on node 2 by service IP; the
 //! first connection depends on miss resolution (table query by service IP).
+//! Every test runs in both attach modes (TCX links, classic tc filters).
 //! Needs root, bpffs and mosquitto.
 
 mod common;
@@ -14,6 +15,24 @@ const CLIENT: &str = "ovl.test.client.test";
 const SERVER: &str = "ovl.test.server.test";
 const N1: &str = "6650aa00bb22cc33dd440011";
 const N2: &str = "6650aa00bb22cc33dd440022";
+
+attach_mode_tests!(
+    service_ip_across_two_nodes,
+    pending_instance_with_null_fields_keeps_the_running_one_reachable
+);
+
+fn start(dir: &TempDir, node: &Netns, port: u16, tag: &str, mode: &'static str) -> Daemon {
+    Daemon::start_ebpf_with(
+        dir,
+        node,
+        port,
+        tag,
+        EbpfOptions {
+            attach_mode: Some(mode),
+            ..Default::default()
+        },
+    )
+}
 
 fn instance(nsip: &str, nsip6: &str, host: &str, rr: (&str, &str), inst: (&str, &str)) -> Value {
     json!({"instance_number": 0, "namespace_ip": nsip, "namespace_ip_v6": nsip6, "host_ip": host, "host_port": 50103,
@@ -47,8 +66,7 @@ fn tcp_get(c: &Proc, addr: &str, port: u16) -> Option<String> {
     in_pid_ns(c.pid(), &["python3", "-c", &script]).map(|s| s.trim().to_string())
 }
 
-#[test]
-fn service_ip_across_two_nodes() {
+fn service_ip_across_two_nodes(mode: &'static str) {
     if !require_root("service_ip_across_two_nodes") {
         return;
     }
@@ -78,14 +96,15 @@ fn service_ip_across_two_nodes() {
         SERVER,
         json!({"instance_list": [instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
     );
-    let nm1 = Daemon::start_ebpf(&dir, &n1, broker.port, "n1");
-    let nm2 = Daemon::start_ebpf(&dir, &n2, broker.port, "n2");
+    let nm1 = start(&dir, &n1, broker.port, "n1", mode);
+    let nm2 = start(&dir, &n2, broker.port, "n2", mode);
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
         let (code, body) = nm.post(
             "/register",
             &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
         );
         assert_eq!(code, 200, "{body}");
+        assert_attach_mode(nm, mode);
     }
     let (client, server) = (container(), container());
     let (code, a) = nm1.post("/container/deploy", &json!({"pid": client.pid(), "serviceName": CLIENT, "instanceNumber": 0, "portMappings": ""}).to_string());
@@ -132,7 +151,10 @@ fn service_ip_across_two_nodes() {
     assert!(v("netmanager_dataplane_packets_total{reason=,verdict=reverse_translated}") > 0.0);
     assert!(v("netmanager_map_capacity{map=FLOWS}") > 0.0);
     assert_eq!(
-        v("netmanager_program_attached{hook=tcx/ingress,interface=uplink0,program=uplink_ingress}"),
+        v(&format!(
+            "netmanager_program_attached{{hook={},interface=uplink0,program=uplink_ingress}}",
+            hook_of(mode)
+        )),
         1.0
     );
     assert!(v("netmanager_miss_resolutions_total{outcome=resolved}") >= 1.0);
@@ -142,15 +164,15 @@ fn service_ip_across_two_nodes() {
     let (code, ready) = nm1.get("/readyz");
     assert_eq!((code, ready), (200, json!({"ready": true})));
 
-    // The dataplane shows up in status.
+    // The dataplane shows up in status, with its attach mode and hooks.
     let (_, st) = nm1.get("/status");
+    assert_eq!(st["dataplane"]["attach_mode"], json!(mode), "{st}");
+    let attachments = st["dataplane"]["attachments"].as_array().unwrap();
     assert!(
-        !st["dataplane"]["attachments"]
-            .as_array()
-            .unwrap()
-            .is_empty(),
+        attachments.contains(&json!(["uplink_ingress", "uplink0", hook_of(mode)])),
         "{st}"
     );
+    let uplink_before = ingress_programs(&n1, "uplink0");
 
     // An established connection survives kill -9 and restart of both daemons.
     let mut nm1 = nm1;
@@ -171,6 +193,15 @@ fn service_ip_across_two_nodes() {
     }
     std::fs::write(&go, "").unwrap();
     assert_eq!(read_line(&mut conv), "second");
+    // The restart replaced the uplink program in place: one program, in
+    // the same mode, a new one.
+    let uplink_after = ingress_programs(&n1, "uplink0");
+    assert_eq!(uplink_after.len(), 1, "{uplink_after:?}");
+    assert_eq!(
+        (uplink_after[0].0.as_str(), uplink_after[0].1.as_str()),
+        (hook_of(mode), "uplink_ingress")
+    );
+    assert_ne!(uplink_after[0].2, uplink_before[0].2, "not replaced");
     // And new connections work after the restart.
     assert_eq!(
         tcp_get(&client, "10.30.1.1", 7000).as_deref(),
@@ -185,8 +216,7 @@ fn service_ip_across_two_nodes() {
 /// The real cluster service manager lists an instance that is scheduled but
 /// not running yet with `null` addresses (docs/contract.md §3). The running instance
 /// must stay reachable through the shared address.
-#[test]
-fn pending_instance_with_null_fields_keeps_the_running_one_reachable() {
+fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &'static str) {
     let test = "pending_instance_with_null_fields_keeps_the_running_one_reachable";
     if !require_root(test) {
         return;
@@ -224,14 +254,15 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable() {
             instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2")),
             pending]}),
     );
-    let nm1 = Daemon::start_ebpf(&dir, &n1, broker.port, "n1");
-    let nm2 = Daemon::start_ebpf(&dir, &n2, broker.port, "n2");
+    let nm1 = start(&dir, &n1, broker.port, "n1", mode);
+    let nm2 = start(&dir, &n2, broker.port, "n2", mode);
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
         let (code, body) = nm.post(
             "/register",
             &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
         );
         assert_eq!(code, 200, "{body}");
+        assert_attach_mode(nm, mode);
     }
     let (client, server) = (container(), container());
     for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
@@ -334,6 +365,103 @@ fn read_line(child: &mut Proc) -> String {
     line.trim().to_string()
 }
 
+/// Upstream's tuncfg.json moves the IPv4 service range to 10.40.0.0/16 and
+/// the tunnel to UDP 50200 on both nodes (NodePublicPort advertises the
+/// same port, there being no NAT in between): service traffic flows on the
+/// new range, and the programs' configuration holds the new port.
+#[test]
+fn tuncfg_moves_the_service_range_and_the_tunnel_port() {
+    let test = "tuncfg_moves_the_service_range_and_the_tunnel_port";
+    if !require_root(test) {
+        return;
+    }
+    if !python_available() || !std::path::Path::new("/sys/fs/bpf").exists() {
+        eprintln!("SKIP {test}: needs python3 and bpffs");
+        return;
+    }
+    let dir = TempDir::new();
+    let underlay = Underlay::new();
+    let (n1, n2) = (underlay.node(1), underlay.node(2));
+    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
+    let csm = ClusterDouble::start_at(
+        "198.51.100.254",
+        broker.port,
+        Some(&underlay.ns),
+        ("10.18.0.0", "fc00::"),
+    );
+    csm.subnets
+        .lock()
+        .unwrap()
+        .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
+    let moved = |nsip: &str, host: &str, rr: &str, iip: &str| {
+        json!({"instance_number": 0, "namespace_ip": nsip, "namespace_ip_v6": "", "host_ip": host,
+               "host_port": 50200, "service_ip": [
+                   {"IpType": "RR", "Address": rr, "Address_v6": ""},
+                   {"IpType": "instance_ip", "Address": iip, "Address_v6": ""}]})
+    };
+    csm.set_table(
+        CLIENT,
+        json!({"instance_list": [moved("10.18.0.2", "198.51.100.1", "10.40.1.2", "10.40.0.1")]}),
+    );
+    csm.set_table(
+        SERVER,
+        json!({"instance_list": [moved("10.18.1.2", "198.51.100.2", "10.40.1.1", "10.40.0.2")]}),
+    );
+    // Upstream's key spelling, as its sample file writes it.
+    let tuncfg = json!({"HostTUNDeviceName": "goProxyTun", "TunNetIP": "10.19.1.254",
+        "ProxySubnetwork": "10.40.0.0", "ProxySubnetworkMask": "255.255.0.0",
+        "TunnelPort": 50200, "Mtusize": 1450});
+    let opts = || EbpfOptions {
+        netcfg: json!({"NodePublicPort": "50200"}),
+        tuncfg: Some(tuncfg.clone()),
+        ..Default::default()
+    };
+    let nm1 = Daemon::start_ebpf_with(&dir, &n1, broker.port, "n1", opts());
+    let nm2 = Daemon::start_ebpf_with(&dir, &n2, broker.port, "n2", opts());
+    for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
+        let (code, body) = nm.post(
+            "/register",
+            &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+    let (client, server) = (container(), container());
+    for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
+        let (code, a) = nm.post(
+            "/container/deploy",
+            &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
+                .to_string(),
+        );
+        assert_eq!(code, 200, "{a}");
+    }
+    let _srv = tcp_server(&server, 7000);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        tcp_get(&client, "10.40.1.1", 7000).as_deref(),
+        Some("hello 10.40.0.1"),
+        "node1 log:\n{}",
+        nm1.log_text()
+    );
+    // The programs listen on and send from the configured port.
+    let config_pin = nm1
+        .bpf_dir
+        .as_ref()
+        .unwrap()
+        .join(netmanager_common::maps::CONFIG);
+    let dump = run(&[
+        "bpftool",
+        "-j",
+        "map",
+        "dump",
+        "pinned",
+        config_pin.to_str().unwrap(),
+    ]);
+    let dump: Value = serde_json::from_str(&dump).unwrap();
+    let formatted = &dump[0]["formatted"]["value"];
+    assert_eq!(formatted["tunnel_port"], json!(50200), "{dump}");
+    drop(csm);
+}
+
 /// Behind NAT a node advertises its router's public pair, which it does not
 /// own, and takes the tunnel datagrams the router forwards on its own
 /// address and the tunnel port (the namespace tests carry the traffic
@@ -363,7 +491,10 @@ fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
         &n1,
         broker.port,
         "nat",
-        json!({"NodePublicAddress": "198.51.100.250", "NodePublicPort": "50200"}),
+        EbpfOptions {
+            netcfg: json!({"NodePublicAddress": "198.51.100.250", "NodePublicPort": "50200"}),
+            ..Default::default()
+        },
     );
     let (code, body) = nm.post(
         "/register",

@@ -5,7 +5,8 @@
 //!
 //! Every test builds its own underlay namespace (bridge, broker, cluster
 //! double) and node namespaces with unique names, and its daemons pin their
-//! dataplane under unique directories, so the tests run in parallel.
+//! dataplane under unique directories, so the tests run in parallel. Each
+//! runs in both attach modes (TCX links, classic tc filters).
 
 mod common;
 
@@ -32,6 +33,14 @@ const SERVER_RR: &str = "10.30.1.1";
 const SERVER_IIP: &str = "10.30.0.2";
 const SERVER2_RR: &str = "10.30.2.1";
 const SERVER2_IIP: &str = "10.30.0.3";
+
+attach_mode_tests!(
+    instance_moves_between_nodes,
+    survives_broker_restart,
+    long_transfer_survives_kill9,
+    stream_survives_the_uplink_moving,
+    a_recreated_uplink_gets_its_program_back,
+);
 
 fn ready(test: &str) -> bool {
     if !require_root(test) {
@@ -66,13 +75,18 @@ struct Cluster {
     nm: Vec<Daemon>,
     csm: ClusterDouble,
     broker: Broker,
-    _nodes: Vec<Netns>,
-    _underlay: Underlay,
+    nodes: Vec<Netns>,
+    underlay: Underlay,
     _dir: TempDir,
 }
 
 impl Cluster {
-    fn new(n: usize) -> Cluster {
+    fn new(n: usize, mode: &'static str) -> Cluster {
+        Self::with_env(n, mode, Vec::new())
+    }
+
+    /// `env` goes to every daemon (see `Daemon::env`).
+    fn with_env(n: usize, mode: &'static str, env: Vec<(String, String)>) -> Cluster {
         let dir = TempDir::new();
         let underlay = Underlay::new();
         let nodes: Vec<Netns> = (1..=n as u8).map(|h| underlay.node(h)).collect();
@@ -103,7 +117,19 @@ impl Cluster {
         let nm: Vec<Daemon> = nodes
             .iter()
             .enumerate()
-            .map(|(i, node)| Daemon::start_ebpf(&dir, node, broker.port, &format!("n{}", i + 1)))
+            .map(|(i, node)| {
+                Daemon::start_ebpf_with(
+                    &dir,
+                    node,
+                    broker.port,
+                    &format!("n{}", i + 1),
+                    EbpfOptions {
+                        attach_mode: Some(mode),
+                        env: env.clone(),
+                        ..Default::default()
+                    },
+                )
+            })
             .collect();
         for (d, id) in nm.iter().zip(NODE_IDS) {
             let (code, body) = d.post(
@@ -111,13 +137,14 @@ impl Cluster {
                 &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
             );
             assert_eq!(code, 200, "{body}");
+            assert_attach_mode(d, mode);
         }
         Cluster {
             nm,
             csm,
             broker,
-            _nodes: nodes,
-            _underlay: underlay,
+            nodes,
+            underlay,
             _dir: dir,
         }
     }
@@ -224,12 +251,11 @@ fn tcp_get_until(c: &Proc, addr: &str, port: u16, want: &str, timeout: Duration)
 /// at the new place, the cluster updates the table and publishes
 /// updates_available, the old instance is undeployed. Node 1's client must
 /// reach the service at its new place with every new connection.
-#[test]
-fn instance_moves_between_nodes() {
+fn instance_moves_between_nodes(mode: &'static str) {
     if !ready("instance_moves_between_nodes") {
         return;
     }
-    let cl = Cluster::new(3);
+    let cl = Cluster::new(3, mode);
     let client = container();
     assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
 
@@ -313,12 +339,11 @@ fn instance_moves_between_nodes() {
 /// Kill the broker and start it again on the same port: afterwards a service
 /// address node 1 never asked about resolves and carries traffic, the known
 /// one still works, and deploy/undeploy on both nodes are published.
-#[test]
-fn survives_broker_restart() {
+fn survives_broker_restart(mode: &'static str) {
     if !ready("survives_broker_restart") {
         return;
     }
-    let mut cl = Cluster::new(2);
+    let mut cl = Cluster::new(2, mode);
     let client = container();
     assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
     let server = container();
@@ -478,8 +503,7 @@ print("ok", f"{time.time() - start:.1f}s", flush=True)
 /// kill -9 both NetManagers while a long TCP stream crosses the overlay and
 /// restart them before it ends: the stream completes without a reset and
 /// arrives intact.
-#[test]
-fn long_transfer_survives_kill9() {
+fn long_transfer_survives_kill9(mode: &'static str) {
     if !ready("long_transfer_survives_kill9") {
         return;
     }
@@ -488,7 +512,7 @@ fn long_transfer_survives_kill9() {
         "/../tests/scripts/stream_server.py"
     );
     assert!(std::path::Path::new(server_py).exists(), "{server_py}");
-    let mut cl = Cluster::new(2);
+    let mut cl = Cluster::new(2, mode);
     let client = container();
     assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
     let server = container();
@@ -541,6 +565,15 @@ fn long_transfer_survives_kill9() {
         "the transfer ended before the daemons were back ({:?}); pace it slower",
         started.elapsed()
     );
+    // Taken over in place: one uplink program per node, in this mode.
+    for node in &cl.nodes {
+        let progs = ingress_programs(node, "uplink0");
+        assert_eq!(progs.len(), 1, "{progs:?}");
+        assert_eq!(
+            (progs[0].0.as_str(), progs[0].1.as_str()),
+            (hook_of(mode), "uplink_ingress")
+        );
+    }
 
     wait_until("the transfer to end", Duration::from_secs(120), || {
         stream.0.try_wait().unwrap().is_some()
@@ -554,4 +587,169 @@ fn long_transfer_survives_kill9() {
         cl.logs()
     );
     eprintln!("stream: {}", rest.trim());
+}
+
+/// Wi-Fi gives way to LTE: mid-stream, node 1's uplink goes down and its
+/// default route falls to a second interface with another address. The
+/// address poll is set to an hour, so only the kernel's route events can
+/// tell NetManager. The uplink program, the tunnel's source and the
+/// cluster's record of node 1 (`service/address-changed`, which the
+/// cluster passes on as `updates_available`) follow, and the stream
+/// arrives intact.
+fn stream_survives_the_uplink_moving(mode: &'static str) {
+    if !ready("stream_survives_the_uplink_moving") {
+        return;
+    }
+    let server_py = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/scripts/stream_server.py"
+    );
+    let cl = Cluster::with_env(
+        2,
+        mode,
+        vec![("NETMANAGER_ADDRESS_CHECK_SECS".into(), "3600".into())],
+    );
+    // Node 1's second way out, less preferred while the first is up.
+    cl.underlay.add_uplink(&cl.nodes[0], "uplink1", 11, 200);
+    let client = container();
+    assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
+    let server = container();
+    let nsip = cl.deploy(2, &server, SERVER);
+    cl.csm.set_table(
+        SERVER,
+        table(vec![instance(
+            &nsip,
+            "",
+            "198.51.100.2",
+            SERVER_RR,
+            SERVER_IIP,
+        )]),
+    );
+    let (_, st) = cl.nm[0].get("/status");
+    assert_eq!(
+        (st["uplink"].clone(), st["node_ip"].clone()),
+        (json!("uplink0"), json!("198.51.100.1")),
+        "{st}"
+    );
+    let mut sink = Proc(
+        Command::new("nsenter")
+            .args(["-t", &server.pid().to_string(), "-n", "python3", server_py])
+            .args(["0.0.0.0", "7100"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(next_line(&mut lines(&mut sink)), "ready");
+
+    const SIZE: usize = 60 * 1024 * 1024;
+    let mut stream = python_in(
+        &client,
+        PACED_CLIENT,
+        &[SERVER_RR, "7100", &SIZE.to_string(), "10"],
+    );
+    let mut out = lines(&mut stream);
+    assert_eq!(next_line(&mut out), "started", "{}", cl.logs());
+
+    // The first uplink goes away; the kernel moves the default route.
+    cl.nodes[0].ip(&["link", "set", "uplink0", "down"]).unwrap();
+    wait_until(
+        "node 1 to follow its uplink",
+        Duration::from_secs(20),
+        || {
+            let (_, st) = cl.nm[0].get("/status");
+            st["uplink"] == "uplink1" && st["node_ip"] == "198.51.100.11"
+        },
+    );
+    // Otherwise the test proves nothing: the move must fall inside the stream.
+    assert!(
+        stream.0.try_wait().unwrap().is_none(),
+        "the transfer ended before the uplink moved; pace it slower"
+    );
+    let progs = ingress_programs(&cl.nodes[0], "uplink1");
+    assert_eq!(progs.len(), 1, "{progs:?}");
+    assert_eq!(
+        (progs[0].0.as_str(), progs[0].1.as_str()),
+        (hook_of(mode), "uplink_ingress")
+    );
+    // A link that is down keeps its addresses, and the receive program
+    // stays on every interface that carries one (at most once).
+    let old = ingress_programs(&cl.nodes[0], "uplink0");
+    assert!(old.len() <= 1, "programs on the old uplink: {old:?}");
+    let announced = cl.sent_by(1, "service/address-changed");
+    assert!(
+        announced
+            .iter()
+            .any(|m| m["appname"] == CLIENT && m["host_ip"] == "198.51.100.11"),
+        "{announced:?}"
+    );
+
+    wait_until("the transfer to end", Duration::from_secs(120), || {
+        stream.0.try_wait().unwrap().is_some()
+    });
+    let status = stream.0.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(
+        status.success() && rest.starts_with("ok"),
+        "stream failed ({status}): {rest}\n{}",
+        cl.logs()
+    );
+    eprintln!("stream across the uplink move: {}", rest.trim());
+}
+
+/// The uplink interface disappears and comes back under the same name and
+/// address (a USB modem replugged, a VM's NIC re-added): its programs went
+/// with the old interface, so NetManager attaches again -- told by the
+/// kernel's link events, the poll being an hour -- and traffic flows.
+fn a_recreated_uplink_gets_its_program_back(mode: &'static str) {
+    if !ready("a_recreated_uplink_gets_its_program_back") {
+        return;
+    }
+    let cl = Cluster::with_env(
+        2,
+        mode,
+        vec![("NETMANAGER_ADDRESS_CHECK_SECS".into(), "3600".into())],
+    );
+    let client = container();
+    assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
+    let server = container();
+    let nsip = cl.deploy(2, &server, SERVER);
+    cl.csm.set_table(
+        SERVER,
+        table(vec![instance(
+            &nsip,
+            "",
+            "198.51.100.2",
+            SERVER_RR,
+            SERVER_IIP,
+        )]),
+    );
+    let _srv = tagged_server(&server, 7000, "up");
+    let want = format!("up {CLIENT_IIP}");
+    assert_eq!(
+        tcp_get_until(&client, SERVER_RR, 7000, &want, Duration::from_secs(15)).as_deref(),
+        Some(want.as_str()),
+        "{}",
+        cl.logs()
+    );
+    let node = &cl.nodes[0];
+    node.ip(&["link", "del", "uplink0"]).unwrap();
+    cl.underlay.add_uplink(node, "uplink0", 1, 0);
+    wait_until(
+        "the uplink program on the new uplink0",
+        Duration::from_secs(20),
+        || ingress_programs(node, "uplink0").len() == 1,
+    );
+    let progs = ingress_programs(node, "uplink0");
+    assert_eq!(
+        (progs[0].0.as_str(), progs[0].1.as_str()),
+        (hook_of(mode), "uplink_ingress")
+    );
+    assert_eq!(
+        tcp_get_until(&client, SERVER_RR, 7000, &want, Duration::from_secs(15)).as_deref(),
+        Some(want.as_str()),
+        "{}",
+        cl.logs()
+    );
 }

@@ -2,12 +2,14 @@
 //! real programs attached by the dataplane with a fixed table. Ping, a TCP
 //! byte stream and UDP datagrams to a service address cross the nodes and
 //! arrive intact; a capture of the underlay shows upstream's wire format.
+//! Once with TCX links, once with classic tc filters.
 
 use anyhow::Result;
 use oakestra_worker_tests::{Lab, binary, is_root, ns_sh, sh};
 
 fn table(
     lab: &mut Lab,
+    mode: &str,
     node: u8,
     uplink_node_ip: &str,
     local: &[(&str, &str, &str, &str, [u8; 6])],
@@ -25,6 +27,7 @@ fn table(
     let t = serde_json::json!({
         "pin_dir": pin,
         "uplink": "eth0",
+        "attach_mode": mode,
         "node_ip": uplink_node_ip,
         "service_ranges": [["10.30.0.0", 16], ["fdff::", 16]],
         "instances": instances,
@@ -45,12 +48,26 @@ fn table(
 }
 
 #[test]
-fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
+fn service_traffic_crosses_nodes_in_upstream_wire_format_tcx() -> Result<()> {
+    if is_root() && !netmanager::kernel_support::probe().tcx {
+        eprintln!("SKIP: this kernel has no TCX links");
+        return Ok(());
+    }
+    crosses_nodes("tcx")
+}
+
+#[test]
+fn service_traffic_crosses_nodes_in_upstream_wire_format_netlink() -> Result<()> {
+    crosses_nodes("netlink")
+}
+
+fn crosses_nodes(mode: &str) -> Result<()> {
     if !is_root() {
         eprintln!("skipped: namespaces and eBPF need root");
         return Ok(());
     }
-    let mut lab = Lab::new("ov");
+    // Both modes run at once in this process: distinct names.
+    let mut lab = Lab::new(if mode == "tcx" { "ovt" } else { "ovn" });
     let under = lab.underlay()?;
     let n1 = lab.node("n1", &under, 1, "10.18.0.1/26", "fc00::1/120")?;
     let n2 = lab.node("n2", &under, 2, "10.18.0.65/26", "fc00::41/120")?;
@@ -67,6 +84,7 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
 
     let t1 = table(
         &mut lab,
+        mode,
         1,
         "198.51.100.1",
         &[
@@ -80,6 +98,7 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
     )?;
     let t2 = table(
         &mut lab,
+        mode,
         2,
         "198.51.100.2",
         &[
@@ -95,6 +114,26 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
     let runner = runner.to_string_lossy();
     lab.spawn(&n1, &runner, &[&t1], true)?;
     lab.spawn(&n2, &runner, &[&t2], true)?;
+
+    // Attached in the mode asked for: a clsact filter bpftool lists, or a
+    // pinned TCX link (which Debian 12's bpftool 7.1 does not list there).
+    let filters = ns_sh(&n1, "bpftool -j net show dev eth0")?;
+    let listed: serde_json::Value = serde_json::from_str(&filters)?;
+    let tc_filter = listed[0]["tc"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|f| f["kind"] == "clsact/ingress" && f["name"] == "uplink_ingress");
+    let tcx_link = std::path::Path::new(&format!(
+        "/sys/fs/bpf/{}-n1/links/uplink_ingress@eth0",
+        lab.prefix
+    ))
+    .exists();
+    assert_eq!(
+        (tc_filter, tcx_link),
+        (mode == "netlink", mode == "tcx"),
+        "{mode}: {filters}"
+    );
 
     // Capture the underlay while the traffic runs.
     let pcap = std::env::temp_dir().join(format!("{}.pcap", lab.prefix));

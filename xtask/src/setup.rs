@@ -21,6 +21,10 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "busybox-static",
     "nftables",
+    // FORWARD DROP as Docker sets it, through iptables-nft and
+    // iptables-legacy (netmanager/tests/docker_host.rs); NetManager itself
+    // needs iptables-legacy only on hosts that use it.
+    "iptables",
     "tcpdump",
     // containerd-client generates its gRPC code with protoc at build time.
     "protobuf-compiler",

@@ -21,7 +21,7 @@ use netlink_packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 use rtnetlink::{Handle, MulticastGroup};
 
 use super::background::Background;
-use super::{DataplaneConfig, DataplaneError, Result, State, UPLINK_PROGRAM};
+use super::{DataplaneError, Result, State, UPLINK_PROGRAM};
 
 /// The node's addresses, shared with the slow path (which accepts
 /// datagrams to these only).
@@ -31,14 +31,15 @@ pub type NodeAddressSet = Arc<RwLock<BTreeSet<IpAddr>>>;
 const SETTLE: Duration = Duration::from_millis(50);
 
 /// Starts following; returns once the first dump is in the maps.
+/// `bridge` is the container bridge, whose addresses are never the node's.
 pub fn start(
     state: Arc<Mutex<State>>,
-    cfg: DataplaneConfig,
+    bridge: String,
     shared: NodeAddressSet,
 ) -> Result<Background> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
     let bg = Background::spawn("oak-addresses", move || {
-        follow(state, cfg, shared, ready_tx)
+        follow(state, bridge, shared, ready_tx)
     })?;
     ready_rx.recv().map_err(|_| {
         DataplaneError::Other("the address watch stopped before its first dump".into())
@@ -48,7 +49,7 @@ pub fn start(
 
 async fn follow(
     state: Arc<Mutex<State>>,
-    cfg: DataplaneConfig,
+    bridge: String,
     shared: NodeAddressSet,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) {
@@ -62,7 +63,7 @@ async fn follow(
     };
     tokio::spawn(conn);
     // Subscribed before the dump: nothing between the two is missed.
-    let first = sync(&handle, &state, &cfg, &shared).await;
+    let first = sync(&handle, &state, &bridge, &shared).await;
     let failed = first.is_err();
     let _ = ready.send(first);
     if failed {
@@ -71,7 +72,7 @@ async fn follow(
     while events.next().await.is_some() {
         tokio::time::sleep(SETTLE).await;
         while events.try_recv().is_ok() {}
-        if let Err(e) = sync(&handle, &state, &cfg, &shared).await {
+        if let Err(e) = sync(&handle, &state, &bridge, &shared).await {
             tracing::warn!("following the node's addresses: {e}");
         }
     }
@@ -87,24 +88,25 @@ struct Link {
 async fn sync(
     h: &Handle,
     state: &Mutex<State>,
-    cfg: &DataplaneConfig,
+    bridge: &str,
     shared: &NodeAddressSet,
 ) -> Result<()> {
     let links = links(h).await?;
     let bridge = links
         .iter()
-        .find(|(_, l)| l.name == cfg.container_bridge)
+        .find(|(_, l)| l.name == bridge)
         .map(|(i, _)| *i);
     let addresses = node_addresses(h, bridge).await?;
-    // The uplink is attached by `Dataplane::open` whatever it carries.
-    let receive: BTreeSet<String> = addresses
-        .values()
-        .filter_map(|i| links.get(i))
-        .filter(|l| l.ethernet && l.name != cfg.uplink)
-        .map(|l| l.name.clone())
-        .collect();
     {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        // The uplink is attached by `Dataplane::open` (and moved by
+        // `set_uplink`) whatever it carries.
+        let receive: BTreeSet<String> = addresses
+            .values()
+            .filter_map(|i| links.get(i))
+            .filter(|l| l.ethernet && l.name != st.cfg.uplink)
+            .map(|l| l.name.clone())
+            .collect();
         if st.underlay.addresses != addresses {
             tracing::info!(
                 addresses = ?addresses.keys().collect::<Vec<_>>(),
@@ -115,7 +117,10 @@ async fn sync(
         }
         st.underlay.addresses = addresses.clone();
         let State {
-            tables, underlay, ..
+            cfg,
+            tables,
+            underlay,
+            ..
         } = &mut *st;
         tables.sync_node_addresses(&underlay.addresses)?;
         tables.write_config(cfg, underlay)?;

@@ -3,7 +3,8 @@
 //! [`Dataplane::open`] loads the programs embedded at build time, creates the
 //! maps pinned under the configured bpffs directory -- or adopts them when a
 //! previous NetManager left them there -- and attaches through pinned TCX
-//! links, so a restart replaces programs atomically and never flushes state.
+//! links or classic tc filters (`attach`), so a restart replaces programs
+//! atomically and never flushes state.
 //! Everything else is a typed operation on those maps, through `&self`: one
 //! mutex inside guards the loaded object (aya needs `&mut` to attach), the
 //! map handles and the attachment list; map updates are short syscalls.
@@ -30,6 +31,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult};
 use aya::{Ebpf, EbpfLoader};
 use netmanager_common::{Counter, maps};
 
+pub use attach::{AttachMode, TC_PRIORITY};
 pub use misses::MissReceiver;
 pub use netmanager_common::{MAP_NAMES, MissReason, ServiceKind};
 pub use slow_path::SlowPathStatus;
@@ -121,6 +123,8 @@ pub struct DataplaneConfig {
     /// The container bridge: its addresses are the containers' gateways,
     /// never tunnel endpoints ("" for none).
     pub container_bridge: String,
+    /// TCX links, classic tc filters, or whichever this kernel has.
+    pub attach_mode: AttachMode,
 }
 
 /// A container on this node, as the dataplane needs to know it.
@@ -156,6 +160,9 @@ pub struct Miss {
 /// What `NetManager status` prints about the dataplane.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DataplaneStatus {
+    /// How programs are attached: "tcx" or "netlink".
+    #[serde(default)]
+    pub attach_mode: String,
     /// (program, interface, hook)
     pub attachments: Vec<(String, String, String)>,
     /// (map, entries, max entries)
@@ -178,10 +185,11 @@ pub struct Dataplane {
     /// Sends on its own packet socket; needs no lock.
     reinjector: Option<misses::Reinjector>,
     slow_path: Option<Arc<slow_path::SlowPathCounters>>,
-    cfg: DataplaneConfig,
 }
 
 struct State {
+    /// What CONFIG holds; the uplink and node address change at run time.
+    cfg: DataplaneConfig,
     ebpf: Ebpf,
     tables: Tables,
     attachments: Attachments,
@@ -204,21 +212,26 @@ impl Dataplane {
         let underlay = UnderlayState::new(cfg.node_ip, tables::ifindex(&cfg.uplink)?);
         tables.write_config(cfg, &underlay)?;
         let misses = misses::MissSource::take(&mut ebpf)?;
+        let mode = cfg
+            .attach_mode
+            .resolve(crate::kernel_support::probe().tcx)?;
         let mut state = State {
+            cfg: cfg.clone(),
             ebpf,
             tables,
-            attachments: Attachments::new(cfg.pin_dir.join("links")),
+            attachments: Attachments::new(&cfg.pin_dir, mode)?,
             misses: Some(misses),
             underlay,
             receive_interfaces: BTreeSet::new(),
         };
+        state.attachments.forget_vanished()?;
+        tracing::info!(attach_mode = %mode, "dataplane loaded");
         if cfg.uplink.is_empty() {
             return Ok(Dataplane {
                 _background: Vec::new(),
                 state: Arc::new(Mutex::new(state)),
                 reinjector: None,
                 slow_path: None,
-                cfg: cfg.clone(),
             });
         }
         state.attach(UPLINK_PROGRAM, &cfg.uplink)?;
@@ -239,9 +252,18 @@ impl Dataplane {
         let addresses = address_watch::NodeAddressSet::default();
         let mut background = vec![address_watch::start(
             state.clone(),
-            cfg.clone(),
+            cfg.container_bridge.clone(),
             addresses.clone(),
         )?];
+        // What an earlier run left on interfaces that neither carry the
+        // uplink nor a node address now (the uplink moved while NetManager
+        // was down): swept only after the address watch took over the
+        // receive interfaces, so none of those goes without the program.
+        state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attachments
+            .sweep(UPLINK_PROGRAM)?;
         let mut slow_counters = None;
         match slow_path::open_socket(cfg.tunnel_port) {
             Ok(socket) => {
@@ -269,7 +291,6 @@ impl Dataplane {
             state,
             reinjector,
             slow_path: slow_counters,
-            cfg: cfg.clone(),
         })
     }
 
@@ -277,10 +298,50 @@ impl Dataplane {
     pub fn set_node_ip(&self, ip: IpAddr) -> Result<()> {
         let mut state = self.lock();
         let State {
-            tables, underlay, ..
+            cfg,
+            tables,
+            underlay,
+            ..
         } = &mut *state;
+        cfg.node_ip = ip;
         underlay.advertised = ip;
-        tables.write_config(&self.cfg, underlay)
+        tables.write_config(cfg, underlay)
+    }
+
+    /// The default route moved to `ifname` (or `ifname` was created anew):
+    /// the uplink program is attached there before anything leaves the old
+    /// uplink, the outer source prefers `ifname`'s addresses, and `ip` is
+    /// the advertised address. The old uplink keeps the program while it
+    /// still carries a node address (it receives, like any such interface).
+    pub fn set_uplink(&self, ifname: &str, ip: IpAddr) -> Result<()> {
+        let mut state = self.lock();
+        let ifindex = tables::ifindex(ifname)?;
+        let old = state.cfg.uplink.clone();
+        state.attach(UPLINK_PROGRAM, ifname)?;
+        state.receive_interfaces.remove(ifname);
+        let State {
+            cfg,
+            tables,
+            underlay,
+            ..
+        } = &mut *state;
+        cfg.uplink = ifname.to_string();
+        cfg.node_ip = ip;
+        underlay.advertised = ip;
+        underlay.uplink_ifindex = ifindex;
+        tables.write_config(cfg, underlay)?;
+        if old == ifname || old.is_empty() {
+            return Ok(());
+        }
+        let old_receives = tables::ifindex(&old)
+            .map(|i| state.underlay.addresses.values().any(|a| *a == i))
+            .unwrap_or(false);
+        if old_receives {
+            state.receive_interfaces.insert(old);
+        } else {
+            state.attachments.detach(UPLINK_PROGRAM, &old)?;
+        }
+        Ok(())
     }
 
     /// The node's addresses (address, ifindex). A dataplane with an uplink
@@ -289,11 +350,14 @@ impl Dataplane {
     pub fn set_node_addresses(&self, addresses: &[(IpAddr, u32)]) -> Result<()> {
         let mut state = self.lock();
         let State {
-            tables, underlay, ..
+            cfg,
+            tables,
+            underlay,
+            ..
         } = &mut *state;
         underlay.addresses = addresses.iter().copied().collect();
         tables.sync_node_addresses(&underlay.addresses)?;
-        tables.write_config(&self.cfg, underlay)
+        tables.write_config(cfg, underlay)
     }
 
     /// Attach the container-side program to a container veth (host end).
@@ -370,8 +434,9 @@ impl Dataplane {
     pub fn status(&self) -> Result<DataplaneStatus> {
         let state = self.lock();
         Ok(DataplaneStatus {
+            attach_mode: state.attachments.mode().to_string(),
             attachments: state.attachments.list(),
-            maps: state.tables.fill(&self.cfg.sizes),
+            maps: state.tables.fill(&state.cfg.sizes),
             counters: state
                 .tables
                 .counters()?

@@ -1,9 +1,12 @@
 //! Container networking through netlink: the node bridge, one veth pair per
 //! container, addresses and routes inside the container namespace, the
-//! uplink/default-route lookups, sysctls, and (in `nft`) NAT.
+//! uplink/default-route lookups and their change events (`route_events`),
+//! sysctls, NAT (`nft`) and the host's FORWARD chain (`forward`).
 
+pub mod forward;
 pub mod netns;
 pub mod nft;
+pub mod route_events;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -25,6 +28,17 @@ pub const BRIDGE: &str = "goProxyBridge";
 pub const CONTAINER_IFNAME: &str = "eth0";
 /// The guest's NIC in a unikernel namespace.
 pub const UNIKERNEL_TAP: &str = "tap0";
+
+/// The interface tunnel traffic leaves by, as found now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UplinkInterface {
+    pub name: String,
+    /// Changes when an interface of the same name is created anew (its
+    /// programs went with the old one).
+    pub index: u32,
+    /// Its first IPv4 address, else its first global IPv6 address.
+    pub addr: IpAddr,
+}
 
 /// What was created for one deployment.
 #[derive(Debug, Clone, Copy)]
@@ -195,7 +209,7 @@ impl Plumbing {
     /// The uplink: `preferred` if given, else the interface of the (first)
     /// IPv4 default route, else of the IPv6 one (an IPv6-only underlay); and
     /// its first IPv4 address, else its first global IPv6 address.
-    pub async fn uplink(&self, preferred: Option<&str>) -> Result<(String, IpAddr)> {
+    pub async fn uplink(&self, preferred: Option<&str>) -> Result<UplinkInterface> {
         let name = match preferred {
             Some(p) => p.to_string(),
             None => {
@@ -225,7 +239,11 @@ impl Plumbing {
                     anyhow!("uplink interface {name} has no IPv4 or global IPv6 address")
                 })?,
         };
-        Ok((name, addr))
+        Ok(UplinkInterface {
+            name,
+            index: link.header.index,
+            addr,
+        })
     }
 
     /// Output interfaces of default routes of one family in the main table,
@@ -304,9 +322,13 @@ impl Plumbing {
             }))
     }
 
-    /// Remove the bridge (used by tests and a full teardown).
+    /// Remove the bridge and what lets its traffic through the host's
+    /// FORWARD chain (used by tests and a full teardown).
     pub async fn remove_bridge(&self) -> Result<()> {
-        self.delete_link(BRIDGE).await
+        self.delete_link(BRIDGE).await?;
+        tokio::task::spawn_blocking(|| forward::remove(BRIDGE))
+            .await
+            .context("removing the FORWARD accepts")?
     }
 }
 

@@ -3,9 +3,10 @@
 //!
 //! We drive nftables through the `nft` binary with one dedicated table
 //! `inet oakestra` that is rewritten as a whole on every change: `nft -f`
-//! applies a file as one atomic transaction (never a half-written ruleset),
-//! cleanup is deleting one table, and other tables on the host are never
-//! touched. The netlink nftables crates are still immature, so the `nft`
+//! applies a file as one atomic transaction (never a half-written ruleset)
+//! and cleanup is deleting one table. The one exception to staying in our
+//! own table is the host's FORWARD chain, where a DROP policy (Docker's)
+//! would overrule us: `forward` adds two marked accepts there. The netlink nftables crates are still immature, so the `nft`
 //! binary is the one subprocess NetManager runs.
 
 use std::io::Write;
@@ -172,8 +173,12 @@ pub fn run_nft(script: &str) -> Result<()> {
     Ok(())
 }
 
+/// Write the table, and make sure the host's own FORWARD chain (Docker's
+/// DROP policy) lets the bridge's traffic through (see `forward`).
 pub fn apply(rules: &Ruleset) -> Result<()> {
-    run_nft(&rules.render()).context("applying the oakestra nftables table")
+    run_nft(&rules.render()).context("applying the oakestra nftables table")?;
+    super::forward::ensure(&rules.bridge)
+        .context("accepting the bridge's traffic in the host's FORWARD chain")
 }
 
 /// Remove the table entirely (absent is fine).

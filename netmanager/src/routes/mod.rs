@@ -14,6 +14,7 @@ use anyhow::Result;
 pub use plan::LocalView;
 pub use tables::{Limits, ServiceTables};
 
+use crate::addresses::ServiceRanges;
 use crate::cluster_link::TableResult;
 use crate::dataplane::{InstanceEntry, LocalPort};
 use crate::forwarding::Forwarding;
@@ -39,6 +40,7 @@ pub struct Routes {
     fwd: Arc<dyn Forwarding>,
     local: Arc<LocalState>,
     uplink: Arc<Uplink>,
+    service_ranges: ServiceRanges,
 }
 
 impl Routes {
@@ -47,12 +49,14 @@ impl Routes {
         local: Arc<LocalState>,
         uplink: Arc<Uplink>,
         limits: Limits,
+        service_ranges: ServiceRanges,
     ) -> Routes {
         Routes {
             tables: Mutex::new(ServiceTables::with_limits(limits)),
             fwd,
             local,
             uplink,
+            service_ranges,
         }
     }
 
@@ -66,6 +70,7 @@ impl Routes {
             node_port: self.uplink.port(),
             locals: self.local.ports(),
             owners: self.local.owners(),
+            service_ranges: self.service_ranges.clone(),
         }
     }
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use crate::addresses::{is_namespace_address, is_node_address, is_service_address};
+use crate::addresses::{ServiceRanges, is_namespace_address, is_node_address};
 use crate::cluster_link::{TableInstance, TableResult};
 use crate::dataplane::{InstanceEntry, LocalPort, ServiceKind};
 
@@ -19,6 +19,8 @@ pub struct LocalView {
     /// Namespace address of each local container -> its job. Only that
     /// job's table may describe the address.
     pub owners: HashMap<IpAddr, String>,
+    /// What counts as a service address.
+    pub service_ranges: ServiceRanges,
 }
 
 /// Most instances one table may describe; the rest are ignored, so one
@@ -121,8 +123,8 @@ impl Inst {
             .map(|s| {
                 (
                     sip_kind(&s.ip_type),
-                    service_address(&s.address, job),
-                    service_address(&s.address_v6, job),
+                    service_address(&s.address, job, &view.service_ranges),
+                    service_address(&s.address_v6, job, &view.service_ranges),
                 )
             })
             .collect();
@@ -184,13 +186,13 @@ fn namespace_address(text: &str, job: &str, view: &LocalView) -> Option<IpAddr> 
 
 /// A service address from a table: empty is absent; outside the service
 /// ranges is refused (it would capture traffic to that address).
-fn service_address(text: &str, job: &str) -> Option<IpAddr> {
+fn service_address(text: &str, job: &str, ranges: &ServiceRanges) -> Option<IpAddr> {
     let text = text.trim();
     if text.is_empty() {
         return None;
     }
     match text.parse::<IpAddr>() {
-        Ok(ip) if is_service_address(ip) => Some(ip),
+        Ok(ip) if ranges.contains(ip) => Some(ip),
         _ => {
             tracing::warn!(
                 job,

@@ -36,6 +36,127 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// One test per attach mode: `attach_mode_tests!(a, b)` makes the tests
+/// `tcx::a`, `netlink::a`, ... calling `a("tcx")`, `a("netlink")`, ...
+#[allow(unused_macros)]
+macro_rules! attach_mode_tests {
+    ($($name:ident),+ $(,)?) => {
+        mod tcx {
+            $(
+                #[test]
+                fn $name() {
+                    if crate::common::attach_mode_ready(stringify!($name), "tcx") {
+                        super::$name("tcx");
+                    }
+                }
+            )+
+        }
+        mod netlink {
+            $(
+                #[test]
+                fn $name() {
+                    if crate::common::attach_mode_ready(stringify!($name), "netlink") {
+                        super::$name("netlink");
+                    }
+                }
+            )+
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use attach_mode_tests;
+
+/// Whether `mode` can run here (TCX needs Linux 6.6); says why not.
+pub fn attach_mode_ready(test: &str, mode: &str) -> bool {
+    if mode == "tcx" && is_root() && !netmanager::kernel_support::probe().tcx {
+        eprintln!("SKIP {test} (tcx): this kernel has no TCX links");
+        return false;
+    }
+    true
+}
+
+fn is_root() -> bool {
+    worker_common::privileges::is_root()
+}
+
+/// Runs `f` on a thread inside `ns` (setns affects only that thread).
+pub fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = File::open(ns.path()).expect("namespace file");
+            // SAFETY: a valid namespace descriptor; affects this thread only.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    })
+}
+
+/// (hook, program, program id) of every program on the ingress of
+/// `ifname` in `ns`: TCX links as the kernel lists them ("tcx/ingress"),
+/// clsact filters as `bpftool net show` lists them ("clsact/ingress").
+pub fn ingress_programs(ns: &Netns, ifname: &str) -> Vec<(String, String, u32)> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let mut out: Vec<(String, String, u32)> = in_netns(ns, || {
+        if !netmanager::kernel_support::probe().tcx {
+            return Vec::new();
+        }
+        let (_, progs) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+            .unwrap_or_else(|e| panic!("querying TCX programs of {ifname}: {e}"));
+        progs
+            .iter()
+            .map(|p| {
+                (
+                    "tcx/ingress".to_string(),
+                    p.name_as_str().unwrap_or_default().to_string(),
+                    p.id(),
+                )
+            })
+            .collect()
+    });
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["-j", "net", "show", "dev", ifname]);
+    ns.enter(&mut cmd);
+    let res = cmd.output().expect("running bpftool");
+    assert!(
+        res.status.success(),
+        "bpftool net show dev {ifname}: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let json: Value = serde_json::from_slice(&res.stdout).expect("bpftool's JSON");
+    for entry in json.as_array().into_iter().flatten() {
+        for f in entry["tc"].as_array().into_iter().flatten() {
+            let kind = f["kind"].as_str().unwrap_or_default();
+            // Newer bpftool lists TCX links here too; they were counted above.
+            if kind.starts_with("clsact/") {
+                out.push((
+                    kind.to_string(),
+                    f["name"].as_str().unwrap_or_default().to_string(),
+                    f["id"].as_u64().unwrap_or_default() as u32,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The daemon's dataplane runs in `mode` (so a test run "in netlink mode"
+/// really did).
+pub fn assert_attach_mode(nm: &Daemon, mode: &str) {
+    let (_, st) = nm.get("/status");
+    assert_eq!(st["dataplane"]["attach_mode"], json!(mode), "{st}");
+}
+
+/// The hook `ingress_programs` reports for an attach mode.
+pub fn hook_of(mode: &str) -> &'static str {
+    match mode {
+        "netlink" => "clsact/ingress",
+        _ => "tcx/ingress",
+    }
+}
+
 pub fn run(cmd: &[&str]) -> String {
     let out = Command::new(cmd[0])
         .args(&cmd[1..])
@@ -244,6 +365,80 @@ impl Underlay {
             "up",
         ]);
         node
+    }
+}
+
+impl Underlay {
+    /// Another way out for `node`: interface `name` into the underlay with
+    /// 198.51.100.<host>/24 and a default route of `metric` (a second
+    /// uplink, less preferred than the first while that one is up).
+    pub fn add_uplink(&self, node: &Netns, name: &str, host: u8, metric: u32) {
+        // Both uplinks sit on one segment here (unlike Wi-Fi and LTE): each
+        // must answer ARP for its own address only, or peers would send to
+        // one address through the other interface.
+        for (key, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &node.name,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.all.{key}={value}"),
+            ]);
+        }
+        let peer = format!("up{host}");
+        run(&[
+            "ip",
+            "-n",
+            &node.name,
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            &self.ns.name,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &node.name,
+            "addr",
+            "add",
+            &format!("198.51.100.{host}/24"),
+            "dev",
+            name,
+        ]);
+        run(&["ip", "-n", &node.name, "link", "set", name, "up"]);
+        run(&[
+            "ip",
+            "-n",
+            &self.ns.name,
+            "link",
+            "set",
+            &peer,
+            "master",
+            "ubr",
+            "up",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &node.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.51.100.254",
+            "dev",
+            name,
+            "metric",
+            &metric.to_string(),
+        ]);
     }
 }
 
@@ -541,6 +736,13 @@ async fn double_loop(
                         let (v4, v6) = subnets.lock().unwrap().get(node).cloned().unwrap_or_else(|| subnet.clone());
                         let body = json!({"address": v4, "addressv6": v6});
                         let _ = client.publish(format!("nodes/{node}/net/subnetwork/result"), QoS::AtLeastOnce, false, body.to_string()).await;
+                    } else if rest == "service/address-changed" {
+                        // As the cluster does: the instance's new place, then
+                        // "query this job again" to whoever follows it.
+                        let changed = follow_address_change(&mut tables.lock().unwrap(), &payload);
+                        if let Some(job) = changed {
+                            let _ = client.publish(format!("jobs/{job}/updates_available"), QoS::AtLeastOnce, false, b"{}".to_vec()).await;
+                        }
                     } else if rest == "tablequery/request" && !silent.load(Ordering::SeqCst) {
                         let answer = answer_query(&tables.lock().unwrap(), &payload);
                         let _ = client.publish(format!("nodes/{node}/net/tablequery/result"), QoS::AtLeastOnce, false, answer.to_string()).await;
@@ -555,6 +757,23 @@ async fn double_loop(
             }
         }
     }
+}
+
+/// `service/address-changed` `{appname, instance_number, host_ip,
+/// host_port}`: moves that instance in its job's table; the job, if known.
+fn follow_address_change(tables: &mut HashMap<String, Value>, msg: &Value) -> Option<String> {
+    let job = msg["appname"].as_str()?;
+    let n = msg["instance_number"].as_u64()?;
+    let list = tables.get_mut(job)?["instance_list"].as_array_mut()?;
+    let inst = list.iter_mut().find(|i| i["instance_number"] == n)?;
+    inst["host_ip"] = msg["host_ip"].clone();
+    if let Some(port) = msg["host_port"]
+        .as_u64()
+        .or_else(|| msg["host_port"].as_str()?.parse().ok())
+    {
+        inst["host_port"] = json!(port);
+    }
+    Some(job.to_string())
 }
 
 fn answer_query(tables: &HashMap<String, Value>, req: &Value) -> Value {
@@ -595,8 +814,27 @@ pub struct Daemon {
     pub state: PathBuf,
     pub log: PathBuf,
     config: PathBuf,
+    /// Upstream's tuncfg.json, read if a test wrote it before the start
+    /// (never the machine's /etc/netmanager/tuncfg.json).
+    pub tun_config: PathBuf,
     netns: PathBuf,
+    /// Environment on top of the harness's own (wins over it); kept for
+    /// restarts.
+    pub env: Vec<(String, String)>,
     proc: Option<Proc>,
+}
+
+/// How `Daemon::start_ebpf_with` runs NetManager.
+#[derive(Debug, Clone, Default)]
+pub struct EbpfOptions {
+    /// `--attach-mode` ("tcx", "netlink"); None: the daemon's default.
+    pub attach_mode: Option<&'static str>,
+    /// More environment (e.g. NETMANAGER_ADDRESS_CHECK_SECS).
+    pub env: Vec<(String, String)>,
+    /// netcfg.json fields on top of the harness's.
+    pub netcfg: Value,
+    /// The contents of upstream's tuncfg.json, if any.
+    pub tuncfg: Option<Value>,
 }
 
 impl Daemon {
@@ -622,7 +860,9 @@ impl Daemon {
             state: dir.path("state.json"),
             log: dir.path("netmanager.log"),
             config,
+            tun_config: dir.path("tuncfg.json"),
             netns: node.path(),
+            env: Vec::new(),
             proc: None,
         };
         d.restart();
@@ -631,32 +871,42 @@ impl Daemon {
 
     /// A daemon with the real eBPF dataplane, files named after `tag`.
     pub fn start_ebpf(dir: &TempDir, node: &Netns, mqtt_port: u16, tag: &str) -> Daemon {
-        Daemon::start_ebpf_with(dir, node, mqtt_port, tag, json!({}))
+        Self::start_ebpf_with(dir, node, mqtt_port, tag, EbpfOptions::default())
     }
 
-    /// [`Daemon::start_ebpf`] with more netcfg.json properties.
+    /// Like `start_ebpf`, with an attach mode and more environment.
     pub fn start_ebpf_with(
         dir: &TempDir,
         node: &Netns,
         mqtt_port: u16,
         tag: &str,
-        extra: Value,
+        opts: EbpfOptions,
     ) -> Daemon {
         let config = dir.path(&format!("netcfg-{tag}.json"));
         let mut cfg = json!({"ClusterMqttPort": mqtt_port.to_string(), "Debug": true});
-        if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+        if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), opts.netcfg.as_object()) {
             cfg.extend(extra.clone());
         }
         std::fs::write(&config, cfg.to_string()).unwrap();
+        let tun_config = dir.path(&format!("tuncfg-{tag}.json"));
+        if let Some(t) = &opts.tuncfg {
+            std::fs::write(&tun_config, t.to_string()).unwrap();
+        }
         let mut d = Daemon {
             bpf_dir: Some(PathBuf::from(format!("/sys/fs/bpf/{}", unique("nmt")))),
             socket: dir.path(&format!("nm-{tag}.sock")),
             state: dir.path(&format!("state-{tag}.json")),
             log: dir.path(&format!("netmanager-{tag}.log")),
             config,
+            tun_config,
             netns: node.path(),
+            env: opts.env,
             proc: None,
         };
+        if let Some(mode) = opts.attach_mode {
+            d.env
+                .push(("NETMANAGER_ATTACH_MODE".into(), mode.to_string()));
+        }
         d.restart();
         d
     }
@@ -678,10 +928,12 @@ impl Daemon {
             Some(dir) => cmd.env("NETMANAGER_BPF_DIR", dir),
         };
         cmd.env("NETMANAGER_CONFIG", &self.config)
+            .env("NETMANAGER_TUN_CONFIG", &self.tun_config)
             .env("NETMANAGER_SOCKET", &self.socket)
             .env("NETMANAGER_STATE", &self.state)
             .env_remove("INVOCATION_ID")
             .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

@@ -92,6 +92,7 @@ fn main() -> Result<()> {
             ..MapSizes::default()
         },
         miss_hold: 2,
+        attach_mode: netmanager::dataplane::AttachMode::Auto,
         container_bridge: String::new(),
     };
     let t = Instant::now();

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use netmanager::dataplane::{
-    Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, ServiceKind,
+    AttachMode, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, ServiceKind,
 };
 use serde::Deserialize;
 
@@ -27,6 +27,9 @@ struct Table {
     /// benchmark (no cluster round trip).
     #[serde(default)]
     deferred_services: Vec<Service>,
+    /// "tcx", "netlink" or "auto" (the default), as NetManager's --attach-mode.
+    #[serde(default)]
+    attach_mode: AttachMode,
 }
 
 fn default_port() -> u16 {
@@ -77,6 +80,7 @@ fn main() -> Result<()> {
         // The daemon's defaults, so benchmarks measure what a node runs.
         sizes: MapSizes::default(),
         miss_hold: netmanager_common::DEFAULT_MISS_HOLD,
+        attach_mode: table.attach_mode,
         container_bridge: "goProxyBridge".to_string(),
     };
     let dp = Dataplane::open(&cfg).context("opening the dataplane")?;

@@ -193,6 +193,8 @@ impl Worker {
             .env("NETMANAGER_SOCKET", &self.socket)
             .env("NETMANAGER_BPF_DIR", &self.bpf_dir)
             .env("NETMANAGER_STATE", self.dir.join("netmanager-state.json"))
+            // The worker's own (absent unless written): never the machine's.
+            .env("NETMANAGER_TUN_CONFIG", self.dir.join("tuncfg.json"))
             // Not under systemd even if our caller is.
             .env_remove("INVOCATION_ID");
         self.netmanager = Some(Proc::spawn("NetManager", cmd, &self.log("netmanager"))?);
