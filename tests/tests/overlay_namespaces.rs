@@ -61,6 +61,45 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format_netlink() -> Result<()>
     crosses_nodes("netlink")
 }
 
+/// `#[test]`s running `$body(mode)` once per attach mode (`_tcx` skipped on
+/// a kernel without TCX links).
+macro_rules! in_both_modes {
+    ($($body:ident),* $(,)?) => {
+        mod tcx {
+            $(
+                #[test]
+                fn $body() -> anyhow::Result<()> {
+                    if super::is_root() && !netmanager::kernel_support::probe().tcx {
+                        eprintln!("SKIP: this kernel has no TCX links");
+                        return Ok(());
+                    }
+                    super::$body("tcx")
+                }
+            )*
+        }
+        mod netlink {
+            $(
+                #[test]
+                fn $body() -> anyhow::Result<()> {
+                    super::$body("netlink")
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    a_node_behind_nat_carries_service_traffic_both_ways,
+    fragmented_and_optioned_outer_datagrams_take_the_slow_path,
+    a_second_interface_receives_and_reaches_peers_only_behind_it,
+    an_ipv6_only_underlay_carries_v4_and_v6_service_traffic,
+);
+
+/// A lab tag per test and mode: both modes run at once in one process.
+fn lab_tag(test: &str, mode: &str) -> String {
+    format!("{test}{}", if mode == "tcx" { "t" } else { "n" })
+}
+
 fn crosses_nodes(mode: &str) -> Result<()> {
     if !is_root() {
         eprintln!("skipped: namespaces and eBPF need root");
@@ -278,6 +317,7 @@ const SITES: [(&str, &str, &str, &str); 2] = [
 /// site's at `peer_ip`, every service.
 fn site_table(
     lab: &mut Lab,
+    mode: &str,
     me: usize,
     uplink: &str,
     node_ip: &str,
@@ -296,6 +336,7 @@ fn site_table(
     let t = serde_json::json!({
         "pin_dir": pin,
         "uplink": uplink,
+        "attach_mode": mode,
         "node_ip": node_ip,
         "service_ranges": [["10.30.0.0", 16], ["fdff::", 16]],
         "instances": instances,
@@ -467,14 +508,13 @@ fn capture(lab: &mut Lab, ns: &str, ifname: &str, tag: &str) -> Result<std::path
     Ok(path.into())
 }
 
-#[test]
-fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
+fn a_node_behind_nat_carries_service_traffic_both_ways(mode: &str) -> Result<()> {
     if !is_root() {
         eprintln!("skipped: namespaces and eBPF need root");
         return Ok(());
     }
     // n1 --- underlay 198.51.100.0/25 --- (wan .3) NAT (lan .129) --- n2 (.130)
-    let mut lab = Lab::new("nat");
+    let mut lab = Lab::new(&lab_tag("nat", mode));
     let under = lab.underlay()?;
     let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
     lab.uplink(&n1, "eth0", &under, "198.51.100.1/25")?;
@@ -503,8 +543,24 @@ fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
     let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
     // Each node knows the other by its advertised address: n2 advertises
     // the router's, which it does not own.
-    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.3")?;
-    let t2 = site_table(&mut lab, 2, "eth0", "198.51.100.3", &c2, "198.51.100.1")?;
+    let t1 = site_table(
+        &mut lab,
+        mode,
+        1,
+        "eth0",
+        "198.51.100.1",
+        &c1,
+        "198.51.100.3",
+    )?;
+    let t2 = site_table(
+        &mut lab,
+        mode,
+        2,
+        "eth0",
+        "198.51.100.3",
+        &c2,
+        "198.51.100.1",
+    )?;
     let runner = binary("oak-static-dataplane");
     let runner = runner.to_string_lossy();
     lab.spawn(&n1, &runner, &[&t1], true)?;
@@ -532,15 +588,14 @@ fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
+fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Result<()> {
     if !is_root() {
         eprintln!("skipped: namespaces and eBPF need root");
         return Ok(());
     }
     // n2 plays an upstream worker: a plain UDP socket sends tunnel
     // datagrams, through a 1280-byte MTU, so its kernel fragments them.
-    let mut lab = Lab::new("frag");
+    let mut lab = Lab::new(&lab_tag("frag", mode));
     let under = lab.underlay()?;
     let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
     lab.uplink(&n1, "eth0", &under, "198.51.100.1/24 2001:db8::1/64")?;
@@ -552,7 +607,15 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
         "c1",
         ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
     )?;
-    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.2")?;
+    let t1 = site_table(
+        &mut lab,
+        mode,
+        1,
+        "eth0",
+        "198.51.100.1",
+        &c1,
+        "198.51.100.2",
+    )?;
     let runner = binary("oak-static-dataplane");
     lab.spawn(&n1, &runner.to_string_lossy(), &[&t1], true)?;
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
@@ -638,15 +701,14 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> {
+fn a_second_interface_receives_and_reaches_peers_only_behind_it(mode: &str) -> Result<()> {
     if !is_root() {
         eprintln!("skipped: namespaces and eBPF need root");
         return Ok(());
     }
     // n1: eth0 on underlay A (its uplink, .1/25), eth1 on underlay B
     // (.129/25). n2 only on B (.130/25), reaching n1's advertised .1 via .129.
-    let mut lab = Lab::new("twoif");
+    let mut lab = Lab::new(&lab_tag("twoif", mode));
     let a = lab.underlay()?;
     let b = lab.ns("underb")?;
     ns_sh(&b, "ip link add br0 type bridge && ip link set br0 up")?;
@@ -657,8 +719,24 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> 
     lab.uplink(&n2, "eth0", &b, "198.51.100.130/25")?;
     ns_sh(&n2, "ip route add 198.51.100.0/25 via 198.51.100.129")?;
     let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
-    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.130")?;
-    let t2 = site_table(&mut lab, 2, "eth0", "198.51.100.130", &c2, "198.51.100.1")?;
+    let t1 = site_table(
+        &mut lab,
+        mode,
+        1,
+        "eth0",
+        "198.51.100.1",
+        &c1,
+        "198.51.100.130",
+    )?;
+    let t2 = site_table(
+        &mut lab,
+        mode,
+        2,
+        "eth0",
+        "198.51.100.130",
+        &c2,
+        "198.51.100.1",
+    )?;
     let runner = binary("oak-static-dataplane");
     let runner = runner.to_string_lossy();
     lab.spawn(&n1, &runner, &[&t1], true)?;
@@ -668,10 +746,12 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> 
     traffic_both_ways(&mut lab, &c1, &c2)?;
 
     // The receive program went onto eth1 by itself (it carries a node
-    // address), next to the uplink's.
-    let links = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-s1/links", lab.prefix));
+    // address), next to the uplink's; recorded where the mode records
+    // (a TCX link's pin, a tc filter's program pin).
+    let records = if mode == "netlink" { "tc" } else { "links" };
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-s1/{records}", lab.prefix));
     for ifname in ["eth0", "eth1"] {
-        let pin = links.join(format!("uplink_ingress@{ifname}"));
+        let pin = pins.join(format!("uplink_ingress@{ifname}"));
         assert!(pin.exists(), "{} pinned", pin.display());
     }
     // n1's datagrams to n2 left through eth1, from its advertised address.
@@ -689,21 +769,20 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> 
     Ok(())
 }
 
-#[test]
-fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic() -> Result<()> {
+fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic(mode: &str) -> Result<()> {
     if !is_root() {
         eprintln!("skipped: namespaces and eBPF need root");
         return Ok(());
     }
-    let mut lab = Lab::new("v6u");
+    let mut lab = Lab::new(&lab_tag("v6u", mode));
     let under = lab.underlay()?;
     let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
     lab.uplink(&n1, "eth0", &under, "2001:db8::1/64")?;
     let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
     lab.uplink(&n2, "eth0", &under, "2001:db8::2/64")?;
     let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
-    let t1 = site_table(&mut lab, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2")?;
-    let t2 = site_table(&mut lab, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1")?;
+    let t1 = site_table(&mut lab, mode, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2")?;
+    let t2 = site_table(&mut lab, mode, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1")?;
     let runner = binary("oak-static-dataplane");
     let runner = runner.to_string_lossy();
     lab.spawn(&n1, &runner, &[&t1], true)?;
