@@ -367,10 +367,13 @@ pub struct FibNetns {
 impl FibNetns {
     pub fn enter(tag: &str) -> FibNetns {
         let name = format!("oakfib-{}-{tag}", std::process::id());
+        // iproute2's `ip` itself, not through `sh -c`: the old-kernel
+        // guest's busybox shell would run its own `ip` applet, which knows
+        // no `-n`.
         let ip = |args: &str| {
-            let out = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!("ip -n {name} {args}"))
+            let out = std::process::Command::new("ip")
+                .args(["-n", &name])
+                .args(args.split_whitespace())
                 .output()
                 .expect("running ip");
             assert!(
