@@ -49,6 +49,7 @@ fn view() -> LocalView {
         node_port: 50103,
         locals: local.iter().map(|a| (*a, port)).collect(),
         owners: local.iter().map(|a| (*a, LOCAL_JOB.to_string())).collect(),
+        service_ranges: netmanager::addresses::ServiceRanges::default(),
     }
 }
 
