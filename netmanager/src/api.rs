@@ -111,6 +111,18 @@ impl axum::serve::Listener for PeerCheckedListener {
     }
 }
 
+/// The watchdog's health probe (worker_common::systemd::spawn_watchdog):
+/// `GET /status` answers on our own socket, so the runtime, the accept loop
+/// and the daemon's state lock all work. Not `/readyz`: an unregistered
+/// NetManager is not ready, but alive and must not be restarted.
+pub async fn probe(socket: std::path::PathBuf) -> Result<(), String> {
+    worker_common::http::Client::unix(&socket)
+        .get_json::<Status>(routes::STATUS)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route(routes::STATUS, get(status))

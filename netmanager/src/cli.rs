@@ -1,6 +1,6 @@
 //! Command line: `NetManager` runs the daemon; `help`, `version`, `status`,
 //! `logs` are the operator's subcommands (docs/contract.md, NetManager
-//! command line). Every setting is a flag with an environment variable, read
+//! command line), `config check` and `teardown` ours (docs/operations.md). Every setting is a flag with an environment variable, read
 //! here and nowhere else, so several daemons can run side by side in separate
 //! network namespaces of one machine.
 
@@ -17,7 +17,7 @@ use worker_common::paths::per_netns;
 #[derive(Debug, Parser)]
 #[command(
     name = "NetManager",
-    version,
+    version = worker_common::version::VERSION,
     about = "Oakestra NetManager with an eBPF overlay dataplane"
 )]
 pub struct Cli {
@@ -41,9 +41,11 @@ pub struct Cli {
     /// /run/oakestra/netmanager-state.json, suffixed like --bpf-dir].
     #[arg(long, env = "NETMANAGER_STATE", global = true)]
     pub state: Option<PathBuf>,
-    /// Log file (also written when run by systemd); `logs` follows it.
+    /// Log to this file instead of stderr (or the journal); `logs` follows it.
     #[arg(long = "log-file", env = "NETMANAGER_LOG_FILE", global = true)]
     pub log_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub log: worker_common::logging::LogArgs,
     /// Uplink interface (default: DefaultInterface, else the default route's).
     #[arg(long, env = "NETMANAGER_UPLINK", global = true)]
     pub uplink: Option<String>,
@@ -90,9 +92,6 @@ pub struct Cli {
         global = true
     )]
     pub log_filter: Option<String>,
-    /// Set by systemd for its services: the log then also goes to the log file.
-    #[arg(long, env = "INVOCATION_ID", hide = true, global = true)]
-    pub systemd_invocation: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -103,27 +102,41 @@ pub enum Command {
     Version,
     /// Ask the running daemon for its state and the dataplane's.
     Status,
-    /// Follow the log file.
+    /// Follow the log: the journal under systemd, else the log file.
     Logs,
+    /// Check the configuration and what the daemon needs of this machine.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Remove the dataplane for good: pinned links and maps (which
+    /// detaches the programs), the nft table, the bridge and the state file.
+    /// NetManager must be stopped; a restart never needs this.
+    Teardown {
+        /// Only say what would be removed.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate netcfg.json and the environment (kernel features, bpffs,
+    /// nft, uplink); exit code 0 when nothing failed.
+    Check {
+        /// Also check that the cluster's MQTT broker accepts TCP
+        /// connections: at HOST[:PORT], or ClusterUrl:ClusterMqttPort.
+        #[arg(long, value_name = "HOST[:PORT]", num_args = 0..=1, default_missing_value = "")]
+        broker: Option<String>,
+    },
 }
 
 impl Cli {
-    /// Where the log goes when running as a service.
-    pub fn effective_log_file(&self) -> Option<PathBuf> {
-        self.log_file.clone().or_else(|| {
-            self.systemd_invocation
-                .as_ref()
-                .map(|_| PathBuf::from(config::DEFAULT_LOG_PATH))
-        })
-    }
-
     /// How the daemon logs.
     pub fn log_options(&self, debug: bool) -> worker_common::logging::LogOptions {
         worker_common::logging::LogOptions {
             filter: self.log_filter.clone(),
             debug,
-            file: self.effective_log_file(),
-            format: worker_common::logging::LogFormat::Plain,
+            file: self.log_file.clone(),
+            args: self.log.clone(),
         }
     }
 
@@ -133,21 +146,42 @@ impl Cli {
             .unwrap_or_else(|| per_netns(config::DEFAULT_SOCKET_PATH))
     }
 
+    /// `logs`: the journal under systemd, else the log file (`--log-file`,
+    /// or where nodeengined puts its NetManager child's output).
+    pub fn follow_logs(&self) -> Result<()> {
+        let file = self
+            .log_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_LOG_PATH));
+        worker_common::logging::follow_service(
+            worker_common::systemd::NETMANAGER_UNIT,
+            &file,
+            self.log_file.is_some(),
+        )?;
+        Ok(())
+    }
+
+    pub fn bpf_dir(&self) -> PathBuf {
+        self.bpf_dir
+            .clone()
+            .unwrap_or_else(|| per_netns(config::DEFAULT_BPF_DIR))
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.state
+            .clone()
+            .unwrap_or_else(|| per_netns(config::DEFAULT_STATE_PATH))
+    }
+
     pub fn settings(&self) -> Result<Settings> {
         let net = NetConfig::load(&self.config)?;
         let tun = TunConfig::load(&self.tun_config)?;
         Ok(Settings {
             config_path: self.config.clone(),
             socket_path: self.socket_path(),
-            bpf_dir: self
-                .bpf_dir
-                .clone()
-                .unwrap_or_else(|| per_netns(config::DEFAULT_BPF_DIR)),
-            state_path: self
-                .state
-                .clone()
-                .unwrap_or_else(|| per_netns(config::DEFAULT_STATE_PATH)),
-            log_path: self.effective_log_file(),
+            bpf_dir: self.bpf_dir(),
+            state_path: self.state_path(),
+            log_path: self.log_file.clone(),
             uplink: self.uplink.clone().filter(|s| !s.is_empty()),
             tunnel_mtu: self
                 .tunnel_mtu

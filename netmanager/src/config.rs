@@ -21,7 +21,7 @@ pub use worker_common::paths::NETMANAGER_CONFIG as DEFAULT_CONFIG_PATH;
 pub use worker_common::paths::NETMANAGER_SOCKET as DEFAULT_SOCKET_PATH;
 pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/oakestra";
 pub const DEFAULT_STATE_PATH: &str = "/run/oakestra/netmanager-state.json";
-pub const DEFAULT_LOG_PATH: &str = "/var/log/oakestra/netmanager.log";
+pub use worker_common::paths::NETMANAGER_LOG as DEFAULT_LOG_PATH;
 pub const DEFAULT_TUNNEL_MTU: u16 = 1450;
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
 pub const DEFAULT_MQTT_PORT: u16 = 10003;

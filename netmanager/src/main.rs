@@ -4,24 +4,24 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use netmanager::cli::{self, Cli, Command};
+use netmanager::cli::{self, Cli, Command, ConfigCommand};
 use netmanager::registration::Daemon;
 
 fn main() -> ExitCode {
     let args = Cli::parse();
     let result = match &args.command {
         Some(Command::Version) => {
-            println!("NetManager {}", env!("CARGO_PKG_VERSION"));
+            println!("NetManager {}", worker_common::version::VERSION);
             Ok(())
         }
-        Some(Command::Logs) => {
-            let path = args
-                .effective_log_file()
-                .unwrap_or_else(|| netmanager::config::DEFAULT_LOG_PATH.into());
-            worker_common::logging::follow(&path).map_err(Into::into)
-        }
+        Some(Command::Logs) => args.follow_logs(),
         Some(Command::Status) => {
             runtime().and_then(|rt| rt.block_on(cli::status(&args.socket_path())))
+        }
+        Some(Command::Config(ConfigCommand::Check { broker })) => runtime()
+            .and_then(|rt| rt.block_on(netmanager::config_check::run(&args, broker.as_deref()))),
+        Some(Command::Teardown { dry_run }) => {
+            runtime().and_then(|rt| rt.block_on(netmanager::teardown::run(&args, *dry_run)))
         }
         None => runtime().and_then(|rt| rt.block_on(run_daemon(&args))),
     };
@@ -49,7 +49,7 @@ async fn run_daemon(args: &Cli) -> Result<()> {
         "it configures interfaces and loads eBPF",
     )?;
     let settings = args.settings()?;
-    worker_common::logging::init(&args.log_options(settings.net.debug))?;
+    let sink = worker_common::logging::init(&args.log_options(settings.net.debug))?;
     let kernel = netmanager::kernel_support::check()?;
     // An impossible --attach-mode fails here, not at the first /register.
     let attach_mode = settings.attach_mode.resolve(kernel.tcx)?;
@@ -61,10 +61,12 @@ async fn run_daemon(args: &Cli) -> Result<()> {
         mtu = settings.tunnel_mtu,
         tunnel_port = settings.tunnel_port,
         %attach_mode,
+        log = ?sink,
         "NetManager {} starting",
-        env!("CARGO_PKG_VERSION")
+        worker_common::version::VERSION
     );
     let socket = settings.socket_path.clone();
+    let socket_for_probe = socket.clone();
     let daemon = Arc::new(Daemon::new(settings));
     if let Err(e) = daemon.restore().await {
         // Keep serving: the NodeEngine registers again and deployments can be redone.
@@ -74,7 +76,14 @@ async fn run_daemon(args: &Cli) -> Result<()> {
     tracing::info!(socket = %socket.display(), "listening");
     let server = tokio::spawn(netmanager::api::serve(daemon.clone(), listener));
     let metrics = serve_metrics(&args.metrics_address, daemon.clone()).await;
+    // The socket is bound and served: requests from now on are answered.
+    // Readiness never waits for nodeengined (its unit is ordered after ours).
+    worker_common::systemd::ready(&format!("serving {}", socket.display()));
+    let _watchdog = worker_common::systemd::spawn_watchdog(move || {
+        netmanager::api::probe(socket_for_probe.clone())
+    });
     worker_common::shutdown::stop_signal().await;
+    worker_common::systemd::stopping();
     tracing::info!("stopping; containers, bridge and dataplane stay in place for the next start");
     server.abort();
     if let Some(m) = metrics {

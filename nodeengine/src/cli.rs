@@ -24,7 +24,7 @@ use crate::service::{self, NETMANAGER_UNIT, NODEENGINE_LOG, NODEENGINE_UNIT};
 #[derive(Parser, Debug)]
 #[command(
     name = "NodeEngine",
-    version,
+    version = worker_common::version::VERSION,
     about = "Start a new Oakestra worker node, and configure it",
     long_about = "Start a new Oakestra worker node, and configure it.\n\n\
         Without a command, NodeEngine saves the flags given in the configuration, \
@@ -114,7 +114,7 @@ pub enum Command {
     Version,
     /// Check the status of the node engine (and NetManager's with network auto)
     Status,
-    /// Follow the NodeEngine log
+    /// Follow the NodeEngine log (the journal under systemd, else the log file)
     Logs,
     /// Stop the NodeEngine (and NetManager)
     Stop,
@@ -185,6 +185,9 @@ pub enum ConfigCommand {
     },
     /// Generate the default configuration file
     Default,
+    /// Validate the configuration and what the daemon needs of this machine
+    /// (containerd, qemu, NetManager); exit code 0 when nothing failed
+    Check(crate::config_check::CheckArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -337,11 +340,11 @@ fn run(cli: Cli) -> Result<()> {
         None => start(&path, &cli.start),
         Some(Command::Config(c)) => configure(&path, c),
         Some(Command::Version) => {
-            println!("NodeEngine {}", env!("CARGO_PKG_VERSION"));
+            println!("NodeEngine {}", worker_common::version::VERSION);
             Ok(())
         }
         Some(Command::Status) => status(&path),
-        Some(Command::Logs) => follow(Path::new(NODEENGINE_LOG)),
+        Some(Command::Logs) => follow_service(),
         Some(Command::Stop) => stop(),
     }
 }
@@ -479,6 +482,7 @@ fn configure(path: &Path, c: ConfigCommand) -> Result<()> {
         }
         ConfigCommand::Csi { action } => configure_csi(path, action.unwrap_or(CsiCommand::List)),
         ConfigCommand::Default => save(path, &Config::default()),
+        ConfigCommand::Check(args) => crate::config_check::run(path, &args),
     }
 }
 
@@ -718,12 +722,13 @@ fn start(path: &Path, args: &StartArgs) -> Result<()> {
         );
     }
     if service::has_systemd() {
-        service::systemctl(&["start", NODEENGINE_UNIT])?;
+        // Enabled too: the node rejoins after a reboot.
+        service::systemctl(&["enable", "--now", NODEENGINE_UNIT])?;
         println!("NodeEngine started 🟢");
         if args.detach {
             return Ok(());
         }
-        return attach(Path::new(NODEENGINE_LOG));
+        return attach();
     }
     let daemon = daemon_binary()?;
     if args.detach {
@@ -743,9 +748,10 @@ extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// Follows the service log; Ctrl-C (or SIGTERM) stops the services, as
-/// upstream's attached `NodeEngine` does.
-fn attach(log: &Path) -> Result<()> {
+/// Follows the service log (the journal under systemd, else the log file);
+/// Ctrl-C (or SIGTERM) stops the services, as upstream's attached
+/// `NodeEngine` does.
+fn attach() -> Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is
         // async-signal-safe; `signal` has no other preconditions.
@@ -753,10 +759,26 @@ fn attach(log: &Path) -> Result<()> {
             libc::signal(sig, on_interrupt as *const () as libc::sighandler_t);
         }
     }
-    follow_then_stop(log, &INTERRUPTED, || {
+    let stop = || {
         println!("\nExiting...");
         stop_services()
-    })
+    };
+    if !worker_common::systemd::booted() {
+        return follow_then_stop(Path::new(NODEENGINE_LOG), &INTERRUPTED, stop);
+    }
+    // journalctl as a child, not exec'd: Ctrl-C reaches it too (same
+    // process group) and ends it, and this process then stops the services.
+    let followed = std::process::Command::new("journalctl")
+        .args(["--unit", NODEENGINE_UNIT, "--follow", "--lines", "100"])
+        .status();
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return stop();
+    }
+    match followed {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => bail!("journalctl --unit {NODEENGINE_UNIT} ended: {status}"),
+        Err(e) => Err(anyhow!("cannot run journalctl: {e}")),
+    }
 }
 
 /// Follows `log` until `interrupted` is set, then runs `stop`.
@@ -882,11 +904,13 @@ fn stop_services() -> Result<()> {
     Ok(())
 }
 
-/// `tail -F` of a log file until interrupted.
-fn follow(log: &Path) -> Result<()> {
-    logging::follow(log).map_err(|e| match e {
-        FollowError::Open { .. } if log == Path::new(NODEENGINE_LOG) && !service::has_systemd() => {
-            anyhow!("{e} (without systemd the daemon logs to its terminal)")
+/// The daemon's log until interrupted: its journal under systemd, else the
+/// file `NodeEngine -a -d` appends to.
+fn follow_service() -> Result<()> {
+    let log = Path::new(NODEENGINE_LOG);
+    logging::follow_service(NODEENGINE_UNIT, log, false).map_err(|e| match e {
+        FollowError::Open { .. } => {
+            anyhow!("{e} (without systemd, `NodeEngine -a` without -d logs to its terminal)")
         }
         e => anyhow!(e),
     })

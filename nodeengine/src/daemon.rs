@@ -43,7 +43,11 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/oakestra";
 /// `nodeengined`'s command line. Everything the daemon takes from its
 /// environment is declared here; the rest is in the configuration file.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "nodeengined", version, about = "Oakestra NodeEngine daemon")]
+#[command(
+    name = "nodeengined",
+    version = worker_common::version::VERSION,
+    about = "Oakestra NodeEngine daemon"
+)]
 pub struct DaemonArgs {
     /// Configuration file
     #[arg(
@@ -147,6 +151,9 @@ pub struct DaemonArgs {
     /// Log filter, e.g. `info,nodeengine=debug`
     #[arg(long, value_name = "FILTER", env = "RUST_LOG")]
     pub log_filter: Option<String>,
+
+    #[command(flatten)]
+    pub log: worker_common::logging::LogArgs,
 }
 
 impl DaemonArgs {
@@ -161,6 +168,9 @@ impl DaemonArgs {
 /// Entry point of the daemon binary: serves until SIGTERM/SIGINT.
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let cfg = Config::load(&args.config)?;
+    // Keep-alives while the runtime schedules work (a wedged runtime gets
+    // the daemon restarted after WatchdogSec=).
+    let _watchdog = worker_common::systemd::spawn_watchdog(|| async { Ok(()) });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let serve = serve(cfg, args, shutdown_rx);
     tokio::pin!(serve);
@@ -168,6 +178,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         r = &mut serve => return r,
         _ = stop_signal() => {}
     }
+    worker_common::systemd::stopping();
     let _ = shutdown_tx.send(true);
     // Let the MQTT session say goodbye and the NetManager child stop.
     match tokio::time::timeout(Duration::from_secs(8), serve).await {
@@ -318,6 +329,12 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
     sampler.set_public_ip(public_ip.current().await);
     let cluster =
         cluster_link::ClusterLink::new(&cfg.cluster_address, cfg.cluster_port, cfg.cluster_ssl)?;
+    // The work loop starts here; the cluster may be away for long, so
+    // readiness does not wait for it (nor for NetManager).
+    worker_common::systemd::ready(&format!(
+        "registering with the cluster at {}",
+        cfg.cluster_address
+    ));
     let reg = cluster
         .register_with_retry(|| {
             let doc = sampler.sample("");
@@ -325,6 +342,7 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
             doc
         })
         .await;
+    worker_common::systemd::status(&format!("registered as node {}", reg.node_id));
     tracing::info!(node_id = %reg.node_id, mqtt_port = reg.mqtt_port, "registered with the cluster");
 
     if let Some(net) = net.clone() {
@@ -419,12 +437,14 @@ mod tests {
                 "CONTAINERD_ADDRESS",
                 "CONTAINERD_CONFIG",
                 "CONTAINERD_NAMESPACE",
+                "JOURNAL_STREAM",
                 "MY_PORT",
                 "NODEENGINE_ADOPT_WINDOW",
                 "NODEENGINE_APP_LOG_MAX_BYTES",
                 "NODEENGINE_PUBLIC_IP_REFRESH",
                 "NODEENGINE_PUBLIC_IP_URL",
                 "OAKESTRA_CONF",
+                "OAKESTRA_LOG_FORMAT",
                 "OAKESTRA_STATE_DIR",
                 "RUST_LOG"
             ]

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod cluster_link;
 pub mod cluster_mqtt;
 pub mod config;
+pub mod config_check;
 pub mod containerd_runtime;
 pub mod csi;
 pub mod daemon;

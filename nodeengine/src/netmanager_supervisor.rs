@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use tokio::sync::watch;
 
 use crate::node_report::find_on_path;
@@ -28,7 +28,9 @@ pub fn find_netmanager() -> Option<PathBuf> {
 /// Starts NetManager; the returned task supervises a child process until shutdown.
 pub fn start(shutdown: watch::Receiver<bool>) -> Result<Option<tokio::task::JoinHandle<()>>> {
     if service::has_systemd() {
-        service::systemctl(&["start", service::NETMANAGER_UNIT])?;
+        // Usually already running (our unit wants it). --no-block: never wait
+        // on NetManager's readiness here, the socket wait does that.
+        service::systemctl(&["start", "--no-block", service::NETMANAGER_UNIT])?;
         return Ok(None);
     }
     let bin = find_netmanager().ok_or_else(|| {
@@ -39,10 +41,7 @@ pub fn start(shutdown: watch::Receiver<bool>) -> Result<Option<tokio::task::Join
 
 async fn supervise(bin: PathBuf, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let mut child = match tokio::process::Command::new(&bin)
-            .kill_on_drop(true)
-            .spawn()
-        {
+        let mut child = match netmanager_command(&bin).and_then(|mut c| Ok(c.spawn()?)) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(bin = %bin.display(), "cannot start NetManager: {e}");
@@ -52,7 +51,11 @@ async fn supervise(bin: PathBuf, mut shutdown: watch::Receiver<bool>) {
                 continue;
             }
         };
-        tracing::info!(pid = child.id(), "NetManager started");
+        tracing::info!(
+            pid = child.id(),
+            log = service::NETMANAGER_LOG,
+            "NetManager started"
+        );
         tokio::select! {
             st = child.wait() => {
                 tracing::warn!("NetManager exited ({st:?}); restarting in {RESTART_DELAY:?}");
@@ -66,6 +69,32 @@ async fn supervise(bin: PathBuf, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
+}
+
+/// NetManager as our child: its output appended to its log file (which
+/// `NetManager logs` follows without systemd), and none of systemd's
+/// notification variables, which are ours.
+fn netmanager_command(bin: &Path) -> Result<tokio::process::Command> {
+    let log = Path::new(service::NETMANAGER_LOG);
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.kill_on_drop(true)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("JOURNAL_STREAM");
+    Ok(cmd)
 }
 
 /// SIGTERM, then SIGKILL if it does not leave within 5 s.

@@ -1,18 +1,15 @@
 //! The system service around the daemon: systemd when present, else nothing.
 
-use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-pub const NODEENGINE_UNIT: &str = "nodeengine";
-pub const NETMANAGER_UNIT: &str = "netmanager";
-pub const NODEENGINE_LOG: &str = "/var/log/oakestra/nodeengine.log";
-pub const NETMANAGER_LOG: &str = "/var/log/oakestra/netmanager.log";
+pub use worker_common::paths::{NETMANAGER_LOG, NODEENGINE_LOG};
+pub use worker_common::systemd::{NETMANAGER_UNIT, NODEENGINE_UNIT};
 
-/// systemd's own test (sd_booted): the directory exists only when systemd is PID 1.
+/// Whether systemd runs this machine (sd_booted).
 pub fn has_systemd() -> bool {
-    Path::new("/run/systemd/system").is_dir()
+    worker_common::systemd::booted()
 }
 
 pub fn systemctl(args: &[&str]) -> Result<()> {

@@ -6,11 +6,14 @@
 //!   come from the cluster (`lenient`);
 //! - TLS client setup (`tls`), the HTTP client (`http`), logging and log
 //!   following (`logging`), the stop signal (`shutdown`), retry pacing
-//!   (`backoff`), the root check (`privileges`) and command-line pieces
-//!   (`args`).
+//!   (`backoff`), the root check (`privileges`), `config check` reports
+//!   (`check`), command-line pieces (`args`), life under systemd
+//!   (`systemd`: unit names, readiness, watchdog) and what `--version`
+//!   says (`version`).
 
 pub mod args;
 pub mod backoff;
+pub mod check;
 pub mod http;
 pub mod lenient;
 pub mod logging;
@@ -18,5 +21,7 @@ pub mod netmanager_api;
 pub mod paths;
 pub mod privileges;
 pub mod shutdown;
+pub mod systemd;
 pub mod task_id;
 pub mod tls;
+pub mod version;

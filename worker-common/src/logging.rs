@@ -1,5 +1,12 @@
-//! The daemons' logs: one setup of `tracing` (stderr, optionally a file,
-//! plain text or JSON lines) and the `logs` command that follows a log file.
+//! The daemons' logs: one setup of `tracing` and the `logs` commands.
+//!
+//! One copy of every line, in one place:
+//! - under systemd (stderr is the journal, `JOURNAL_STREAM` says so) native
+//!   journald records, with priorities and fields;
+//! - with a log file (`NetManager --log-file`) that file only;
+//! - otherwise stderr, plain text or JSON lines (`--log-format`).
+//!
+//! `logs` follows the journal under systemd and the log file otherwise.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -11,13 +18,37 @@ use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines (colours only on a terminal).
     #[default]
     Plain,
     /// One JSON object per event, for log collectors.
     Json,
+}
+
+/// The logging flags both daemons take (flattened into their command lines).
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct LogArgs {
+    /// Format of log lines on stderr or in the log file [default: plain;
+    /// under systemd the journal gets native records unless this is given]
+    #[arg(
+        long = "log-format",
+        value_name = "FORMAT",
+        value_enum,
+        env = "OAKESTRA_LOG_FORMAT",
+        global = true
+    )]
+    pub format: Option<LogFormat>,
+    /// Set by systemd when stderr is connected to the journal
+    /// (`<device>:<inode>` of that stream).
+    #[arg(
+        long = "journal-stream",
+        env = "JOURNAL_STREAM",
+        hide = true,
+        global = true
+    )]
+    pub journal_stream: Option<String>,
 }
 
 /// How a daemon logs.
@@ -28,9 +59,51 @@ pub struct LogOptions {
     pub filter: Option<String>,
     /// Without a filter: `debug` instead of `info`.
     pub debug: bool,
-    /// Also append to this file (created with its directory).
+    /// Write to this file (created with its directory) instead of stderr.
     pub file: Option<PathBuf>,
-    pub format: LogFormat,
+    pub args: LogArgs,
+}
+
+/// Where the lines go, decided once by [`init`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogSink {
+    Journald,
+    File(PathBuf, LogFormat),
+    Stderr(LogFormat),
+}
+
+impl LogOptions {
+    /// The journal when systemd connected stderr to it and no format or
+    /// file was asked for; the file when one is given; stderr otherwise.
+    pub fn sink(&self) -> LogSink {
+        let format = self.args.format.unwrap_or_default();
+        if let Some(file) = &self.file {
+            return LogSink::File(file.clone(), format);
+        }
+        if self.args.format.is_none()
+            && self
+                .args
+                .journal_stream
+                .as_deref()
+                .is_some_and(stderr_is_stream)
+        {
+            return LogSink::Journald;
+        }
+        LogSink::Stderr(format)
+    }
+}
+
+/// Whether stderr is the stream `JOURNAL_STREAM` names (systemd.exec(5)):
+/// a daemon whose stderr was redirected elsewhere must not use the journal
+/// just because it inherited the variable.
+fn stderr_is_stream(journal_stream: &str) -> bool {
+    let Some((dev, ino)) = journal_stream.trim().split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.dev() == dev && m.ino() == ino)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +120,9 @@ pub enum LogError {
     },
 }
 
-/// Installs the global subscriber. A second call in the same process (tests)
-/// keeps the first one.
-pub fn init(opts: &LogOptions) -> Result<(), LogError> {
+/// Installs the global subscriber and returns where it writes. A second
+/// call in the same process (tests) keeps the first one.
+pub fn init(opts: &LogOptions) -> Result<LogSink, LogError> {
     let default = if opts.debug { "debug" } else { "info" };
     let mut bad_filter = None;
     let filter = match opts.filter.as_deref().filter(|f| !f.trim().is_empty()) {
@@ -59,41 +132,69 @@ pub fn init(opts: &LogOptions) -> Result<(), LogError> {
         }),
         None => EnvFilter::new(default),
     };
-    let file = opts.file.as_deref().map(open_append).transpose()?;
-    use std::io::IsTerminal;
-    // journald and log files get no colour codes.
-    let ansi = std::io::stderr().is_terminal();
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = match opts.format {
-        LogFormat::Plain => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(ansi)
-                    .with_writer(std::io::stderr),
-            )
-            .with(file.map(|f| {
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(Arc::new(f))
-            }))
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
-            )
-            .with(file.map(|f| {
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(Arc::new(f))
-            }))
-            .try_init(),
+    let mut sink = opts.sink();
+    type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let mut journald_error = None;
+    let mut layer: Option<Boxed> = None;
+    if sink == LogSink::Journald {
+        match tracing_journald::layer() {
+            Ok(l) => layer = Some(Box::new(l)),
+            Err(e) => {
+                // The journal socket is missing (e.g. a container): stderr
+                // still reaches the journal, as plain lines.
+                journald_error = Some(e);
+                sink = LogSink::Stderr(LogFormat::Plain);
+            }
+        }
+    }
+    let layer: Boxed = match (&sink, layer) {
+        (_, Some(journald)) => journald,
+        (LogSink::File(path, format), None) => {
+            let file = Arc::new(open_append(path)?);
+            match format {
+                LogFormat::Plain => Box::new(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(false)
+                        .with_writer(file),
+                ),
+                LogFormat::Json => {
+                    Box::new(tracing_subscriber::fmt::layer().json().with_writer(file))
+                }
+            }
+        }
+        (_, None) => {
+            use std::io::IsTerminal;
+            let format = match &sink {
+                LogSink::Stderr(f) => *f,
+                _ => LogFormat::Plain,
+            };
+            // Pipes and files get no colour codes.
+            let ansi = std::io::stderr().is_terminal();
+            match format {
+                LogFormat::Plain => Box::new(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(ansi)
+                        .with_writer(std::io::stderr),
+                ),
+                LogFormat::Json => Box::new(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .with_writer(std::io::stderr),
+                ),
+            }
+        }
     };
+    let _ = tracing_subscriber::registry()
+        .with(layer)
+        .with(filter)
+        .try_init();
+    if let Some(e) = journald_error {
+        tracing::warn!("cannot write to the journal ({e}); logging plain lines to stderr");
+    }
     if let Some((f, e)) = bad_filter {
         tracing::warn!("log filter {f:?} is not valid ({e}); logging at {default}");
     }
-    Ok(())
+    Ok(sink)
 }
 
 fn open_append(path: &Path) -> Result<File, LogError> {
@@ -127,6 +228,22 @@ pub enum FollowError {
     },
     #[error("writing the log out: {0}")]
     Write(std::io::Error),
+    #[error("cannot run journalctl: {0}")]
+    Journal(std::io::Error),
+}
+
+/// `logs`: under systemd the unit's journal (`journalctl -u UNIT -f`, which
+/// replaces this process), else the log file. A log file the operator
+/// named explicitly is followed either way.
+pub fn follow_service(unit: &str, file: &Path, file_is_explicit: bool) -> Result<(), FollowError> {
+    if !file_is_explicit && crate::systemd::booted() {
+        use std::os::unix::process::CommandExt;
+        let err = std::process::Command::new("journalctl")
+            .args(["--unit", unit, "--follow", "--lines", "100"])
+            .exec();
+        return Err(FollowError::Journal(err));
+    }
+    follow(file)
 }
 
 /// How often a followed file is checked for new lines.
@@ -274,11 +391,51 @@ mod tests {
     fn log_file_is_created_with_its_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("sub/dir/d.log");
-        init(&LogOptions {
+        let sink = init(&LogOptions {
             file: Some(file.clone()),
             ..LogOptions::default()
         })
         .expect("init");
+        assert_eq!(sink, LogSink::File(file.clone(), LogFormat::Plain));
         assert!(file.is_file());
+    }
+
+    #[test]
+    fn the_journal_only_when_stderr_is_the_stream_systemd_named() {
+        use std::os::unix::fs::MetadataExt;
+        let stderr = std::fs::metadata("/proc/self/fd/2").expect("stderr");
+        let ours = format!("{}:{}", stderr.dev(), stderr.ino());
+        let opts = |journal_stream: Option<&str>, format: Option<LogFormat>| LogOptions {
+            args: LogArgs {
+                format,
+                journal_stream: journal_stream.map(str::to_string),
+            },
+            ..LogOptions::default()
+        };
+        assert_eq!(opts(Some(&ours), None).sink(), LogSink::Journald);
+        // Inherited by a process whose stderr goes elsewhere: not the journal.
+        assert_eq!(
+            opts(Some("1:2"), None).sink(),
+            LogSink::Stderr(LogFormat::Plain)
+        );
+        assert_eq!(
+            opts(Some("garbage"), None).sink(),
+            LogSink::Stderr(LogFormat::Plain)
+        );
+        assert_eq!(opts(None, None).sink(), LogSink::Stderr(LogFormat::Plain));
+        // An explicit format wins: JSON lines into the journal's stream.
+        assert_eq!(
+            opts(Some(&ours), Some(LogFormat::Json)).sink(),
+            LogSink::Stderr(LogFormat::Json)
+        );
+        // A log file wins over everything: one copy of each line.
+        let with_file = LogOptions {
+            file: Some(PathBuf::from("/x.log")),
+            ..opts(Some(&ours), Some(LogFormat::Json))
+        };
+        assert_eq!(
+            with_file.sink(),
+            LogSink::File(PathBuf::from("/x.log"), LogFormat::Json)
+        );
     }
 }

@@ -9,6 +9,12 @@ pub const NETMANAGER_CONFIG: &str = "/etc/netmanager/netcfg.json";
 pub const NODEENGINE_CONFIG: &str = "/etc/oakestra/conf.json";
 /// Where both daemons' log files live when they write their own.
 pub const LOG_DIR: &str = "/var/log/oakestra";
+/// NodeEngine's log without systemd (`NodeEngine -a -d` appends the
+/// daemon's output here); under systemd the journal has it.
+pub const NODEENGINE_LOG: &str = "/var/log/oakestra/nodeengine.log";
+/// NetManager's log without systemd (nodeengined appends its NetManager
+/// child's output here); under systemd the journal has it.
+pub const NETMANAGER_LOG: &str = "/var/log/oakestra/netmanager.log";
 
 /// A name for the network namespace this process runs in, when it is not
 /// the machine's own: default paths of daemons that run side by side in

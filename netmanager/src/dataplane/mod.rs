@@ -32,7 +32,7 @@ use aya::{Ebpf, EbpfLoader};
 use netmanager_common::{Counter, maps};
 
 pub use attach::{AttachMode, TC_PRIORITY};
-pub use misses::MissReceiver;
+pub use misses::{INJECT_DEVICE, MissReceiver};
 pub use netmanager_common::{MAP_NAMES, MissReason, ServiceKind};
 pub use slow_path::SlowPathStatus;
 

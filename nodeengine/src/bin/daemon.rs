@@ -6,9 +6,11 @@ use worker_common::logging::{self, LogOptions};
 
 fn main() {
     let args = DaemonArgs::parse();
-    // The systemd unit appends stderr to the log file.
+    // Under systemd the journal, else stderr (`NodeEngine -a -d` appends it
+    // to the log file): one copy of each line either way.
     let logs = LogOptions {
         filter: args.log_filter.clone(),
+        args: args.log.clone(),
         ..LogOptions::default()
     };
     if let Err(e) = logging::init(&logs) {
