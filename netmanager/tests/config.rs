@@ -144,6 +144,7 @@ fn every_environment_variable_is_a_flag() {
         "NETMANAGER_ATTACH_MODE",
         "NETMANAGER_PUBLIC_IP_URL",
         "NETMANAGER_TUN_CONFIG",
+        "OAKESTRA_LOG_FORMAT",
     ] {
         assert!(help.contains(var), "{var} missing from --help:\n{help}");
     }

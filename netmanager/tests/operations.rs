@@ -1,0 +1,299 @@
+//! Operations (docs/operations.md): readiness and watchdog notifications on a
+//! `NOTIFY_SOCKET` this test owns, JSON logs, `config check` against a real
+//! broker and kernel, and `teardown` of a real eBPF dataplane.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use worker_common::systemd::NotifyListener;
+
+const NODE_ID: &str = "6650aa00bb22cc33dd440077";
+
+fn netmanager(node: &Netns, dir: &TempDir) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_NetManager"));
+    cmd.env("NETMANAGER_CONFIG", dir.path("netcfg.json"))
+        .env("NETMANAGER_SOCKET", dir.path("nm.sock"))
+        .env("NETMANAGER_STATE", dir.path("state.json"))
+        .env("NETMANAGER_BPF_DIR", dir.path("no-bpf"))
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("OAKESTRA_LOG_FORMAT");
+    node.enter(&mut cmd);
+    cmd
+}
+
+fn output(cmd: &mut Command) -> (Output, String) {
+    let out = cmd.output().expect("run NetManager");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
+#[test]
+fn ready_after_the_api_answers_then_watchdog_keepalives_and_json_logs() {
+    if !require_root("ready_after_the_api_answers") {
+        return;
+    }
+    let dir = TempDir::new();
+    let node = Netns::node(21);
+    std::fs::write(dir.path("netcfg.json"), "{}").unwrap();
+    let listener = NotifyListener::bind(&dir.path("notify")).expect("notify socket");
+    let stderr = std::fs::File::create(dir.path("stderr.log")).unwrap();
+    let child = netmanager(&node, &dir)
+        .args(["--no-dataplane", "--log-format", "json"])
+        .env("NOTIFY_SOCKET", listener.path())
+        // 2 s: a keep-alive every second.
+        .env("WATCHDOG_USEC", "2000000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .process_group(0)
+        .spawn()
+        .expect("start NetManager");
+    // Killed if an assertion fails before the clean stop below.
+    let mut child = Proc(child);
+    let child = &mut child.0;
+
+    let before = listener
+        .wait_for("READY=1", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}; log: {}", read(&dir, "stderr.log")));
+    // Nothing said ready before; the API answers the moment READY=1 is in.
+    assert!(
+        before[..before.len() - 1]
+            .iter()
+            .all(|m| !m.contains(&"READY=1".to_string())),
+        "{before:?}"
+    );
+    let (code, status) = http(&dir.path("nm.sock"), "GET", "/status", "");
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["registered"], json!(false));
+    let ready = before.last().unwrap();
+    assert!(
+        ready.iter().any(|l| l.starts_with("STATUS=serving")),
+        "{ready:?}"
+    );
+
+    // Keep-alives keep coming while the API answers.
+    for n in 1..=3 {
+        let seen = listener
+            .wait_for("WATCHDOG=1", Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("keep-alive {n}: {e}"));
+        assert!(seen.last().unwrap().contains(&"WATCHDOG=1".to_string()));
+    }
+
+    // SIGTERM: STOPPING=1, a clean exit.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    listener
+        .wait_for("STOPPING=1", Duration::from_secs(30))
+        .expect("STOPPING=1");
+    let exit = child.wait().expect("wait");
+    assert!(exit.success(), "{exit}");
+
+    // --log-format json: every line is one JSON event.
+    let log = read(&dir, "stderr.log");
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == json!("listening")),
+        "{log}"
+    );
+}
+
+#[test]
+fn config_check_reports_each_problem_and_its_exit_code() {
+    if !require_root("config_check_reports_each_problem") {
+        return;
+    }
+    let dir = TempDir::new();
+    let node = Netns::node(22);
+    let broker = Broker::start(&dir, Some(&node));
+
+    // A bad field: named, with its fix; exit code 1.
+    std::fs::write(dir.path("netcfg.json"), r#"{"NodePublicPort": "port"}"#).unwrap();
+    let (out, text) = output(netmanager(&node, &dir).args(["config", "check"]));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL  configuration"), "{text}");
+    assert!(text.contains("NodePublicPort"), "{text}");
+    assert!(text.contains("fix: correct the field"), "{text}");
+
+    // A pin directory that is not on bpffs fails (the test's default).
+    assert!(text.contains("FAIL  bpffs for"), "{text}");
+
+    // A good file on this machine, with the broker up: all ok, exit 0.
+    let pins = format!("/sys/fs/bpf/{}", unique("nmt-check"));
+    std::fs::write(
+        dir.path("netcfg.json"),
+        json!({"ClusterUrl": "127.0.0.1", "ClusterMqttPort": broker.port.to_string()}).to_string(),
+    )
+    .unwrap();
+    let (out, text) = output(
+        netmanager(&node, &dir)
+            .env("NETMANAGER_BPF_DIR", &pins)
+            .args(["config", "check", "--broker"]),
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for line in [
+        "ok    configuration",
+        "ok    kernel",
+        &format!("ok    bpffs for {pins}: mounted"),
+        "ok    nft",
+        "ok    uplink: uplink0 with 198.51.100.22",
+        &format!("ok    MQTT broker 127.0.0.1:{}", broker.port),
+        "0 failed",
+    ] {
+        assert!(text.contains(line), "{line:?} missing:\n{text}");
+    }
+    assert!(
+        !std::path::Path::new(&pins).exists(),
+        "the check created nothing"
+    );
+
+    // The broker gone: that finding fails, and so does the exit code.
+    drop(broker);
+    let (out, text) = output(netmanager(&node, &dir).args(["config", "check", "--broker"]));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL  MQTT broker 127.0.0.1"), "{text}");
+}
+
+#[test]
+fn teardown_removes_pins_links_nft_table_and_bridge() {
+    if !require_root("teardown_removes_pins") {
+        return;
+    }
+    let dir = TempDir::new();
+    let node = Netns::node(23);
+    let broker = Broker::start(&dir, Some(&node));
+    let _csm = ClusterDouble::start(broker.port, Some(&node), ("10.18.0.64", "fc00::40"));
+    let mut nm = Daemon::start_ebpf(&dir, &node, broker.port, "td");
+    let (code, body) = nm.post(
+        "/register",
+        &json!({"client_id": NODE_ID, "cluster_address": "127.0.0.1"}).to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+    // A container, so NAT rules and a container link exist too.
+    let sleeper = container();
+    let (code, body) = nm.post(
+        "/container/deploy",
+        &json!({"pid": sleeper.pid(), "serviceName": "app.ns.svc.ns", "instanceNumber": 0,
+                "portMappings": "9080:80"})
+        .to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+    let bpf_dir = nm.bpf_dir.clone().unwrap();
+    let (socket, state) = (nm.socket.clone(), nm.state.clone());
+    let teardown = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_NetManager"));
+        cmd.arg("teardown")
+            .args(args)
+            .env("NETMANAGER_SOCKET", &socket)
+            .env("NETMANAGER_STATE", &state)
+            .env("NETMANAGER_BPF_DIR", &bpf_dir);
+        node.enter(&mut cmd);
+        output(&mut cmd)
+    };
+    let bridge = || node.ip(&["link", "show", "goProxyBridge"]).is_some();
+    let nft_table = || {
+        let mut cmd = Command::new("nft");
+        cmd.args(["list", "table", "inet", "oakestra"]);
+        node.enter(&mut cmd);
+        cmd.output().unwrap().status.success()
+    };
+    // The TCX links (uplink and container veth), by their kernel ids.
+    let link_ids = pinned_link_ids(&bpf_dir);
+    assert!(
+        link_ids.len() >= 2,
+        "uplink and container attached: {link_ids:?}"
+    );
+    let links_alive = || {
+        link_ids
+            .iter()
+            .filter(|id| run_ok(&["bpftool", "link", "show", "id", id]))
+            .count()
+    };
+    assert!(bridge() && nft_table() && bpf_dir.exists());
+
+    // While NetManager runs it refuses: it would keep the programs attached.
+    let (out, text) = teardown(&[]);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("stop it first"), "{text}");
+
+    nm.kill9();
+    // Pins keep the programs attached without NetManager (restarts and
+    // upgrades keep flows); a dry run lists and changes nothing.
+    assert_eq!(links_alive(), link_ids.len());
+    let (out, text) = teardown(&["--dry-run"]);
+    assert!(out.status.success(), "{text}");
+    for item in [
+        format!(
+            "would remove pinned maps and links in {}",
+            bpf_dir.display()
+        ),
+        "would remove nft table inet oakestra".to_string(),
+        "would remove interface goProxyBridge".to_string(),
+        format!("would remove state file {}", state.display()),
+    ] {
+        assert!(text.contains(&item), "{item:?} missing:\n{text}");
+    }
+    assert!(bridge() && nft_table() && bpf_dir.exists() && state.exists());
+
+    let (out, text) = teardown(&[]);
+    assert!(out.status.success(), "{text}");
+    assert!(!bpf_dir.exists(), "{text}");
+    assert!(!bridge(), "{text}");
+    assert!(!nft_table(), "{text}");
+    assert!(!state.exists(), "{text}");
+    assert_eq!(links_alive(), 0, "programs detached with their pins");
+
+    // Again: nothing left, still success (package scripts may run it twice).
+    let (out, text) = teardown(&[]);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("nothing to remove"), "{text}");
+}
+
+/// Ids of the links pinned under `dir` (`<program>@<interface>` files).
+fn pinned_link_ids(dir: &std::path::Path) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if e.file_name().to_string_lossy().contains('@') {
+                let out = run(&[
+                    "bpftool",
+                    "-j",
+                    "link",
+                    "show",
+                    "pinned",
+                    p.to_str().unwrap(),
+                ]);
+                let v: Value = serde_json::from_str(&out).expect("bpftool JSON");
+                ids.push(v["id"].to_string());
+            }
+        }
+    }
+    ids
+}
+
+fn run_ok(cmd: &[&str]) -> bool {
+    try_run(cmd).is_some()
+}
+
+fn read(dir: &TempDir, name: &str) -> String {
+    std::fs::read_to_string(dir.path(name)).unwrap_or_default()
+}
