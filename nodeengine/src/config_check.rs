@@ -16,9 +16,6 @@ use crate::containerd_runtime::{self, ContainerdRuntime, ContainerdSettings};
 use crate::netmanager_supervisor::find_netmanager;
 use crate::unikernel::UnikernelRuntime;
 
-/// The broker port a cluster gives out unless it says otherwise
-/// (docs/contract.md §1.3; the real one comes with the registration answer).
-const DEFAULT_BROKER_PORT: u16 = 10003;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Args, Debug)]
@@ -33,10 +30,18 @@ pub struct CheckArgs {
     )]
     pub containerd_address: PathBuf,
     /// Also check that the cluster's registration endpoint and its MQTT
-    /// broker (port 10003 unless the cluster says otherwise) accept TCP
-    /// connections
+    /// broker accept TCP connections
     #[arg(long)]
     pub broker: bool,
+    /// The broker's port for --broker (the cluster names it in its
+    /// registration answer; upstream clusters use 10003)
+    #[arg(
+        long,
+        value_name = "PORT",
+        default_value_t = 10003,
+        requires = "broker"
+    )]
+    pub mqtt_port: u16,
 }
 
 /// Runs every check, prints the report; an error when anything failed.
@@ -59,7 +64,7 @@ pub fn run(path: &Path, args: &CheckArgs) -> Result<()> {
     }
     network(&mut report, &cfg.network_mode());
     if args.broker {
-        cluster(&mut report, &cfg);
+        cluster(&mut report, &cfg, args.mqtt_port);
     }
     report.finish()?;
     Ok(())
@@ -208,14 +213,14 @@ fn network(report: &mut Report, mode: &NetworkMode) {
     }
 }
 
-fn cluster(report: &mut Report, cfg: &Config) {
+fn cluster(report: &mut Report, cfg: &Config, mqtt_port: u16) {
     let host = cfg.cluster_address.trim();
     if host.is_empty() || host == "0.0.0.0" {
         return; // already reported with the configuration
     }
     for (what, port) in [
         ("cluster registration", cfg.cluster_port),
-        ("cluster MQTT broker", DEFAULT_BROKER_PORT),
+        ("cluster MQTT broker", mqtt_port),
     ] {
         let subject = format!("{what} {host}:{port}");
         match tcp_reachable(host, port, CONNECT_TIMEOUT) {
