@@ -1,6 +1,7 @@
-//! Man pages (section 8: all three are administration commands) and shell
-//! completions for the worker's binaries, generated from the same clap
-//! definitions the binaries parse with, so they never drift. `cargo xtask
+//! What the packages ship that is generated from the code, so it never
+//! drifts from it: man pages (section 8: all three binaries are
+//! administration commands) and shell completions from the clap definitions
+//! the binaries parse with, and NodeEngine's default conf.json. `cargo xtask
 //! man` and `cargo xtask package` run this crate's binary.
 
 use std::path::{Path, PathBuf};
@@ -26,10 +27,12 @@ pub const SHELLS: &[(Shell, &str)] = &[
     (Shell::Fish, "fish/vendor_completions.d"),
 ];
 
-/// Writes `man/man8/<bin>[-<subcommand>].8` and the completions under `out` laid out as
-/// below `/usr/share`; returns the files written.
+/// Writes `man/man8/<bin>[-<subcommand>].8` and the completions under
+/// `out/share` (laid out as below `/usr/share`) and the default
+/// `out/etc/oakestra/conf.json`; returns the files written.
 pub fn write_all(out: &Path) -> Result<Vec<PathBuf>> {
-    let mut written = Vec::new();
+    let mut written = vec![write_default_conf(out)?];
+    let out = &out.join("share");
     for cmd in commands() {
         written.extend(write_man(out, cmd.clone())?);
         for (shell, dir) in SHELLS {
@@ -37,6 +40,19 @@ pub fn write_all(out: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(written)
+}
+
+/// NodeEngine's default configuration as `NodeEngine config default` writes
+/// it (upstream's compact format); the package marks it a conffile.
+fn write_default_conf(out: &Path) -> Result<PathBuf> {
+    let path = out.join("etc/oakestra/conf.json");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    nodeengine::config::Config::default()
+        .save(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// The command's page and one per (visible) subcommand, e.g.
@@ -98,7 +114,7 @@ mod tests {
     fn pages_and_completions_cover_every_command() {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = write_all(dir.path()).expect("generate");
-        let man = dir.path().join("man/man8");
+        let man = dir.path().join("share/man/man8");
         for page in [
             "NetManager.8",
             "NetManager-config-check.8",
@@ -130,13 +146,24 @@ mod tests {
         assert!(check.contains("--containerd-address"), "{check}");
         assert!(rendered("nodeengined.8").contains("CONTAINERD_NAMESPACE"));
 
+        let conf = dir.path().join("etc/oakestra/conf.json");
+        let text = std::fs::read_to_string(&conf).expect("conf.json");
+        assert_eq!(
+            nodeengine::config::Config::parse(&text, &conf).expect("parses"),
+            nodeengine::config::Config::default()
+        );
+        assert!(
+            !text.contains('\n') || text.trim_end().lines().count() == 1,
+            "compact: {text}"
+        );
+
         for (shell, dir_name) in SHELLS {
             for bin in ["NetManager", "NodeEngine", "nodeengined"] {
                 let file = match shell {
                     Shell::Bash => bin.to_string(),
                     _ => shell.file_name(bin),
                 };
-                let path = dir.path().join(dir_name).join(file);
+                let path = dir.path().join("share").join(dir_name).join(file);
                 let text = std::fs::read_to_string(&path).expect("completion");
                 assert!(text.contains("teardown") || bin != "NetManager", "{path:?}");
                 if *shell == Shell::Bash {

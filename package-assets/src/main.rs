@@ -1,14 +1,15 @@
-//! `oakestra-cli-docs OUT`: man pages and completions under OUT, laid out as
-//! below /usr/share.
+//! `oakestra-package-assets OUT`: man pages and completions under
+//! `OUT/share` (laid out as below /usr/share), the default conf.json under
+//! `OUT/etc`.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let Some(out) = std::env::args_os().nth(1) else {
-        eprintln!("usage: oakestra-cli-docs OUT_DIR");
+        eprintln!("usage: oakestra-package-assets OUT_DIR");
         return ExitCode::from(2);
     };
-    match oakestra_cli_docs::write_all(std::path::Path::new(&out)) {
+    match oakestra_package_assets::write_all(std::path::Path::new(&out)) {
         Ok(files) => {
             for f in files {
                 println!("{}", f.display());
@@ -16,7 +17,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("oakestra-cli-docs: {e:#}");
+            eprintln!("oakestra-package-assets: {e:#}");
             ExitCode::FAILURE
         }
     }
