@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 use tokio::sync::mpsc;
+use worker_common::logging::LogBudget;
 
 use crate::cluster_link::{ClusterLink, QueryKey, TableResult};
 use crate::dataplane::{Miss, MissReason};
@@ -39,7 +40,7 @@ struct Pending {
     started: HashMap<IpAddr, Instant>,
     failed: HashMap<IpAddr, Instant>,
     queries: TokenBucket,
-    log: LogBudget,
+    log: LogBudget<LOG_LINES_PER_MINUTE>,
 }
 
 /// What the resolver did, for status and metrics.
@@ -109,38 +110,6 @@ impl TokenBucket {
             true
         } else {
             false
-        }
-    }
-}
-
-/// A per-minute allowance of log lines.
-#[derive(Default)]
-struct LogBudget {
-    window: Option<Instant>,
-    used: u32,
-    suppressed: u64,
-}
-
-impl LogBudget {
-    /// Whether to log now; returns the number suppressed in the previous
-    /// window when a new one starts, so it can be reported once.
-    fn allow(&mut self) -> (bool, u64) {
-        let now = Instant::now();
-        let mut reported = 0;
-        if self
-            .window
-            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(60))
-        {
-            reported = std::mem::take(&mut self.suppressed);
-            self.window = Some(now);
-            self.used = 0;
-        }
-        if self.used < LOG_LINES_PER_MINUTE {
-            self.used += 1;
-            (true, reported)
-        } else {
-            self.suppressed += 1;
-            (false, reported)
         }
     }
 }
@@ -419,13 +388,5 @@ mod tests {
         assert_eq!(l.buckets[1], 1); // <= 2 ms
         assert_eq!(l.buckets[5], 2); // <= 50 ms
         assert_eq!(l.sum_micros, 31_500);
-    }
-
-    #[test]
-    fn log_budget_sums_up_what_it_suppressed() {
-        let mut b = LogBudget::default();
-        let allowed = (0..100).filter(|_| b.allow().0).count();
-        assert_eq!(allowed, LOG_LINES_PER_MINUTE as usize);
-        assert_eq!(b.suppressed, 100 - u64::from(LOG_LINES_PER_MINUTE));
     }
 }

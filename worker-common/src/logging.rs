@@ -106,6 +106,55 @@ fn stderr_is_stream(journal_stream: &str) -> bool {
     std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.dev() == dev && m.ino() == ino)
 }
 
+/// A per-minute allowance of log lines for what a peer can cause at will
+/// (dataplane misses, malformed cluster messages): the first `PER_MINUTE`
+/// lines of a minute are logged, the rest counted and reported as one
+/// number when the next minute starts. No flood at the default level, and
+/// nothing silently lost.
+#[derive(Debug, Default)]
+pub struct LogBudget<const PER_MINUTE: u32> {
+    window: Option<std::time::Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl<const PER_MINUTE: u32> LogBudget<PER_MINUTE> {
+    pub const fn new() -> Self {
+        LogBudget {
+            window: None,
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log now; returns the number suppressed in the previous
+    /// window when a new one starts, so it can be reported once.
+    pub fn allow(&mut self) -> (bool, u64) {
+        let now = std::time::Instant::now();
+        let mut reported = 0;
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(60))
+        {
+            reported = std::mem::take(&mut self.suppressed);
+            self.window = Some(now);
+            self.used = 0;
+        }
+        if self.used < PER_MINUTE {
+            self.used += 1;
+            (true, reported)
+        } else {
+            self.suppressed += 1;
+            (false, reported)
+        }
+    }
+
+    /// Lines not logged in the current window so far.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("creating log directory {path}: {source}")]
@@ -373,6 +422,14 @@ mod tests {
         wait_for("one\ntwo\n3\nfour\n");
         tx.send(()).expect("stop");
         reader.join().expect("join").expect("follow");
+    }
+
+    #[test]
+    fn log_budget_sums_up_what_it_suppressed() {
+        let mut b = LogBudget::<20>::new();
+        let allowed = (0..100).filter(|_| b.allow().0).count();
+        assert_eq!(allowed, 20);
+        assert_eq!(b.suppressed(), 80);
     }
 
     #[test]

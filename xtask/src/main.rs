@@ -4,14 +4,18 @@
 //! - `build-ebpf`: builds the eBPF object NetManager embeds (netmanager's
 //!   build script does so as well; this is for looking at the object).
 //! - `test`: everything CI runs (format, lint, all tests);
-//!   `--full` adds the long parser fuzzing run and the eBPF suites on
-//!   Debian 12's kernel under qemu.
+//!   `--full` adds the long parser fuzzing run, the eBPF suites on
+//!   Debian 12's kernel under qemu and the packages' build and install test.
+//! - `package`: Debian packages for amd64 and arm64; `man`: only the man
+//!   pages and completions (docs/operations.md).
 //! - `sandbox`: a local cluster stand-in with workers (see docs).
 //! - `bench`: overlay performance against baselines (docs/performance.md).
 
 mod bench;
 mod ebpf;
 mod kernel_vm;
+mod package;
+mod package_test;
 mod setup;
 
 use anyhow::Result;
@@ -39,9 +43,10 @@ enum Command {
     },
     /// Run what CI runs: fmt, clippy and every test (needs root).
     Test {
-        /// Also run the parser fuzz targets with the long case count, and
-        /// boot Debian 12's Linux 6.1 under qemu and run the eBPF suites
-        /// there (result in docs/old-kernels.md).
+        /// Also run the parser fuzz targets with the long case count, boot
+        /// Debian 12's Linux 6.1 under qemu and run the eBPF suites there
+        /// (result in docs/old-kernels.md), and build the packages and
+        /// install them into a Debian 12 root (result in docs/operations.md).
         #[arg(long)]
         full: bool,
         /// Extra arguments passed to `cargo test`.
@@ -52,6 +57,14 @@ enum Command {
     Sandbox(xtask::sandbox::cli::SandboxArgs),
     /// Overlay throughput, latency, per-packet cost and footprint against baselines (needs root).
     Bench(bench::Args),
+    /// Build the Debian packages (cargo-deb), lintian and glibc checks, arm64 smoke run under qemu.
+    Package {
+        /// Architectures [default: amd64 and arm64].
+        #[arg(long = "arch", value_enum)]
+        arches: Vec<package::Arch>,
+    },
+    /// Generate the man pages, completions and default conf.json into target/package-assets.
+    Man,
 }
 
 fn main() -> Result<()> {
@@ -65,11 +78,24 @@ fn main() -> Result<()> {
             if full {
                 parser_fuzz_long()?;
                 kernel_vm::run_old_kernel_suites()?;
+                let built = package::package(&[package::Arch::Amd64, package::Arch::Arm64])?;
+                package_test::install_test(&built)?;
             }
             Ok(())
         }
         Command::Sandbox(args) => xtask::sandbox::cli::run(args, || ebpf::build(true).map(drop)),
         Command::Bench(args) => bench::run(args),
+        Command::Package { arches } => {
+            let arches = if arches.is_empty() {
+                vec![package::Arch::Amd64, package::Arch::Arm64]
+            } else {
+                arches
+            };
+            package::package(&arches).map(drop)
+        }
+        Command::Man => package::assets().map(|dir| {
+            println!("man pages, completions and conf.json in {}", dir.display());
+        }),
     }
 }
 

@@ -149,7 +149,10 @@ fn build_arch(arch: Arch, out: &Path) -> Result<Vec<PathBuf>> {
             )
             .env(format!("CC_{env_triple}"), gcc);
         }
-        run(&mut cmd, &format!("cargo deb -p {krate} --target {}", arch.triple()))?;
+        run(
+            &mut cmd,
+            &format!("cargo deb -p {krate} --target {}", arch.triple()),
+        )?;
         debs.push(find_deb(out, name, arch)?);
     }
     Ok(debs)
@@ -249,7 +252,12 @@ pub fn newest_glibc(readelf: &str) -> Option<(u32, u32)> {
 /// error or warning fails.
 fn lintian(debs: &[PathBuf]) -> Result<()> {
     let out = Command::new("lintian")
-        .args(["--fail-on", "error,warning", "--display-info", "--no-tag-display-limit"])
+        .args([
+            "--fail-on",
+            "error,warning",
+            "--display-info",
+            "--no-tag-display-limit",
+        ])
         .args(debs)
         .output()
         .context("running lintian")?;

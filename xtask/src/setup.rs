@@ -32,7 +32,22 @@ const PACKAGES: &[&str] = &[
     // stripped test binaries in the guest.
     "qemu-system-x86",
     "binutils",
+    // The unit tests (systemd-analyze verify/security) and the man page test.
+    "systemd",
+    "man-db",
+    // `cargo xtask package`: arm64 cross build (linker, C for ring), lintian,
+    // the arm64 smoke run, the Debian 12 root of the install test.
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "lintian",
+    "qemu-user-static",
+    "debootstrap",
 ];
+
+/// cargo-deb for `cargo xtask package` (3.8 builds on rustc 1.85+).
+const CARGO_DEB_VERSION: &str = "3.8.0";
+/// The arm64 package is cross-built.
+const CROSS_TARGETS: &[&str] = &["aarch64-unknown-linux-gnu"];
 
 pub fn run() -> Result<()> {
     require_root(
@@ -43,6 +58,8 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     packages()?;
     python_packages()?;
+    cross_targets()?;
+    cargo_deb()?;
     bpffs()?;
     println!("setup complete");
     Ok(())
@@ -77,6 +94,43 @@ fn bpf_linker() -> Result<()> {
             "--locked",
         ]),
         "cargo install bpf-linker",
+    )
+}
+
+fn cross_targets() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()?;
+    let installed = String::from_utf8_lossy(&out.stdout).into_owned();
+    for target in CROSS_TARGETS {
+        if installed.lines().any(|l| l.trim() == *target) {
+            println!("ok: rust target {target}");
+            continue;
+        }
+        run_cmd(
+            Command::new("rustup").args(["target", "add", target]),
+            "rustup target add",
+        )?;
+    }
+    Ok(())
+}
+
+fn cargo_deb() -> Result<()> {
+    if let Ok(out) = Command::new("cargo").args(["deb", "--version"]).output()
+        && String::from_utf8_lossy(&out.stdout).contains(CARGO_DEB_VERSION)
+    {
+        println!("ok: cargo-deb {CARGO_DEB_VERSION}");
+        return Ok(());
+    }
+    run_cmd(
+        Command::new("cargo").args([
+            "install",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+            "--locked",
+        ]),
+        "cargo install cargo-deb",
     )
 }
 

@@ -21,6 +21,7 @@ use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use worker_common::logging::LogBudget;
 
 use crate::addresses::Subnet;
 pub use messages::{ServiceIpEntry, TableInstance, TableResult};
@@ -360,11 +361,34 @@ async fn on_connected(shared: Arc<Shared>) {
     let _ = shared.events.send(LinkEvent::Connected).await;
 }
 
+/// Lines per minute about cluster messages we cannot use: a broken or
+/// hostile publisher on the broker must not flood the log (the rest are
+/// counted and summed up).
+static UNUSABLE_MESSAGES: Mutex<LogBudget<20>> = Mutex::new(LogBudget::new());
+
+/// Whether to log one more unusable message now.
+fn log_unusable() -> bool {
+    let (log, suppressed) = UNUSABLE_MESSAGES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .allow();
+    if suppressed > 0 {
+        tracing::warn!(
+            suppressed,
+            "unusable cluster messages not logged in the last minute"
+        );
+    }
+    log
+}
+
 fn dispatch(shared: &Shared, topic: &str, payload: &[u8]) {
     if topic == shared.net_topic("tablequery/result") {
         match serde_json::from_slice::<TableResult>(payload) {
             Ok(r) => queries::deliver_table(shared, Arc::new(r)),
-            Err(e) => tracing::warn!("ignoring malformed table query result: {e}"),
+            Err(e) if log_unusable() => {
+                tracing::warn!("ignoring malformed table query result: {e}")
+            }
+            Err(_) => {}
         }
     } else if topic == shared.net_topic("subnetwork/result") {
         match serde_json::from_slice::<messages::SubnetResult>(payload)
@@ -373,14 +397,15 @@ fn dispatch(shared: &Shared, topic: &str, payload: &[u8]) {
         {
             Ok(subnet) => {
                 let waiters = std::mem::take(&mut shared.state().subnet_waiters);
-                if waiters.is_empty() {
+                if waiters.is_empty() && log_unusable() {
                     tracing::info!(subnet = %subnet.v4, "ignoring a subnet result nobody asked for");
                 }
                 for w in waiters {
                     let _ = w.send(subnet);
                 }
             }
-            Err(e) => tracing::warn!("ignoring malformed subnet result: {e:#}"),
+            Err(e) if log_unusable() => tracing::warn!("ignoring malformed subnet result: {e:#}"),
+            Err(_) => {}
         }
     } else if let Some(job) = topic
         .strip_prefix("jobs/")

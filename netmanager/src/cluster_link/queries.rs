@@ -139,7 +139,9 @@ pub(super) fn query_request(key: &QueryKey) -> messages::TableQueryRequest {
 /// install routes for a job we never queried.
 pub(super) fn deliver_table(shared: &Shared, result: Arc<TableResult>) {
     let Some(key) = answered_key(&result) else {
-        tracing::info!(job = %result.app_name, "ignoring a table result without a query key");
+        if super::log_unusable() {
+            tracing::info!(job = %result.app_name, "ignoring a table result without a query key");
+        }
         return;
     };
     let waiters = shared.state().pending.remove(&key);
