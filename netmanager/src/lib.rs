@@ -8,6 +8,8 @@
 //!   `local` (instances on this node), `routes` (table results as map
 //!   entries), `resolver` (queries, interests, misses) and `deployer`
 //!   (plumbing, NAT, persistence) together.
+//! - `config_check` and `teardown` are operator commands
+//!   (docs/operations.md): `NetManager config check` and `NetManager teardown`.
 
 pub mod addresses;
 pub mod api;
