@@ -809,14 +809,7 @@ fn exec_daemon(daemon: &Path, conf: &Path) -> Result<()> {
 fn spawn_detached(daemon: &Path, conf: &Path) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let log = Path::new(NODEENGINE_LOG);
-    if let Some(d) = log.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
+    let out = logging::open_append(log)?;
     let err = out.try_clone()?;
     let child = std::process::Command::new(daemon)
         .env(CONF_ENV, conf)

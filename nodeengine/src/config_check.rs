@@ -3,32 +3,25 @@
 //! optionally the cluster), each finding with its fix (docs/operations.md).
 //! Changes nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Args;
-use worker_common::args::empty_is_default;
+use clap::{Args, Parser};
 use worker_common::check::{Report, readable_file, tcp_reachable};
 
 use crate::config::{Config, NetworkMode, RUNTIME_CONTAINER, RUNTIME_UNIKERNEL};
-use crate::containerd_runtime::{self, ContainerdRuntime, ContainerdSettings};
+use crate::containerd_runtime::{ContainerdRuntime, ContainerdSettings};
+use crate::daemon::DaemonArgs;
 use crate::netmanager_supervisor::find_netmanager;
 use crate::unikernel::UnikernelRuntime;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The containerd socket is nodeengined's (its `CONTAINERD_ADDRESS`, or the
+/// default), so the check sees what the daemon will.
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    /// containerd's socket, as nodeengined is given it
-    #[arg(
-        long,
-        value_name = "SOCKET",
-        env = containerd_runtime::SOCKET_ENV,
-        default_value = containerd_runtime::DEFAULT_SOCKET,
-        value_parser = empty_is_default::<PathBuf>(containerd_runtime::DEFAULT_SOCKET)
-    )]
-    pub containerd_address: PathBuf,
     /// Also check that the cluster's registration endpoint and its MQTT
     /// broker accept TCP connections
     #[arg(long)]
@@ -49,7 +42,10 @@ pub fn run(path: &Path, args: &CheckArgs) -> Result<()> {
     let mut report = Report::default();
     let cfg = configuration(&mut report, path);
     if cfg.runtime_active(RUNTIME_CONTAINER) {
-        containerd(&mut report, &args.containerd_address)?;
+        // The daemon's own command line, from the environment only.
+        let daemon = DaemonArgs::try_parse_from(["nodeengined"])
+            .context("reading nodeengined's settings from the environment")?;
+        containerd(&mut report, &daemon.containerd())?;
     }
     if cfg.runtime_active(RUNTIME_UNIKERNEL) {
         match UnikernelRuntime::unavailable_reason() {
@@ -152,17 +148,14 @@ fn app_logs(report: &mut Report, dir: &Path) {
     }
 }
 
-fn containerd(report: &mut Report, socket: &Path) -> Result<()> {
-    let subject = format!("containerd {}", socket.display());
+fn containerd(report: &mut Report, settings: &ContainerdSettings) -> Result<()> {
+    let subject = format!("containerd {}", settings.socket.display());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting an async runtime")?;
     let answer = rt.block_on(async {
-        let c = ContainerdRuntime::new(ContainerdSettings {
-            socket: socket.to_path_buf(),
-            namespace: containerd_runtime::DEFAULT_NAMESPACE.to_string(),
-        })?;
+        let c = ContainerdRuntime::new(settings.clone())?;
         tokio::time::timeout(CONNECT_TIMEOUT, c.ping())
             .await
             .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))?
@@ -173,7 +166,7 @@ fn containerd(report: &mut Report, socket: &Path) -> Result<()> {
             subject,
             format!("{e:#}"),
             "start containerd (systemctl start containerd; apt install containerd), \
-             or give its socket with --containerd-address / CONTAINERD_ADDRESS",
+             or name its socket in CONTAINERD_ADDRESS as nodeengined gets it",
         ),
     }
     Ok(())

@@ -157,7 +157,7 @@ pub struct DaemonArgs {
 }
 
 impl DaemonArgs {
-    fn containerd(&self) -> ContainerdSettings {
+    pub fn containerd(&self) -> ContainerdSettings {
         ContainerdSettings {
             socket: self.containerd_address.clone(),
             namespace: self.containerd_namespace.clone(),

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use tokio::sync::watch;
 
 use crate::node_report::find_on_path;
@@ -75,15 +75,7 @@ async fn supervise(bin: PathBuf, mut shutdown: watch::Receiver<bool>) {
 /// `NetManager logs` follows without systemd), and none of systemd's
 /// notification variables, which are ours.
 fn netmanager_command(bin: &Path) -> Result<tokio::process::Command> {
-    let log = Path::new(service::NETMANAGER_LOG);
-    if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
+    let out = worker_common::logging::open_append(Path::new(service::NETMANAGER_LOG))?;
     let err = out.try_clone()?;
     let mut cmd = tokio::process::Command::new(bin);
     cmd.kill_on_drop(true)

@@ -143,7 +143,7 @@ mod tests {
             assert!(nm.contains(text), "{text:?} not in NetManager(8):\n{nm}");
         }
         let check = rendered("NodeEngine-config-check.8");
-        assert!(check.contains("--containerd-address"), "{check}");
+        assert!(check.contains("--mqtt-port"), "{check}");
         assert!(rendered("nodeengined.8").contains("CONTAINERD_NAMESPACE"));
 
         let conf = dir.path().join("etc/oakestra/conf.json");

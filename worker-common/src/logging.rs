@@ -246,7 +246,9 @@ pub fn init(opts: &LogOptions) -> Result<LogSink, LogError> {
     Ok(sink)
 }
 
-fn open_append(path: &Path) -> Result<File, LogError> {
+/// Opens a log file for appending, creating it and its directory: for a
+/// daemon's own log and for the output of a child a supervisor starts.
+pub fn open_append(path: &Path) -> Result<File, LogError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| LogError::Dir {
             path: dir.to_path_buf(),
