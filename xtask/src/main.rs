@@ -63,7 +63,7 @@ enum Command {
         #[arg(long = "arch", value_enum)]
         arches: Vec<package::Arch>,
     },
-    /// Generate the man pages, completions and default conf.json into target/package-assets.
+    /// Generate the man pages, completions and default conf.json into packaging/generated.
     Man,
 }
 

@@ -78,9 +78,10 @@ fn target_dir() -> PathBuf {
 }
 
 /// `cargo xtask man`: man pages, completions and the default conf.json into
-/// `target/package-assets` (the paths the package metadata names).
+/// `packaging/generated/` (git-ignored; the paths the package metadata
+/// names, outside target/, where cargo-deb expects only build outputs).
 pub fn assets() -> Result<PathBuf> {
-    let out = workspace_root().join("target/package-assets");
+    let out = workspace_root().join("packaging/generated");
     if out.exists() {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
@@ -138,7 +139,17 @@ fn build_arch(arch: Arch, out: &Path) -> Result<Vec<PathBuf>> {
         println!("==> {name} for {}", arch.deb());
         let mut cmd = Command::new("cargo");
         cmd.current_dir(workspace_root())
-            .args(["deb", "-p", krate, "--target", arch.triple(), "--output"])
+            // --strip: release builds keep line tables for backtraces
+            // (profile.release debug = 1); the packages need none.
+            .args([
+                "deb",
+                "--strip",
+                "-p",
+                krate,
+                "--target",
+                arch.triple(),
+                "--output",
+            ])
             .arg(out);
         if let Some(gcc) = arch.cross_gcc() {
             need_tool(gcc, &[gcc, "--version"])?;
