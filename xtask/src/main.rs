@@ -62,6 +62,9 @@ enum Command {
         /// Architectures [default: amd64 and arm64].
         #[arg(long = "arch", value_enum)]
         arches: Vec<package::Arch>,
+        /// Then install, upgrade and purge the amd64 packages in a Debian 12 root.
+        #[arg(long = "install-test")]
+        install_test: bool,
     },
     /// Generate the man pages, completions and default conf.json into packaging/generated.
     Man,
@@ -85,13 +88,20 @@ fn main() -> Result<()> {
         }
         Command::Sandbox(args) => xtask::sandbox::cli::run(args, || ebpf::build(true).map(drop)),
         Command::Bench(args) => bench::run(args),
-        Command::Package { arches } => {
+        Command::Package {
+            arches,
+            install_test,
+        } => {
             let arches = if arches.is_empty() {
                 vec![package::Arch::Amd64, package::Arch::Arm64]
             } else {
                 arches
             };
-            package::package(&arches).map(drop)
+            let built = package::package(&arches)?;
+            if install_test {
+                package_test::install_test(&built)?;
+            }
+            Ok(())
         }
         Command::Man => package::assets().map(|dir| {
             println!("man pages, completions and conf.json in {}", dir.display());
