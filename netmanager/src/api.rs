@@ -172,42 +172,16 @@ pub fn metrics_router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
-/// Alive: the daemon answers.
-async fn healthz() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({"status": "ok"}))
-}
+use worker_common::metrics::healthz;
 
 /// Ready: registered, programs attached, broker connected (503 and the
 /// reasons otherwise), for probes and scripts.
 async fn readyz(State(daemon): Shared) -> Response {
-    let why = daemon.status().await.not_ready();
-    if why.is_empty() {
-        (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({"ready": true})),
-        )
-            .into_response()
-    } else {
-        let body = serde_json::json!({"ready": false, "reasons": why});
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
-    }
+    worker_common::metrics::readiness(daemon.status().await.not_ready())
 }
 
 async fn metrics(State(daemon): Shared) -> Response {
-    match crate::metrics::render(&daemon.status().await) {
-        Ok(text) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics: {e}"),
-        ),
-    }
+    worker_common::metrics::exposition(crate::metrics::render(&daemon.status().await))
 }
 
 async fn status(State(daemon): Shared) -> axum::Json<Status> {

@@ -97,21 +97,6 @@ async fn run_daemon(args: &Cli) -> Result<()> {
 /// The metrics/health listener; a failure to bind is logged, not fatal (the
 /// API socket is what NodeEngine needs).
 async fn serve_metrics(address: &str, daemon: Arc<Daemon>) -> Option<tokio::task::JoinHandle<()>> {
-    if address.is_empty() || address == "off" {
-        return None;
-    }
-    let listener = match tokio::net::TcpListener::bind(address).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(address, "metrics listener not started: {e}");
-            return None;
-        }
-    };
-    tracing::info!(address, "serving /metrics, /healthz and /readyz");
     let app = netmanager::api::metrics_router(daemon);
-    Some(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!("metrics listener: {e}");
-        }
-    }))
+    worker_common::metrics::serve(address, app).await
 }

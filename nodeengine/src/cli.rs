@@ -11,8 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use worker_common::args::empty_is_default;
+use worker_common::http;
 use worker_common::logging::{self, FollowError};
 use worker_common::privileges::require_root;
+use worker_common::tls::ClientTls;
 
 use crate::addons;
 use crate::config::{
@@ -112,12 +114,26 @@ pub enum Command {
     Config(ConfigCommand),
     /// Print the version number of NodeEngine
     Version,
-    /// Check the status of the node engine (and NetManager's with network auto)
-    Status,
+    /// Check the status of the node engine (and NetManager's with network
+    /// auto); exits non-zero unless the service runs and is ready
+    Status(StatusArgs),
     /// Follow the NodeEngine log (the journal under systemd, else the log file)
     Logs,
     /// Stop the NodeEngine (and NetManager)
     Stop,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Where nodeengined answers /readyz (its --metrics-address; "off":
+    /// judge by the process alone)
+    #[arg(
+        long,
+        value_name = "ADDRESS",
+        env = crate::metrics::ADDRESS_ENV,
+        default_value = crate::metrics::DEFAULT_ADDRESS
+    )]
+    pub metrics_address: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -343,7 +359,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("NodeEngine {}", worker_common::version::VERSION);
             Ok(())
         }
-        Some(Command::Status) => status(&path),
+        Some(Command::Status(args)) => status(&path, &args),
         Some(Command::Logs) => follow_service(),
         Some(Command::Stop) => stop(),
     }
@@ -842,17 +858,80 @@ fn pids_named(name: &str) -> Vec<u32> {
         .collect()
 }
 
-fn status(path: &Path) -> Result<()> {
+/// `NodeEngine status`: prints the state; fails (for scripts and probes)
+/// unless the service runs and nodeengined says it is ready.
+fn status(path: &Path, args: &StatusArgs) -> Result<()> {
+    let mut unhealthy = Vec::new();
     if service::has_systemd() {
         print!("{}", service::systemctl_status(NODEENGINE_UNIT));
+        if !service::is_active(NODEENGINE_UNIT) {
+            unhealthy.push(format!("{NODEENGINE_UNIT} is not active"));
+        }
         let auto = Config::load(path)
             .map(|c| c.network_mode() == NetworkMode::Auto)
             .unwrap_or(false);
         if auto {
             print!("{}", service::systemctl_status(NETMANAGER_UNIT));
+            if !service::is_active(NETMANAGER_UNIT) {
+                unhealthy.push(format!("{NETMANAGER_UNIT} is not active"));
+            }
         }
-        return Ok(());
+    } else {
+        print_processes();
+        if pids_named("nodeengined").is_empty() {
+            unhealthy.push("nodeengined is not running".to_string());
+        }
     }
+    if unhealthy.is_empty() {
+        unhealthy.extend(readiness(&args.metrics_address));
+    }
+    anyhow::ensure!(
+        unhealthy.is_empty(),
+        "not healthy: {}",
+        unhealthy.join("; ")
+    );
+    Ok(())
+}
+
+/// What nodeengined's `/readyz` says is missing (printed as it goes); an
+/// unreachable listener is a reason too, since a live daemon serves it.
+fn readiness(address: &str) -> Vec<String> {
+    if worker_common::metrics::is_off(address) {
+        println!("readiness: not asked (metrics address is off)");
+        return Vec::new();
+    }
+    let asked = ClientTls::system_roots()
+        .build()
+        .map_err(|e| anyhow!("{e}"))
+        .and_then(|tls| {
+            let client = http::Client::tcp(tls).timeout(std::time::Duration::from_secs(5));
+            http::blocking::Client::new(client).map_err(|e| anyhow!("{e}"))
+        })
+        .and_then(|c| {
+            c.get(&format!("http://{address}/readyz"))
+                .map_err(|e| anyhow!("{e}"))
+        })
+        .and_then(|r| {
+            r.json::<worker_common::metrics::Readiness>()
+                .map_err(|e| anyhow!("{e}"))
+        });
+    match asked {
+        Ok(r) if r.ready => {
+            println!("readiness: ready");
+            Vec::new()
+        }
+        Ok(r) => {
+            println!("readiness: not ready ({})", r.reasons.join("; "));
+            r.reasons
+        }
+        Err(e) => {
+            println!("readiness: no answer from {address} ({e})");
+            vec![format!("no readiness answer from {address}")]
+        }
+    }
+}
+
+fn print_processes() {
     println!(
         "systemd is not running on this machine, so there is no NodeEngine service; \
          `NodeEngine -a ADDR` runs the daemon in the foreground."
@@ -867,7 +946,6 @@ fn status(path: &Path) -> Result<()> {
     if !nm.is_empty() {
         println!("NetManager: running (pid {nm:?})");
     }
-    Ok(())
 }
 
 fn stop() -> Result<()> {

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::deploy::{Control, Engine};
 use crate::job::StatusReport;
 use crate::last_report::LastReport;
+use crate::metrics::{Metrics, Report};
 use crate::node_report::{NodeIp, NodeSampler};
 use crate::public_ip::PublicIpSource;
 
@@ -192,6 +193,8 @@ pub struct Session {
     pub public_ip: PublicIpSource,
     pub node_ip: NodeIp,
     pub last_report: LastReport,
+    /// Broker link state, report publish failures, reported resources.
+    pub metrics: Metrics,
 }
 
 /// Runs the session until `shutdown` turns true.
@@ -207,6 +210,7 @@ pub async fn run(
     let (client, mut eventloop) = AsyncClient::new(options(&settings)?, 256);
     let connected = Arc::new(AtomicBool::new(false));
     let last_report = Arc::new(std::sync::Mutex::new(session.last_report));
+    let metrics = session.metrics;
 
     let reporter = tokio::spawn(report_loop(
         client.clone(),
@@ -219,13 +223,17 @@ pub async fn run(
             node_ip: session.node_ip,
             last_report: last_report.clone(),
             connected: connected.clone(),
+            metrics: metrics.clone(),
         },
     ));
     let status_client = client.clone();
     let job_topic = topics.job.clone();
+    let status_metrics = metrics.clone();
     let status_pub = tokio::spawn(async move {
         while let Some(report) = status_rx.recv().await {
-            publish_json(&status_client, &job_topic, &report).await;
+            if !publish_json(&status_client, &job_topic, &report).await {
+                status_metrics.publish_failed(Report::Status);
+            }
         }
     });
 
@@ -238,11 +246,13 @@ pub async fn run(
                     backoff.reset();
                     if matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
                         connected.store(true, Ordering::SeqCst);
+                        metrics.set_broker_connected(true);
                     }
                     on_event(ev, &client, &topics, &engine);
                 }
                 Err(e) => {
                     connected.store(false, Ordering::SeqCst);
+                    metrics.set_broker_connected(false);
                     let delay = backoff.next_delay();
                     tracing::warn!(host = %settings.host, port = settings.port,
                         "MQTT connection: {e}; reconnecting in {delay:?}");
@@ -256,6 +266,7 @@ pub async fn run(
     }
     reporter.abort();
     status_pub.abort();
+    metrics.set_broker_connected(false);
     let _ = client.try_disconnect();
     // Give the disconnect a moment to reach the broker.
     let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
@@ -315,14 +326,20 @@ fn log_cluster_error(payload: &[u8]) {
     tracing::error!(message = %msg, "cluster reported an error for this node");
 }
 
-async fn publish_json<T: serde::Serialize>(client: &AsyncClient, topic: &str, value: &T) {
+/// Queues a report, waiting for room; returns whether it was queued.
+async fn publish_json<T: serde::Serialize>(client: &AsyncClient, topic: &str, value: &T) -> bool {
     match serde_json::to_vec(value) {
-        Ok(body) => {
-            if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, body).await {
+        Ok(body) => match client.publish(topic, QoS::AtLeastOnce, false, body).await {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::warn!(topic, "publish: {e}");
+                false
             }
+        },
+        Err(e) => {
+            tracing::error!(topic, "cannot encode report: {e}");
+            false
         }
-        Err(e) => tracing::error!(topic, "cannot encode report: {e}"),
     }
 }
 
@@ -351,6 +368,7 @@ struct Reporting {
     node_ip: NodeIp,
     last_report: Arc<std::sync::Mutex<LastReport>>,
     connected: Arc<AtomicBool>,
+    metrics: Metrics,
 }
 
 async fn report_loop(client: AsyncClient, topics: Topics, engine: Arc<Engine>, r: Reporting) {
@@ -361,6 +379,7 @@ async fn report_loop(client: AsyncClient, topics: Topics, engine: Arc<Engine>, r
         node_ip,
         last_report,
         connected,
+        metrics,
     } = r;
     let sampler = Arc::new(std::sync::Mutex::new(sampler));
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
@@ -380,10 +399,17 @@ async fn report_loop(client: AsyncClient, topics: Topics, engine: Arc<Engine>, r
         if let Ok(doc) = doc {
             // Refreshed every report; status reports carry the same address.
             node_ip.set(&doc.ip);
-            try_publish_json(&client, &topics.information, &doc);
+            if try_publish_json(&client, &topics.information, &doc) {
+                metrics.reported(&doc);
+            } else {
+                metrics.publish_failed(Report::Node);
+            }
         }
         let resources = engine.resources().await;
         let queued = try_publish_json(&client, &topics.resources, &resources);
+        if !queued {
+            metrics.publish_failed(Report::Resources);
+        }
         if queued && connected.load(Ordering::SeqCst) {
             let last = last_report.clone();
             let written = tokio::task::spawn_blocking(move || {

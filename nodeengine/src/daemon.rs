@@ -24,6 +24,7 @@ use crate::containerd_runtime::{self, ContainerdRuntime, ContainerdSettings};
 use crate::csi::{Registry as CsiRegistry, VolumeManager};
 use crate::deploy::{Engine, EngineSettings};
 use crate::last_report::{self, LastReport};
+use crate::metrics::{self, Metrics};
 use crate::netmanager_client::NetManagerClient;
 use crate::netmanager_supervisor;
 use crate::node_report::{NodeIp, NodeSampler, StaticFacts};
@@ -148,6 +149,17 @@ pub struct DaemonArgs {
     )]
     pub app_log_max_bytes: u64,
 
+    /// Prometheus metrics and /healthz, /readyz over HTTP on this address
+    /// ("off" disables it)
+    #[arg(
+        long,
+        value_name = "ADDRESS",
+        env = metrics::ADDRESS_ENV,
+        default_value = metrics::DEFAULT_ADDRESS,
+        value_parser = empty_is_default::<String>(metrics::DEFAULT_ADDRESS)
+    )]
+    pub metrics_address: String,
+
     /// Log filter, e.g. `info,nodeengine=debug`
     #[arg(long, value_name = "FILTER", env = "RUST_LOG")]
     pub log_filter: Option<String>,
@@ -197,6 +209,7 @@ fn build_engine(
     net: Option<NetManagerClient>,
     volumes: VolumeManager,
     node_ip: NodeIp,
+    metrics: Metrics,
 ) -> Result<(
     Arc<Engine>,
     tokio::sync::mpsc::Receiver<crate::job::StatusReport>,
@@ -226,6 +239,7 @@ fn build_engine(
         policy: cfg.local_policy.clone(),
         state_dir: args.state_dir.clone(),
         node_ip,
+        metrics,
     }))
 }
 
@@ -284,6 +298,7 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
             .context("starting NetManager (network mode auto)")?;
     }
     let net = mode.socket().map(NetManagerClient::new);
+    let metrics = Metrics::new(net.is_some());
     let node_ip = NodeIp::default();
     let runtimes = Runtimes::new(&cfg, &args.containerd_config);
     // Probed before the registration, so its node document lists only the
@@ -299,7 +314,14 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
         net.clone(),
         volumes,
         node_ip.clone(),
+        metrics.clone(),
     )?;
+    // From here on probes get answers (not ready until registered).
+    let listener = worker_common::metrics::serve(
+        &args.metrics_address,
+        metrics::router(metrics.clone(), engine.clone()),
+    )
+    .await;
     let last_report = LastReport::new(&args.state_dir);
     if cfg.runtime_active(RUNTIME_CONTAINER) {
         reconcile(
@@ -343,12 +365,17 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
         })
         .await;
     worker_common::systemd::status(&format!("registered as node {}", reg.node_id));
+    metrics.set_registered();
     tracing::info!(node_id = %reg.node_id, mqtt_port = reg.mqtt_port, "registered with the cluster");
 
     if let Some(net) = net.clone() {
         let (id, cluster) = (reg.node_id.clone(), cfg.cluster_address.clone());
         // In the background: MQTT reports must not wait for NetManager to come up.
-        tokio::spawn(async move { register_with_netmanager(&net, &id, &cluster).await });
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            register_with_netmanager(&net, &id, &cluster).await;
+            m.set_netmanager_registered();
+        });
     }
 
     let session = Session {
@@ -362,8 +389,12 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
         public_ip,
         node_ip,
         last_report,
+        metrics,
     };
     let result = cluster_mqtt::run(session, engine, status_rx, shutdown).await;
+    if let Some(l) = listener {
+        l.abort();
+    }
     if let Some(sup) = supervisor {
         let _ = tokio::time::timeout(Duration::from_secs(6), sup).await;
     }
@@ -441,6 +472,7 @@ mod tests {
                 "MY_PORT",
                 "NODEENGINE_ADOPT_WINDOW",
                 "NODEENGINE_APP_LOG_MAX_BYTES",
+                "NODEENGINE_METRICS_ADDRESS",
                 "NODEENGINE_PUBLIC_IP_REFRESH",
                 "NODEENGINE_PUBLIC_IP_URL",
                 "OAKESTRA_CONF",

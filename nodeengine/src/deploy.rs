@@ -8,10 +8,10 @@
 //! soon as nothing uses them, so a stream of distinct job names cannot grow
 //! the daemon's memory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +28,7 @@ use crate::image_user::{self, ProcessUser};
 use crate::job::{
     self, DeleteRequest, DeployRequest, JobStatus, ResourcesReport, ServiceResources, StatusReport,
 };
+use crate::metrics::{Metrics, Outcome, Report};
 use crate::netmanager_client::{self, NetManagerClient, UndeployRequest};
 use crate::node_report::NodeIp;
 use crate::oci_spec::{self, HostDevice, SpecInput};
@@ -76,6 +77,8 @@ pub struct EngineSettings {
     pub state_dir: PathBuf,
     /// The node's current `ip`, reported as `publicip` in status messages.
     pub node_ip: NodeIp,
+    /// Deploy outcomes and latency, lost status reports.
+    pub metrics: Metrics,
 }
 
 /// A control message from the cluster.
@@ -179,12 +182,24 @@ impl Engine {
         };
         tracing::info!(job = job_name, instance, status = ?status, detail = %report.status_detail, "status");
         if let Err(e) = self.status_tx.try_send(report) {
+            self.s.metrics.publish_failed(Report::Status);
             tracing::error!(job = job_name, instance, "status report lost: {e}");
         }
     }
 
     pub fn instance_count(&self) -> usize {
         self.instances().len()
+    }
+
+    /// Running instances by the virtualization their job asked for (the
+    /// `running_instances` metric). Only names a runtime accepted appear:
+    /// a request for an unknown one never becomes an instance.
+    pub fn running_by_virtualization(&self) -> BTreeMap<String, u64> {
+        let mut by = BTreeMap::new();
+        for i in self.instances().values() {
+            *by.entry(i.virtualization.clone()).or_default() += 1;
+        }
+        by
     }
 
     /// Queues a control message; returns at once.
@@ -281,6 +296,7 @@ impl Engine {
         let req = match job::parse_deploy(payload) {
             Ok(r) => r,
             Err(e) => {
+                self.s.metrics.deploy(Outcome::Failed, None);
                 match job::identify(payload) {
                     Some((name, n)) => {
                         self.report(&name, n, JobStatus::Failed, format!("invalid job: {e}"))
@@ -304,9 +320,20 @@ impl Engine {
             // MQTT QoS 1 may deliver a deploy twice; upstream's FAILED here
             // would make the cluster replace a healthy instance.
             tracing::warn!(id, "deploy for an instance that already runs here; ignored");
+            self.s.metrics.deploy(Outcome::Duplicate, None);
             return;
         }
-        match self.deploy(req).await {
+        let began = Instant::now();
+        let result = self.deploy(req).await;
+        let outcome = if result.is_ok() {
+            Outcome::Created
+        } else {
+            Outcome::Failed
+        };
+        self.s
+            .metrics
+            .deploy(outcome, Some(began.elapsed().as_secs_f64()));
+        match result {
             Ok(started) => {
                 self.instances().insert(
                     id.to_string(),
@@ -845,6 +872,7 @@ mod tests {
             policy,
             state_dir: dir.path().to_path_buf(),
             node_ip: NodeIp::default(),
+            metrics: Metrics::default(),
         });
         (engine, rx, dir)
     }

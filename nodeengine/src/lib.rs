@@ -24,6 +24,7 @@ pub mod gpu;
 pub mod image_user;
 pub mod job;
 pub mod last_report;
+pub mod metrics;
 pub mod netmanager_client;
 pub mod netmanager_supervisor;
 pub mod node_report;

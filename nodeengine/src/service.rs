@@ -23,6 +23,15 @@ pub fn systemctl(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Whether `unit` is active (`systemctl is-active`); false when systemctl
+/// cannot be run.
+pub fn is_active(unit: &str) -> bool {
+    Command::new("systemctl")
+        .args(["is-active", "--quiet", unit])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// `systemctl status` output; never fails (a stopped unit exits non-zero).
 pub fn systemctl_status(unit: &str) -> String {
     match Command::new("systemctl")

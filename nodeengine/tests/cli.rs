@@ -291,9 +291,21 @@ fn status_and_stop_without_systemd_say_so() {
         return;
     }
     let (_d, conf) = setup();
-    let out = ne(&conf, &["status"]);
-    assert!(out.status.success());
+    // Nothing listens there: even if another test's nodeengined runs on
+    // this machine, this status cannot find a ready one.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .to_string();
+    let out = ne_env(
+        &conf,
+        &["status"],
+        &[("NODEENGINE_METRICS_ADDRESS", nowhere.as_str())],
+    );
+    // Not healthy: exit 1, for scripts and probes.
+    assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("systemd is not running"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not healthy"));
     let out = ne(&conf, &["stop"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("systemd is not running"));

@@ -71,7 +71,12 @@ async fn deploy_report_and_delete() {
     if !can_run("deploy_report_and_delete", BINS) {
         return;
     }
-    let mut s = setup(true).await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let listen = metrics.clone();
+    let mut s = setup_with(true, move |_, _, _| {
+        vec![("NODEENGINE_METRICS_ADDRESS", listen)]
+    })
+    .await;
     let name = "app.ns.web.main";
     let id = format!("{name}.instance.0");
     let j = job(
@@ -140,6 +145,17 @@ async fn deploy_report_and_delete() {
     .await;
     assert!(logged, "{}", s.daemon.log_text());
 
+    // The metrics count it: one created (timed), one duplicate, running
+    // under the virtualization the job asked for.
+    let m = scrape(&metrics);
+    assert_eq!(m["nodeengine_deploys_total{outcome=created}"], 1.0, "{m}");
+    assert_eq!(m["nodeengine_deploys_total{outcome=duplicate}"], 1.0, "{m}");
+    assert_eq!(m["nodeengine_deploy_duration_seconds_count"], 1.0, "{m}");
+    assert_eq!(
+        m["nodeengine_running_instances{virtualization=docker}"], 1.0,
+        "{m}"
+    );
+
     // Delete: exactly one UNDEPLOYED, container gone.
     let del =
         serde_json::json!({"job_name": name, "virtualization": "docker", "instance_number": 0});
@@ -163,6 +179,12 @@ async fn deploy_report_and_delete() {
         })
         .await;
     assert!(gone.is_some());
+    let m = scrape(&metrics);
+    assert!(
+        m.get("nodeengine_running_instances{virtualization=docker}")
+            .is_none(),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

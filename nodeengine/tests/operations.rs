@@ -1,7 +1,8 @@
 //! Operations (docs/operations.md): nodeengined's readiness and watchdog
 //! notifications on a `NOTIFY_SOCKET` this test owns (the cluster away, so
-//! readiness must not wait for it), JSON logs, and `NodeEngine config check`
-//! against a real containerd and broker.
+//! readiness must not wait for it), JSON logs, `NodeEngine config check`
+//! against a real containerd and broker, and the metrics and health
+//! listener with `NodeEngine status` against a real broker.
 
 mod common;
 
@@ -143,6 +144,143 @@ fn config_check_finds_containerd_and_the_cluster() {
     assert!(text.contains("FAIL  configuration"), "{text}");
     assert!(text.contains("line 1"), "{text}");
     assert!(text.contains("NodeEngine config default"), "{text}");
+}
+
+/// `NodeEngine status` asking the daemon at `metrics`: exit code, stdout, stderr.
+fn status(conf: &Path, metrics: &str) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_NodeEngine"))
+        .env("OAKESTRA_CONF", conf)
+        .env("NODEENGINE_METRICS_ADDRESS", metrics)
+        .arg("status")
+        .output()
+        .expect("run NodeEngine");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `/readyz` at `address`: status code and body.
+async fn readyz(address: &str) -> Option<(u16, Value)> {
+    let tls = worker_common::tls::ClientTls::system_roots().build().ok()?;
+    let r = worker_common::http::Client::tcp(tls)
+        .timeout(Duration::from_secs(5))
+        .get(&format!("http://{address}/readyz"))
+        .await
+        .ok()?;
+    Some((r.status.as_u16(), r.json().ok()?))
+}
+
+/// Polls `/readyz` until its code is `code`; the last answer.
+async fn wait_readyz(address: &str, code: u16) -> Option<(u16, Value)> {
+    let mut last = None;
+    for _ in 0..300 {
+        last = readyz(address).await;
+        if last.as_ref().is_some_and(|(c, _)| *c == code) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_readiness_and_status_follow_the_cluster_link() {
+    if !can_run(
+        "metrics_readiness_and_status",
+        &["/usr/sbin/mosquitto", "python3"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Mosquitto::start(dir.path());
+    let mut cluster = ClusterDouble::start(broker.port).await;
+    let conf = test_config(dir.path(), cluster.http_port, false);
+    let address = format!("127.0.0.1:{}", free_port());
+    let daemon = Daemon::start_with(
+        dir.path(),
+        &conf,
+        None,
+        &[("NODEENGINE_METRICS_ADDRESS", address.clone())],
+    );
+    let info = cluster
+        .wait_for("information", Duration::from_secs(60), |_| true)
+        .await
+        .unwrap_or_else(|| panic!("no node report; log: {}", daemon.log_text()));
+
+    // Registered and connected: ready, and `status` says so with exit 0.
+    let (code, body) = wait_readyz(&address, 200).await.expect("readyz answers");
+    assert_eq!(code, 200, "{body}");
+    let (code, out, err) = status(&conf, &address);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("readiness: ready"), "{out}");
+
+    // Two deploys that fail (an unknown runtime; containerd inactive) and
+    // one invalid: three failed outcomes, two of them timed.
+    let mut unknown = job("app.ns.svc.unknown", 1, &[], false);
+    unknown["virtualization"] = "wasm-magic".into();
+    cluster.publish("control/deploy", unknown.to_string()).await;
+    let plain = job("app.ns.svc.plain", 2, &["true"], false);
+    cluster.publish("control/deploy", plain.to_string()).await;
+    let mut bad = job("app.ns.bad.vcpu", 3, &[], false);
+    bad["vcpus"] = "lots".into();
+    cluster.publish("control/deploy", bad.to_string()).await;
+    for (name, n) in [
+        ("app.ns.svc.unknown", 1),
+        ("app.ns.svc.plain", 2),
+        ("app.ns.bad.vcpu", 3),
+    ] {
+        cluster.wait_status(name, n, "FAILED").await;
+    }
+    let m = scrape(&address);
+    assert_eq!(m["nodeengine_deploys_total{outcome=failed}"], 3.0, "{m}");
+    assert_eq!(m["nodeengine_deploy_duration_seconds_count"], 2.0, "{m}");
+    assert_eq!(m["nodeengine_cluster_registered"], 1.0, "{m}");
+    assert_eq!(m["nodeengine_cluster_broker_connected"], 1.0, "{m}");
+    assert_eq!(m["nodeengine_cluster_broker_connects_total"], 1.0, "{m}");
+    // The node's resources as the cluster was told.
+    assert_eq!(m["nodeengine_node_vcpus"], info["vcpus"], "{m}");
+    assert!(
+        m.get("nodeengine_running_instances").is_none()
+            && !m.as_object().is_some_and(|o| o
+                .keys()
+                .any(|k| k.starts_with("nodeengine_running_instances{"))),
+        "nothing runs: {m}"
+    );
+
+    // Broker gone: not ready (503 with the reason), `status` exits 1.
+    broker.stop();
+    let (code, body) = wait_readyz(&address, 503).await.expect("readyz answers");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["reasons"].as_array().is_some_and(|r| r
+            .iter()
+            .any(|r| r.as_str().unwrap_or_default().contains("MQTT broker"))),
+        "{body}"
+    );
+    let (code, out, err) = status(&conf, &address);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("not healthy") && err.contains("MQTT broker"),
+        "{err}"
+    );
+    assert_eq!(scrape(&address)["nodeengine_cluster_broker_connected"], 0.0);
+
+    // Back: ready again, and the second session is counted.
+    broker.restart();
+    let (code, body) = wait_readyz(&address, 200).await.expect("readyz answers");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        scrape(&address)["nodeengine_cluster_broker_connects_total"],
+        2.0
+    );
+
+    // Not listening (daemon gone): `status` fails rather than guess.
+    drop(daemon);
+    let (code, _, err) = status(&conf, &address);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not healthy"), "{err}");
 }
 
 fn read(p: &Path) -> String {

@@ -8,8 +8,8 @@
 //!   following (`logging`), the stop signal (`shutdown`), retry pacing
 //!   (`backoff`), the root check (`privileges`), `config check` reports
 //!   (`check`), command-line pieces (`args`), life under systemd
-//!   (`systemd`: unit names, readiness, watchdog) and what `--version`
-//!   says (`version`).
+//!   (`systemd`: unit names, readiness, watchdog), what `--version`
+//!   says (`version`) and the metrics and health listener (`metrics`).
 
 pub mod args;
 pub mod backoff;
@@ -17,6 +17,7 @@ pub mod check;
 pub mod http;
 pub mod lenient;
 pub mod logging;
+pub mod metrics;
 pub mod netmanager_api;
 pub mod paths;
 pub mod privileges;

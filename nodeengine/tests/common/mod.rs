@@ -57,6 +57,33 @@ pub fn can_run(test: &str, bins: &[&str]) -> bool {
     true
 }
 
+/// `/metrics` at `address`, parsed with the Prometheus project's
+/// OpenMetrics parser (python3-prometheus-client, installed by `cargo xtask
+/// setup`): `{"name{label=value,...}": value}`.
+pub fn scrape(address: &str) -> Value {
+    let script = format!(
+        "import json,urllib.request\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\n\
+        text=urllib.request.urlopen('http://{address}/metrics',timeout=5).read().decode()\n\
+        out={{}}\n\
+        for fam in parse(text):\n\
+        \x20 for s in fam.samples:\n\
+        \x20   key=s.name+('{{'+','.join('%s=%s'%kv for kv in sorted(s.labels.items()))+'}}' if s.labels else '')\n\
+        \x20   out[key]=s.value\n\
+        print(json.dumps(out))"
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "scrape: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("scrape output")
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -786,6 +813,9 @@ impl Daemon {
             "OAKESTRA_STATE_DIR".into(),
             dir.join("state").display().to_string(),
         );
+        // No metrics listener unless a test asks for one: parallel daemons
+        // would race for the default port.
+        env.insert("NODEENGINE_METRICS_ADDRESS".into(), "off".into());
         // containerd's runtimes come from the test's config, not the host's.
         env.insert(
             "CONTAINERD_CONFIG".into(),
