@@ -161,6 +161,17 @@ fn service_ip_across_two_nodes(mode: &'static str) {
     assert!(v("netmanager_miss_resolution_seconds_count") >= 1.0);
     assert_eq!(v("netmanager_mqtt_connected"), 1.0);
     assert_eq!(v("netmanager_deployments{kind=container}"), 1.0);
+    // Every netmanager name the Grafana dashboard in docs/ queries is live.
+    let samples = m.as_object().expect("scrape is an object");
+    for name in worker_common::metrics::names_used(worker_common::metrics::DASHBOARD, "netmanager_")
+    {
+        assert!(
+            samples
+                .keys()
+                .any(|k| k == &name || k.starts_with(&format!("{name}{{"))),
+            "the dashboard queries {name}, which NetManager does not expose: {m}"
+        );
+    }
     let (code, ready) = nm1.get("/readyz");
     assert_eq!((code, ready), (200, json!({"ready": true})));
 

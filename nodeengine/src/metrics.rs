@@ -9,6 +9,7 @@
 //! session, the reporter); running instances are counted from the engine
 //! at scrape time, so they can never drift from what runs.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -135,7 +136,12 @@ impl Metrics {
     /// its registration there.
     pub fn new(with_netmanager: bool) -> Metrics {
         let mut registry = Registry::with_prefix("nodeengine");
+        // Every outcome and report from the start: a series that appears
+        // only with its first event hides that event from rate().
         let deploys = Family::<OutcomeLabels, Counter>::default();
+        for o in [Outcome::Created, Outcome::Failed, Outcome::Duplicate] {
+            let _ = deploys.get_or_create(&OutcomeLabels { outcome: o.label() });
+        }
         registry.register("deploys", "Deploy requests by outcome", deploys.clone());
         // From a cached image (well under a second) to a slow pull (minutes).
         let deploy_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 14));
@@ -145,6 +151,9 @@ impl Metrics {
             deploy_seconds.clone(),
         );
         let publish_failures = Family::<ReportLabels, Counter>::default();
+        for r in [Report::Node, Report::Resources, Report::Status] {
+            let _ = publish_failures.get_or_create(&ReportLabels { report: r.label() });
+        }
         registry.register(
             "report_publish_failures",
             "Reports to the cluster that could not be queued for the broker",
@@ -295,18 +304,18 @@ impl Metrics {
         why
     }
 
-    /// The text exposition, with running instances counted from `engine`.
-    pub fn render(&self, engine: Option<&Engine>) -> Result<String, std::fmt::Error> {
-        if let Some(engine) = engine {
-            // Cleared first: a virtualization with no instance left shows
-            // no series rather than a stale count.
-            self.inner.running.clear();
-            for (virtualization, n) in engine.running_by_virtualization() {
-                self.inner
-                    .running
-                    .get_or_create(&RuntimeLabels { virtualization })
-                    .set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
+    /// The text exposition, with `running` instances by virtualization (as
+    /// counted by the engine when scraped).
+    pub fn render(&self, running: &BTreeMap<String, u64>) -> Result<String, std::fmt::Error> {
+        // Cleared first: a virtualization with no instance left shows no
+        // series rather than a stale count.
+        self.inner.running.clear();
+        for (virtualization, n) in running {
+            let virtualization = virtualization.clone();
+            self.inner
+                .running
+                .get_or_create(&RuntimeLabels { virtualization })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)?;
@@ -331,7 +340,8 @@ pub fn router(metrics: Metrics, engine: Arc<Engine>) -> Router {
 }
 
 async fn scrape(State(s): State<Served>) -> Response {
-    worker_common::metrics::exposition(s.metrics.render(Some(&s.engine)))
+    let running = s.engine.running_by_virtualization();
+    worker_common::metrics::exposition(s.metrics.render(&running))
 }
 
 async fn readyz(State(s): State<Served>) -> Response {
@@ -365,11 +375,29 @@ mod tests {
         m.set_broker_connected(true);
         m.set_broker_connected(false);
         m.set_broker_connected(true);
-        let text = m.render(None).expect("encodes");
+        let text = m.render(&BTreeMap::new()).expect("encodes");
         assert!(
             text.contains("nodeengine_cluster_broker_connects_total 2\n"),
             "{text}"
         );
+    }
+
+    /// Every nodeengine name the Grafana dashboard in docs/ queries is one
+    /// this daemon describes.
+    #[test]
+    fn the_dashboard_queries_these_names() {
+        let running = BTreeMap::from([("docker".to_string(), 1)]);
+        let text = Metrics::new(true).render(&running).expect("encodes");
+        let used =
+            worker_common::metrics::names_used(worker_common::metrics::DASHBOARD, "nodeengine_");
+        assert!(used.len() >= 10, "{used:?}");
+        for name in used {
+            let family = worker_common::metrics::family_of(&name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "the dashboard queries {name}, which nodeengined does not expose:\n{text}"
+            );
+        }
     }
 
     #[test]
@@ -378,7 +406,7 @@ mod tests {
         m.deploy(Outcome::Created, Some(0.2));
         m.deploy(Outcome::Failed, Some(1.0));
         m.publish_failed(Report::Status);
-        let text = m.render(None).expect("encodes");
+        let text = m.render(&BTreeMap::new()).expect("encodes");
         for line in [
             "nodeengine_deploys_total{outcome=\"created\"} 1",
             "nodeengine_deploys_total{outcome=\"failed\"} 1",

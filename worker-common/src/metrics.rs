@@ -82,9 +82,63 @@ pub struct Readiness {
     pub reasons: Vec<String>,
 }
 
+/// The Grafana dashboard in docs/ built on both daemons' metric names.
+pub const DASHBOARD: &str = include_str!("../../docs/grafana/oakestra-worker.json");
+
+/// The metric names starting with `prefix` that `text` (a dashboard's
+/// queries) uses, as written (`_total`, `_bucket` suffixes included), so
+/// tests can hold the dashboard to what the daemons expose.
+pub fn names_used(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(prefix) {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // Only whole names: not a suffix of a longer identifier.
+        let whole = at == 0
+            || !rest[..at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        if whole {
+            names.insert(tail[..end].to_string());
+        }
+        rest = &tail[end.max(1)..];
+    }
+    names
+}
+
+/// The family a sample name belongs to (`x_total`, `x_bucket` → `x`).
+pub fn family_of(sample: &str) -> &str {
+    ["_total", "_bucket", "_count", "_sum", "_created"]
+        .iter()
+        .find_map(|s| sample.strip_suffix(s))
+        .unwrap_or(sample)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dashboard_names() {
+        let used = names_used(
+            r#"{"expr": "sum by (le) (rate(nodeengine_deploy_duration_seconds_bucket[5m])) / netmanager_ready"}"#,
+            "nodeengine_",
+        );
+        assert_eq!(
+            used.into_iter().collect::<Vec<_>>(),
+            ["nodeengine_deploy_duration_seconds_bucket"]
+        );
+        assert_eq!(family_of("nodeengine_deploys_total"), "nodeengine_deploys");
+        // The dashboard parses and uses both daemons' names.
+        let d: serde_json::Value = serde_json::from_str(DASHBOARD).expect("dashboard JSON");
+        assert!(d["panels"].as_array().is_some_and(|p| p.len() > 10));
+        assert!(!names_used(DASHBOARD, "netmanager_").is_empty());
+        assert!(!names_used(DASHBOARD, "nodeengine_").is_empty());
+    }
 
     #[test]
     fn off_addresses() {
