@@ -197,16 +197,16 @@ async fn uplink(report: &mut Report, preferred: Option<&str>) {
         Err(e) => Err(e),
     };
     match found {
-        Ok((ifname, ip)) => report.ok("uplink", format!("{ifname} with {ip}")),
+        Ok(up) => report.ok("uplink", format!("{} with {}", up.name, up.addr)),
         Err(e) => report.fail(
             "uplink",
             format!("{e:#}"),
             match preferred {
                 Some(_) => {
-                    "name an interface that exists and has an IPv4 address \
+                    "name an interface that exists and has an address \
                             (DefaultInterface in netcfg.json or --uplink)"
                 }
-                None => "add an IPv4 default route, or set DefaultInterface in netcfg.json",
+                None => "add a default route, or set DefaultInterface in netcfg.json",
             },
         ),
     }
