@@ -18,6 +18,9 @@ use crate::plumbing::{BRIDGE, Plumbing, nft};
 /// One thing teardown removes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
+    /// A classic tc filter (netlink attach mode) running `program` on the
+    /// ingress of `interface`: it outlives the pins, unlike a TCX link.
+    TcFilter { program: String, interface: String },
     /// The pin directory: maps and links (the programs detach with them).
     Pins(PathBuf),
     /// NetManager's nft table `inet oakestra` (NAT and forwarding rules).
@@ -31,6 +34,9 @@ pub enum Item {
 impl std::fmt::Display for Item {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Item::TcFilter { program, interface } => {
+                write!(f, "tc filter of {program} on {interface}")
+            }
             Item::Pins(d) => write!(f, "pinned maps and links in {}", d.display()),
             Item::NftTable => write!(f, "nft table inet {}", nft::TABLE),
             Item::Link(name) => write!(f, "interface {name}"),
@@ -63,7 +69,7 @@ pub async fn run(cli: &Cli, dry_run: bool) -> Result<()> {
         if dry_run {
             println!("would remove {item}");
         } else {
-            remove(&plumbing, item)
+            remove(&plumbing, &cli.bpf_dir(), item)
                 .await
                 .with_context(|| format!("removing {item}"))?;
             println!("removed {item}");
@@ -76,10 +82,14 @@ async fn daemon_answers(socket: &Path) -> bool {
     socket.exists() && crate::api::probe(socket.to_path_buf()).await.is_ok()
 }
 
-/// What of the dataplane exists here, in the order it is removed: the pins
-/// first (traffic stops being rewritten), then the rules and interfaces.
+/// What of the dataplane exists here, in the order it is removed: the tc
+/// filters and pins first (traffic stops being rewritten), then the rules and
+/// interfaces.
 pub async fn present(plumbing: &Plumbing, bpf_dir: &Path, state: &Path) -> Result<Vec<Item>> {
     let mut found = Vec::new();
+    for (program, interface) in crate::dataplane::recorded_filters(bpf_dir)? {
+        found.push(Item::TcFilter { program, interface });
+    }
     if bpf_dir.exists() {
         found.push(Item::Pins(bpf_dir.to_path_buf()));
     }
@@ -105,8 +115,12 @@ fn nft_table_exists() -> Result<bool> {
     Ok(out.status.success())
 }
 
-async fn remove(plumbing: &Plumbing, item: &Item) -> Result<()> {
+async fn remove(plumbing: &Plumbing, bpf_dir: &Path, item: &Item) -> Result<()> {
     match item {
+        Item::TcFilter { program, interface } => {
+            crate::dataplane::remove_recorded_filter(bpf_dir, program, interface)
+                .map_err(Into::into)
+        }
         Item::Pins(dir) => std::fs::remove_dir_all(dir).map_err(Into::into),
         Item::NftTable => tokio::task::spawn_blocking(nft::remove).await?,
         // Deleting one end of the reinjection pair removes both.

@@ -170,7 +170,11 @@ fn config_check_reports_each_problem_and_its_exit_code() {
 }
 
 #[test]
-fn teardown_removes_pins_links_nft_table_and_bridge() {
+// In both attach modes: TCX links go with their pins, classic tc filters
+// must be deleted one by one.
+attach_mode_tests!(teardown_removes_pins_links_nft_table_and_bridge);
+
+fn teardown_removes_pins_links_nft_table_and_bridge(mode: &'static str) {
     if !require_root("teardown_removes_pins") {
         return;
     }
@@ -178,7 +182,11 @@ fn teardown_removes_pins_links_nft_table_and_bridge() {
     let node = Netns::node(23);
     let broker = Broker::start(&dir, Some(&node));
     let _csm = ClusterDouble::start(broker.port, Some(&node), ("10.18.0.64", "fc00::40"));
-    let mut nm = Daemon::start_ebpf(&dir, &node, broker.port, "td");
+    let opts = EbpfOptions {
+        attach_mode: Some(mode),
+        ..Default::default()
+    };
+    let mut nm = Daemon::start_ebpf_with(&dir, &node, broker.port, "td", opts);
     let (code, body) = nm.post(
         "/register",
         &json!({"client_id": NODE_ID, "cluster_address": "127.0.0.1"}).to_string(),
@@ -212,11 +220,17 @@ fn teardown_removes_pins_links_nft_table_and_bridge() {
         node.enter(&mut cmd);
         cmd.output().unwrap().status.success()
     };
-    // The TCX links (uplink and container veth), by their kernel ids.
+    // The TCX links (uplink and container veth) by their kernel ids, or the
+    // classic tc filters in netlink mode.
     let link_ids = pinned_link_ids(&bpf_dir);
+    let attached = if mode == "tcx" {
+        link_ids.len()
+    } else {
+        our_tc_filters(&node)
+    };
     assert!(
-        link_ids.len() >= 2,
-        "uplink and container attached: {link_ids:?}"
+        attached >= 2,
+        "uplink and container attached ({mode}): {attached}"
     );
     let links_alive = || {
         link_ids
@@ -237,6 +251,12 @@ fn teardown_removes_pins_links_nft_table_and_bridge() {
     assert_eq!(links_alive(), link_ids.len());
     let (out, text) = teardown(&["--dry-run"]);
     assert!(out.status.success(), "{text}");
+    if mode == "netlink" {
+        assert!(
+            text.contains("would remove tc filter of uplink_ingress on"),
+            "{text}"
+        );
+    }
     for item in [
         format!(
             "would remove pinned maps and links in {}",
@@ -257,11 +277,31 @@ fn teardown_removes_pins_links_nft_table_and_bridge() {
     assert!(!nft_table(), "{text}");
     assert!(!state.exists(), "{text}");
     assert_eq!(links_alive(), 0, "programs detached with their pins");
+    assert_eq!(our_tc_filters(&node), 0, "tc filters removed: {text}");
 
     // Again: nothing left, still success (package scripts may run it twice).
     let (out, text) = teardown(&[]);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("nothing to remove"), "{text}");
+}
+
+/// NetManager's classic tc filters (its fixed priority) on the ingress of
+/// every interface in `node`.
+fn our_tc_filters(node: &Netns) -> usize {
+    let pref = format!("pref {} ", netmanager::dataplane::TC_PRIORITY);
+    let links = node.ip(&["-o", "link", "show"]).unwrap_or_default();
+    links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name))
+        .map(|name| {
+            let mut cmd = Command::new("tc");
+            cmd.args(["filter", "show", "dev", name, "ingress"]);
+            node.enter(&mut cmd);
+            let out = cmd.output().expect("run tc");
+            String::from_utf8_lossy(&out.stdout).matches(&pref).count()
+        })
+        .sum()
 }
 
 /// Ids of the links pinned under `dir` (`<program>@<interface>` files).
@@ -272,7 +312,10 @@ fn pinned_link_ids(dir: &std::path::Path) -> Vec<String> {
         for e in std::fs::read_dir(&d).unwrap().flatten() {
             let p = e.path();
             if p.is_dir() {
-                todo.push(p);
+                // tc/ holds program pins (netlink mode's records), not links.
+                if e.file_name() != "tc" {
+                    todo.push(p);
+                }
             } else if e.file_name().to_string_lossy().contains('@') {
                 let out = run(&[
                     "bpftool",

@@ -362,6 +362,31 @@ impl Attachments {
     }
 }
 
+/// The classic tc filters (netlink mode) recorded under `pin_dir`, as
+/// (program, interface) pairs. Unlike TCX links they do not go away with
+/// their pins, so `NetManager teardown` removes them one by one.
+pub fn recorded_filters(pin_dir: &Path) -> Result<Vec<(String, String)>> {
+    let tc = pin_dir.join("tc");
+    let mut found = Vec::new();
+    for program in [CONTAINER_PROGRAM, UPLINK_PROGRAM, SLOW_PATH_PROGRAM] {
+        for ifname in pinned_interfaces(&tc, program)? {
+            found.push((program.to_string(), ifname));
+        }
+    }
+    Ok(found)
+}
+
+/// Deletes one recorded filter (see [`recorded_filters`]) and its record.
+pub fn remove_recorded_filter(pin_dir: &Path, program: &str, ifname: &str) -> Result<()> {
+    let records = Attachments {
+        links: pin_dir.join("links"),
+        tc: pin_dir.join("tc"),
+        mode: AttachMode::Netlink,
+        attached: Vec::new(),
+    };
+    records.remove_tc(program, ifname)
+}
+
 /// Interfaces with a pin of `program` in `dir` (`<program>@<interface>`).
 fn pinned_interfaces(dir: &Path, program: &str) -> Result<Vec<String>> {
     let prefix = format!("{program}@");

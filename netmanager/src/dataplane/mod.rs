@@ -31,7 +31,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult};
 use aya::{Ebpf, EbpfLoader};
 use netmanager_common::{Counter, maps};
 
-pub use attach::{AttachMode, TC_PRIORITY};
+pub use attach::{AttachMode, TC_PRIORITY, recorded_filters, remove_recorded_filter};
 pub use misses::{INJECT_DEVICE, MissReceiver};
 pub use netmanager_common::{MAP_NAMES, MissReason, ServiceKind};
 pub use slow_path::SlowPathStatus;
