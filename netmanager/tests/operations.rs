@@ -169,7 +169,6 @@ fn config_check_reports_each_problem_and_its_exit_code() {
     assert!(text.contains("FAIL  MQTT broker 127.0.0.1"), "{text}");
 }
 
-#[test]
 // In both attach modes: TCX links go with their pins, classic tc filters
 // must be deleted one by one.
 attach_mode_tests!(teardown_removes_pins_links_nft_table_and_bridge);
