@@ -1,12 +1,15 @@
 //! Asking the cluster for routes: table queries by job or by service address,
 //! the interests that keep a job's routes fresh, and dataplane misses -- a
-//! packet to a service address we have no route for, or from a local
-//! container whose own instance address is not known yet. The programs hold
+//! packet to a service address we have no route for, from a local
+//! container whose own instance address is not known yet, or a tunnel
+//! datagram whose inner source no node we know runs. The programs hold
 //! the first frames; we ask the cluster, write the answer, send the held
-//! frames through again and clear the pending mark.
+//! frames through again and clear the pending mark. A held tunnel datagram
+//! goes through again only when the cluster names its sender as the node
+//! that runs its inner source: anyone on the underlay can send them.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -28,18 +31,53 @@ pub const MAX_LOOKUPS: usize = 256;
 /// Table queries per second to the cluster, on average, and the burst.
 const QUERIES_PER_SECOND: f64 = 50.0;
 const QUERY_BURST: f64 = 100.0;
+/// The same for tunnel misses, a budget of their own: a flood from the
+/// underlay cannot use up what the local containers need.
+const PEER_QUERIES_PER_SECOND: f64 = 20.0;
+const PEER_QUERY_BURST: f64 = 40.0;
+/// Tunnel lookups in flight per sending host, at most.
+pub const MAX_LOOKUPS_PER_PEER: usize = 16;
+/// Frames kept per lookup (the programs hold `miss_hold` per address; this
+/// bounds what a cleared and refilled mark could add).
+const MAX_FRAMES_PER_LOOKUP: usize = 16;
 /// Unresolved-miss log lines per minute; the rest are counted and summed up.
 const LOG_LINES_PER_MINUTE: u32 = 20;
 
-#[derive(Default)]
+/// A miss as the resolver tracks it: the same address can miss as a
+/// service and as a tunnel source at once, and they resolve differently.
+type MissKey = (MissReason, IpAddr);
+
+/// A held frame and, for a tunnel datagram, who sent it.
+struct HeldFrame {
+    sender: Option<IpAddr>,
+    bytes: Vec<u8>,
+}
+
 struct Pending {
-    /// Frames held per address while its lookup is in flight.
-    frames: HashMap<IpAddr, Vec<Vec<u8>>>,
+    /// Frames held per miss while its lookup is in flight.
+    frames: HashMap<MissKey, Vec<HeldFrame>>,
     /// When each lookup in flight started.
-    started: HashMap<IpAddr, Instant>,
-    failed: HashMap<IpAddr, Instant>,
+    started: HashMap<MissKey, Instant>,
+    failed: HashMap<MissKey, Instant>,
     queries: TokenBucket,
+    peer_queries: TokenBucket,
+    /// Tunnel lookups in flight per sending host.
+    per_peer: HashMap<IpAddr, usize>,
     log: LogBudget,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending {
+            frames: HashMap::new(),
+            started: HashMap::new(),
+            failed: HashMap::new(),
+            queries: TokenBucket::new(QUERIES_PER_SECOND, QUERY_BURST),
+            peer_queries: TokenBucket::new(PEER_QUERIES_PER_SECOND, PEER_QUERY_BURST),
+            per_peer: HashMap::new(),
+            log: LogBudget::default(),
+        }
+    }
 }
 
 /// What the resolver did, for status and metrics.
@@ -53,6 +91,10 @@ pub struct ResolverStats {
     pub refused_rate: u64,
     /// Misses dropped inside the negative-cache window of a failed lookup.
     pub refused_recent_failure: u64,
+    /// Held tunnel datagrams dropped because the cluster names another
+    /// node as the one running their inner source.
+    #[serde(default)]
+    pub refused_wrong_node: u64,
     /// How long lookups took, miss to outcome.
     pub latency: Latency,
 }
@@ -87,22 +129,24 @@ impl Latency {
 struct TokenBucket {
     tokens: f64,
     at: Instant,
-}
-
-impl Default for TokenBucket {
-    fn default() -> Self {
-        TokenBucket {
-            tokens: QUERY_BURST,
-            at: Instant::now(),
-        }
-    }
+    rate: f64,
+    burst: f64,
 }
 
 impl TokenBucket {
+    fn new(rate: f64, burst: f64) -> TokenBucket {
+        TokenBucket {
+            tokens: burst,
+            at: Instant::now(),
+            rate,
+            burst,
+        }
+    }
+
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * QUERIES_PER_SECOND;
-        self.tokens = (self.tokens + refill).min(QUERY_BURST);
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -222,9 +266,10 @@ impl Resolver {
     /// Resolve the dataplane's misses until the stream ends.
     pub async fn run(self: Arc<Self>, mut misses: mpsc::Receiver<Miss>) {
         while let Some(miss) = misses.recv().await {
-            let (reason, addr) = (miss.reason.clone(), miss.addr);
+            let key = (miss.reason.clone(), miss.addr);
+            let peer = miss.peer;
             if self.hold(miss) {
-                tokio::spawn(self.clone().resolve(reason, addr));
+                tokio::spawn(self.clone().resolve(key, peer));
             }
         }
         tracing::warn!("dataplane miss stream closed");
@@ -234,26 +279,42 @@ impl Resolver {
     /// address and a lookup may start. A refused miss has its pending mark
     /// cleared at once, so the dataplane never keeps a stale one.
     fn hold(&self, miss: Miss) -> bool {
+        let key = (miss.reason.clone(), miss.addr);
+        let frame = miss.frame.map(|bytes| HeldFrame {
+            sender: miss.peer,
+            bytes,
+        });
+        let tunnel = miss.reason == MissReason::Peer;
+        let sender = miss.peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let refusal = {
             let mut p = self.pending();
-            if let Some(held) = p.frames.get_mut(&miss.addr) {
-                if let Some(f) = miss.frame {
+            if let Some(held) = p.frames.get_mut(&key) {
+                if let Some(f) = frame.filter(|_| held.len() < MAX_FRAMES_PER_LOOKUP) {
                     held.push(f);
                 }
                 return false;
             }
             if p.failed
-                .get(&miss.addr)
+                .get(&key)
                 .is_some_and(|t| t.elapsed() < NEGATIVE_TTL)
             {
                 Some(Refusal::RecentFailure)
-            } else if p.frames.len() >= MAX_LOOKUPS {
+            } else if p.frames.len() >= MAX_LOOKUPS
+                || (tunnel && p.per_peer.get(&sender).copied().unwrap_or(0) >= MAX_LOOKUPS_PER_PEER)
+            {
                 Some(Refusal::Busy)
-            } else if !p.queries.take() {
+            } else if !(if tunnel {
+                p.peer_queries.take()
+            } else {
+                p.queries.take()
+            }) {
                 Some(Refusal::Rate)
             } else {
-                p.frames.insert(miss.addr, miss.frame.into_iter().collect());
-                p.started.insert(miss.addr, Instant::now());
+                if tunnel {
+                    *p.per_peer.entry(sender).or_default() += 1;
+                }
+                p.started.insert(key.clone(), Instant::now());
+                p.frames.insert(key, frame.into_iter().collect());
                 None
             }
         };
@@ -273,42 +334,41 @@ impl Resolver {
         }
     }
 
-    async fn resolve(self: Arc<Self>, reason: MissReason, addr: IpAddr) {
+    async fn resolve(self: Arc<Self>, key: MissKey, peer: Option<IpAddr>) {
+        let (reason, addr) = (key.0.clone(), key.1);
         let outcome = self.lookup(&reason, addr).await;
         let frames = {
             let mut p = self.pending();
             if outcome.is_err() {
-                p.failed.insert(addr, Instant::now());
+                p.failed.insert(key.clone(), Instant::now());
                 p.failed.retain(|_, t| t.elapsed() < NEGATIVE_TTL);
             }
-            if let Some(t) = p.started.remove(&addr) {
+            if let Some(t) = p.started.remove(&key) {
                 let took = t.elapsed();
                 self.count(|s| s.latency.record(took));
             }
-            p.frames.remove(&addr).unwrap_or_default()
-        };
-        match outcome {
-            Ok(()) => {
-                self.count(|s| s.resolved += 1);
-                tracing::debug!(%addr, frames = frames.len(), "miss resolved");
-                for f in &frames {
-                    if let Err(e) = self.fwd.reinject(f) {
-                        tracing::warn!(%addr, "reinjecting a held frame: {e:#}");
+            if reason == MissReason::Peer {
+                let sender = peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                if let Some(n) = p.per_peer.get_mut(&sender) {
+                    *n -= 1;
+                    if *n == 0 {
+                        p.per_peer.remove(&sender);
                     }
                 }
             }
+            p.frames.remove(&key).unwrap_or_default()
+        };
+        match outcome {
+            Ok(node) => {
+                self.count(|s| s.resolved += 1);
+                tracing::debug!(%addr, frames = frames.len(), "miss resolved");
+                self.reinject(&reason, addr, node, frames);
+            }
             Err(e) => {
                 self.count(|s| s.failed += 1);
-                let (log, suppressed) = self.pending().log.allow();
-                if suppressed > 0 {
-                    tracing::info!(
-                        suppressed,
-                        "unresolved misses not logged in the last minute"
-                    );
-                }
-                if log {
-                    tracing::info!(%addr, dropped = frames.len(), "unresolved {reason:?} miss: {e:#}");
-                }
+                self.log_unresolved(|| {
+                    tracing::info!(%addr, dropped = frames.len(), "unresolved {reason:?} miss: {e:#}")
+                });
             }
         }
         if let Err(e) = self.fwd.resolved(addr) {
@@ -316,16 +376,58 @@ impl Resolver {
         }
     }
 
+    /// Sends the held frames through again; tunnel datagrams only when
+    /// `node`, the node that runs their inner source, sent them.
+    fn reinject(&self, reason: &MissReason, addr: IpAddr, node: Option<IpAddr>, frames: Vec<HeldFrame>) {
+        for f in frames {
+            let sent = if *reason == MissReason::Peer {
+                if f.sender != node {
+                    self.count(|s| s.refused_wrong_node += 1);
+                    self.log_unresolved(|| {
+                        tracing::info!(
+                            %addr,
+                            sender = ?f.sender,
+                            node = ?node,
+                            "tunnel datagram dropped: the cluster says another node runs its source"
+                        )
+                    });
+                    continue;
+                }
+                self.fwd.reinject_tunnel(&f.bytes)
+            } else {
+                self.fwd.reinject(&f.bytes)
+            };
+            if let Err(e) = sent {
+                tracing::warn!(%addr, "reinjecting a held frame: {e:#}");
+            }
+        }
+    }
+
+    /// Logs through the per-minute budget.
+    fn log_unresolved(&self, log: impl FnOnce()) {
+        let (allowed, suppressed) = self.pending().log.allow();
+        if suppressed > 0 {
+            tracing::info!(
+                suppressed,
+                "unresolved misses not logged in the last minute"
+            );
+        }
+        if allowed {
+            log();
+        }
+    }
+
     /// Ask the cluster and write the answer; fails when the answer does not
-    /// cover the address (reinjecting would only miss again).
-    async fn lookup(&self, reason: &MissReason, addr: IpAddr) -> Result<()> {
+    /// cover the address (reinjecting would only miss again). For a tunnel
+    /// source, returns the node the tables now say runs it.
+    async fn lookup(&self, reason: &MissReason, addr: IpAddr) -> Result<Option<IpAddr>> {
         match reason {
             MissReason::Service => {
                 let result = self.refresh(QueryKey::Ip(addr)).await?;
                 if !covers(&result, addr) {
                     bail!("the cluster knows no instance behind {addr}");
                 }
-                Ok(())
+                Ok(None)
             }
             MissReason::Sender => {
                 let job = self
@@ -339,7 +441,14 @@ impl Resolver {
                 if !self.routes.knows_instance_ip(addr) {
                     bail!("the table of {job} does not list {addr} yet");
                 }
-                Ok(())
+                Ok(None)
+            }
+            MissReason::Peer => {
+                self.refresh(QueryKey::Ip(addr)).await?;
+                match self.routes.instance_node(addr) {
+                    Some(node) => Ok(Some(node)),
+                    None => bail!("the cluster knows no running instance with address {addr}"),
+                }
             }
         }
     }
@@ -382,6 +491,9 @@ mod tests {
         fn holders(&self) -> Vec<String> {
             Vec::new()
         }
+        fn instance_node(&self, _: IpAddr) -> Option<IpAddr> {
+            None
+        }
     }
 
     fn miss(n: u32) -> Miss {
@@ -390,7 +502,16 @@ mod tests {
             addr: IpAddr::V6(std::net::Ipv6Addr::from(
                 0xfdff_0000_0000_0000_0000_0000_0000_0000u128 + u128::from(n),
             )),
+            peer: None,
             frame: Some(vec![0; 64]),
+        }
+    }
+
+    fn tunnel_miss(n: u32, sender: u8) -> Miss {
+        Miss {
+            reason: MissReason::Peer,
+            peer: Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, sender))),
+            ..miss(n)
         }
     }
 
@@ -403,10 +524,33 @@ mod tests {
         assert_eq!(started, QUERY_BURST as usize);
         // Another frame for an address in flight joins it instead.
         assert!(!r.hold(miss(0)));
-        assert_eq!(r.pending().frames[&miss(0).addr].len(), 2);
+        assert_eq!(
+            r.pending().frames[&(MissReason::Service, miss(0).addr)].len(),
+            2
+        );
         let s = r.stats();
         assert_eq!(s.refused_rate as usize, 1000 - started);
         assert!(r.pending().frames.len() <= MAX_LOOKUPS);
+    }
+
+    #[tokio::test]
+    async fn tunnel_misses_are_bounded_per_sender_and_have_their_own_budget() {
+        let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+        let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+        // One host: at most MAX_LOOKUPS_PER_PEER lookups at a time.
+        let one_host = (0..100).filter(|&n| r.hold(tunnel_miss(n, 3))).count();
+        assert_eq!(one_host, MAX_LOOKUPS_PER_PEER);
+        // Many hosts: the tunnel budget runs out ...
+        let many = (100..1000)
+            .filter(|&n| r.hold(tunnel_miss(n, (n % 200) as u8 + 10)))
+            .count();
+        assert_eq!(one_host + many, PEER_QUERY_BURST as usize);
+        // ... and the containers' budget is untouched. The same address
+        // missing as a service and as a tunnel source is two lookups.
+        assert!(r.hold(miss(0)));
+        let containers = (2000..2100).filter(|&n| r.hold(miss(n))).count();
+        assert_eq!(containers + 1, QUERY_BURST as usize);
+        assert!(r.pending().frames.contains_key(&(MissReason::Peer, miss(0).addr)));
     }
 
     #[test]

@@ -179,7 +179,16 @@ impl Cluster {
         for (job, table) in tables {
             csm.set_table(job, table.clone());
         }
-        let nm1 = Daemon::start_ebpf_with(&dir, &n1, broker.port, "n1", node1_config);
+        let nm1 = Daemon::start_ebpf_with(
+            &dir,
+            &n1,
+            broker.port,
+            "n1",
+            EbpfOptions {
+                netcfg: node1_config,
+                ..EbpfOptions::default()
+            },
+        );
         let nm2 = Daemon::start_ebpf(&dir, &n2, broker.port, "n2");
         for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
             let (code, body) = nm.post(

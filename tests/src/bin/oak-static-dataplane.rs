@@ -82,6 +82,8 @@ fn main() -> Result<()> {
         miss_hold: netmanager_common::DEFAULT_MISS_HOLD,
         attach_mode: table.attach_mode,
         container_bridge: "goProxyBridge".to_string(),
+        trusted_peers: Vec::new(),
+        flows_per_container: 0,
     };
     let dp = Dataplane::open(&cfg).context("opening the dataplane")?;
     for i in &table.instances {
