@@ -127,7 +127,11 @@ pub fn choose(key: &FlowKey, src_instance: &Addr, out: &mut Addr, new: bool) -> 
         last_seen_ns: now,
     };
     if REVERSE_FLOWS
-        .insert(&reverse_key(key, inst.instance_ip), &reverse, BPF_ANY as u64)
+        .insert(
+            &reverse_key(key, inst.instance_ip),
+            &reverse,
+            BPF_ANY as u64,
+        )
         .is_err()
     {
         // No half flows: a forward entry without its reverse would leave

@@ -695,8 +695,10 @@ mod tests {
             ]
         );
         assert_eq!(c.tables.flows_per_container, 250, "a quarter of the table");
-        let c = NetConfig::parse(r#"{"TunnelPeers": "198.51.100.7, 198.51.100.8/31", "FlowsPerContainer": "99"}"#)
-            .unwrap();
+        let c = NetConfig::parse(
+            r#"{"TunnelPeers": "198.51.100.7, 198.51.100.8/31", "FlowsPerContainer": "99"}"#,
+        )
+        .unwrap();
         assert_eq!(c.tunnel_peers.len(), 2);
         assert_eq!(c.tables.flows_per_container, 99);
         for bad in [

@@ -378,7 +378,13 @@ impl Resolver {
 
     /// Sends the held frames through again; tunnel datagrams only when
     /// `node`, the node that runs their inner source, sent them.
-    fn reinject(&self, reason: &MissReason, addr: IpAddr, node: Option<IpAddr>, frames: Vec<HeldFrame>) {
+    fn reinject(
+        &self,
+        reason: &MissReason,
+        addr: IpAddr,
+        node: Option<IpAddr>,
+        frames: Vec<HeldFrame>,
+    ) {
         for f in frames {
             let sent = if *reason == MissReason::Peer {
                 if f.sender != node {
@@ -550,7 +556,11 @@ mod tests {
         assert!(r.hold(miss(0)));
         let containers = (2000..2100).filter(|&n| r.hold(miss(n))).count();
         assert_eq!(containers + 1, QUERY_BURST as usize);
-        assert!(r.pending().frames.contains_key(&(MissReason::Peer, miss(0).addr)));
+        assert!(
+            r.pending()
+                .frames
+                .contains_key(&(MissReason::Peer, miss(0).addr))
+        );
     }
 
     #[test]

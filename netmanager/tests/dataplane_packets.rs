@@ -130,10 +130,20 @@ fn fixture_with(
     .unwrap();
     let local = |ifindex, mac| Some(LocalPort { ifindex, mac });
     let entries = [
-        ("10.18.0.2", "10.30.0.3", NODE, local(CLIENT_IFINDEX, CLIENT_MAC)),
+        (
+            "10.18.0.2",
+            "10.30.0.3",
+            NODE,
+            local(CLIENT_IFINDEX, CLIENT_MAC),
+        ),
         ("10.18.0.3", "10.30.0.4", NODE, local(8, BACKEND_MAC)),
         ("10.18.0.130", "10.30.0.5", PEER_NODE, None),
-        ("fc00::2", "fdff::3", NODE, local(CLIENT_IFINDEX, CLIENT_MAC)),
+        (
+            "fc00::2",
+            "fdff::3",
+            NODE,
+            local(CLIENT_IFINDEX, CLIENT_MAC),
+        ),
         ("fc00::82", "fdff::5", PEER_NODE, None),
     ];
     for (ns, inst, node, local) in entries {
@@ -1191,7 +1201,10 @@ async fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_so
     for (sender, inner) in [
         ("198.51.100.3", &good),
         ("198.51.100.3", &good6),
-        ("198.51.100.2", &Ip::new("10.30.0.3", "10.18.0.2", udp(1, 2))),
+        (
+            "198.51.100.2",
+            &Ip::new("10.30.0.3", "10.18.0.2", udp(1, 2)),
+        ),
     ] {
         assert_eq!(
             run(&f, UPLINK_PROGRAM, &from_underlay(sender, inner)),
@@ -1204,7 +1217,10 @@ async fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_so
     // An instance nobody here knows, for a local container: held whole
     // (outer headers included) and reported with its sender, at most
     // miss_hold times.
-    let unknown = from_underlay("198.51.100.3", &Ip::new("10.30.0.77", "10.18.0.2", udp(1, 2)));
+    let unknown = from_underlay(
+        "198.51.100.3",
+        &Ip::new("10.30.0.77", "10.18.0.2", udp(1, 2)),
+    );
     for _ in 0..3 {
         assert_eq!(run(&f, UPLINK_PROGRAM, &unknown).0, TC_ACT_SHOT);
     }
@@ -1222,7 +1238,10 @@ async fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_so
     assert_eq!(counter(&f, "drop_miss_overflow"), 1);
     assert_eq!(f.dp.pending(ip("10.30.0.77")).unwrap(), Some(2));
     // Not for a container here: not worth a question to the cluster.
-    let elsewhere = from_underlay("198.51.100.3", &Ip::new("10.30.0.78", "10.18.0.200", udp(1, 2)));
+    let elsewhere = from_underlay(
+        "198.51.100.3",
+        &Ip::new("10.30.0.78", "10.18.0.200", udp(1, 2)),
+    );
     assert_eq!(run(&f, UPLINK_PROGRAM, &elsewhere).0, TC_ACT_SHOT);
     assert_eq!(counter(&f, "drop_not_local"), 1);
     assert_eq!(f.dp.pending(ip("10.30.0.78")).unwrap(), None);
@@ -1239,7 +1258,10 @@ async fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_so
         },
     )
     .unwrap();
-    assert_eq!(f.dp.instance_node(ip("10.30.0.77")).unwrap(), Some(ip("198.51.100.3")));
+    assert_eq!(
+        f.dp.instance_node(ip("10.30.0.77")).unwrap(),
+        Some(ip("198.51.100.3"))
+    );
     assert_eq!(run(&f, UPLINK_PROGRAM, &unknown).0, TC_ACT_REDIRECT);
     // And it goes when the instance does.
     f.dp.remove_instance(ip("10.18.2.9")).unwrap();
@@ -1330,7 +1352,10 @@ async fn a_full_miss_ring_leaves_no_pending_mark_and_the_underlay_gets_half_of_i
     }
     let ring = netmanager_common::DEFAULT_MISS_RING_BYTES as u64;
     let event = std::mem::size_of::<netmanager_common::MissEvent>() as u64 + 8;
-    assert!(held >= ring / 2 / event && held <= ring / 2 / event + 1, "{held}");
+    assert!(
+        held >= ring / 2 / event && held <= ring / 2 / event + 1,
+        "{held}"
+    );
     // ... and the containers' misses still find room, until it is full.
     let mut container_held = 0;
     for n in 0..1000u32 {

@@ -233,16 +233,14 @@ fn deploy(nm: &Daemon, c: &Proc, job: &str, expect: &str) {
         &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
             .to_string(),
     );
-    assert_eq!(
-        (code, a["nsAddress"].clone()),
-        (200, json!(expect)),
-        "{a}"
-    );
+    assert_eq!((code, a["nsAddress"].clone()), (200, json!(expect)), "{a}");
 }
 
 fn spawn_in(c: &Proc, args: &[&str]) -> Proc {
     let mut cmd = std::process::Command::new("nsenter");
-    cmd.args(["-t", &c.pid().to_string(), "-n"]).args(args);
+    cmd.args(["-t", &c.pid().to_string(), "-n"])
+        .args(args)
+        .stdout(std::process::Stdio::null());
     Proc(cmd.spawn().unwrap())
 }
 
@@ -292,8 +290,15 @@ fn stream_server(c: &Proc, port: u16) -> Proc {
     );
     let p = spawn_in(c, &["python3", script, "0.0.0.0", &port.to_string()]);
     wait_until("stream server", Duration::from_secs(10), || {
-        in_pid_ns(c.pid(), &["sh", "-c", &format!("busybox netstat -ltn | grep -q :{port}")])
-            .is_some()
+        in_pid_ns(
+            c.pid(),
+            &[
+                "sh",
+                "-c",
+                &format!("busybox netstat -ltn | grep -q :{port}"),
+            ],
+        )
+        .is_some()
     });
     p
 }
@@ -346,7 +351,10 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/scripts/stream_client.py"
     );
-    let out = in_pid_ns(client.pid(), &["python3", stream, "10.30.1.1", "7000", "100000"]);
+    let out = in_pid_ns(
+        client.pid(),
+        &["python3", stream, "10.30.1.1", "7000", "100000"],
+    );
     assert!(
         out.as_deref().is_some_and(|o| o.starts_with("ok")),
         "first connection: {out:?}\nnode 1:\n{}",
@@ -357,13 +365,20 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
         before,
         "the first SYN from an unknown node was held and delivered, not lost"
     );
+    assert!(
+        counter(&c.nm1, "peer_held") >= 1,
+        "node 1 did not know node 2's client: its first datagrams were held"
+    );
 
     let log = c.dir.path("received.log");
     let _rx = udp_log(&server, &c.script("udp_log.py"), &log);
     let send = c.script("udp_send.py");
     let legit = |tag: &str| {
         wait_until(&format!("{tag} delivered"), Duration::from_secs(15), || {
-            in_pid_ns(client.pid(), &["python3", &send, "-", "10.30.1.1", "9000", tag]);
+            in_pid_ns(
+                client.pid(),
+                &["python3", &send, "-", "10.30.1.1", "9000", tag],
+            );
             std::thread::sleep(Duration::from_millis(200));
             lines(&log).iter().any(|l| l.starts_with(tag))
         });
@@ -383,8 +398,16 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
     for round in 0..3 {
         for (tag, src, dst) in forged {
             let out = run(&[
-                "ip", "netns", "exec", &attacker.name, "python3", &inject, "198.51.100.1", src,
-                dst, tag,
+                "ip",
+                "netns",
+                "exec",
+                &attacker.name,
+                "python3",
+                &inject,
+                "198.51.100.1",
+                src,
+                dst,
+                tag,
             ]);
             assert!(out.is_empty(), "{out}");
         }
@@ -402,10 +425,7 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
         "datagrams from a host that is no node reached the container: {got:?}\nnode 1:\n{}",
         c.nm1.log_text()
     );
-    assert!(
-        got.iter().any(|l| l == "legit-2 from 10.30.0.1"),
-        "{got:?}"
-    );
+    assert!(got.iter().any(|l| l == "legit-2 from 10.30.0.1"), "{got:?}");
     let counts = counters(&c.nm1);
     assert!(counts["drop_forged_source"] >= 2, "{counts:?}");
     let (_, st) = c.nm1.get("/status");
@@ -457,7 +477,10 @@ fn a_container_cannot_send_as_its_neighbour() {
     let _rx = udp_log(&server, &c.script("udp_log.py"), &log);
     let send = c.script("udp_send.py");
     let sent_as = |who: &Proc, src: &str, tag: &str| {
-        in_pid_ns(who.pid(), &["python3", &send, src, "10.30.1.1", "9000", tag]);
+        in_pid_ns(
+            who.pid(),
+            &["python3", &send, src, "10.30.1.1", "9000", tag],
+        );
     };
     let arrived = |tag: &str| {
         wait_until(&format!("{tag} delivered"), Duration::from_secs(15), || {
@@ -473,8 +496,17 @@ fn a_container_cannot_send_as_its_neighbour() {
     }
     // A takes B's address as a second one and sends from it.
     run(&[
-        "nsenter", "-t", &a.pid().to_string(), "-n", "ip", "addr", "add", "10.18.0.3/32", "dev",
-        "eth0", "noprefixroute",
+        "nsenter",
+        "-t",
+        &a.pid().to_string(),
+        "-n",
+        "ip",
+        "addr",
+        "add",
+        "10.18.0.3/32",
+        "dev",
+        "eth0",
+        "noprefixroute",
     ]);
     for _ in 0..3 {
         sent_as(&a, "10.18.0.3", "a-spoof");
@@ -483,8 +515,14 @@ fn a_container_cannot_send_as_its_neighbour() {
     sent_as(&a, "10.18.0.2", "a-after");
     arrived("a-after");
     let got = lines(&log);
-    assert!(got.contains(&"a-legit from 10.30.0.1".to_string()), "{got:?}");
-    assert!(got.contains(&"b-legit from 10.30.0.5".to_string()), "{got:?}");
+    assert!(
+        got.contains(&"a-legit from 10.30.0.1".to_string()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"b-legit from 10.30.0.5".to_string()),
+        "{got:?}"
+    );
     assert!(
         got.iter().all(|l| !l.starts_with("a-spoof")),
         "A reached the service as B: {got:?}"
@@ -535,13 +573,24 @@ fn one_containers_flow_churn_does_not_break_anothers_stream() {
         &json!({"pid": s1.pid(), "serviceName": SERVER, "instanceNumber": 1, "portMappings": ""})
             .to_string(),
     );
-    assert_eq!((code, a["nsAddress"].clone()), (200, json!("10.18.1.3")), "{a}");
+    assert_eq!(
+        (code, a["nsAddress"].clone()),
+        (200, json!("10.18.1.3")),
+        "{a}"
+    );
     let _servers = (stream_server(&s0, 8080), stream_server(&s1, 8080));
     let go = c.dir.path("go");
     let long = c.script("long_stream.py");
     let mut stream = spawn_piped(
         &streamer,
-        &["python3", &long, "10.30.1.1", "8080", "4000000", &go.to_string_lossy()],
+        &[
+            "python3",
+            &long,
+            "10.30.1.1",
+            "8080",
+            "4000000",
+            &go.to_string_lossy(),
+        ],
     );
     assert_eq!(read_line(&mut stream), "half");
     let churn = c.script("churn.py");

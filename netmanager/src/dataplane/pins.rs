@@ -63,7 +63,11 @@ impl Layout {
             }
         };
         diff("type", type_name(self.map_type), type_name(want.map_type));
-        diff("key size", self.key_size.to_string(), want.key_size.to_string());
+        diff(
+            "key size",
+            self.key_size.to_string(),
+            want.key_size.to_string(),
+        );
         diff(
             "value size",
             self.value_size.to_string(),
@@ -74,7 +78,11 @@ impl Layout {
             self.max_entries.to_string(),
             want.max_entries.to_string(),
         );
-        diff("flags", format!("{:#x}", self.flags), format!("{:#x}", want.flags));
+        diff(
+            "flags",
+            format!("{:#x}", self.flags),
+            format!("{:#x}", want.flags),
+        );
         d.join(", ")
     }
 }
@@ -86,7 +94,10 @@ fn type_name(t: u32) -> String {
         (bpf_map_type::BPF_MAP_TYPE_PERCPU_HASH, "per-CPU hash"),
         (bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY, "per-CPU array"),
         (bpf_map_type::BPF_MAP_TYPE_LRU_HASH, "LRU hash"),
-        (bpf_map_type::BPF_MAP_TYPE_LRU_PERCPU_HASH, "LRU per-CPU hash"),
+        (
+            bpf_map_type::BPF_MAP_TYPE_LRU_PERCPU_HASH,
+            "LRU per-CPU hash",
+        ),
         (bpf_map_type::BPF_MAP_TYPE_LPM_TRIE, "LPM trie"),
         (bpf_map_type::BPF_MAP_TYPE_RINGBUF, "ring buffer"),
         (bpf_map_type::BPF_MAP_TYPE_PROG_ARRAY, "program array"),
@@ -120,14 +131,21 @@ pub enum Decision {
     Create,
     Adopt,
     /// Copy the old entries into a fresh map.
-    Migrate { differs: String },
+    Migrate {
+        differs: String,
+    },
     /// Replace with a fresh, empty map.
-    Recreate { differs: String },
+    Recreate {
+        differs: String,
+    },
 }
 
 /// Decides for each expected map; fails, changing nothing, when one pin
 /// cannot be used.
-pub fn decide(pin_dir: &Path, expected: &BTreeMap<String, Layout>) -> Result<Vec<(String, Decision)>> {
+pub fn decide(
+    pin_dir: &Path,
+    expected: &BTreeMap<String, Layout>,
+) -> Result<Vec<(String, Decision)>> {
     let mut out = Vec::new();
     let mut refused = Vec::new();
     for (name, want) in expected {
@@ -138,7 +156,10 @@ pub fn decide(pin_dir: &Path, expected: &BTreeMap<String, Layout>) -> Result<Vec
         }
         let info = MapInfo::from_pin(&path).map_err(|e| {
             DataplaneError::bpf(
-                format!("{} is pinned but is no map this NetManager can open", path.display()),
+                format!(
+                    "{} is pinned but is no map this NetManager can open",
+                    path.display()
+                ),
                 e,
             )
         })?;
@@ -205,9 +226,8 @@ pub fn set_aside(pin_dir: &Path, decisions: &[(String, Decision)]) -> Result<()>
             let from = pin_dir.join(name);
             let to = aside(pin_dir, name);
             remove_if_there(&to)?;
-            std::fs::rename(&from, &to).map_err(|e| {
-                DataplaneError::bpf(format!("moving {} aside", from.display()), e)
-            })?;
+            std::fs::rename(&from, &to)
+                .map_err(|e| DataplaneError::bpf(format!("moving {} aside", from.display()), e))?;
         }
     }
     Ok(())
@@ -260,7 +280,10 @@ fn remove_if_there(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DataplaneError::bpf(format!("removing {}", path.display()), e)),
+        Err(e) => Err(DataplaneError::bpf(
+            format!("removing {}", path.display()),
+            e,
+        )),
     }
 }
 
@@ -268,8 +291,7 @@ fn remove_if_there(path: &Path) -> Result<()> {
 /// (same key and value sizes); returns (copied, did not fit).
 fn copy_entries(from: &Path, to: &Path) -> Result<(usize, usize)> {
     let open = |p: &Path| {
-        MapData::from_pin(p)
-            .map_err(|e| DataplaneError::bpf(format!("opening {}", p.display()), e))
+        MapData::from_pin(p).map_err(|e| DataplaneError::bpf(format!("opening {}", p.display()), e))
     };
     let (src, dst) = (open(from)?, open(to)?);
     let info = src
@@ -300,7 +322,12 @@ fn copy_entries(from: &Path, to: &Path) -> Result<(usize, usize)> {
         match raw::next_key(src_fd, prev, &mut next) {
             Ok(true) => {}
             Ok(false) => break,
-            Err(e) => return Err(DataplaneError::bpf(format!("listing {}", from.display()), e)),
+            Err(e) => {
+                return Err(DataplaneError::bpf(
+                    format!("listing {}", from.display()),
+                    e,
+                ));
+            }
         }
         first = false;
         key.copy_from_slice(&next);
@@ -308,7 +335,12 @@ fn copy_entries(from: &Path, to: &Path) -> Result<(usize, usize)> {
             Ok(true) => {}
             // Deleted under us (the old programs still run): nothing to copy.
             Ok(false) => continue,
-            Err(e) => return Err(DataplaneError::bpf(format!("reading {}", from.display()), e)),
+            Err(e) => {
+                return Err(DataplaneError::bpf(
+                    format!("reading {}", from.display()),
+                    e,
+                ));
+            }
         }
         match raw::update(dst_fd, &key, &value) {
             Ok(()) => copied += 1,

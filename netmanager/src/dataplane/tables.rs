@@ -141,13 +141,20 @@ impl Tables {
     pub fn write_trusted_peers(&mut self, prefixes: &[(IpAddr, u8)]) -> Result<()> {
         let mut wanted = Vec::new();
         for (ip, len) in prefixes {
-            let len = prefix_len_128(*ip, *len)
-                .ok_or_else(|| DataplaneError::Other(format!("tunnel peer {ip}/{len}: prefix length out of range")))?;
+            let len = prefix_len_128(*ip, *len).ok_or_else(|| {
+                DataplaneError::Other(format!(
+                    "tunnel peer {ip}/{len}: prefix length out of range"
+                ))
+            })?;
             wanted.push(LpmKey::new(len, to_addr(*ip)));
         }
         let old: Vec<LpmKey<Addr>> = self.trusted.keys().filter_map(|k| k.ok()).collect();
         for k in old {
-            ignore_missing(self.trusted.remove(&k), "removing from", maps::TRUSTED_PEERS)?;
+            ignore_missing(
+                self.trusted.remove(&k),
+                "removing from",
+                maps::TRUSTED_PEERS,
+            )?;
         }
         for k in wanted {
             self.trusted
@@ -251,7 +258,11 @@ impl Tables {
             .filter(|k| !self.claims.contains_key(k))
             .collect();
         for k in stale {
-            ignore_missing(self.instance_nodes.remove(&k), "removing from", maps::INSTANCE_NODES)?;
+            ignore_missing(
+                self.instance_nodes.remove(&k),
+                "removing from",
+                maps::INSTANCE_NODES,
+            )?;
         }
         let ips: Vec<Addr> = self.claims.keys().copied().collect();
         for ip in ips {
@@ -321,7 +332,11 @@ impl Tables {
             .filter(|k| !here.contains(&k.ifindex))
             .collect();
         for k in gone {
-            ignore_missing(self.flow_counts.remove(&k), "removing from", maps::FLOW_COUNTS)?;
+            ignore_missing(
+                self.flow_counts.remove(&k),
+                "removing from",
+                maps::FLOW_COUNTS,
+            )?;
         }
         Ok(())
     }
