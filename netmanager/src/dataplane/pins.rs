@@ -212,13 +212,14 @@ fn copyable(t: u32) -> bool {
     .any(|k| *k as u32 == t)
 }
 
-/// Where a replaced pin waits while its successor is loaded.
+/// Where a replaced pin waits while its successor is loaded (bpffs allows
+/// no dots in names; a dash is in no map name).
 fn aside(pin_dir: &Path, name: &str) -> PathBuf {
-    pin_dir.join(format!("{name}.replaced"))
+    pin_dir.join(format!("{name}-replaced"))
 }
 
 /// Moves the pins to be replaced out of the way, so the loader creates
-/// fresh maps in their place. A `.replaced` pin left by a NetManager that
+/// fresh maps in their place. A `-replaced` pin left by a NetManager that
 /// died half-way is dropped first.
 pub fn set_aside(pin_dir: &Path, decisions: &[(String, Decision)]) -> Result<()> {
     for (name, d) in decisions {
