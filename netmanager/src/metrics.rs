@@ -212,7 +212,10 @@ fn resolver(e: &mut DescriptorEncoder, n: &NodeStatus) -> std::fmt::Result {
         ),
         // Held tunnel datagrams whose sender the cluster does not place
         // their inner source on.
-        (vec![("outcome", "refused_wrong_node")], r.refused_wrong_node),
+        (
+            vec![("outcome", "refused_wrong_node")],
+            r.refused_wrong_node,
+        ),
     ];
     family(
         e,

@@ -29,7 +29,10 @@ impl Drop for PinDir {
 }
 
 fn pin_dir(name: &str) -> PinDir {
-    let p = PathBuf::from(format!("/sys/fs/bpf/oak-pins-{}-{name}", std::process::id()));
+    let p = PathBuf::from(format!(
+        "/sys/fs/bpf/oak-pins-{}-{name}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
     PinDir(p)
@@ -73,7 +76,12 @@ fn tables(dp: &Dataplane) {
                 mac: CLIENT_MAC,
             }),
         ),
-        ("10.18.0.130", "10.30.0.5", Ipv4Addr::new(198, 51, 100, 2), None),
+        (
+            "10.18.0.130",
+            "10.30.0.5",
+            Ipv4Addr::new(198, 51, 100, 2),
+            None,
+        ),
     ] {
         dp.upsert_instance(
             ip(ns),
@@ -86,8 +94,12 @@ fn tables(dp: &Dataplane) {
         )
         .unwrap();
     }
-    dp.upsert_service(ip("10.30.55.56"), ServiceKind::RoundRobin, &[ip("10.18.0.130")])
-        .unwrap();
+    dp.upsert_service(
+        ip("10.30.55.56"),
+        ServiceKind::RoundRobin,
+        &[ip("10.18.0.130")],
+    )
+    .unwrap();
 }
 
 fn open_flow(dp: &Dataplane, sport: u16) {
@@ -141,9 +153,14 @@ fn bpftool(args: &[&str]) -> String {
 
 /// (type, key size, value size, max entries) of a pinned map.
 fn layout(pin: &Path) -> (String, u64, u64, u64) {
-    let v: serde_json::Value =
-        serde_json::from_str(&bpftool(&["-j", "map", "show", "pinned", &pin.to_string_lossy()]))
-            .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&bpftool(&[
+        "-j",
+        "map",
+        "show",
+        "pinned",
+        &pin.to_string_lossy(),
+    ]))
+    .unwrap();
     (
         v["type"].as_str().unwrap().to_string(),
         v["bytes_key"].as_u64().unwrap(),
@@ -201,20 +218,64 @@ fn pins_of_an_older_version_are_migrated_or_recreated() {
     // As the version with LRU flow tables, 19 counters and a 104-byte
     // CONFIG left them: a flow of the client and a count.
     bpftool(&[
-        "map", "create", &at(maps::FLOWS), "type", "lru_hash", "key", "40", "value", "40",
-        "entries", "1024", "name", "FLOWS",
+        "map",
+        "create",
+        &at(maps::FLOWS),
+        "type",
+        "lru_hash",
+        "key",
+        "40",
+        "value",
+        "40",
+        "entries",
+        "1024",
+        "name",
+        "FLOWS",
     ]);
     bpftool(&[
-        "map", "create", &at(maps::REVERSE_FLOWS), "type", "lru_hash", "key", "40", "value",
-        "24", "entries", "1024", "name", "REVERSE_FLOWS",
+        "map",
+        "create",
+        &at(maps::REVERSE_FLOWS),
+        "type",
+        "lru_hash",
+        "key",
+        "40",
+        "value",
+        "24",
+        "entries",
+        "1024",
+        "name",
+        "REVERSE_FLOWS",
     ]);
     bpftool(&[
-        "map", "create", &at(maps::COUNTERS), "type", "percpu_array", "key", "4", "value", "16",
-        "entries", "19", "name", "COUNTERS",
+        "map",
+        "create",
+        &at(maps::COUNTERS),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "16",
+        "entries",
+        "19",
+        "name",
+        "COUNTERS",
     ]);
     bpftool(&[
-        "map", "create", &at(maps::CONFIG), "type", "array", "key", "4", "value", "104",
-        "entries", "1", "name", "CONFIG",
+        "map",
+        "create",
+        &at(maps::CONFIG),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "104",
+        "entries",
+        "1",
+        "name",
+        "CONFIG",
     ]);
     let key = flow_key(2000);
     // SAFETY: FlowKey is plain bytes (repr(C), no padding holes).
@@ -241,13 +302,22 @@ fn pins_of_an_older_version_are_migrated_or_recreated() {
     let tk = hex_bytes(&tunnelled);
     let mut args = vec!["map", "update", "pinned", counters.as_str(), "key"];
     args.extend(tk.iter().map(String::as_str));
-    args.extend(["value", "42", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0"]);
+    args.extend([
+        "value", "42", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0",
+    ]);
     bpftool(&args);
 
     let dp = Dataplane::open(&config(&pins.0, 1024)).unwrap();
-    assert_eq!(layout(&pins.0.join(maps::FLOWS)).0, "hash", "no longer evicting");
+    assert_eq!(
+        layout(&pins.0.join(maps::FLOWS)).0,
+        "hash",
+        "no longer evicting"
+    );
     assert_eq!(layout(&pins.0.join(maps::REVERSE_FLOWS)).0, "hash");
-    let flow = dp.flow(&flow_key(2000)).unwrap().expect("the flow was copied over");
+    let flow = dp
+        .flow(&flow_key(2000))
+        .unwrap()
+        .expect("the flow was copied over");
     assert_eq!(flow.backend, Addr::from_v4_octets([10, 18, 0, 130]));
     assert_eq!(
         layout(&pins.0.join(maps::COUNTERS)).3,
@@ -282,9 +352,16 @@ fn pins_with_another_entry_layout_are_refused_and_left_alone() {
         .err()
         .expect("a FLOWS with 48-byte values is refused");
     let text = format!("{e:#}");
-    assert!(text.contains("FLOWS: value size 48 (this NetManager: 40)"), "{text}");
+    assert!(
+        text.contains("FLOWS: value size 48 (this NetManager: 40)"),
+        "{text}"
+    );
     assert!(text.contains(&pins.0.display().to_string()), "{text}");
-    assert_eq!(layout(Path::new(&flows)), ("hash".to_string(), 40, 48, 1024), "untouched");
+    assert_eq!(
+        layout(Path::new(&flows)),
+        ("hash".to_string(), 40, 48, 1024),
+        "untouched"
+    );
     // Nothing else was changed either: removing the pin is all it takes.
     std::fs::remove_file(&flows).unwrap();
     Dataplane::open(&config(&pins.0, 1024)).unwrap();
