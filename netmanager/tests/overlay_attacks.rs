@@ -150,21 +150,28 @@ fn prerequisites(test: &str) -> bool {
 
 /// Two registered nodes (198.51.100.1 and .2) with the eBPF dataplane, a
 /// broker and a cluster double at .254. Node 2's subnet is 10.18.1.0.
+/// Fields drop in order: the daemons (which print their logs when a test
+/// fails) before the directory that holds the logs.
 struct Cluster {
-    dir: TempDir,
-    underlay: Underlay,
-    _csm: ClusterDouble,
     nm1: Daemon,
     nm2: Daemon,
-    _nodes: (Netns, Netns),
+    _csm: ClusterDouble,
     _broker: Broker,
+    _nodes: (Netns, Netns),
+    /// A third host on the underlay, no node: the attacker.
+    attacker: Netns,
+    _underlay: Underlay,
+    dir: TempDir,
 }
 
 impl Cluster {
     fn start(tables: &[(&str, Value)], node1_config: Value) -> Cluster {
         let dir = TempDir::new();
         let underlay = Underlay::new();
-        let (n1, n2) = (underlay.node(1), underlay.node(2));
+        // Every host joins the underlay bridge before anyone talks over it:
+        // a new bridge port can change the bridge's MAC address under the
+        // nodes' ARP entries for the broker.
+        let (n1, n2, attacker) = (underlay.node(1), underlay.node(2), underlay.node(3));
         let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
         let csm = ClusterDouble::start_at(
             "198.51.100.254",
@@ -198,13 +205,14 @@ impl Cluster {
             assert_eq!(code, 200, "{body}");
         }
         Cluster {
-            dir,
-            underlay,
-            _csm: csm,
             nm1,
             nm2,
-            _nodes: (n1, n2),
+            _csm: csm,
             _broker: broker,
+            _nodes: (n1, n2),
+            attacker,
+            _underlay: underlay,
+            dir,
         }
     }
 
@@ -338,7 +346,6 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
         ],
         json!({}),
     );
-    let attacker = c.underlay.node(3);
     let (server, client) = (container(), container());
     deploy(&c.nm1, &server, SERVER, "10.18.0.2");
     deploy(&c.nm2, &client, CLIENT, "10.18.1.2");
@@ -351,14 +358,18 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/scripts/stream_client.py"
     );
-    let out = in_pid_ns(
-        client.pid(),
-        &["python3", stream, "10.30.1.1", "7000", "100000"],
-    );
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", &client.pid().to_string(), "-n", "python3", stream])
+        .args(["10.30.1.1", "7000", "100000"])
+        .output()
+        .unwrap();
     assert!(
-        out.as_deref().is_some_and(|o| o.starts_with("ok")),
-        "first connection: {out:?}\nnode 1:\n{}",
-        c.nm1.log_text()
+        out.stdout.starts_with(b"ok"),
+        "first connection: {}{}\nnode 1:\n{}\nnode 2:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        c.nm1.log_text(),
+        c.nm2.log_text()
     );
     assert_eq!(
         syn_retransmits(&client),
@@ -401,7 +412,7 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
                 "ip",
                 "netns",
                 "exec",
-                &attacker.name,
+                &c.attacker.name,
                 "python3",
                 &inject,
                 "198.51.100.1",
