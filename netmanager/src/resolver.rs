@@ -37,6 +37,14 @@ const PEER_QUERIES_PER_SECOND: f64 = 20.0;
 const PEER_QUERY_BURST: f64 = 40.0;
 /// Tunnel lookups in flight per sending host, at most.
 pub const MAX_LOOKUPS_PER_PEER: usize = 16;
+/// One container's share: lookups in flight, and queries per second with
+/// their burst. A container sending to thousands of unknown addresses uses
+/// up its own share, not the lookups its neighbours' first packets need.
+pub const MAX_LOOKUPS_PER_CONTAINER: usize = 32;
+const CONTAINER_QUERIES_PER_SECOND: f64 = 10.0;
+const CONTAINER_QUERY_BURST: f64 = 20.0;
+/// Per-container budgets kept before idle (full again) ones are forgotten.
+const CONTAINER_BUDGETS_KEPT: usize = 1024;
 /// Frames kept per lookup (the programs hold `miss_hold` per address; this
 /// bounds what a cleared and refilled mark could add).
 const MAX_FRAMES_PER_LOOKUP: usize = 16;
@@ -46,6 +54,32 @@ const LOG_LINES_PER_MINUTE: u32 = 20;
 /// A miss as the resolver tracks it: the same address can miss as a
 /// service and as a tunnel source at once, and they resolve differently.
 type MissKey = (MissReason, IpAddr);
+
+/// Who a miss is charged to: the host that sent a tunnel datagram, or the
+/// interface (a container's veth) a container's packet came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Origin {
+    Peer(IpAddr),
+    Interface(u32),
+}
+
+impl Origin {
+    fn of(miss: &Miss) -> Origin {
+        match miss.reason {
+            MissReason::Peer => {
+                Origin::Peer(miss.peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
+            }
+            _ => Origin::Interface(miss.ifindex),
+        }
+    }
+
+    fn max_lookups(self) -> usize {
+        match self {
+            Origin::Peer(_) => MAX_LOOKUPS_PER_PEER,
+            Origin::Interface(_) => MAX_LOOKUPS_PER_CONTAINER,
+        }
+    }
+}
 
 /// A held frame and, for a tunnel datagram, who sent it.
 struct HeldFrame {
@@ -61,9 +95,31 @@ struct Pending {
     failed: HashMap<MissKey, Instant>,
     queries: TokenBucket,
     peer_queries: TokenBucket,
-    /// Tunnel lookups in flight per sending host.
-    per_peer: HashMap<IpAddr, usize>,
+    /// Lookups in flight per sending host or container.
+    per_origin: HashMap<Origin, usize>,
+    /// Each container's own query budget, by interface.
+    per_container: HashMap<u32, TokenBucket>,
     log: LogBudget,
+}
+
+impl Pending {
+    /// Takes a query token for a lookup charged to `origin`: from the
+    /// container's own budget and the containers' common one, or from the
+    /// tunnel budget.
+    fn take_query(&mut self, origin: Origin) -> bool {
+        match origin {
+            Origin::Peer(_) => self.peer_queries.take(),
+            Origin::Interface(ifindex) => {
+                if self.per_container.len() >= CONTAINER_BUDGETS_KEPT {
+                    self.per_container.retain(|_, b| !b.idle());
+                }
+                let own = self.per_container.entry(ifindex).or_insert_with(|| {
+                    TokenBucket::new(CONTAINER_QUERIES_PER_SECOND, CONTAINER_QUERY_BURST)
+                });
+                own.take() && self.queries.take()
+            }
+        }
+    }
 }
 
 impl Default for Pending {
@@ -74,7 +130,8 @@ impl Default for Pending {
             failed: HashMap::new(),
             queries: TokenBucket::new(QUERIES_PER_SECOND, QUERY_BURST),
             peer_queries: TokenBucket::new(PEER_QUERIES_PER_SECOND, PEER_QUERY_BURST),
-            per_peer: HashMap::new(),
+            per_origin: HashMap::new(),
+            per_container: HashMap::new(),
             log: LogBudget::default(),
         }
     }
@@ -154,6 +211,11 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+
+    /// Full again: forgetting it changes nothing.
+    fn idle(&self) -> bool {
+        self.tokens + self.at.elapsed().as_secs_f64() * self.rate >= self.burst
     }
 }
 
@@ -267,9 +329,9 @@ impl Resolver {
     pub async fn run(self: Arc<Self>, mut misses: mpsc::Receiver<Miss>) {
         while let Some(miss) = misses.recv().await {
             let key = (miss.reason.clone(), miss.addr);
-            let peer = miss.peer;
+            let origin = Origin::of(&miss);
             if self.hold(miss) {
-                tokio::spawn(self.clone().resolve(key, peer));
+                tokio::spawn(self.clone().resolve(key, origin));
             }
         }
         tracing::warn!("dataplane miss stream closed");
@@ -280,12 +342,11 @@ impl Resolver {
     /// cleared at once, so the dataplane never keeps a stale one.
     fn hold(&self, miss: Miss) -> bool {
         let key = (miss.reason.clone(), miss.addr);
+        let origin = Origin::of(&miss);
         let frame = miss.frame.map(|bytes| HeldFrame {
             sender: miss.peer,
             bytes,
         });
-        let tunnel = miss.reason == MissReason::Peer;
-        let sender = miss.peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let refusal = {
             let mut p = self.pending();
             if let Some(held) = p.frames.get_mut(&key) {
@@ -300,19 +361,13 @@ impl Resolver {
             {
                 Some(Refusal::RecentFailure)
             } else if p.frames.len() >= MAX_LOOKUPS
-                || (tunnel && p.per_peer.get(&sender).copied().unwrap_or(0) >= MAX_LOOKUPS_PER_PEER)
+                || p.per_origin.get(&origin).copied().unwrap_or(0) >= origin.max_lookups()
             {
                 Some(Refusal::Busy)
-            } else if !(if tunnel {
-                p.peer_queries.take()
-            } else {
-                p.queries.take()
-            }) {
+            } else if !p.take_query(origin) {
                 Some(Refusal::Rate)
             } else {
-                if tunnel {
-                    *p.per_peer.entry(sender).or_default() += 1;
-                }
+                *p.per_origin.entry(origin).or_default() += 1;
                 p.started.insert(key.clone(), Instant::now());
                 p.frames.insert(key, frame.into_iter().collect());
                 None
@@ -334,7 +389,7 @@ impl Resolver {
         }
     }
 
-    async fn resolve(self: Arc<Self>, key: MissKey, peer: Option<IpAddr>) {
+    async fn resolve(self: Arc<Self>, key: MissKey, origin: Origin) {
         let (reason, addr) = (key.0.clone(), key.1);
         let outcome = self.lookup(&reason, addr).await;
         let frames = {
@@ -347,13 +402,10 @@ impl Resolver {
                 let took = t.elapsed();
                 self.count(|s| s.latency.record(took));
             }
-            if reason == MissReason::Peer {
-                let sender = peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-                if let Some(n) = p.per_peer.get_mut(&sender) {
-                    *n -= 1;
-                    if *n == 0 {
-                        p.per_peer.remove(&sender);
-                    }
+            if let Some(n) = p.per_origin.get_mut(&origin) {
+                *n -= 1;
+                if *n == 0 {
+                    p.per_origin.remove(&origin);
                 }
             }
             p.frames.remove(&key).unwrap_or_default()
@@ -502,13 +554,20 @@ mod tests {
         }
     }
 
+    /// A service miss from one of 64 containers.
     fn miss(n: u32) -> Miss {
+        miss_from(n, 7 + n % 64)
+    }
+
+    /// A service miss from the container behind interface `ifindex`.
+    fn miss_from(n: u32, ifindex: u32) -> Miss {
         Miss {
             reason: MissReason::Service,
             addr: IpAddr::V6(std::net::Ipv6Addr::from(
                 0xfdff_0000_0000_0000_0000_0000_0000_0000u128 + u128::from(n),
             )),
             peer: None,
+            ifindex,
             frame: Some(vec![0; 64]),
         }
     }
@@ -537,6 +596,32 @@ mod tests {
         let s = r.stats();
         assert_eq!(s.refused_rate as usize, 1000 - started);
         assert!(r.pending().frames.len() <= MAX_LOOKUPS);
+    }
+
+    #[tokio::test]
+    async fn one_container_uses_up_only_its_own_share() {
+        let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+        let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+        let flooder =
+            |range: std::ops::Range<u32>| range.filter(|&n| r.hold(miss_from(n, 3))).count();
+        assert_eq!(flooder(0..1000), CONTAINER_QUERY_BURST as usize);
+        // Its neighbours still get the rest of the common budget.
+        let others = (1000..1200)
+            .filter(|&n| r.hold(miss_from(n, 4 + n % 8)))
+            .count();
+        assert_eq!(others, (QUERY_BURST - CONTAINER_QUERY_BURST) as usize);
+        // Refilled (2 s give it its whole burst back), the flooder is held
+        // to MAX_LOOKUPS_PER_CONTAINER lookups in flight.
+        std::thread::sleep(Duration::from_secs(2));
+        let again = flooder(2000..3000);
+        assert_eq!(
+            CONTAINER_QUERY_BURST as usize + again,
+            MAX_LOOKUPS_PER_CONTAINER
+        );
+        assert_eq!(
+            r.pending().per_origin[&Origin::Interface(3)],
+            MAX_LOOKUPS_PER_CONTAINER
+        );
     }
 
     #[tokio::test]

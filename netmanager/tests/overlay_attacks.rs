@@ -8,7 +8,11 @@
 //!   this node has never heard of gets its first SYN through unretransmitted;
 //! - a container sends with its neighbour's address: dropped;
 //! - one container churns through many short flows while another keeps a
-//!   long stream open: the stream arrives intact.
+//!   long stream open: the stream arrives intact;
+//! - one container floods the node with packets to random service
+//!   addresses: the node keeps answering, its neighbour still reaches a
+//!   service it has never used, NetManager stays under 64 MiB and no
+//!   pending mark is left behind.
 //!
 //! Needs root, bpffs, mosquitto and python3.
 
@@ -123,6 +127,27 @@ for i in range(count):
     s.close()
 "#;
 
+/// Sends UDP to random addresses of the service ranges (IPv6 fdff::/16 and
+/// IPv4 10.30.0.0/16, three to one) for SECONDS; prints how many it sent.
+const MISS_FLOOD: &str = r#"
+import random, socket, sys, time
+end = time.time() + float(sys.argv[1])
+s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+sent = 0
+while time.time() < end:
+    for _ in range(200):
+        try:
+            if sent % 4:
+                s6.sendto(b"flood", ("fdff:%x:%x:%x::%x" % tuple(random.getrandbits(16) for _ in range(4)), 9))
+            else:
+                s4.sendto(b"flood", ("10.30.%d.%d" % (random.randrange(256), random.randrange(1, 255)), 9))
+            sent += 1
+        except OSError:
+            pass
+print(sent, flush=True)
+"#;
+
 fn instance(
     number: u32,
     ns: (&str, &str),
@@ -224,6 +249,7 @@ impl Cluster {
             "inject.py" => INJECT,
             "long_stream.py" => LONG_STREAM,
             "churn.py" => CHURN,
+            "miss_flood.py" => MISS_FLOOD,
             other => panic!("no script {other}"),
         };
         let p = self.dir.path(name);
@@ -620,6 +646,133 @@ fn one_containers_flow_churn_does_not_break_anothers_stream() {
         "{:?} {}",
         counters(&c.nm1),
         c.nm1.get("/status").1["dataplane"]["maps"]
+    );
+    drop(c);
+}
+
+/// Entries of one of a node's dataplane maps.
+fn map_entries(nm: &Daemon, name: &str) -> u64 {
+    let (_, st) = nm.get("/status");
+    st["dataplane"]["maps"]
+        .as_array()
+        .and_then(|maps| maps.iter().find(|m| m[0] == name))
+        .and_then(|m| m[1].as_u64())
+        .unwrap_or_else(|| panic!("no map {name} in {}", st["dataplane"]))
+}
+
+/// One container sends to random service addresses for ten seconds, each
+/// a miss. Meanwhile node 1 keeps answering its API, its neighbour's
+/// traffic to a known service keeps flowing, and the neighbour's first
+/// datagrams to a service node 1 has never resolved get through: the
+/// flooder uses up its own share of the cluster queries, not theirs.
+/// NetManager's memory stays under 64 MiB throughout, and once the flood
+/// ends no pending mark is left in the dataplane.
+#[test]
+fn a_miss_flood_from_one_container_leaves_the_node_answering() {
+    let test = "a_miss_flood_from_one_container_leaves_the_node_answering";
+    if !prerequisites(test) {
+        return;
+    }
+    const RSS_CAP: u64 = 64 << 20;
+    let c = Cluster::start(
+        &[
+            (
+                CLIENT,
+                json!({"instance_list": [instance(0, ("10.18.0.2", "fc00::2"), "198.51.100.1",
+                    ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
+            ),
+            (
+                NEIGHBOUR,
+                json!({"instance_list": [instance(0, ("10.18.0.3", "fc00::3"), "198.51.100.1",
+                    ("10.30.1.3", "fdff:2000::1:3"), ("10.30.0.5", "fdff::5"))]}),
+            ),
+            (
+                SERVER,
+                json!({"instance_list": [instance(0, ("10.18.1.2", "fc00::102"), "198.51.100.2",
+                    ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
+            ),
+            (
+                OTHER,
+                json!({"instance_list": [instance(0, ("10.18.1.3", "fc00::103"), "198.51.100.2",
+                    ("10.30.1.9", "fdff:2000::1:9"), ("10.30.0.9", "fdff::9"))]}),
+            ),
+        ],
+        json!({}),
+    );
+    let (client, flooder, server, other) = (container(), container(), container(), container());
+    deploy(&c.nm1, &client, CLIENT, "10.18.0.2");
+    deploy(&c.nm1, &flooder, NEIGHBOUR, "10.18.0.3");
+    deploy(&c.nm2, &server, SERVER, "10.18.1.2");
+    deploy(&c.nm2, &other, OTHER, "10.18.1.3");
+    let (log, other_log) = (c.dir.path("server.log"), c.dir.path("other.log"));
+    let _rx = (
+        udp_log(&server, &c.script("udp_log.py"), &log),
+        udp_log(&other, &c.script("udp_log.py"), &other_log),
+    );
+    let send = c.script("udp_send.py");
+    let send_to = |addr: &str, tag: &str| {
+        in_pid_ns(client.pid(), &["python3", &send, "-", addr, "9000", tag]);
+    };
+    wait_until(
+        "the client reaches the server",
+        Duration::from_secs(15),
+        || {
+            send_to("10.30.1.1", "before");
+            std::thread::sleep(Duration::from_millis(200));
+            lines(&log).iter().any(|l| l.starts_with("before"))
+        },
+    );
+    let rss_before = c.nm1.rss_bytes();
+
+    let mut flood = spawn_piped(&flooder, &["python3", &c.script("miss_flood.py"), "10"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut rss_max = rss_before;
+    let mut api_answers = 0;
+    for round in 0..5 {
+        let (code, _) = c.nm1.get("/status");
+        api_answers += usize::from(code == 200);
+        rss_max = rss_max.max(c.nm1.rss_bytes());
+        send_to("10.30.1.1", &format!("during-{round}"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A service node 1 has never resolved, asked for once in the middle of
+    // the flood: held, resolved and delivered. The flooder has used up its
+    // own share of the cluster queries, not its neighbour's.
+    send_to("10.30.1.9", "first");
+    wait_until(
+        "the neighbour's first datagram to a new service",
+        Duration::from_secs(5),
+        || lines(&other_log).iter().any(|l| l.starts_with("first")),
+    );
+    let sent: u64 = read_line(&mut flood).parse().unwrap_or(0);
+    rss_max = rss_max.max(c.nm1.rss_bytes());
+    let resolver = c.nm1.get("/status").1["resolver"].clone();
+    let missed = counter(&c.nm1, "miss_held");
+
+    assert_eq!(api_answers, 5, "node 1's API stopped answering");
+    let got = lines(&log);
+    assert!(
+        (0..5).all(|r| got.contains(&format!("during-{r} from 10.30.0.1"))),
+        "the neighbour's established traffic suffered: {got:?}"
+    );
+    assert!(
+        sent > 10_000 && missed > 1_000,
+        "the flood was too weak to prove anything: {sent} sent, {missed} misses"
+    );
+    assert!(
+        resolver["refused_rate"].as_u64().unwrap_or(0) > 0,
+        "the flooder's misses were not rate-limited: {resolver}"
+    );
+    assert!(
+        rss_max < RSS_CAP,
+        "NetManager grew to {rss_max} bytes under the flood (before: {rss_before})"
+    );
+    wait_until("no pending mark left", Duration::from_secs(10), || {
+        map_entries(&c.nm1, "PENDING") == 0
+    });
+    eprintln!(
+        "miss flood: {sent} datagrams, {missed} misses held, resolver {resolver}, \
+         RSS {rss_before} -> max {rss_max} bytes"
     );
     drop(c);
 }

@@ -105,6 +105,7 @@ pub fn decode(raw: &[u8]) -> Option<Miss> {
         reason,
         addr: from_addr(&addr),
         peer,
+        ifindex: word(4),
         frame,
     })
 }

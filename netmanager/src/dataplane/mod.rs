@@ -172,6 +172,9 @@ pub struct Miss {
     pub addr: IpAddr,
     /// `Peer`: the outer source of the datagram, i.e. who sent it.
     pub peer: Option<IpAddr>,
+    /// The interface the packet came in on: for a container's miss, its
+    /// veth, which is what bounds one container's share of the lookups.
+    pub ifindex: u32,
     /// The held Ethernet frame, to pass back to `reinject` (`reinject_tunnel`
     /// for `Peer`) once resolved.
     pub frame: Option<Vec<u8>>,
