@@ -1,18 +1,21 @@
-//! Packet fuzzing of both programs through BPF_PROG_TEST_RUN: generated
-//! frames -- well-formed ones from every side (containers and the tunnel,
-//! IPv4 and IPv6, known and unknown senders and services, odd TTLs,
-//! fragments, options, oversize), the same mutated (bit flips, overwritten
-//! header fields, truncation, trailing bytes), and plain random bytes -- each
-//! checked against invariants:
+//! Packet fuzzing of the three programs through BPF_PROG_TEST_RUN:
+//! generated frames -- well-formed ones from every side (containers, and
+//! the tunnel over an IPv4 or an IPv6 underlay to any of the node's
+//! addresses, on the fast and the slow path; IPv4 and IPv6 inside; known
+//! and unknown senders and services, odd TTLs, fragments, options,
+//! oversize), the same mutated (bit flips, overwritten header fields,
+//! truncation, trailing bytes), and plain random bytes -- each checked
+//! against invariants:
 //!
 //! - nothing from a host that does not run the inner source's instance (and
-//!   is not trusted) is delivered, and nothing a container sends leaves with
-//!   another source than its own instance address;
+//!   is not trusted) is delivered, on either path, and nothing a container
+//!   sends leaves with another source than its own instance address;
 //! - a container's packet to a service address is never handed to the host
-//!   stack, other traffic is left byte for byte;
+//!   stack, other traffic is left byte for byte; the slow path hands
+//!   nothing to the stack;
 //! - frames with valid checksums leave with valid checksums;
-//! - every tunnel datagram and every container frame moves exactly one
-//!   counter, other uplink traffic none;
+//! - every tunnel datagram, every slow-path frame and every container frame
+//!   moves exactly one counter, other uplink traffic none;
 //! - a held tunnel datagram is one from an unknown instance and an untrusted
 //!   host.
 //!
@@ -23,7 +26,7 @@
 mod packet_support;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -31,7 +34,7 @@ use std::time::Instant;
 use aya::programs::TestRunOptions;
 use netmanager::dataplane::{
     CONTAINER_PROGRAM, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, MissReason,
-    ServiceKind, UPLINK_PROGRAM,
+    SLOW_PATH_PROGRAM, ServiceKind, UPLINK_PROGRAM,
 };
 use packet_support::*;
 
@@ -40,8 +43,14 @@ const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// The node's second address (on `under1` of the [`FibNetns`]).
+const NODE_2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 129);
+const NODE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const PEER_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+/// A peer on the IPv6 underlay.
+const PEER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 const STRANGER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
+const STRANGER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3);
 /// Inside the trusted prefix 198.51.100.64/26.
 const TRUSTED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 70);
 /// BPF_PROG_TEST_RUN runs the programs on the loopback device: the
@@ -86,11 +95,13 @@ fn in_service_range(a: IpAddr) -> bool {
     }
 }
 
-fn dataplane(pin_dir: &PinDir) -> (Dataplane, World) {
+/// The dataplane of node 198.51.100.1 (also 198.51.100.129 and
+/// 2001:db8::1) inside `netns`.
+fn dataplane(pin_dir: &PinDir, netns: &FibNetns) -> (Dataplane, World) {
     let cfg = DataplaneConfig {
         pin_dir: pin_dir.0.clone(),
         uplink: String::new(),
-        node_ip: NODE,
+        node_ip: IpAddr::V4(NODE),
         tunnel_port: 50103,
         tunnel_mtu: 1450,
         service_ranges: vec![(ip("10.30.0.0"), 16), (ip("fdff::"), 16)],
@@ -102,28 +113,42 @@ fn dataplane(pin_dir: &PinDir) -> (Dataplane, World) {
             pending: 256,
         },
         miss_hold: 2,
+        container_bridge: String::new(),
         trusted_peers: vec![(ip("198.51.100.64"), 26)],
         flows_per_container: 0,
     };
     let dp = Dataplane::open(&cfg).expect("loading the dataplane");
+    dp.set_node_addresses(&[
+        (IpAddr::V4(NODE), netns.ifindex("under0")),
+        (IpAddr::V4(NODE_2), netns.ifindex("under1")),
+        (IpAddr::V6(NODE_V6), netns.ifindex("under0")),
+    ])
+    .unwrap();
     let local = |ifindex, mac| Some(LocalPort { ifindex, mac });
+    let (node, peer, peer_v6) = (
+        IpAddr::V4(NODE),
+        IpAddr::V4(PEER_NODE),
+        IpAddr::V6(PEER_V6),
+    );
     let instances = [
         (
             "10.18.0.2",
             "10.30.0.3",
-            NODE,
+            node,
             local(CLIENT_IFINDEX, CLIENT_MAC),
         ),
         (
             "fc00::2",
             "fdff::3",
-            NODE,
+            node,
             local(CLIENT_IFINDEX, CLIENT_MAC),
         ),
-        ("10.18.0.3", "10.30.0.4", NODE, local(8, [2, 0, 0, 0, 0, 3])),
-        ("fc00::3", "fdff::4", NODE, local(8, [2, 0, 0, 0, 0, 3])),
-        ("10.18.0.130", "10.30.0.5", PEER_NODE, None),
-        ("fc00::82", "fdff::5", PEER_NODE, None),
+        ("10.18.0.3", "10.30.0.4", node, local(8, [2, 0, 0, 0, 0, 3])),
+        ("fc00::3", "fdff::4", node, local(8, [2, 0, 0, 0, 0, 3])),
+        ("10.18.0.130", "10.30.0.5", peer, None),
+        ("fc00::82", "fdff::5", peer, None),
+        ("10.18.0.131", "10.30.0.6", peer_v6, None),
+        ("fc00::83", "fdff::6", peer_v6, None),
     ];
     let mut instance_node = HashMap::new();
     for (ns, inst, node, local) in instances {
@@ -137,10 +162,13 @@ fn dataplane(pin_dir: &PinDir) -> (Dataplane, World) {
             },
         )
         .unwrap();
-        instance_node.insert(ip(inst), IpAddr::V4(node));
+        instance_node.insert(ip(inst), node);
     }
-    let services: [(&str, ServiceKind, &[&str]); 8] = [
+    let services: [(&str, ServiceKind, &[&str]); 10] = [
         ("10.30.55.56", ServiceKind::RoundRobin, &["10.18.0.130"]),
+        // Behind a node on the IPv6 underlay.
+        ("10.30.55.58", ServiceKind::RoundRobin, &["10.18.0.131"]),
+        ("fdff:2000::55:58", ServiceKind::RoundRobin, &["fc00::83"]),
         (
             "10.30.55.57",
             ServiceKind::Closest,
@@ -281,6 +309,7 @@ impl Gen {
             self.pick(&[
                 "fdff:2000::55:56",
                 "fdff:2000::55:57",
+                "fdff:2000::55:58",
                 "fdff::5",
                 "fdff::77",
                 "fdff:2000::99",
@@ -290,6 +319,7 @@ impl Gen {
             self.pick(&[
                 "10.30.55.56",
                 "10.30.55.57",
+                "10.30.55.58",
                 "10.30.0.4",
                 "10.30.0.5",
                 "10.30.0.3",
@@ -304,10 +334,11 @@ impl Gen {
     fn tunnel(&mut self) -> Case {
         let v6 = self.rng.bool();
         let src = if v6 {
-            self.pick(&["fdff::5", "fdff::3", "fdff::77", "2001:db8::1"])
+            self.pick(&["fdff::5", "fdff::6", "fdff::3", "fdff::77", "2001:db8::1"])
         } else {
             self.pick(&[
                 "10.30.0.5",
+                "10.30.0.6",
                 "10.30.0.3",
                 "10.30.0.77",
                 "10.30.55.56",
@@ -319,21 +350,26 @@ impl Gen {
         } else {
             self.pick(&["10.18.0.2", "10.18.0.3", "10.18.0.130", "10.18.0.99"])
         };
-        let inner = self.ip(ip(src), ip(dst));
-        let sender = self.pick(&[PEER_NODE, PEER_NODE, STRANGER, TRUSTED, NODE]);
-        let to = if self.rng.u8(..10) == 0 {
-            PEER_NODE
-        } else {
-            NODE
+        let inner = self.ip(ip(src), ip(dst)).bytes();
+        // The slow path rebuilds datagrams from the socket's addresses: the
+        // peer's port may be anything (NAT).
+        let (program, sport) = match self.rng.u8(..5) {
+            0 => (SLOW_PATH_PROGRAM, self.pick(&[50103, 38211])),
+            _ => (UPLINK_PROGRAM, 50103),
         };
-        let (sport, dport) = (50103, if self.rng.u8(..10) == 0 { 50104 } else { 50103 });
-        let frame = eth(
-            [0xaa; 6],
-            [0xbb; 6],
-            0x0800,
-            &tunnel_datagram(sender, to, sport, dport, &inner.bytes()),
-        );
-        Case::well_formed(frame, UPLINK_PROGRAM, 14 + 28)
+        let dport = if self.rng.u8(..10) == 0 { 50104 } else { 50103 };
+        let (frame, inner_at) = if self.rng.u8(..3) == 0 {
+            let sender = self.pick(&[PEER_V6, PEER_V6, STRANGER_V6, NODE_V6]);
+            let to = self.pick(&[NODE_V6, NODE_V6, NODE_V6, PEER_V6]);
+            let d = tunnel_datagram_v6(sender, to, sport, dport, &inner);
+            (eth([0xaa; 6], [0xbb; 6], 0x86dd, &d), 14 + 48)
+        } else {
+            let sender = self.pick(&[PEER_NODE, PEER_NODE, STRANGER, TRUSTED, NODE]);
+            let to = self.pick(&[NODE, NODE, NODE, NODE, NODE, NODE_2, NODE_2, PEER_NODE]);
+            let d = tunnel_datagram(sender, to, sport, dport, &inner);
+            (eth([0xaa; 6], [0xbb; 6], 0x0800, &d), 14 + 28)
+        };
+        Case::well_formed(frame, program, inner_at)
     }
 
     /// 1-4 mutations of a well-formed frame.
@@ -375,7 +411,7 @@ impl Gen {
                 _ => {
                     // Lengths: IPv4 total length or IPv6 payload length,
                     // outer or inner.
-                    let at = self.pick(&[16, 18, 42 + 2, 42 + 4, 38, 18 + 28]);
+                    let at = self.pick(&[16, 18, 42 + 2, 42 + 4, 38, 18 + 28, 62 + 2, 62 + 4]);
                     if at + 1 < f.len() {
                         let v = self.rng.u16(..).to_be_bytes();
                         f[at] = v[0];
@@ -385,7 +421,7 @@ impl Gen {
             }
         }
         if self.rng.bool() {
-            c.program = self.pick(&[CONTAINER_PROGRAM, UPLINK_PROGRAM]);
+            c.program = self.pick(&[CONTAINER_PROGRAM, UPLINK_PROGRAM, SLOW_PATH_PROGRAM]);
         }
         c
     }
@@ -402,7 +438,7 @@ impl Gen {
         }
         Case {
             frame: f,
-            program: self.pick(&[CONTAINER_PROGRAM, UPLINK_PROGRAM]),
+            program: self.pick(&[CONTAINER_PROGRAM, UPLINK_PROGRAM, SLOW_PATH_PROGRAM]),
             valid: false,
         }
     }
@@ -426,25 +462,49 @@ fn v6(b: &[u8]) -> IpAddr {
     IpAddr::from(a)
 }
 
-/// Whether `uplink_ingress` treats the frame as a datagram to our tunnel
-/// port (the same test as `tunnel::is_tunnel_datagram`).
+/// Where the inner packet of a tunnel datagram starts, when the receive
+/// programs take the frame for one: to any of the node's addresses and our
+/// tunnel port, outer IPv4 without options or fragments, or outer IPv6
+/// without extension headers (the same test as `tunnel::tunnel_datagram`).
+fn tunnel_inner_at(f: &[u8]) -> Option<usize> {
+    let inner_at = match f.get(12..14)? {
+        [0x08, 0x00] => {
+            let ok = f.len() > 42
+                && f[14] == 0x45
+                && f[23] == 17
+                && u16::from_be_bytes([f[20], f[21]]) & 0x3fff == 0
+                && (f[30..34] == NODE.octets() || f[30..34] == NODE_2.octets())
+                && f[36..38] == 50103u16.to_be_bytes();
+            ok.then_some(42)?
+        }
+        [0x86, 0xdd] => {
+            let ok = f.len() > 62
+                && f[14] >> 4 == 6
+                && f[20] == 17
+                && f[38..54] == NODE_V6.octets()
+                && f[56..58] == 50103u16.to_be_bytes();
+            ok.then_some(62)?
+        }
+        _ => return None,
+    };
+    matches!(f[inner_at] >> 4, 4 | 6).then_some(inner_at)
+}
+
 fn is_tunnel(f: &[u8]) -> bool {
-    f.len() > 42
-        && f[12..14] == [0x08, 0x00]
-        && f[14] == 0x45
-        && f[23] == 17
-        && u16::from_be_bytes([f[20], f[21]]) & 0x3fff == 0
-        && f[30..34] == NODE.octets()
-        && f[36..38] == 50103u16.to_be_bytes()
-        && matches!(f[42] >> 4, 4 | 6)
+    tunnel_inner_at(f).is_some()
 }
 
 /// (outer source, inner source) of a tunnel datagram, when both are there.
 fn tunnel_sources(f: &[u8]) -> Option<(IpAddr, IpAddr)> {
-    let sender = v4(&f[26..30]);
-    let inner = match f[42] >> 4 {
-        4 => v4(f.get(54..58)?),
-        _ => v6(f.get(50..66)?),
+    let at = tunnel_inner_at(f)?;
+    let sender = if at == 42 {
+        v4(&f[26..30])
+    } else {
+        v6(&f[22..38])
+    };
+    let inner = match f[at] >> 4 {
+        4 => v4(f.get(at + 12..at + 16)?),
+        _ => v6(f.get(at + 8..at + 24)?),
     };
     Some((sender, inner))
 }
@@ -582,11 +642,23 @@ fn checksums_ok(ip: &[u8]) -> Result<(), String> {
 /// Checks one run; returns what is wrong.
 fn check(w: &World, case: &Case, verdict: u32, out: &[u8], counted: u64) -> Result<(), String> {
     let f = &case.frame;
-    if case.program == UPLINK_PROGRAM {
+    if case.program == UPLINK_PROGRAM || case.program == SLOW_PATH_PROGRAM {
         let tunnel = is_tunnel(f);
-        let expected = u64::from(tunnel);
+        let slow = case.program == SLOW_PATH_PROGRAM;
+        // The slow path counts everything (what is no tunnel datagram as
+        // malformed) and passes nothing to the stack.
+        let expected = u64::from(tunnel || slow);
         if counted != expected {
             return Err(format!("{counted} counters moved, expected {expected}"));
+        }
+        if slow && verdict == TC_ACT_OK {
+            return Err("the slow path passed a frame to the stack".into());
+        }
+        if !tunnel && slow {
+            return match verdict {
+                TC_ACT_SHOT => Ok(()),
+                v => Err(format!("not a tunnel datagram, yet verdict {v}")),
+            };
         }
         if !tunnel {
             return match (verdict, out == &f[..]) {
@@ -628,14 +700,23 @@ fn check(w: &World, case: &Case, verdict: u32, out: &[u8], counted: u64) -> Resu
                 if !sent_by.is_some_and(|s| w.client_sources.contains(&s)) {
                     return Err(format!("sent by {sent_by:?}, not the veth's container"));
                 }
-                // Tunnelled (outer IPv4/UDP from us), delivered locally, or
-                // an ICMP too-big back to the sender.
+                // Tunnelled (outer IPv4 or IPv6 and UDP from us), delivered
+                // locally, or an ICMP too-big back to the sender.
                 let ip = out.get(14..).unwrap_or_default();
-                let tunnelled = out.get(12..14) == Some(&[0x08, 0x00])
+                let tunnelled_v4 = out.get(12..14) == Some(&[0x08, 0x00])
                     && ip.len() > 28
                     && ip[9] == 17
                     && ip[12..16] == NODE.octets();
-                let inner = if tunnelled { &ip[28..] } else { ip };
+                let tunnelled_v6 = out.get(12..14) == Some(&[0x86, 0xdd])
+                    && ip.len() > 48
+                    && ip[6] == 17
+                    && ip[8..24] == NODE_V6.octets();
+                let tunnelled = tunnelled_v4 || tunnelled_v6;
+                let inner = match (tunnelled_v4, tunnelled_v6) {
+                    (true, _) => &ip[28..],
+                    (_, true) => &ip[48..],
+                    _ => ip,
+                };
                 if too_big_to(inner) != sent_by {
                     let src = source_of(inner);
                     if !src.is_some_and(|s| w.client_instances.contains(&s)) {
@@ -682,7 +763,10 @@ fn generated_frames_keep_the_dataplane_invariants() {
         std::process::id()
     )));
     let _ = std::fs::remove_dir_all(&pin_dir.0);
-    let (dp, world) = dataplane(&pin_dir);
+    // A namespace of its own with a known underlay: the FIB's answers
+    // (routes, neighbours, sources) are the same on every machine.
+    let netns = FibNetns::enter("fuzz");
+    let (dp, world) = dataplane(&pin_dir, &netns);
     let dp = Arc::new(dp);
     let world = Arc::new(world);
     let held = Arc::new(Mutex::new((0u64, Vec::<String>::new())));

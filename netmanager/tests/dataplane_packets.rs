@@ -1023,14 +1023,17 @@ fn ipv6_outer_datagrams_are_received_for_both_inner_families() {
         return;
     }
     let f = fixture("v6-in");
+    // The senders are instances of the node on the IPv6 underlay: only its
+    // datagrams are accepted for them.
+    add_peers(&f);
     let udp = |sport, dport| L4::Udp {
         sport,
         dport,
         payload: b"from a v6 underlay".to_vec(),
     };
     for (src, dst, et) in [
-        ("10.30.0.5", "10.18.0.2", 0x0800u16),
-        ("fdff::5", "fc00::2", 0x86dd),
+        ("10.30.0.101", "10.18.0.2", 0x0800u16),
+        ("fdff::1:1", "fc00::2", 0x86dd),
     ] {
         let pkt = Ip::new(src, dst, udp(7000, 6000));
         let frame = eth(
@@ -1213,6 +1216,52 @@ async fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_so
         );
     }
     assert_eq!(counter(&f, "drop_forged_source"), 3);
+    // The same check on every way in: to the node's second address, over
+    // the IPv6 underlay, and through the slow path (a datagram the kernel
+    // reassembled, written back from the socket's addresses).
+    let to_second = eth(
+        [0xaa; 6],
+        [0xbb; 6],
+        0x0800,
+        &tunnel_datagram(ip4("198.51.100.3"), NODE_2, 50103, 50103, &good.bytes()),
+    );
+    let over_v6 = eth(
+        [0xaa; 6],
+        [0xbb; 6],
+        0x86dd,
+        &tunnel_datagram_v6(
+            "2001:db8::3".parse().unwrap(),
+            NODE_V6,
+            50103,
+            50103,
+            &good.bytes(),
+        ),
+    );
+    let slow = eth(
+        [0xaa; 6],
+        [0xbb; 6],
+        0x0800,
+        &tunnel_datagram(ip4("198.51.100.3"), NODE, 38211, 50103, &good.bytes()),
+    );
+    for (program, frame) in [
+        (UPLINK_PROGRAM, &to_second),
+        (UPLINK_PROGRAM, &over_v6),
+        (SLOW_PATH_PROGRAM, &slow),
+    ] {
+        assert_eq!(run(&f, program, frame).0, TC_ACT_SHOT, "{program}");
+    }
+    assert_eq!(counter(&f, "drop_forged_source"), 6);
+    let from_node_slow = eth(
+        [0xaa; 6],
+        [0xbb; 6],
+        0x0800,
+        &tunnel_datagram(PEER_NODE, NODE, 38211, 50103, &good.bytes()),
+    );
+    assert_eq!(
+        run(&f, SLOW_PATH_PROGRAM, &from_node_slow).0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(counter(&f, "decapsulated"), 3);
 
     // An instance nobody here knows, for a local container: held whole
     // (outer headers included) and reported with its sender, at most

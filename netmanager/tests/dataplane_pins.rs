@@ -46,7 +46,7 @@ fn config(pins: &Path, flows: u32) -> DataplaneConfig {
     DataplaneConfig {
         pin_dir: pins.to_path_buf(),
         uplink: String::new(),
-        node_ip: NODE,
+        node_ip: IpAddr::V4(NODE),
         tunnel_port: 50103,
         tunnel_mtu: 1450,
         service_ranges: vec![(ip("10.30.0.0"), 16)],
@@ -58,6 +58,7 @@ fn config(pins: &Path, flows: u32) -> DataplaneConfig {
             pending: 64,
         },
         miss_hold: 2,
+        container_bridge: String::new(),
         trusted_peers: Vec::new(),
         flows_per_container: 0,
     }
@@ -87,7 +88,7 @@ fn tables(dp: &Dataplane) {
             ip(ns),
             InstanceEntry {
                 instance_ip: Some(ip(inst)),
-                node_ip: node,
+                node_ip: IpAddr::V4(node),
                 node_port: 50103,
                 local,
             },
