@@ -125,11 +125,7 @@ fn dataplane(pin_dir: &PinDir, netns: &FibNetns) -> (Dataplane, World) {
     ])
     .unwrap();
     let local = |ifindex, mac| Some(LocalPort { ifindex, mac });
-    let (node, peer, peer_v6) = (
-        IpAddr::V4(NODE),
-        IpAddr::V4(PEER_NODE),
-        IpAddr::V6(PEER_V6),
-    );
+    let (node, peer, peer_v6) = (IpAddr::V4(NODE), IpAddr::V4(PEER_NODE), IpAddr::V6(PEER_V6));
     let instances = [
         (
             "10.18.0.2",

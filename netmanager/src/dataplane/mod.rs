@@ -467,7 +467,10 @@ impl Dataplane {
 
     /// Send a held container frame through the container program again.
     pub fn reinject(&self, frame: &[u8]) -> Result<()> {
-        self.reinjector.as_ref().ok_or_else(no_reinjection)?.send(frame)
+        self.reinjector
+            .as_ref()
+            .ok_or_else(no_reinjection)?
+            .send(frame)
     }
 
     /// Send a held tunnel datagram through the receive path again (the
@@ -737,7 +740,10 @@ mod tests {
                 maps::NODE_ADDRESSES,
                 netmanager_common::DEFAULT_NODE_ADDRESSES,
             ),
-            (maps::TRUSTED_PEERS, netmanager_common::DEFAULT_TRUSTED_PEERS),
+            (
+                maps::TRUSTED_PEERS,
+                netmanager_common::DEFAULT_TRUSTED_PEERS,
+            ),
             (maps::FLOW_COUNTS, netmanager_common::DEFAULT_FLOW_COUNTS),
         ] {
             assert_eq!(obj.maps[name].max_entries(), size, "max entries of {name}");

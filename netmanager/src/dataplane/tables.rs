@@ -13,8 +13,8 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use netmanager_common::{
     Addr, BackendKey, CONFIG_FIB_SOURCE_V4, CONFIG_FIB_SOURCE_V6, Config, Counter, CounterValue,
     DEFAULT_NODE_ADDRESSES, FLOW_IDLE_NS, FLOWS_CLOSED, FLOWS_OPENED, Flow, FlowCountKey, FlowKey,
-    INSTANCE_LOCAL, Instance, InstanceNode, MAX_BACKENDS,
-    MAX_SERVICE_RANGES, Prefix, ReverseFlow, Service, ServiceKind, maps,
+    INSTANCE_LOCAL, Instance, InstanceNode, MAX_BACKENDS, MAX_SERVICE_RANGES, Prefix, ReverseFlow,
+    Service, ServiceKind, maps,
 };
 
 use super::addr::to_addr;

@@ -150,8 +150,6 @@ impl RouteTables for Routes {
     }
 
     fn instance_node(&self, ip: IpAddr) -> Option<IpAddr> {
-        self.tables()
-            .instance_by_address(ip)
-            .map(|e| e.node_ip)
+        self.tables().instance_by_address(ip).map(|e| e.node_ip)
     }
 }
