@@ -53,7 +53,7 @@ enum Command {
     Sandbox(xtask::sandbox::cli::SandboxArgs),
     /// Overlay throughput, latency, per-packet cost and footprint against baselines (needs root).
     Bench(bench::Args),
-    /// Fuzz both eBPF programs with generated frames through BPF_PROG_TEST_RUN (needs root).
+    /// Fuzz the eBPF programs with generated frames through BPF_PROG_TEST_RUN (needs root).
     Fuzz {
         /// Frames to run (`cargo xtask test` runs a fixed-seed 60,000).
         #[arg(long, default_value_t = 1_000_000)]
