@@ -174,6 +174,9 @@ fn dataplane(pin_dir: &PinDir, c0: u32) -> Dataplane {
         ("fc00::2", "fdff::3", IpAddr::V4(NODE), local),
         ("10.18.0.130", "10.30.0.5", IpAddr::V4(PEER_NODE), None),
         ("fc00::82", "fdff::5", IpAddr::V4(PEER_NODE), None),
+        // A node on the IPv6 underlay sends the outer-IPv6 datagrams.
+        ("10.18.0.131", "10.30.0.6", IpAddr::V6(PEER_V6), None),
+        ("fc00::83", "fdff::6", IpAddr::V6(PEER_V6), None),
     ] {
         dp.upsert_instance(
             ns_ip.parse().unwrap(),
@@ -267,8 +270,8 @@ fn decapsulated_v4_and_v6_packets_reach_the_containers_socket() {
         let cases = [
             ("10.30.0.5", "10.18.0.2", "0.0.0.0", false),
             ("fdff::5", "fc00::2", "::", false),
-            ("10.30.0.5", "10.18.0.2", "0.0.0.0", true),
-            ("fdff::5", "fc00::2", "::", true),
+            ("10.30.0.6", "10.18.0.2", "0.0.0.0", true),
+            ("fdff::6", "fc00::2", "::", true),
         ];
         for (src, dst, any, v6_outer) in cases {
             let payload =
