@@ -114,6 +114,7 @@ fn dataplane(pin_dir: &PinDir, netns: &FibNetns) -> (Dataplane, World) {
         },
         miss_hold: 2,
         container_bridge: String::new(),
+        attach_mode: netmanager::dataplane::AttachMode::Auto,
         trusted_peers: vec![(ip("198.51.100.64"), 26)],
         flows_per_container: 0,
     };

@@ -59,6 +59,7 @@ fn config(pins: &Path, flows: u32) -> DataplaneConfig {
         },
         miss_hold: 2,
         container_bridge: String::new(),
+        attach_mode: netmanager::dataplane::AttachMode::Auto,
         trusted_peers: Vec::new(),
         flows_per_container: 0,
     }
