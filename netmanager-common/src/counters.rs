@@ -90,7 +90,7 @@ counters! {
     DropTtl: drop "ttl", "TTL or hop limit exhausted.";
     DropTooBig: drop "too_big", "IPv4 without DF larger than the tunnel MTU.";
     DropNoBackend: drop "no_backend", "Service address without backends, or whose backend is no longer in INSTANCES.";
-    DropMissOverflow: drop "miss_overflow", "More than miss_hold packets for an unresolved address, or PENDING or the miss ring full.";
+    DropMissOverflow: drop "miss_overflow", "More than miss_hold packets for an unresolved address, or PENDING or the miss ring full (tunnel datagrams get half of it).";
     DropNotLocal: drop "not_local", "Sender, or tunnelled destination, is not a container on this node.";
     DropBadInnerSource: drop "bad_inner_source", "Tunnelled packet whose inner source is not in a service range.";
     DropFlowTableFull: drop "flow_table_full", "A new flow could not be written to FLOWS or REVERSE_FLOWS.";
@@ -98,6 +98,10 @@ counters! {
     DropEncap: drop "encap", "Making room for the tunnel headers failed.";
     Resegmented: verdict "resegmented", "GSO packet for a node on an IPv6 underlay, sent through the reinjection device to be cut into segments, each then tunnelled with its own UDP checksum.";
     DropNoRoute: drop "no_route", "No route to the backend's node: the FIB lookup found it unreachable, blackholed, prohibited, local, or without a source address.";
+    PeerHeld: verdict "peer_held", "Tunnel datagram whose inner source no known node runs: held while NetManager asks the cluster which node does.";
+    DropSpoofedSource: drop "spoofed_source", "Sent by a container with another container's address (it arrived on another veth).";
+    DropForgedSource: drop "forged_source", "Tunnel datagram whose inner source is an instance of another node than the one that sent it.";
+    DropFlowQuota: drop "flow_quota", "The sending container already has FlowsPerContainer flows.";
 }
 
 impl Counter {
@@ -144,6 +148,8 @@ mod tests {
         // Pinned COUNTERS maps of running nodes rely on these staying put.
         assert_eq!(Counter::Passed as u32, 0);
         assert_eq!(Counter::DropEncap as u32, 18);
+        assert_eq!(Counter::DropNoRoute as u32, 20);
+        assert_eq!(Counter::DropFlowQuota as u32, 24);
     }
 
     #[test]

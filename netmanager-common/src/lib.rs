@@ -12,8 +12,9 @@ pub mod maps;
 
 pub use counters::{COUNTER_NAMES, Counter, CounterKind, CounterValue};
 pub use maps::{
-    DEFAULT_BACKENDS, DEFAULT_FLOWS, DEFAULT_INSTANCES, DEFAULT_MISS_HOLD, DEFAULT_MISS_RING_BYTES,
-    DEFAULT_NODE_ADDRESSES, DEFAULT_PENDING, DEFAULT_SERVICES, MAP_NAMES,
+    DEFAULT_BACKENDS, DEFAULT_FLOW_COUNTS, DEFAULT_FLOWS, DEFAULT_INSTANCES, DEFAULT_MISS_HOLD,
+    DEFAULT_MISS_RING_BYTES, DEFAULT_NODE_ADDRESSES, DEFAULT_PENDING, DEFAULT_SERVICES,
+    DEFAULT_TRUSTED_PEERS, MAP_NAMES, default_flows_per_container,
 };
 
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
@@ -180,6 +181,34 @@ pub struct ReverseFlow {
 /// Flows idle for longer than this are treated as gone (contract 2.5).
 pub const FLOW_IDLE_NS: u64 = 60 * 1_000_000_000;
 
+/// Key of `FLOW_COUNTS`: one container (by the ifindex of its veth's host
+/// end) and which of its two counts. The two have different writers --
+/// the programs add to [`FLOWS_OPENED`] atomically, NetManager adds to
+/// [`FLOWS_CLOSED`] when it expires a flow -- so neither ever overwrites
+/// the other's updates; the container's live flows are the difference.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowCountKey {
+    pub ifindex: u32,
+    /// [`FLOWS_OPENED`] or [`FLOWS_CLOSED`].
+    pub kind: u32,
+}
+
+/// `FlowCountKey::kind`: flows the programs created for the container.
+pub const FLOWS_OPENED: u32 = 0;
+/// `FlowCountKey::kind`: flows of the container NetManager removed.
+pub const FLOWS_CLOSED: u32 = 1;
+
+/// Value of `INSTANCE_NODES`, keyed by an instance address: the node that
+/// runs the instance, i.e. the only sender a tunnel datagram with that
+/// inner source is accepted from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstanceNode {
+    /// Underlay address of the node (IPv4-mapped for IPv4).
+    pub node_ip: Addr,
+}
+
 /// An address range (`prefix/len`) in [`Addr`] form.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -222,6 +251,13 @@ pub struct Config {
     /// The far end of that device: a packet arriving there is never sent
     /// around again.
     pub segment_return_ifindex: u32,
+    /// The reinjection device's container-side end (set whether or not it
+    /// segments): frames arriving there are NetManager's reinjected held
+    /// frames or segments of packets checked before, so they are exempt
+    /// from the source-to-veth check.
+    pub inject_ifindex: u32,
+    /// Most flows one container may have in `FLOWS` at a time.
+    pub flows_per_container: u32,
 }
 
 /// `Config::flags`: this node does not own the address it advertises for
@@ -234,13 +270,16 @@ pub const CONFIG_FIB_SOURCE_V6: u32 = 2;
 
 /// Why the programs raised a miss event (`MissEvent::reason`).
 #[repr(u32)]
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum MissReason {
     /// A packet to a service address with no `SERVICES` entry.
     Service = 1,
     /// A local container (by namespace address) whose own instance address is
     /// not known yet.
     Sender = 2,
+    /// A tunnel datagram whose inner source (the address) is no instance of
+    /// a node this node knows; the frame is the datagram as it arrived.
+    Peer = 3,
 }
 
 impl TryFrom<u32> for MissReason {
@@ -251,6 +290,7 @@ impl TryFrom<u32> for MissReason {
         match raw {
             1 => Ok(MissReason::Service),
             2 => Ok(MissReason::Sender),
+            3 => Ok(MissReason::Peer),
             other => Err(other),
         }
     }
@@ -297,6 +337,8 @@ mod pod {
     unsafe impl aya::Pod for ReverseFlow {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for FlowCountKey {}
+    unsafe impl aya::Pod for InstanceNode {}
 }
 
 #[cfg(test)]
@@ -316,17 +358,19 @@ mod tests {
         assert_eq!(size_of::<Prefix>(), 20);
         assert_eq!(
             size_of::<Config>(),
-            16 + 20 * MAX_SERVICE_RANGES + 8 + 16 + 8
+            16 + 20 * MAX_SERVICE_RANGES + 8 + 16 + 8 + 8
         );
+        assert_eq!(size_of::<FlowCountKey>(), 8);
+        assert_eq!(size_of::<InstanceNode>(), 16);
     }
 
     #[test]
     fn miss_reasons_convert_checked() {
-        for r in [MissReason::Service, MissReason::Sender] {
+        for r in [MissReason::Service, MissReason::Sender, MissReason::Peer] {
             assert_eq!(MissReason::try_from(r.clone() as u32), Ok(r));
         }
         assert_eq!(MissReason::try_from(0), Err(0));
-        assert_eq!(MissReason::try_from(3), Err(3));
+        assert_eq!(MissReason::try_from(4), Err(4));
     }
 
     #[test]

@@ -39,6 +39,13 @@ map_names! {
     SCRATCH,
     /// This node's own underlay addresses: tunnel datagrams to any of them are ours.
     NODE_ADDRESSES,
+    /// Instance address -> the node that runs it (the only sender a tunnel
+    /// datagram with that inner source is accepted from).
+    INSTANCE_NODES,
+    /// Underlay prefixes the operator trusts like nodes (`TunnelPeers`).
+    TRUSTED_PEERS,
+    /// (container veth, opened/closed) -> flows; bounds each container's share of FLOWS.
+    FLOW_COUNTS,
 }
 
 /// Default map sizes (max entries) of the daemon, the eBPF object and every
@@ -54,3 +61,15 @@ pub const DEFAULT_MISS_HOLD: u32 = 4;
 pub const DEFAULT_NODE_ADDRESSES: u32 = 256;
 /// Size of the `MISSES` ring buffer (fixed: not configurable).
 pub const DEFAULT_MISS_RING_BYTES: u32 = 1 << 20;
+/// Entries of `TRUSTED_PEERS`: the most `TunnelPeers` prefixes (fixed).
+pub const DEFAULT_TRUSTED_PEERS: u32 = 64;
+/// Entries of `FLOW_COUNTS`: two per local container (fixed; a node runs
+/// at most a /26 of containers, plus room for veths being replaced).
+pub const DEFAULT_FLOW_COUNTS: u32 = 1024;
+
+/// Flows one container may hold when the configuration does not say: a
+/// quarter of the flow table, so no single container can fill it.
+pub const fn default_flows_per_container(flow_table: u32) -> u32 {
+    let q = flow_table / 4;
+    if q == 0 { 1 } else { q }
+}

@@ -2,8 +2,8 @@
 //! tests keep those tables equal to the declarations they describe.
 
 use netmanager_common::{
-    Counter, CounterKind, DEFAULT_BACKENDS, DEFAULT_FLOWS, DEFAULT_INSTANCES, DEFAULT_PENDING,
-    DEFAULT_SERVICES, MAP_NAMES, maps,
+    Counter, CounterKind, DEFAULT_BACKENDS, DEFAULT_FLOW_COUNTS, DEFAULT_FLOWS, DEFAULT_INSTANCES,
+    DEFAULT_PENDING, DEFAULT_SERVICES, DEFAULT_TRUSTED_PEERS, MAP_NAMES, maps,
 };
 
 const DOC: &str = include_str!("../../docs/dataplane.md");
@@ -73,6 +73,9 @@ fn maps_table_names_every_map_with_its_default_size() {
         (maps::REVERSE_FLOWS, DEFAULT_FLOWS),
         (maps::PENDING, DEFAULT_PENDING),
         (maps::COUNTERS, Counter::COUNT as u32),
+        (maps::INSTANCE_NODES, DEFAULT_INSTANCES),
+        (maps::TRUSTED_PEERS, DEFAULT_TRUSTED_PEERS),
+        (maps::FLOW_COUNTS, DEFAULT_FLOW_COUNTS),
     ] {
         assert_eq!(size(map), default.to_string(), "default size of {map}");
     }

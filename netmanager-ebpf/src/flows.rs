@@ -1,46 +1,67 @@
 //! Backend choice and the flow cache (contract 2.5 step 2).
+//!
+//! The flow maps are plain hashes: an entry stays until NetManager expires
+//! it (idle 60 s), so one container's churn can never evict another's
+//! established flows. Instead, each container may hold at most
+//! `flows_per_container` of them (`FLOW_COUNTS`).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+};
 use netmanager_common::{
-    Addr, BackendKey, FLOW_IDLE_NS, Flow, FlowKey, MAX_BACKENDS, ReverseFlow, ServiceKind,
+    Addr, BackendKey, FLOW_IDLE_NS, FLOWS_CLOSED, FLOWS_OPENED, Flow, FlowCountKey, FlowKey,
+    MAX_BACKENDS, ReverseFlow, ServiceKind,
 };
 
-use crate::maps::{BACKENDS, FLOWS, INSTANCES, REVERSE_FLOWS, SERVICES};
+use crate::maps::{BACKENDS, FLOW_COUNTS, FLOWS, INSTANCES, REVERSE_FLOWS, SERVICES};
 use crate::packet::reverse_key;
 
 /// Refresh a flow's last-seen stamp at most this often: writing it on every
 /// packet would bounce the cache line between CPUs for nothing.
 const TOUCH_EVERY_NS: u64 = 1_000_000_000;
 
-/// Outcome of [`choose`], as a scalar so it can cross a BPF-to-BPF call.
-pub const CHOSEN: u32 = 0;
-pub const UNKNOWN_SERVICE: u32 = 1;
-pub const NO_BACKEND: u32 = 2;
-pub const TABLE_FULL: u32 = 3;
+/// Outcome of [`cached_backend`], as a scalar so it can cross a BPF-to-BPF call.
+/// A fresh flow whose backend still exists.
+pub const HIT: u32 = 0;
+/// No entry: a new flow.
+pub const ABSENT: u32 = 1;
+/// An entry idle for too long, or whose backend is gone: chosen anew in place.
+pub const STALE: u32 = 2;
 
-/// The cached backend of the flow `key`, written to `out`, while the flow is
-/// fresh and its backend still exists (stickiness, contract 2.5 step 2).
+/// Outcome of [`choose`].
+/// A new entry was written (it counts against the sender's quota).
+pub const CREATED: u32 = 0;
+/// An existing entry was overwritten.
+pub const REPLACED: u32 = 1;
+pub const UNKNOWN_SERVICE: u32 = 2;
+pub const NO_BACKEND: u32 = 3;
+pub const TABLE_FULL: u32 = 4;
+
+/// The cached backend of the flow `key`, written to `out` on a [`HIT`], while
+/// the flow is fresh and its backend still exists (stickiness, contract 2.5
+/// step 2).
 #[inline(never)]
-pub fn cached_backend(key: &FlowKey, out: &mut Addr) -> bool {
+pub fn cached_backend(key: &FlowKey, out: &mut Addr) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(flow) = FLOWS.get_ptr_mut(key) else {
-        return false;
+        return ABSENT;
     };
     // SAFETY: a valid map value pointer; a concurrent update only races
     // on the timestamp.
     let flow = unsafe { &mut *flow };
     if now.saturating_sub(flow.last_seen_ns) >= FLOW_IDLE_NS {
-        return false;
+        return STALE;
     }
     let Some(inst) = (unsafe { INSTANCES.get(flow.backend) }) else {
-        return false;
+        return STALE;
     };
     if now - flow.last_seen_ns > TOUCH_EVERY_NS {
         flow.last_seen_ns = now;
         touch_reverse(key, &inst.instance_ip, now);
     }
     *out = flow.backend;
-    true
+    HIT
 }
 
 #[inline(always)]
@@ -53,9 +74,9 @@ fn touch_reverse(key: &FlowKey, backend_instance: &Addr, now: u64) {
 
 /// Picks a backend for a new flow per the service's kind, remembers the
 /// choice in both directions, and writes the backend's namespace address
-/// to `out`.
+/// to `out`. `new`: no entry existed (see [`cached_backend`]).
 #[inline(never)]
-pub fn choose(key: &FlowKey, src_instance: &Addr, out: &mut Addr) -> u32 {
+pub fn choose(key: &FlowKey, src_instance: &Addr, out: &mut Addr, new: bool) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(svc) = SERVICES.get_ptr_mut(&key.dst) else {
         return UNKNOWN_SERVICE;
@@ -93,7 +114,12 @@ pub fn choose(key: &FlowKey, src_instance: &Addr, out: &mut Addr) -> u32 {
         src_instance: *src_instance,
         last_seen_ns: now,
     };
-    if FLOWS.insert(key, &flow, 0).is_err() {
+    // Only a new key may create an entry; when another CPU created it
+    // meanwhile, overwriting it creates nothing.
+    let mut outcome = REPLACED;
+    if new && FLOWS.insert(key, &flow, BPF_NOEXIST as u64).is_ok() {
+        outcome = CREATED;
+    } else if FLOWS.insert(key, &flow, BPF_ANY as u64).is_err() {
         return TABLE_FULL;
     }
     let reverse = ReverseFlow {
@@ -101,13 +127,70 @@ pub fn choose(key: &FlowKey, src_instance: &Addr, out: &mut Addr) -> u32 {
         last_seen_ns: now,
     };
     if REVERSE_FLOWS
-        .insert(&reverse_key(key, inst.instance_ip), &reverse, 0)
+        .insert(
+            &reverse_key(key, inst.instance_ip),
+            &reverse,
+            BPF_ANY as u64,
+        )
         .is_err()
     {
+        // No half flows: a forward entry without its reverse would leave
+        // replies unrestored.
+        let _ = FLOWS.remove(key);
         return TABLE_FULL;
     }
     *out = backend;
-    CHOSEN
+    outcome
+}
+
+/// Whether the container behind `ifindex` may open another flow.
+#[inline(never)]
+pub fn quota_allows(ifindex: u32, limit: u32) -> bool {
+    let count = |kind| {
+        // SAFETY: a plain lookup; the value is only read.
+        unsafe { FLOW_COUNTS.get(FlowCountKey { ifindex, kind }) }
+            .copied()
+            .unwrap_or(0)
+    };
+    count(FLOWS_OPENED).saturating_sub(count(FLOWS_CLOSED)) < limit as u64
+}
+
+/// Counts a flow opened by the container behind `ifindex`.
+#[inline(never)]
+pub fn count_opened(ifindex: u32) {
+    let key = FlowCountKey {
+        ifindex,
+        kind: FLOWS_OPENED,
+    };
+    if add_one(&key) {
+        return;
+    }
+    // Its first flow. Another CPU may create the entry at the same time:
+    // then add to that one.
+    if FLOW_COUNTS.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
+        add_one(&key);
+    }
+}
+
+#[inline(always)]
+fn add_one(key: &FlowCountKey) -> bool {
+    let Some(v) = FLOW_COUNTS.get_ptr_mut(key) else {
+        return false;
+    };
+    // The programs on every CPU add to it, so the add is atomic. core has
+    // no atomic read-modify-write for BPF; this is the instruction it
+    // would emit (BPF_ATOMIC | BPF_ADD, which the verifier allows on map
+    // values).
+    // SAFETY: `v` is a valid, 8-byte aligned map value.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({v} + 0) += {one}",
+            v = in(reg) v,
+            one = in(reg) 1u64,
+            options(nostack),
+        );
+    }
+    true
 }
 
 /// The service address to restore as the source of a packet arriving with

@@ -6,31 +6,37 @@
 //!   (contract 2.5 steps 1-4) and either delivered to a local container or
 //!   tunnelled to the backend's node.
 //! - `uplink_ingress`: TC ingress on every interface that carries one of the
-//!   node's addresses. Datagrams to our tunnel port are decapsulated,
-//!   reverse-translated when this node owns the flow, and delivered straight
-//!   into the container's namespace.
-//! - `slow_path_ingress`: the same receive path for datagrams the kernel
-//!   handed to NetManager's tunnel socket instead (fragmented, with IP
-//!   options, or from an interface without the program), which NetManager
-//!   writes back through the slow-path device.
+//!   node's addresses. Datagrams to our tunnel port from the node that runs
+//!   the sending instance (`peers`) are decapsulated, reverse-translated
+//!   when this node owns the flow, and delivered straight into the
+//!   container's namespace.
+//! - `slow_path_ingress`: the same receive path, sender check included, for
+//!   datagrams the kernel handed to NetManager's tunnel socket instead
+//!   (fragmented, with IP options, or from an interface without the
+//!   program), which NetManager writes back through the slow-path device;
+//!   held tunnel datagrams NetManager has resolved come back this way too.
 #![no_std]
 #![no_main]
+// The atomic add of flows::count_opened (core has none for BPF).
+#![feature(asm_experimental_arch)]
 
 mod flows;
 mod maps;
 mod packet;
+mod peers;
 mod pmtu;
 mod route;
 mod tunnel;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_load_bytes},
+    bindings::{BPF_RB_AVAIL_DATA, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_redirect_peer, bpf_ringbuf_query, bpf_skb_load_bytes},
     macros::classifier,
     programs::TcContext,
 };
 use netmanager_common::{
-    Addr, Config, Counter, INSTANCE_LOCAL, Instance, MISS_FRAME_MAX, MissReason,
+    Addr, Config, Counter, DEFAULT_MISS_RING_BYTES, INSTANCE_LOCAL, Instance, MISS_FRAME_MAX,
+    MissReason,
 };
 
 use maps::{INSTANCES, MISSES, PENDING, config, count};
@@ -160,16 +166,28 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     if sender.flags & INSTANCE_LOCAL == 0 {
         return Err(Counter::DropNotLocal);
     }
+    if !sent_from_its_veth(ctx, cfg, sender) {
+        return Err(Counter::DropSpoofedSource);
+    }
     if sender.instance_ip.is_zero() {
         return Ok(hold(ctx, cfg, MissReason::Sender, &p.src));
     }
     let src_instance = sender.instance_ip;
+    let owner = sender.ifindex;
     let mut backend_ns = Addr::ZERO;
     {
         let key = p.key();
-        if !flows::cached_backend(&key, &mut backend_ns) {
-            match flows::choose(&key, &src_instance, &mut backend_ns) {
-                flows::CHOSEN => {}
+        let cached = flows::cached_backend(&key, &mut backend_ns);
+        if cached != flows::HIT {
+            // A new flow takes one of the sender's FLOWS slots; a stale
+            // one is replaced in place.
+            let new = cached == flows::ABSENT;
+            if new && !flows::quota_allows(owner, cfg.flows_per_container) {
+                return Err(Counter::DropFlowQuota);
+            }
+            match flows::choose(&key, &src_instance, &mut backend_ns, new) {
+                flows::CREATED => flows::count_opened(owner),
+                flows::REPLACED => {}
                 flows::UNKNOWN_SERVICE => return Ok(hold(ctx, cfg, MissReason::Service, &p.dst)),
                 flows::NO_BACKEND => return Err(Counter::DropNoBackend),
                 _ => return Err(Counter::DropFlowTableFull),
@@ -189,6 +207,15 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     packet::set_dst(ctx, &mut p, &backend_ns).map_err(|_| Counter::DropMalformed)?;
     // Same-node service traffic: never encapsulated (step 4).
     deliver(ctx, &mut p, backend, Counter::LocalDelivered)
+}
+
+/// Whether a container's packet arrived on the veth its source address
+/// belongs to: otherwise it is sending as its neighbour. Frames NetManager
+/// reinjects were checked when they were held.
+#[inline(always)]
+fn sent_from_its_veth(ctx: &TcContext, cfg: &Config, sender: &Instance) -> bool {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    ifindex == sender.ifindex || ifindex == cfg.inject_ifindex
 }
 
 /// Destination address of an IPv4/IPv6 packet after the Ethernet header.
@@ -238,6 +265,15 @@ pub(crate) fn send_too_big(ctx: &TcContext, p: &Packet, mtu: u16) -> Verdict {
 #[inline(never)]
 fn from_tunnel(ctx: &TcContext, cfg: &Config, outer: tunnel::Outer) -> Result<Verdict, Counter> {
     let inner = outer.inner;
+    let mut inner_src = Addr::ZERO;
+    match peers::check(ctx, cfg, outer, &mut inner_src) {
+        peers::ACCEPT => {}
+        peers::HOLD => return Ok(hold(ctx, cfg, MissReason::Peer, &inner_src)),
+        peers::FORGED => return Err(Counter::DropForgedSource),
+        peers::BAD_INNER_SOURCE => return Err(Counter::DropBadInnerSource),
+        peers::NOT_LOCAL => return Err(Counter::DropNotLocal),
+        _ => return Err(Counter::DropMalformed),
+    }
     tunnel::decapsulate(ctx, outer).map_err(|_| Counter::DropMalformed)?;
     let mut p = Packet::default();
     match packet::parse(ctx, ETH_HLEN, inner, &mut p) {
@@ -248,11 +284,6 @@ fn from_tunnel(ctx: &TcContext, cfg: &Config, outer: tunnel::Outer) -> Result<Ve
                 .map_err(|_| Counter::DropMalformed)?;
         }
         Err(e) => return Ok(parse_error(e)),
-    }
-    // A tunnelled packet always comes from an instance address; anything
-    // else is spoofed or broken.
-    if !packet::in_service_range(cfg, &p.src) {
-        return Err(Counter::DropBadInnerSource);
     }
     let Some(dest) = (unsafe { INSTANCES.get(p.dst) }) else {
         return Err(Counter::DropNotLocal);
@@ -290,25 +321,40 @@ fn deliver(
 
 /// Reports a miss and keeps the frame (in the event) for userspace to
 /// reinject once the address is resolved; at most `miss_hold` frames per
-/// address while a resolution is pending.
+/// address while a resolution is pending. The pending count goes up only
+/// once the event is sure to reach NetManager, which clears it: a full
+/// ring never leaves a count behind.
 #[inline(never)]
 fn hold(ctx: &TcContext, cfg: &Config, reason: MissReason, addr: &Addr) -> Verdict {
-    match PENDING.get_ptr_mut(addr) {
-        Some(n) => unsafe {
-            if *n >= cfg.miss_hold {
-                return Verdict::Drop(Counter::DropMissOverflow);
-            }
-            *n += 1;
-        },
+    let pending = PENDING.get_ptr_mut(addr);
+    if let Some(n) = pending {
+        if unsafe { *n } >= cfg.miss_hold {
+            return Verdict::Drop(Counter::DropMissOverflow);
+        }
+    }
+    let held = if reason == MissReason::Peer {
+        // Anyone on the underlay can send these: they may fill half the
+        // ring, so containers' misses always find room.
+        if ring_used() > DEFAULT_MISS_RING_BYTES as u64 / 2 {
+            return Verdict::Drop(Counter::DropMissOverflow);
+        }
+        Counter::PeerHeld
+    } else {
+        Counter::MissHeld
+    };
+    let Some(mut entry) = MISSES.reserve(0) else {
+        return Verdict::Drop(Counter::DropMissOverflow);
+    };
+    match pending {
+        // Two CPUs may both pass the check above: one frame too many, at worst.
+        Some(n) => unsafe { *n += 1 },
         None => {
             if PENDING.insert(addr, &1, 0).is_err() {
+                entry.discard(0);
                 return Verdict::Drop(Counter::DropMissOverflow);
             }
         }
     }
-    let Some(mut entry) = MISSES.reserve(0) else {
-        return Verdict::Drop(Counter::DropMissOverflow);
-    };
     let ev = entry.as_mut_ptr();
     let len = ctx.len();
     unsafe {
@@ -327,7 +373,20 @@ fn hold(ctx: &TcContext, cfg: &Config, reason: MissReason, addr: &Addr) -> Verdi
         }
     }
     entry.submit(0);
-    Verdict::Stolen(Counter::MissHeld)
+    Verdict::Stolen(held)
+}
+
+/// Bytes in the miss ring NetManager has not read yet.
+#[inline(always)]
+fn ring_used() -> u64 {
+    // SAFETY: the map definition's address is what the helper takes (the
+    // loader relocates it to the map).
+    unsafe {
+        bpf_ringbuf_query(
+            &MISSES as *const _ as *mut core::ffi::c_void,
+            BPF_RB_AVAIL_DATA as u64,
+        )
+    }
 }
 
 #[cfg(not(test))]

@@ -5,13 +5,14 @@
 //! pins every map under one bpffs directory so a restarted NetManager adopts it.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use netmanager_common::{
-    Addr, BackendKey, Config, Counter, CounterValue, DEFAULT_BACKENDS, DEFAULT_FLOWS,
-    DEFAULT_INSTANCES, DEFAULT_MISS_RING_BYTES, DEFAULT_NODE_ADDRESSES, DEFAULT_PENDING, DEFAULT_SERVICES, Flow, FlowKey,
-    Instance, MissEvent, ReverseFlow, Service,
+    Addr, BackendKey, Config, Counter, CounterValue, DEFAULT_BACKENDS, DEFAULT_FLOW_COUNTS,
+    DEFAULT_FLOWS, DEFAULT_INSTANCES, DEFAULT_MISS_RING_BYTES, DEFAULT_NODE_ADDRESSES,
+    DEFAULT_PENDING, DEFAULT_SERVICES, DEFAULT_TRUSTED_PEERS, Flow, FlowCountKey, FlowKey,
+    Instance, InstanceNode, MissEvent, ReverseFlow, Service,
 };
 
 /// Node address, tunnel port, MTU, service ranges (one entry).
@@ -30,14 +31,34 @@ pub static BACKENDS: HashMap<BackendKey, Addr, { DEFAULT_BACKENDS as usize }> = 
 #[btf_map]
 pub static INSTANCES: HashMap<Addr, Instance, { DEFAULT_INSTANCES as usize }> = HashMap::new();
 
-/// Forward flow cache: the sender's 5-tuple -> chosen backend.
+/// Forward flow cache: the sender's 5-tuple -> chosen backend. A plain
+/// hash, not an LRU: an established flow is never evicted to make room for
+/// someone else's (NetManager expires idle ones, and FLOW_COUNTS bounds
+/// each container's share).
 #[btf_map]
-pub static FLOWS: LruHashMap<FlowKey, Flow, { DEFAULT_FLOWS as usize }> = LruHashMap::new();
+pub static FLOWS: HashMap<FlowKey, Flow, { DEFAULT_FLOWS as usize }> = HashMap::new();
 
 /// Reverse flow cache: a reply's 5-tuple -> the service address to restore.
+/// Created and expired together with its FLOWS entry.
 #[btf_map]
-pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseFlow, { DEFAULT_FLOWS as usize }> =
-    LruHashMap::new();
+pub static REVERSE_FLOWS: HashMap<FlowKey, ReverseFlow, { DEFAULT_FLOWS as usize }> =
+    HashMap::new();
+
+/// (container veth, FLOWS_OPENED / FLOWS_CLOSED) -> flows: the programs
+/// count what they open, NetManager what it expires.
+#[btf_map]
+pub static FLOW_COUNTS: HashMap<FlowCountKey, u64, { DEFAULT_FLOW_COUNTS as usize }> =
+    HashMap::new();
+
+/// Instance address -> the node that runs it: the only sender a tunnel
+/// datagram with that inner source is accepted from.
+#[btf_map]
+pub static INSTANCE_NODES: HashMap<Addr, InstanceNode, { DEFAULT_INSTANCES as usize }> =
+    HashMap::new();
+
+/// Underlay prefixes the operator trusts like nodes (`TunnelPeers`).
+#[btf_map]
+pub static TRUSTED_PEERS: LpmTrie<Addr, u32, { DEFAULT_TRUSTED_PEERS as usize }> = LpmTrie::new();
 
 /// Unknown address -> packets held for it so far (bounded by `miss_hold`).
 #[btf_map]

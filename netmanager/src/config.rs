@@ -64,6 +64,10 @@ pub struct NetConfig {
     pub mqtt_auth: MqttAuth,
     /// Our extension (upstream ignores unknown keys): dataplane map sizes.
     pub tables: TableSizes,
+    /// Our extension, `TunnelPeers`: underlay addresses or prefixes
+    /// (address, prefix length) trusted to send tunnel datagrams for any
+    /// instance, beyond the node that runs it (docs/security.md).
+    pub tunnel_peers: Vec<(IpAddr, u8)>,
 }
 
 /// How NetManager authenticates to the cluster's broker beyond upstream's
@@ -78,11 +82,13 @@ pub struct MqttAuth {
     pub password_file: Option<PathBuf>,
 }
 
-/// Map sizes of the dataplane (max entries) and how many packets it holds
-/// per unknown address. netcfg.json keys: `FlowTableSize`,
-/// `ServiceTableSize`, `BackendTableSize`, `InstanceTableSize`,
-/// `PendingTableSize`, `MissHold`. Pinned maps keep their size: changing one
-/// takes effect after the pin directory is removed.
+/// Map sizes of the dataplane (max entries), how many packets it holds
+/// per unknown address and how many flows one container may hold.
+/// netcfg.json keys: `FlowTableSize`, `ServiceTableSize`,
+/// `BackendTableSize`, `InstanceTableSize`, `PendingTableSize`, `MissHold`,
+/// `FlowsPerContainer`. A changed size takes effect at the next start: the
+/// pinned map is replaced by one of the new size with its entries copied
+/// over (those that fit).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSizes {
     pub flows: u32,
@@ -91,6 +97,8 @@ pub struct TableSizes {
     pub instances: u32,
     pub pending: u32,
     pub miss_hold: u32,
+    /// Default: a quarter of `flows`.
+    pub flows_per_container: u32,
 }
 
 impl Default for TableSizes {
@@ -102,6 +110,9 @@ impl Default for TableSizes {
             instances: netmanager_common::DEFAULT_INSTANCES,
             pending: netmanager_common::DEFAULT_PENDING,
             miss_hold: DEFAULT_MISS_HOLD,
+            flows_per_container: netmanager_common::default_flows_per_container(
+                netmanager_common::DEFAULT_FLOWS,
+            ),
         }
     }
 }
@@ -121,6 +132,7 @@ impl Default for NetConfig {
             mqtt_key: None,
             mqtt_auth: MqttAuth::default(),
             tables: TableSizes::default(),
+            tunnel_peers: Vec::new(),
         }
     }
 }
@@ -169,6 +181,10 @@ struct File {
     pending_table_size: Option<u32>,
     #[serde(rename = "MissHold", deserialize_with = "count")]
     miss_hold: Option<u32>,
+    #[serde(rename = "FlowsPerContainer", deserialize_with = "count")]
+    flows_per_container: Option<u32>,
+    #[serde(rename = "TunnelPeers", deserialize_with = "prefixes")]
+    tunnel_peers: Vec<(IpAddr, u8)>,
 }
 
 impl NetConfig {
@@ -212,6 +228,7 @@ impl NetConfig {
         }
         let d = NetConfig::default();
         let t = TableSizes::default();
+        let flows = f.flow_table_size.unwrap_or(t.flows);
         Ok(NetConfig {
             node_public_address: f.node_public_address,
             node_public_port: f.node_public_port.unwrap_or(d.node_public_port),
@@ -230,13 +247,17 @@ impl NetConfig {
                 password_file: f.mqtt_password_file.map(PathBuf::from),
             },
             tables: TableSizes {
-                flows: f.flow_table_size.unwrap_or(t.flows),
+                flows,
                 services: f.service_table_size.unwrap_or(t.services),
                 backends: f.backend_table_size.unwrap_or(t.backends),
                 instances: f.instance_table_size.unwrap_or(t.instances),
                 pending: f.pending_table_size.unwrap_or(t.pending),
                 miss_hold: f.miss_hold.unwrap_or(t.miss_hold),
+                flows_per_container: f
+                    .flows_per_container
+                    .unwrap_or(netmanager_common::default_flows_per_container(flows)),
             },
+            tunnel_peers: f.tunnel_peers,
         })
     }
 }
@@ -515,6 +536,55 @@ fn v6_range(net: Option<&str>, len: Option<u32>) -> Result<(Ipv6Addr, u8), Strin
     Ok((Ipv6Addr::from(u128::from(net) & mask), len))
 }
 
+/// Address prefixes, as a JSON list of strings or one comma-separated
+/// string: "198.51.100.7", "198.51.100.0/24", "2001:db8::/32".
+fn prefixes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(IpAddr, u8)>, D::Error> {
+    let items: Vec<String> = match Value::deserialize(d)? {
+        Value::Null => return Ok(Vec::new()),
+        Value::String(s) => s.split(',').map(str::to_string).collect(),
+        Value::Array(a) => a
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(de::Error::custom(format!(
+                    "expected an address or prefix as a string, found {other}"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        other => {
+            return Err(de::Error::custom(format!(
+                "expected a list of addresses or prefixes, found {other}"
+            )));
+        }
+    };
+    items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| parse_prefix(s).map_err(de::Error::custom))
+        .collect()
+}
+
+fn parse_prefix(s: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let ip: IpAddr = addr
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an address or prefix"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => match l.trim().parse::<u8>() {
+            Ok(n) if n <= max => n,
+            _ => return Err(format!("{s:?}: prefix length must be 0-{max}")),
+        },
+    };
+    Ok((ip, len))
+}
+
 /// Where the daemon keeps its files and which knobs it runs with; built from
 /// the command line (which also reads the environment), see `cli`.
 #[derive(Debug, Clone)]
@@ -607,5 +677,42 @@ mod tests {
             assert!(format!("{e:#}").contains(field), "{body}: {e:#}");
         }
         assert!(NetConfig::parse("[]").is_err());
+    }
+
+    #[test]
+    fn tunnel_peers_and_flow_limit() {
+        let c = NetConfig::parse(
+            r#"{"TunnelPeers": ["198.51.100.7", "10.99.0.0/16", "2001:db8::/32"],
+                "FlowTableSize": 1000}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.tunnel_peers,
+            vec![
+                ("198.51.100.7".parse().unwrap(), 32),
+                ("10.99.0.0".parse().unwrap(), 16),
+                ("2001:db8::".parse().unwrap(), 32),
+            ]
+        );
+        assert_eq!(c.tables.flows_per_container, 250, "a quarter of the table");
+        let c = NetConfig::parse(
+            r#"{"TunnelPeers": "198.51.100.7, 198.51.100.8/31", "FlowsPerContainer": "99"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.tunnel_peers.len(), 2);
+        assert_eq!(c.tables.flows_per_container, 99);
+        for bad in [
+            r#"{"TunnelPeers": ["10.0.0.0/33"]}"#,
+            r#"{"TunnelPeers": ["host.example"]}"#,
+            r#"{"TunnelPeers": [7]}"#,
+            r#"{"FlowsPerContainer": 0}"#,
+        ] {
+            let e = NetConfig::parse(bad).unwrap_err();
+            let text = format!("{e:#}");
+            assert!(
+                text.contains("TunnelPeers") || text.contains("FlowsPerContainer"),
+                "{bad}: {text}"
+            );
+        }
     }
 }

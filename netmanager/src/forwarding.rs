@@ -32,7 +32,10 @@ pub trait Forwarding: Send + Sync {
     fn remove_service(&self, service_ip: IpAddr) -> Result<()>;
     /// The miss stream, once; None when this plane never reports misses.
     fn take_misses(&self) -> Option<mpsc::Receiver<Miss>>;
+    /// A held container frame, back through the container program.
     fn reinject(&self, frame: &[u8]) -> Result<()>;
+    /// A held tunnel datagram, back through the uplink program.
+    fn reinject_tunnel(&self, frame: &[u8]) -> Result<()>;
     fn resolved(&self, addr: IpAddr) -> Result<()>;
     fn expire_flows(&self) -> Result<usize>;
     fn status(&self) -> Result<DataplaneStatus>;
@@ -102,6 +105,9 @@ impl Forwarding for Ebpf {
     }
     fn reinject(&self, frame: &[u8]) -> Result<()> {
         Ok(self.dp.reinject(frame)?)
+    }
+    fn reinject_tunnel(&self, frame: &[u8]) -> Result<()> {
+        Ok(self.dp.reinject_tunnel(frame)?)
     }
     fn resolved(&self, addr: IpAddr) -> Result<()> {
         Ok(self.dp.resolved(addr)?)
@@ -188,6 +194,10 @@ impl Forwarding for InMemory {
         None
     }
     fn reinject(&self, _frame: &[u8]) -> Result<()> {
+        self.t().reinjected += 1;
+        Ok(())
+    }
+    fn reinject_tunnel(&self, _frame: &[u8]) -> Result<()> {
         self.t().reinjected += 1;
         Ok(())
     }

@@ -210,6 +210,12 @@ fn resolver(e: &mut DescriptorEncoder, n: &NodeStatus) -> std::fmt::Result {
             vec![("outcome", "refused_recent_failure")],
             r.refused_recent_failure,
         ),
+        // Held tunnel datagrams whose sender the cluster does not place
+        // their inner source on.
+        (
+            vec![("outcome", "refused_wrong_node")],
+            r.refused_wrong_node,
+        ),
     ];
     family(
         e,

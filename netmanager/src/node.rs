@@ -211,6 +211,8 @@ fn open_forwarding(
         miss_hold: t.miss_hold,
         attach_mode: settings.attach_mode,
         container_bridge: crate::plumbing::BRIDGE.to_string(),
+        trusted_peers: settings.net.tunnel_peers.clone(),
+        flows_per_container: t.flows_per_container,
     };
     Ok(Arc::new(Ebpf::open(&cfg)?))
 }

@@ -1,12 +1,15 @@
 //! Asking the cluster for routes: table queries by job or by service address,
 //! the interests that keep a job's routes fresh, and dataplane misses -- a
-//! packet to a service address we have no route for, or from a local
-//! container whose own instance address is not known yet. The programs hold
+//! packet to a service address we have no route for, from a local
+//! container whose own instance address is not known yet, or a tunnel
+//! datagram whose inner source no node we know runs. The programs hold
 //! the first frames; we ask the cluster, write the answer, send the held
-//! frames through again and clear the pending mark.
+//! frames through again and clear the pending mark. A held tunnel datagram
+//! goes through again only when the cluster names its sender as the node
+//! that runs its inner source: anyone on the underlay can send them.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -29,18 +32,110 @@ pub const MAX_LOOKUPS: usize = 256;
 /// Table queries per second to the cluster, on average, and the burst.
 const QUERIES_PER_SECOND: f64 = 50.0;
 const QUERY_BURST: f64 = 100.0;
+/// The same for tunnel misses, a budget of their own: a flood from the
+/// underlay cannot use up what the local containers need.
+const PEER_QUERIES_PER_SECOND: f64 = 20.0;
+const PEER_QUERY_BURST: f64 = 40.0;
+/// Tunnel lookups in flight per sending host, at most.
+pub const MAX_LOOKUPS_PER_PEER: usize = 16;
+/// One container's share: lookups in flight, and queries per second with
+/// their burst. A container sending to thousands of unknown addresses uses
+/// up its own share, not the lookups its neighbours' first packets need.
+pub const MAX_LOOKUPS_PER_CONTAINER: usize = 32;
+const CONTAINER_QUERIES_PER_SECOND: f64 = 10.0;
+const CONTAINER_QUERY_BURST: f64 = 20.0;
+/// Per-container budgets kept before idle (full again) ones are forgotten.
+const CONTAINER_BUDGETS_KEPT: usize = 1024;
+/// Frames kept per lookup (the programs hold `miss_hold` per address; this
+/// bounds what a cleared and refilled mark could add).
+const MAX_FRAMES_PER_LOOKUP: usize = 16;
 /// Unresolved-miss log lines per minute; the rest are counted and summed up.
 const LOG_LINES_PER_MINUTE: u32 = 20;
 
-#[derive(Default)]
+/// A miss as the resolver tracks it: the same address can miss as a
+/// service and as a tunnel source at once, and they resolve differently.
+type MissKey = (MissReason, IpAddr);
+
+/// Who a miss is charged to: the host that sent a tunnel datagram, or the
+/// interface (a container's veth) a container's packet came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Origin {
+    Peer(IpAddr),
+    Interface(u32),
+}
+
+impl Origin {
+    fn of(miss: &Miss) -> Origin {
+        match miss.reason {
+            MissReason::Peer => {
+                Origin::Peer(miss.peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
+            }
+            _ => Origin::Interface(miss.ifindex),
+        }
+    }
+
+    fn max_lookups(self) -> usize {
+        match self {
+            Origin::Peer(_) => MAX_LOOKUPS_PER_PEER,
+            Origin::Interface(_) => MAX_LOOKUPS_PER_CONTAINER,
+        }
+    }
+}
+
+/// A held frame and, for a tunnel datagram, who sent it.
+struct HeldFrame {
+    sender: Option<IpAddr>,
+    bytes: Vec<u8>,
+}
+
 struct Pending {
-    /// Frames held per address while its lookup is in flight.
-    frames: HashMap<IpAddr, Vec<Vec<u8>>>,
+    /// Frames held per miss while its lookup is in flight.
+    frames: HashMap<MissKey, Vec<HeldFrame>>,
     /// When each lookup in flight started.
-    started: HashMap<IpAddr, Instant>,
-    failed: HashMap<IpAddr, Instant>,
+    started: HashMap<MissKey, Instant>,
+    failed: HashMap<MissKey, Instant>,
     queries: TokenBucket,
+    peer_queries: TokenBucket,
+    /// Lookups in flight per sending host or container.
+    per_origin: HashMap<Origin, usize>,
+    /// Each container's own query budget, by interface.
+    per_container: HashMap<u32, TokenBucket>,
     log: LogBudget<LOG_LINES_PER_MINUTE>,
+}
+
+impl Pending {
+    /// Takes a query token for a lookup charged to `origin`: from the
+    /// container's own budget and the containers' common one, or from the
+    /// tunnel budget.
+    fn take_query(&mut self, origin: Origin) -> bool {
+        match origin {
+            Origin::Peer(_) => self.peer_queries.take(),
+            Origin::Interface(ifindex) => {
+                if self.per_container.len() >= CONTAINER_BUDGETS_KEPT {
+                    self.per_container.retain(|_, b| !b.idle());
+                }
+                let own = self.per_container.entry(ifindex).or_insert_with(|| {
+                    TokenBucket::new(CONTAINER_QUERIES_PER_SECOND, CONTAINER_QUERY_BURST)
+                });
+                own.take() && self.queries.take()
+            }
+        }
+    }
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending {
+            frames: HashMap::new(),
+            started: HashMap::new(),
+            failed: HashMap::new(),
+            queries: TokenBucket::new(QUERIES_PER_SECOND, QUERY_BURST),
+            peer_queries: TokenBucket::new(PEER_QUERIES_PER_SECOND, PEER_QUERY_BURST),
+            per_origin: HashMap::new(),
+            per_container: HashMap::new(),
+            log: LogBudget::default(),
+        }
+    }
 }
 
 /// What the resolver did, for status and metrics.
@@ -54,6 +149,10 @@ pub struct ResolverStats {
     pub refused_rate: u64,
     /// Misses dropped inside the negative-cache window of a failed lookup.
     pub refused_recent_failure: u64,
+    /// Held tunnel datagrams dropped because the cluster names another
+    /// node as the one running their inner source.
+    #[serde(default)]
+    pub refused_wrong_node: u64,
     /// How long lookups took, miss to outcome.
     pub latency: Latency,
 }
@@ -88,22 +187,24 @@ impl Latency {
 struct TokenBucket {
     tokens: f64,
     at: Instant,
-}
-
-impl Default for TokenBucket {
-    fn default() -> Self {
-        TokenBucket {
-            tokens: QUERY_BURST,
-            at: Instant::now(),
-        }
-    }
+    rate: f64,
+    burst: f64,
 }
 
 impl TokenBucket {
+    fn new(rate: f64, burst: f64) -> TokenBucket {
+        TokenBucket {
+            tokens: burst,
+            at: Instant::now(),
+            rate,
+            burst,
+        }
+    }
+
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * QUERIES_PER_SECOND;
-        self.tokens = (self.tokens + refill).min(QUERY_BURST);
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -111,6 +212,11 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+
+    /// Full again: forgetting it changes nothing.
+    fn idle(&self) -> bool {
+        self.tokens + self.at.elapsed().as_secs_f64() * self.rate >= self.burst
     }
 }
 
@@ -191,9 +297,10 @@ impl Resolver {
     /// Resolve the dataplane's misses until the stream ends.
     pub async fn run(self: Arc<Self>, mut misses: mpsc::Receiver<Miss>) {
         while let Some(miss) = misses.recv().await {
-            let (reason, addr) = (miss.reason.clone(), miss.addr);
+            let key = (miss.reason.clone(), miss.addr);
+            let origin = Origin::of(&miss);
             if self.hold(miss) {
-                tokio::spawn(self.clone().resolve(reason, addr));
+                tokio::spawn(self.clone().resolve(key, origin));
             }
         }
         tracing::warn!("dataplane miss stream closed");
@@ -203,26 +310,35 @@ impl Resolver {
     /// address and a lookup may start. A refused miss has its pending mark
     /// cleared at once, so the dataplane never keeps a stale one.
     fn hold(&self, miss: Miss) -> bool {
+        let key = (miss.reason.clone(), miss.addr);
+        let origin = Origin::of(&miss);
+        let frame = miss.frame.map(|bytes| HeldFrame {
+            sender: miss.peer,
+            bytes,
+        });
         let refusal = {
             let mut p = self.pending();
-            if let Some(held) = p.frames.get_mut(&miss.addr) {
-                if let Some(f) = miss.frame {
+            if let Some(held) = p.frames.get_mut(&key) {
+                if let Some(f) = frame.filter(|_| held.len() < MAX_FRAMES_PER_LOOKUP) {
                     held.push(f);
                 }
                 return false;
             }
             if p.failed
-                .get(&miss.addr)
+                .get(&key)
                 .is_some_and(|t| t.elapsed() < NEGATIVE_TTL)
             {
                 Some(Refusal::RecentFailure)
-            } else if p.frames.len() >= MAX_LOOKUPS {
+            } else if p.frames.len() >= MAX_LOOKUPS
+                || p.per_origin.get(&origin).copied().unwrap_or(0) >= origin.max_lookups()
+            {
                 Some(Refusal::Busy)
-            } else if !p.queries.take() {
+            } else if !p.take_query(origin) {
                 Some(Refusal::Rate)
             } else {
-                p.frames.insert(miss.addr, miss.frame.into_iter().collect());
-                p.started.insert(miss.addr, Instant::now());
+                *p.per_origin.entry(origin).or_default() += 1;
+                p.started.insert(key.clone(), Instant::now());
+                p.frames.insert(key, frame.into_iter().collect());
                 None
             }
         };
@@ -242,42 +358,38 @@ impl Resolver {
         }
     }
 
-    async fn resolve(self: Arc<Self>, reason: MissReason, addr: IpAddr) {
+    async fn resolve(self: Arc<Self>, key: MissKey, origin: Origin) {
+        let (reason, addr) = (key.0.clone(), key.1);
         let outcome = self.lookup(&reason, addr).await;
         let frames = {
             let mut p = self.pending();
             if outcome.is_err() {
-                p.failed.insert(addr, Instant::now());
+                p.failed.insert(key.clone(), Instant::now());
                 p.failed.retain(|_, t| t.elapsed() < NEGATIVE_TTL);
             }
-            if let Some(t) = p.started.remove(&addr) {
+            if let Some(t) = p.started.remove(&key) {
                 let took = t.elapsed();
                 self.count(|s| s.latency.record(took));
             }
-            p.frames.remove(&addr).unwrap_or_default()
+            if let Some(n) = p.per_origin.get_mut(&origin) {
+                *n -= 1;
+                if *n == 0 {
+                    p.per_origin.remove(&origin);
+                }
+            }
+            p.frames.remove(&key).unwrap_or_default()
         };
         match outcome {
-            Ok(()) => {
+            Ok(node) => {
                 self.count(|s| s.resolved += 1);
                 tracing::debug!(%addr, frames = frames.len(), "miss resolved");
-                for f in &frames {
-                    if let Err(e) = self.fwd.reinject(f) {
-                        tracing::warn!(%addr, "reinjecting a held frame: {e:#}");
-                    }
-                }
+                self.reinject(&reason, addr, node, frames);
             }
             Err(e) => {
                 self.count(|s| s.failed += 1);
-                let (log, suppressed) = self.pending().log.allow();
-                if suppressed > 0 {
-                    tracing::info!(
-                        suppressed,
-                        "unresolved misses not logged in the last minute"
-                    );
-                }
-                if log {
-                    tracing::info!(%addr, dropped = frames.len(), "unresolved {reason:?} miss: {e:#}");
-                }
+                self.log_unresolved(|| {
+                    tracing::info!(%addr, dropped = frames.len(), "unresolved {reason:?} miss: {e:#}")
+                });
             }
         }
         if let Err(e) = self.fwd.resolved(addr) {
@@ -285,16 +397,64 @@ impl Resolver {
         }
     }
 
+    /// Sends the held frames through again; tunnel datagrams only when
+    /// `node`, the node that runs their inner source, sent them.
+    fn reinject(
+        &self,
+        reason: &MissReason,
+        addr: IpAddr,
+        node: Option<IpAddr>,
+        frames: Vec<HeldFrame>,
+    ) {
+        for f in frames {
+            let sent = if *reason == MissReason::Peer {
+                if f.sender != node {
+                    self.count(|s| s.refused_wrong_node += 1);
+                    self.log_unresolved(|| {
+                        tracing::info!(
+                            %addr,
+                            sender = ?f.sender,
+                            node = ?node,
+                            "tunnel datagram dropped: the cluster says another node runs its source"
+                        )
+                    });
+                    continue;
+                }
+                self.fwd.reinject_tunnel(&f.bytes)
+            } else {
+                self.fwd.reinject(&f.bytes)
+            };
+            if let Err(e) = sent {
+                tracing::warn!(%addr, "reinjecting a held frame: {e:#}");
+            }
+        }
+    }
+
+    /// Logs through the per-minute budget.
+    fn log_unresolved(&self, log: impl FnOnce()) {
+        let (allowed, suppressed) = self.pending().log.allow();
+        if suppressed > 0 {
+            tracing::info!(
+                suppressed,
+                "unresolved misses not logged in the last minute"
+            );
+        }
+        if allowed {
+            log();
+        }
+    }
+
     /// Ask the cluster and write the answer; fails when the answer does not
-    /// cover the address (reinjecting would only miss again).
-    async fn lookup(&self, reason: &MissReason, addr: IpAddr) -> Result<()> {
+    /// cover the address (reinjecting would only miss again). For a tunnel
+    /// source, returns the node the tables now say runs it.
+    async fn lookup(&self, reason: &MissReason, addr: IpAddr) -> Result<Option<IpAddr>> {
         match reason {
             MissReason::Service => {
                 let result = self.refresh(QueryKey::Ip(addr)).await?;
                 if !covers(&result, addr) {
                     bail!("the cluster knows no instance behind {addr}");
                 }
-                Ok(())
+                Ok(None)
             }
             MissReason::Sender => {
                 let job = self
@@ -308,7 +468,14 @@ impl Resolver {
                 if !self.routes.knows_instance_ip(addr) {
                     bail!("the table of {job} does not list {addr} yet");
                 }
-                Ok(())
+                Ok(None)
+            }
+            MissReason::Peer => {
+                self.refresh(QueryKey::Ip(addr)).await?;
+                match self.routes.instance_node(addr) {
+                    Some(node) => Ok(Some(node)),
+                    None => bail!("the cluster knows no running instance with address {addr}"),
+                }
             }
         }
     }
@@ -351,15 +518,34 @@ mod tests {
         fn holders(&self) -> Vec<String> {
             Vec::new()
         }
+        fn instance_node(&self, _: IpAddr) -> Option<IpAddr> {
+            None
+        }
     }
 
+    /// A service miss from one of 64 containers.
     fn miss(n: u32) -> Miss {
+        miss_from(n, 7 + n % 64)
+    }
+
+    /// A service miss from the container behind interface `ifindex`.
+    fn miss_from(n: u32, ifindex: u32) -> Miss {
         Miss {
             reason: MissReason::Service,
             addr: IpAddr::V6(std::net::Ipv6Addr::from(
                 0xfdff_0000_0000_0000_0000_0000_0000_0000u128 + u128::from(n),
             )),
+            peer: None,
+            ifindex,
             frame: Some(vec![0; 64]),
+        }
+    }
+
+    fn tunnel_miss(n: u32, sender: u8) -> Miss {
+        Miss {
+            reason: MissReason::Peer,
+            peer: Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, sender))),
+            ..miss(n)
         }
     }
 
@@ -372,10 +558,63 @@ mod tests {
         assert_eq!(started, QUERY_BURST as usize);
         // Another frame for an address in flight joins it instead.
         assert!(!r.hold(miss(0)));
-        assert_eq!(r.pending().frames[&miss(0).addr].len(), 2);
+        assert_eq!(
+            r.pending().frames[&(MissReason::Service, miss(0).addr)].len(),
+            2
+        );
         let s = r.stats();
         assert_eq!(s.refused_rate as usize, 1000 - started);
         assert!(r.pending().frames.len() <= MAX_LOOKUPS);
+    }
+
+    #[tokio::test]
+    async fn one_container_uses_up_only_its_own_share() {
+        let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+        let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+        let flooder =
+            |range: std::ops::Range<u32>| range.filter(|&n| r.hold(miss_from(n, 3))).count();
+        assert_eq!(flooder(0..1000), CONTAINER_QUERY_BURST as usize);
+        // Its neighbours still get the rest of the common budget.
+        let others = (1000..1200)
+            .filter(|&n| r.hold(miss_from(n, 4 + n % 8)))
+            .count();
+        assert_eq!(others, (QUERY_BURST - CONTAINER_QUERY_BURST) as usize);
+        // Refilled (2 s give it its whole burst back), the flooder is held
+        // to MAX_LOOKUPS_PER_CONTAINER lookups in flight.
+        std::thread::sleep(Duration::from_secs(2));
+        let again = flooder(2000..3000);
+        assert_eq!(
+            CONTAINER_QUERY_BURST as usize + again,
+            MAX_LOOKUPS_PER_CONTAINER
+        );
+        assert_eq!(
+            r.pending().per_origin[&Origin::Interface(3)],
+            MAX_LOOKUPS_PER_CONTAINER
+        );
+    }
+
+    #[tokio::test]
+    async fn tunnel_misses_are_bounded_per_sender_and_have_their_own_budget() {
+        let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+        let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+        // One host: at most MAX_LOOKUPS_PER_PEER lookups at a time.
+        let one_host = (0..100).filter(|&n| r.hold(tunnel_miss(n, 3))).count();
+        assert_eq!(one_host, MAX_LOOKUPS_PER_PEER);
+        // Many hosts: the tunnel budget runs out ...
+        let many = (100..1000)
+            .filter(|&n| r.hold(tunnel_miss(n, (n % 200) as u8 + 10)))
+            .count();
+        assert_eq!(one_host + many, PEER_QUERY_BURST as usize);
+        // ... and the containers' budget is untouched. The same address
+        // missing as a service and as a tunnel source is two lookups.
+        assert!(r.hold(miss(0)));
+        let containers = (2000..2100).filter(|&n| r.hold(miss(n))).count();
+        assert_eq!(containers + 1, QUERY_BURST as usize);
+        assert!(
+            r.pending()
+                .frames
+                .contains_key(&(MissReason::Peer, miss(0).addr))
+        );
     }
 
     #[test]

@@ -174,8 +174,14 @@ impl NodeStatus {
         ));
         let r = &self.resolver;
         out.push_str(&format!(
-            "misses: {} resolved, {} failed, refused {} busy / {} rate / {} recently failed\n",
-            r.resolved, r.failed, r.refused_busy, r.refused_rate, r.refused_recent_failure
+            "misses: {} resolved, {} failed, refused {} busy / {} rate / {} recently failed; \
+             {} tunnel datagrams from a node that does not run their source\n",
+            r.resolved,
+            r.failed,
+            r.refused_busy,
+            r.refused_rate,
+            r.refused_recent_failure,
+            r.refused_wrong_node
         ));
         out
     }

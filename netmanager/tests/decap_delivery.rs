@@ -157,21 +157,34 @@ fn dataplane(pin_dir: &PinDir, c0: u32) -> Dataplane {
         miss_hold: 2,
         attach_mode: netmanager::dataplane::AttachMode::Auto,
         container_bridge: String::new(),
+        trusted_peers: Vec::new(),
+        flows_per_container: 0,
     };
     let dp = Dataplane::open(&cfg).expect("loading the dataplane");
     dp.set_node_addresses(&[(IpAddr::V4(NODE), 0), (IpAddr::V6(NODE_V6), 0)])
         .unwrap();
-    for (ns_ip, inst) in [("10.18.0.2", "10.30.0.3"), ("fc00::2", "fdff::3")] {
+    let local = Some(LocalPort {
+        ifindex: c0,
+        mac: CONTAINER_MAC,
+    });
+    // The container here, and the sending instance on the peer node: only
+    // that node's datagrams from its instance address are accepted.
+    for (ns_ip, inst, node, local) in [
+        ("10.18.0.2", "10.30.0.3", IpAddr::V4(NODE), local),
+        ("fc00::2", "fdff::3", IpAddr::V4(NODE), local),
+        ("10.18.0.130", "10.30.0.5", IpAddr::V4(PEER_NODE), None),
+        ("fc00::82", "fdff::5", IpAddr::V4(PEER_NODE), None),
+        // A node on the IPv6 underlay sends the outer-IPv6 datagrams.
+        ("10.18.0.131", "10.30.0.6", IpAddr::V6(PEER_V6), None),
+        ("fc00::83", "fdff::6", IpAddr::V6(PEER_V6), None),
+    ] {
         dp.upsert_instance(
             ns_ip.parse().unwrap(),
             InstanceEntry {
                 instance_ip: Some(inst.parse().unwrap()),
-                node_ip: IpAddr::V4(NODE),
+                node_ip: node,
                 node_port: 50103,
-                local: Some(LocalPort {
-                    ifindex: c0,
-                    mac: CONTAINER_MAC,
-                }),
+                local,
             },
         )
         .unwrap();
@@ -257,8 +270,8 @@ fn decapsulated_v4_and_v6_packets_reach_the_containers_socket() {
         let cases = [
             ("10.30.0.5", "10.18.0.2", "0.0.0.0", false),
             ("fdff::5", "fc00::2", "::", false),
-            ("10.30.0.5", "10.18.0.2", "0.0.0.0", true),
-            ("fdff::5", "fc00::2", "::", true),
+            ("10.30.0.6", "10.18.0.2", "0.0.0.0", true),
+            ("fdff::6", "fc00::2", "::", true),
         ];
         for (src, dst, any, v6_outer) in cases {
             let payload =

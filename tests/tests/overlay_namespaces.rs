@@ -616,6 +616,12 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Res
         &c1,
         "198.51.100.2",
     )?;
+    // n2 also sends from 2001:db8::2, an address its table entry does not
+    // name (a multi-homed node): n1's operator trusts it (`TunnelPeers`),
+    // else the sender check drops those datagrams as forged.
+    let mut table: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&t1)?)?;
+    table["tunnel_peers"] = serde_json::json!([["2001:db8::2", 128]]);
+    std::fs::write(&t1, table.to_string())?;
     let runner = binary("oak-static-dataplane");
     lab.spawn(&n1, &runner.to_string_lossy(), &[&t1], true)?;
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");

@@ -10,6 +10,7 @@
 //!   pages and completions (docs/operations.md).
 //! - `sandbox`: a local cluster stand-in with workers (see docs).
 //! - `bench`: overlay performance against baselines (docs/performance.md).
+//! - `fuzz`: the packet fuzzer at full length (docs/security.md).
 
 mod bench;
 mod ebpf;
@@ -68,6 +69,15 @@ enum Command {
     },
     /// Generate the man pages, completions and default conf.json into packaging/generated.
     Man,
+    /// Fuzz the eBPF programs with generated frames through BPF_PROG_TEST_RUN (needs root).
+    Fuzz {
+        /// Frames to run (`cargo xtask test` runs a fixed-seed 60,000).
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Seed of the generator; a fresh one by default (printed, to rerun a failure).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -106,6 +116,7 @@ fn main() -> Result<()> {
         Command::Man => package::assets().map(|dir| {
             println!("man pages, completions and conf.json in {}", dir.display());
         }),
+        Command::Fuzz { frames, seed } => fuzz(frames, seed),
     }
 }
 
@@ -122,6 +133,42 @@ fn parser_fuzz_long() -> Result<()> {
 
 /// Cases per parser fuzz target in `cargo xtask test --full`.
 const PARSER_FUZZ_LONG_CASES: u32 = 50_000;
+
+/// Runs netmanager's packet fuzzer (tests/dataplane_fuzz.rs) with `frames`
+/// frames; it prints its invariants' verdict, the counters it moved and,
+/// on failure, the seed and frames to reproduce.
+fn fuzz(frames: u64, seed: Option<u64>) -> Result<()> {
+    worker_common::privileges::require_root("`cargo xtask fuzz`", "BPF_PROG_TEST_RUN needs it")?;
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    println!("fuzzing {frames} frames, seed {seed}");
+    let started = std::time::Instant::now();
+    ebpf::run(
+        std::process::Command::new("cargo")
+            .current_dir(ebpf::workspace_root())
+            .args([
+                "test",
+                "-p",
+                "netmanager",
+                "--test",
+                "dataplane_fuzz",
+                "--",
+                "--nocapture",
+            ])
+            .env("OAK_FUZZ_FRAMES", frames.to_string())
+            .env("OAK_FUZZ_SEED", seed.to_string()),
+        "the packet fuzzer",
+    )?;
+    println!(
+        "{frames} frames passed in {:.0} s (seed {seed})",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
 
 /// The README's test command. The eBPF programs need no separate step:
 /// netmanager's build script builds them (once; clippy and test share the

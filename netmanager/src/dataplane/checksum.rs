@@ -23,6 +23,30 @@ pub fn complete(frame: &mut [u8]) {
     }
 }
 
+/// Like [`complete`] for a held tunnel datagram: the inner packet's
+/// checksum first (a datagram that crossed only veths may still carry the
+/// sender's partial one), then the outer UDP checksum that covers it.
+pub fn complete_tunnel(frame: &mut [u8]) {
+    if frame.len() < ETH_HLEN + 1 {
+        return;
+    }
+    // Outer IPv4 without options or IPv6 without extension headers, then
+    // UDP: the only shapes the programs take for tunnel datagrams.
+    let inner_at = match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => ETH_HLEN + 28,
+        0x86dd => ETH_HLEN + 48,
+        _ => return,
+    };
+    if let Some(inner) = frame.get_mut(inner_at..) {
+        match inner.first().map(|b| b >> 4) {
+            Some(4) => complete_v4(inner),
+            Some(6) => complete_v6(inner),
+            _ => {}
+        }
+    }
+    complete(frame);
+}
+
 fn complete_v4(ip: &mut [u8]) {
     if ip.len() < 20 || ip[0] >> 4 != 4 {
         return;

@@ -1,8 +1,11 @@
 //! Misses: the programs hand packets for unknown addresses to us through a
 //! ring buffer (frame included), and once the address is resolved we send
-//! the frame through the programs again via a dedicated veth pair whose far
-//! end carries the container program. A TCP connect to a never-seen service
-//! thus completes without waiting for a SYN retransmit.
+//! the frame through the programs again: a container's frame goes in at
+//! `oakinj0` and meets the container program on `oakinj1`; a held tunnel
+//! datagram goes in at the slow-path device and meets the receive path,
+//! sender check included, in `slow_path_ingress`. A TCP connect to a
+//! never-seen service -- or from a never-seen node -- thus completes
+//! without waiting for a SYN retransmit.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -11,6 +14,8 @@ use aya::Ebpf;
 use aya::maps::{MapData, RingBuf};
 use netmanager_common::{Addr, MISS_FRAME_MAX, MissReason, maps};
 use tokio::io::unix::AsyncFd;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::addr::from_addr;
 use super::devices::VethPair;
@@ -84,16 +89,40 @@ pub fn decode(raw: &[u8]) -> Option<Miss> {
     let frame = if frame_len > 0 && frame_len <= MISS_FRAME_MAX && raw.len() >= FRAME_AT + frame_len
     {
         let mut f = raw[FRAME_AT..FRAME_AT + frame_len].to_vec();
-        super::checksum::complete(&mut f);
+        match reason {
+            MissReason::Peer => super::checksum::complete_tunnel(&mut f),
+            _ => super::checksum::complete(&mut f),
+        }
         Some(f)
     } else {
         None
     };
+    let peer = match reason {
+        MissReason::Peer => frame.as_deref().and_then(outer_source),
+        _ => None,
+    };
     Some(Miss {
         reason,
         addr: from_addr(&addr),
+        peer,
+        ifindex: word(4),
         frame,
     })
+}
+
+/// Source address of the IPv4 or IPv6 packet in an Ethernet frame.
+fn outer_source(frame: &[u8]) -> Option<IpAddr> {
+    match u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]) {
+        0x0800 => {
+            let a: [u8; 4] = frame.get(26..30)?.try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(a)))
+        }
+        0x86dd => {
+            let a: [u8; 16] = frame.get(22..38)?.try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(a)))
+        }
+        _ => None,
+    }
 }
 
 /// Writes frames into the reinjection device.

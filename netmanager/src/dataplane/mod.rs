@@ -18,11 +18,12 @@ mod background;
 mod checksum;
 mod devices;
 mod misses;
+mod pins;
 mod slow_path;
 mod tables;
 mod underlay;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -125,6 +126,21 @@ pub struct DataplaneConfig {
     pub container_bridge: String,
     /// TCX links, classic tc filters, or whichever this kernel has.
     pub attach_mode: AttachMode,
+    /// Underlay prefixes (address, prefix length) trusted to send tunnel
+    /// datagrams for any instance (netcfg.json `TunnelPeers`).
+    pub trusted_peers: Vec<(IpAddr, u8)>,
+    /// Most flows one container may hold; 0: a quarter of the flow table.
+    pub flows_per_container: u32,
+}
+
+impl DataplaneConfig {
+    /// The per-container flow limit in force.
+    pub fn flows_per_container(&self) -> u32 {
+        match self.flows_per_container {
+            0 => netmanager_common::default_flows_per_container(self.sizes.flows),
+            n => n,
+        }
+    }
 }
 
 /// A container on this node, as the dataplane needs to know it.
@@ -151,9 +167,16 @@ pub struct InstanceEntry {
 #[derive(Debug, Clone)]
 pub struct Miss {
     pub reason: MissReason,
-    /// Service address, or the sender's namespace address.
+    /// Service address, the sender's namespace address, or (`Peer`) the
+    /// inner source of a tunnel datagram.
     pub addr: IpAddr,
-    /// The held Ethernet frame, to pass back to `reinject` once resolved.
+    /// `Peer`: the outer source of the datagram, i.e. who sent it.
+    pub peer: Option<IpAddr>,
+    /// The interface the packet came in on: for a container's miss, its
+    /// veth, which is what bounds one container's share of the lookups.
+    pub ifindex: u32,
+    /// The held Ethernet frame, to pass back to `reinject` (`reinject_tunnel`
+    /// for `Peer`) once resolved.
     pub frame: Option<Vec<u8>>,
 }
 
@@ -182,9 +205,21 @@ pub struct Dataplane {
     _background: Vec<Background>,
     /// The one lock: everything that needs `&mut` or must not interleave.
     state: Arc<Mutex<State>>,
-    /// Sends on its own packet socket; needs no lock.
+    /// Send on their own packet sockets; need no lock.
     reinjector: Option<misses::Reinjector>,
+    tunnel_reinjector: Option<TunnelReinjector>,
     slow_path: Option<Arc<slow_path::SlowPathCounters>>,
+}
+
+/// Writes held tunnel datagrams into the slow-path device.
+struct TunnelReinjector {
+    socket: misses::Reinjector,
+    /// MAC of the device's far end, where `slow_path_ingress` runs.
+    peer_mac: [u8; 6],
+}
+
+fn no_reinjection() -> DataplaneError {
+    DataplaneError::Other("no reinjection device (dataplane opened without an uplink)".into())
 }
 
 struct State {
@@ -200,17 +235,35 @@ struct State {
 }
 
 impl Dataplane {
-    /// Load the programs, create or adopt the pinned maps and links, attach the uplink.
+    /// Load the programs, create or adopt the pinned maps (checking their
+    /// layout, see `pins`) and links, attach the uplink.
     pub fn open(cfg: &DataplaneConfig) -> Result<Dataplane> {
         std::fs::create_dir_all(&cfg.pin_dir)
             .map_err(|e| DataplaneError::bpf(format!("creating {}", cfg.pin_dir.display()), e))?;
-        let mut ebpf = load(cfg)?;
+        let decisions = pins::decide(&cfg.pin_dir, &expected_layouts(cfg)?)?;
+        pins::set_aside(&cfg.pin_dir, &decisions)?;
+        let mut ebpf = match load(cfg) {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                // Leave the pins as found, for the NetManager that made them.
+                pins::restore(&cfg.pin_dir, &decisions);
+                return Err(e);
+            }
+        };
+        pins::finish(&cfg.pin_dir, &decisions)?;
         for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM, SLOW_PATH_PROGRAM] {
             load_program(&mut ebpf, name)?;
         }
-        let mut tables = Tables::take(&mut ebpf)?;
+        // The reinjection pair first: the configuration names its
+        // container-side end, exempt from the source-to-veth check.
+        let inject = match cfg.uplink.is_empty() {
+            true => None,
+            false => Some(devices::ensure(&misses::INJECT_PAIR)?),
+        };
+        let mut tables = Tables::take(&mut ebpf, inject.as_ref().map_or(0, |d| d.peer_ifindex))?;
         let underlay = UnderlayState::new(cfg.node_ip, tables::ifindex(&cfg.uplink)?);
         tables.write_config(cfg, &underlay)?;
+        tables.write_trusted_peers(&cfg.trusted_peers)?;
         let misses = misses::MissSource::take(&mut ebpf)?;
         let mode = cfg
             .attach_mode
@@ -226,16 +279,16 @@ impl Dataplane {
         };
         state.attachments.forget_vanished()?;
         tracing::info!(attach_mode = %mode, "dataplane loaded");
-        if cfg.uplink.is_empty() {
+        let Some(inject) = inject else {
             return Ok(Dataplane {
                 _background: Vec::new(),
                 state: Arc::new(Mutex::new(state)),
                 reinjector: None,
+                tunnel_reinjector: None,
                 slow_path: None,
             });
-        }
+        };
         state.attach(UPLINK_PROGRAM, &cfg.uplink)?;
-        let inject = devices::ensure(&misses::INJECT_PAIR)?;
         state.attach(CONTAINER_PROGRAM, misses::INJECT_PEER)?;
         let reinjector = Some(misses::Reinjector::open(misses::INJECT_DEVICE)?);
         if inject.gso_limited {
@@ -248,6 +301,12 @@ impl Dataplane {
         }
         let slow = devices::ensure(&slow_path::SLOW_PAIR)?;
         state.attach(SLOW_PATH_PROGRAM, slow_path::SLOW_PAIR.peer)?;
+        // Held tunnel datagrams go back through the slow-path device: its
+        // program is the receive path, sender check included.
+        let tunnel_reinjector = Some(TunnelReinjector {
+            socket: misses::Reinjector::open(slow_path::SLOW_PAIR.name)?,
+            peer_mac: slow.peer_mac,
+        });
         let state = Arc::new(Mutex::new(state));
         let addresses = address_watch::NodeAddressSet::default();
         let mut background = vec![address_watch::start(
@@ -290,6 +349,7 @@ impl Dataplane {
             _background: background,
             state,
             reinjector,
+            tunnel_reinjector,
             slow_path: slow_counters,
         })
     }
@@ -405,14 +465,36 @@ impl Dataplane {
             .into_receiver()
     }
 
-    /// Send a held frame through the programs again.
+    /// Send a held container frame through the container program again.
     pub fn reinject(&self, frame: &[u8]) -> Result<()> {
-        match &self.reinjector {
-            Some(r) => r.send(frame),
-            None => Err(DataplaneError::Other(
-                "no reinjection device (dataplane opened without an uplink)".into(),
-            )),
+        self.reinjector
+            .as_ref()
+            .ok_or_else(no_reinjection)?
+            .send(frame)
+    }
+
+    /// Send a held tunnel datagram through the receive path again (the
+    /// slow-path device's program), addressed to that device like the slow
+    /// path's own frames.
+    pub fn reinject_tunnel(&self, frame: &[u8]) -> Result<()> {
+        let r = self.tunnel_reinjector.as_ref().ok_or_else(no_reinjection)?;
+        let mut frame = frame.to_vec();
+        if let Some(dst) = frame.get_mut(..6) {
+            dst.copy_from_slice(&r.peer_mac);
         }
+        r.socket.send(&frame)
+    }
+
+    /// The node the tables name for instance address `ip` (the only
+    /// sender its tunnel datagrams are accepted from).
+    pub fn instance_node(&self, ip: IpAddr) -> Result<Option<IpAddr>> {
+        Ok(self.lock().tables.instance_node(ip))
+    }
+
+    /// (opened, closed) flows counted for the container whose veth has
+    /// `ifindex`; the difference is what it holds.
+    pub fn flow_counts(&self, ifindex: u32) -> Result<(u64, u64)> {
+        Ok(self.lock().tables.flow_counts(ifindex))
     }
 
     /// Forget the pending marker for an address (resolved or failed).
@@ -422,7 +504,15 @@ impl Dataplane {
 
     /// Remove flows idle for more than 60 s; returns how many.
     pub fn expire_flows(&self) -> Result<usize> {
-        self.lock().tables.expire_flows(addr::monotonic_ns())
+        self.expire_flows_after(0)
+    }
+
+    /// [`expire_flows`](Self::expire_flows) as it will be `ns` from now
+    /// (tests and tools; the daemon passes 0).
+    pub fn expire_flows_after(&self, ns: u64) -> Result<usize> {
+        self.lock()
+            .tables
+            .expire_flows(addr::monotonic_ns().saturating_add(ns))
     }
 
     /// Packets and bytes per counter, summed over CPUs.
@@ -504,6 +594,47 @@ impl State {
     }
 }
 
+/// Map sizes the configuration sets instead of the object's defaults.
+fn size_overrides(cfg: &DataplaneConfig) -> [(&'static str, u32); 7] {
+    [
+        (maps::FLOWS, cfg.sizes.flows),
+        (maps::REVERSE_FLOWS, cfg.sizes.flows),
+        (maps::SERVICES, cfg.sizes.services),
+        (maps::BACKENDS, cfg.sizes.backends),
+        (maps::INSTANCES, cfg.sizes.instances),
+        (maps::INSTANCE_NODES, cfg.sizes.instances),
+        (maps::PENDING, cfg.sizes.pending),
+    ]
+}
+
+/// Every map as the loader will create it: the object's declaration with
+/// the configured sizes.
+fn expected_layouts(cfg: &DataplaneConfig) -> Result<BTreeMap<String, pins::Layout>> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT)
+        .map_err(|e| DataplaneError::bpf("parsing the embedded eBPF object", e))?;
+    let overrides = size_overrides(cfg);
+    MAP_NAMES
+        .iter()
+        .map(|name| {
+            let m = obj.maps.get(*name).ok_or_else(|| {
+                DataplaneError::Other(format!("the eBPF object has no map {name}"))
+            })?;
+            let max_entries = overrides
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(m.max_entries(), |(_, size)| *size);
+            let layout = pins::Layout {
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries,
+                flags: m.map_flags(),
+            };
+            Ok((name.to_string(), layout))
+        })
+        .collect()
+}
+
 fn load(cfg: &DataplaneConfig) -> Result<Ebpf> {
     let pins: Vec<(&str, PathBuf)> = MAP_NAMES
         .iter()
@@ -513,13 +644,9 @@ fn load(cfg: &DataplaneConfig) -> Result<Ebpf> {
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
-    loader
-        .map_max_entries(maps::FLOWS, cfg.sizes.flows)
-        .map_max_entries(maps::REVERSE_FLOWS, cfg.sizes.flows)
-        .map_max_entries(maps::SERVICES, cfg.sizes.services)
-        .map_max_entries(maps::BACKENDS, cfg.sizes.backends)
-        .map_max_entries(maps::INSTANCES, cfg.sizes.instances)
-        .map_max_entries(maps::PENDING, cfg.sizes.pending);
+    for (name, size) in size_overrides(cfg) {
+        loader.map_max_entries(name, size);
+    }
     // Read-only for the programs: the verifier drops the decapsulation path
     // this kernel does not take.
     let decap_l3 = u8::from(crate::kernel_support::probe().adjust_room_decap_l3);
@@ -527,7 +654,7 @@ fn load(cfg: &DataplaneConfig) -> Result<Ebpf> {
     loader.load(EBPF_OBJECT).map_err(|e| {
         DataplaneError::bpf(
             format!(
-                "loading the eBPF object (maps pinned in {}; a size change needs `rm -r` of that directory)",
+                "loading the eBPF object (maps pinned in {})",
                 cfg.pin_dir.display()
             ),
             e,
@@ -606,12 +733,18 @@ mod tests {
             (maps::BACKENDS, defaults.backends),
             (maps::INSTANCES, defaults.instances),
             (maps::PENDING, defaults.pending),
+            (maps::INSTANCE_NODES, defaults.instances),
             (maps::COUNTERS, Counter::COUNT as u32),
             (maps::MISSES, netmanager_common::DEFAULT_MISS_RING_BYTES),
             (
                 maps::NODE_ADDRESSES,
                 netmanager_common::DEFAULT_NODE_ADDRESSES,
             ),
+            (
+                maps::TRUSTED_PEERS,
+                netmanager_common::DEFAULT_TRUSTED_PEERS,
+            ),
+            (maps::FLOW_COUNTS, netmanager_common::DEFAULT_FLOW_COUNTS),
         ] {
             assert_eq!(obj.maps[name].max_entries(), size, "max entries of {name}");
         }

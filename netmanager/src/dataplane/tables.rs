@@ -1,16 +1,20 @@
-//! Typed writes to the maps: configuration, instances, services with their
-//! backend slices, the node's own addresses, flow expiry, pending misses
-//! and counters.
+//! Typed writes to the maps: configuration, instances (and the
+//! instance -> node index derived from them), services with their backend
+//! slices, the node's own addresses, trusted peers, flow expiry with the
+//! per-container flow counts, pending misses and counters.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap as StdHashMap;
 use std::net::IpAddr;
 
 use aya::Ebpf;
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use netmanager_common::{
     Addr, BackendKey, CONFIG_FIB_SOURCE_V4, CONFIG_FIB_SOURCE_V6, Config, Counter, CounterValue,
-    DEFAULT_NODE_ADDRESSES, FLOW_IDLE_NS, Flow, FlowKey, INSTANCE_LOCAL, Instance, MAX_BACKENDS,
-    MAX_SERVICE_RANGES, Prefix, ReverseFlow, Service, ServiceKind, maps,
+    DEFAULT_NODE_ADDRESSES, FLOW_IDLE_NS, FLOWS_CLOSED, FLOWS_OPENED, Flow, FlowCountKey, FlowKey,
+    INSTANCE_LOCAL, Instance, InstanceNode, MAX_BACKENDS, MAX_SERVICE_RANGES, Prefix, ReverseFlow,
+    Service, ServiceKind, maps,
 };
 
 use super::addr::to_addr;
@@ -27,6 +31,18 @@ pub struct Tables {
     pending: HashMap<MapData, Addr, u32>,
     counters: PerCpuArray<MapData, CounterValue>,
     node_addresses: HashMap<MapData, Addr, u32>,
+    instance_nodes: HashMap<MapData, Addr, InstanceNode>,
+    trusted: LpmTrie<MapData, Addr, u32>,
+    flow_counts: HashMap<MapData, FlowCountKey, u64>,
+    /// INSTANCES as written (namespace address -> entry), so INSTANCE_NODES
+    /// can be kept equal to it and flows attributed to their container.
+    mirror: StdHashMap<Addr, Instance>,
+    /// Instance address -> the namespace addresses whose entries name it,
+    /// in write order (the last one decides; more than one only when
+    /// tables disagree).
+    claims: StdHashMap<Addr, Vec<Addr>>,
+    /// The container-side end of the reinjection pair (0: none).
+    inject_ifindex: u32,
 }
 
 /// Takes map `name` out of the loaded object, typed.
@@ -51,8 +67,12 @@ fn insert_err(map: &'static str, size: &'static str) -> impl FnOnce(MapError) ->
 }
 
 impl Tables {
-    pub fn take(ebpf: &mut Ebpf) -> Result<Tables> {
-        Ok(Tables {
+    /// Takes the maps and brings what NetManager owns up to date with what
+    /// an earlier NetManager left pinned: the instance -> node index is
+    /// rebuilt from INSTANCES, the flow counts recounted from FLOWS, and the
+    /// pending marks -- whose resolutions died with that process -- dropped.
+    pub fn take(ebpf: &mut Ebpf, inject_ifindex: u32) -> Result<Tables> {
+        let mut t = Tables {
             config: take(ebpf, maps::CONFIG)?,
             services: take(ebpf, maps::SERVICES)?,
             backends: take(ebpf, maps::BACKENDS)?,
@@ -62,11 +82,24 @@ impl Tables {
             pending: take(ebpf, maps::PENDING)?,
             counters: take(ebpf, maps::COUNTERS)?,
             node_addresses: take(ebpf, maps::NODE_ADDRESSES)?,
-        })
+            instance_nodes: take(ebpf, maps::INSTANCE_NODES)?,
+            trusted: take(ebpf, maps::TRUSTED_PEERS)?,
+            flow_counts: take(ebpf, maps::FLOW_COUNTS)?,
+            mirror: StdHashMap::new(),
+            claims: StdHashMap::new(),
+            inject_ifindex,
+        };
+        t.rebuild_instance_nodes()?;
+        t.recount_flows()?;
+        let stale: Vec<Addr> = t.pending.keys().filter_map(|k| k.ok()).collect();
+        for k in stale {
+            ignore_missing(t.pending.remove(&k), "clearing", maps::PENDING)?;
+        }
+        Ok(t)
     }
 
     pub fn write_config(&mut self, cfg: &DataplaneConfig, underlay: &UnderlayState) -> Result<()> {
-        let value = config_value(cfg, underlay)?;
+        let value = config_value(cfg, underlay, self.inject_ifindex)?;
         self.config
             .set(0, value, 0)
             .map_err(map_err("writing", maps::CONFIG))
@@ -104,6 +137,33 @@ impl Tables {
         Ok(())
     }
 
+    /// Replaces TRUSTED_PEERS with `prefixes` (address, prefix length).
+    pub fn write_trusted_peers(&mut self, prefixes: &[(IpAddr, u8)]) -> Result<()> {
+        let mut wanted = Vec::new();
+        for (ip, len) in prefixes {
+            let len = prefix_len_128(*ip, *len).ok_or_else(|| {
+                DataplaneError::Other(format!(
+                    "tunnel peer {ip}/{len}: prefix length out of range"
+                ))
+            })?;
+            wanted.push(LpmKey::new(len, to_addr(*ip)));
+        }
+        let old: Vec<LpmKey<Addr>> = self.trusted.keys().filter_map(|k| k.ok()).collect();
+        for k in old {
+            ignore_missing(
+                self.trusted.remove(&k),
+                "removing from",
+                maps::TRUSTED_PEERS,
+            )?;
+        }
+        for k in wanted {
+            self.trusted
+                .insert(&k, 1, 0)
+                .map_err(insert_err(maps::TRUSTED_PEERS, "TunnelPeers (at most 64)"))?;
+        }
+        Ok(())
+    }
+
     pub fn upsert_instance(&mut self, ns_ip: IpAddr, e: &InstanceEntry) -> Result<()> {
         let (flags, ifindex, mac) = match e.local {
             Some(l) => (INSTANCE_LOCAL, l.ifindex, l.mac),
@@ -118,17 +178,185 @@ impl Tables {
             mac,
             _pad: [0; 2],
         };
+        let ns = to_addr(ns_ip);
         self.instances
-            .insert(to_addr(ns_ip), value, 0)
-            .map_err(insert_err(maps::INSTANCES, "instances"))
+            .insert(ns, value, 0)
+            .map_err(insert_err(maps::INSTANCES, "instances"))?;
+        let old = self.mirror.insert(ns, value);
+        if let Some(old) = old.filter(|o| o.instance_ip != value.instance_ip) {
+            self.unclaim(&old.instance_ip, &ns)?;
+        }
+        self.claim(&value.instance_ip, &ns)
     }
 
     pub fn remove_instance(&mut self, ns_ip: IpAddr) -> Result<()> {
-        ignore_missing(
-            self.instances.remove(&to_addr(ns_ip)),
-            "removing from",
-            maps::INSTANCES,
-        )
+        let ns = to_addr(ns_ip);
+        ignore_missing(self.instances.remove(&ns), "removing from", maps::INSTANCES)?;
+        match self.mirror.remove(&ns) {
+            Some(old) => self.unclaim(&old.instance_ip, &ns),
+            None => Ok(()),
+        }
+    }
+
+    /// `ns`'s entry names instance address `ip`: it now decides where
+    /// tunnel datagrams from `ip` may come from.
+    fn claim(&mut self, ip: &Addr, ns: &Addr) -> Result<()> {
+        if ip.is_zero() {
+            return Ok(());
+        }
+        let c = self.claims.entry(*ip).or_default();
+        c.retain(|n| n != ns);
+        c.push(*ns);
+        self.write_instance_node(ip)
+    }
+
+    fn unclaim(&mut self, ip: &Addr, ns: &Addr) -> Result<()> {
+        if let Some(c) = self.claims.get_mut(ip) {
+            c.retain(|n| n != ns);
+            if c.is_empty() {
+                self.claims.remove(ip);
+            }
+        }
+        self.write_instance_node(ip)
+    }
+
+    /// Writes (or removes) the INSTANCE_NODES entry of `ip` from its claims.
+    fn write_instance_node(&mut self, ip: &Addr) -> Result<()> {
+        let node = self
+            .claims
+            .get(ip)
+            .and_then(|c| c.last())
+            .and_then(|ns| self.mirror.get(ns))
+            .map(|i| i.node_ip);
+        match node {
+            Some(node_ip) => self
+                .instance_nodes
+                .insert(*ip, InstanceNode { node_ip }, 0)
+                .map_err(insert_err(maps::INSTANCE_NODES, "instances")),
+            None => ignore_missing(
+                self.instance_nodes.remove(ip),
+                "removing from",
+                maps::INSTANCE_NODES,
+            ),
+        }
+    }
+
+    /// Mirror and claims from the INSTANCES map as found; INSTANCE_NODES
+    /// made equal to them (it may be new, or stale after a crash).
+    fn rebuild_instance_nodes(&mut self) -> Result<()> {
+        let found: Vec<(Addr, Instance)> = self.instances.iter().filter_map(|r| r.ok()).collect();
+        for (ns, i) in found {
+            self.mirror.insert(ns, i);
+            if !i.instance_ip.is_zero() {
+                self.claims.entry(i.instance_ip).or_default().push(ns);
+            }
+        }
+        let stale: Vec<Addr> = self
+            .instance_nodes
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !self.claims.contains_key(k))
+            .collect();
+        for k in stale {
+            ignore_missing(
+                self.instance_nodes.remove(&k),
+                "removing from",
+                maps::INSTANCE_NODES,
+            )?;
+        }
+        let ips: Vec<Addr> = self.claims.keys().copied().collect();
+        for ip in ips {
+            self.write_instance_node(&ip)?;
+        }
+        Ok(())
+    }
+
+    /// The container (veth ifindex) that opened a flow, when it is still here.
+    fn owner(&self, key: &FlowKey) -> Option<u32> {
+        self.mirror
+            .get(&key.src)
+            .filter(|i| i.flags & INSTANCE_LOCAL != 0)
+            .map(|i| i.ifindex)
+    }
+
+    /// FLOW_COUNTS from the flows as they are: an earlier NetManager's
+    /// closed counts died with it (or the map is new after an upgrade). A
+    /// flow the old programs open while this runs may go uncounted.
+    fn recount_flows(&mut self) -> Result<()> {
+        let mut live: StdHashMap<u32, u64> = StdHashMap::new();
+        for key in self.flows.keys().filter_map(|k| k.ok()) {
+            if let Some(owner) = self.owner(&key) {
+                *live.entry(owner).or_default() += 1;
+            }
+        }
+        let old: Vec<FlowCountKey> = self.flow_counts.keys().filter_map(|k| k.ok()).collect();
+        for k in old {
+            ignore_missing(self.flow_counts.remove(&k), "resetting", maps::FLOW_COUNTS)?;
+        }
+        for (ifindex, n) in live {
+            let key = FlowCountKey {
+                ifindex,
+                kind: FLOWS_OPENED,
+            };
+            self.flow_counts
+                .insert(key, n, 0)
+                .map_err(insert_err(maps::FLOW_COUNTS, "flow counts"))?;
+        }
+        Ok(())
+    }
+
+    /// Adds `closed` flows per container to their FLOWS_CLOSED counts (only
+    /// NetManager writes those), and drops the counts of containers that
+    /// are gone.
+    fn count_closed(&mut self, closed: StdHashMap<u32, u64>) -> Result<()> {
+        for (ifindex, n) in closed {
+            let key = FlowCountKey {
+                ifindex,
+                kind: FLOWS_CLOSED,
+            };
+            let before = self.flow_counts.get(&key, 0).unwrap_or(0);
+            self.flow_counts
+                .insert(key, before + n, 0)
+                .map_err(insert_err(maps::FLOW_COUNTS, "flow counts"))?;
+        }
+        let here: Vec<u32> = self
+            .mirror
+            .values()
+            .filter(|i| i.flags & INSTANCE_LOCAL != 0)
+            .map(|i| i.ifindex)
+            .collect();
+        let gone: Vec<FlowCountKey> = self
+            .flow_counts
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !here.contains(&k.ifindex))
+            .collect();
+        for k in gone {
+            ignore_missing(
+                self.flow_counts.remove(&k),
+                "removing from",
+                maps::FLOW_COUNTS,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// (opened, closed) flows of the container behind `ifindex`.
+    pub fn flow_counts(&self, ifindex: u32) -> (u64, u64) {
+        let get = |kind| {
+            self.flow_counts
+                .get(&FlowCountKey { ifindex, kind }, 0)
+                .unwrap_or(0)
+        };
+        (get(FLOWS_OPENED), get(FLOWS_CLOSED))
+    }
+
+    /// The node INSTANCE_NODES names for instance address `ip`.
+    pub fn instance_node(&self, ip: IpAddr) -> Option<IpAddr> {
+        self.instance_nodes
+            .get(&to_addr(ip), 0)
+            .ok()
+            .map(|n| super::addr::from_addr(&n.node_ip))
     }
 
     /// Writes the new backend slice under the next generation, then switches
@@ -223,12 +451,17 @@ impl Tables {
             .filter(|(_, f)| stale(f.last_seen_ns))
             .map(|(k, _)| k)
             .collect();
+        let mut closed: StdHashMap<u32, u64> = StdHashMap::new();
         for k in &old_fwd {
             ignore_missing(self.flows.remove(k), "expiring", maps::FLOWS)?;
+            if let Some(owner) = self.owner(k) {
+                *closed.entry(owner).or_default() += 1;
+            }
         }
         for k in &old_rev {
             ignore_missing(self.reverse.remove(k), "expiring", maps::REVERSE_FLOWS)?;
         }
+        self.count_closed(closed)?;
         Ok(old_fwd.len() + old_rev.len())
     }
 
@@ -265,6 +498,11 @@ impl Tables {
                 sizes.flows,
             ),
             row(maps::PENDING, self.pending.keys().count(), sizes.pending),
+            row(
+                maps::INSTANCE_NODES,
+                self.instance_nodes.keys().count(),
+                sizes.instances,
+            ),
         ]
     }
 
@@ -296,7 +534,20 @@ fn ignore_missing(
     }
 }
 
-fn config_value(cfg: &DataplaneConfig, underlay: &UnderlayState) -> Result<Config> {
+/// A prefix length counted on the 128-bit form (an IPv4 /16 is 112).
+fn prefix_len_128(ip: IpAddr, len: u8) -> Option<u32> {
+    match ip {
+        IpAddr::V4(_) if len <= 32 => Some(96 + u32::from(len)),
+        IpAddr::V6(_) if len <= 128 => Some(u32::from(len)),
+        _ => None,
+    }
+}
+
+fn config_value(
+    cfg: &DataplaneConfig,
+    underlay: &UnderlayState,
+    inject_ifindex: u32,
+) -> Result<Config> {
     if cfg.service_ranges.len() > MAX_SERVICE_RANGES {
         return Err(DataplaneError::Other(format!(
             "{} service ranges configured; at most {MAX_SERVICE_RANGES}",
@@ -305,15 +556,11 @@ fn config_value(cfg: &DataplaneConfig, underlay: &UnderlayState) -> Result<Confi
     }
     let mut ranges = [Prefix::default(); MAX_SERVICE_RANGES];
     for (slot, (ip, len)) in ranges.iter_mut().zip(&cfg.service_ranges) {
-        let len = match ip {
-            IpAddr::V4(_) if *len <= 32 => 96 + *len as u32,
-            IpAddr::V6(_) if *len <= 128 => *len as u32,
-            _ => {
-                return Err(DataplaneError::Other(format!(
-                    "service range {ip}/{len}: prefix length out of range"
-                )));
-            }
-        };
+        let len = prefix_len_128(*ip, *len).ok_or_else(|| {
+            DataplaneError::Other(format!(
+                "service range {ip}/{len}: prefix length out of range"
+            ))
+        })?;
         *slot = Prefix {
             addr: to_addr(*ip),
             len,
@@ -343,6 +590,8 @@ fn config_value(cfg: &DataplaneConfig, underlay: &UnderlayState) -> Result<Confi
             .unwrap_or(Addr::ZERO),
         segment_ifindex: underlay.segment.map(|s| s.0).unwrap_or(0),
         segment_return_ifindex: underlay.segment.map(|s| s.1).unwrap_or(0),
+        inject_ifindex,
+        flows_per_container: cfg.flows_per_container(),
     })
 }
 

@@ -33,6 +33,9 @@ pub trait RouteTables: Send + Sync {
     fn knows_instance_ip(&self, ns: IpAddr) -> bool;
     /// Task ids of the local instances (they hold interests in what they use).
     fn holders(&self) -> Vec<String>;
+    /// The node address the tables give for the instance with instance
+    /// address `ip` (the only sender its tunnel datagrams come from).
+    fn instance_node(&self, ip: IpAddr) -> Option<IpAddr>;
 }
 
 pub struct Routes {
@@ -144,5 +147,9 @@ impl RouteTables for Routes {
 
     fn holders(&self) -> Vec<String> {
         self.local.keys()
+    }
+
+    fn instance_node(&self, ip: IpAddr) -> Option<IpAddr> {
+        self.tables().instance_by_address(ip).map(|e| e.node_ip)
     }
 }

@@ -231,6 +231,15 @@ impl ServiceTables {
             .find_map(|j| j.instances.get(&ns).copied())
     }
 
+    /// The entry last written for the instance whose instance address is `ip`.
+    pub fn instance_by_address(&self, ip: IpAddr) -> Option<InstanceEntry> {
+        self.jobs
+            .values()
+            .flat_map(|j| j.instances.values())
+            .find(|e| e.instance_ip == Some(ip))
+            .copied()
+    }
+
     pub fn jobs(&self) -> BTreeSet<String> {
         self.jobs.keys().cloned().collect()
     }

@@ -971,6 +971,19 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Resident memory of the running process, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.proc.as_ref().expect("NetManager running").pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+    }
+
     pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
         http(&self.socket, "POST", path, body)
     }

@@ -94,6 +94,9 @@ fn main() -> Result<()> {
         miss_hold: 2,
         attach_mode: netmanager::dataplane::AttachMode::Auto,
         container_bridge: String::new(),
+        trusted_peers: Vec::new(),
+        // One container opens every flow here.
+        flows_per_container: flows + flows / 8,
     };
     let t = Instant::now();
     let dp = Dataplane::open(&cfg).context("opening the dataplane")?;
@@ -104,11 +107,13 @@ fn main() -> Result<()> {
     ])?;
     let local = |ifindex, mac| Some(LocalPort { ifindex, mac });
     for (ns, inst, node, local) in [
+        // ifindex 1: BPF_PROG_TEST_RUN runs the program on the loopback
+        // device, so that is the veth the client's packets arrive on.
         (
             "10.18.0.2",
             "10.30.0.3",
             IpAddr::V4(NODE),
-            local(7, CLIENT_MAC),
+            local(1, CLIENT_MAC),
         ),
         (
             "10.18.0.3",

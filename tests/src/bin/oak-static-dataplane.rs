@@ -30,6 +30,10 @@ struct Table {
     /// "tcx", "netlink" or "auto" (the default), as NetManager's --attach-mode.
     #[serde(default)]
     attach_mode: AttachMode,
+    /// Underlay prefixes trusted to send tunnel datagrams for any instance
+    /// (NetManager's `TunnelPeers`), as (address, prefix length).
+    #[serde(default)]
+    tunnel_peers: Vec<(IpAddr, u8)>,
 }
 
 fn default_port() -> u16 {
@@ -82,6 +86,8 @@ fn main() -> Result<()> {
         miss_hold: netmanager_common::DEFAULT_MISS_HOLD,
         attach_mode: table.attach_mode,
         container_bridge: "goProxyBridge".to_string(),
+        trusted_peers: table.tunnel_peers.clone(),
+        flows_per_container: 0,
     };
     let dp = Dataplane::open(&cfg).context("opening the dataplane")?;
     for i in &table.instances {

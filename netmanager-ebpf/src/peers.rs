@@ -1,0 +1,131 @@
+//! Who may send us tunnel datagrams. A datagram's inner source is the
+//! sending instance's address (contract 2.5 step 1), and the tables say
+//! which node runs each instance (`INSTANCE_NODES`): only that node may send
+//! it. An underlay prefix the operator trusts (`TRUSTED_PEERS`, from
+//! `TunnelPeers`) may send for any instance.
+//!
+//! A datagram whose inner source no known node runs is held, never dropped
+//! blindly: it may be the first SYN of a client on a node whose tables we
+//! have never needed. NetManager asks the cluster which node runs the
+//! instance and reinjects the datagram only if that node sent it.
+//!
+//! The same check runs on the fast path (`uplink_ingress`) and the slow
+//! path (`slow_path_ingress`, datagrams NetManager's socket received under a
+//! header rebuilt from the socket's addresses), for datagrams to any of the
+//! node's addresses, over an IPv4 or an IPv6 underlay.
+//!
+//! Everything is read from the datagram as it arrived, before
+//! decapsulation, so a held frame can be reinjected whole; directly from
+//! the packet where its headers are linear (they almost always are), which
+//! spares a helper call per field.
+
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use netmanager_common::{Addr, Config, INSTANCE_LOCAL};
+
+use crate::maps::{INSTANCE_NODES, INSTANCES, TRUSTED_PEERS};
+use crate::packet::{ETH_HLEN, ETH_P_IP, in_service_range};
+use crate::tunnel::Outer;
+
+/// Outcome of [`check`], as a scalar so it can cross a BPF-to-BPF call.
+/// The sender runs the inner source's instance, or is trusted.
+pub const ACCEPT: u32 = 0;
+/// Nobody known runs the inner source: hold the frame and ask.
+pub const HOLD: u32 = 1;
+/// The inner source is an instance of another node.
+pub const FORGED: u32 = 2;
+/// The inner source is no instance address at all.
+pub const BAD_INNER_SOURCE: u32 = 3;
+/// Nobody known sends it, and it is not for a container here either.
+pub const NOT_LOCAL: u32 = 4;
+pub const MALFORMED: u32 = 5;
+
+/// Decides on the tunnel datagram in `ctx`, whose outer headers
+/// `tunnel::tunnel_datagram` has read; writes the inner source to
+/// `inner_src`.
+#[inline(never)]
+pub fn check(ctx: &TcContext, cfg: &Config, outer: Outer, inner_src: &mut Addr) -> u32 {
+    let mut sender = Addr::ZERO;
+    if outer_source(ctx, outer, &mut sender).is_none() {
+        return MALFORMED;
+    }
+    let inner_ethertype = outer.inner;
+    let at = ETH_HLEN + outer.len();
+    if inner_ethertype == ETH_P_IP {
+        let Some(a) = read::<4>(ctx, at + 12) else {
+            return MALFORMED;
+        };
+        *inner_src = Addr::from_v4_octets(a);
+    } else {
+        let Some(a) = read::<16>(ctx, at + 8) else {
+            return MALFORMED;
+        };
+        inner_src.bytes = a;
+    }
+    // SAFETY: a plain lookup; the entry is only read.
+    if let Some(node) = unsafe { INSTANCE_NODES.get(*inner_src) } {
+        if node.node_ip == sender || trusted(&sender) {
+            return ACCEPT;
+        }
+        return FORGED;
+    }
+    if !in_service_range(cfg, inner_src) {
+        return BAD_INNER_SOURCE;
+    }
+    if trusted(&sender) {
+        return ACCEPT;
+    }
+    // Only worth asking about when it is for a container here.
+    if !for_local_container(ctx, at, inner_ethertype) {
+        return NOT_LOCAL;
+    }
+    HOLD
+}
+
+/// The outer source address: the sending node.
+#[inline(always)]
+fn outer_source(ctx: &TcContext, outer: Outer, sender: &mut Addr) -> Option<()> {
+    if outer.v6 {
+        sender.bytes = read::<16>(ctx, ETH_HLEN + 8)?;
+    } else {
+        *sender = Addr::from_v4_octets(read::<4>(ctx, ETH_HLEN + 12)?);
+    }
+    Some(())
+}
+
+/// `N` bytes at `off`: straight from the packet when they are in its linear
+/// part, through the load helper otherwise.
+#[inline(always)]
+fn read<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + N <= end {
+        // SAFETY: the N bytes lie between data and data_end, checked just
+        // above (the verifier checks it too).
+        Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
+    } else {
+        ctx.load(off).ok()
+    }
+}
+
+#[inline(always)]
+fn trusted(sender: &Addr) -> bool {
+    let key = Key::new(128, *sender);
+    TRUSTED_PEERS.get(&key).is_some()
+}
+
+#[inline(always)]
+fn for_local_container(ctx: &TcContext, inner_at: usize, inner_ethertype: u16) -> bool {
+    let mut dst = Addr::ZERO;
+    if inner_ethertype == ETH_P_IP {
+        let Some(a) = read::<4>(ctx, inner_at + 16) else {
+            return false;
+        };
+        dst = Addr::from_v4_octets(a);
+    } else {
+        let Some(a) = read::<16>(ctx, inner_at + 24) else {
+            return false;
+        };
+        dst.bytes = a;
+    }
+    // SAFETY: a plain lookup; the entry is only read.
+    unsafe { INSTANCES.get(dst) }.is_some_and(|i| i.flags & INSTANCE_LOCAL != 0)
+}

@@ -1,0 +1,798 @@
+//! Attacks on the overlay, tried for real: NetManagers with the eBPF
+//! dataplane on namespace nodes, a mosquitto and a cluster double on the
+//! underlay, real traffic between namespace containers.
+//!
+//! - a third host on the underlay (not a node) injects tunnel datagrams with
+//!   a forged inner source, and with the source of an instance that runs on
+//!   another node: none reaches the container; meanwhile a client on a node
+//!   this node has never heard of gets its first SYN through unretransmitted;
+//! - a container sends with its neighbour's address: dropped;
+//! - one container churns through many short flows while another keeps a
+//!   long stream open: the stream arrives intact;
+//! - one container floods the node with packets to random service
+//!   addresses: the node keeps answering, its neighbour still reaches a
+//!   service it has never used, NetManager stays under 64 MiB and no
+//!   pending mark is left behind.
+//!
+//! Needs root, bpffs, mosquitto and python3.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const N1: &str = "6650aa00bb22cc33dd44a011";
+const N2: &str = "6650aa00bb22cc33dd44a022";
+const SERVER: &str = "atk.test.server.test";
+const CLIENT: &str = "atk.test.client.test";
+const NEIGHBOUR: &str = "atk.test.neighbour.test";
+const OTHER: &str = "atk.test.other.test";
+
+/// Receives UDP datagrams on [::]:PORT (v4 and v6) and appends
+/// "<payload> from <source address>" per datagram to FILE.
+const UDP_LOG: &str = r#"
+import socket, sys
+port, path = int(sys.argv[1]), sys.argv[2]
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", port))
+open(path, "a").close()
+while True:
+    d, a = s.recvfrom(2048)
+    src = a[0][7:] if a[0].startswith("::ffff:") else a[0]
+    with open(path, "a") as f:
+        f.write("%s from %s\n" % (d.decode(errors="replace"), src))
+"#;
+
+/// Sends one UDP datagram PAYLOAD from SRC (bound, port any) to DST:PORT.
+const UDP_SEND: &str = r#"
+import socket, sys
+src, dst, port, payload = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+if src != "-":
+    s.bind((src, 0))
+s.sendto(payload.encode(), (dst, port))
+"#;
+
+/// A tunnel datagram built by hand, as an attacker on the underlay would:
+/// UDP from our tunnel port to NODE:50103 carrying an IPv4 or IPv6 packet
+/// INNER_SRC -> INNER_DST, UDP to port 9000, with valid checksums.
+const INJECT: &str = r#"
+import socket, struct, sys, ipaddress
+node, inner_src, inner_dst, payload = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode()
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return (~s) & 0xffff
+src, dst = ipaddress.ip_address(inner_src), ipaddress.ip_address(inner_dst)
+udp_len = 8 + len(payload)
+udp = struct.pack("!HHHH", 40000, 9000, udp_len, 0) + payload
+if src.version == 4:
+    pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, 17, udp_len)
+    udp = udp[:6] + struct.pack("!H", csum(pseudo + udp)) + udp[8:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 1, 0x4000, 64, 17, 0, src.packed, dst.packed)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+else:
+    pseudo = src.packed + dst.packed + struct.pack("!I3xB", udp_len, 17)
+    udp = udp[:6] + struct.pack("!H", csum(pseudo + udp)) + udp[8:]
+    ip = struct.pack("!IHBB16s16s", 6 << 28, udp_len, 17, 64, src.packed, dst.packed)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 50103))
+s.sendto(ip + udp, (node, 50103))
+"#;
+
+/// A long TCP conversation: SIZE random bytes to ADDR:PORT in two halves,
+/// waiting for the file GO between them; prints "ok" when the server's
+/// "<bytes> <sha256>" answer matches, "MISMATCH ..." otherwise.
+const LONG_STREAM: &str = r#"
+import hashlib, os, socket, sys, time
+addr, port, size, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+data = os.urandom(size)
+c = socket.create_connection((addr, port), timeout=20)
+c.sendall(data[: size // 2])
+print("half", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.05)
+try:
+    c.sendall(data[size // 2 :])
+    c.shutdown(socket.SHUT_WR)
+    answer = b""
+    while True:
+        d = c.recv(1000)
+        if not d:
+            break
+        answer += d
+except OSError as e:
+    print("MISMATCH", e, flush=True)
+    sys.exit(1)
+expected = "%d %s" % (size, hashlib.sha256(data).hexdigest())
+print("ok" if answer.decode() == expected else "MISMATCH " + answer.decode(), flush=True)
+"#;
+
+/// COUNT short UDP flows to ADDR: a fresh socket (so a fresh source port)
+/// for each, a few datagrams each, like short connections.
+const CHURN: &str = r#"
+import socket, sys
+addr, count = sys.argv[1], int(sys.argv[2])
+for i in range(count):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(3):
+        s.sendto(b"churn", (addr, 9))
+    s.close()
+"#;
+
+/// Sends UDP to random addresses of the service ranges (IPv6 fdff::/16 and
+/// IPv4 10.30.0.0/16, three to one) for SECONDS; prints how many it sent.
+const MISS_FLOOD: &str = r#"
+import random, socket, sys, time
+end = time.time() + float(sys.argv[1])
+s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+sent = 0
+while time.time() < end:
+    for _ in range(200):
+        try:
+            if sent % 4:
+                s6.sendto(b"flood", ("fdff:%x:%x:%x::%x" % tuple(random.getrandbits(16) for _ in range(4)), 9))
+            else:
+                s4.sendto(b"flood", ("10.30.%d.%d" % (random.randrange(256), random.randrange(1, 255)), 9))
+            sent += 1
+        except OSError:
+            pass
+print(sent, flush=True)
+"#;
+
+fn instance(
+    number: u32,
+    ns: (&str, &str),
+    host: &str,
+    rr: (&str, &str),
+    inst: (&str, &str),
+) -> Value {
+    json!({"instance_number": number, "namespace_ip": ns.0, "namespace_ip_v6": ns.1,
+           "host_ip": host, "host_port": 50103,
+           "service_ip": [
+               {"IpType": "RR", "Address": rr.0, "Address_v6": rr.1},
+               {"IpType": "instance_ip", "Address": inst.0, "Address_v6": inst.1}]})
+}
+
+fn prerequisites(test: &str) -> bool {
+    if !require_root(test) {
+        return false;
+    }
+    if try_run(&["python3", "-c", "pass"]).is_none() || !Path::new("/sys/fs/bpf").exists() {
+        eprintln!("SKIP {test}: needs python3 and bpffs");
+        return false;
+    }
+    true
+}
+
+/// Two registered nodes (198.51.100.1 and .2) with the eBPF dataplane, a
+/// broker and a cluster double at .254. Node 2's subnet is 10.18.1.0.
+/// Fields drop in order: the daemons (which print their logs when a test
+/// fails) before the directory that holds the logs.
+struct Cluster {
+    nm1: Daemon,
+    nm2: Daemon,
+    _csm: ClusterDouble,
+    _broker: Broker,
+    _nodes: (Netns, Netns),
+    /// A third host on the underlay, no node: the attacker.
+    attacker: Netns,
+    _underlay: Underlay,
+    dir: TempDir,
+}
+
+impl Cluster {
+    fn start(tables: &[(&str, Value)], node1_config: Value) -> Cluster {
+        let dir = TempDir::new();
+        let underlay = Underlay::new();
+        // Every host joins the underlay bridge before anyone talks over it:
+        // a new bridge port can change the bridge's MAC address under the
+        // nodes' ARP entries for the broker.
+        let (n1, n2, attacker) = (underlay.node(1), underlay.node(2), underlay.node(3));
+        let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
+        let csm = ClusterDouble::start_at(
+            "198.51.100.254",
+            broker.port,
+            Some(&underlay.ns),
+            ("10.18.0.0", "fc00::"),
+        );
+        csm.subnets
+            .lock()
+            .unwrap()
+            .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
+        for (job, table) in tables {
+            csm.set_table(job, table.clone());
+        }
+        let nm1 = Daemon::start_ebpf_with(
+            &dir,
+            &n1,
+            broker.port,
+            "n1",
+            EbpfOptions {
+                netcfg: node1_config,
+                ..EbpfOptions::default()
+            },
+        );
+        let nm2 = Daemon::start_ebpf(&dir, &n2, broker.port, "n2");
+        for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
+            let (code, body) = nm.post(
+                "/register",
+                &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
+            );
+            assert_eq!(code, 200, "{body}");
+        }
+        Cluster {
+            nm1,
+            nm2,
+            _csm: csm,
+            _broker: broker,
+            _nodes: (n1, n2),
+            attacker,
+            _underlay: underlay,
+            dir,
+        }
+    }
+
+    /// Path of one of the Python helpers above, written on first use.
+    fn script(&self, name: &str) -> String {
+        let text = match name {
+            "udp_log.py" => UDP_LOG,
+            "udp_send.py" => UDP_SEND,
+            "inject.py" => INJECT,
+            "long_stream.py" => LONG_STREAM,
+            "churn.py" => CHURN,
+            "miss_flood.py" => MISS_FLOOD,
+            other => panic!("no script {other}"),
+        };
+        let p = self.dir.path(name);
+        if !p.exists() {
+            std::fs::write(&p, text).unwrap();
+        }
+        p.to_string_lossy().into_owned()
+    }
+}
+
+/// Deploys `c` as instance 0 of `job` and checks its namespace address.
+fn deploy(nm: &Daemon, c: &Proc, job: &str, expect: &str) {
+    let (code, a) = nm.post(
+        "/container/deploy",
+        &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
+            .to_string(),
+    );
+    assert_eq!((code, a["nsAddress"].clone()), (200, json!(expect)), "{a}");
+}
+
+fn spawn_in(c: &Proc, args: &[&str]) -> Proc {
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.args(["-t", &c.pid().to_string(), "-n"])
+        .args(args)
+        .stdout(std::process::Stdio::null());
+    Proc(cmd.spawn().unwrap())
+}
+
+fn udp_log(c: &Proc, script: &str, path: &Path) -> Proc {
+    let p = spawn_in(c, &["python3", script, "9000", &path.to_string_lossy()]);
+    wait_until("UDP receiver", Duration::from_secs(10), || path.exists());
+    p
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Counters of a node's dataplane by name.
+fn counters(nm: &Daemon) -> HashMap<String, u64> {
+    let (_, st) = nm.get("/status");
+    st["dataplane"]["counters"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no counters in {st}"))
+        .iter()
+        .map(|c| (c[0].as_str().unwrap().to_string(), c[1].as_u64().unwrap()))
+        .collect()
+}
+
+fn counter(nm: &Daemon, name: &str) -> u64 {
+    counters(nm).get(name).copied().unwrap_or(0)
+}
+
+/// The namespace's count of retransmitted SYNs.
+fn syn_retransmits(c: &Proc) -> u64 {
+    let out = in_pid_ns(c.pid(), &["nstat", "-az", "TcpExtTCPSynRetrans"]).unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix("TcpExtTCPSynRetrans"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no TcpExtTCPSynRetrans in {out:?}"))
+}
+
+fn stream_server(c: &Proc, port: u16) -> Proc {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/scripts/stream_server.py"
+    );
+    let p = spawn_in(c, &["python3", script, "0.0.0.0", &port.to_string()]);
+    wait_until("stream server", Duration::from_secs(10), || {
+        in_pid_ns(
+            c.pid(),
+            &[
+                "sh",
+                "-c",
+                &format!("busybox netstat -ltn | grep -q :{port}"),
+            ],
+        )
+        .is_some()
+    });
+    p
+}
+
+/// A third host on the underlay injects tunnel datagrams into node 1: with
+/// the inner source of an instance node 1 knows runs on node 2, of one it
+/// has not heard of yet (node 1 asks the cluster, which names node 2), and
+/// of an address no instance has. None reaches the container. Before that,
+/// a client on node 2 -- a node absent from node 1's tables -- connects to
+/// node 1's server: its first SYN is held, resolved and delivered, never
+/// retransmitted.
+#[test]
+fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
+    let test = "tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender";
+    if !prerequisites(test) {
+        return;
+    }
+    let c = Cluster::start(
+        &[
+            (
+                SERVER,
+                json!({"instance_list": [instance(0, ("10.18.0.2", "fc00::2"), "198.51.100.1",
+                    ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
+            ),
+            (
+                CLIENT,
+                json!({"instance_list": [instance(0, ("10.18.1.2", "fc00::102"), "198.51.100.2",
+                    ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
+            ),
+            // Runs on node 2 as far as the cluster knows; node 1 has never
+            // asked about it.
+            (
+                OTHER,
+                json!({"instance_list": [instance(0, ("10.18.1.9", "fc00::109"), "198.51.100.2",
+                    ("10.30.1.9", "fdff:2000::1:9"), ("10.30.0.9", "fdff::9"))]}),
+            ),
+        ],
+        json!({}),
+    );
+    let (server, client) = (container(), container());
+    deploy(&c.nm1, &server, SERVER, "10.18.0.2");
+    deploy(&c.nm2, &client, CLIENT, "10.18.1.2");
+    let _tcp = stream_server(&server, 7000);
+
+    // A first connection from node 2, whose instances node 1 has never
+    // seen: held, resolved through the cluster, delivered.
+    let before = syn_retransmits(&client);
+    let stream = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/scripts/stream_client.py"
+    );
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", &client.pid().to_string(), "-n", "python3", stream])
+        .args(["10.30.1.1", "7000", "100000"])
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout.starts_with(b"ok"),
+        "first connection: {}{}\nnode 1:\n{}\nnode 2:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        c.nm1.log_text(),
+        c.nm2.log_text()
+    );
+    assert_eq!(
+        syn_retransmits(&client),
+        before,
+        "the first SYN from an unknown node was held and delivered, not lost"
+    );
+    assert!(
+        counter(&c.nm1, "peer_held") >= 1,
+        "node 1 did not know node 2's client: its first datagrams were held"
+    );
+
+    let log = c.dir.path("received.log");
+    let _rx = udp_log(&server, &c.script("udp_log.py"), &log);
+    let send = c.script("udp_send.py");
+    let legit = |tag: &str| {
+        wait_until(&format!("{tag} delivered"), Duration::from_secs(15), || {
+            in_pid_ns(
+                client.pid(),
+                &["python3", &send, "-", "10.30.1.1", "9000", tag],
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            lines(&log).iter().any(|l| l.starts_with(tag))
+        });
+    };
+    legit("legit-1");
+
+    let inject = c.script("inject.py");
+    let forged = [
+        // An instance node 1 knows (from the connection above) to run on node 2.
+        ("forged-known-v4", "10.30.0.1", "10.18.0.2"),
+        ("forged-known-v6", "fdff::1", "fc00::2"),
+        // An instance node 1 has not heard of; the cluster says node 2 runs it.
+        ("forged-other-node", "10.30.0.9", "10.18.0.2"),
+        // No instance has this address.
+        ("forged-unknown", "10.30.0.77", "10.18.0.2"),
+    ];
+    for round in 0..3 {
+        for (tag, src, dst) in forged {
+            let out = run(&[
+                "ip",
+                "netns",
+                "exec",
+                &c.attacker.name,
+                "python3",
+                &inject,
+                "198.51.100.1",
+                src,
+                dst,
+                tag,
+            ]);
+            assert!(out.is_empty(), "{out}");
+        }
+        if round == 0 {
+            // Let node 1 resolve the first datagrams it held.
+            std::thread::sleep(Duration::from_millis(800));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    legit("legit-2");
+
+    let got = lines(&log);
+    assert!(
+        got.iter().all(|l| !l.starts_with("forged")),
+        "datagrams from a host that is no node reached the container: {got:?}\nnode 1:\n{}",
+        c.nm1.log_text()
+    );
+    assert!(got.iter().any(|l| l == "legit-2 from 10.30.0.1"), "{got:?}");
+    let counts = counters(&c.nm1);
+    assert!(counts["drop_forged_source"] >= 2, "{counts:?}");
+    let (_, st) = c.nm1.get("/status");
+    let resolver = &st["resolver"];
+    assert!(
+        resolver["refused_wrong_node"].as_u64().unwrap_or(0) >= 1,
+        "the instance the cluster places on node 2 came from elsewhere: {resolver}"
+    );
+    assert!(
+        resolver["failed"].as_u64().unwrap_or(0) >= 1,
+        "no instance has 10.30.0.77: {resolver}"
+    );
+    drop(c);
+}
+
+/// A container that sends with its neighbour's address is dropped at its
+/// own veth; both keep sending as themselves.
+#[test]
+fn a_container_cannot_send_as_its_neighbour() {
+    let test = "a_container_cannot_send_as_its_neighbour";
+    if !prerequisites(test) {
+        return;
+    }
+    let c = Cluster::start(
+        &[
+            (
+                CLIENT,
+                json!({"instance_list": [instance(0, ("10.18.0.2", "fc00::2"), "198.51.100.1",
+                    ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
+            ),
+            (
+                NEIGHBOUR,
+                json!({"instance_list": [instance(0, ("10.18.0.3", "fc00::3"), "198.51.100.1",
+                    ("10.30.1.3", "fdff:2000::1:3"), ("10.30.0.5", "fdff::5"))]}),
+            ),
+            (
+                SERVER,
+                json!({"instance_list": [instance(0, ("10.18.1.2", "fc00::102"), "198.51.100.2",
+                    ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
+            ),
+        ],
+        json!({}),
+    );
+    let (a, b, server) = (container(), container(), container());
+    deploy(&c.nm1, &a, CLIENT, "10.18.0.2");
+    deploy(&c.nm1, &b, NEIGHBOUR, "10.18.0.3");
+    deploy(&c.nm2, &server, SERVER, "10.18.1.2");
+    let log = c.dir.path("received.log");
+    let _rx = udp_log(&server, &c.script("udp_log.py"), &log);
+    let send = c.script("udp_send.py");
+    let sent_as = |who: &Proc, src: &str, tag: &str| {
+        in_pid_ns(
+            who.pid(),
+            &["python3", &send, src, "10.30.1.1", "9000", tag],
+        );
+    };
+    let arrived = |tag: &str| {
+        wait_until(&format!("{tag} delivered"), Duration::from_secs(15), || {
+            lines(&log).iter().any(|l| l.starts_with(tag))
+        });
+    };
+    for (who, src, tag) in [(&a, "10.18.0.2", "a-legit"), (&b, "10.18.0.3", "b-legit")] {
+        wait_until(&format!("{tag} sent"), Duration::from_secs(15), || {
+            sent_as(who, src, tag);
+            std::thread::sleep(Duration::from_millis(200));
+            lines(&log).iter().any(|l| l.starts_with(tag))
+        });
+    }
+    // A takes B's address as a second one and sends from it.
+    run(&[
+        "nsenter",
+        "-t",
+        &a.pid().to_string(),
+        "-n",
+        "ip",
+        "addr",
+        "add",
+        "10.18.0.3/32",
+        "dev",
+        "eth0",
+        "noprefixroute",
+    ]);
+    for _ in 0..3 {
+        sent_as(&a, "10.18.0.3", "a-spoof");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sent_as(&a, "10.18.0.2", "a-after");
+    arrived("a-after");
+    let got = lines(&log);
+    assert!(
+        got.contains(&"a-legit from 10.30.0.1".to_string()),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&"b-legit from 10.30.0.5".to_string()),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().all(|l| !l.starts_with("a-spoof")),
+        "A reached the service as B: {got:?}"
+    );
+    assert!(counter(&c.nm1, "drop_spoofed_source") >= 3);
+    drop(c);
+}
+
+/// One container opens thousands of short flows while another holds a long
+/// TCP stream to a round-robin service with two backends; the stream's
+/// flow must neither be evicted nor switch backend. Node 1's flow tables are
+/// small (1024) so the churn outgrows them.
+#[test]
+fn one_containers_flow_churn_does_not_break_anothers_stream() {
+    let test = "one_containers_flow_churn_does_not_break_anothers_stream";
+    if !prerequisites(test) {
+        return;
+    }
+    let c = Cluster::start(
+        &[
+            (
+                CLIENT,
+                json!({"instance_list": [instance(0, ("10.18.0.2", "fc00::2"), "198.51.100.1",
+                    ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
+            ),
+            (
+                NEIGHBOUR,
+                json!({"instance_list": [instance(0, ("10.18.0.3", "fc00::3"), "198.51.100.1",
+                    ("10.30.1.3", "fdff:2000::1:3"), ("10.30.0.5", "fdff::5"))]}),
+            ),
+            (
+                SERVER,
+                json!({"instance_list": [
+                    instance(0, ("10.18.1.2", "fc00::102"), "198.51.100.2",
+                        ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2")),
+                    instance(1, ("10.18.1.3", "fc00::103"), "198.51.100.2",
+                        ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.3", "fdff::3"))]}),
+            ),
+        ],
+        json!({"FlowTableSize": 1024}),
+    );
+    let (streamer, churner, s0, s1) = (container(), container(), container(), container());
+    deploy(&c.nm1, &streamer, CLIENT, "10.18.0.2");
+    deploy(&c.nm1, &churner, NEIGHBOUR, "10.18.0.3");
+    deploy(&c.nm2, &s0, SERVER, "10.18.1.2");
+    let (code, a) = c.nm2.post(
+        "/container/deploy",
+        &json!({"pid": s1.pid(), "serviceName": SERVER, "instanceNumber": 1, "portMappings": ""})
+            .to_string(),
+    );
+    assert_eq!(
+        (code, a["nsAddress"].clone()),
+        (200, json!("10.18.1.3")),
+        "{a}"
+    );
+    let _servers = (stream_server(&s0, 8080), stream_server(&s1, 8080));
+    let go = c.dir.path("go");
+    let long = c.script("long_stream.py");
+    let mut stream = spawn_piped(
+        &streamer,
+        &[
+            "python3",
+            &long,
+            "10.30.1.1",
+            "8080",
+            "4000000",
+            &go.to_string_lossy(),
+        ],
+    );
+    assert_eq!(read_line(&mut stream), "half");
+    let churn = c.script("churn.py");
+    let out = in_pid_ns(churner.pid(), &["python3", &churn, "10.30.0.3", "30000"]);
+    assert!(out.is_some(), "churn failed");
+    std::fs::write(&go, "").unwrap();
+    let result = read_line(&mut stream);
+    assert_eq!(
+        result,
+        "ok",
+        "the long stream broke under another container's churn\nnode 1:\n{}",
+        c.nm1.log_text()
+    );
+    assert!(
+        counter(&c.nm1, "drop_flow_quota") > 0,
+        "{:?} {}",
+        counters(&c.nm1),
+        c.nm1.get("/status").1["dataplane"]["maps"]
+    );
+    drop(c);
+}
+
+/// Entries of one of a node's dataplane maps.
+fn map_entries(nm: &Daemon, name: &str) -> u64 {
+    let (_, st) = nm.get("/status");
+    st["dataplane"]["maps"]
+        .as_array()
+        .and_then(|maps| maps.iter().find(|m| m[0] == name))
+        .and_then(|m| m[1].as_u64())
+        .unwrap_or_else(|| panic!("no map {name} in {}", st["dataplane"]))
+}
+
+/// One container sends to random service addresses for ten seconds, each
+/// a miss. Meanwhile node 1 keeps answering its API, its neighbour's
+/// traffic to a known service keeps flowing, and the neighbour's first
+/// datagrams to a service node 1 has never resolved get through: the
+/// flooder uses up its own share of the cluster queries, not theirs.
+/// NetManager's memory stays under 64 MiB throughout, and once the flood
+/// ends no pending mark is left in the dataplane.
+#[test]
+fn a_miss_flood_from_one_container_leaves_the_node_answering() {
+    let test = "a_miss_flood_from_one_container_leaves_the_node_answering";
+    if !prerequisites(test) {
+        return;
+    }
+    const RSS_CAP: u64 = 64 << 20;
+    let c = Cluster::start(
+        &[
+            (
+                CLIENT,
+                json!({"instance_list": [instance(0, ("10.18.0.2", "fc00::2"), "198.51.100.1",
+                    ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
+            ),
+            (
+                NEIGHBOUR,
+                json!({"instance_list": [instance(0, ("10.18.0.3", "fc00::3"), "198.51.100.1",
+                    ("10.30.1.3", "fdff:2000::1:3"), ("10.30.0.5", "fdff::5"))]}),
+            ),
+            (
+                SERVER,
+                json!({"instance_list": [instance(0, ("10.18.1.2", "fc00::102"), "198.51.100.2",
+                    ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
+            ),
+            (
+                OTHER,
+                json!({"instance_list": [instance(0, ("10.18.1.3", "fc00::103"), "198.51.100.2",
+                    ("10.30.1.9", "fdff:2000::1:9"), ("10.30.0.9", "fdff::9"))]}),
+            ),
+        ],
+        json!({}),
+    );
+    let (client, flooder, server, other) = (container(), container(), container(), container());
+    deploy(&c.nm1, &client, CLIENT, "10.18.0.2");
+    deploy(&c.nm1, &flooder, NEIGHBOUR, "10.18.0.3");
+    deploy(&c.nm2, &server, SERVER, "10.18.1.2");
+    deploy(&c.nm2, &other, OTHER, "10.18.1.3");
+    let (log, other_log) = (c.dir.path("server.log"), c.dir.path("other.log"));
+    let _rx = (
+        udp_log(&server, &c.script("udp_log.py"), &log),
+        udp_log(&other, &c.script("udp_log.py"), &other_log),
+    );
+    let send = c.script("udp_send.py");
+    let send_to = |addr: &str, tag: &str| {
+        in_pid_ns(client.pid(), &["python3", &send, "-", addr, "9000", tag]);
+    };
+    wait_until(
+        "the client reaches the server",
+        Duration::from_secs(15),
+        || {
+            send_to("10.30.1.1", "before");
+            std::thread::sleep(Duration::from_millis(200));
+            lines(&log).iter().any(|l| l.starts_with("before"))
+        },
+    );
+    let rss_before = c.nm1.rss_bytes();
+
+    let mut flood = spawn_piped(&flooder, &["python3", &c.script("miss_flood.py"), "10"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut rss_max = rss_before;
+    let mut api_answers = 0;
+    for round in 0..5 {
+        let (code, _) = c.nm1.get("/status");
+        api_answers += usize::from(code == 200);
+        rss_max = rss_max.max(c.nm1.rss_bytes());
+        send_to("10.30.1.1", &format!("during-{round}"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A service node 1 has never resolved, asked for once in the middle of
+    // the flood: held, resolved and delivered. The flooder has used up its
+    // own share of the cluster queries, not its neighbour's.
+    send_to("10.30.1.9", "first");
+    wait_until(
+        "the neighbour's first datagram to a new service",
+        Duration::from_secs(5),
+        || lines(&other_log).iter().any(|l| l.starts_with("first")),
+    );
+    let sent: u64 = read_line(&mut flood).parse().unwrap_or(0);
+    rss_max = rss_max.max(c.nm1.rss_bytes());
+    let resolver = c.nm1.get("/status").1["resolver"].clone();
+    let missed = counter(&c.nm1, "miss_held");
+
+    assert_eq!(api_answers, 5, "node 1's API stopped answering");
+    let got = lines(&log);
+    assert!(
+        (0..5).all(|r| got.contains(&format!("during-{r} from 10.30.0.1"))),
+        "the neighbour's established traffic suffered: {got:?}"
+    );
+    assert!(
+        sent > 10_000 && missed > 1_000,
+        "the flood was too weak to prove anything: {sent} sent, {missed} misses"
+    );
+    assert!(
+        resolver["refused_rate"].as_u64().unwrap_or(0) > 0,
+        "the flooder's misses were not rate-limited: {resolver}"
+    );
+    assert!(
+        rss_max < RSS_CAP,
+        "NetManager grew to {rss_max} bytes under the flood (before: {rss_before})"
+    );
+    wait_until("no pending mark left", Duration::from_secs(10), || {
+        map_entries(&c.nm1, "PENDING") == 0
+    });
+    eprintln!(
+        "miss flood: {sent} datagrams, {missed} misses held, resolver {resolver}, \
+         RSS {rss_before} -> max {rss_max} bytes"
+    );
+    drop(c);
+}
+
+fn spawn_piped(c: &Proc, args: &[&str]) -> Proc {
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.args(["-t", &c.pid().to_string(), "-n"])
+        .args(args)
+        .stdout(std::process::Stdio::piped());
+    Proc(cmd.spawn().unwrap())
+}
+
+/// One line of the child's output, read byte by byte so nothing of the
+/// next line is buffered away.
+fn read_line(child: &mut Proc) -> String {
+    let out = child.0.stdout.as_mut().expect("piped stdout");
+    let mut line = String::new();
+    let mut byte = [0u8; 1];
+    while std::io::Read::read(out, &mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+        line.push(byte[0] as char);
+    }
+    line.trim().to_string()
+}

@@ -1,0 +1,139 @@
+#!/bin/sh
+# Per-packet cost of the overlay programs under real traffic, from the
+# kernel's BPF run-time statistics (run_time_ns / run_cnt).
+#
+# Two namespace nodes on a private underlay (198.51.100.0/24 inside
+# namespaces only), one container behind each, oak-static-dataplane on both
+# (the real programs, the daemon's default map sizes), then:
+#   - iperf3 TCP, one stream, container 1 -> service IP -> container 2;
+#   - iperf3 UDP, 64-byte payloads, same path.
+# For each run: ns/packet of container_egress on node 1 (translate +
+# encapsulate + redirect, the data direction) and uplink_ingress on node 2
+# (decapsulate + checks + redirect).
+#
+# Usage (root): tests/scripts/real_prog_cost.sh path/to/oak-static-dataplane [SECONDS]
+# Names carry the shell's pid, so parallel runs do not collide. The
+# statistics switch (kernel.bpf_stats_enabled) is global: it is restored to
+# its previous value on exit.
+set -eu
+BIN=${1:?usage: $0 path/to/oak-static-dataplane [SECONDS]}
+SECS=${2:-10}
+P=oakrc$$
+PIN=/sys/fs/bpf/$P
+STATS_BEFORE=$(sysctl -n kernel.bpf_stats_enabled)
+PIDS=""
+
+cleanup() {
+    for p in $PIDS; do kill "$p" 2>/dev/null || true; done
+    sleep 0.3
+    rm -rf "$PIN-n1" "$PIN-n2" "/tmp/$P-"*.json
+    for n in c1 c2 n1 n2 u; do ip netns del "$P-$n" 2>/dev/null || true; done
+    sysctl -qw kernel.bpf_stats_enabled="$STATS_BEFORE"
+}
+trap cleanup EXIT INT TERM
+
+nsx() { ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+for n in u n1 n2 c1 c2; do ip netns add "$P-$n"; nsx "$P-$n" ip link set lo up; done
+nsx "$P-u" ip link add br0 type bridge
+nsx "$P-u" ip link set br0 up
+i=1
+for n in n1 n2; do
+    ip link add eth0 netns "$P-$n" type veth peer name "u-$n" netns "$P-u"
+    nsx "$P-u" ip link set "u-$n" master br0 up
+    nsx "$P-$n" ip addr add "198.51.100.$i/24" dev eth0
+    nsx "$P-$n" ip link set eth0 up
+    nsx "$P-$n" sysctl -qw net.ipv4.ip_forward=1
+    nsx "$P-$n" ip link add goProxyBridge type bridge
+    nsx "$P-$n" ip link set goProxyBridge up
+    i=$((i + 1))
+done
+nsx "$P-n1" ip addr add 10.18.0.1/26 dev goProxyBridge
+nsx "$P-n2" ip addr add 10.18.0.65/26 dev goProxyBridge
+container() { # node ns ip gw last-octet
+    ip link add "veth-$2" netns "$P-$1" type veth peer name eth0 netns "$P-$2"
+    nsx "$P-$1" ip link set "veth-$2" master goProxyBridge up
+    nsx "$P-$2" ip link set eth0 address "02:00:0a:12:00:$5" mtu 1450 up
+    nsx "$P-$2" ip addr add "$3/26" dev eth0
+    nsx "$P-$2" ip route add default via "$4"
+}
+container n1 c1 10.18.0.2 10.18.0.1 02
+container n2 c2 10.18.0.66 10.18.0.65 42
+
+table() { # node node-ip local-ns local-inst local-veth local-mac remote-ns remote-inst remote-node
+    cat >"/tmp/$P-$1.json" <<EOF
+{"pin_dir": "$PIN-$1", "uplink": "eth0", "node_ip": "$2",
+ "service_ranges": [["10.30.0.0", 16], ["fdff::", 16]],
+ "instances": [
+   {"ns_ip": "$3", "instance_ip": "$4", "node_ip": "$2", "veth": "$5", "mac": $6},
+   {"ns_ip": "$7", "instance_ip": "$8", "node_ip": "$9"}],
+ "services": [
+   {"ip": "10.30.55.56", "kind": "RR", "backends": ["10.18.0.66"]},
+   {"ip": "10.30.0.3", "kind": "instance_ip", "backends": ["10.18.0.2"]},
+   {"ip": "10.30.0.5", "kind": "instance_ip", "backends": ["10.18.0.66"]}]}
+EOF
+}
+table n1 198.51.100.1 10.18.0.2 10.30.0.3 veth-c1 "[2,0,10,18,0,2]" 10.18.0.66 10.30.0.5 198.51.100.2
+table n2 198.51.100.2 10.18.0.66 10.30.0.5 veth-c2 "[2,0,10,18,0,66]" 10.18.0.2 10.30.0.3 198.51.100.1
+
+start_dp() { # node
+    fifo=/tmp/$P-$1.ready
+    mkfifo "$fifo"
+    nsenter --net="/run/netns/$P-$1" "$BIN" "/tmp/$P-$1.json" >"$fifo" &
+    PIDS="$PIDS $!"
+    read -r line <"$fifo"
+    rm -f "$fifo"
+    [ "$line" = ready ] || { echo "dataplane on $1 did not start" >&2; exit 1; }
+}
+start_dp n1
+start_dp n2
+
+# The program behind a link NetManager pinned: <pin dir>/links/<program>@<interface>.
+prog_id() { # node program interface
+    bpftool -j link show pinned "$PIN-$1/links/$2@$3" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["prog_id"])'
+}
+stat_of() { # id -> "run_time_ns run_cnt"
+    bpftool -j prog show id "$1" | python3 -c 'import json,sys
+p=json.load(sys.stdin); print(p.get("run_time_ns",0), p.get("run_cnt",0))'
+}
+EG1=$(prog_id n1 container_egress veth-c1)
+IN2=$(prog_id n2 uplink_ingress eth0)
+EG2=$(prog_id n2 container_egress veth-c2)
+IN1=$(prog_id n1 uplink_ingress eth0)
+
+nsx "$P-c1" busybox ping -c 1 -W 2 10.30.55.56 >/dev/null
+
+measure() { # label iperf3-args
+    nsx "$P-c2" iperf3 -s -D -1 >/dev/null 2>&1 || true
+    sleep 0.3
+    sysctl -qw kernel.bpf_stats_enabled=1
+    set -- "$1" "$2" "$(stat_of "$EG1")" "$(stat_of "$IN2")" "$(stat_of "$EG2")" "$(stat_of "$IN1")"
+    nsx "$P-c1" iperf3 -c 10.30.55.56 -t "$SECS" $2 -J >"/tmp/$P-iperf.json" || true
+    a=$(stat_of "$EG1"); b=$(stat_of "$IN2"); c=$(stat_of "$EG2"); d=$(stat_of "$IN1")
+    sysctl -qw kernel.bpf_stats_enabled="$STATS_BEFORE"
+    python3 - "$1" "$3" "$a" "$4" "$b" "$5" "$c" "$6" "$d" "/tmp/$P-iperf.json" <<'EOF'
+import json, sys
+label = sys.argv[1]
+def per(before, after):
+    t0, n0 = map(int, before.split()); t1, n1 = map(int, after.split())
+    n = n1 - n0
+    return ((t1 - t0) / n if n else 0.0), n
+rows = [("node1 container_egress (data: translate+encap)", sys.argv[2], sys.argv[3]),
+        ("node2 uplink_ingress (data: decap+checks)", sys.argv[4], sys.argv[5]),
+        ("node2 container_egress (replies)", sys.argv[6], sys.argv[7]),
+        ("node1 uplink_ingress (replies: decap+reverse)", sys.argv[8], sys.argv[9])]
+try:
+    end = json.load(open(sys.argv[10]))["end"]
+    s = end.get("sum_received") or end.get("sum") or {}
+    rate = "%.2f Gbit/s" % (s.get("bits_per_second", 0) / 1e9)
+except Exception as e:
+    rate = "iperf3 failed: %s" % e
+print("== %s (%s)" % (label, rate))
+for name, b, a in rows:
+    ns, n = per(b, a)
+    print("  %-48s %7.0f ns/packet over %d packets" % (name, ns, n))
+EOF
+}
+measure "TCP, 1 stream" ""
+measure "UDP, 64-byte payloads" "-u -b 0 -l 64"
