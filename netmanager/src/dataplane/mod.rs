@@ -16,29 +16,32 @@ mod address_watch;
 mod attach;
 mod background;
 mod checksum;
+mod config;
 mod devices;
+mod inspect;
+mod loader;
 mod misses;
 mod pins;
 mod slow_path;
 mod tables;
 mod underlay;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult};
-use aya::{Ebpf, EbpfLoader};
-use netmanager_common::{Counter, maps};
+use aya::Ebpf;
 
 pub use attach::{AttachMode, TC_PRIORITY, recorded_filters, remove_recorded_filter};
+pub use config::{DataplaneConfig, MapSizes};
+pub use inspect::DataplaneStatus;
 pub use misses::{INJECT_DEVICE, MissReceiver};
 pub use netmanager_common::{MAP_NAMES, MissReason, ServiceKind};
 pub use slow_path::SlowPathStatus;
 
 use attach::Attachments;
 use background::Background;
+use loader::{expected_layouts, load, load_program, program_mut};
 use tables::Tables;
 use underlay::UnderlayState;
 
@@ -78,71 +81,6 @@ impl DataplaneError {
 
 pub type Result<T> = std::result::Result<T, DataplaneError>;
 
-/// Map sizes (max entries).
-#[derive(Debug, Clone)]
-pub struct MapSizes {
-    pub flows: u32,
-    pub services: u32,
-    pub backends: u32,
-    pub instances: u32,
-    pub pending: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        MapSizes {
-            flows: netmanager_common::DEFAULT_FLOWS,
-            services: netmanager_common::DEFAULT_SERVICES,
-            backends: netmanager_common::DEFAULT_BACKENDS,
-            instances: netmanager_common::DEFAULT_INSTANCES,
-            pending: netmanager_common::DEFAULT_PENDING,
-        }
-    }
-}
-
-/// Everything needed to load (or adopt) the dataplane.
-#[derive(Debug, Clone)]
-pub struct DataplaneConfig {
-    /// bpffs directory for pinned maps and links, e.g. /sys/fs/bpf/oakestra
-    pub pin_dir: PathBuf,
-    /// Uplink interface name (tunnel traffic in and out). Empty: attach
-    /// nothing and create no reinjection device (packet tests).
-    pub uplink: String,
-    /// The address this node advertises (`NodePublicAddress`, or the
-    /// uplink's own), IPv4 or IPv6: the outer source when the node owns it.
-    pub node_ip: IpAddr,
-    /// Tunnel UDP port the node listens on and sends from (50103; what it
-    /// advertises may differ behind NAT).
-    pub tunnel_port: u16,
-    /// Tunnel MTU (1450).
-    pub tunnel_mtu: u16,
-    /// Service address ranges (address, prefix length), v4 and v6.
-    pub service_ranges: Vec<(IpAddr, u8)>,
-    pub sizes: MapSizes,
-    /// Packets held per unknown address while it is resolved.
-    pub miss_hold: u32,
-    /// The container bridge: its addresses are the containers' gateways,
-    /// never tunnel endpoints ("" for none).
-    pub container_bridge: String,
-    /// TCX links, classic tc filters, or whichever this kernel has.
-    pub attach_mode: AttachMode,
-    /// Underlay prefixes (address, prefix length) trusted to send tunnel
-    /// datagrams for any instance (netcfg.json `TunnelPeers`).
-    pub trusted_peers: Vec<(IpAddr, u8)>,
-    /// Most flows one container may hold; 0: a quarter of the flow table.
-    pub flows_per_container: u32,
-}
-
-impl DataplaneConfig {
-    /// The per-container flow limit in force.
-    pub fn flows_per_container(&self) -> u32 {
-        match self.flows_per_container {
-            0 => netmanager_common::default_flows_per_container(self.sizes.flows),
-            n => n,
-        }
-    }
-}
-
 /// A container on this node, as the dataplane needs to know it.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalPort {
@@ -178,26 +116,6 @@ pub struct Miss {
     /// The held Ethernet frame, to pass back to `reinject` (`reinject_tunnel`
     /// for `Peer`) once resolved.
     pub frame: Option<Vec<u8>>,
-}
-
-/// What `NetManager status` prints about the dataplane.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct DataplaneStatus {
-    /// How programs are attached: "tcx" or "netlink".
-    #[serde(default)]
-    pub attach_mode: String,
-    /// (program, interface, hook)
-    pub attachments: Vec<(String, String, String)>,
-    /// (map, entries, max entries)
-    pub maps: Vec<(String, u32, u32)>,
-    /// (counter, packets, bytes)
-    pub counters: Vec<(String, u64, u64)>,
-    /// The node's addresses tunnel datagrams are accepted on.
-    #[serde(default)]
-    pub node_addresses: Vec<String>,
-    /// The slow-path socket's work, when it runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slow_path: Option<SlowPathStatus>,
 }
 
 pub struct Dataplane {
@@ -485,99 +403,6 @@ impl Dataplane {
         r.socket.send(&frame)
     }
 
-    /// The node the tables name for instance address `ip` (the only
-    /// sender its tunnel datagrams are accepted from).
-    pub fn instance_node(&self, ip: IpAddr) -> Result<Option<IpAddr>> {
-        Ok(self.lock().tables.instance_node(ip))
-    }
-
-    /// (opened, closed) flows counted for the container whose veth has
-    /// `ifindex`; the difference is what it holds.
-    pub fn flow_counts(&self, ifindex: u32) -> Result<(u64, u64)> {
-        Ok(self.lock().tables.flow_counts(ifindex))
-    }
-
-    /// Forget the pending marker for an address (resolved or failed).
-    pub fn resolved(&self, addr: IpAddr) -> Result<()> {
-        self.lock().tables.clear_pending(addr)
-    }
-
-    /// Remove flows idle for more than 60 s; returns how many.
-    pub fn expire_flows(&self) -> Result<usize> {
-        self.expire_flows_after(0)
-    }
-
-    /// [`expire_flows`](Self::expire_flows) as it will be `ns` from now
-    /// (tests and tools; the daemon passes 0).
-    pub fn expire_flows_after(&self, ns: u64) -> Result<usize> {
-        self.lock()
-            .tables
-            .expire_flows(addr::monotonic_ns().saturating_add(ns))
-    }
-
-    /// Packets and bytes per counter, summed over CPUs.
-    pub fn counters(&self) -> Result<Vec<(Counter, u64, u64)>> {
-        self.lock().tables.counters()
-    }
-
-    /// Snapshot for `NetManager status`.
-    pub fn status(&self) -> Result<DataplaneStatus> {
-        let state = self.lock();
-        Ok(DataplaneStatus {
-            attach_mode: state.attachments.mode().to_string(),
-            attachments: state.attachments.list(),
-            maps: state.tables.fill(&state.cfg.sizes),
-            counters: state
-                .tables
-                .counters()?
-                .into_iter()
-                .map(|(c, p, b)| (c.name().to_string(), p, b))
-                .collect(),
-            node_addresses: state
-                .underlay
-                .addresses
-                .keys()
-                .map(|a| a.to_string())
-                .collect(),
-            slow_path: self.slow_path.as_ref().map(|c| c.status()),
-        })
-    }
-
-    /// The forward flow cached for `key`, if any (tests, inspection).
-    pub fn flow(
-        &self,
-        key: &netmanager_common::FlowKey,
-    ) -> Result<Option<netmanager_common::Flow>> {
-        Ok(self.lock().tables.flow(key))
-    }
-
-    /// The reverse flow cached for `key`, if any.
-    pub fn reverse_flow(
-        &self,
-        key: &netmanager_common::FlowKey,
-    ) -> Result<Option<netmanager_common::ReverseFlow>> {
-        Ok(self.lock().tables.reverse_flow(key))
-    }
-
-    /// Packets held for an unknown address, if a resolution is pending.
-    pub fn pending(&self, addr: IpAddr) -> Result<Option<u32>> {
-        Ok(self.lock().tables.pending(addr))
-    }
-
-    /// Runs a loaded program on a crafted packet (`BPF_PROG_TEST_RUN`), for
-    /// tests and benchmarks.
-    pub fn test_run(&self, program: &str, opts: TestRunOptions<'_>) -> Result<TestRunResult> {
-        let state = self.lock();
-        let prog: &SchedClassifier = state
-            .ebpf
-            .program(program)
-            .ok_or_else(|| DataplaneError::Other(format!("no program {program}")))?
-            .try_into()
-            .map_err(|e| DataplaneError::bpf(format!("program {program}"), e))?;
-        prog.test_run(opts)
-            .map_err(|e| DataplaneError::bpf(format!("BPF_PROG_TEST_RUN of {program}"), e))
-    }
-
     /// A panic while the lock was held leaves nothing half-done that matters:
     /// each map write is one syscall, and a service's new backend slice only
     /// goes live with its `SERVICES` entry. So carry on rather than fail
@@ -591,170 +416,5 @@ impl State {
     fn attach(&mut self, program: &str, ifname: &str) -> Result<()> {
         let prog = program_mut(&mut self.ebpf, program)?;
         self.attachments.attach(prog, program, ifname)
-    }
-}
-
-/// Map sizes the configuration sets instead of the object's defaults.
-fn size_overrides(cfg: &DataplaneConfig) -> [(&'static str, u32); 7] {
-    [
-        (maps::FLOWS, cfg.sizes.flows),
-        (maps::REVERSE_FLOWS, cfg.sizes.flows),
-        (maps::SERVICES, cfg.sizes.services),
-        (maps::BACKENDS, cfg.sizes.backends),
-        (maps::INSTANCES, cfg.sizes.instances),
-        (maps::INSTANCE_NODES, cfg.sizes.instances),
-        (maps::PENDING, cfg.sizes.pending),
-    ]
-}
-
-/// Every map as the loader will create it: the object's declaration with
-/// the configured sizes.
-fn expected_layouts(cfg: &DataplaneConfig) -> Result<BTreeMap<String, pins::Layout>> {
-    let obj = aya_obj::Object::parse(EBPF_OBJECT)
-        .map_err(|e| DataplaneError::bpf("parsing the embedded eBPF object", e))?;
-    let overrides = size_overrides(cfg);
-    MAP_NAMES
-        .iter()
-        .map(|name| {
-            let m = obj.maps.get(*name).ok_or_else(|| {
-                DataplaneError::Other(format!("the eBPF object has no map {name}"))
-            })?;
-            let max_entries = overrides
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(m.max_entries(), |(_, size)| *size);
-            let layout = pins::Layout {
-                map_type: m.map_type(),
-                key_size: m.key_size(),
-                value_size: m.value_size(),
-                max_entries,
-                flags: m.map_flags(),
-            };
-            Ok((name.to_string(), layout))
-        })
-        .collect()
-}
-
-fn load(cfg: &DataplaneConfig) -> Result<Ebpf> {
-    let pins: Vec<(&str, PathBuf)> = MAP_NAMES
-        .iter()
-        .map(|name| (*name, cfg.pin_dir.join(name)))
-        .collect();
-    let mut loader = EbpfLoader::new();
-    for (name, path) in &pins {
-        loader.map_pin_path(name, path.as_path());
-    }
-    for (name, size) in size_overrides(cfg) {
-        loader.map_max_entries(name, size);
-    }
-    // Read-only for the programs: the verifier drops the decapsulation path
-    // this kernel does not take.
-    let decap_l3 = u8::from(crate::kernel_support::probe().adjust_room_decap_l3);
-    loader.override_global(netmanager_common::DECAP_L3_FLAG_GLOBAL, &decap_l3, true);
-    loader.load(EBPF_OBJECT).map_err(|e| {
-        DataplaneError::bpf(
-            format!(
-                "loading the eBPF object (maps pinned in {})",
-                cfg.pin_dir.display()
-            ),
-            e,
-        )
-    })
-}
-
-/// Verifies and loads a program. The verifier gives up with EAGAIN when a
-/// signal reaches the loading thread (a child process exiting under a
-/// runtime that handles SIGCHLD, say), so that answer is retried, as
-/// libbpf does.
-fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
-    const ATTEMPTS: u32 = 5;
-    let mut attempt = 1;
-    loop {
-        match program_mut(ebpf, name)?.load() {
-            Ok(()) => return Ok(()),
-            Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
-            {
-                tracing::debug!(program = name, attempt, "verification interrupted; again");
-                attempt += 1;
-            }
-            Err(e) => return Err(DataplaneError::bpf(format!("loading program {name}"), e)),
-        }
-    }
-}
-
-fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| DataplaneError::Other(format!("the eBPF object has no program {name}")))?
-        .try_into()
-        .map_err(|e| DataplaneError::bpf(format!("program {name}"), e))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn object() -> aya_obj::Object {
-        aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded eBPF object parses")
-    }
-
-    /// The eBPF side names its maps by Rust identifiers; userspace finds,
-    /// sizes and pins them by `netmanager_common::maps`. This keeps the two
-    /// from drifting apart.
-    #[test]
-    fn the_object_has_exactly_the_common_maps() {
-        // Global data (.rodata...) becomes maps the loader creates and never
-        // pins; only the declared maps count.
-        let mut in_object: Vec<String> = object()
-            .maps
-            .iter()
-            .filter(|(_, m)| {
-                matches!(
-                    m.section_kind(),
-                    aya_obj::EbpfSectionKind::BtfMaps | aya_obj::EbpfSectionKind::Maps
-                )
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        in_object.sort();
-        let mut expected: Vec<String> = MAP_NAMES.iter().map(|n| n.to_string()).collect();
-        expected.sort();
-        assert_eq!(in_object, expected);
-    }
-
-    #[test]
-    fn the_object_declares_the_common_default_sizes() {
-        let obj = object();
-        let defaults = MapSizes::default();
-        for (name, size) in [
-            (maps::FLOWS, defaults.flows),
-            (maps::REVERSE_FLOWS, defaults.flows),
-            (maps::SERVICES, defaults.services),
-            (maps::BACKENDS, defaults.backends),
-            (maps::INSTANCES, defaults.instances),
-            (maps::PENDING, defaults.pending),
-            (maps::INSTANCE_NODES, defaults.instances),
-            (maps::COUNTERS, Counter::COUNT as u32),
-            (maps::MISSES, netmanager_common::DEFAULT_MISS_RING_BYTES),
-            (
-                maps::NODE_ADDRESSES,
-                netmanager_common::DEFAULT_NODE_ADDRESSES,
-            ),
-            (
-                maps::TRUSTED_PEERS,
-                netmanager_common::DEFAULT_TRUSTED_PEERS,
-            ),
-            (maps::FLOW_COUNTS, netmanager_common::DEFAULT_FLOW_COUNTS),
-        ] {
-            assert_eq!(obj.maps[name].max_entries(), size, "max entries of {name}");
-        }
-    }
-
-    #[test]
-    fn the_object_has_all_programs() {
-        let obj = object();
-        for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM, SLOW_PATH_PROGRAM] {
-            assert!(obj.programs.contains_key(name), "program {name}");
-        }
     }
 }
