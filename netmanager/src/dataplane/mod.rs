@@ -14,6 +14,7 @@
 mod addr;
 mod address_watch;
 mod attach;
+mod attach_mode;
 mod background;
 mod checksum;
 mod config;
