@@ -24,6 +24,7 @@ mod loader;
 mod misses;
 mod pins;
 mod slow_path;
+mod slow_path_frame;
 mod tables;
 mod underlay;
 

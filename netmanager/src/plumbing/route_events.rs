@@ -80,7 +80,7 @@ fn concerns_uplink(msg: &NetlinkMessage<RouteNetlinkMessage>) -> bool {
 }
 
 fn is_default_route(r: &RouteMessage) -> bool {
-    r.header.destination_prefix_length == 0 && super::route_table(r) == MAIN_TABLE
+    r.header.destination_prefix_length == 0 && super::uplink::route_table(r) == MAIN_TABLE
 }
 
 /// IPv4 addresses, and global IPv6 ones: not the link-local address every
