@@ -60,7 +60,7 @@ impl Addr {
     }
 }
 
-/// How a service address picks among its backends (contract 2.3/2.5).
+/// How a service address picks among its backends (docs/contract.md §2.3/2.5).
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServiceKind {
@@ -178,7 +178,7 @@ pub struct ReverseFlow {
     pub last_seen_ns: u64,
 }
 
-/// Flows idle for longer than this are treated as gone (contract 2.5).
+/// Flows idle for longer than this are treated as gone (docs/contract.md §2.5).
 pub const FLOW_IDLE_NS: u64 = 60 * 1_000_000_000;
 
 /// Key of `FLOW_COUNTS`: one container (by the ifindex of its veth's host

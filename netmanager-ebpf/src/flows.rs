@@ -1,4 +1,4 @@
-//! Backend choice and the flow cache (contract 2.5 step 2).
+//! Backend choice and the flow cache (docs/contract.md §2.5 step 2).
 //!
 //! The flow maps are plain hashes: an entry stays until NetManager expires
 //! it (idle 60 s), so one container's churn can never evict another's
@@ -39,7 +39,7 @@ pub const NO_BACKEND: u32 = 3;
 pub const TABLE_FULL: u32 = 4;
 
 /// The cached backend of the flow `key`, written to `out` on a [`HIT`], while
-/// the flow is fresh and its backend still exists (stickiness, contract 2.5
+/// the flow is fresh and its backend still exists (stickiness, docs/contract.md §2.5
 /// step 2).
 #[inline(never)]
 pub fn cached_backend(key: &FlowKey, out: &mut Addr) -> u32 {

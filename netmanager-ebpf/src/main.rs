@@ -3,7 +3,7 @@
 //!
 //! - `container_egress`: TC ingress on the host end of every container veth
 //!   (what a container sends). Service-addressed packets are translated
-//!   (contract 2.5 steps 1-4) and either delivered to a local container or
+//!   (docs/contract.md §2.5 steps 1-4) and either delivered to a local container or
 //!   tunnelled to the backend's node.
 //! - `uplink_ingress`: TC ingress on every interface that carries one of the
 //!   node's addresses. Datagrams to our tunnel port from the node that runs
@@ -139,7 +139,7 @@ fn parse_error(e: ParseError) -> Verdict {
     }
 }
 
-/// The sender side of contract 2.5.
+/// The sender side of docs/contract.md §2.5.
 #[inline(always)]
 fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     let Ok(ethertype) = packet::ethertype(ctx) else {
@@ -259,7 +259,7 @@ pub(crate) fn send_too_big(ctx: &TcContext, p: &Packet, mtu: u16) -> Verdict {
     Verdict::Redirect(Counter::PmtuSent, action as i32)
 }
 
-/// The receiver side of contract 2.5 (steps 5-6), for the fast and the slow
+/// The receiver side of docs/contract.md §2.5 (steps 5-6), for the fast and the slow
 /// path alike: every check on the sending node belongs here, before the
 /// outer headers go.
 #[inline(never)]

@@ -1,4 +1,4 @@
-//! The MQTT session with the cluster (contract 1.3 step 3 and 1.4).
+//! The MQTT session with the cluster (docs/contract.md §1.3 step 3 and 1.4).
 //!
 //! One client id `<node id>-ne`, clean session, keepalive 30 s. Because the session
 //! is clean, the broker forgets our subscriptions on every reconnect, so they are

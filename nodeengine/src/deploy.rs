@@ -1,5 +1,5 @@
 //! Deployments: turns `control/deploy` and `control/delete` into running or removed
-//! instances, watches them, and reports their status (contract 1.5).
+//! instances, watches them, and reports their status (docs/contract.md §1.5).
 //!
 //! Each instance (task id `<job_name>.instance.<n>`) has its own async lock, so a
 //! delete that arrives while the deploy is still pulling waits for it, and an exit

@@ -1,4 +1,4 @@
-//! Wire documents exchanged with the cluster about jobs (contract 1.4, 1.5).
+//! Wire documents exchanged with the cluster about jobs (docs/contract.md §1.4, 1.5).
 //!
 //! The cluster sends its whole job document; we read only what a worker needs,
 //! match keys case-insensitively (as upstream's Go decoder does) and accept numbers

@@ -1,4 +1,4 @@
-//! The node document (contract 1.4): sent once with the registration and every 2 s
+//! The node document (docs/contract.md §1.4): sent once with the registration and every 2 s
 //! on `nodes/<id>/information`.
 //!
 //! The cluster validates the JSON types (integer `memory`, `vcpus`, `vgpus`; float

@@ -64,7 +64,7 @@ fn main() -> Result<()> {
     let cfg: Config = serde_json::from_str(&text).with_context(|| format!("parsing {path}"))?;
     let mut services: HashMap<Ipv4Addr, Ipv4Addr> = cfg.services.iter().copied().collect();
     // Every instance IP is also a service address naming that one instance
-    // (contract 2.5: replies travel back through the sender path this way).
+    // (docs/contract.md §2.5: replies travel back through the sender path this way).
     for i in &cfg.instances {
         services.insert(i.instance_ip, i.ns_ip);
     }
