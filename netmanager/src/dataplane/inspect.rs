@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult};
 use netmanager_common::Counter;
 
-use super::{Dataplane, DataplaneError, Result, SlowPathStatus, addr};
+use super::{Dataplane, DataplaneError, Result, SlowPathStatus};
 
 /// What `NetManager status` prints about the dataplane.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -40,24 +40,6 @@ impl Dataplane {
     /// `ifindex`; the difference is what it holds.
     pub fn flow_counts(&self, ifindex: u32) -> Result<(u64, u64)> {
         Ok(self.lock().tables.flow_counts(ifindex))
-    }
-
-    /// Forget the pending marker for an address (resolved or failed).
-    pub fn resolved(&self, addr: IpAddr) -> Result<()> {
-        self.lock().tables.clear_pending(addr)
-    }
-
-    /// Remove flows idle for more than 60 s; returns how many.
-    pub fn expire_flows(&self) -> Result<usize> {
-        self.expire_flows_after(0)
-    }
-
-    /// [`expire_flows`](Self::expire_flows) as it will be `ns` from now
-    /// (tests and tools; the daemon passes 0).
-    pub fn expire_flows_after(&self, ns: u64) -> Result<usize> {
-        self.lock()
-            .tables
-            .expire_flows(addr::monotonic_ns().saturating_add(ns))
     }
 
     /// Packets and bytes per counter, summed over CPUs.

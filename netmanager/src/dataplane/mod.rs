@@ -405,6 +405,24 @@ impl Dataplane {
         r.socket.send(&frame)
     }
 
+    /// Forget the pending marker for an address (resolved or failed).
+    pub fn resolved(&self, addr: IpAddr) -> Result<()> {
+        self.lock().tables.clear_pending(addr)
+    }
+
+    /// Remove flows idle for more than 60 s; returns how many.
+    pub fn expire_flows(&self) -> Result<usize> {
+        self.expire_flows_after(0)
+    }
+
+    /// [`expire_flows`](Self::expire_flows) as it will be `ns` from now
+    /// (tests and tools; the daemon passes 0).
+    pub fn expire_flows_after(&self, ns: u64) -> Result<usize> {
+        self.lock()
+            .tables
+            .expire_flows(addr::monotonic_ns().saturating_add(ns))
+    }
+
     /// A panic while the lock was held leaves nothing half-done that matters:
     /// each map write is one syscall, and a service's new backend slice only
     /// goes live with its `SERVICES` entry. So carry on rather than fail
