@@ -256,9 +256,15 @@ impl Deployer {
             subnet_v6: (self.subnet.v6_network(), V6_PREFIX),
             containers,
         };
-        tokio::task::spawn_blocking(move || nft::apply(&rules))
-            .await
-            .context("rewriting NAT")?
+        // Then make sure the host's own FORWARD chain (Docker's DROP policy)
+        // lets the bridge's traffic through (see `plumbing::forward`).
+        tokio::task::spawn_blocking(move || {
+            nft::apply(&rules)?;
+            plumbing::forward::ensure(&rules.bridge)
+                .context("accepting the bridge's traffic in the host's FORWARD chain")
+        })
+        .await
+        .context("rewriting NAT")?
     }
 
     /// Publish service/deployed and learn the job's own table early, so the

@@ -319,7 +319,10 @@ async fn serve(cfg: Config, args: DaemonArgs, shutdown: watch::Receiver<bool>) -
     // From here on probes get answers (not ready until registered).
     let listener = worker_common::metrics::serve(
         &args.metrics_address,
-        metrics::router(metrics.clone(), engine.clone()),
+        metrics::router(metrics.clone(), {
+            let engine = engine.clone();
+            Arc::new(move || engine.running_by_virtualization())
+        }),
     )
     .await;
     let last_report = LastReport::new(&args.state_dir);

@@ -24,7 +24,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::deploy::Engine;
 use crate::node_report::NodeDocument;
 
 /// Where nodeengined serves metrics and health unless told otherwise (next
@@ -323,24 +322,28 @@ impl Metrics {
     }
 }
 
+/// Running instances by virtualization, counted when scraped (the engine
+/// knows them; the metrics do not keep a copy that could drift).
+pub type RunningCount = Arc<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
+
 /// What the listener's handlers read.
 #[derive(Clone)]
 struct Served {
     metrics: Metrics,
-    engine: Arc<Engine>,
+    running: RunningCount,
 }
 
 /// `/metrics`, `/healthz` and `/readyz`.
-pub fn router(metrics: Metrics, engine: Arc<Engine>) -> Router {
+pub fn router(metrics: Metrics, running: RunningCount) -> Router {
     Router::new()
         .route("/metrics", get(scrape))
         .route("/healthz", get(worker_common::metrics::healthz))
         .route("/readyz", get(readyz))
-        .with_state(Served { metrics, engine })
+        .with_state(Served { metrics, running })
 }
 
 async fn scrape(State(s): State<Served>) -> Response {
-    let running = s.engine.running_by_virtualization();
+    let running = (s.running)();
     worker_common::metrics::exposition(s.metrics.render(&running))
 }
 

@@ -173,12 +173,10 @@ pub fn run_nft(script: &str) -> Result<()> {
     Ok(())
 }
 
-/// Write the table, and make sure the host's own FORWARD chain (Docker's
-/// DROP policy) lets the bridge's traffic through (see `forward`).
+/// Write the table. Our accepts here cannot override another table's DROP
+/// (Docker's FORWARD policy): the caller also runs `forward::ensure`.
 pub fn apply(rules: &Ruleset) -> Result<()> {
-    run_nft(&rules.render()).context("applying the oakestra nftables table")?;
-    super::forward::ensure(&rules.bridge)
-        .context("accepting the bridge's traffic in the host's FORWARD chain")
+    run_nft(&rules.render()).context("applying the oakestra nftables table")
 }
 
 /// Remove the table entirely (absent is fine).
