@@ -98,9 +98,9 @@ counters! {
     DropEncap: drop "encap", "Making room for the tunnel headers failed.";
     Resegmented: verdict "resegmented", "GSO packet for a node on an IPv6 underlay, sent through the reinjection device to be cut into segments, each then tunnelled with its own UDP checksum.";
     DropNoRoute: drop "no_route", "No route to the backend's node: the FIB lookup found it unreachable, blackholed, prohibited, local, or without a source address.";
-    PeerHeld: verdict "peer_held", "Tunnel datagram whose inner source no known node runs: held while NetManager asks the cluster which node does.";
+    PeerHeld: verdict "peer_held", "Tunnel datagram for a local container whose inner source no known node runs, or another node than its sender: held while NetManager asks the cluster which node does.";
     DropSpoofedSource: drop "spoofed_source", "Sent by a container with another container's address (it arrived on another veth).";
-    DropForgedSource: drop "forged_source", "Tunnel datagram whose inner source is an instance of another node than the one that sent it.";
+    DropForgedSource: drop "forged_source", "Tunnel datagram whose inner source is an instance of another node than the one that sent it, for no local container (or an instance of this node).";
     DropFlowQuota: drop "flow_quota", "The sending container already has FlowsPerContainer flows.";
 }
 

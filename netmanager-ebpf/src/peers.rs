@@ -9,6 +9,15 @@
 //! have never needed. NetManager asks the cluster which node runs the
 //! instance and reinjects the datagram only if that node sent it.
 //!
+//! So is one for a container here whose inner source the tables say
+//! another node runs: nodes change address (the uplink moves, DHCP
+//! renumbers it) and our tables learn it only when they are refreshed. The
+//! cluster's answer decides, as for an unknown source: it rewrites
+//! INSTANCE_NODES, so a node that really moved is accepted from then on.
+//! Anything else with a known instance's address from the wrong node (not
+//! for a container here, or an instance of this very node) is dropped as
+//! forged (`drop_forged_source`).
+//!
 //! The same check runs on the fast path (`uplink_ingress`) and the slow
 //! path (`slow_path_ingress`, datagrams NetManager's socket received under a
 //! header rebuilt from the socket's addresses), for datagrams to any of the
@@ -24,14 +33,17 @@ use netmanager_common::{Addr, Config, INSTANCE_LOCAL};
 
 use crate::maps::{INSTANCE_NODES, INSTANCES, TRUSTED_PEERS};
 use crate::packet::{ETH_HLEN, ETH_P_IP, in_service_range};
-use crate::tunnel::Outer;
+use crate::tunnel::{Outer, own_address};
 
 /// Outcome of [`check`], as a scalar so it can cross a BPF-to-BPF call.
 /// The sender runs the inner source's instance, or is trusted.
 pub const ACCEPT: u32 = 0;
-/// Nobody known runs the inner source: hold the frame and ask.
+/// The frame, for a container here, comes from a node the tables do not
+/// name for its inner source (nobody, or another node, which may have
+/// moved): hold it and ask.
 pub const HOLD: u32 = 1;
-/// The inner source is an instance of another node.
+/// The inner source is an instance of another node, and the datagram is
+/// not for a container here.
 pub const FORGED: u32 = 2;
 /// The inner source is no instance address at all.
 pub const BAD_INNER_SOURCE: u32 = 3;
@@ -65,6 +77,13 @@ pub fn check(ctx: &TcContext, cfg: &Config, outer: Outer, inner_src: &mut Addr) 
     if let Some(node) = unsafe { INSTANCE_NODES.get(*inner_src) } {
         if node.node_ip == sender || trusted(&sender) {
             return ACCEPT;
+        }
+        // The node may have moved; only the cluster knows. Not worth a
+        // question when it is not for a container here, nor when the
+        // tables say this node runs the instance: it never comes from
+        // outside.
+        if !own_address(cfg, &node.node_ip) && for_local_container(ctx, at, inner_ethertype) {
+            return HOLD;
         }
         return FORGED;
     }

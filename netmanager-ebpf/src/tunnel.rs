@@ -517,6 +517,16 @@ fn outer_v6(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
     })
 }
 
+/// Whether `a` is one of this node's addresses: the outer sources the
+/// configuration names, or one in NODE_ADDRESSES.
+#[inline(always)]
+pub(crate) fn own_address(cfg: &Config, a: &Addr) -> bool {
+    if a.is_zero() {
+        return false;
+    }
+    *a == cfg.src_v6 || *a == Addr::from_v4_octets(cfg.src_v4) || node_address(a)
+}
+
 #[inline(always)]
 fn node_address(a: &Addr) -> bool {
     unsafe { NODE_ADDRESSES.get(a) }.is_some()

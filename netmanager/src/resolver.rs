@@ -6,7 +6,10 @@
 //! the first frames; we ask the cluster, write the answer, send the held
 //! frames through again and clear the pending mark. A held tunnel datagram
 //! goes through again only when the cluster names its sender as the node
-//! that runs its inner source: anyone on the underlay can send them.
+//! that runs its inner source: anyone on the underlay can send them. The
+//! cluster's answer is written first, so a node that moved is accepted by
+//! the programs from then on; a sender the cluster just refused is refused
+//! again without asking for `NEGATIVE_TTL`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -94,6 +97,11 @@ struct Pending {
     /// When each lookup in flight started.
     started: HashMap<MissKey, Instant>,
     failed: HashMap<MissKey, Instant>,
+    /// (inner source, sender) pairs whose datagrams were refused because
+    /// the cluster names another node: a host repeating a known
+    /// instance's address costs one question per `NEGATIVE_TTL`, not one
+    /// per datagram. Keyed by sender, so it never refuses the real node.
+    wrong_sender: HashMap<(IpAddr, Option<IpAddr>), Instant>,
     queries: TokenBucket,
     peer_queries: TokenBucket,
     /// Lookups in flight per sending host or container.
@@ -129,6 +137,7 @@ impl Default for Pending {
             frames: HashMap::new(),
             started: HashMap::new(),
             failed: HashMap::new(),
+            wrong_sender: HashMap::new(),
             queries: TokenBucket::new(QUERIES_PER_SECOND, QUERY_BURST),
             peer_queries: TokenBucket::new(PEER_QUERIES_PER_SECOND, PEER_QUERY_BURST),
             per_origin: HashMap::new(),
@@ -147,7 +156,8 @@ pub struct ResolverStats {
     pub refused_busy: u64,
     /// Misses refused because the query rate to the cluster was exhausted.
     pub refused_rate: u64,
-    /// Misses dropped inside the negative-cache window of a failed lookup.
+    /// Misses dropped inside the negative-cache window of a failed lookup,
+    /// or of a tunnel sender the cluster just refused.
     pub refused_recent_failure: u64,
     /// Held tunnel datagrams dropped because the cluster names another
     /// node as the one running their inner source.
@@ -254,7 +264,9 @@ impl Resolver {
     /// Forget recent failures: the cluster says something changed, so an
     /// address that was unknown a moment ago may resolve now.
     pub fn forget_failures(&self) {
-        self.pending().failed.clear();
+        let mut p = self.pending();
+        p.failed.clear();
+        p.wrong_sender.clear();
     }
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
@@ -324,9 +336,12 @@ impl Resolver {
                 }
                 return false;
             }
-            if p.failed
-                .get(&key)
-                .is_some_and(|t| t.elapsed() < NEGATIVE_TTL)
+            let recent = |t: &Instant| t.elapsed() < NEGATIVE_TTL;
+            if p.failed.get(&key).is_some_and(recent)
+                || (miss.reason == MissReason::Peer
+                    && p.wrong_sender
+                        .get(&(miss.addr, miss.peer))
+                        .is_some_and(recent))
             {
                 Some(Refusal::RecentFailure)
             } else if p.frames.len() >= MAX_LOOKUPS
@@ -410,6 +425,10 @@ impl Resolver {
             let sent = if *reason == MissReason::Peer {
                 if f.sender != node {
                     self.count(|s| s.refused_wrong_node += 1);
+                    let mut p = self.pending();
+                    p.wrong_sender.retain(|_, t| t.elapsed() < NEGATIVE_TTL);
+                    p.wrong_sender.insert((addr, f.sender), Instant::now());
+                    drop(p);
                     self.log_unresolved(|| {
                         tracing::info!(
                             %addr,
@@ -615,6 +634,34 @@ mod tests {
                 .frames
                 .contains_key(&(MissReason::Peer, miss(0).addr))
         );
+    }
+
+    #[tokio::test]
+    async fn a_refused_tunnel_sender_is_not_asked_about_again_at_once() {
+        let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+        let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+        let spoofed = tunnel_miss(1, 66);
+        assert!(r.hold(spoofed.clone()));
+        // The cluster names another node (198.51.100.2) as the one running
+        // the address: the held datagram is refused ...
+        let frames = r.pending().frames.remove(&(MissReason::Peer, spoofed.addr));
+        r.reinject(
+            &MissReason::Peer,
+            spoofed.addr,
+            Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2))),
+            frames.unwrap_or_default(),
+        );
+        assert_eq!(r.stats().refused_wrong_node, 1);
+        // ... and the same host repeating it costs no question ...
+        assert!(!r.hold(spoofed.clone()));
+        assert_eq!(r.stats().refused_recent_failure, 1);
+        // ... while the real node sending it is still asked about.
+        assert!(r.hold(tunnel_miss(1, 2)));
+        // Once the cluster says something changed, the host is asked about
+        // again.
+        r.pending().frames.clear();
+        r.forget_failures();
+        assert!(r.hold(spoofed));
     }
 
     #[test]

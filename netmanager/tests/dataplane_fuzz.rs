@@ -80,6 +80,8 @@ struct World {
     client_sources: Vec<IpAddr>,
     /// The client's instance addresses (the translated source).
     client_instances: Vec<IpAddr>,
+    /// Namespace addresses of the containers on this node.
+    local_containers: Vec<IpAddr>,
 }
 
 impl World {
@@ -148,7 +150,11 @@ fn dataplane(pin_dir: &PinDir, netns: &FibNetns) -> (Dataplane, World) {
         ("fc00::83", "fdff::6", peer_v6, None),
     ];
     let mut instance_node = HashMap::new();
+    let mut local_containers = Vec::new();
     for (ns, inst, node, local) in instances {
+        if local.is_some() {
+            local_containers.push(ip(ns));
+        }
         dp.upsert_instance(
             ip(ns),
             InstanceEntry {
@@ -186,6 +192,7 @@ fn dataplane(pin_dir: &PinDir, netns: &FibNetns) -> (Dataplane, World) {
         instance_node,
         client_sources: vec![ip("10.18.0.2"), ip("fc00::2")],
         client_instances: vec![ip("10.30.0.3"), ip("fdff::3")],
+        local_containers,
     };
     (dp, world)
 }
@@ -516,6 +523,29 @@ fn may_deliver(w: &World, f: &[u8]) -> bool {
         Some(node) => *node == sender || w.trusted(sender),
         None => in_service_range(inner) && w.trusted(sender),
     }
+}
+
+/// Whether the dataplane may hold the tunnel datagram `f` and ask the
+/// cluster about its inner source `addr`: an instance address, for a
+/// container here, from an untrusted sender that the tables do not name
+/// for it -- nobody, or another node (it may have moved), never this one.
+fn may_hold(w: &World, f: &[u8], addr: IpAddr) -> bool {
+    let (Some((sender, inner)), Some(at)) = (tunnel_sources(f), tunnel_inner_at(f)) else {
+        return false;
+    };
+    let dst = match f[at] >> 4 {
+        4 => f.get(at + 16..at + 20).map(v4),
+        _ => f.get(at + 24..at + 40).map(v6),
+    };
+    let this_node =
+        |a: &IpAddr| [IpAddr::V4(NODE), IpAddr::V4(NODE_2), IpAddr::V6(NODE_V6)].contains(a);
+    inner == addr
+        && in_service_range(inner)
+        && !w.trusted(sender)
+        && dst.is_some_and(|d| w.local_containers.contains(&d))
+        && w.instance_node
+            .get(&inner)
+            .is_none_or(|node| *node != sender && !this_node(node))
 }
 
 /// The destination of a container's frame when it is a service address.
@@ -889,12 +919,7 @@ fn drain_misses(
                     let mut h = held.lock().unwrap();
                     h.0 += 1;
                     let bad = match &m.frame {
-                        Some(f) => {
-                            !is_tunnel(f)
-                                || world.instance_node.contains_key(&m.addr)
-                                || m.peer.is_some_and(|p| world.trusted(p))
-                                || !in_service_range(m.addr)
-                        }
+                        Some(f) => !may_hold(&world, f, m.addr),
                         None => false,
                     };
                     if bad && h.1.len() < 10 {

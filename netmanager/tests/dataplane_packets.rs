@@ -1199,11 +1199,14 @@ async fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_so
         TC_ACT_REDIRECT
     );
     assert_eq!(counter(&f, "decapsulated"), 2);
-    // The same from a host that is no node, or an instance of this node
-    // arriving from outside: forged.
+    // The same from a host the tables do not name, when it is not for a
+    // container here, or an instance of this node arriving from outside
+    // (even for a container here): forged.
+    let elsewhere = Ip::new("10.30.0.5", "10.18.0.200", udp(7000, 9000));
+    let elsewhere6 = Ip::new("fdff::5", "fc00::200", udp(7000, 9000));
     for (sender, inner) in [
-        ("198.51.100.3", &good),
-        ("198.51.100.3", &good6),
+        ("198.51.100.3", &elsewhere),
+        ("198.51.100.3", &elsewhere6),
         (
             "198.51.100.2",
             &Ip::new("10.30.0.3", "10.18.0.2", udp(1, 2)),
@@ -1223,7 +1226,13 @@ async fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_so
         [0xaa; 6],
         [0xbb; 6],
         0x0800,
-        &tunnel_datagram(ip4("198.51.100.3"), NODE_2, 50103, 50103, &good.bytes()),
+        &tunnel_datagram(
+            ip4("198.51.100.3"),
+            NODE_2,
+            50103,
+            50103,
+            &elsewhere.bytes(),
+        ),
     );
     let over_v6 = eth(
         [0xaa; 6],
@@ -1234,14 +1243,14 @@ async fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_so
             NODE_V6,
             50103,
             50103,
-            &good.bytes(),
+            &elsewhere.bytes(),
         ),
     );
     let slow = eth(
         [0xaa; 6],
         [0xbb; 6],
         0x0800,
-        &tunnel_datagram(ip4("198.51.100.3"), NODE, 38211, 50103, &good.bytes()),
+        &tunnel_datagram(ip4("198.51.100.3"), NODE, 38211, 50103, &elsewhere.bytes()),
     );
     for (program, frame) in [
         (UPLINK_PROGRAM, &to_second),
@@ -1315,6 +1324,56 @@ async fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_so
     // And it goes when the instance does.
     f.dp.remove_instance(ip("10.18.2.9")).unwrap();
     assert_eq!(f.dp.instance_node(ip("10.30.0.77")).unwrap(), None);
+
+    // A known instance from another node than the tables name, for a
+    // container here: its node may have moved (uplink, DHCP), so it is
+    // held whole and reported with its sender like an unknown one, and the
+    // cluster's answer decides.
+    let moved = from_underlay("198.51.100.3", &good);
+    assert_eq!(
+        run(&f, UPLINK_PROGRAM, &moved),
+        (TC_ACT_SHOT, moved.clone())
+    );
+    let m = tokio::time::timeout(std::time::Duration::from_secs(5), misses.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.reason, netmanager::dataplane::MissReason::Peer);
+    assert_eq!(m.addr, ip("10.30.0.5"));
+    assert_eq!(m.peer, Some(ip("198.51.100.3")));
+    assert_eq!(m.frame.as_deref(), Some(&moved[..]));
+    assert_eq!(counter(&f, "peer_held"), 3);
+    assert_eq!(counter(&f, "drop_forged_source"), 6);
+    // The answer names 198.51.100.3 and rewrites INSTANCE_NODES: the
+    // datagram goes through on both ways in, and the old address is now
+    // the one asked about.
+    f.dp.upsert_instance(
+        ip("10.18.0.130"),
+        InstanceEntry {
+            instance_ip: Some(ip("10.30.0.5")),
+            node_ip: "198.51.100.3".parse().unwrap(),
+            node_port: 50103,
+            local: None,
+        },
+    )
+    .unwrap();
+    f.dp.resolved(ip("10.30.0.5")).unwrap();
+    assert_eq!(
+        f.dp.instance_node(ip("10.30.0.5")).unwrap(),
+        Some(ip("198.51.100.3"))
+    );
+    assert_eq!(run(&f, UPLINK_PROGRAM, &moved).0, TC_ACT_REDIRECT);
+    let moved_slow = eth(
+        [0xaa; 6],
+        [0xbb; 6],
+        0x0800,
+        &tunnel_datagram(ip4("198.51.100.3"), NODE, 38211, 50103, &good.bytes()),
+    );
+    assert_eq!(run(&f, SLOW_PATH_PROGRAM, &moved_slow).0, TC_ACT_REDIRECT);
+    assert_eq!(counter(&f, "decapsulated"), 6);
+    let from_old = from_underlay("198.51.100.2", &good);
+    assert_eq!(run(&f, UPLINK_PROGRAM, &from_old).0, TC_ACT_SHOT);
+    assert_eq!(counter(&f, "peer_held"), 4);
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //!
 //! - a third host on the underlay (not a node) injects tunnel datagrams with
 //!   a forged inner source, and with the source of an instance that runs on
-//!   another node: none reaches the container; meanwhile a client on a node
+//!   another node: none reaches the container (those for a container here
+//!   are held and refused on the cluster's word, the others dropped as
+//!   forged); meanwhile a client on a node
 //!   this node has never heard of gets its first SYN through unretransmitted;
 //! - a container sends with its neighbour's address: dropped;
 //! - one container churns through many short flows while another keeps a
@@ -424,9 +426,13 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
 
     let inject = c.script("inject.py");
     let forged = [
-        // An instance node 1 knows (from the connection above) to run on node 2.
+        // An instance node 1 knows (from the connection above) to run on
+        // node 2: for a container here, held (node 2 might have moved) and
+        // refused on the cluster's word ...
         ("forged-known-v4", "10.30.0.1", "10.18.0.2"),
         ("forged-known-v6", "fdff::1", "fc00::2"),
+        // ... for no container here, dropped as forged.
+        ("forged-known-elsewhere", "10.30.0.1", "10.18.0.200"),
         // An instance node 1 has not heard of; the cluster says node 2 runs it.
         ("forged-other-node", "10.30.0.9", "10.18.0.2"),
         // No instance has this address.
@@ -464,12 +470,13 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
     );
     assert!(got.iter().any(|l| l == "legit-2 from 10.30.0.1"), "{got:?}");
     let counts = counters(&c.nm1);
-    assert!(counts["drop_forged_source"] >= 2, "{counts:?}");
+    assert!(counts["drop_forged_source"] >= 3, "{counts:?}");
     let (_, st) = c.nm1.get("/status");
     let resolver = &st["resolver"];
+    // forged-other-node, and at least one of the known instances.
     assert!(
-        resolver["refused_wrong_node"].as_u64().unwrap_or(0) >= 1,
-        "the instance the cluster places on node 2 came from elsewhere: {resolver}"
+        resolver["refused_wrong_node"].as_u64().unwrap_or(0) >= 2,
+        "the instances the cluster places on node 2 came from elsewhere: {resolver}"
     );
     assert!(
         resolver["failed"].as_u64().unwrap_or(0) >= 1,
