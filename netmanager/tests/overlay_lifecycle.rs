@@ -695,6 +695,22 @@ fn stream_survives_the_uplink_moving(mode: &'static str) {
         "stream failed ({status}): {rest}\n{}",
         cl.logs()
     );
+    // With the sender check on: node 2 held node 1's first datagrams and
+    // asked the cluster (which knows the client on node 1 and follows its
+    // `address-changed`), and after the move held and asked again instead
+    // of dropping them as forged.
+    let (_, st) = cl.nm[1].get("/status");
+    let count = |name: &str| {
+        st["dataplane"]["counters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c[0] == name)
+            .and_then(|c| c[1].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(count("peer_held") >= 1, "{st}");
+    assert_eq!(count("drop_forged_source"), 0, "{st}");
     eprintln!("stream across the uplink move: {}", rest.trim());
 }
 
