@@ -1,5 +1,5 @@
 //! Who may send us tunnel datagrams. A datagram's inner source is the
-//! sending instance's address (contract 2.5 step 1), and the tables say
+//! sending instance's address (docs/contract.md §2.5 step 1), and the tables say
 //! which node runs each instance (`INSTANCE_NODES`): only that node may send
 //! it. An underlay prefix the operator trusts (`TRUSTED_PEERS`, from
 //! `TunnelPeers`) may send for any instance.

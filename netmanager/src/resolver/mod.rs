@@ -11,224 +11,31 @@
 //! the programs from then on; a sender the cluster just refused is refused
 //! again without asking for `NEGATIVE_TTL`.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 use tokio::sync::mpsc;
-use worker_common::logging::LogBudget;
 
 use crate::cluster_link::{ClusterLink, QueryKey, TableResult};
 use crate::dataplane::{Miss, MissReason};
 use crate::forwarding::Forwarding;
 use crate::routes::RouteTables;
 
+mod budget;
+mod stats;
+
+use budget::*;
+pub use budget::{MAX_LOOKUPS, MAX_LOOKUPS_PER_CONTAINER, MAX_LOOKUPS_PER_PEER};
+pub use stats::{LATENCY_BOUNDS, Latency, ResolverStats};
+
 /// After a failed lookup, further misses for the address are dropped without
 /// asking again for this long, so an unknown address cannot flood the cluster.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
-/// Addresses resolved at the same time, at most. A container sending to
-/// random service addresses gets its misses refused beyond this, and the
-/// node keeps answering everyone else.
-pub const MAX_LOOKUPS: usize = 256;
-/// Table queries per second to the cluster, on average, and the burst.
-const QUERIES_PER_SECOND: f64 = 50.0;
-const QUERY_BURST: f64 = 100.0;
-/// The same for tunnel misses, a budget of their own: a flood from the
-/// underlay cannot use up what the local containers need.
-const PEER_QUERIES_PER_SECOND: f64 = 20.0;
-const PEER_QUERY_BURST: f64 = 40.0;
-/// Tunnel lookups in flight per sending host, at most.
-pub const MAX_LOOKUPS_PER_PEER: usize = 16;
-/// One container's share: lookups in flight, and queries per second with
-/// their burst. A container sending to thousands of unknown addresses uses
-/// up its own share, not the lookups its neighbours' first packets need.
-pub const MAX_LOOKUPS_PER_CONTAINER: usize = 32;
-const CONTAINER_QUERIES_PER_SECOND: f64 = 10.0;
-const CONTAINER_QUERY_BURST: f64 = 20.0;
-/// Per-container budgets kept before idle (full again) ones are forgotten.
-const CONTAINER_BUDGETS_KEPT: usize = 1024;
-/// Frames kept per lookup (the programs hold `miss_hold` per address; this
-/// bounds what a cleared and refilled mark could add).
-const MAX_FRAMES_PER_LOOKUP: usize = 16;
-/// Unresolved-miss log lines per minute; the rest are counted and summed up.
-const LOG_LINES_PER_MINUTE: u32 = 20;
-
 /// A miss as the resolver tracks it: the same address can miss as a
 /// service and as a tunnel source at once, and they resolve differently.
 type MissKey = (MissReason, IpAddr);
-
-/// Who a miss is charged to: the host that sent a tunnel datagram, or the
-/// interface (a container's veth) a container's packet came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Origin {
-    Peer(IpAddr),
-    Interface(u32),
-}
-
-impl Origin {
-    fn of(miss: &Miss) -> Origin {
-        match miss.reason {
-            MissReason::Peer => {
-                Origin::Peer(miss.peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
-            }
-            _ => Origin::Interface(miss.ifindex),
-        }
-    }
-
-    fn max_lookups(self) -> usize {
-        match self {
-            Origin::Peer(_) => MAX_LOOKUPS_PER_PEER,
-            Origin::Interface(_) => MAX_LOOKUPS_PER_CONTAINER,
-        }
-    }
-}
-
-/// A held frame and, for a tunnel datagram, who sent it.
-struct HeldFrame {
-    sender: Option<IpAddr>,
-    bytes: Vec<u8>,
-}
-
-struct Pending {
-    /// Frames held per miss while its lookup is in flight.
-    frames: HashMap<MissKey, Vec<HeldFrame>>,
-    /// When each lookup in flight started.
-    started: HashMap<MissKey, Instant>,
-    failed: HashMap<MissKey, Instant>,
-    /// (inner source, sender) pairs whose datagrams were refused because
-    /// the cluster names another node: a host repeating a known
-    /// instance's address costs one question per `NEGATIVE_TTL`, not one
-    /// per datagram. Keyed by sender, so it never refuses the real node.
-    wrong_sender: HashMap<(IpAddr, Option<IpAddr>), Instant>,
-    queries: TokenBucket,
-    peer_queries: TokenBucket,
-    /// Lookups in flight per sending host or container.
-    per_origin: HashMap<Origin, usize>,
-    /// Each container's own query budget, by interface.
-    per_container: HashMap<u32, TokenBucket>,
-    log: LogBudget<LOG_LINES_PER_MINUTE>,
-}
-
-impl Pending {
-    /// Takes a query token for a lookup charged to `origin`: from the
-    /// container's own budget and the containers' common one, or from the
-    /// tunnel budget.
-    fn take_query(&mut self, origin: Origin) -> bool {
-        match origin {
-            Origin::Peer(_) => self.peer_queries.take(),
-            Origin::Interface(ifindex) => {
-                if self.per_container.len() >= CONTAINER_BUDGETS_KEPT {
-                    self.per_container.retain(|_, b| !b.idle());
-                }
-                let own = self.per_container.entry(ifindex).or_insert_with(|| {
-                    TokenBucket::new(CONTAINER_QUERIES_PER_SECOND, CONTAINER_QUERY_BURST)
-                });
-                own.take() && self.queries.take()
-            }
-        }
-    }
-}
-
-impl Default for Pending {
-    fn default() -> Self {
-        Pending {
-            frames: HashMap::new(),
-            started: HashMap::new(),
-            failed: HashMap::new(),
-            wrong_sender: HashMap::new(),
-            queries: TokenBucket::new(QUERIES_PER_SECOND, QUERY_BURST),
-            peer_queries: TokenBucket::new(PEER_QUERIES_PER_SECOND, PEER_QUERY_BURST),
-            per_origin: HashMap::new(),
-            per_container: HashMap::new(),
-            log: LogBudget::default(),
-        }
-    }
-}
-
-/// What the resolver did, for status and metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ResolverStats {
-    pub resolved: u64,
-    pub failed: u64,
-    /// Misses refused because too many lookups were in flight.
-    pub refused_busy: u64,
-    /// Misses refused because the query rate to the cluster was exhausted.
-    pub refused_rate: u64,
-    /// Misses dropped inside the negative-cache window of a failed lookup,
-    /// or of a tunnel sender the cluster just refused.
-    pub refused_recent_failure: u64,
-    /// Held tunnel datagrams dropped because the cluster names another
-    /// node as the one running their inner source.
-    #[serde(default)]
-    pub refused_wrong_node: u64,
-    /// How long lookups took, miss to outcome.
-    pub latency: Latency,
-}
-
-/// Upper bounds of the lookup-latency buckets, in seconds.
-pub const LATENCY_BOUNDS: [f64; 12] = [
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 10.0,
-];
-
-/// A fixed-bucket histogram (cumulative counts per upper bound).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Latency {
-    pub buckets: [u64; LATENCY_BOUNDS.len()],
-    pub count: u64,
-    pub sum_micros: u64,
-}
-
-impl Latency {
-    fn record(&mut self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (bound, n) in LATENCY_BOUNDS.iter().zip(self.buckets.iter_mut()) {
-            if secs <= *bound {
-                *n += 1;
-            }
-        }
-        self.count += 1;
-        self.sum_micros += u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-    }
-}
-
-/// Token bucket for table queries.
-struct TokenBucket {
-    tokens: f64,
-    at: Instant,
-    rate: f64,
-    burst: f64,
-}
-
-impl TokenBucket {
-    fn new(rate: f64, burst: f64) -> TokenBucket {
-        TokenBucket {
-            tokens: burst,
-            at: Instant::now(),
-            rate,
-            burst,
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Full again: forgetting it changes nothing.
-    fn idle(&self) -> bool {
-        self.tokens + self.at.elapsed().as_secs_f64() * self.rate >= self.burst
-    }
-}
 
 pub struct Resolver {
     link: ClusterLink,
@@ -522,6 +329,7 @@ mod tests {
     use super::*;
     use crate::cluster_link::LinkOptions;
     use crate::forwarding::InMemory;
+    use std::net::Ipv4Addr;
 
     struct NoRoutes;
     impl RouteTables for NoRoutes {
@@ -662,17 +470,5 @@ mod tests {
         r.pending().frames.clear();
         r.forget_failures();
         assert!(r.hold(spoofed));
-    }
-
-    #[test]
-    fn latency_buckets_are_cumulative() {
-        let mut l = Latency::default();
-        l.record(Duration::from_micros(1500));
-        l.record(Duration::from_millis(30));
-        assert_eq!(l.count, 2);
-        assert_eq!(l.buckets[0], 0); // <= 1 ms
-        assert_eq!(l.buckets[1], 1); // <= 2 ms
-        assert_eq!(l.buckets[5], 2); // <= 50 ms
-        assert_eq!(l.sum_micros, 31_500);
     }
 }
