@@ -1,0 +1,147 @@
+//! The resolver against a fake cluster and dataplane: bounds, budgets and
+//! the negative caches.
+
+use super::*;
+use crate::cluster_link::LinkOptions;
+use crate::forwarding::InMemory;
+use std::net::Ipv4Addr;
+
+struct NoRoutes;
+impl RouteTables for NoRoutes {
+    fn apply(&self, _: &TableResult) -> Result<()> {
+        Ok(())
+    }
+    fn local_job(&self, _: IpAddr) -> Option<String> {
+        None
+    }
+    fn knows_instance_ip(&self, _: IpAddr) -> bool {
+        false
+    }
+    fn holders(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn instance_node(&self, _: IpAddr) -> Option<IpAddr> {
+        None
+    }
+}
+
+/// A service miss from one of 64 containers.
+fn miss(n: u32) -> Miss {
+    miss_from(n, 7 + n % 64)
+}
+
+/// A service miss from the container behind interface `ifindex`.
+fn miss_from(n: u32, ifindex: u32) -> Miss {
+    Miss {
+        reason: MissReason::Service,
+        addr: IpAddr::V6(std::net::Ipv6Addr::from(
+            0xfdff_0000_0000_0000_0000_0000_0000_0000u128 + u128::from(n),
+        )),
+        peer: None,
+        ifindex,
+        frame: Some(vec![0; 64]),
+    }
+}
+
+fn tunnel_miss(n: u32, sender: u8) -> Miss {
+    Miss {
+        reason: MissReason::Peer,
+        peer: Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, sender))),
+        ..miss(n)
+    }
+}
+
+#[tokio::test]
+async fn a_miss_flood_is_bounded() {
+    // No broker: the link only queues; hold() is what is under test.
+    let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+    let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+    let started = (0..1000).filter(|&n| r.hold(miss(n))).count();
+    assert_eq!(started, QUERY_BURST as usize);
+    // Another frame for an address in flight joins it instead.
+    assert!(!r.hold(miss(0)));
+    assert_eq!(
+        r.pending().frames[&(MissReason::Service, miss(0).addr)].len(),
+        2
+    );
+    let s = r.stats();
+    assert_eq!(s.refused_rate as usize, 1000 - started);
+    assert!(r.pending().frames.len() <= MAX_LOOKUPS);
+}
+
+#[tokio::test]
+async fn one_container_uses_up_only_its_own_share() {
+    let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+    let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+    let flooder = |range: std::ops::Range<u32>| range.filter(|&n| r.hold(miss_from(n, 3))).count();
+    assert_eq!(flooder(0..1000), CONTAINER_QUERY_BURST as usize);
+    // Its neighbours still get the rest of the common budget.
+    let others = (1000..1200)
+        .filter(|&n| r.hold(miss_from(n, 4 + n % 8)))
+        .count();
+    assert_eq!(others, (QUERY_BURST - CONTAINER_QUERY_BURST) as usize);
+    // Refilled (2 s give it its whole burst back), the flooder is held
+    // to MAX_LOOKUPS_PER_CONTAINER lookups in flight.
+    std::thread::sleep(Duration::from_secs(2));
+    let again = flooder(2000..3000);
+    assert_eq!(
+        CONTAINER_QUERY_BURST as usize + again,
+        MAX_LOOKUPS_PER_CONTAINER
+    );
+    assert_eq!(
+        r.pending().per_origin[&Origin::Interface(3)],
+        MAX_LOOKUPS_PER_CONTAINER
+    );
+}
+
+#[tokio::test]
+async fn tunnel_misses_are_bounded_per_sender_and_have_their_own_budget() {
+    let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+    let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+    // One host: at most MAX_LOOKUPS_PER_PEER lookups at a time.
+    let one_host = (0..100).filter(|&n| r.hold(tunnel_miss(n, 3))).count();
+    assert_eq!(one_host, MAX_LOOKUPS_PER_PEER);
+    // Many hosts: the tunnel budget runs out ...
+    let many = (100..1000)
+        .filter(|&n| r.hold(tunnel_miss(n, (n % 200) as u8 + 10)))
+        .count();
+    assert_eq!(one_host + many, PEER_QUERY_BURST as usize);
+    // ... and the containers' budget is untouched. The same address
+    // missing as a service and as a tunnel source is two lookups.
+    assert!(r.hold(miss(0)));
+    let containers = (2000..2100).filter(|&n| r.hold(miss(n))).count();
+    assert_eq!(containers + 1, QUERY_BURST as usize);
+    assert!(
+        r.pending()
+            .frames
+            .contains_key(&(MissReason::Peer, miss(0).addr))
+    );
+}
+
+#[tokio::test]
+async fn a_refused_tunnel_sender_is_not_asked_about_again_at_once() {
+    let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+    let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+    let spoofed = tunnel_miss(1, 66);
+    assert!(r.hold(spoofed.clone()));
+    // The cluster names another node (198.51.100.2) as the one running
+    // the address: the held datagram is refused ...
+    let frames = r.pending().frames.remove(&(MissReason::Peer, spoofed.addr));
+    r.reinject(
+        &MissReason::Peer,
+        spoofed.addr,
+        Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2))),
+        frames.unwrap_or_default(),
+    );
+    assert_eq!(r.stats().refused_wrong_node, 1);
+    // ... and the same host repeating it costs no question ...
+    assert!(!r.hold(spoofed.clone()));
+    assert_eq!(r.stats().refused_recent_failure, 1);
+    // ... while the real node sending it is still asked about.
+    assert!(r.hold(tunnel_miss(1, 2)));
+    // Once the cluster says something changed, the host is asked about
+    // again.
+    r.pending().frames.clear();
+    r.forget_failures();
+    assert!(r.hold(spoofed));
+}
