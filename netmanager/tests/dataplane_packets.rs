@@ -9,7 +9,6 @@
 mod packet_support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
 
 use aya::programs::TestRunOptions;
 use netmanager::dataplane::{
@@ -18,6 +17,31 @@ use netmanager::dataplane::{
 };
 use netmanager_common::{Addr, FlowKey};
 use packet_support::*;
+use testkit::PinDir;
+
+testkit::main! {
+    tcp_to_remote_backend_is_translated_and_tunnelled: [Root, Bpffs],
+    udp_to_closest_prefers_the_local_backend_without_encapsulation: [Root, Bpffs],
+    reply_through_tunnel_is_reverse_translated_for_an_owned_flow: [Root, Bpffs],
+    tunnel_packet_of_a_flow_started_elsewhere_is_delivered_unchanged: [Root, Bpffs],
+    ipv6_udp_to_remote_backend_rides_an_ipv4_tunnel: [Root, Bpffs],
+    icmp_echo_v4_and_v6_are_translated: [Root, Bpffs],
+    unknown_service_is_held_reported_and_bounded: [Root, Bpffs],
+    sender_without_known_instance_address_is_held: [Root, Bpffs],
+    malformed_fragmented_expiring_and_foreign_packets: [Root, Bpffs],
+    ip_options_are_skipped_to_find_the_ports: [Root, Bpffs],
+    oversize_packets_get_path_mtu_feedback: [Root, Bpffs],
+    round_robin_rotates_and_flows_stick_until_their_backend_goes: [Root, Bpffs],
+    flow_expiry_removes_only_idle_flows: [Root, Bpffs],
+    pinned_maps_dump_with_typed_fields_in_bpftool: [Root, Bpffs, Bpftool],
+    ipv6_reply_through_tunnel_is_decapsulated_and_reverse_translated: [Root, Bpffs],
+    the_fib_picks_interface_next_hop_and_mtu_per_peer: [Root, Bpffs],
+    behind_nat_the_route_gives_the_source_and_every_node_address_receives: [Root, Bpffs],
+    an_ipv6_underlay_carries_every_inner_kind_with_a_real_udp_checksum: [Root, Bpffs],
+    ipv6_outer_datagrams_are_received_for_both_inner_families: [Root, Bpffs],
+    a_gso_packet_for_an_ipv6_peer_is_never_sent_whole: [Root, Bpffs],
+    the_slow_path_program_delivers_rebuilt_datagrams_and_never_passes: [Root, Bpffs],
+}
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -43,33 +67,8 @@ struct Fixture {
     _netns: FibNetns,
 }
 
-/// Removes the pin directory on drop -- also when loading fails half-way.
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl std::ops::Deref for PinDir {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if !worker_common::privileges::is_root() {
-        eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
-        return false;
-    }
-    true
 }
 
 /// Node 198.51.100.1 with a client container 10.18.0.2 (instance 10.30.0.3),
@@ -93,11 +92,7 @@ fn fixture_with(
     tune: impl FnOnce(&mut DataplaneConfig),
 ) -> Fixture {
     let netns = FibNetns::enter(name);
-    let pin_dir = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/oak-test-{}-{name}",
-        std::process::id()
-    )));
-    let _ = std::fs::remove_dir_all(&*pin_dir);
+    let pin_dir = PinDir::new(&format!("test-{name}-"));
     let cfg = DataplaneConfig {
         pin_dir: pin_dir.to_path_buf(),
         uplink: String::new(),
@@ -285,11 +280,7 @@ fn tcp_syn(sport: u16, dport: u16) -> L4 {
     }
 }
 
-#[test]
 fn tcp_to_remote_backend_is_translated_and_tunnelled() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("remote-tcp");
     let sent = Ip::new("10.18.0.2", "10.30.55.56", tcp_syn(40000, 80));
     let (verdict, out) = run(&f, CONTAINER_PROGRAM, &from_container(&sent));
@@ -314,11 +305,7 @@ fn tcp_to_remote_backend_is_translated_and_tunnelled() {
     assert_eq!(counter(&f, "tunnelled"), 1);
 }
 
-#[test]
 fn udp_to_closest_prefers_the_local_backend_without_encapsulation() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("local-udp");
     let l4 = L4::Udp {
         sport: 5353,
@@ -336,11 +323,7 @@ fn udp_to_closest_prefers_the_local_backend_without_encapsulation() {
     assert_eq!(counter(&f, "tunnelled"), 0);
 }
 
-#[test]
 fn reply_through_tunnel_is_reverse_translated_for_an_owned_flow() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("reverse");
     let sent = Ip::new("10.18.0.2", "10.30.55.56", tcp_syn(40000, 80));
     assert_eq!(
@@ -370,11 +353,7 @@ fn reply_through_tunnel_is_reverse_translated_for_an_owned_flow() {
     assert_eq!(counter(&f, "reverse_translated"), 1);
 }
 
-#[test]
 fn tunnel_packet_of_a_flow_started_elsewhere_is_delivered_unchanged() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("unowned");
     let pkt = Ip::new("10.30.0.5", "10.18.0.2", tcp_syn(5555, 80));
     let frame = eth(
@@ -389,11 +368,7 @@ fn tunnel_packet_of_a_flow_started_elsewhere_is_delivered_unchanged() {
     assert_eq!(counter(&f, "decapsulated"), 1);
 }
 
-#[test]
 fn ipv6_udp_to_remote_backend_rides_an_ipv4_tunnel() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("v6-udp");
     let l4 = L4::Udp {
         sport: 6000,
@@ -409,11 +384,7 @@ fn ipv6_udp_to_remote_backend_rides_an_ipv4_tunnel() {
     assert_checksums(&out[14 + 28..]);
 }
 
-#[test]
 fn icmp_echo_v4_and_v6_are_translated() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("echo");
     let echo = L4::Echo {
         request: true,
@@ -463,11 +434,8 @@ fn icmp_echo_v4_and_v6_are_translated() {
     );
 }
 
-#[tokio::test]
-async fn unknown_service_is_held_reported_and_bounded() {
-    if !is_root() {
-        return;
-    }
+fn unknown_service_is_held_reported_and_bounded() {
+    testkit::block_on(async {
     let f = fixture("miss");
     let mut misses = f.dp.misses().unwrap();
     let frame = from_container(&Ip::new("10.18.0.2", "10.30.99.99", tcp_syn(40001, 80)));
@@ -489,13 +457,11 @@ async fn unknown_service_is_held_reported_and_bounded() {
     assert_eq!(counter(&f, "drop_miss_overflow"), 1);
     f.dp.resolved(ip("10.30.99.99")).unwrap();
     assert_eq!(f.dp.pending(ip("10.30.99.99")).unwrap(), None);
+    })
 }
 
-#[tokio::test]
-async fn sender_without_known_instance_address_is_held() {
-    if !is_root() {
-        return;
-    }
+fn sender_without_known_instance_address_is_held() {
+    testkit::block_on(async {
     let f = fixture("sender");
     f.dp.upsert_instance(
         ip("10.18.0.9"),
@@ -519,13 +485,10 @@ async fn sender_without_known_instance_address_is_held() {
         .unwrap();
     assert_eq!(m.reason, netmanager::dataplane::MissReason::Sender);
     assert_eq!(m.addr, ip("10.18.0.9"));
+    })
 }
 
-#[test]
 fn malformed_fragmented_expiring_and_foreign_packets() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("hostile");
     // Not service traffic: passed untouched.
     let other = from_container(&Ip::new("10.18.0.2", "192.0.2.7", tcp_syn(1, 80)));
@@ -600,11 +563,7 @@ fn malformed_fragmented_expiring_and_foreign_packets() {
     assert_ne!(run(&f, UPLINK_PROGRAM, &runt).0, TC_ACT_REDIRECT);
 }
 
-#[test]
 fn ip_options_are_skipped_to_find_the_ports() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("options");
     let mut sent = Ip::new("10.18.0.2", "10.30.55.56", tcp_syn(40002, 80));
     sent.options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
@@ -616,11 +575,7 @@ fn ip_options_are_skipped_to_find_the_ports() {
     assert_eq!(out, tunnelled(&inner));
 }
 
-#[test]
 fn oversize_packets_get_path_mtu_feedback() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("pmtu");
     let big = L4::Udp {
         sport: 9000,
@@ -673,11 +628,7 @@ fn oversize_packets_get_path_mtu_feedback() {
     assert_eq!(counter(&f, "drop_too_big"), 1);
 }
 
-#[test]
 fn round_robin_rotates_and_flows_stick_until_their_backend_goes() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("rr");
     f.dp.upsert_instance(
         ip("10.18.0.131"),
@@ -722,11 +673,7 @@ fn round_robin_rotates_and_flows_stick_until_their_backend_goes() {
     assert_eq!(chosen(1000), b);
 }
 
-#[test]
 fn flow_expiry_removes_only_idle_flows() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("expiry");
     let sent = Ip::new("10.18.0.2", "10.30.55.56", tcp_syn(40000, 80));
     run(&f, CONTAINER_PROGRAM, &from_container(&sent));
@@ -738,11 +685,7 @@ fn flow_expiry_removes_only_idle_flows() {
     );
 }
 
-#[test]
 fn pinned_maps_dump_with_typed_fields_in_bpftool() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("bpftool");
     let path = f.pin_dir.join(netmanager_common::maps::INSTANCES);
     let out = std::process::Command::new("bpftool")
@@ -775,11 +718,7 @@ fn pinned_maps_dump_with_typed_fields_in_bpftool() {
     }
 }
 
-#[test]
 fn ipv6_reply_through_tunnel_is_decapsulated_and_reverse_translated() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("v6-reverse");
     let out_l4 = L4::Udp {
         sport: 6000,
@@ -829,11 +768,7 @@ fn translated(src: &str, dst: &str, l4: L4) -> Ip {
     p
 }
 
-#[test]
 fn the_fib_picks_interface_next_hop_and_mtu_per_peer() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("fib");
     add_peers(&f);
     // Reachable only through under1: its MAC and the neighbour's there. The
@@ -885,11 +820,7 @@ fn ip4(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
-#[test]
 fn behind_nat_the_route_gives_the_source_and_every_node_address_receives() {
-    if !is_root() {
-        return;
-    }
     // The node advertises its NAT router's public address, which it lacks.
     let f = fixture_advertising("nat", ip("198.51.100.250"));
     add_peers(&f);
@@ -942,11 +873,7 @@ fn behind_nat_the_route_gives_the_source_and_every_node_address_receives() {
     assert_eq!(counter(&f, "decapsulated"), 2);
 }
 
-#[test]
 fn an_ipv6_underlay_carries_every_inner_kind_with_a_real_udp_checksum() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("v6-outer");
     add_peers(&f);
     // An inner IPv4 UDP datagram without checksum (allowed over IPv4): the
@@ -1017,11 +944,7 @@ fn an_ipv6_underlay_carries_every_inner_kind_with_a_real_udp_checksum() {
     assert_eq!(counter(&f, "tunnelled"), 5);
 }
 
-#[test]
 fn ipv6_outer_datagrams_are_received_for_both_inner_families() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("v6-in");
     // The senders are instances of the node on the IPv6 underlay: only its
     // datagrams are accepted for them.
@@ -1060,11 +983,7 @@ fn ipv6_outer_datagrams_are_received_for_both_inner_families() {
     assert_eq!(counter(&f, "decapsulated"), 2);
 }
 
-#[test]
 fn a_gso_packet_for_an_ipv6_peer_is_never_sent_whole() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("v6-gso");
     add_peers(&f);
     // As if the container's stack had handed over a TCP super-packet: the
@@ -1095,11 +1014,7 @@ fn a_gso_packet_for_an_ipv6_peer_is_never_sent_whole() {
     assert_eq!(counter(&f, "tunnelled"), 0);
 }
 
-#[test]
 fn the_slow_path_program_delivers_rebuilt_datagrams_and_never_passes() {
-    if !is_root() {
-        return;
-    }
     let f = fixture("slow");
     // What NetManager writes back for a reassembled datagram: a plain outer
     // header from the peer's (ephemeral) port to ours, checksum zero.

@@ -1,38 +1,27 @@
 //! Two nodes with real NetManagers and the eBPF dataplane on one underlay:
 //! a container on node 1 reaches a container on node 2 by service IP; the
 //! first connection depends on miss resolution (table query by service IP).
-//! Every test runs in both attach modes (TCX links, classic tc filters).
-//! Needs root, bpffs and mosquitto.
+//! Needs root, bpffs, mosquitto and python3.
 
-mod common;
-
+use std::path::Path;
 use std::time::Duration;
 
-use common::*;
 use serde_json::{Value, json};
+use testkit::runners::upstream_netcfg;
+use testkit::topology::UPLINK;
+use testkit::{
+    ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, PinDir, Proc, Underlay,
+};
+
+testkit::main! {
+    service_ip_across_two_nodes: [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient],
+    pending_instance_with_null_fields_keeps_the_running_one_reachable: [Root, Bpffs, Mosquitto, Nft, Python3],
+}
 
 const CLIENT: &str = "ovl.test.client.test";
 const SERVER: &str = "ovl.test.server.test";
 const N1: &str = "6650aa00bb22cc33dd440011";
 const N2: &str = "6650aa00bb22cc33dd440022";
-
-attach_mode_tests!(
-    service_ip_across_two_nodes,
-    pending_instance_with_null_fields_keeps_the_running_one_reachable
-);
-
-fn start(dir: &TempDir, node: &Netns, port: u16, tag: &str, mode: &'static str) -> Daemon {
-    Daemon::start_ebpf_with(
-        dir,
-        node,
-        port,
-        tag,
-        EbpfOptions {
-            attach_mode: Some(mode),
-            ..Default::default()
-        },
-    )
-}
 
 fn instance(nsip: &str, nsip6: &str, host: &str, rr: (&str, &str), inst: (&str, &str)) -> Value {
     json!({"instance_number": 0, "namespace_ip": nsip, "namespace_ip_v6": nsip6, "host_ip": host, "host_port": 50103,
@@ -41,53 +30,76 @@ fn instance(nsip: &str, nsip6: &str, host: &str, rr: (&str, &str), inst: (&str, 
                {"IpType": "instance_ip", "Address": inst.0, "Address_v6": inst.1}]})
 }
 
-fn python_available() -> bool {
-    try_run(&["python3", "-c", "pass"]).is_some()
+/// An underlay with a broker and the cluster double at 198.51.100.254, two
+/// nodes, and the subnets N1 10.18.0.0 and N2 10.18.1.0. Fields drop in
+/// order: the daemons' peers first, the directory last.
+struct Two {
+    csm: ClusterDouble,
+    broker: Mosquitto,
+    n1: Node,
+    n2: Node,
+    _underlay: Underlay,
+    dir: tempfile::TempDir,
 }
 
-fn tcp_server(c: &Proc, port: u16) -> Proc {
+fn two_nodes() -> Two {
+    let dir = testkit::temp_dir();
+    let underlay = Underlay::new().expect("underlay");
+    let (n1, n2) = (underlay.node(1).unwrap(), underlay.node(2).unwrap());
+    let broker =
+        Mosquitto::in_netns(&underlay.ns, "198.51.100.254", 1883, dir.path()).expect("mosquitto");
+    let csm = ClusterDouble::options(broker.endpoint())
+        .start()
+        .expect("cluster double");
+    csm.pin_subnet(N1, "10.18.0.0", "fc00::");
+    csm.pin_subnet(N2, "10.18.1.0", "fc00::100");
+    Two {
+        csm,
+        broker,
+        n1,
+        n2,
+        _underlay: underlay,
+        dir,
+    }
+}
+
+/// A NetManager with the eBPF dataplane in `node`, files named after `tag`.
+fn ebpf_daemon(dir: &Path, node: &Node, mqtt_port: u16, tag: &str) -> NetManager {
+    NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir)
+        .tag(tag)
+        .netcfg(upstream_netcfg(mqtt_port))
+        .dataplane(PinDir::new("nmt"))
+        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
+        .start()
+        .expect("NetManager")
+}
+
+fn python(c: &ContainerProcess, script: &str) -> Proc {
+    c.ns().spawn(&["python3", "-c", script]).expect("python3")
+}
+
+fn tcp_server(c: &ContainerProcess, port: u16) -> Proc {
     let script = format!(
         "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
          s.bind(('0.0.0.0',{port}))\ns.listen()\ns.settimeout(60)\n\
          while True:\n  c,a=s.accept()\n  c.sendall(('hello '+a[0]).encode())\n  c.close()"
     );
-    Proc(
-        std::process::Command::new("nsenter")
-            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", &script])
-            .spawn()
-            .unwrap(),
-    )
+    python(c, &script)
 }
 
-fn tcp_get(c: &Proc, addr: &str, port: u16) -> Option<String> {
+fn tcp_get(c: &ContainerProcess, addr: &str, port: u16) -> Option<String> {
     let script = format!(
         "import socket\ns=socket.create_connection(('{addr}',{port}),timeout=5)\nprint(s.recv(100).decode())"
     );
-    in_pid_ns(c.pid(), &["python3", "-c", &script]).map(|s| s.trim().to_string())
+    c.ns()
+        .run(&["python3", "-c", &script])
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
-fn service_ip_across_two_nodes(mode: &'static str) {
-    if !require_root("service_ip_across_two_nodes") {
-        return;
-    }
-    if !python_available() || !std::path::Path::new("/sys/fs/bpf").exists() {
-        eprintln!("SKIP service_ip_across_two_nodes: needs python3 and bpffs");
-        return;
-    }
-    let dir = TempDir::new();
-    let underlay = Underlay::new();
-    let (n1, n2) = (underlay.node(1), underlay.node(2));
-    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
-    let csm = ClusterDouble::start_at(
-        "198.51.100.254",
-        broker.port,
-        Some(&underlay.ns),
-        ("10.18.0.0", "fc00::"),
-    );
-    csm.subnets
-        .lock()
-        .unwrap()
-        .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
+fn service_ip_across_two_nodes() {
+    let t = two_nodes();
+    let (csm, dir) = (&t.csm, t.dir.path());
     csm.set_table(
         CLIENT,
         json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
@@ -96,15 +108,14 @@ fn service_ip_across_two_nodes(mode: &'static str) {
         SERVER,
         json!({"instance_list": [instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
     );
-    let nm1 = start(&dir, &n1, broker.port, "n1", mode);
-    let nm2 = start(&dir, &n2, broker.port, "n2", mode);
+    let nm1 = ebpf_daemon(dir, &t.n1, t.broker.port(), "n1");
+    let nm2 = ebpf_daemon(dir, &t.n2, t.broker.port(), "n2");
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
         let (code, body) = nm.post(
             "/register",
             &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
         );
         assert_eq!(code, 200, "{body}");
-        assert_attach_mode(nm, mode);
     }
     let (client, server) = (container(), container());
     let (code, a) = nm1.post("/container/deploy", &json!({"pid": client.pid(), "serviceName": CLIENT, "instanceNumber": 0, "portMappings": ""}).to_string());
@@ -144,7 +155,7 @@ fn service_ip_across_two_nodes(mode: &'static str) {
 
     // The operator's view: Prometheus metrics parsed by the reference
     // OpenMetrics parser, and readiness.
-    let m = scrape(&n1);
+    let m = scrape(&t.n1);
     let v = |key: &str| m[key].as_f64().unwrap_or_else(|| panic!("no {key} in {m}"));
     assert_eq!(v("netmanager_ready"), 1.0);
     assert!(v("netmanager_dataplane_packets_total{reason=,verdict=tunnelled}") > 0.0);
@@ -152,8 +163,7 @@ fn service_ip_across_two_nodes(mode: &'static str) {
     assert!(v("netmanager_map_capacity{map=FLOWS}") > 0.0);
     assert_eq!(
         v(&format!(
-            "netmanager_program_attached{{hook={},interface=uplink0,program=uplink_ingress}}",
-            hook_of(mode)
+            "netmanager_program_attached{{hook=tcx/ingress,interface={UPLINK},program=uplink_ingress}}"
         )),
         1.0
     );
@@ -175,44 +185,35 @@ fn service_ip_across_two_nodes(mode: &'static str) {
     let (code, ready) = nm1.get("/readyz");
     assert_eq!((code, ready), (200, json!({"ready": true})));
 
-    // The dataplane shows up in status, with its attach mode and hooks.
+    // The dataplane shows up in status.
     let (_, st) = nm1.get("/status");
-    assert_eq!(st["dataplane"]["attach_mode"], json!(mode), "{st}");
-    let attachments = st["dataplane"]["attachments"].as_array().unwrap();
     assert!(
-        attachments.contains(&json!(["uplink_ingress", "uplink0", hook_of(mode)])),
+        !st["dataplane"]["attachments"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
         "{st}"
     );
-    let uplink_before = ingress_programs(&n1, "uplink0");
 
     // An established connection survives kill -9 and restart of both daemons.
     let mut nm1 = nm1;
     let mut nm2 = nm2;
     let _echo = echo_server(&server, 7001);
     std::thread::sleep(Duration::from_millis(300));
-    let go = dir.path("go");
+    let go = dir.join("go");
     let mut conv = long_conversation(&client, "10.30.1.1", 7001, &go);
-    assert_eq!(read_line(&mut conv), "first");
+    assert_eq!(conv.read_line().unwrap(), "first");
     nm1.kill9();
     nm2.kill9();
-    nm1.restart();
-    nm2.restart();
+    nm1.restart().unwrap();
+    nm2.restart().unwrap();
     for nm in [&nm1, &nm2] {
         let (_, st) = nm.get("/status");
         assert_eq!(st["registered"], json!(true), "{st}");
         assert_eq!(st["deployments"].as_array().unwrap().len(), 1, "{st}");
     }
     std::fs::write(&go, "").unwrap();
-    assert_eq!(read_line(&mut conv), "second");
-    // The restart replaced the uplink program in place: one program, in
-    // the same mode, a new one.
-    let uplink_after = ingress_programs(&n1, "uplink0");
-    assert_eq!(uplink_after.len(), 1, "{uplink_after:?}");
-    assert_eq!(
-        (uplink_after[0].0.as_str(), uplink_after[0].1.as_str()),
-        (hook_of(mode), "uplink_ingress")
-    );
-    assert_ne!(uplink_after[0].2, uplink_before[0].2, "not replaced");
+    assert_eq!(conv.read_line().unwrap(), "second");
     // And new connections work after the restart.
     assert_eq!(
         tcp_get(&client, "10.30.1.1", 7000).as_deref(),
@@ -221,35 +222,14 @@ fn service_ip_across_two_nodes(mode: &'static str) {
     if std::env::var_os("NMT_DUMP_LOGS").is_some() {
         eprintln!("{}", nm1.log_text());
     }
-    drop(csm);
 }
 
 /// The real cluster service manager lists an instance that is scheduled but
 /// not running yet with `null` addresses (docs/contract.md §3). The running instance
 /// must stay reachable through the shared address.
-fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &'static str) {
-    let test = "pending_instance_with_null_fields_keeps_the_running_one_reachable";
-    if !require_root(test) {
-        return;
-    }
-    if !python_available() || !std::path::Path::new("/sys/fs/bpf").exists() {
-        eprintln!("SKIP {test}: needs python3 and bpffs");
-        return;
-    }
-    let dir = TempDir::new();
-    let underlay = Underlay::new();
-    let (n1, n2) = (underlay.node(1), underlay.node(2));
-    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
-    let csm = ClusterDouble::start_at(
-        "198.51.100.254",
-        broker.port,
-        Some(&underlay.ns),
-        ("10.18.0.0", "fc00::"),
-    );
-    csm.subnets
-        .lock()
-        .unwrap()
-        .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
+fn pending_instance_with_null_fields_keeps_the_running_one_reachable() {
+    let t = two_nodes();
+    let (csm, dir) = (&t.csm, t.dir.path());
     csm.set_table(
         CLIENT,
         json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
@@ -265,15 +245,14 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &'sta
             instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2")),
             pending]}),
     );
-    let nm1 = start(&dir, &n1, broker.port, "n1", mode);
-    let nm2 = start(&dir, &n2, broker.port, "n2", mode);
+    let nm1 = ebpf_daemon(dir, &t.n1, t.broker.port(), "n1");
+    let nm2 = ebpf_daemon(dir, &t.n2, t.broker.port(), "n2");
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
         let (code, body) = nm.post(
             "/register",
             &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
         );
         assert_eq!(code, 200, "{body}");
-        assert_attach_mode(nm, mode);
     }
     let (client, server) = (container(), container());
     for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
@@ -306,12 +285,11 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &'sta
         "{}",
         nm1.log_text()
     );
-    drop(csm);
 }
 
 /// `/metrics` of the NetManager in `node`, parsed with the Prometheus
 /// project's OpenMetrics parser: `{"name{label=value,...}": value}`.
-fn scrape(node: &Netns) -> Value {
+fn scrape(node: &Node) -> Value {
     let script = "import json,urllib.request\n\
         from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\n\
         text=urllib.request.urlopen('http://127.0.0.1:9102/metrics',timeout=5).read().decode()\n\
@@ -321,34 +299,24 @@ fn scrape(node: &Netns) -> Value {
         \x20   key=s.name+('{'+','.join('%s=%s'%kv for kv in sorted(s.labels.items()))+'}' if s.labels else '')\n\
         \x20   out[key]=s.value\n\
         print(json.dumps(out))";
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &node.name, "python3", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scrape: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let out = node
+        .ns
+        .run(&["python3", "-c", script])
+        .unwrap_or_else(|e| panic!("scrape: {e:#}"));
+    serde_json::from_str(&out).unwrap()
 }
 
-fn echo_server(c: &Proc, port: u16) -> Proc {
+fn echo_server(c: &ContainerProcess, port: u16) -> Proc {
     let script = format!(
         "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
          s.bind(('0.0.0.0',{port}))\ns.listen()\nc,a=s.accept()\n\
          while True:\n  d=c.recv(100)\n  if not d: break\n  c.sendall(d)"
     );
-    Proc(
-        std::process::Command::new("nsenter")
-            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", &script])
-            .spawn()
-            .unwrap(),
-    )
+    python(c, &script)
 }
 
 /// Connect once, exchange "first", wait for `go` to exist, exchange "second".
-fn long_conversation(c: &Proc, addr: &str, port: u16, go: &std::path::Path) -> Proc {
+fn long_conversation(c: &ContainerProcess, addr: &str, port: u16, go: &Path) -> Proc {
     let script = format!(
         "import socket,os,time,sys\ns=socket.create_connection(('{addr}',{port}),timeout=10)\n\
          s.sendall(b'first')\nprint(s.recv(100).decode(),flush=True)\n\
@@ -356,121 +324,11 @@ fn long_conversation(c: &Proc, addr: &str, port: u16, go: &std::path::Path) -> P
          s.sendall(b'second')\nprint(s.recv(100).decode(),flush=True)",
         go = go.display()
     );
-    Proc(
-        std::process::Command::new("nsenter")
-            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", &script])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
+    python(c, &script)
 }
 
-/// One line of the child's output (it prints nothing beyond what we wait for,
-/// so a throwaway buffer loses nothing).
-fn read_line(child: &mut Proc) -> String {
-    use std::io::BufRead;
-    let out = child.0.stdout.as_mut().expect("piped stdout");
-    let mut line = String::new();
-    let mut reader = std::io::BufReader::new(out);
-    reader.read_line(&mut line).unwrap();
-    line.trim().to_string()
-}
-
-/// Upstream's tuncfg.json moves the IPv4 service range to 10.40.0.0/16 and
-/// the tunnel to UDP 50200 on both nodes (NodePublicPort advertises the
-/// same port, there being no NAT in between): service traffic flows on the
-/// new range, and the programs' configuration holds the new port.
-#[test]
-fn tuncfg_moves_the_service_range_and_the_tunnel_port() {
-    let test = "tuncfg_moves_the_service_range_and_the_tunnel_port";
-    if !require_root(test) {
-        return;
-    }
-    if !python_available() || !std::path::Path::new("/sys/fs/bpf").exists() {
-        eprintln!("SKIP {test}: needs python3 and bpffs");
-        return;
-    }
-    let dir = TempDir::new();
-    let underlay = Underlay::new();
-    let (n1, n2) = (underlay.node(1), underlay.node(2));
-    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
-    let csm = ClusterDouble::start_at(
-        "198.51.100.254",
-        broker.port,
-        Some(&underlay.ns),
-        ("10.18.0.0", "fc00::"),
-    );
-    csm.subnets
-        .lock()
-        .unwrap()
-        .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
-    let moved = |nsip: &str, host: &str, rr: &str, iip: &str| {
-        json!({"instance_number": 0, "namespace_ip": nsip, "namespace_ip_v6": "", "host_ip": host,
-               "host_port": 50200, "service_ip": [
-                   {"IpType": "RR", "Address": rr, "Address_v6": ""},
-                   {"IpType": "instance_ip", "Address": iip, "Address_v6": ""}]})
-    };
-    csm.set_table(
-        CLIENT,
-        json!({"instance_list": [moved("10.18.0.2", "198.51.100.1", "10.40.1.2", "10.40.0.1")]}),
-    );
-    csm.set_table(
-        SERVER,
-        json!({"instance_list": [moved("10.18.1.2", "198.51.100.2", "10.40.1.1", "10.40.0.2")]}),
-    );
-    // Upstream's key spelling, as its sample file writes it.
-    let tuncfg = json!({"HostTUNDeviceName": "goProxyTun", "TunNetIP": "10.19.1.254",
-        "ProxySubnetwork": "10.40.0.0", "ProxySubnetworkMask": "255.255.0.0",
-        "TunnelPort": 50200, "Mtusize": 1450});
-    let opts = || EbpfOptions {
-        netcfg: json!({"NodePublicPort": "50200"}),
-        tuncfg: Some(tuncfg.clone()),
-        ..Default::default()
-    };
-    let nm1 = Daemon::start_ebpf_with(&dir, &n1, broker.port, "n1", opts());
-    let nm2 = Daemon::start_ebpf_with(&dir, &n2, broker.port, "n2", opts());
-    for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
-        let (code, body) = nm.post(
-            "/register",
-            &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
-        );
-        assert_eq!(code, 200, "{body}");
-    }
-    let (client, server) = (container(), container());
-    for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
-        let (code, a) = nm.post(
-            "/container/deploy",
-            &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
-                .to_string(),
-        );
-        assert_eq!(code, 200, "{a}");
-    }
-    let _srv = tcp_server(&server, 7000);
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        tcp_get(&client, "10.40.1.1", 7000).as_deref(),
-        Some("hello 10.40.0.1"),
-        "node1 log:\n{}",
-        nm1.log_text()
-    );
-    // The programs listen on and send from the configured port.
-    let config_pin = nm1
-        .bpf_dir
-        .as_ref()
-        .unwrap()
-        .join(netmanager_common::maps::CONFIG);
-    let dump = run(&[
-        "bpftool",
-        "-j",
-        "map",
-        "dump",
-        "pinned",
-        config_pin.to_str().unwrap(),
-    ]);
-    let dump: Value = serde_json::from_str(&dump).unwrap();
-    let formatted = &dump[0]["formatted"]["value"];
-    assert_eq!(formatted["tunnel_port"], json!(50200), "{dump}");
-    drop(csm);
+fn container() -> ContainerProcess {
+    ContainerProcess::start().expect("a container process")
 }
 
 /// Behind NAT a node advertises its router's public pair, which it does not
@@ -502,10 +360,7 @@ fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
         &n1,
         broker.port,
         "nat",
-        EbpfOptions {
-            netcfg: json!({"NodePublicAddress": "198.51.100.250", "NodePublicPort": "50200"}),
-            ..Default::default()
-        },
+        json!({"NodePublicAddress": "198.51.100.250", "NodePublicPort": "50200"}),
     );
     let (code, body) = nm.post(
         "/register",

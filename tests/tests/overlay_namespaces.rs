@@ -2,22 +2,29 @@
 //! real programs attached by the dataplane with a fixed table. Ping, a TCP
 //! byte stream and UDP datagrams to a service address cross the nodes and
 //! arrive intact; a capture of the underlay shows upstream's wire format.
-//! Once with TCX links, once with classic tc filters.
+
+use std::path::Path;
 
 use anyhow::Result;
-use oakestra_worker_tests::{Lab, binary, is_root, ns_sh, sh};
+use oakestra_worker_tests::binary;
+use testkit::{NsPath, PinDir, Underlay, sh, temp_dir};
 
+testkit::main! {
+    service_traffic_crosses_nodes_in_upstream_wire_format: [Root, Bpffs, Busybox, Python3, Tcpdump],
+}
+
+/// The static dataplane's table for node `node`, written to `dir`; its
+/// dataplane pins in `pin`.
 fn table(
-    lab: &mut Lab,
-    mode: &str,
+    dir: &Path,
+    pin: &PinDir,
     node: u8,
     uplink_node_ip: &str,
-    local: &[(&str, &str, &str, &str, [u8; 6])],
+    local: &[(&str, &str, &str, [u8; 6])],
     remote: &[(&str, &str, &str)],
 ) -> Result<String> {
-    let pin = lab.pin_dir(&format!("n{node}"));
     let mut instances = Vec::new();
-    for (ns_ip, inst, veth, _ns, mac) in local {
+    for (ns_ip, inst, veth, mac) in local {
         instances.push(serde_json::json!({"ns_ip": ns_ip, "instance_ip": inst, "node_ip": uplink_node_ip, "veth": veth, "mac": mac}));
     }
     for (ns_ip, inst, node_ip) in remote {
@@ -25,9 +32,8 @@ fn table(
             .push(serde_json::json!({"ns_ip": ns_ip, "instance_ip": inst, "node_ip": node_ip}));
     }
     let t = serde_json::json!({
-        "pin_dir": pin,
+        "pin_dir": pin.path(),
         "uplink": "eth0",
-        "attach_mode": mode,
         "node_ip": uplink_node_ip,
         "service_ranges": [["10.30.0.0", 16], ["fdff::", 16]],
         "instances": instances,
@@ -44,91 +50,35 @@ fn table(
             {"ip": "10.30.77.77", "kind": "RR", "backends": ["10.18.0.66"]},
         ],
     });
-    lab.file(&format!("n{node}.json"), &t.to_string())
+    let path = dir.join(format!("n{node}.json"));
+    std::fs::write(&path, t.to_string())?;
+    Ok(path.to_string_lossy().into_owned())
 }
 
-#[test]
-fn service_traffic_crosses_nodes_in_upstream_wire_format_tcx() -> Result<()> {
-    if is_root() && !netmanager::kernel_support::probe().tcx {
-        eprintln!("SKIP: this kernel has no TCX links");
-        return Ok(());
-    }
-    crosses_nodes("tcx")
-}
-
-#[test]
-fn service_traffic_crosses_nodes_in_upstream_wire_format_netlink() -> Result<()> {
-    crosses_nodes("netlink")
-}
-
-/// `#[test]`s running `$body(mode)` once per attach mode (`_tcx` skipped on
-/// a kernel without TCX links).
-macro_rules! in_both_modes {
-    ($($body:ident),* $(,)?) => {
-        mod tcx {
-            $(
-                #[test]
-                fn $body() -> anyhow::Result<()> {
-                    if super::is_root() && !netmanager::kernel_support::probe().tcx {
-                        eprintln!("SKIP: this kernel has no TCX links");
-                        return Ok(());
-                    }
-                    super::$body("tcx")
-                }
-            )*
-        }
-        mod netlink {
-            $(
-                #[test]
-                fn $body() -> anyhow::Result<()> {
-                    super::$body("netlink")
-                }
-            )*
-        }
-    };
-}
-
-in_both_modes!(
-    a_node_behind_nat_carries_service_traffic_both_ways,
-    fragmented_and_optioned_outer_datagrams_take_the_slow_path,
-    a_second_interface_receives_and_reaches_peers_only_behind_it,
-    an_ipv6_only_underlay_carries_v4_and_v6_service_traffic,
-);
-
-/// A lab tag per test and mode: both modes run at once in one process.
-fn lab_tag(test: &str, mode: &str) -> String {
-    format!("{test}{}", if mode == "tcx" { "t" } else { "n" })
-}
-
-fn crosses_nodes(mode: &str) -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: namespaces and eBPF need root");
-        return Ok(());
-    }
-    // Both modes run at once in this process: distinct names.
-    let mut lab = Lab::new(if mode == "tcx" { "ovt" } else { "ovn" });
-    let under = lab.underlay()?;
-    let n1 = lab.node("n1", &under, 1, "10.18.0.1/26", "fc00::1/120")?;
-    let n2 = lab.node("n2", &under, 2, "10.18.0.65/26", "fc00::41/120")?;
-    let c1 = lab.container(
-        &n1,
+fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
+    let dir = temp_dir();
+    let under = Underlay::new()?;
+    let (n1, n2) = (under.node(1)?, under.node(2)?);
+    n1.container_bridge("10.18.0.1/26", "fc00::1/120")?;
+    n2.container_bridge("10.18.0.65/26", "fc00::41/120")?;
+    let c1 = n1.container(
         "c1",
         ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
     )?;
-    let c2 = lab.container(
-        &n2,
+    let c2 = n2.container(
         "c2",
         ["10.18.0.66/26", "fc00::42/120", "10.18.0.65", "fc00::41"],
     )?;
+    let (pin1, pin2) = (PinDir::new("ov1"), PinDir::new("ov2"));
 
     let t1 = table(
-        &mut lab,
-        mode,
+        dir.path(),
+        &pin1,
         1,
         "198.51.100.1",
         &[
-            ("10.18.0.2", "10.30.0.3", &c1.veth, &c1.ns, c1.mac),
-            ("fc00::2", "fdff::3", &c1.veth, &c1.ns, c1.mac),
+            ("10.18.0.2", "10.30.0.3", &c1.veth, c1.mac),
+            ("fc00::2", "fdff::3", &c1.veth, c1.mac),
         ],
         &[
             ("10.18.0.66", "10.30.0.5", "198.51.100.2"),
@@ -136,13 +86,13 @@ fn crosses_nodes(mode: &str) -> Result<()> {
         ],
     )?;
     let t2 = table(
-        &mut lab,
-        mode,
+        dir.path(),
+        &pin2,
         2,
         "198.51.100.2",
         &[
-            ("10.18.0.66", "10.30.0.5", &c2.veth, &c2.ns, c2.mac),
-            ("fc00::42", "fdff::5", &c2.veth, &c2.ns, c2.mac),
+            ("10.18.0.66", "10.30.0.5", &c2.veth, c2.mac),
+            ("fc00::42", "fdff::5", &c2.veth, c2.mac),
         ],
         &[
             ("10.18.0.2", "10.30.0.3", "198.51.100.1"),
@@ -151,61 +101,40 @@ fn crosses_nodes(mode: &str) -> Result<()> {
     )?;
     let runner = binary("oak-static-dataplane");
     let runner = runner.to_string_lossy();
-    lab.spawn(&n1, &runner, &[&t1], true)?;
-    lab.spawn(&n2, &runner, &[&t2], true)?;
-
-    // Attached in the mode asked for: a clsact filter bpftool lists, or a
-    // pinned TCX link (which Debian 12's bpftool 7.1 does not list there).
-    let filters = ns_sh(&n1, "bpftool -j net show dev eth0")?;
-    let listed: serde_json::Value = serde_json::from_str(&filters)?;
-    let tc_filter = listed[0]["tc"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|f| f["kind"] == "clsact/ingress" && f["name"] == "uplink_ingress");
-    let tcx_link = std::path::Path::new(&format!(
-        "/sys/fs/bpf/{}-n1/links/uplink_ingress@eth0",
-        lab.prefix
-    ))
-    .exists();
-    assert_eq!(
-        (tc_filter, tcx_link),
-        (mode == "netlink", mode == "tcx"),
-        "{mode}: {filters}"
-    );
+    // Stopped (and so detached, once their pins go) before the namespaces.
+    let _dataplanes = [
+        n1.ns.spawn_ready(&[runner.as_ref(), t1.as_str()])?,
+        n2.ns.spawn_ready(&[runner.as_ref(), t2.as_str()])?,
+    ];
 
     // Capture the underlay while the traffic runs.
-    let pcap = std::env::temp_dir().join(format!("{}.pcap", lab.prefix));
+    let pcap = dir.path().join("underlay.pcap");
     let pcap_s = pcap.to_string_lossy().into_owned();
-    lab.spawn(
-        &under,
-        "tcpdump",
-        &["-i", "u-n1", "-U", "-w", &pcap_s, "udp", "port", "50103"],
-        false,
-    )?;
+    let _capture = under.ns.spawn_quiet(&[
+        "tcpdump", "-i", &n1.peer, "-U", "-w", &pcap_s, "udp", "port", "50103",
+    ])?;
     std::thread::sleep(std::time::Duration::from_millis(800));
 
     // Ping by service IP, v4 and v6; replies come from the service address.
-    let ping = ns_sh(&c1.ns, "busybox ping -c 3 -W 2 10.30.55.56")?;
+    let ping = c1.ns.sh("busybox ping -c 3 -W 2 10.30.55.56")?;
     assert!(ping.contains("3 packets received"), "{ping}");
     assert!(ping.contains("bytes from 10.30.55.56"), "{ping}");
-    let ping6 = ns_sh(&c1.ns, "busybox ping -6 -c 3 -W 2 fdff:2000::55:56")?;
+    let ping6 = c1.ns.sh("busybox ping -6 -c 3 -W 2 fdff:2000::55:56")?;
     assert!(ping6.contains("3 packets received"), "{ping6}");
 
     // TCP byte streams, v4 and v6, hashed at the server: the client checks
     // length and SHA-256 of what arrived.
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
-    lab.spawn(
-        &c2.ns,
+    let _stream_server = c2.ns.spawn_ready(&[
         "python3",
-        &[&format!("{scripts}/stream_server.py"), "::", "8080"],
-        true,
-    )?;
+        &format!("{scripts}/stream_server.py"),
+        "::",
+        "8080",
+    ])?;
     for target in ["10.30.55.56", "fdff:2000::55:56"] {
-        let out = ns_sh(
-            &c1.ns,
-            &format!("python3 {scripts}/stream_client.py {target} 8080 20000000"),
-        )?;
+        let out = c1.ns.sh(&format!(
+            "python3 {scripts}/stream_client.py {target} 8080 20000000"
+        ))?;
         assert!(out.starts_with("ok"), "TCP stream to {target}: {out}");
     }
 
@@ -213,10 +142,9 @@ fn crosses_nodes(mode: &str) -> Result<()> {
     // reinjected once the service is written, and accepted by the server --
     // so the client never retransmits it (upstream loses it and waits ~1 s).
     let before = syn_retransmits(&c1.ns)?;
-    let out = ns_sh(
-        &c1.ns,
-        &format!("python3 {scripts}/stream_client.py 10.30.77.77 8080 1000"),
-    )?;
+    let out = c1.ns.sh(&format!(
+        "python3 {scripts}/stream_client.py 10.30.77.77 8080 1000"
+    ))?;
     assert!(out.starts_with("ok"), "first connection: {out}");
     assert_eq!(
         syn_retransmits(&c1.ns)?,
@@ -226,10 +154,9 @@ fn crosses_nodes(mode: &str) -> Result<()> {
 
     // UDP request/response through a connected socket: the reply must come
     // back from the service address or the socket would not accept it.
-    lab.spawn(&c2.ns, "python3", &["-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\nwhile True:\n d,a=s.recvfrom(65535)\n s.sendto(d[::-1],a)"], false)?;
+    let _udp_server = c2.ns.spawn_quiet(&["python3", "-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\nwhile True:\n d,a=s.recvfrom(65535)\n s.sendto(d[::-1],a)"])?;
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let udp = ns_sh(
-        &c1.ns,
+    let udp = c1.ns.sh(
         "python3 -c \"import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.connect(('10.30.55.56',9999))\nfor i in range(5):\n  s.send(b'datagram-%d' % i)\n  print(s.recv(100).decode())\"",
     )?;
     assert_eq!(
@@ -260,13 +187,12 @@ fn crosses_nodes(mode: &str) -> Result<()> {
         &[10, 18, 0, 66],
         "inner destination = backend namespace IP"
     );
-    let _ = std::fs::remove_file(&pcap);
     Ok(())
 }
 
 /// The client namespace's count of retransmitted SYNs.
-fn syn_retransmits(ns: &str) -> Result<u64> {
-    let out = ns_sh(ns, "nstat -az TcpExtTCPSynRetrans")?;
+fn syn_retransmits(ns: &NsPath) -> Result<u64> {
+    let out = ns.run(&["nstat", "-az", "TcpExtTCPSynRetrans"])?;
     out.lines()
         .find_map(|l| l.strip_prefix("TcpExtTCPSynRetrans"))
         .and_then(|rest| rest.split_whitespace().next())
@@ -317,7 +243,6 @@ const SITES: [(&str, &str, &str, &str); 2] = [
 /// site's at `peer_ip`, every service.
 fn site_table(
     lab: &mut Lab,
-    mode: &str,
     me: usize,
     uplink: &str,
     node_ip: &str,
@@ -336,7 +261,6 @@ fn site_table(
     let t = serde_json::json!({
         "pin_dir": pin,
         "uplink": uplink,
-        "attach_mode": mode,
         "node_ip": node_ip,
         "service_ranges": [["10.30.0.0", 16], ["fdff::", 16]],
         "instances": instances,
@@ -508,13 +432,14 @@ fn capture(lab: &mut Lab, ns: &str, ifname: &str, tag: &str) -> Result<std::path
     Ok(path.into())
 }
 
-fn a_node_behind_nat_carries_service_traffic_both_ways(mode: &str) -> Result<()> {
+#[test]
+fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: namespaces and eBPF need root");
         return Ok(());
     }
     // n1 --- underlay 198.51.100.0/25 --- (wan .3) NAT (lan .129) --- n2 (.130)
-    let mut lab = Lab::new(&lab_tag("nat", mode));
+    let mut lab = Lab::new("nat");
     let under = lab.underlay()?;
     let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
     lab.uplink(&n1, "eth0", &under, "198.51.100.1/25")?;
@@ -543,24 +468,8 @@ fn a_node_behind_nat_carries_service_traffic_both_ways(mode: &str) -> Result<()>
     let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
     // Each node knows the other by its advertised address: n2 advertises
     // the router's, which it does not own.
-    let t1 = site_table(
-        &mut lab,
-        mode,
-        1,
-        "eth0",
-        "198.51.100.1",
-        &c1,
-        "198.51.100.3",
-    )?;
-    let t2 = site_table(
-        &mut lab,
-        mode,
-        2,
-        "eth0",
-        "198.51.100.3",
-        &c2,
-        "198.51.100.1",
-    )?;
+    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.3")?;
+    let t2 = site_table(&mut lab, 2, "eth0", "198.51.100.3", &c2, "198.51.100.1")?;
     let runner = binary("oak-static-dataplane");
     let runner = runner.to_string_lossy();
     lab.spawn(&n1, &runner, &[&t1], true)?;
@@ -588,14 +497,15 @@ fn a_node_behind_nat_carries_service_traffic_both_ways(mode: &str) -> Result<()>
     Ok(())
 }
 
-fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Result<()> {
+#[test]
+fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: namespaces and eBPF need root");
         return Ok(());
     }
     // n2 plays an upstream worker: a plain UDP socket sends tunnel
     // datagrams, through a 1280-byte MTU, so its kernel fragments them.
-    let mut lab = Lab::new(&lab_tag("frag", mode));
+    let mut lab = Lab::new("frag");
     let under = lab.underlay()?;
     let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
     lab.uplink(&n1, "eth0", &under, "198.51.100.1/24 2001:db8::1/64")?;
@@ -607,21 +517,7 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Res
         "c1",
         ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
     )?;
-    let t1 = site_table(
-        &mut lab,
-        mode,
-        1,
-        "eth0",
-        "198.51.100.1",
-        &c1,
-        "198.51.100.2",
-    )?;
-    // n2 also sends from 2001:db8::2, an address its table entry does not
-    // name (a multi-homed node): n1's operator trusts it (`TunnelPeers`),
-    // else the sender check drops those datagrams as forged.
-    let mut table: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&t1)?)?;
-    table["tunnel_peers"] = serde_json::json!([["2001:db8::2", 128]]);
-    std::fs::write(&t1, table.to_string())?;
+    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.2")?;
     let runner = binary("oak-static-dataplane");
     lab.spawn(&n1, &runner.to_string_lossy(), &[&t1], true)?;
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
@@ -707,14 +603,15 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Res
     Ok(())
 }
 
-fn a_second_interface_receives_and_reaches_peers_only_behind_it(mode: &str) -> Result<()> {
+#[test]
+fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: namespaces and eBPF need root");
         return Ok(());
     }
     // n1: eth0 on underlay A (its uplink, .1/25), eth1 on underlay B
     // (.129/25). n2 only on B (.130/25), reaching n1's advertised .1 via .129.
-    let mut lab = Lab::new(&lab_tag("twoif", mode));
+    let mut lab = Lab::new("twoif");
     let a = lab.underlay()?;
     let b = lab.ns("underb")?;
     ns_sh(&b, "ip link add br0 type bridge && ip link set br0 up")?;
@@ -725,24 +622,8 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it(mode: &str) -> R
     lab.uplink(&n2, "eth0", &b, "198.51.100.130/25")?;
     ns_sh(&n2, "ip route add 198.51.100.0/25 via 198.51.100.129")?;
     let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
-    let t1 = site_table(
-        &mut lab,
-        mode,
-        1,
-        "eth0",
-        "198.51.100.1",
-        &c1,
-        "198.51.100.130",
-    )?;
-    let t2 = site_table(
-        &mut lab,
-        mode,
-        2,
-        "eth0",
-        "198.51.100.130",
-        &c2,
-        "198.51.100.1",
-    )?;
+    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.130")?;
+    let t2 = site_table(&mut lab, 2, "eth0", "198.51.100.130", &c2, "198.51.100.1")?;
     let runner = binary("oak-static-dataplane");
     let runner = runner.to_string_lossy();
     lab.spawn(&n1, &runner, &[&t1], true)?;
@@ -752,12 +633,10 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it(mode: &str) -> R
     traffic_both_ways(&mut lab, &c1, &c2)?;
 
     // The receive program went onto eth1 by itself (it carries a node
-    // address), next to the uplink's; recorded where the mode records
-    // (a TCX link's pin, a tc filter's program pin).
-    let records = if mode == "netlink" { "tc" } else { "links" };
-    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-s1/{records}", lab.prefix));
+    // address), next to the uplink's.
+    let links = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-s1/links", lab.prefix));
     for ifname in ["eth0", "eth1"] {
-        let pin = pins.join(format!("uplink_ingress@{ifname}"));
+        let pin = links.join(format!("uplink_ingress@{ifname}"));
         assert!(pin.exists(), "{} pinned", pin.display());
     }
     // n1's datagrams to n2 left through eth1, from its advertised address.
@@ -775,20 +654,21 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it(mode: &str) -> R
     Ok(())
 }
 
-fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic(mode: &str) -> Result<()> {
+#[test]
+fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic() -> Result<()> {
     if !is_root() {
         eprintln!("skipped: namespaces and eBPF need root");
         return Ok(());
     }
-    let mut lab = Lab::new(&lab_tag("v6u", mode));
+    let mut lab = Lab::new("v6u");
     let under = lab.underlay()?;
     let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
     lab.uplink(&n1, "eth0", &under, "2001:db8::1/64")?;
     let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
     lab.uplink(&n2, "eth0", &under, "2001:db8::2/64")?;
     let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
-    let t1 = site_table(&mut lab, mode, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2")?;
-    let t2 = site_table(&mut lab, mode, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1")?;
+    let t1 = site_table(&mut lab, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2")?;
+    let t2 = site_table(&mut lab, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1")?;
     let runner = binary("oak-static-dataplane");
     let runner = runner.to_string_lossy();
     lab.spawn(&n1, &runner, &[&t1], true)?;

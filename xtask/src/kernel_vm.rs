@@ -332,7 +332,7 @@ fn write_init(root: &Path) -> Result<()> {
     for s in SUITES {
         script.push_str(&format!(
             "echo \"{MARK_BEGIN}{name}\"\n\
-             /tests/{name} --test-threads=1 {args} 2>&1\n\
+             /tests/{name} --test-threads=1 --color never {args} 2>&1\n\
              echo \"{MARK_END}{name} $?\"\n",
             name = s.name,
             args = s.args,
@@ -459,7 +459,8 @@ pub fn parse_serial(text: &str) -> GuestReport {
         {
             r.tests.push(TestOutcome {
                 suite: s.clone(),
-                test: test.to_string(),
+                // The kit's harness pads names to one column.
+                test: test.trim_end().to_string(),
                 outcome: outcome.trim().to_string(),
             });
         }
@@ -534,7 +535,7 @@ mod tests {
         test kernel_support::tests::b ... ok\r\n\
         OAK-GUEST-SUITE-END kernel_support 0\r\n\
         OAK-GUEST-SUITE-BEGIN dataplane_packets\r\n\
-        test reply_through_tunnel ... FAILED\r\n\
+        test reply_through_tunnel                 ... FAILED\r\n\
         test result: FAILED. 0 passed; 1 failed\r\n\
         OAK-GUEST-SUITE-END dataplane_packets 101\r\n\
         OAK-GUEST-DONE\r\n";
