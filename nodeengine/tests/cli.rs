@@ -23,6 +23,12 @@ testkit::main! {
     bad_arguments_are_usage_errors: [],
     help_and_version: [],
     status_and_stop_without_systemd_say_so: [NoSystemd],
+    addon_and_virtualization_without_arguments_list_the_state: [],
+    enable_true_disable_false_as_upstream: [],
+    crosvm_and_visibility_as_upstream_writes_them: [],
+    upstream_flag_names_of_config_verbs: [],
+    broker_credentials_tls_and_policy: [],
+    image_builder_needs_qemu_user_static: [],
 }
 
 const FIXTURE: &str = include_str!("fixtures/conf.json");
@@ -320,7 +326,6 @@ fn ne_env(conf: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("run NodeEngine")
 }
 
-#[test]
 fn addon_and_virtualization_without_arguments_list_the_state() {
     let (_d, conf) = setup();
     let out = ne(&conf, &["config", "addon"]);
@@ -345,7 +350,6 @@ fn addon_and_virtualization_without_arguments_list_the_state() {
     );
 }
 
-#[test]
 fn enable_true_disable_false_as_upstream() {
     let (_d, conf) = setup();
     for (word, active) in [
@@ -368,7 +372,6 @@ fn enable_true_disable_false_as_upstream() {
     }
 }
 
-#[test]
 fn crosvm_and_visibility_as_upstream_writes_them() {
     let (_d, conf) = setup();
     let got = ok(&conf, &["config", "virtualization", "crosvm", "on"]);
@@ -384,7 +387,6 @@ fn crosvm_and_visibility_as_upstream_writes_them() {
     assert!(got.contains("\"public_ip\":false"), "{got}");
 }
 
-#[test]
 fn upstream_flag_names_of_config_verbs() {
     let (d, conf) = setup();
     let got = ok(
@@ -425,7 +427,6 @@ fn upstream_flag_names_of_config_verbs() {
     assert!(got.contains(&format!("\"mqtt_cert_file\":\"{}\"", cert.display())));
 }
 
-#[test]
 fn broker_credentials_tls_and_policy() {
     let (d, conf) = setup();
     let ca = d.path().join("ca.crt");
@@ -488,7 +489,6 @@ fn fake_dpkg(dir: &Path, installed: bool) -> String {
     )
 }
 
-#[test]
 fn image_builder_needs_qemu_user_static() {
     let (d, conf) = setup();
     let out = ne_env(

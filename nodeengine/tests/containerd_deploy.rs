@@ -653,7 +653,7 @@ fn privileged_gpus_and_configured_runtimes_as_upstream() {
 /// An ML data server sidecar for the FLOps-learner addon, as upstream starts
 /// it (image, name, host port 11027, its volume).
 fn flops_starts_its_ml_data_server() {
-    let s = setup_with(true, |_, containerd, _| {
+    let mut s = setup_with(true, |_, containerd, _| {
         containerd
             .import(
                 &ImageSpec {

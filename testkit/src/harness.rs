@@ -16,6 +16,66 @@ use libtest_mimic::{Arguments, Completion, Failed, Trial};
 /// The environment variable that turns a missing prerequisite into a failure.
 pub const REQUIRE_ALL_ENV: &str = "OAK_REQUIRE_ALL";
 
+/// A file every suite appends its not-run tests to (`<suite> <test>: <why>`
+/// lines), for a summary over all suites (`cargo xtask test` prints it).
+pub const NOT_RUN_LOG_ENV: &str = "OAK_NOT_RUN_LOG";
+
+/// Tests of this suite that did not run, with why.
+static NOT_RUN: std::sync::Mutex<Vec<(&'static str, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// This suite's name: the test binary's, without cargo's hash.
+fn suite_name() -> String {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let stem = exe
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => name.to_string(),
+        _ => stem,
+    }
+}
+
+/// Remembers that `name` did not run and appends it to the not-run log.
+fn record_not_run(name: &'static str, why: &str) {
+    NOT_RUN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((name, why.to_string()));
+    if let Some(path) = std::env::var_os(NOT_RUN_LOG_ENV) {
+        use std::io::Write;
+        let line = format!("{} {name}: {why}\n", suite_name());
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            eprintln!("cannot append to {}: {e}", Path::new(&path).display());
+        }
+    }
+}
+
+/// The suite's closing words when tests did not run: after cargo's summary,
+/// where nobody can miss them.
+fn report_not_run() {
+    let not_run = NOT_RUN.lock().unwrap_or_else(|p| p.into_inner());
+    if not_run.is_empty() {
+        return;
+    }
+    eprintln!(
+        "\nNOT RUN: {} test(s) of {} lacked a prerequisite (counted as ignored, not passed):",
+        not_run.len(),
+        suite_name()
+    );
+    for (name, why) in not_run.iter() {
+        eprintln!("  {name}: {why}");
+    }
+    if !require_all() {
+        eprintln!("  (`cargo xtask setup` installs them; {REQUIRE_ALL_ENV}=1 fails such tests)");
+    }
+}
+
 /// Something a test needs of the machine it runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Need {
@@ -180,20 +240,29 @@ impl Test {
     fn into_trial(self) -> Trial {
         let Test { name, needs, body } = self;
         Trial::ignorable_test(name, move || {
-            let missing = missing(needs);
-            if missing.is_empty() {
-                return body().map(|()| Completion::Completed);
-            }
-            let why = format!("not run: {}", missing.join(", "));
-            if require_all() {
-                return Err(format!(
-                    "{why} ({REQUIRE_ALL_ENV}=1: every prerequisite must be present)"
-                )
-                .into());
-            }
-            Ok(Completion::ignored_with(why))
+            decide(name, &missing(needs), require_all(), body)
         })
     }
+}
+
+/// What becomes of test `name` whose prerequisites lack `missing`: it runs
+/// when nothing is missing; otherwise its body never runs and it is
+/// ignored with the reason, or failed when every prerequisite is required.
+fn decide(
+    name: &'static str,
+    missing: &[String],
+    require_all: bool,
+    body: impl FnOnce() -> Result<(), Failed>,
+) -> Result<Completion, Failed> {
+    if missing.is_empty() {
+        return body().map(|()| Completion::Completed);
+    }
+    let why = format!("not run: {}", missing.join(", "));
+    record_not_run(name, &missing.join(", "));
+    if require_all {
+        return Err(format!("{why} ({REQUIRE_ALL_ENV}=1: every prerequisite must be present)").into());
+    }
+    Ok(Completion::ignored_with(why))
 }
 
 /// Runs a suite with the command-line arguments cargo passed; the exit code
@@ -201,7 +270,9 @@ impl Test {
 pub fn run(tests: Vec<Test>) -> ExitCode {
     let args = Arguments::from_args();
     let trials = tests.into_iter().map(Test::into_trial).collect();
-    libtest_mimic::run(&args, trials).exit_code()
+    let conclusion = libtest_mimic::run(&args, trials);
+    report_not_run();
+    conclusion.exit_code()
 }
 
 /// `main` of a suite: each test function with what it needs.
@@ -270,6 +341,43 @@ mod tests {
                 assert!(why.starts_with("needs "), "{why}");
             }
         }
+    }
+
+    #[test]
+    fn a_missing_prerequisite_is_never_a_pass() {
+        let ran = std::cell::Cell::new(false);
+        let body = || {
+            ran.set(true);
+            Ok(())
+        };
+        let missing = vec!["needs root (running as uid 1000)".to_string()];
+        // Ignored with the reason, body not run.
+        let c = decide("t_ignored", &missing, false, body).expect("not a failure");
+        assert!(matches!(
+            c,
+            Completion::Ignored { reason: Some(r) } if r == "not run: needs root (running as uid 1000)"
+        ));
+        assert!(!ran.get());
+        // Required: a failure naming what is missing.
+        let Err(e) = decide("t_required", &missing, true, body) else {
+            panic!("a missing prerequisite passed under {REQUIRE_ALL_ENV}=1");
+        };
+        assert!(
+            e.message().is_some_and(|m| m.contains("needs root") && m.contains(REQUIRE_ALL_ENV)),
+            "{e:?}"
+        );
+        assert!(!ran.get());
+        // Both recorded for the summary.
+        let recorded: Vec<&str> = NOT_RUN.lock().unwrap().iter().map(|(n, _)| *n).collect();
+        assert!(recorded.contains(&"t_ignored") && recorded.contains(&"t_required"));
+        // Nothing missing: the body decides.
+        assert!(matches!(
+            decide("t_ran", &[], true, body),
+            Ok(Completion::Completed)
+        ));
+        assert!(ran.get());
+        let failing = || Err(Failed::from("boom"));
+        assert!(decide("t_fails", &[], false, failing).is_err());
     }
 
     #[test]

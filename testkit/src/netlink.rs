@@ -21,7 +21,8 @@ use netlink_packet_route::link::{
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use rtnetlink::{
-    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+    Handle, LinkBridge, LinkMacVtap, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
+    RouteMessageBuilder,
 };
 
 use crate::netns::NsPath;
@@ -372,6 +373,19 @@ impl NsPath {
                 .execute()
                 .await
                 .with_context(|| format!("creating veth {name} -- {peer}"))
+        })?;
+        Ok(LinkGuard::new(self, name))
+    }
+
+    /// A macvtap `name` on `parent` in `mode` (a unikernel guest's NIC).
+    pub fn add_macvtap(&self, name: &str, parent: &str, mode: MacVtapMode) -> Result<LinkGuard> {
+        self.netlink(|h| async move {
+            let parent_index = index_of(&h, parent).await?;
+            h.link()
+                .add(LinkMacVtap::new(name, parent_index, mode).build())
+                .execute()
+                .await
+                .with_context(|| format!("creating macvtap {name} on {parent}"))
         })?;
         Ok(LinkGuard::new(self, name))
     }

@@ -150,6 +150,19 @@ impl NsPath {
         }))
     }
 
+    /// `GET url` from inside this namespace with the workers' shared HTTP
+    /// client (`worker_common::http`); the answer whatever its status.
+    pub fn http_get(&self, url: &str, timeout: Duration) -> Result<worker_common::http::Response> {
+        // The client's runtime threads are made inside, so its sockets are too.
+        self.within(|| -> Result<worker_common::http::Response> {
+            let tls = worker_common::tls::ClientTls::default().build()?;
+            let client = worker_common::http::blocking::Client::new(
+                worker_common::http::Client::tcp(tls).timeout(timeout),
+            )?;
+            Ok(client.get(url)?)
+        })?
+    }
+
     /// Whether something inside accepts TCP connections on `addr`.
     pub fn accepts(&self, addr: std::net::SocketAddr) -> bool {
         self.within(|| {

@@ -8,8 +8,10 @@ use std::process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::kill;
 use nix::unistd::Pid;
+
+pub use nix::sys::signal::Signal;
 
 /// A child process: stopped on drop with its stop signal, then SIGKILL
 /// after a grace period.
@@ -303,4 +305,12 @@ pub fn path_with(dir: &Path) -> String {
     std::env::join_paths(dirs)
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|_| dir.display().to_string())
+}
+
+/// Sends `sig` to process `pid` (one the test started by other means than
+/// [`Proc`], e.g. a daemon that detached itself); gone is fine.
+pub fn signal(pid: u32, sig: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = kill(Pid::from_raw(pid), sig);
+    }
 }

@@ -178,16 +178,24 @@ pub fn stream(w: &Worker, job: &str, n: u64, ip: &str, size: usize) -> Result<()
     Ok(())
 }
 
-/// GET `http://ip/` from instance `n` with the host's busybox nc in its
-/// netns (busybox-static's wget segfaults); returns the body's last line.
+/// GET `http://ip/` from inside instance `n`'s network namespace with the
+/// workers' shared HTTP client; returns the body's last line.
 pub fn http_get(w: &Worker, job: &str, n: u64, ip: &str) -> Result<String> {
-    let ip = ip.trim_start_matches('[').trim_end_matches(']');
-    let req = "printf \"GET / HTTP/1.0\\r\\n\\r\\n\"";
-    let out = in_instance(w, job, n, &format!("{req} | busybox nc -w 3 {ip} 80"))?;
-    let last = out.lines().last().unwrap_or("").trim().to_string();
+    // `ip` may come bracketed ([v6]); a URL wants it so.
+    let bare = ip.trim_start_matches('[').trim_end_matches(']');
+    let host = if bare.contains(':') {
+        format!("[{bare}]")
+    } else {
+        bare.to_string()
+    };
+    let answer = instance_ns(w, job, n)?
+        .http_get(&format!("http://{host}:80/"), std::time::Duration::from_secs(3))?;
+    let body = answer.text().into_owned();
+    let last = body.lines().last().unwrap_or("").trim().to_string();
     anyhow::ensure!(
-        last.starts_with("hello from"),
-        "no answer from {ip}: {out:?}"
+        answer.status.is_success() && last.starts_with("hello from"),
+        "no answer from {ip}: {} {body:?}",
+        answer.status
     );
     Ok(last)
 }

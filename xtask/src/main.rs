@@ -197,10 +197,22 @@ fn test(extra: &[String]) -> Result<()> {
             ]),
         "cargo clippy",
     )?;
+    // Every suite appends the tests it could not run; listed at the end.
+    let not_run_log = root.join("target").join("oak-not-run.log");
+    let _ = std::fs::remove_file(&not_run_log);
     let mut cmd = std::process::Command::new("cargo");
     cmd.current_dir(&root)
         .env(testkit::harness::REQUIRE_ALL_ENV, "1")
-        .args(["test", "--workspace"])
+        .env(testkit::harness::NOT_RUN_LOG_ENV, &not_run_log)
+        .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra);
-    ebpf::run(&mut cmd, "cargo test --workspace")
+    let result = ebpf::run(&mut cmd, "cargo test --workspace");
+    let not_run = std::fs::read_to_string(&not_run_log).unwrap_or_default();
+    if !not_run.is_empty() {
+        eprintln!(
+            "\nNOT RUN for a missing prerequisite (each one failed its test; \
+             `cargo xtask setup` installs them):\n{not_run}"
+        );
+    }
+    result
 }
