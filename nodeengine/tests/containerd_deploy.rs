@@ -261,6 +261,13 @@ fn restart_adopts_running_instances_and_broker_restart_keeps_deploying() {
     // Placed by the cluster, so it counts the instance's silence.
     s.node().deploy(&job(name, 4, &["sleep", "300"], false));
     s.node().wait_status(name, 4, "CREATED");
+    // Reported to the cluster (so the node recorded a report, which is what
+    // lets it adopt after a restart), not merely created.
+    s.node()
+        .wait_for("jobs/resources", Duration::from_secs(20), |v| {
+            resources_entry(v, name, 4).is_some()
+        })
+        .expect("the instance reported");
 
     // Daemon restart: the running container is adopted, not killed.
     s.daemon.restart().expect("nodeengined restarted");

@@ -109,6 +109,11 @@ pub enum Need {
     Qemu,
     /// No systemd as PID 1 (tests of what the CLI does without it).
     NoSystemd,
+    /// A kernel with TCX links (Linux 6.6 or newer).
+    Tcx,
+    /// iptables and ip6tables in both backends, `-nft` and `-legacy` (the
+    /// FORWARD policy Docker sets).
+    Iptables,
 }
 
 impl Need {
@@ -129,6 +134,8 @@ impl Need {
             Need::Bpftool => "bpftool",
             Need::Qemu => "qemu-system for this architecture",
             Need::NoSystemd => "a machine without systemd as PID 1",
+            Need::Tcx => "a kernel with TCX links (Linux 6.6 or newer)",
+            Need::Iptables => "iptables and ip6tables, -nft and -legacy",
         }
     }
 
@@ -164,6 +171,15 @@ impl Need {
             Need::Bpftool => which("bpftool").is_some(),
             Need::Qemu => which(&format!("qemu-system-{}", std::env::consts::ARCH)).is_some(),
             Need::NoSystemd => !Path::new("/run/systemd/system").is_dir(),
+            Need::Tcx => kernel_at_least(6, 6),
+            Need::Iptables => [
+                "iptables-nft",
+                "ip6tables-nft",
+                "iptables-legacy",
+                "ip6tables-legacy",
+            ]
+            .iter()
+            .all(|b| which(b).is_some()),
         };
         if ok {
             Ok(())
@@ -171,6 +187,20 @@ impl Need {
             Err(format!("needs {}", self.meaning()))
         }
     }
+}
+
+/// Whether the running kernel's release is `major.minor` or newer.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(uts) = nix::sys::utsname::uname() else {
+        return false;
+    };
+    let release = uts.release().to_string_lossy().into_owned();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    version >= (major, minor)
 }
 
 /// Whether a bpffs is mounted on /sys/fs/bpf.
@@ -281,21 +311,44 @@ pub fn run(tests: Vec<Test>) -> ExitCode {
 /// testkit::main! {
 ///     deploy_and_undeploy: [Root, Mosquitto, Nft],
 ///     parses_the_fixture: [],
+///     // One function, several tests: `f(args) as name`.
+///     attaches("tcx") as tcx_attaches: [Root, Bpffs, Tcx],
+///     attaches("netlink") as netlink_attaches: [Root, Bpffs],
 /// }
 /// fn deploy_and_undeploy() { /* panics or returns Result on failure */ }
+/// fn attaches(mode: &str) { /* ... */ }
 /// ```
 #[macro_export]
 macro_rules! main {
-    ($($name:ident: [$($need:ident),* $(,)?]),* $(,)?) => {
+    ($($tests:tt)*) => {
         fn main() -> ::std::process::ExitCode {
-            $crate::harness::run(::std::vec![
-                $($crate::harness::Test::new(
-                    ::std::stringify!($name),
-                    &[$($crate::harness::Need::$need),*],
-                    $name,
-                )),*
-            ])
+            let mut tests = ::std::vec::Vec::new();
+            $crate::__tests!(tests; $($tests)*);
+            $crate::harness::run(tests)
         }
+    };
+}
+
+/// The entries of [`main!`], one at a time.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tests {
+    ($v:ident;) => {};
+    ($v:ident; $name:ident: [$($need:ident),* $(,)?] $(, $($rest:tt)*)?) => {
+        $v.push($crate::harness::Test::new(
+            ::std::stringify!($name),
+            &[$($crate::harness::Need::$need),*],
+            $name,
+        ));
+        $crate::__tests!($v; $($($rest)*)?);
+    };
+    ($v:ident; $f:ident($($arg:expr),* $(,)?) as $name:ident: [$($need:ident),* $(,)?] $(, $($rest:tt)*)?) => {
+        $v.push($crate::harness::Test::new(
+            ::std::stringify!($name),
+            &[$($crate::harness::Need::$need),*],
+            move || $f($($arg),*),
+        ));
+        $crate::__tests!($v; $($($rest)*)?);
     };
 }
 
@@ -335,6 +388,8 @@ mod tests {
             Need::Bpftool,
             Need::Qemu,
             Need::NoSystemd,
+            Need::Tcx,
+            Need::Iptables,
         ] {
             assert!(!n.meaning().is_empty());
             if let Err(why) = n.check() {

@@ -19,7 +19,10 @@ use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessa
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoMacVtap, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use netlink_packet_route::neighbour::{NeighbourFlags, NeighbourState};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteType,
+};
 use rtnetlink::{
     Handle, LinkBridge, LinkMacVtap, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
     RouteMessageBuilder,
@@ -138,25 +141,58 @@ pub struct Route {
     pub dev: Option<String>,
     /// The family when neither `dest` nor `via` says it.
     pub v6: bool,
+    /// The route's metric (priority); lower wins.
+    pub metric: Option<u32>,
+    /// A locked path MTU (`mtu lock N`): forwarded traffic honours it too.
+    pub mtu_lock: Option<u32>,
+    /// Drops what it matches (`blackhole`).
+    pub blackhole: bool,
 }
 
 impl Route {
     pub fn default_via(gateway: IpAddr) -> Route {
         Route {
-            dest: None,
             via: Some(gateway),
-            dev: None,
             v6: gateway.is_ipv6(),
+            ..Route::none()
         }
+    }
+
+    fn none() -> Route {
+        Route {
+            dest: None,
+            via: None,
+            dev: None,
+            v6: false,
+            metric: None,
+            mtu_lock: None,
+            blackhole: false,
+        }
+    }
+
+    /// Drops everything to `dest`.
+    pub fn blackhole(dest: &str) -> Result<Route> {
+        let mut r = Route::to(dest)?;
+        r.blackhole = true;
+        Ok(r)
+    }
+
+    pub fn metric(mut self, metric: u32) -> Route {
+        self.metric = Some(metric);
+        self
+    }
+
+    pub fn mtu_locked(mut self, mtu: u32) -> Route {
+        self.mtu_lock = Some(mtu);
+        self
     }
 
     /// The IPv4 (or IPv6) default route straight out of `dev`.
     pub fn default_dev(dev: &str, v6: bool) -> Route {
         Route {
-            dest: None,
-            via: None,
             dev: Some(dev.to_string()),
             v6,
+            ..Route::none()
         }
     }
 
@@ -164,9 +200,8 @@ impl Route {
         let dest: Cidr = dest.parse()?;
         Ok(Route {
             dest: Some(dest),
-            via: None,
-            dev: None,
             v6: dest.addr.is_ipv6(),
+            ..Route::none()
         })
     }
 
@@ -271,7 +306,21 @@ async fn route_message(h: &Handle, r: &Route) -> Result<RouteMessage> {
     if let Some(dev) = &r.dev {
         b = b.output_interface(index_of(h, dev).await?);
     }
-    Ok(b.build())
+    if let Some(m) = r.metric {
+        b = b.priority(m);
+    }
+    if r.blackhole {
+        b = b.kind(RouteType::BlackHole);
+    }
+    let mut msg = b.build();
+    if let Some(mtu) = r.mtu_lock {
+        // RTAX_MTU is metric 2: its lock bit is 1 << 2.
+        msg.attributes.push(RouteAttribute::Metrics(vec![
+            RouteMetric::Lock(1 << 2),
+            RouteMetric::Mtu(mtu),
+        ]));
+    }
+    Ok(msg)
 }
 
 impl NsPath {
@@ -375,6 +424,21 @@ impl NsPath {
                 .with_context(|| format!("creating veth {name} -- {peer}"))
         })?;
         Ok(LinkGuard::new(self, name))
+    }
+
+    /// A permanent neighbour entry: `addr` is at `mac` on `dev`.
+    pub fn add_neighbour(&self, dev: &str, addr: IpAddr, mac: [u8; 6]) -> Result<()> {
+        self.netlink(|h| async move {
+            let index = index_of(&h, dev).await?;
+            h.neighbours()
+                .add(index, addr)
+                .state(NeighbourState::Permanent)
+                .flags(NeighbourFlags::empty())
+                .link_layer_address(&mac)
+                .execute()
+                .await
+                .with_context(|| format!("adding neighbour {addr} on {dev}"))
+        })
     }
 
     /// A macvtap `name` on `parent` in `mode` (a unikernel guest's NIC).

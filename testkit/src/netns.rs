@@ -123,6 +123,23 @@ impl NsPath {
         Proc::spawn(&program.as_ref().to_string_lossy(), cmd)
     }
 
+    /// Moves the calling thread into this namespace for good (until the
+    /// thread ends): for code that must run in the caller's namespace, e.g.
+    /// BPF_PROG_TEST_RUN, whose FIB lookups answer from it. Other threads
+    /// stay where they are.
+    pub fn enter_this_thread(&self) -> Result<()> {
+        let ns = self.open()?;
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
+            .map_err(|e| anyhow!("setns into {}: {e}", self.0.display()))
+    }
+
+    /// The index of interface `dev` inside.
+    pub fn ifindex(&self, dev: &str) -> Result<u32> {
+        self.link(dev)?
+            .map(|l| l.index)
+            .with_context(|| format!("no interface {dev} in {}", self.0.display()))
+    }
+
     /// Runs `f` on a thread inside this namespace and waits for it; sockets
     /// it creates belong to the namespace.
     pub fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {

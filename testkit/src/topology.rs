@@ -49,11 +49,43 @@ impl Underlay {
     }
 
     fn wire(ns: Netns) -> Result<Underlay> {
-        ns.add_bridge("br0")?.keep();
-        ns.add_address("br0", &format!("{UNDERLAY_GATEWAY}/24"))?
+        let u = Underlay::bridge(ns)?;
+        u.ns.add_address("br0", &format!("{UNDERLAY_GATEWAY}/24"))?
             .keep();
+        Ok(u)
+    }
+
+    /// Another segment: the bridge `br0` and nothing on it (no gateway,
+    /// no cluster), for nodes with a second interface.
+    pub fn segment(tag: &str) -> Result<Underlay> {
+        Underlay::bridge(Netns::new(tag)?)
+    }
+
+    fn bridge(ns: Netns) -> Result<Underlay> {
+        ns.add_bridge("br0")?.keep();
         ns.set_up("br0")?;
         Ok(Underlay { ns })
+    }
+
+    /// Interface `ifname` of namespace `ns` into this segment's bridge,
+    /// carrying `addresses` (with prefix, IPv4 or IPv6); no routes. Returns
+    /// the far end's name in the underlay (where a capture listens).
+    pub fn plug_in(&self, ns: &NsPath, ifname: &str, addresses: &[&str]) -> Result<String> {
+        let peer = crate::netns::unique("u");
+        ns.add_veth(ifname, &peer, Some(&self.ns))?.keep();
+        ns.set_up(ifname)?;
+        self.ns.set_link(
+            &peer,
+            &LinkSettings {
+                up: true,
+                master: Some("br0"),
+                ..Default::default()
+            },
+        )?;
+        for a in addresses {
+            ns.add_address(ifname, a)?.keep();
+        }
+        Ok(peer)
     }
 
     /// A node namespace plugged into the underlay as 198.51.100.<host>.
@@ -64,6 +96,40 @@ impl Underlay {
     /// A node with a fixed namespace name (the sandbox's).
     pub fn node_named(&self, name: &str, host: u8) -> Result<Node> {
         self.plug(Netns::named(name)?, host)
+    }
+
+    /// Another way out for `node`: interface `name` into the underlay with
+    /// 198.51.100.<host>/24 and a default route of `metric` (a second
+    /// uplink, less preferred than the first while that one is up). Its far
+    /// end in the underlay is `up<host>`.
+    pub fn add_uplink(&self, node: &Node, name: &str, host: u8, metric: u32) -> Result<()> {
+        // Both uplinks sit on one segment here (unlike Wi-Fi and LTE): each
+        // must answer ARP for its own address only, or peers would send to
+        // one address through the other interface.
+        node.ns.sysctl("net/ipv4/conf/all/arp_ignore", "1")?;
+        node.ns.sysctl("net/ipv4/conf/all/arp_announce", "2")?;
+        let peer = format!("up{host}");
+        node.ns.add_veth(name, &peer, Some(&self.ns))?.keep();
+        node.ns
+            .add_address(name, &format!("{}/24", node_ip(host)))?
+            .keep();
+        node.ns.set_up(name)?;
+        self.ns.set_link(
+            &peer,
+            &LinkSettings {
+                up: true,
+                master: Some("br0"),
+                ..Default::default()
+            },
+        )?;
+        node.ns
+            .add_route(
+                &Route::default_via(IpAddr::V4(UNDERLAY_GATEWAY))
+                    .dev(name)
+                    .metric(metric),
+            )?
+            .keep();
+        Ok(())
     }
 
     fn plug(&self, ns: Netns, host: u8) -> Result<Node> {
@@ -115,13 +181,7 @@ impl Node {
     /// and the container bridge with the gateway addresses `gw4`/`gw6`
     /// (with prefix).
     pub fn container_bridge(&self, gw4: &str, gw6: &str) -> Result<()> {
-        self.ns.sysctl("net/ipv4/ip_forward", "1")?;
-        self.ns.sysctl("net/ipv6/conf/all/forwarding", "1")?;
-        self.ns.add_bridge(CONTAINER_BRIDGE)?.keep();
-        self.ns.set_up(CONTAINER_BRIDGE)?;
-        self.ns.add_address(CONTAINER_BRIDGE, gw4)?.keep();
-        self.ns.add_address(CONTAINER_BRIDGE, gw6)?.keep();
-        Ok(())
+        container_bridge(&self.ns, gw4, gw6)
     }
 
     /// A container namespace behind the container bridge: `eth0` with
@@ -129,47 +189,82 @@ impl Node {
     /// and a MAC derived from the last IPv4 octet; the host end is
     /// `veth-<name>` on the bridge.
     pub fn container(&self, name: &str, net: [&str; 4]) -> Result<Container> {
-        let [ip4, ip6, gw4, gw6] = net;
-        let ns = Netns::new(name)?;
-        let veth = format!("veth-{name}");
-        let strip = |s: &str| s.split('/').next().unwrap_or(s).to_string();
-        let last: u8 = strip(ip4)
-            .rsplit('.')
-            .next()
-            .and_then(|o| o.parse().ok())
-            .unwrap_or(0);
-        let mac = [0x02, 0x00, 0x0a, 0x12, 0x00, last];
-        self.ns.add_veth(&veth, "eth0", Some(&ns))?.keep();
-        self.ns.set_link(
-            &veth,
-            &LinkSettings {
-                up: true,
-                master: Some(CONTAINER_BRIDGE),
-                ..Default::default()
-            },
-        )?;
-        ns.set_link(
-            "eth0",
-            &LinkSettings {
-                up: true,
-                mtu: Some(CONTAINER_MTU),
-                mac: Some(mac),
-                master: None,
-            },
-        )?;
-        ns.add_address("eth0", ip4)?.keep();
-        ns.add_address("eth0", ip6)?.keep();
-        let gw = |s: &str| s.parse::<IpAddr>().with_context(|| format!("gateway {s}"));
-        ns.add_route(&Route::default_via(gw(gw4)?))?.keep();
-        ns.add_route(&Route::default_via(gw(gw6)?))?.keep();
-        Ok(Container {
-            ns,
-            veth,
-            ip4: strip(ip4),
-            ip6: strip(ip6),
-            mac,
-        })
+        container(&self.ns, name, net)
     }
+}
+
+/// A node namespace without any uplink (for nodes wired by hand: behind a
+/// NAT router, with two interfaces, on an IPv6 underlay): forwarding on and
+/// the container bridge with `gw4`/`gw6`.
+pub fn bare_node(tag: &str, gw4: &str, gw6: &str) -> Result<Netns> {
+    let ns = Netns::new(tag)?;
+    container_bridge(&ns, gw4, gw6)?;
+    Ok(ns)
+}
+
+/// A veth pair between two namespaces, both ends up: `a_if` in `a`, `b_if`
+/// in `b`.
+pub fn link(a: &NsPath, a_if: &str, b: &NsPath, b_if: &str) -> Result<()> {
+    a.add_veth(a_if, b_if, Some(b))?.keep();
+    a.set_up(a_if)?;
+    b.set_up(b_if)
+}
+
+/// Forwarding on and the container bridge in `ns` (see
+/// [`Node::container_bridge`]).
+pub fn container_bridge(ns: &NsPath, gw4: &str, gw6: &str) -> Result<()> {
+    ns.sysctl("net/ipv4/ip_forward", "1")?;
+    ns.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+    ns.add_bridge(CONTAINER_BRIDGE)?.keep();
+    ns.set_up(CONTAINER_BRIDGE)?;
+    ns.add_address(CONTAINER_BRIDGE, gw4)?.keep();
+    ns.add_address(CONTAINER_BRIDGE, gw6)?.keep();
+    Ok(())
+}
+
+/// A container behind the container bridge of `node` (see
+/// [`Node::container`]).
+pub fn container(node: &NsPath, name: &str, net: [&str; 4]) -> Result<Container> {
+    let [ip4, ip6, gw4, gw6] = net;
+    let ns = Netns::new(name)?;
+    let veth = format!("veth-{name}");
+    let strip = |s: &str| s.split('/').next().unwrap_or(s).to_string();
+    let last: u8 = strip(ip4)
+        .rsplit('.')
+        .next()
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0);
+    let mac = [0x02, 0x00, 0x0a, 0x12, 0x00, last];
+    node.add_veth(&veth, "eth0", Some(&ns))?.keep();
+    node.set_link(
+        &veth,
+        &LinkSettings {
+            up: true,
+            master: Some(CONTAINER_BRIDGE),
+            ..Default::default()
+        },
+    )?;
+    ns.set_link(
+        "eth0",
+        &LinkSettings {
+            up: true,
+            mtu: Some(CONTAINER_MTU),
+            mac: Some(mac),
+            master: None,
+        },
+    )?;
+    ns.add_address("eth0", ip4)?.keep();
+    ns.add_address("eth0", ip6)?.keep();
+    let gw = |s: &str| s.parse::<IpAddr>().with_context(|| format!("gateway {s}"));
+    ns.add_route(&Route::default_via(gw(gw4)?))?.keep();
+    ns.add_route(&Route::default_via(gw(gw6)?))?.keep();
+    Ok(Container {
+        ns,
+        veth,
+        ip4: strip(ip4),
+        ip6: strip(ip6),
+        mac,
+    })
 }
 
 /// A container of a static topology: its namespace, host-side veth,

@@ -40,6 +40,7 @@ pub struct NetManagerBuilder {
     pins: Pins,
     env: Vec<(String, String)>,
     graceful: bool,
+    tun_config: Option<Value>,
 }
 
 impl NetManagerBuilder {
@@ -55,6 +56,14 @@ impl NetManagerBuilder {
         self
     }
 
+    /// `extra`'s fields on top of the netcfg.json so far.
+    pub fn netcfg_with(mut self, extra: Value) -> Self {
+        if let (Some(cfg), Some(extra)) = (self.netcfg.as_object_mut(), extra.as_object()) {
+            cfg.extend(extra.clone());
+        }
+        self
+    }
+
     /// Runs the eBPF dataplane pinned in `pins` (removed with the runner).
     pub fn dataplane(mut self, pins: PinDir) -> Self {
         self.pins = Pins::Dir(pins);
@@ -63,6 +72,13 @@ impl NetManagerBuilder {
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Upstream's tuncfg.json for it to read (without one it reads a file
+    /// that does not exist -- never the machine's /etc/netmanager/).
+    pub fn tun_config(mut self, tuncfg: Value) -> Self {
+        self.tun_config = Some(tuncfg);
         self
     }
 
@@ -80,6 +96,16 @@ impl NetManagerBuilder {
         let config = name("netcfg", "json");
         std::fs::write(&config, self.netcfg.to_string())
             .with_context(|| format!("writing {}", config.display()))?;
+        let tun_config = name("tuncfg", "json");
+        if let Some(t) = &self.tun_config {
+            std::fs::write(&tun_config, t.to_string())
+                .with_context(|| format!("writing {}", tun_config.display()))?;
+        }
+        let mut env = vec![(
+            "NETMANAGER_TUN_CONFIG".to_string(),
+            tun_config.display().to_string(),
+        )];
+        env.extend(self.env);
         let socket = name("netmanager", "sock");
         let api = http::blocking::Client::new(
             http::Client::unix(&socket).timeout(Duration::from_secs(30)),
@@ -93,7 +119,7 @@ impl NetManagerBuilder {
             state: name("netmanager-state", "json"),
             log: name("netmanager", "log"),
             pins: self.pins,
-            env: self.env,
+            env,
             graceful: self.graceful,
             api,
             proc: None,
@@ -132,6 +158,7 @@ impl NetManager {
             pins: Pins::Off,
             env: Vec::new(),
             graceful: false,
+            tun_config: None,
         }
     }
 
@@ -191,6 +218,20 @@ impl NetManager {
 
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Resident memory of the running process, in bytes.
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let pid = self.pid().context("NetManager is not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
     }
 
     pub fn log_text(&self) -> String {
