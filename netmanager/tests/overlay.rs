@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use testkit::runners::upstream_netcfg;
 use testkit::topology::UPLINK;
+use testkit::runners::netmanager::NetManagerBuilder;
 use testkit::{
     ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, PinDir, Proc, Underlay,
 };
@@ -16,6 +17,7 @@ use testkit::{
 testkit::main! {
     service_ip_across_two_nodes: [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient],
     pending_instance_with_null_fields_keeps_the_running_one_reachable: [Root, Bpffs, Mosquitto, Nft, Python3],
+    behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served: [Root, Bpffs, Mosquitto, Nft],
 }
 
 const CLIENT: &str = "ovl.test.client.test";
@@ -65,13 +67,18 @@ fn two_nodes() -> Two {
 
 /// A NetManager with the eBPF dataplane in `node`, files named after `tag`.
 fn ebpf_daemon(dir: &Path, node: &Node, mqtt_port: u16, tag: &str) -> NetManager {
+    ebpf_builder(dir, node, mqtt_port, tag)
+        .start()
+        .expect("NetManager")
+}
+
+/// How [`ebpf_daemon`] starts it, to change before it does.
+fn ebpf_builder(dir: &Path, node: &Node, mqtt_port: u16, tag: &str) -> NetManagerBuilder {
     NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir)
         .tag(tag)
         .netcfg(upstream_netcfg(mqtt_port))
         .dataplane(PinDir::new("nmt"))
         .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
-        .start()
-        .expect("NetManager")
 }
 
 fn python(c: &ContainerProcess, script: &str) -> Proc {
@@ -335,33 +342,12 @@ fn container() -> ContainerProcess {
 /// own, and takes the tunnel datagrams the router forwards on its own
 /// address and the tunnel port (the namespace tests carry the traffic
 /// through a NAT router: tests/tests/overlay_namespaces.rs).
-#[test]
 fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
-    let test = "behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served";
-    if !require_root(test) {
-        return;
-    }
-    if !std::path::Path::new("/sys/fs/bpf").exists() {
-        eprintln!("SKIP {test}: needs bpffs");
-        return;
-    }
-    let dir = TempDir::new();
-    let underlay = Underlay::new();
-    let n1 = underlay.node(1);
-    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
-    let csm = ClusterDouble::start_at(
-        "198.51.100.254",
-        broker.port,
-        Some(&underlay.ns),
-        ("10.18.0.0", "fc00::"),
-    );
-    let nm = Daemon::start_ebpf_with(
-        &dir,
-        &n1,
-        broker.port,
-        "nat",
-        json!({"NodePublicAddress": "198.51.100.250", "NodePublicPort": "50200"}),
-    );
+    let t = two_nodes();
+    let nm = ebpf_builder(t.dir.path(), &t.n1, t.broker.port(), "nat")
+        .netcfg_with(json!({"NodePublicAddress": "198.51.100.250", "NodePublicPort": "50200"}))
+        .start()
+        .expect("NetManager");
     let (code, body) = nm.post(
         "/register",
         &json!({"client_id": N1, "cluster_address": "198.51.100.254"}).to_string(),
@@ -370,7 +356,9 @@ fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
     let client = container();
     let (code, a) = nm.post("/container/deploy", &json!({"pid": client.pid(), "serviceName": CLIENT, "instanceNumber": 0, "portMappings": ""}).to_string());
     assert_eq!(code, 200, "{a}");
-    let deployed = csm.wait_for("/net/service/deployed", 1, Duration::from_secs(10));
+    let deployed = t
+        .csm
+        .wait_for("/net/service/deployed", 1, Duration::from_secs(10));
     assert_eq!(deployed[0]["host_ip"], json!("198.51.100.250"));
     assert_eq!(deployed[0]["host_port"], json!("50200"));
 
@@ -382,10 +370,10 @@ fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
     assert!(!addresses.contains("198.51.100.250"), "{st}");
     // ... on port 50103, whatever the node advertises.
     assert!(st["dataplane"]["slow_path"].is_object(), "{st}");
-    let listening = try_run(&[
-        "ip", "netns", "exec", &n1.name, "ss", "-Hlun", "sport", "=", ":50103",
-    ])
-    .unwrap_or_default();
+    let listening = t
+        .n1
+        .ns
+        .run(&["ss", "-Hlun", "sport", "=", ":50103"])
+        .unwrap_or_default();
     assert!(listening.contains("50103"), "{listening:?}");
-    drop(csm);
 }

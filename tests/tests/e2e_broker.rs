@@ -41,6 +41,11 @@ fn broker_outage_and_recovery() -> Result<()> {
         let b = http_get(e.worker(2), &client, 0, &rr)?;
         ensure!(b.contains("instance-1"), "answered by {b}");
         Ok(())
+    })
+    .map_err(|err| {
+        // What the client's node believes, for whoever reads the failure.
+        let routes = e.worker(2).status().map(|s| s["routes"].clone());
+        err.context(format!("worker 2's routes: {routes:?}"))
     })?;
     Ok(())
 }

@@ -7,10 +7,15 @@ use std::path::Path;
 
 use anyhow::Result;
 use oakestra_worker_tests::binary;
-use testkit::{NsPath, PinDir, Underlay, sh, temp_dir};
+use testkit::topology::{Container, bare_node, container, link};
+use testkit::{LinkSettings, Netns, NsPath, PinDir, Proc, Route, Underlay, sh, temp_dir, wait_for};
 
 testkit::main! {
     service_traffic_crosses_nodes_in_upstream_wire_format: [Root, Bpffs, Busybox, Python3, Tcpdump],
+    a_node_behind_nat_carries_service_traffic_both_ways: [Root, Bpffs, Busybox, Python3, Tcpdump, Nft],
+    fragmented_and_optioned_outer_datagrams_take_the_slow_path: [Root, Bpffs, Python3, Tcpdump],
+    a_second_interface_receives_and_reaches_peers_only_behind_it: [Root, Bpffs, Busybox, Python3, Tcpdump],
+    an_ipv6_only_underlay_carries_v4_and_v6_service_traffic: [Root, Bpffs, Busybox, Python3, Tcpdump],
 }
 
 /// The static dataplane's table for node `node`, written to `dir`; its
@@ -228,8 +233,6 @@ mod packet_support;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use xtask::sandbox::procs::wait_for;
-
 /// The two sites of these tests: container `c1` (10.18.0.2, fc00::2;
 /// instance 10.30.0.3, fdff::3) on node 1 and `c2` (10.18.0.66, fc00::42;
 /// instance 10.30.0.5, fdff::5) on node 2. Services 10.30.55.56 and
@@ -242,14 +245,15 @@ const SITES: [(&str, &str, &str, &str); 2] = [
 /// The static table of node `me` (1 or 2): its container local, the other
 /// site's at `peer_ip`, every service.
 fn site_table(
-    lab: &mut Lab,
+    dir: &Path,
+    pin: &PinDir,
     me: usize,
     uplink: &str,
     node_ip: &str,
-    local: &oakestra_worker_tests::Container,
+    local: &Container,
     peer_ip: &str,
 ) -> Result<String> {
-    let pin = lab.pin_dir(&format!("s{me}"));
+    let pin = pin.path();
     let (mine, theirs) = (SITES[me - 1], SITES[2 - me]);
     let instances = serde_json::json!([
         {"ns_ip": mine.0, "instance_ip": mine.2, "node_ip": node_ip, "veth": local.veth, "mac": local.mac},
@@ -275,24 +279,30 @@ fn site_table(
             {"ip": s2.3, "kind": "instance_ip", "backends": [s2.1]},
         ],
     });
-    lab.file(&format!("s{me}.json"), &t.to_string())
+    file(dir, &format!("s{me}.json"), &t.to_string())
+}
+
+/// Writes `name` in `dir`; its path.
+fn file(dir: &Path, name: &str, text: &str) -> Result<String> {
+    let path = dir.join(name);
+    std::fs::write(&path, text)?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// The static dataplane of table `t` in `node`, once it said it is ready.
+fn static_dataplane(node: &NsPath, t: &str) -> Result<Proc> {
+    let runner = binary("oak-static-dataplane");
+    node.spawn_ready(&[runner.to_string_lossy().as_ref(), t])
 }
 
 /// Containers c1 on `n1` and c2 on `n2`, as [`SITES`] says.
-fn site_containers(
-    lab: &mut Lab,
-    n1: &str,
-    n2: &str,
-) -> Result<(
-    oakestra_worker_tests::Container,
-    oakestra_worker_tests::Container,
-)> {
-    let c1 = lab.container(
+fn site_containers(n1: &NsPath, n2: &NsPath) -> Result<(Container, Container)> {
+    let c1 = container(
         n1,
         "c1",
         ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
     )?;
-    let c2 = lab.container(
+    let c2 = container(
         n2,
         "c2",
         ["10.18.0.66/26", "fc00::42/120", "10.18.0.65", "fc00::41"],
@@ -303,48 +313,42 @@ fn site_containers(
 /// Service traffic both ways between the sites, v4 and v6: ping (replies
 /// from the service address), a hashed TCP stream, UDP through a connected
 /// socket.
-fn traffic_both_ways(
-    lab: &mut Lab,
-    c1: &oakestra_worker_tests::Container,
-    c2: &oakestra_worker_tests::Container,
-) -> Result<()> {
+fn traffic_both_ways(c1: &Container, c2: &Container) -> Result<()> {
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
     let echo = "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
                 s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\ns.bind(('::',9999))\n\
                 while True:\n d,a=s.recvfrom(65535)\n s.sendto(d[::-1],a)";
+    // Stopped when this returns, before the containers go.
+    let mut servers = Vec::new();
     for c in [c1, c2] {
-        lab.spawn(
-            &c.ns,
+        servers.push(c.ns.spawn_ready(&[
             "python3",
-            &[&format!("{scripts}/stream_server.py"), "::", "8080"],
-            true,
-        )?;
-        lab.spawn(&c.ns, "python3", &["-c", echo], false)?;
+            &format!("{scripts}/stream_server.py"),
+            "::",
+            "8080",
+        ])?);
+        servers.push(c.ns.spawn_quiet(&["python3", "-c", echo])?);
     }
     std::thread::sleep(Duration::from_millis(300));
     for (from, v4, v6) in [
         (c1, "10.30.55.56", "fdff:2000::55:56"),
         (c2, "10.30.55.57", "fdff:2000::55:57"),
     ] {
-        let ping = ns_sh(&from.ns, &format!("busybox ping -c 3 -W 2 {v4}"))?;
+        let ping = from.ns.sh(&format!("busybox ping -c 3 -W 2 {v4}"))?;
         assert!(ping.contains("3 packets received"), "{v4}: {ping}");
         assert!(ping.contains(&format!("bytes from {v4}")), "{ping}");
-        let ping6 = ns_sh(&from.ns, &format!("busybox ping -6 -c 3 -W 2 {v6}"))?;
+        let ping6 = from.ns.sh(&format!("busybox ping -6 -c 3 -W 2 {v6}"))?;
         assert!(ping6.contains("3 packets received"), "{v6}: {ping6}");
         for target in [v4, v6] {
-            let out = ns_sh(
-                &from.ns,
-                &format!("python3 {scripts}/stream_client.py {target} 8080 5000000"),
-            )?;
+            let out = from.ns.sh(&format!(
+                "python3 {scripts}/stream_client.py {target} 8080 5000000"
+            ))?;
             assert!(out.starts_with("ok"), "TCP stream to {target}: {out}");
-            let udp = ns_sh(
-                &from.ns,
-                &format!(
-                    "python3 -c \"import socket\nf=socket.AF_INET6 if ':' in '{target}' else socket.AF_INET\n\
+            let udp = from.ns.sh(&format!(
+                "python3 -c \"import socket\nf=socket.AF_INET6 if ':' in '{target}' else socket.AF_INET\n\
                      s=socket.socket(f,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.connect(('{target}',9999))\n\
                      for i in range(3):\n  s.send(b'datagram-%d' % i)\n  print(s.recv(100).decode())\""
-                ),
-            )?;
+            ))?;
             assert_eq!(
                 udp.lines().collect::<Vec<_>>(),
                 (0..3).map(|i| format!("{i}-margatad")).collect::<Vec<_>>(),
@@ -408,75 +412,61 @@ fn tunnel_datagrams(pcap: &std::path::Path) -> Result<Vec<Captured>> {
     Ok(out)
 }
 
-/// Starts tcpdump on `ifname` in `ns` for tunnel traffic; the capture file
-/// is removed with the lab.
-fn capture(lab: &mut Lab, ns: &str, ifname: &str, tag: &str) -> Result<std::path::PathBuf> {
-    let path = lab.file(&format!("{tag}.pcap"), "")?;
-    lab.spawn(
-        ns,
+/// Starts tcpdump on `ifname` in `ns` for tunnel traffic, into a file in
+/// `dir`; the capture and its path.
+fn capture(dir: &Path, ns: &NsPath, ifname: &str, tag: &str) -> Result<(Proc, std::path::PathBuf)> {
+    let path = file(dir, &format!("{tag}.pcap"), "")?;
+    let p = ns.spawn_quiet(&[
         "tcpdump",
-        &[
-            "-i",
-            ifname,
-            "--immediate-mode",
-            "-U",
-            "-w",
-            &path,
-            "udp",
-            "port",
-            "50103",
-        ],
-        false,
-    )?;
+        "-i",
+        ifname,
+        "--immediate-mode",
+        "-U",
+        "-w",
+        &path,
+        "udp",
+        "port",
+        "50103",
+    ])?;
     std::thread::sleep(Duration::from_millis(800));
-    Ok(path.into())
+    Ok((p, path.into()))
 }
 
-#[test]
 fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: namespaces and eBPF need root");
-        return Ok(());
-    }
     // n1 --- underlay 198.51.100.0/25 --- (wan .3) NAT (lan .129) --- n2 (.130)
-    let mut lab = Lab::new("nat");
-    let under = lab.underlay()?;
-    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
-    lab.uplink(&n1, "eth0", &under, "198.51.100.1/25")?;
-    let nat = lab.ns("nat")?;
-    lab.uplink(&nat, "wan", &under, "198.51.100.3/25")?;
-    let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
-    lab.link(&n2, "eth0", &nat, "lan")?;
-    ns_sh(
-        &n2,
-        "ip addr add 198.51.100.130/25 dev eth0 && ip route add default via 198.51.100.129",
-    )?;
+    let dir = temp_dir();
+    let under = Underlay::new()?;
+    let n1 = bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    under.plug_in(&n1, "eth0", &["198.51.100.1/25"])?;
+    let nat = Netns::new("nat")?;
+    under.plug_in(&nat, "wan", &["198.51.100.3/25"])?;
+    let n2 = bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
+    link(&n2, "eth0", &nat, "lan")?;
+    n2.add_address("eth0", "198.51.100.130/25")?.keep();
+    n2.add_route(&Route::default_via("198.51.100.129".parse()?))?
+        .keep();
     // The router: masquerade outbound, forward the tunnel port to n2.
-    let rules = lab.file(
+    let rules = file(
+        dir.path(),
         "nat.nft",
         "table ip oaknat {\n\
          \tchain pre { type nat hook prerouting priority dstnat; iifname \"wan\" udp dport 50103 dnat to 198.51.100.130; }\n\
          \tchain post { type nat hook postrouting priority srcnat; oifname \"wan\" masquerade; }\n\
          }\n",
     )?;
-    ns_sh(
-        &nat,
-        &format!(
-            "ip addr add 198.51.100.129/25 dev lan && sysctl -qw net.ipv4.ip_forward=1 && nft -f {rules}"
-        ),
-    )?;
-    let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
+    nat.add_address("lan", "198.51.100.129/25")?.keep();
+    nat.sysctl("net/ipv4/ip_forward", "1")?;
+    nat.run(&["nft", "-f", &rules])?;
+    let (c1, c2) = site_containers(&n1, &n2)?;
     // Each node knows the other by its advertised address: n2 advertises
     // the router's, which it does not own.
-    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.3")?;
-    let t2 = site_table(&mut lab, 2, "eth0", "198.51.100.3", &c2, "198.51.100.1")?;
-    let runner = binary("oak-static-dataplane");
-    let runner = runner.to_string_lossy();
-    lab.spawn(&n1, &runner, &[&t1], true)?;
-    lab.spawn(&n2, &runner, &[&t2], true)?;
-    let pcap = capture(&mut lab, &nat, "wan", "nat-wan")?;
+    let (pin1, pin2) = (PinDir::new("nat1"), PinDir::new("nat2"));
+    let t1 = site_table(dir.path(), &pin1, 1, "eth0", "198.51.100.1", &c1, "198.51.100.3")?;
+    let t2 = site_table(dir.path(), &pin2, 2, "eth0", "198.51.100.3", &c2, "198.51.100.1")?;
+    let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
+    let (_capture, pcap) = capture(dir.path(), &nat, "wan", "nat-wan")?;
 
-    traffic_both_ways(&mut lab, &c1, &c2)?;
+    traffic_both_ways(&c1, &c2)?;
 
     // On the public side n2 is only ever the router's address; n2 sent from
     // the address its route gave (masqueraded), never from one it lacks.
@@ -497,45 +487,46 @@ fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: namespaces and eBPF need root");
-        return Ok(());
-    }
     // n2 plays an upstream worker: a plain UDP socket sends tunnel
     // datagrams, through a 1280-byte MTU, so its kernel fragments them.
-    let mut lab = Lab::new("frag");
-    let under = lab.underlay()?;
-    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
-    lab.uplink(&n1, "eth0", &under, "198.51.100.1/24 2001:db8::1/64")?;
-    let n2 = lab.ns("n2")?;
-    lab.uplink(&n2, "eth0", &under, "198.51.100.2/24 2001:db8::2/64")?;
-    ns_sh(&n2, "ip link set eth0 mtu 1280")?;
-    let c1 = lab.container(
+    let dir = temp_dir();
+    let under = Underlay::new()?;
+    let n1 = bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    under.plug_in(&n1, "eth0", &["198.51.100.1/24", "2001:db8::1/64"])?;
+    let n2 = Netns::new("n2")?;
+    let n2_peer = under.plug_in(&n2, "eth0", &["198.51.100.2/24", "2001:db8::2/64"])?;
+    n2.set_link(
+        "eth0",
+        &LinkSettings {
+            up: true,
+            mtu: Some(1280),
+            ..Default::default()
+        },
+    )?;
+    let c1 = container(
         &n1,
         "c1",
         ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
     )?;
-    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.2")?;
-    let runner = binary("oak-static-dataplane");
-    lab.spawn(&n1, &runner.to_string_lossy(), &[&t1], true)?;
+    let pin1 = PinDir::new("frag1");
+    let t1 = site_table(dir.path(), &pin1, 1, "eth0", "198.51.100.1", &c1, "198.51.100.2")?;
+    let _dataplane = static_dataplane(&n1, &t1)?;
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
-    let received = lab.file("frag-received", "")?;
-    lab.spawn(
-        &c1.ns,
+    let received = file(dir.path(), "frag-received", "")?;
+    let _sink = c1.ns.spawn_ready(&[
         "python3",
-        &[&format!("{scripts}/udp_sink.py"), "9999", "3", &received],
-        true,
-    )?;
+        &format!("{scripts}/udp_sink.py"),
+        "9999",
+        "3",
+        &received,
+    ])?;
     // Everything from n2: later fragments carry no UDP header to filter on.
-    let pcap_path = lab.file("frag.pcap", "")?;
-    lab.spawn(
-        &under,
-        "tcpdump",
-        &[
+    let pcap_path = file(dir.path(), "frag.pcap", "")?;
+    let _capture = under.ns.spawn_quiet(&[
+            "tcpdump",
             "-i",
-            "u-n2",
+            &n2_peer,
             "--immediate-mode",
             "-U",
             "-w",
@@ -547,9 +538,7 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
             "src",
             "host",
             "2001:db8::2",
-        ],
-        false,
-    )?;
+    ])?;
     std::thread::sleep(Duration::from_millis(800));
 
     // From n2's instance address to c1: fragmented over IPv4 and over IPv6
@@ -561,12 +550,9 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
         ("2001:db8::1", 1400, ""),
         ("198.51.100.1", 200, "--options"),
     ] {
-        let sha = ns_sh(
-            &n2,
-            &format!(
-                "python3 {scripts}/tunnel_send.py {to} 50103 10.30.0.5 10.18.0.2 9999 {size} {flags}"
-            ),
-        )?;
+        let sha = n2.sh(&format!(
+            "python3 {scripts}/tunnel_send.py {to} 50103 10.30.0.5 10.18.0.2 9999 {size} {flags}"
+        ))?;
         expected.push(format!("{size} {}", sha.trim()));
     }
     wait_for("the datagrams in c1", Duration::from_secs(10), || {
@@ -603,38 +589,31 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: namespaces and eBPF need root");
-        return Ok(());
-    }
     // n1: eth0 on underlay A (its uplink, .1/25), eth1 on underlay B
     // (.129/25). n2 only on B (.130/25), reaching n1's advertised .1 via .129.
-    let mut lab = Lab::new("twoif");
-    let a = lab.underlay()?;
-    let b = lab.ns("underb")?;
-    ns_sh(&b, "ip link add br0 type bridge && ip link set br0 up")?;
-    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
-    lab.uplink(&n1, "eth0", &a, "198.51.100.1/25")?;
-    lab.uplink(&n1, "eth1", &b, "198.51.100.129/25")?;
-    let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
-    lab.uplink(&n2, "eth0", &b, "198.51.100.130/25")?;
-    ns_sh(&n2, "ip route add 198.51.100.0/25 via 198.51.100.129")?;
-    let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
-    let t1 = site_table(&mut lab, 1, "eth0", "198.51.100.1", &c1, "198.51.100.130")?;
-    let t2 = site_table(&mut lab, 2, "eth0", "198.51.100.130", &c2, "198.51.100.1")?;
-    let runner = binary("oak-static-dataplane");
-    let runner = runner.to_string_lossy();
-    lab.spawn(&n1, &runner, &[&t1], true)?;
-    lab.spawn(&n2, &runner, &[&t2], true)?;
-    let pcap = capture(&mut lab, &b, "u-n1-eth1", "twoif")?;
+    let dir = temp_dir();
+    let a = Underlay::new()?;
+    let b = Underlay::segment("ub")?;
+    let n1 = bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    a.plug_in(&n1, "eth0", &["198.51.100.1/25"])?;
+    let n1_eth1 = b.plug_in(&n1, "eth1", &["198.51.100.129/25"])?;
+    let n2 = bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
+    b.plug_in(&n2, "eth0", &["198.51.100.130/25"])?;
+    n2.add_route(&Route::to("198.51.100.0/25")?.via("198.51.100.129".parse()?))?
+        .keep();
+    let (c1, c2) = site_containers(&n1, &n2)?;
+    let (pin1, pin2) = (PinDir::new("twoif1"), PinDir::new("twoif2"));
+    let t1 = site_table(dir.path(), &pin1, 1, "eth0", "198.51.100.1", &c1, "198.51.100.130")?;
+    let t2 = site_table(dir.path(), &pin2, 2, "eth0", "198.51.100.130", &c2, "198.51.100.1")?;
+    let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
+    let (_capture, pcap) = capture(dir.path(), &b.ns, &n1_eth1, "twoif")?;
 
-    traffic_both_ways(&mut lab, &c1, &c2)?;
+    traffic_both_ways(&c1, &c2)?;
 
     // The receive program went onto eth1 by itself (it carries a node
     // address), next to the uplink's.
-    let links = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-s1/links", lab.prefix));
+    let links = pin1.join("links");
     for ifname in ["eth0", "eth1"] {
         let pin = links.join(format!("uplink_ingress@{ifname}"));
         assert!(pin.exists(), "{} pinned", pin.display());
@@ -654,28 +633,21 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> 
     Ok(())
 }
 
-#[test]
 fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic() -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: namespaces and eBPF need root");
-        return Ok(());
-    }
-    let mut lab = Lab::new("v6u");
-    let under = lab.underlay()?;
-    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
-    lab.uplink(&n1, "eth0", &under, "2001:db8::1/64")?;
-    let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
-    lab.uplink(&n2, "eth0", &under, "2001:db8::2/64")?;
-    let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
-    let t1 = site_table(&mut lab, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2")?;
-    let t2 = site_table(&mut lab, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1")?;
-    let runner = binary("oak-static-dataplane");
-    let runner = runner.to_string_lossy();
-    lab.spawn(&n1, &runner, &[&t1], true)?;
-    lab.spawn(&n2, &runner, &[&t2], true)?;
-    let pcap = capture(&mut lab, &under, "u-n1", "v6u")?;
+    let dir = temp_dir();
+    let under = Underlay::new()?;
+    let n1 = bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    let n1_peer = under.plug_in(&n1, "eth0", &["2001:db8::1/64"])?;
+    let n2 = bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
+    under.plug_in(&n2, "eth0", &["2001:db8::2/64"])?;
+    let (c1, c2) = site_containers(&n1, &n2)?;
+    let (pin1, pin2) = (PinDir::new("v6u1"), PinDir::new("v6u2"));
+    let t1 = site_table(dir.path(), &pin1, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2")?;
+    let t2 = site_table(dir.path(), &pin2, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1")?;
+    let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
+    let (_capture, pcap) = capture(dir.path(), &under.ns, &n1_peer, "v6u")?;
 
-    traffic_both_ways(&mut lab, &c1, &c2)?;
+    traffic_both_ways(&c1, &c2)?;
 
     // Every tunnel datagram is IPv6 with a correct, non-zero UDP checksum:
     // verified over the packet as it leaves a real NIC, i.e. with the inner
