@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use testkit::runners::netmanager::NetManagerBuilder;
 use testkit::runners::upstream_netcfg;
 use testkit::topology::UPLINK;
-use testkit::runners::netmanager::NetManagerBuilder;
 use testkit::{
     ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, PinDir, Proc, Underlay,
 };
@@ -370,10 +370,9 @@ fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
     assert!(!addresses.contains("198.51.100.250"), "{st}");
     // ... on port 50103, whatever the node advertises.
     assert!(st["dataplane"]["slow_path"].is_object(), "{st}");
-    let listening = t
-        .n1
-        .ns
-        .run(&["ss", "-Hlun", "sport", "=", ":50103"])
-        .unwrap_or_default();
+    let listening =
+        t.n1.ns
+            .run(&["ss", "-Hlun", "sport", "=", ":50103"])
+            .unwrap_or_default();
     assert!(listening.contains("50103"), "{listening:?}");
 }

@@ -57,8 +57,10 @@ impl Drop for Stopper {
 
 fn bare_nodeengine_starts_the_worker_and_ctrl_c_stops_it() {
     let dir = temp_dir();
-    let LoopbackCluster { cluster, broker: _broker } =
-        LoopbackCluster::start(dir.path()).expect("broker and cluster double");
+    let LoopbackCluster {
+        cluster,
+        broker: _broker,
+    } = LoopbackCluster::start(dir.path()).expect("broker and cluster double");
     let id = cluster.id_for_host(&testkit::hostname());
     let conf = write_conf(dir.path(), cluster.http_port());
     let child = nodeengine(dir.path(), &conf, &[])
@@ -85,8 +87,10 @@ fn bare_nodeengine_starts_the_worker_and_ctrl_c_stops_it() {
 /// background; then upstream's long flags do the same.
 fn detached_start_with_port_alone_and_upstream_long_flags() {
     let dir = temp_dir();
-    let LoopbackCluster { cluster, broker: _broker } =
-        LoopbackCluster::start(dir.path()).expect("broker and cluster double");
+    let LoopbackCluster {
+        cluster,
+        broker: _broker,
+    } = LoopbackCluster::start(dir.path()).expect("broker and cluster double");
     let id = cluster.id_for_host(&testkit::hostname());
     let node = cluster.node_view(&id);
     // The configured port is wrong; -p fixes it.
@@ -119,9 +123,11 @@ fn detached_start_with_port_alone_and_upstream_long_flags() {
         cluster.clear_seen();
         let up = node.wait_for("information", Duration::from_secs(30), |_| true);
         signal(pid, Signal::SIGTERM);
-        let gone = wait_for("the detached worker to stop", Duration::from_secs(20), || {
-            !alive(pid)
-        });
+        let gone = wait_for(
+            "the detached worker to stop",
+            Duration::from_secs(20),
+            || !alive(pid),
+        );
         assert!(up.is_some(), "{args:?}: the detached worker never reported");
         assert!(gone.is_ok(), "the detached worker did not stop");
     }

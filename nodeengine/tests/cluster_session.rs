@@ -336,14 +336,19 @@ fn loopback(dir: &Path) -> (LoopbackCluster, String) {
 /// naming the policy; crosvm jobs fail with a reason where crosvm is absent.
 fn the_local_policy_refuses_what_the_cluster_cannot_override() {
     let dir = temp_dir();
-    let (LoopbackCluster { cluster, broker: _broker }, id) = loopback(dir.path());
+    let (
+        LoopbackCluster {
+            cluster,
+            broker: _broker,
+        },
+        id,
+    ) = loopback(dir.path());
     let conf = write_conf_with(dir.path(), cluster.http_port(), |cfg| {
-        cfg["virtualizations"]
-            .as_array_mut()
-            .expect("list")
-            .push(serde_json::json!({"virutalizaiton_name": "crosvm",
+        cfg["virtualizations"].as_array_mut().expect("list").push(
+            serde_json::json!({"virutalizaiton_name": "crosvm",
                 "virutalizaiton_runtime": "crosvm", "virutalizaiton_active": true,
-                "virutalizaiton_config": []}));
+                "virutalizaiton_config": []}),
+        );
     });
     let daemon = daemon(dir.path(), &conf);
     let node = cluster.node_view(&id);
@@ -408,7 +413,13 @@ fn public_ip_is_discovered_refreshed_and_reported_as_publicip() {
     rt.spawn(async move { axum::serve(listener, app).await });
 
     let dir = temp_dir();
-    let (LoopbackCluster { cluster, broker: _broker }, id) = loopback(dir.path());
+    let (
+        LoopbackCluster {
+            cluster,
+            broker: _broker,
+        },
+        id,
+    ) = loopback(dir.path());
     let conf = write_conf_with(dir.path(), cluster.http_port(), |cfg| {
         cfg["public_ip"] = true.into();
     });
@@ -528,7 +539,13 @@ fn gpu_figures_and_addons_as_upstream() {
             },
         )
         .expect("script");
-        let (LoopbackCluster { cluster, broker: _broker }, id) = loopback(dir.path());
+        let (
+            LoopbackCluster {
+                cluster,
+                broker: _broker,
+            },
+            id,
+        ) = loopback(dir.path());
         let conf = write_conf_with(dir.path(), cluster.http_port(), |cfg| {
             cfg["addons"] = serde_json::json!([
                 {"addon_name": "image-builder", "addon_active": true, "addon_config": []}

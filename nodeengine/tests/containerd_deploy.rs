@@ -83,7 +83,10 @@ fn setup_with_window(
     // containerd's runtimes come from the test's config, not the host's.
     .env(
         "CONTAINERD_CONFIG",
-        &dir.path().join("containerd-runtimes.toml").display().to_string(),
+        &dir.path()
+            .join("containerd-runtimes.toml")
+            .display()
+            .to_string(),
     );
     for (k, v) in &env {
         daemon = daemon.env(k, v);
@@ -141,14 +144,13 @@ fn deploy_report_and_delete() {
     assert!(s.containerd.container_ids().contains(&id));
     let spec = spec_of(&s.containerd, &id);
     assert_eq!(spec["hostname"], "instance-0");
-    assert_eq!(
-        spec["linux"]["resources"]["memory"]["limit"],
-        64 << 20
-    );
+    assert_eq!(spec["linux"]["resources"]["memory"]["limit"], 64 << 20);
     assert_eq!(spec["linux"]["resources"]["cpu"]["quota"], 100_000);
 
     // Resources show it, with its log tail.
-    let res = s.node().wait_for("jobs/resources", Duration::from_secs(20), |v| {
+    let res = s
+        .node()
+        .wait_for("jobs/resources", Duration::from_secs(20), |v| {
             resources_entry(v, name, 0).is_some_and(|e| {
                 e["logs"]
                     .as_str()
@@ -177,11 +179,15 @@ fn deploy_report_and_delete() {
     // A second deploy of the same instance (MQTT QoS 1 may deliver twice) is
     // a logged no-op, not FAILED.
     s.node().publish("control/deploy", j.to_string());
-    let logged = wait_for("the duplicate deploy to be logged", Duration::from_secs(20), || {
-        s.daemon
-            .log_text()
-            .contains("deploy for an instance that already runs here; ignored")
-    })
+    let logged = wait_for(
+        "the duplicate deploy to be logged",
+        Duration::from_secs(20),
+        || {
+            s.daemon
+                .log_text()
+                .contains("deploy for an instance that already runs here; ignored")
+        },
+    )
     .is_ok();
     assert!(logged, "{}", s.daemon.log_text());
 
@@ -192,14 +198,18 @@ fn deploy_report_and_delete() {
     s.node().publish("control/delete", del.to_string());
     s.node().wait_status(name, 0, "UNDEPLOYED");
     std::thread::sleep(Duration::from_secs(3));
-    let statuses: Vec<String> = s.node().messages("job")
+    let statuses: Vec<String> = s
+        .node()
+        .messages("job")
         .iter()
         .filter(|m| m["sname"] == name)
         .map(|m| m["status"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(statuses, ["CREATED", "UNDEPLOYED"]);
     assert!(!s.containerd.container_ids().contains(&id));
-    let gone = s.node().wait_for("jobs/resources", Duration::from_secs(10), |v| {
+    let gone = s
+        .node()
+        .wait_for("jobs/resources", Duration::from_secs(10), |v| {
             resources_entry(v, name, 0).is_none()
         });
     assert!(gone.is_some());
@@ -209,13 +219,13 @@ fn exits_are_reported_and_cleaned_up() {
     // Imported without unpacking: the daemon unpacks the layers itself.
     let s = setup(false);
     s.node().publish(
-            "control/deploy",
-            job("app.ns.batch.ok", 0, &["true"], true).to_string(),
-        );
+        "control/deploy",
+        job("app.ns.batch.ok", 0, &["true"], true).to_string(),
+    );
     s.node().publish(
-            "control/deploy",
-            job("app.ns.batch.bad", 1, &["sh", "-c", "exit 3"], false).to_string(),
-        );
+        "control/deploy",
+        job("app.ns.batch.bad", 1, &["sh", "-c", "exit 3"], false).to_string(),
+    );
     let mut missing = job("app.ns.no.image", 0, &["true"], false);
     missing["image"] = "localhost:1/does/not-exist:v0".into();
     s.node().publish("control/deploy", missing.to_string());
@@ -272,7 +282,9 @@ fn restart_adopts_running_instances_and_broker_restart_keeps_deploying() {
     // Daemon restart: the running container is adopted, not killed.
     s.daemon.restart().expect("nodeengined restarted");
     s.cluster.clear_seen();
-    let adopted = s.node().wait_for("jobs/resources", Duration::from_secs(30), |v| {
+    let adopted = s
+        .node()
+        .wait_for("jobs/resources", Duration::from_secs(30), |v| {
             resources_entry(v, name, 4).is_some()
         });
     assert!(adopted.is_some(), "not adopted:\n{}", s.daemon.log_text());
@@ -287,14 +299,16 @@ fn restart_adopts_running_instances_and_broker_restart_keeps_deploying() {
     // Broker restart: deploys still work afterwards.
     s.broker.restart().expect("mosquitto restarted");
     s.cluster.clear_seen();
-    s.node().wait_for("information", Duration::from_secs(40), |_| true)
+    s.node()
+        .wait_for("information", Duration::from_secs(40), |_| true)
         .expect("reports resume");
     let second = "app.ns.after.broker";
     let payload = job(second, 0, &["sleep", "300"], false).to_string();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         s.node().publish("control/deploy", payload.clone());
-        if s.node().wait_for("job", Duration::from_secs(5), |v| {
+        if s.node()
+            .wait_for("job", Duration::from_secs(5), |v| {
                 v["sname"] == second && v["status"] == "CREATED"
             })
             .is_some()
@@ -323,7 +337,8 @@ fn after_an_outage_longer_than_the_window_instances_are_removed() {
     let id = format!("{name}.instance.1");
     s.node().deploy(&job(name, 1, &["sleep", "300"], false));
     s.node().wait_status(name, 1, "CREATED");
-    s.node().wait_for("jobs/resources", Duration::from_secs(20), |v| {
+    s.node()
+        .wait_for("jobs/resources", Duration::from_secs(20), |v| {
             resources_entry(v, name, 1).is_some()
         })
         .expect("reported");
@@ -331,11 +346,15 @@ fn after_an_outage_longer_than_the_window_instances_are_removed() {
     // The node goes away; the cluster marks its instance FAILED (and would
     // place a replacement elsewhere).
     s.daemon.stop();
-    let failed = wait_for("the cluster to mark the instance FAILED", Duration::from_secs(30), || {
-        s.cluster
-            .instance_state(name, 1)
-            .is_some_and(|i| i.status == "FAILED")
-    })
+    let failed = wait_for(
+        "the cluster to mark the instance FAILED",
+        Duration::from_secs(30),
+        || {
+            s.cluster
+                .instance_state(name, 1)
+                .is_some_and(|i| i.status == "FAILED")
+        },
+    )
     .is_ok();
     assert!(
         failed,
@@ -345,13 +364,17 @@ fn after_an_outage_longer_than_the_window_instances_are_removed() {
     // Back after the window: the container is a duplicate now and goes.
     s.cluster.clear_seen();
     s.daemon.restart().expect("nodeengined restarted");
-    let removed = wait_for("the duplicate to be removed", Duration::from_secs(30), || {
-        !s.containerd.container_ids().contains(&id)
-    })
+    let removed = wait_for(
+        "the duplicate to be removed",
+        Duration::from_secs(30),
+        || !s.containerd.container_ids().contains(&id),
+    )
     .is_ok();
     assert!(removed, "duplicate left running:\n{}", s.daemon.log_text());
     for _ in 0..3 {
-        let report = s.node().wait_for("jobs/resources", Duration::from_secs(20), |_| true)
+        let report = s
+            .node()
+            .wait_for("jobs/resources", Duration::from_secs(20), |_| true)
             .expect("reports resume");
         assert!(
             resources_entry(&report, name, 1).is_none(),
@@ -367,9 +390,11 @@ const GROUP: &[u8] = b"root:x:0:\nnogroup:x:65534:\nfuse:x:107:nobody\n";
 
 fn wait_for_log(s: &Setup, id: &str, text: &str) -> String {
     let path = s.dir.path().join("applogs").join(id);
-    let found = wait_for(&format!("{text:?} in the log of {id}"), Duration::from_secs(30), || {
-        std::fs::read_to_string(&path).is_ok_and(|l| l.contains(text))
-    })
+    let found = wait_for(
+        &format!("{text:?} in the log of {id}"),
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&path).is_ok_and(|l| l.contains(text)),
+    )
     .is_ok();
     let log = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
@@ -533,7 +558,9 @@ fn containers_get_upstreams_spec_and_are_confined() {
     assert_eq!(mode & 0o777, 0o600);
 
     // Resources as upstream computes them: six decimals, memory a fraction.
-    let res = s.node().wait_for("jobs/resources", Duration::from_secs(20), |v| {
+    let res = s
+        .node()
+        .wait_for("jobs/resources", Duration::from_secs(20), |v| {
             resources_entry(v, "app.ns.spec.user", 0).is_some()
         })
         .expect("resources");
@@ -597,7 +624,9 @@ fn privileged_gpus_and_configured_runtimes_as_upstream() {
         vec![("PATH", path_with(&bin))]
     });
 
-    let info = s.node().wait_for("information", Duration::from_secs(20), |_| true)
+    let info = s
+        .node()
+        .wait_for("information", Duration::from_secs(20), |_| true)
         .expect("report");
     assert_eq!(
         info["virtualization"],
@@ -672,7 +701,9 @@ fn flops_starts_its_ml_data_server() {
             .expect("import");
         Vec::new()
     });
-    let info = s.node().wait_for("information", Duration::from_secs(20), |_| true)
+    let info = s
+        .node()
+        .wait_for("information", Duration::from_secs(20), |_| true)
         .expect("report");
     assert_eq!(
         info["supported_addons"],
@@ -701,7 +732,9 @@ fn flops_starts_its_ml_data_server() {
     // It is the node's, not a job's: never reported, never reconciled away.
     s.daemon.restart().expect("nodeengined restarted");
     s.cluster.clear_seen();
-    let res = s.node().wait_for("jobs/resources", Duration::from_secs(30), |_| true)
+    let res = s
+        .node()
+        .wait_for("jobs/resources", Duration::from_secs(30), |_| true)
         .expect("resources");
     assert_eq!(res, serde_json::json!({"services": []}));
     assert!(

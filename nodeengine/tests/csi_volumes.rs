@@ -135,7 +135,9 @@ fn volume_mounted_seen_and_released(stage: bool) {
     };
     let registration = s.cluster.registrations()[0].clone();
     assert_eq!(advertised(&registration), [DRIVER]);
-    let info = s.node().wait_for("information", Duration::from_secs(10), |_| true)
+    let info = s
+        .node()
+        .wait_for("information", Duration::from_secs(10), |_| true)
         .expect("report");
     assert_eq!(advertised(&info), [DRIVER]);
     assert_eq!(
@@ -147,24 +149,28 @@ fn volume_mounted_seen_and_released(stage: bool) {
     let name = "app.ns.vol.ume";
     let id = format!("{name}.instance.0");
     s.node().publish(
-            "control/deploy",
-            volume_job(
-                name,
-                "cat /data/hello.txt; echo from-the-container > /data/written.txt; sleep 300",
-                json!([{"volume_id": "vol1", "csi_driver": DRIVER, "mount_path": "/data"}]),
-            )
-            .to_string(),
-        );
+        "control/deploy",
+        volume_job(
+            name,
+            "cat /data/hello.txt; echo from-the-container > /data/written.txt; sleep 300",
+            json!([{"volume_id": "vol1", "csi_driver": DRIVER, "mount_path": "/data"}]),
+        )
+        .to_string(),
+    );
     let created = s.node().wait_status(name, 0, "CREATED");
     assert_eq!(detail(&created), "");
     let applog = s.dir.path().join("applogs").join(&id);
     let written = s.plugin.backing.join("vol1").join("written.txt");
-    let seen = wait_for("the volume's file and the write", Duration::from_secs(20), || {
-        std::fs::read_to_string(&applog)
-            .unwrap_or_default()
-            .contains("hello from csi volume vol1")
-            && std::fs::read_to_string(&written).unwrap_or_default() == "from-the-container\n"
-    });
+    let seen = wait_for(
+        "the volume's file and the write",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&applog)
+                .unwrap_or_default()
+                .contains("hello from csi volume vol1")
+                && std::fs::read_to_string(&written).unwrap_or_default() == "from-the-container\n"
+        },
+    );
     assert!(
         seen.is_ok(),
         "the container did not see the volume; app log: {:?}",
@@ -208,17 +214,17 @@ fn volume_mounted_seen_and_released(stage: bool) {
         "{why}"
     );
     s.node().publish(
-            "control/deploy",
-            volume_job(
-                "app.ns.dead.driver",
-                "sleep 300",
-                json!([
-                    {"volume_id": "ok1", "csi_driver": DRIVER, "mount_path": "/ok"},
-                    {"volume_id": "vol3", "csi_driver": DEAD_DRIVER, "mount_path": "/data"}
-                ]),
-            )
-            .to_string(),
-        );
+        "control/deploy",
+        volume_job(
+            "app.ns.dead.driver",
+            "sleep 300",
+            json!([
+                {"volume_id": "ok1", "csi_driver": DRIVER, "mount_path": "/ok"},
+                {"volume_id": "vol3", "csi_driver": DEAD_DRIVER, "mount_path": "/data"}
+            ]),
+        )
+        .to_string(),
+    );
     let failed = s.node().wait_status("app.ns.dead.driver", 0, "FAILED");
     let why = detail(&failed);
     assert!(
@@ -239,9 +245,9 @@ fn volume_mounted_seen_and_released(stage: bool) {
 
     // Undeploy: the container goes, then the volume is unpublished (and unstaged).
     s.node().publish(
-            "control/delete",
-            json!({"job_name": name, "instance_number": 0}).to_string(),
-        );
+        "control/delete",
+        json!({"job_name": name, "instance_number": 0}).to_string(),
+    );
     s.node().wait_status(name, 0, "UNDEPLOYED");
     assert_eq!(
         s.plugin.paths("NodeUnpublishVolume", "vol1"),

@@ -14,8 +14,12 @@ fn first_ipv4_in_interface_index_order_read_for_every_report() {
     // Created first, so it has the lower index, though its name sorts last.
     ns.add_veth("zz0", "zz1", None).expect("veth").keep();
     ns.add_veth("aa0", "aa1", None).expect("veth").keep();
-    ns.add_address("zz0", "198.51.100.9/24").expect("addr").keep();
-    ns.add_address("aa0", "198.51.100.7/24").expect("addr").keep();
+    ns.add_address("zz0", "198.51.100.9/24")
+        .expect("addr")
+        .keep();
+    ns.add_address("aa0", "198.51.100.7/24")
+        .expect("addr")
+        .keep();
     for dev in ["zz0", "zz1", "aa0", "aa1"] {
         ns.set_up(dev).expect("up");
     }
@@ -24,7 +28,9 @@ fn first_ipv4_in_interface_index_order_read_for_every_report() {
 
     // The address changes; the next report has the new one.
     ns.del_address("zz0", "198.51.100.9/24").expect("del");
-    ns.add_address("zz0", "198.51.100.11/24").expect("addr").keep();
+    ns.add_address("zz0", "198.51.100.11/24")
+        .expect("addr")
+        .keep();
     let doc = ns
         .within(|| {
             NodeSampler::new(StaticFacts {

@@ -290,7 +290,9 @@ fn decide(
     let why = format!("not run: {}", missing.join(", "));
     record_not_run(name, &missing.join(", "));
     if require_all {
-        return Err(format!("{why} ({REQUIRE_ALL_ENV}=1: every prerequisite must be present)").into());
+        return Err(
+            format!("{why} ({REQUIRE_ALL_ENV}=1: every prerequisite must be present)").into(),
+        );
     }
     Ok(Completion::ignored_with(why))
 }
@@ -418,7 +420,8 @@ mod tests {
             panic!("a missing prerequisite passed under {REQUIRE_ALL_ENV}=1");
         };
         assert!(
-            e.message().is_some_and(|m| m.contains("needs root") && m.contains(REQUIRE_ALL_ENV)),
+            e.message()
+                .is_some_and(|m| m.contains("needs root") && m.contains(REQUIRE_ALL_ENV)),
             "{e:?}"
         );
         assert!(!ran.get());

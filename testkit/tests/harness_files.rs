@@ -89,7 +89,13 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn no_test_passes_by_skipping() {
     let root = workspace();
     let mut files = Vec::new();
-    for dir in ["netmanager", "nodeengine", "worker-common", "tests", "xtask"] {
+    for dir in [
+        "netmanager",
+        "nodeengine",
+        "worker-common",
+        "tests",
+        "xtask",
+    ] {
         rust_files(&root.join(dir), &mut files);
     }
     assert!(!files.is_empty(), "no sources found: is the scan broken?");

@@ -188,8 +188,10 @@ pub fn http_get(w: &Worker, job: &str, n: u64, ip: &str) -> Result<String> {
     } else {
         bare.to_string()
     };
-    let answer = instance_ns(w, job, n)?
-        .http_get(&format!("http://{host}:80/"), std::time::Duration::from_secs(3))?;
+    let answer = instance_ns(w, job, n)?.http_get(
+        &format!("http://{host}:80/"),
+        std::time::Duration::from_secs(3),
+    )?;
     let body = answer.text().into_owned();
     let last = body.lines().last().unwrap_or("").trim().to_string();
     anyhow::ensure!(

@@ -150,7 +150,15 @@ fn serve(w: &Worker, dir: &Path, port: u16) -> Result<Proc> {
     let port_arg = port.to_string();
     let dir_arg = dir.display().to_string();
     let mut cmd = w.node.ns.command("python3")?;
-    cmd.args(["-m", "http.server", &port_arg, "--bind", "127.0.0.1", "--directory", &dir_arg]);
+    cmd.args([
+        "-m",
+        "http.server",
+        &port_arg,
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        &dir_arg,
+    ]);
     let p = Proc::spawn_logged("http.server", cmd, &w.dir.join("http-server.log"))?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     wait_for("the image server", Duration::from_secs(10), || {
@@ -327,11 +335,10 @@ fn unikernel_boots_with_upstreams_network_and_stops_by_qmp() -> Result<()> {
 
     // The guest answers on the instance's address itself.
     let page = eventually("the guest's HTTP server", || {
-        let answer = e
-            .worker(1)
-            .node
-            .ns
-            .http_get(&format!("http://{instance_ip}:8080/"), Duration::from_secs(5))?;
+        let answer = e.worker(1).node.ns.http_get(
+            &format!("http://{instance_ip}:8080/"),
+            Duration::from_secs(5),
+        )?;
         let body = answer.text().into_owned();
         ensure!(body.contains("hello from the unikernel"), "{body:?}");
         Ok(answer)
@@ -350,6 +357,9 @@ fn unikernel_boots_with_upstreams_network_and_stops_by_qmp() -> Result<()> {
     );
     ensure!(!qemu_runs(&task), "qemu of {task} still runs");
     let namespaces = testkit::netns::list_named();
-    ensure!(!namespaces.contains(&task), "namespace left: {namespaces:?}");
+    ensure!(
+        !namespaces.contains(&task),
+        "namespace left: {namespaces:?}"
+    );
     Ok(())
 }

@@ -461,8 +461,24 @@ fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
     // Each node knows the other by its advertised address: n2 advertises
     // the router's, which it does not own.
     let (pin1, pin2) = (PinDir::new("nat1"), PinDir::new("nat2"));
-    let t1 = site_table(dir.path(), &pin1, 1, "eth0", "198.51.100.1", &c1, "198.51.100.3")?;
-    let t2 = site_table(dir.path(), &pin2, 2, "eth0", "198.51.100.3", &c2, "198.51.100.1")?;
+    let t1 = site_table(
+        dir.path(),
+        &pin1,
+        1,
+        "eth0",
+        "198.51.100.1",
+        &c1,
+        "198.51.100.3",
+    )?;
+    let t2 = site_table(
+        dir.path(),
+        &pin2,
+        2,
+        "eth0",
+        "198.51.100.3",
+        &c2,
+        "198.51.100.1",
+    )?;
     let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
     let (_capture, pcap) = capture(dir.path(), &nat, "wan", "nat-wan")?;
 
@@ -510,7 +526,15 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
         ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
     )?;
     let pin1 = PinDir::new("frag1");
-    let t1 = site_table(dir.path(), &pin1, 1, "eth0", "198.51.100.1", &c1, "198.51.100.2")?;
+    let t1 = site_table(
+        dir.path(),
+        &pin1,
+        1,
+        "eth0",
+        "198.51.100.1",
+        &c1,
+        "198.51.100.2",
+    )?;
     let _dataplane = static_dataplane(&n1, &t1)?;
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
     let received = file(dir.path(), "frag-received", "")?;
@@ -524,20 +548,20 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
     // Everything from n2: later fragments carry no UDP header to filter on.
     let pcap_path = file(dir.path(), "frag.pcap", "")?;
     let _capture = under.ns.spawn_quiet(&[
-            "tcpdump",
-            "-i",
-            &n2_peer,
-            "--immediate-mode",
-            "-U",
-            "-w",
-            &pcap_path,
-            "src",
-            "host",
-            "198.51.100.2",
-            "or",
-            "src",
-            "host",
-            "2001:db8::2",
+        "tcpdump",
+        "-i",
+        &n2_peer,
+        "--immediate-mode",
+        "-U",
+        "-w",
+        &pcap_path,
+        "src",
+        "host",
+        "198.51.100.2",
+        "or",
+        "src",
+        "host",
+        "2001:db8::2",
     ])?;
     std::thread::sleep(Duration::from_millis(800));
 
@@ -604,8 +628,24 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> 
         .keep();
     let (c1, c2) = site_containers(&n1, &n2)?;
     let (pin1, pin2) = (PinDir::new("twoif1"), PinDir::new("twoif2"));
-    let t1 = site_table(dir.path(), &pin1, 1, "eth0", "198.51.100.1", &c1, "198.51.100.130")?;
-    let t2 = site_table(dir.path(), &pin2, 2, "eth0", "198.51.100.130", &c2, "198.51.100.1")?;
+    let t1 = site_table(
+        dir.path(),
+        &pin1,
+        1,
+        "eth0",
+        "198.51.100.1",
+        &c1,
+        "198.51.100.130",
+    )?;
+    let t2 = site_table(
+        dir.path(),
+        &pin2,
+        2,
+        "eth0",
+        "198.51.100.130",
+        &c2,
+        "198.51.100.1",
+    )?;
     let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
     let (_capture, pcap) = capture(dir.path(), &b.ns, &n1_eth1, "twoif")?;
 
@@ -642,8 +682,24 @@ fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic() -> Result<()> {
     under.plug_in(&n2, "eth0", &["2001:db8::2/64"])?;
     let (c1, c2) = site_containers(&n1, &n2)?;
     let (pin1, pin2) = (PinDir::new("v6u1"), PinDir::new("v6u2"));
-    let t1 = site_table(dir.path(), &pin1, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2")?;
-    let t2 = site_table(dir.path(), &pin2, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1")?;
+    let t1 = site_table(
+        dir.path(),
+        &pin1,
+        1,
+        "eth0",
+        "2001:db8::1",
+        &c1,
+        "2001:db8::2",
+    )?;
+    let t2 = site_table(
+        dir.path(),
+        &pin2,
+        2,
+        "eth0",
+        "2001:db8::2",
+        &c2,
+        "2001:db8::1",
+    )?;
     let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
     let (_capture, pcap) = capture(dir.path(), &under.ns, &n1_peer, "v6u")?;
 
