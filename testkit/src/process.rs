@@ -252,6 +252,35 @@ pub fn all_pids() -> Vec<i32> {
         .unwrap_or_default()
 }
 
+/// Writes an executable shell script to `path` (a stand-in for a tool a
+/// test puts first on a daemon's PATH: nvidia-smi, dpkg, a runtime, ...).
+pub fn write_script(path: &Path, body: &str) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    std::fs::write(path, format!("#!/bin/sh\n{body}"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// This process's `PATH` with `dir` first.
+pub fn path_with(dir: &Path) -> String {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&path));
+    std::env::join_paths(dirs)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| dir.display().to_string())
+}
+
+/// Sends `sig` to process `pid` (one the test started by other means than
+/// [`Proc`], e.g. a daemon that detached itself); gone is fine.
+pub fn signal(pid: u32, sig: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = kill(Pid::from_raw(pid), sig);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,34 +312,5 @@ mod tests {
         let e = wait_for("the impossible", Duration::from_millis(100), || false).unwrap_err();
         assert!(e.to_string().contains("the impossible"));
         wait_until("the obvious", Duration::from_millis(100), || true);
-    }
-}
-
-/// Writes an executable shell script to `path` (a stand-in for a tool a
-/// test puts first on a daemon's PATH: nvidia-smi, dpkg, a runtime, ...).
-pub fn write_script(path: &Path, body: &str) -> Result<()> {
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    std::fs::write(path, format!("#!/bin/sh\n{body}"))
-        .with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .with_context(|| format!("chmod {}", path.display()))
-}
-
-/// This process's `PATH` with `dir` first.
-pub fn path_with(dir: &Path) -> String {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs = std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&path));
-    std::env::join_paths(dirs)
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| dir.display().to_string())
-}
-
-/// Sends `sig` to process `pid` (one the test started by other means than
-/// [`Proc`], e.g. a daemon that detached itself); gone is fine.
-pub fn signal(pid: u32, sig: Signal) {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = kill(Pid::from_raw(pid), sig);
     }
 }
