@@ -294,23 +294,9 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable() {
     );
 }
 
-/// `/metrics` of the NetManager in `node`, parsed with the Prometheus
-/// project's OpenMetrics parser: `{"name{label=value,...}": value}`.
+/// `/metrics` of the NetManager in `node`, through the reference parser.
 fn scrape(node: &Node) -> Value {
-    let script = "import json,urllib.request\n\
-        from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\n\
-        text=urllib.request.urlopen('http://127.0.0.1:9102/metrics',timeout=5).read().decode()\n\
-        out={}\n\
-        for fam in parse(text):\n\
-        \x20 for s in fam.samples:\n\
-        \x20   key=s.name+('{'+','.join('%s=%s'%kv for kv in sorted(s.labels.items()))+'}' if s.labels else '')\n\
-        \x20   out[key]=s.value\n\
-        print(json.dumps(out))";
-    let out = node
-        .ns
-        .run(&["python3", "-c", script])
-        .unwrap_or_else(|e| panic!("scrape: {e:#}"));
-    serde_json::from_str(&out).unwrap()
+    testkit::metrics::scrape(Some(&node.ns), "127.0.0.1:9102").unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn echo_server(c: &ContainerProcess, port: u16) -> Proc {

@@ -13,7 +13,8 @@
 //! - [`runners`]: NetManager, nodeengined and containerd processes;
 //!   [`image`]: the offline busybox container image;
 //! - [`process`], [`bpffs`], [`mounts`]: child processes, pin directories
-//!   and mount points that clean up after themselves.
+//!   and mount points that clean up after themselves; [`metrics`]:
+//!   Prometheus output through the reference parser.
 //!
 //! How to write a test with it: `testkit/README.md`.
 
@@ -23,6 +24,7 @@ pub mod cluster;
 pub mod fixtures;
 pub mod harness;
 pub mod image;
+pub mod metrics;
 pub mod mounts;
 pub mod netlink;
 pub mod netns;

@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 use crate::netns::{NsPath, unique};
 use crate::process::{Proc, print_log_if_panicking};
 
+/// Where nodeengined serves metrics and health ("off": nowhere).
+const METRICS_ENV: &str = "NODEENGINE_METRICS_ADDRESS";
+
 /// `NodeEngine config default`: upstream's default configuration document.
 pub fn default_conf() -> Value {
     json!({
@@ -73,6 +76,11 @@ impl NodeEngineBuilder {
     pub fn containerd(self, socket: &Path, namespace: &str) -> Self {
         self.env("CONTAINERD_ADDRESS", &socket.display().to_string())
             .env("CONTAINERD_NAMESPACE", namespace)
+    }
+
+    /// Serves metrics and health on `address` (`host:port`).
+    pub fn metrics(self, address: &str) -> Self {
+        self.env(METRICS_ENV, address)
     }
 
     /// Where it keeps its state (last report, CSI mounts, unikernels).
@@ -135,6 +143,9 @@ impl NodeEngine {
         .containerd(&nowhere, &unique("none"))
         .state_dir(&state)
         .env("CONTAINERD_CONFIG", &runtimes.display().to_string())
+        // No metrics listener unless asked for (`metrics`): daemons side by
+        // side would race for the default port.
+        .env(METRICS_ENV, "off")
     }
 
     fn spawn(&mut self) -> Result<()> {

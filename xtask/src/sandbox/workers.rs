@@ -107,6 +107,8 @@ impl Worker {
                 .containerd(&containerd.socket, &containerd.namespace)
                 // CSI mounts and unikernel instances under the worker's directory.
                 .state_dir(&dir.join("state"))
+                // Each worker in a namespace of its own: the default port.
+                .metrics("127.0.0.1:9103")
                 .env("RUST_LOG", "info")
                 .start()?;
         let mut w = Worker {
