@@ -63,8 +63,13 @@ fn report_not_run() {
     if not_run.is_empty() {
         return;
     }
+    let counted = if require_all() {
+        "each failed: OAK_REQUIRE_ALL=1"
+    } else {
+        "counted as ignored, not passed"
+    };
     eprintln!(
-        "\nNOT RUN: {} test(s) of {} lacked a prerequisite (counted as ignored, not passed):",
+        "\nNOT RUN: {} test(s) of {} lacked a prerequisite ({counted}):",
         not_run.len(),
         suite_name()
     );
@@ -72,7 +77,10 @@ fn report_not_run() {
         eprintln!("  {name}: {why}");
     }
     if !require_all() {
-        eprintln!("  (`cargo xtask setup` installs them; {REQUIRE_ALL_ENV}=1 fails such tests)");
+        eprintln!(
+            "  (`cargo xtask setup` installs the tools, root runs root's tests; \
+             {REQUIRE_ALL_ENV}=1 makes such tests fail)"
+        );
     }
 }
 
