@@ -518,6 +518,18 @@ impl NsPath {
         )
     }
 
+    /// Takes the link down (it keeps its addresses; its routes go).
+    pub fn set_down(&self, name: &str) -> Result<()> {
+        self.netlink(|h| async move {
+            let index = index_of(&h, name).await?;
+            h.link()
+                .set(LinkUnspec::new_with_index(index).down().build())
+                .execute()
+                .await
+                .with_context(|| format!("taking link {name} down"))
+        })
+    }
+
     pub fn del_link(&self, name: &str) -> Result<()> {
         self.netlink(|h| async move {
             let Some(l) = find_link(&h, name).await? else {

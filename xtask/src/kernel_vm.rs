@@ -55,6 +55,13 @@ const SUITES: &[Suite] = &[
         artifact: ("netmanager", true),
         args: "kernel_support::",
     },
+    // The probes as root, on the kit's harness.
+    Suite {
+        name: "kernel_check",
+        cargo_target: &["--test", "kernel_support"],
+        artifact: ("kernel_support", false),
+        args: "",
+    },
     // The real programs under BPF_PROG_TEST_RUN, exact bytes out.
     Suite {
         name: "dataplane_packets",
