@@ -120,3 +120,32 @@ fn no_test_passes_by_skipping() {
         }
     }
 }
+
+/// A file with `testkit::main!` under the standard harness compiles its
+/// `main` away: its tests would silently never run. Every such file must be
+/// a `harness = false` target of its crate.
+#[test]
+fn kit_suites_are_harness_false_targets() {
+    let root = workspace();
+    let declared: Vec<PathBuf> = harnessless_targets(&root)
+        .into_iter()
+        .map(|(dir, name)| dir.join("tests").join(format!("{name}.rs")))
+        .collect();
+    let mut files = Vec::new();
+    for dir in ["netmanager", "nodeengine", "worker-common", "tests", "xtask", "testkit"] {
+        rust_files(&root.join(dir).join("tests"), &mut files);
+    }
+    assert!(!files.is_empty(), "no test files found: is the scan broken?");
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        // The invocation itself: at the start of a line.
+        if text.lines().any(|l| l.starts_with("testkit::main! {")) {
+            assert!(
+                declared.contains(&file),
+                "{} uses testkit::main! but is no `harness = false` [[test]] of its \
+                 crate: its tests would never run",
+                file.display()
+            );
+        }
+    }
+}
