@@ -1,11 +1,12 @@
-//! netcfg.json parsing against upstream's default file, and the daemon's
-//! refusal to start on an invalid one.
+//! netcfg.json and tuncfg.json parsing against upstream's files, the
+//! command line's precedence over them, and the daemon's refusal to start
+//! on an invalid one.
 
 use std::process::Command;
 use std::time::Duration;
 
-use netmanager::config::{self, NetConfig};
-use testkit::{Node, Proc, temp_dir, wait_until};
+use netmanager::config::{self, NetConfig, TunConfig};
+use testkit::{ClusterDouble, Mosquitto, NetManager, Node, Proc, temp_dir, wait_until};
 
 testkit::main! {
     upstream_default_file: [],
@@ -16,6 +17,11 @@ testkit::main! {
     every_environment_variable_is_a_flag: [],
     dataplane_table_sizes_are_configurable: [],
     default_state_and_pins_are_per_network_namespace: [Root],
+    attach_mode_and_discovery_url_on_the_command_line: [],
+    settings_take_flags_then_files_then_defaults: [],
+    upstream_tuncfg_files: [],
+    invalid_tuncfg_names_file_and_field: [],
+    a_service_range_over_the_container_subnet_is_refused: [Root, Mosquitto],
 }
 
 fn upstream_default_file() {
@@ -124,7 +130,7 @@ fn every_environment_variable_is_a_flag() {
     use clap::Parser;
     use netmanager::cli::Cli;
     let cli = Cli::try_parse_from(["NetManager", "--tunnel-mtu", "1400"]).unwrap();
-    assert_eq!(cli.tunnel_mtu, 1400);
+    assert_eq!(cli.tunnel_mtu, Some(1400));
     assert!(Cli::try_parse_from(["NetManager", "--tunnel-mtu", "huge"]).is_err());
     assert!(Cli::try_parse_from(["NetManager", "--tunnel-mtu", "100"]).is_err());
     // Environment variables name the same settings (upstream's TUN_MTU_SIZE).
@@ -144,6 +150,9 @@ fn every_environment_variable_is_a_flag() {
         "TUN_MTU_SIZE",
         "NETMANAGER_ADDRESS_CHECK_SECS",
         "NETMANAGER_MQTT_CA",
+        "NETMANAGER_ATTACH_MODE",
+        "NETMANAGER_PUBLIC_IP_URL",
+        "NETMANAGER_TUN_CONFIG",
     ] {
         assert!(help.contains(var), "{var} missing from --help:\n{help}");
     }
@@ -217,5 +226,204 @@ fn default_state_and_pins_are_per_network_namespace() {
     assert!(
         seen[0].0.starts_with("/run/oakestra/netmanager-state."),
         "{seen:?}"
+    );
+}
+
+fn attach_mode_and_discovery_url_on_the_command_line() {
+    use clap::Parser;
+    use netmanager::cli::Cli;
+    use netmanager::dataplane::AttachMode;
+    let cli = Cli::try_parse_from(["NetManager"]).unwrap();
+    assert_eq!(cli.attach_mode, AttachMode::Auto);
+    for (arg, mode) in [
+        ("tcx", AttachMode::Tcx),
+        ("netlink", AttachMode::Netlink),
+        ("auto", AttachMode::Auto),
+    ] {
+        let cli = Cli::try_parse_from(["NetManager", "--attach-mode", arg]).unwrap();
+        assert_eq!(cli.attach_mode, mode);
+    }
+    assert!(Cli::try_parse_from(["NetManager", "--attach-mode", "xdp"]).is_err());
+    assert!(Cli::try_parse_from(["NetManager", "--public-ip-url", "ftp://x"]).is_err());
+    let out = Command::new(env!("CARGO_BIN_EXE_NetManager"))
+        .env("NETMANAGER_ATTACH_MODE", "sideways")
+        .arg("version")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sideways"));
+}
+
+/// The URL: the flag, else netcfg.json's PublicIPDiscoveryUrl, else the
+/// default. The MTU: the flag, else tuncfg.json's, else 1450. The tunnel
+/// port: tuncfg.json's TunnelPort, else 50103 (NodePublicPort is only
+/// advertised: behind NAT the router's port).
+fn settings_take_flags_then_files_then_defaults() {
+    use clap::Parser;
+    use netmanager::cli::Cli;
+    let dir = temp_dir();
+    let net = dir.path().join("netcfg.json");
+    let tun = dir.path().join("tuncfg.json");
+    let parse = |extra: &[&str]| {
+        let mut args = vec![
+            "NetManager",
+            "--config",
+            net.to_str().unwrap(),
+            "--tun-config",
+            tun.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).unwrap().settings().unwrap()
+    };
+    std::fs::write(&net, r#"{"NodePublicPort": "50300"}"#).unwrap();
+    let s = parse(&[]);
+    assert_eq!(s.public_ip_url, config::DEFAULT_PUBLIC_IP_URL);
+    assert_eq!(s.tunnel_mtu, 1450);
+    assert_eq!(s.tunnel_port, 50103);
+    assert_eq!(s.net.node_public_port, 50300);
+    assert_eq!(
+        s.service_ranges,
+        netmanager::addresses::ServiceRanges::default()
+    );
+
+    std::fs::write(
+        &net,
+        r#"{"NodePublicPort": "50300", "PublicIPDiscoveryUrl": "http://disc.example/ip"}"#,
+    )
+    .unwrap();
+    std::fs::write(&tun, r#"{"TunnelPort": 50400, "MTUSize": 1400}"#).unwrap();
+    let s = parse(&[]);
+    assert_eq!(s.public_ip_url, "http://disc.example/ip");
+    assert_eq!(s.tunnel_mtu, 1400);
+    assert_eq!(s.tunnel_port, 50400);
+    assert_eq!(s.net.node_public_port, 50300, "still what peers are told");
+    let s = parse(&[
+        "--public-ip-url",
+        "https://other.example/",
+        "--tunnel-mtu",
+        "1300",
+    ]);
+    assert_eq!(s.public_ip_url, "https://other.example/");
+    assert_eq!(s.tunnel_mtu, 1300);
+
+    std::fs::write(&net, r#"{"PublicIPDiscoveryUrl": "ifconfig.co"}"#).unwrap();
+    let e = format!(
+        "{:#}",
+        Cli::try_parse_from(["NetManager", "--config", net.to_str().unwrap()])
+            .unwrap()
+            .settings()
+            .unwrap_err()
+    );
+    assert!(e.contains("PublicIPDiscoveryUrl"), "{e}");
+}
+
+/// Upstream's sample file (`config/tuncfg.json`) and the keys of its Go
+/// struct, matched without regard to case as Go's decoder does.
+fn upstream_tuncfg_files() {
+    let sample = r#"{
+      "HostTUNDeviceName": "goProxyTun",
+      "TunNetIP": "10.19.1.254",
+      "ProxySubnetwork": "10.30.0.0",
+      "ProxySubnetworkMask": "255.255.0.0",
+      "TunnelPort": 50103,
+      "Mtusize": 1450
+    }"#;
+    let t = TunConfig::parse(sample).unwrap();
+    assert_eq!(t.service_v4, Some(("10.30.0.0".parse().unwrap(), 16)));
+    assert_eq!(t.tunnel_port, Some(50103));
+    assert_eq!(t.mtu, Some(1450));
+    assert_eq!(t.service_v6, None);
+    assert_eq!(
+        t.service_ranges(),
+        netmanager::addresses::ServiceRanges::default()
+    );
+
+    let t = TunConfig::parse(
+        r#"{"HostTunnelDeviceName": "goProxyTun", "TunnelIP": "10.19.1.254",
+            "ProxySubnetwork": "10.40.0.0", "ProxySubnetworkMask": "255.254.0.0",
+            "TunnelPort": "50200", "MTUSize": 1400, "TunNetIPv6": "fcef::dead:beef",
+            "ProxySubnetworkIPv6": "fd00:40::", "ProxySubnetworkIPv6Prefix": 32}"#,
+    )
+    .unwrap();
+    assert_eq!(t.service_v4, Some(("10.40.0.0".parse().unwrap(), 15)));
+    assert_eq!(t.service_v6, Some(("fd00:40::".parse().unwrap(), 32)));
+    assert_eq!(t.tunnel_port, Some(50200));
+    assert_eq!(t.mtu, Some(1400));
+    let ranges = t.service_ranges();
+    let r = ranges.as_slice();
+    assert_eq!(
+        r,
+        &[
+            ("10.40.0.0".parse().unwrap(), 15),
+            ("fd00:40::".parse().unwrap(), 32),
+            ("fdff::".parse().unwrap(), 16),
+        ]
+    );
+    assert!(ranges.contains("10.41.255.1".parse().unwrap()));
+    assert!(!ranges.contains("10.30.0.1".parse().unwrap()));
+
+    // Half a range keeps upstream's default for the other half.
+    let t = TunConfig::parse(r#"{"ProxySubnetworkMask": "255.255.255.0"}"#).unwrap();
+    assert_eq!(t.service_v4, Some(("10.30.0.0".parse().unwrap(), 24)));
+    assert_eq!(TunConfig::parse("{}").unwrap(), TunConfig::default());
+}
+
+fn invalid_tuncfg_names_file_and_field() {
+    let dir = temp_dir();
+    for (body, words) in [
+        (r#"{"TunnelPort": "port"}"#, &["TunnelPort"][..]),
+        (r#"{"tunnelport": 0}"#, &["tunnelport"][..]),
+        (r#"{"MTUSize": 100}"#, &["MTUSize", "576"][..]),
+        (
+            r#"{"ProxySubnetworkMask": "255.0.255.0"}"#,
+            &["ProxySubnetworkMask", "contiguous"][..],
+        ),
+        (
+            r#"{"ProxySubnetwork": "ten"}"#,
+            &["ProxySubnetwork", "IPv4"][..],
+        ),
+        (
+            r#"{"ProxySubnetworkIPv6Prefix": 129}"#,
+            &["ProxySubnetworkIPv6Prefix", "128"][..],
+        ),
+        (r#"[1]"#, &["object"][..]),
+    ] {
+        let p = dir.path().join("tuncfg.json");
+        std::fs::write(&p, body).unwrap();
+        let e = format!("{:#}", TunConfig::load(&p).unwrap_err());
+        assert!(e.contains("tuncfg.json"), "{body}: {e}");
+        for w in words {
+            assert!(e.contains(w), "{body}: {w} missing in {e}");
+        }
+    }
+    assert_eq!(
+        TunConfig::load(&dir.path().join("absent.json")).unwrap(),
+        TunConfig::default()
+    );
+}
+
+/// Upstream's built-in IPv6 proxy range fc00::/7 holds the node's own
+/// container subnet: registering with it is refused, saying why.
+fn a_service_range_over_the_container_subnet_is_refused() {
+    let dir = temp_dir();
+    let node = Node::standalone(1).expect("node namespace");
+    let broker = Mosquitto::in_netns(&node.ns, "127.0.0.1", 1883, dir.path()).expect("mosquitto");
+    let csm = ClusterDouble::options(broker.endpoint())
+        .start()
+        .expect("cluster double");
+    csm.pin_subnet("6650aa00bb22cc33dd440c01", "10.18.0.64", "fc00::40");
+    let nm = NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
+        .tun_config(serde_json::json!({"ProxySubnetworkIPv6": "fc00::", "ProxySubnetworkIPv6Prefix": 7}))
+        .start()
+        .expect("NetManager");
+    let (code, body) = nm.post(
+        "/register",
+        r#"{"client_id":"6650aa00bb22cc33dd440c01","cluster_address":"127.0.0.1"}"#,
+    );
+    assert_eq!(code, 500, "{body}");
+    let e = body["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("fc00::/7") && e.contains("tuncfg.json") && e.contains("fc00::40"),
+        "{e}"
     );
 }

@@ -1,22 +1,35 @@
 //! Two nodes with real NetManagers and the eBPF dataplane on one underlay:
 //! a container on node 1 reaches a container on node 2 by service IP; the
 //! first connection depends on miss resolution (table query by service IP).
+//! Every test runs in both attach modes (TCX links, classic tc filters).
 //! Needs root, bpffs, mosquitto and python3.
+
+mod attach_support;
 
 use std::path::Path;
 use std::time::Duration;
 
+use attach_support::{assert_attach_mode, hook_of, ingress_programs};
 use serde_json::{Value, json};
-use testkit::runners::netmanager::NetManagerBuilder;
 use testkit::runners::upstream_netcfg;
 use testkit::topology::UPLINK;
+use testkit::runners::netmanager::NetManagerBuilder;
 use testkit::{
     ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, PinDir, Proc, Underlay,
 };
 
 testkit::main! {
-    service_ip_across_two_nodes: [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient],
-    pending_instance_with_null_fields_keeps_the_running_one_reachable: [Root, Bpffs, Mosquitto, Nft, Python3],
+    service_ip_across_two_nodes("tcx") as tcx_service_ip_across_two_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool, Tcx],
+    service_ip_across_two_nodes("netlink") as netlink_service_ip_across_two_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool],
+    pending_instance_with_null_fields_keeps_the_running_one_reachable("tcx")
+        as tcx_pending_instance_with_null_fields_keeps_the_running_one_reachable:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
+    pending_instance_with_null_fields_keeps_the_running_one_reachable("netlink")
+        as netlink_pending_instance_with_null_fields_keeps_the_running_one_reachable:
+        [Root, Bpffs, Mosquitto, Nft, Python3],
+    tuncfg_moves_the_service_range_and_the_tunnel_port: [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
     behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served: [Root, Bpffs, Mosquitto, Nft],
 }
 
@@ -65,14 +78,16 @@ fn two_nodes() -> Two {
     }
 }
 
-/// A NetManager with the eBPF dataplane in `node`, files named after `tag`.
-fn ebpf_daemon(dir: &Path, node: &Node, mqtt_port: u16, tag: &str) -> NetManager {
+/// A NetManager with the eBPF dataplane in `node`, files named after
+/// `tag`, attached in `mode`.
+fn start(dir: &Path, node: &Node, mqtt_port: u16, tag: &str, mode: &str) -> NetManager {
     ebpf_builder(dir, node, mqtt_port, tag)
+        .env("NETMANAGER_ATTACH_MODE", mode)
         .start()
         .expect("NetManager")
 }
 
-/// How [`ebpf_daemon`] starts it, to change before it does.
+/// How [`start`] starts it, to change before it does.
 fn ebpf_builder(dir: &Path, node: &Node, mqtt_port: u16, tag: &str) -> NetManagerBuilder {
     NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir)
         .tag(tag)
@@ -104,7 +119,7 @@ fn tcp_get(c: &ContainerProcess, addr: &str, port: u16) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-fn service_ip_across_two_nodes() {
+fn service_ip_across_two_nodes(mode: &str) {
     let t = two_nodes();
     let (csm, dir) = (&t.csm, t.dir.path());
     csm.set_table(
@@ -115,14 +130,15 @@ fn service_ip_across_two_nodes() {
         SERVER,
         json!({"instance_list": [instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
     );
-    let nm1 = ebpf_daemon(dir, &t.n1, t.broker.port(), "n1");
-    let nm2 = ebpf_daemon(dir, &t.n2, t.broker.port(), "n2");
+    let nm1 = start(dir, &t.n1, t.broker.port(), "n1", mode);
+    let nm2 = start(dir, &t.n2, t.broker.port(), "n2", mode);
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
         let (code, body) = nm.post(
             "/register",
             &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
         );
         assert_eq!(code, 200, "{body}");
+        assert_attach_mode(nm, mode);
     }
     let (client, server) = (container(), container());
     let (code, a) = nm1.post("/container/deploy", &json!({"pid": client.pid(), "serviceName": CLIENT, "instanceNumber": 0, "portMappings": ""}).to_string());
@@ -170,7 +186,8 @@ fn service_ip_across_two_nodes() {
     assert!(v("netmanager_map_capacity{map=FLOWS}") > 0.0);
     assert_eq!(
         v(&format!(
-            "netmanager_program_attached{{hook=tcx/ingress,interface={UPLINK},program=uplink_ingress}}"
+            "netmanager_program_attached{{hook={},interface={UPLINK},program=uplink_ingress}}",
+            hook_of(mode)
         )),
         1.0
     );
@@ -192,15 +209,15 @@ fn service_ip_across_two_nodes() {
     let (code, ready) = nm1.get("/readyz");
     assert_eq!((code, ready), (200, json!({"ready": true})));
 
-    // The dataplane shows up in status.
+    // The dataplane shows up in status, with its attach mode and hooks.
     let (_, st) = nm1.get("/status");
+    assert_eq!(st["dataplane"]["attach_mode"], json!(mode), "{st}");
+    let attachments = st["dataplane"]["attachments"].as_array().unwrap();
     assert!(
-        !st["dataplane"]["attachments"]
-            .as_array()
-            .unwrap()
-            .is_empty(),
+        attachments.contains(&json!(["uplink_ingress", UPLINK, hook_of(mode)])),
         "{st}"
     );
+    let uplink_before = ingress_programs(&t.n1.ns, UPLINK);
 
     // An established connection survives kill -9 and restart of both daemons.
     let mut nm1 = nm1;
@@ -221,6 +238,15 @@ fn service_ip_across_two_nodes() {
     }
     std::fs::write(&go, "").unwrap();
     assert_eq!(conv.read_line().unwrap(), "second");
+    // The restart replaced the uplink program in place: one program, in
+    // the same mode, a new one.
+    let uplink_after = ingress_programs(&t.n1.ns, UPLINK);
+    assert_eq!(uplink_after.len(), 1, "{uplink_after:?}");
+    assert_eq!(
+        (uplink_after[0].0.as_str(), uplink_after[0].1.as_str()),
+        (hook_of(mode), "uplink_ingress")
+    );
+    assert_ne!(uplink_after[0].2, uplink_before[0].2, "not replaced");
     // And new connections work after the restart.
     assert_eq!(
         tcp_get(&client, "10.30.1.1", 7000).as_deref(),
@@ -234,7 +260,7 @@ fn service_ip_across_two_nodes() {
 /// The real cluster service manager lists an instance that is scheduled but
 /// not running yet with `null` addresses (docs/contract.md §3). The running instance
 /// must stay reachable through the shared address.
-fn pending_instance_with_null_fields_keeps_the_running_one_reachable() {
+fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &str) {
     let t = two_nodes();
     let (csm, dir) = (&t.csm, t.dir.path());
     csm.set_table(
@@ -252,14 +278,15 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable() {
             instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2")),
             pending]}),
     );
-    let nm1 = ebpf_daemon(dir, &t.n1, t.broker.port(), "n1");
-    let nm2 = ebpf_daemon(dir, &t.n2, t.broker.port(), "n2");
+    let nm1 = start(dir, &t.n1, t.broker.port(), "n1", mode);
+    let nm2 = start(dir, &t.n2, t.broker.port(), "n2", mode);
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
         let (code, body) = nm.post(
             "/register",
             &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
         );
         assert_eq!(code, 200, "{body}");
+        assert_attach_mode(nm, mode);
     }
     let (client, server) = (container(), container());
     for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
@@ -324,6 +351,79 @@ fn container() -> ContainerProcess {
     ContainerProcess::start().expect("a container process")
 }
 
+/// Upstream's tuncfg.json moves the IPv4 service range to 10.40.0.0/16 and
+/// the tunnel to UDP 50200 on both nodes (NodePublicPort advertises the
+/// same port, there being no NAT in between): service traffic flows on the
+/// new range, and the programs' configuration holds the new port.
+fn tuncfg_moves_the_service_range_and_the_tunnel_port() {
+    let t = two_nodes();
+    let (csm, dir) = (&t.csm, t.dir.path());
+    let moved = |nsip: &str, host: &str, rr: &str, iip: &str| {
+        json!({"instance_number": 0, "namespace_ip": nsip, "namespace_ip_v6": "", "host_ip": host,
+               "host_port": 50200, "service_ip": [
+                   {"IpType": "RR", "Address": rr, "Address_v6": ""},
+                   {"IpType": "instance_ip", "Address": iip, "Address_v6": ""}]})
+    };
+    csm.set_table(
+        CLIENT,
+        json!({"instance_list": [moved("10.18.0.2", "198.51.100.1", "10.40.1.2", "10.40.0.1")]}),
+    );
+    csm.set_table(
+        SERVER,
+        json!({"instance_list": [moved("10.18.1.2", "198.51.100.2", "10.40.1.1", "10.40.0.2")]}),
+    );
+    // Upstream's key spelling, as its sample file writes it.
+    let tuncfg = json!({"HostTUNDeviceName": "goProxyTun", "TunNetIP": "10.19.1.254",
+        "ProxySubnetwork": "10.40.0.0", "ProxySubnetworkMask": "255.255.0.0",
+        "TunnelPort": 50200, "Mtusize": 1450});
+    let start = |node: &Node, tag: &str| {
+        ebpf_builder(dir, node, t.broker.port(), tag)
+            .netcfg_with(json!({"NodePublicPort": "50200"}))
+            .tun_config(tuncfg.clone())
+            .start()
+            .expect("NetManager")
+    };
+    let nm1 = start(&t.n1, "n1");
+    let nm2 = start(&t.n2, "n2");
+    for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
+        let (code, body) = nm.post(
+            "/register",
+            &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+    let (client, server) = (container(), container());
+    for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
+        let (code, a) = nm.post(
+            "/container/deploy",
+            &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
+                .to_string(),
+        );
+        assert_eq!(code, 200, "{a}");
+    }
+    let _srv = tcp_server(&server, 7000);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        tcp_get(&client, "10.40.1.1", 7000).as_deref(),
+        Some("hello 10.40.0.1"),
+        "node1 log:\n{}",
+        nm1.log_text()
+    );
+    // The programs listen on and send from the configured port.
+    let config_pin = nm1
+        .pin_dir()
+        .expect("a dataplane")
+        .join(netmanager_common::maps::CONFIG);
+    let dump = testkit::process::run(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", config_pin.to_str().unwrap()],
+    )
+    .expect("bpftool map dump");
+    let dump: Value = serde_json::from_str(&dump).unwrap();
+    let formatted = &dump[0]["formatted"]["value"];
+    assert_eq!(formatted["tunnel_port"], json!(50200), "{dump}");
+}
+
 /// Behind NAT a node advertises its router's public pair, which it does not
 /// own, and takes the tunnel datagrams the router forwards on its own
 /// address and the tunnel port (the namespace tests carry the traffic
@@ -356,9 +456,10 @@ fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
     assert!(!addresses.contains("198.51.100.250"), "{st}");
     // ... on port 50103, whatever the node advertises.
     assert!(st["dataplane"]["slow_path"].is_object(), "{st}");
-    let listening =
-        t.n1.ns
-            .run(&["ss", "-Hlun", "sport", "=", ":50103"])
-            .unwrap_or_default();
+    let listening = t
+        .n1
+        .ns
+        .run(&["ss", "-Hlun", "sport", "=", ":50103"])
+        .unwrap_or_default();
     assert!(listening.contains("50103"), "{listening:?}");
 }

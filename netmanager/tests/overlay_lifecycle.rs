@@ -5,22 +5,44 @@
 //!
 //! Every test builds its own underlay namespace (bridge, broker, cluster
 //! double) and node namespaces with unique names, and its daemons pin their
-//! dataplane under unique directories, so the tests run in parallel.
+//! dataplane under unique directories, so the tests run in parallel. Each
+//! runs in both attach modes (TCX links, classic tc filters).
+
+mod attach_support;
 
 use std::time::{Duration, Instant};
 
+use attach_support::{assert_attach_mode, hook_of, ingress_programs};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use testkit::runners::upstream_netcfg;
+use testkit::topology::UPLINK;
 use testkit::{
     ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, PinDir, Proc, Underlay, temp_dir,
     wait_until,
 };
 
 testkit::main! {
-    instance_moves_between_nodes: [Root, Bpffs, Mosquitto, Nft, Python3],
-    survives_broker_restart: [Root, Bpffs, Mosquitto, Nft, Python3],
-    long_transfer_survives_kill9: [Root, Bpffs, Mosquitto, Nft, Python3],
+    instance_moves_between_nodes("tcx") as tcx_instance_moves_between_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
+    instance_moves_between_nodes("netlink") as netlink_instance_moves_between_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3],
+    survives_broker_restart("tcx") as tcx_survives_broker_restart:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
+    survives_broker_restart("netlink") as netlink_survives_broker_restart:
+        [Root, Bpffs, Mosquitto, Nft, Python3],
+    long_transfer_survives_kill9("tcx") as tcx_long_transfer_survives_kill9:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
+    long_transfer_survives_kill9("netlink") as netlink_long_transfer_survives_kill9:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
+    stream_survives_the_uplink_moving("tcx") as tcx_stream_survives_the_uplink_moving:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
+    stream_survives_the_uplink_moving("netlink") as netlink_stream_survives_the_uplink_moving:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
+    a_recreated_uplink_gets_its_program_back("tcx") as tcx_a_recreated_uplink_gets_its_program_back:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
+    a_recreated_uplink_gets_its_program_back("netlink") as netlink_a_recreated_uplink_gets_its_program_back:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
 }
 
 const CLIENT: &str = "lfc.test.client.test";
@@ -60,13 +82,18 @@ struct Cluster {
     nm: Vec<NetManager>,
     csm: ClusterDouble,
     broker: Mosquitto,
-    _nodes: Vec<Node>,
-    _underlay: Underlay,
+    nodes: Vec<Node>,
+    underlay: Underlay,
     _dir: TempDir,
 }
 
 impl Cluster {
-    fn new(n: usize) -> Cluster {
+    fn new(n: usize, mode: &str) -> Cluster {
+        Self::with_env(n, mode, &[])
+    }
+
+    /// `env` goes to every daemon.
+    fn with_env(n: usize, mode: &str, env: &[(&str, &str)]) -> Cluster {
         let dir = temp_dir();
         let underlay = Underlay::new().expect("underlay");
         let nodes: Vec<Node> = (1..=n as u8)
@@ -99,13 +126,17 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(i, node)| {
-                NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
-                    .tag(&format!("n{}", i + 1))
-                    .netcfg(upstream_netcfg(broker.port()))
-                    .dataplane(PinDir::new("nmt"))
-                    .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
-                    .start()
-                    .expect("NetManager")
+                let mut b =
+                    NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
+                        .tag(&format!("n{}", i + 1))
+                        .netcfg(upstream_netcfg(broker.port()))
+                        .dataplane(PinDir::new("nmt"))
+                        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
+                        .env("NETMANAGER_ATTACH_MODE", mode);
+                for (k, v) in env {
+                    b = b.env(k, v);
+                }
+                b.start().expect("NetManager")
             })
             .collect();
         for (d, id) in nm.iter().zip(NODE_IDS) {
@@ -114,13 +145,14 @@ impl Cluster {
                 &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
             );
             assert_eq!(code, 200, "{body}");
+            assert_attach_mode(d, mode);
         }
         Cluster {
             nm,
             csm,
             broker,
-            _nodes: nodes,
-            _underlay: underlay,
+            nodes,
+            underlay,
             _dir: dir,
         }
     }
@@ -223,8 +255,8 @@ fn tcp_get_until(
 /// at the new place, the cluster updates the table and publishes
 /// updates_available, the old instance is undeployed. Node 1's client must
 /// reach the service at its new place with every new connection.
-fn instance_moves_between_nodes() {
-    let cl = Cluster::new(3);
+fn instance_moves_between_nodes(mode: &str) {
+    let cl = Cluster::new(3, mode);
     let client = container();
     assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
 
@@ -308,8 +340,8 @@ fn instance_moves_between_nodes() {
 /// Kill the broker and start it again on the same port: afterwards a service
 /// address node 1 never asked about resolves and carries traffic, the known
 /// one still works, and deploy/undeploy on both nodes are published.
-fn survives_broker_restart() {
-    let mut cl = Cluster::new(2);
+fn survives_broker_restart(mode: &str) {
+    let mut cl = Cluster::new(2, mode);
     let client = container();
     assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
     let server = container();
@@ -469,13 +501,13 @@ print("ok", f"{time.time() - start:.1f}s", flush=True)
 /// kill -9 both NetManagers while a long TCP stream crosses the overlay and
 /// restart them before it ends: the stream completes without a reset and
 /// arrives intact.
-fn long_transfer_survives_kill9() {
+fn long_transfer_survives_kill9(mode: &str) {
     let server_py = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/scripts/stream_server.py"
     );
     assert!(std::path::Path::new(server_py).exists(), "{server_py}");
-    let mut cl = Cluster::new(2);
+    let mut cl = Cluster::new(2, mode);
     let client = container();
     assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
     let server = container();
@@ -522,6 +554,15 @@ fn long_transfer_survives_kill9() {
         "the transfer ended before the daemons were back ({:?}); pace it slower",
         started.elapsed()
     );
+    // Taken over in place: one uplink program per node, in this mode.
+    for node in &cl.nodes {
+        let progs = ingress_programs(&node.ns, UPLINK);
+        assert_eq!(progs.len(), 1, "{progs:?}");
+        assert_eq!(
+            (progs[0].0.as_str(), progs[0].1.as_str()),
+            (hook_of(mode), "uplink_ingress")
+        );
+    }
 
     wait_until("the transfer to end", Duration::from_secs(120), || {
         !stream.alive()
@@ -534,4 +575,152 @@ fn long_transfer_survives_kill9() {
         cl.logs()
     );
     eprintln!("stream: {}", rest.trim());
+}
+
+/// Wi-Fi gives way to LTE: mid-stream, node 1's uplink goes down and its
+/// default route falls to a second interface with another address. The
+/// address poll is set to an hour, so only the kernel's route events can
+/// tell NetManager. The uplink program, the tunnel's source and the
+/// cluster's record of node 1 (`service/address-changed`, which the
+/// cluster passes on as `updates_available`) follow, and the stream
+/// arrives intact.
+fn stream_survives_the_uplink_moving(mode: &str) {
+    let server_py = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/scripts/stream_server.py"
+    );
+    let cl = Cluster::with_env(2, mode, &[("NETMANAGER_ADDRESS_CHECK_SECS", "3600")]);
+    // Node 1's second way out, less preferred while the first is up.
+    cl.underlay
+        .add_uplink(&cl.nodes[0], "uplink1", 11, 200)
+        .expect("a second uplink");
+    let client = container();
+    assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
+    let server = container();
+    let nsip = cl.deploy(2, &server, SERVER);
+    cl.csm.set_table(
+        SERVER,
+        table(vec![instance(
+            &nsip,
+            "",
+            "198.51.100.2",
+            SERVER_RR,
+            SERVER_IIP,
+        )]),
+    );
+    let (_, st) = cl.nm[0].get("/status");
+    assert_eq!(
+        (st["uplink"].clone(), st["node_ip"].clone()),
+        (json!(UPLINK), json!("198.51.100.1")),
+        "{st}"
+    );
+    let mut sink = server
+        .ns()
+        .spawn(&["python3", server_py, "0.0.0.0", "7100"])
+        .expect("stream server");
+    sink.wait_ready().expect("stream server");
+
+    const SIZE: usize = 60 * 1024 * 1024;
+    let mut stream = python_in(
+        &client,
+        PACED_CLIENT,
+        &[SERVER_RR, "7100", &SIZE.to_string(), "10"],
+    );
+    assert_eq!(stream.read_line().unwrap(), "started", "{}", cl.logs());
+
+    // The first uplink goes away; the kernel moves the default route.
+    cl.nodes[0].ns.set_down(UPLINK).expect("uplink down");
+    wait_until(
+        "node 1 to follow its uplink",
+        Duration::from_secs(20),
+        || {
+            let (_, st) = cl.nm[0].get("/status");
+            st["uplink"] == "uplink1" && st["node_ip"] == "198.51.100.11"
+        },
+    );
+    // Otherwise the test proves nothing: the move must fall inside the stream.
+    assert!(
+        stream.alive(),
+        "the transfer ended before the uplink moved; pace it slower"
+    );
+    let progs = ingress_programs(&cl.nodes[0].ns, "uplink1");
+    assert_eq!(progs.len(), 1, "{progs:?}");
+    assert_eq!(
+        (progs[0].0.as_str(), progs[0].1.as_str()),
+        (hook_of(mode), "uplink_ingress")
+    );
+    // A link that is down keeps its addresses, and the receive program
+    // stays on every interface that carries one (at most once).
+    let old = ingress_programs(&cl.nodes[0].ns, UPLINK);
+    assert!(old.len() <= 1, "programs on the old uplink: {old:?}");
+    let announced = cl.sent_by(1, "service/address-changed");
+    assert!(
+        announced
+            .iter()
+            .any(|m| m["appname"] == CLIENT && m["host_ip"] == "198.51.100.11"),
+        "{announced:?}"
+    );
+
+    wait_until("the transfer to end", Duration::from_secs(120), || {
+        !stream.alive()
+    });
+    let status = stream.wait().unwrap();
+    let rest = stream.read_rest().unwrap();
+    assert!(
+        status.success() && rest.starts_with("ok"),
+        "stream failed ({status}): {rest}\n{}",
+        cl.logs()
+    );
+    eprintln!("stream across the uplink move: {}", rest.trim());
+}
+
+/// The uplink interface disappears and comes back under the same name and
+/// address (a USB modem replugged, a VM's NIC re-added): its programs went
+/// with the old interface, so NetManager attaches again -- told by the
+/// kernel's link events, the poll being an hour -- and traffic flows.
+fn a_recreated_uplink_gets_its_program_back(mode: &str) {
+    let cl = Cluster::with_env(2, mode, &[("NETMANAGER_ADDRESS_CHECK_SECS", "3600")]);
+    let client = container();
+    assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
+    let server = container();
+    let nsip = cl.deploy(2, &server, SERVER);
+    cl.csm.set_table(
+        SERVER,
+        table(vec![instance(
+            &nsip,
+            "",
+            "198.51.100.2",
+            SERVER_RR,
+            SERVER_IIP,
+        )]),
+    );
+    let _srv = tagged_server(&server, 7000, "up");
+    let want = format!("up {CLIENT_IIP}");
+    assert_eq!(
+        tcp_get_until(&client, SERVER_RR, 7000, &want, Duration::from_secs(15)).as_deref(),
+        Some(want.as_str()),
+        "{}",
+        cl.logs()
+    );
+    let node = &cl.nodes[0];
+    node.ns.del_link(UPLINK).expect("the uplink removed");
+    cl.underlay
+        .add_uplink(node, UPLINK, 1, 0)
+        .expect("the uplink back");
+    wait_until(
+        "the uplink program on the new uplink",
+        Duration::from_secs(20),
+        || ingress_programs(&node.ns, UPLINK).len() == 1,
+    );
+    let progs = ingress_programs(&node.ns, UPLINK);
+    assert_eq!(
+        (progs[0].0.as_str(), progs[0].1.as_str()),
+        (hook_of(mode), "uplink_ingress")
+    );
+    assert_eq!(
+        tcp_get_until(&client, SERVER_RR, 7000, &want, Duration::from_secs(15)).as_deref(),
+        Some(want.as_str()),
+        "{}",
+        cl.logs()
+    );
 }

@@ -2,6 +2,7 @@
 //! real programs attached by the dataplane with a fixed table. Ping, a TCP
 //! byte stream and UDP datagrams to a service address cross the nodes and
 //! arrive intact; a capture of the underlay shows upstream's wire format.
+//! Once with TCX links, once with classic tc filters.
 
 use std::path::Path;
 
@@ -11,11 +12,26 @@ use testkit::topology::{Container, bare_node, container, link};
 use testkit::{LinkSettings, Netns, NsPath, PinDir, Proc, Route, Underlay, sh, temp_dir, wait_for};
 
 testkit::main! {
-    service_traffic_crosses_nodes_in_upstream_wire_format: [Root, Bpffs, Busybox, Python3, Tcpdump],
-    a_node_behind_nat_carries_service_traffic_both_ways: [Root, Bpffs, Busybox, Python3, Tcpdump, Nft],
-    fragmented_and_optioned_outer_datagrams_take_the_slow_path: [Root, Bpffs, Python3, Tcpdump],
-    a_second_interface_receives_and_reaches_peers_only_behind_it: [Root, Bpffs, Busybox, Python3, Tcpdump],
-    an_ipv6_only_underlay_carries_v4_and_v6_service_traffic: [Root, Bpffs, Busybox, Python3, Tcpdump],
+    crosses_nodes("tcx") as service_traffic_crosses_nodes_in_upstream_wire_format_tcx:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Bpftool, Tcx],
+    crosses_nodes("netlink") as service_traffic_crosses_nodes_in_upstream_wire_format_netlink:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Bpftool],
+    a_node_behind_nat_carries_service_traffic_both_ways("tcx") as tcx_a_node_behind_nat_carries_service_traffic_both_ways:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Nft, Tcx],
+    a_node_behind_nat_carries_service_traffic_both_ways("netlink") as netlink_a_node_behind_nat_carries_service_traffic_both_ways:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Nft],
+    fragmented_and_optioned_outer_datagrams_take_the_slow_path("tcx") as tcx_fragmented_and_optioned_outer_datagrams_take_the_slow_path:
+        [Root, Bpffs, Python3, Tcpdump, Tcx],
+    fragmented_and_optioned_outer_datagrams_take_the_slow_path("netlink") as netlink_fragmented_and_optioned_outer_datagrams_take_the_slow_path:
+        [Root, Bpffs, Python3, Tcpdump],
+    a_second_interface_receives_and_reaches_peers_only_behind_it("tcx") as tcx_a_second_interface_receives_and_reaches_peers_only_behind_it:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Tcx],
+    a_second_interface_receives_and_reaches_peers_only_behind_it("netlink") as netlink_a_second_interface_receives_and_reaches_peers_only_behind_it:
+        [Root, Bpffs, Busybox, Python3, Tcpdump],
+    an_ipv6_only_underlay_carries_v4_and_v6_service_traffic("tcx") as tcx_an_ipv6_only_underlay_carries_v4_and_v6_service_traffic:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Tcx],
+    an_ipv6_only_underlay_carries_v4_and_v6_service_traffic("netlink") as netlink_an_ipv6_only_underlay_carries_v4_and_v6_service_traffic:
+        [Root, Bpffs, Busybox, Python3, Tcpdump],
 }
 
 /// The static dataplane's table for node `node`, written to `dir`; its
@@ -23,6 +39,7 @@ testkit::main! {
 fn table(
     dir: &Path,
     pin: &PinDir,
+    mode: &str,
     node: u8,
     uplink_node_ip: &str,
     local: &[(&str, &str, &str, [u8; 6])],
@@ -39,6 +56,7 @@ fn table(
     let t = serde_json::json!({
         "pin_dir": pin.path(),
         "uplink": "eth0",
+        "attach_mode": mode,
         "node_ip": uplink_node_ip,
         "service_ranges": [["10.30.0.0", 16], ["fdff::", 16]],
         "instances": instances,
@@ -60,7 +78,7 @@ fn table(
     Ok(path.to_string_lossy().into_owned())
 }
 
-fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
+fn crosses_nodes(mode: &str) -> Result<()> {
     let dir = temp_dir();
     let under = Underlay::new()?;
     let (n1, n2) = (under.node(1)?, under.node(2)?);
@@ -79,6 +97,7 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
     let t1 = table(
         dir.path(),
         &pin1,
+        mode,
         1,
         "198.51.100.1",
         &[
@@ -93,6 +112,7 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
     let t2 = table(
         dir.path(),
         &pin2,
+        mode,
         2,
         "198.51.100.2",
         &[
@@ -111,6 +131,22 @@ fn service_traffic_crosses_nodes_in_upstream_wire_format() -> Result<()> {
         n1.ns.spawn_ready(&[runner.as_ref(), t1.as_str()])?,
         n2.ns.spawn_ready(&[runner.as_ref(), t2.as_str()])?,
     ];
+
+    // Attached in the mode asked for: a clsact filter bpftool lists, or a
+    // pinned TCX link (which Debian 12's bpftool 7.1 does not list there).
+    let filters = n1.ns.run(&["bpftool", "-j", "net", "show", "dev", "eth0"])?;
+    let listed: serde_json::Value = serde_json::from_str(&filters)?;
+    let tc_filter = listed[0]["tc"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|f| f["kind"] == "clsact/ingress" && f["name"] == "uplink_ingress");
+    let tcx_link = pin1.join("links/uplink_ingress@eth0").exists();
+    assert_eq!(
+        (tc_filter, tcx_link),
+        (mode == "netlink", mode == "tcx"),
+        "{mode}: {filters}"
+    );
 
     // Capture the underlay while the traffic runs.
     let pcap = dir.path().join("underlay.pcap");
@@ -245,14 +281,14 @@ const SITES: [(&str, &str, &str, &str); 2] = [
 /// The static table of node `me` (1 or 2): its container local, the other
 /// site's at `peer_ip`, every service.
 fn site_table(
-    dir: &Path,
     pin: &PinDir,
+    mode: &str,
     me: usize,
     uplink: &str,
     node_ip: &str,
     local: &Container,
     peer_ip: &str,
-) -> Result<String> {
+) -> serde_json::Value {
     let pin = pin.path();
     let (mine, theirs) = (SITES[me - 1], SITES[2 - me]);
     let instances = serde_json::json!([
@@ -265,6 +301,7 @@ fn site_table(
     let t = serde_json::json!({
         "pin_dir": pin,
         "uplink": uplink,
+        "attach_mode": mode,
         "node_ip": node_ip,
         "service_ranges": [["10.30.0.0", 16], ["fdff::", 16]],
         "instances": instances,
@@ -279,7 +316,7 @@ fn site_table(
             {"ip": s2.3, "kind": "instance_ip", "backends": [s2.1]},
         ],
     });
-    file(dir, &format!("s{me}.json"), &t.to_string())
+    t
 }
 
 /// Writes `name` in `dir`; its path.
@@ -432,7 +469,7 @@ fn capture(dir: &Path, ns: &NsPath, ifname: &str, tag: &str) -> Result<(Proc, st
     Ok((p, path.into()))
 }
 
-fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
+fn a_node_behind_nat_carries_service_traffic_both_ways(mode: &str) -> Result<()> {
     // n1 --- underlay 198.51.100.0/25 --- (wan .3) NAT (lan .129) --- n2 (.130)
     let dir = temp_dir();
     let under = Underlay::new()?;
@@ -461,23 +498,15 @@ fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
     // Each node knows the other by its advertised address: n2 advertises
     // the router's, which it does not own.
     let (pin1, pin2) = (PinDir::new("nat1"), PinDir::new("nat2"));
-    let t1 = site_table(
+    let t1 = file(
         dir.path(),
-        &pin1,
-        1,
-        "eth0",
-        "198.51.100.1",
-        &c1,
-        "198.51.100.3",
+        "s1.json",
+        &site_table(&pin1, mode, 1, "eth0", "198.51.100.1", &c1, "198.51.100.3").to_string(),
     )?;
-    let t2 = site_table(
+    let t2 = file(
         dir.path(),
-        &pin2,
-        2,
-        "eth0",
-        "198.51.100.3",
-        &c2,
-        "198.51.100.1",
+        "s2.json",
+        &site_table(&pin2, mode, 2, "eth0", "198.51.100.3", &c2, "198.51.100.1").to_string(),
     )?;
     let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
     let (_capture, pcap) = capture(dir.path(), &nat, "wan", "nat-wan")?;
@@ -503,7 +532,7 @@ fn a_node_behind_nat_carries_service_traffic_both_ways() -> Result<()> {
     Ok(())
 }
 
-fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
+fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Result<()> {
     // n2 plays an upstream worker: a plain UDP socket sends tunnel
     // datagrams, through a 1280-byte MTU, so its kernel fragments them.
     let dir = temp_dir();
@@ -526,14 +555,10 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
         ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
     )?;
     let pin1 = PinDir::new("frag1");
-    let t1 = site_table(
+    let t1 = file(
         dir.path(),
-        &pin1,
-        1,
-        "eth0",
-        "198.51.100.1",
-        &c1,
-        "198.51.100.2",
+        "s1.json",
+        &site_table(&pin1, mode, 1, "eth0", "198.51.100.1", &c1, "198.51.100.2").to_string(),
     )?;
     let _dataplane = static_dataplane(&n1, &t1)?;
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
@@ -548,20 +573,20 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
     // Everything from n2: later fragments carry no UDP header to filter on.
     let pcap_path = file(dir.path(), "frag.pcap", "")?;
     let _capture = under.ns.spawn_quiet(&[
-        "tcpdump",
-        "-i",
-        &n2_peer,
-        "--immediate-mode",
-        "-U",
-        "-w",
-        &pcap_path,
-        "src",
-        "host",
-        "198.51.100.2",
-        "or",
-        "src",
-        "host",
-        "2001:db8::2",
+            "tcpdump",
+            "-i",
+            &n2_peer,
+            "--immediate-mode",
+            "-U",
+            "-w",
+            &pcap_path,
+            "src",
+            "host",
+            "198.51.100.2",
+            "or",
+            "src",
+            "host",
+            "2001:db8::2",
     ])?;
     std::thread::sleep(Duration::from_millis(800));
 
@@ -613,7 +638,7 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path() -> Result<()> {
     Ok(())
 }
 
-fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> {
+fn a_second_interface_receives_and_reaches_peers_only_behind_it(mode: &str) -> Result<()> {
     // n1: eth0 on underlay A (its uplink, .1/25), eth1 on underlay B
     // (.129/25). n2 only on B (.130/25), reaching n1's advertised .1 via .129.
     let dir = temp_dir();
@@ -628,23 +653,15 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> 
         .keep();
     let (c1, c2) = site_containers(&n1, &n2)?;
     let (pin1, pin2) = (PinDir::new("twoif1"), PinDir::new("twoif2"));
-    let t1 = site_table(
+    let t1 = file(
         dir.path(),
-        &pin1,
-        1,
-        "eth0",
-        "198.51.100.1",
-        &c1,
-        "198.51.100.130",
+        "s1.json",
+        &site_table(&pin1, mode, 1, "eth0", "198.51.100.1", &c1, "198.51.100.130").to_string(),
     )?;
-    let t2 = site_table(
+    let t2 = file(
         dir.path(),
-        &pin2,
-        2,
-        "eth0",
-        "198.51.100.130",
-        &c2,
-        "198.51.100.1",
+        "s2.json",
+        &site_table(&pin2, mode, 2, "eth0", "198.51.100.130", &c2, "198.51.100.1").to_string(),
     )?;
     let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
     let (_capture, pcap) = capture(dir.path(), &b.ns, &n1_eth1, "twoif")?;
@@ -652,10 +669,12 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> 
     traffic_both_ways(&c1, &c2)?;
 
     // The receive program went onto eth1 by itself (it carries a node
-    // address), next to the uplink's.
-    let links = pin1.join("links");
+    // address), next to the uplink's; recorded where the mode records
+    // (a TCX link's pin, a tc filter's program pin).
+    let records = if mode == "netlink" { "tc" } else { "links" };
+    let pins = pin1.join(records);
     for ifname in ["eth0", "eth1"] {
-        let pin = links.join(format!("uplink_ingress@{ifname}"));
+        let pin = pins.join(format!("uplink_ingress@{ifname}"));
         assert!(pin.exists(), "{} pinned", pin.display());
     }
     // n1's datagrams to n2 left through eth1, from its advertised address.
@@ -673,7 +692,7 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it() -> Result<()> 
     Ok(())
 }
 
-fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic() -> Result<()> {
+fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic(mode: &str) -> Result<()> {
     let dir = temp_dir();
     let under = Underlay::new()?;
     let n1 = bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
@@ -682,23 +701,15 @@ fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic() -> Result<()> {
     under.plug_in(&n2, "eth0", &["2001:db8::2/64"])?;
     let (c1, c2) = site_containers(&n1, &n2)?;
     let (pin1, pin2) = (PinDir::new("v6u1"), PinDir::new("v6u2"));
-    let t1 = site_table(
+    let t1 = file(
         dir.path(),
-        &pin1,
-        1,
-        "eth0",
-        "2001:db8::1",
-        &c1,
-        "2001:db8::2",
+        "s1.json",
+        &site_table(&pin1, mode, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2").to_string(),
     )?;
-    let t2 = site_table(
+    let t2 = file(
         dir.path(),
-        &pin2,
-        2,
-        "eth0",
-        "2001:db8::2",
-        &c2,
-        "2001:db8::1",
+        "s2.json",
+        &site_table(&pin2, mode, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1").to_string(),
     )?;
     let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
     let (_capture, pcap) = capture(dir.path(), &under.ns, &n1_peer, "v6u")?;
