@@ -100,7 +100,9 @@ impl Lab {
             },
         )
         .expect("c1 up");
-        ctr.add_address("c1", "10.18.0.2/26").expect("address").keep();
+        ctr.add_address("c1", "10.18.0.2/26")
+            .expect("address")
+            .keep();
         ctr.add_route(&Route::default_dev("c1", false))
             .expect("default route")
             .keep();
@@ -130,45 +132,35 @@ impl Lab {
             miss_hold: 2,
             container_bridge: String::new(),
             attach_mode: mode,
-            trusted_peers: Vec::new(),
-            flows_per_container: 0,
         };
-        self.node.within(|| {
-            let dp = Dataplane::open(&cfg).expect("opening the dataplane");
-            dp.upsert_instance(
-                "10.18.0.2".parse().unwrap(),
-                InstanceEntry {
-                    instance_ip: Some("10.30.0.3".parse().unwrap()),
-                    node_ip: IpAddr::V4(NODE),
-                    node_port: 50103,
-                    local: Some(LocalPort {
-                        ifindex: ifindex("c0"),
-                        mac: CONTAINER_MAC,
-                    }),
-                },
-            )
-            .expect("writing the container's entry");
-            // The sender of the stream's datagrams, on the peer node: only
-            // that node's datagrams are accepted for it.
-            dp.upsert_instance(
-                "10.18.0.130".parse().unwrap(),
-                InstanceEntry {
-                    instance_ip: Some("10.30.0.5".parse().unwrap()),
-                    node_ip: IpAddr::V4(PEER_NODE),
-                    node_port: 50103,
-                    local: None,
-                },
-            )
-            .expect("writing the sender's entry");
-            dp
-        })
-        .expect("inside the node")
+        self.node
+            .within(|| {
+                let dp = Dataplane::open(&cfg).expect("opening the dataplane");
+                dp.upsert_instance(
+                    "10.18.0.2".parse().unwrap(),
+                    InstanceEntry {
+                        instance_ip: Some("10.30.0.3".parse().unwrap()),
+                        node_ip: IpAddr::V4(NODE),
+                        node_port: 50103,
+                        local: Some(LocalPort {
+                            ifindex: ifindex("c0"),
+                            mac: CONTAINER_MAC,
+                        }),
+                    },
+                )
+                .expect("writing the container's entry");
+                dp
+            })
+            .expect("inside the node")
     }
 
     /// The node address leaves `from` for `to`.
     fn move_address(&self, from: &str, to: &str) {
         self.node.del_address(from, NODE_CIDR).expect("address off");
-        self.node.add_address(to, NODE_CIDR).expect("address on").keep();
+        self.node
+            .add_address(to, NODE_CIDR)
+            .expect("address on")
+            .keep();
     }
 
     fn attached(&self, ifname: &str) -> Vec<(String, String, u32)> {

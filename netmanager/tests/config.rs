@@ -413,7 +413,9 @@ fn a_service_range_over_the_container_subnet_is_refused() {
         .expect("cluster double");
     csm.pin_subnet("6650aa00bb22cc33dd440c01", "10.18.0.64", "fc00::40");
     let nm = NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
-        .tun_config(serde_json::json!({"ProxySubnetworkIPv6": "fc00::", "ProxySubnetworkIPv6Prefix": 7}))
+        .tun_config(
+            serde_json::json!({"ProxySubnetworkIPv6": "fc00::", "ProxySubnetworkIPv6Prefix": 7}),
+        )
         .start()
         .expect("NetManager");
     let (code, body) = nm.post(

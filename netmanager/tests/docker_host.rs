@@ -8,7 +8,9 @@
 
 use serde_json::json;
 use testkit::runners::upstream_netcfg;
-use testkit::{ClusterDouble, ContainerProcess, Mosquitto, NetManager, Netns, NsPath, Proc, Underlay};
+use testkit::{
+    ClusterDouble, ContainerProcess, Mosquitto, NetManager, Netns, NsPath, Proc, Underlay,
+};
 
 testkit::main! {
     forward_drop_of_iptables_nft: [Root, Mosquitto, Nft, Python3, Iptables],
@@ -54,8 +56,8 @@ fn egress_and_port_mapping_survive_forward_drop(iptables: &str, ip6tables: &str)
     for bin in [iptables, ip6tables] {
         in_ns(&node.ns, &[bin, "-P", "FORWARD", "DROP"]).expect("setting the FORWARD policy");
     }
-    let broker = Mosquitto::in_netns(&underlay.ns, "198.51.100.254", 1883, dir.path())
-        .expect("mosquitto");
+    let broker =
+        Mosquitto::in_netns(&underlay.ns, "198.51.100.254", 1883, dir.path()).expect("mosquitto");
     let csm = ClusterDouble::options(broker.endpoint())
         .start()
         .expect("cluster double");

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use attach_support::{assert_attach_mode, hook_of, ingress_programs};
 use serde_json::{Value, json};
+use testkit::runners::netmanager::NetManagerBuilder;
 use testkit::runners::upstream_netcfg;
 use testkit::topology::UPLINK;
-use testkit::runners::netmanager::NetManagerBuilder;
 use testkit::{
     ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, PinDir, Proc, Underlay,
 };
@@ -456,10 +456,9 @@ fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
     assert!(!addresses.contains("198.51.100.250"), "{st}");
     // ... on port 50103, whatever the node advertises.
     assert!(st["dataplane"]["slow_path"].is_object(), "{st}");
-    let listening = t
-        .n1
-        .ns
-        .run(&["ss", "-Hlun", "sport", "=", ":50103"])
-        .unwrap_or_default();
+    let listening =
+        t.n1.ns
+            .run(&["ss", "-Hlun", "sport", "=", ":50103"])
+            .unwrap_or_default();
     assert!(listening.contains("50103"), "{listening:?}");
 }

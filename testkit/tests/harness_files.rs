@@ -132,10 +132,20 @@ fn kit_suites_are_harness_false_targets() {
         .map(|(dir, name)| dir.join("tests").join(format!("{name}.rs")))
         .collect();
     let mut files = Vec::new();
-    for dir in ["netmanager", "nodeengine", "worker-common", "tests", "xtask", "testkit"] {
+    for dir in [
+        "netmanager",
+        "nodeengine",
+        "worker-common",
+        "tests",
+        "xtask",
+        "testkit",
+    ] {
         rust_files(&root.join(dir).join("tests"), &mut files);
     }
-    assert!(!files.is_empty(), "no test files found: is the scan broken?");
+    assert!(
+        !files.is_empty(),
+        "no test files found: is the scan broken?"
+    );
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         // The invocation itself: at the start of a line.

@@ -134,7 +134,9 @@ fn crosses_nodes(mode: &str) -> Result<()> {
 
     // Attached in the mode asked for: a clsact filter bpftool lists, or a
     // pinned TCX link (which Debian 12's bpftool 7.1 does not list there).
-    let filters = n1.ns.run(&["bpftool", "-j", "net", "show", "dev", "eth0"])?;
+    let filters = n1
+        .ns
+        .run(&["bpftool", "-j", "net", "show", "dev", "eth0"])?;
     let listed: serde_json::Value = serde_json::from_str(&filters)?;
     let tc_filter = listed[0]["tc"]
         .as_array()
@@ -573,20 +575,20 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Res
     // Everything from n2: later fragments carry no UDP header to filter on.
     let pcap_path = file(dir.path(), "frag.pcap", "")?;
     let _capture = under.ns.spawn_quiet(&[
-            "tcpdump",
-            "-i",
-            &n2_peer,
-            "--immediate-mode",
-            "-U",
-            "-w",
-            &pcap_path,
-            "src",
-            "host",
-            "198.51.100.2",
-            "or",
-            "src",
-            "host",
-            "2001:db8::2",
+        "tcpdump",
+        "-i",
+        &n2_peer,
+        "--immediate-mode",
+        "-U",
+        "-w",
+        &pcap_path,
+        "src",
+        "host",
+        "198.51.100.2",
+        "or",
+        "src",
+        "host",
+        "2001:db8::2",
     ])?;
     std::thread::sleep(Duration::from_millis(800));
 
@@ -656,12 +658,30 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it(mode: &str) -> R
     let t1 = file(
         dir.path(),
         "s1.json",
-        &site_table(&pin1, mode, 1, "eth0", "198.51.100.1", &c1, "198.51.100.130").to_string(),
+        &site_table(
+            &pin1,
+            mode,
+            1,
+            "eth0",
+            "198.51.100.1",
+            &c1,
+            "198.51.100.130",
+        )
+        .to_string(),
     )?;
     let t2 = file(
         dir.path(),
         "s2.json",
-        &site_table(&pin2, mode, 2, "eth0", "198.51.100.130", &c2, "198.51.100.1").to_string(),
+        &site_table(
+            &pin2,
+            mode,
+            2,
+            "eth0",
+            "198.51.100.130",
+            &c2,
+            "198.51.100.1",
+        )
+        .to_string(),
     )?;
     let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
     let (_capture, pcap) = capture(dir.path(), &b.ns, &n1_eth1, "twoif")?;
