@@ -150,6 +150,7 @@ fn every_environment_variable_is_a_flag() {
         "TUN_MTU_SIZE",
         "NETMANAGER_ADDRESS_CHECK_SECS",
         "NETMANAGER_MQTT_CA",
+        "OAKESTRA_LOG_FORMAT",
         "NETMANAGER_ATTACH_MODE",
         "NETMANAGER_PUBLIC_IP_URL",
         "NETMANAGER_TUN_CONFIG",

@@ -12,7 +12,7 @@ use testkit::{ClusterDouble, Containerd, Mosquitto, NodeEngine, path_with, temp_
 use testkit::{wait_for, write_script};
 
 testkit::main! {
-    deploy_report_and_delete: [Root, Mosquitto, Containerd, Busybox],
+    deploy_report_and_delete: [Root, Mosquitto, Containerd, Busybox, Python3, PrometheusClient],
     exits_are_reported_and_cleaned_up: [Root, Mosquitto, Containerd, Busybox],
     restart_adopts_running_instances_and_broker_restart_keeps_deploying: [Root, Mosquitto, Containerd, Busybox],
     after_an_outage_longer_than_the_window_instances_are_removed: [Root, Mosquitto, Containerd, Busybox],
@@ -123,7 +123,13 @@ fn resources_entry<'a>(v: &'a Value, job: &str, instance: u64) -> Option<&'a Val
 }
 
 fn deploy_report_and_delete() {
-    let s = setup(true);
+    let metrics = format!("127.0.0.1:{}", testkit::broker::free_port());
+    let listen = metrics.clone();
+    let s = setup_with(true, move |_, _, _| {
+        vec![("NODEENGINE_METRICS_ADDRESS", listen)]
+    });
+    let scrape =
+        |address: &str| testkit::metrics::scrape(None, address).unwrap_or_else(|e| panic!("{e:#}"));
     let name = "app.ns.web.main";
     let id = format!("{name}.instance.0");
     let j = job(
@@ -191,6 +197,17 @@ fn deploy_report_and_delete() {
     .is_ok();
     assert!(logged, "{}", s.daemon.log_text());
 
+    // The metrics count it: one created (timed), one duplicate, running
+    // under the virtualization the job asked for.
+    let m = scrape(&metrics);
+    assert_eq!(m["nodeengine_deploys_total{outcome=created}"], 1.0, "{m}");
+    assert_eq!(m["nodeengine_deploys_total{outcome=duplicate}"], 1.0, "{m}");
+    assert_eq!(m["nodeengine_deploy_duration_seconds_count"], 1.0, "{m}");
+    assert_eq!(
+        m["nodeengine_running_instances{virtualization=docker}"], 1.0,
+        "{m}"
+    );
+
     // Delete: exactly one UNDEPLOYED, container gone.
     let del =
         serde_json::json!({"job_name": name, "virtualization": "docker", "instance_number": 0});
@@ -213,6 +230,12 @@ fn deploy_report_and_delete() {
             resources_entry(v, name, 0).is_none()
         });
     assert!(gone.is_some());
+    let m = scrape(&metrics);
+    assert!(
+        m.get("nodeengine_running_instances{virtualization=docker}")
+            .is_none(),
+        "{m}"
+    );
 }
 
 fn exits_are_reported_and_cleaned_up() {
