@@ -132,6 +132,8 @@ impl Lab {
             miss_hold: 2,
             container_bridge: String::new(),
             attach_mode: mode,
+            trusted_peers: Vec::new(),
+            flows_per_container: 0,
         };
         self.node
             .within(|| {
@@ -149,6 +151,18 @@ impl Lab {
                     },
                 )
                 .expect("writing the container's entry");
+                // The sender of the stream's datagrams, on the peer node: only
+                // that node's datagrams are accepted for it.
+                dp.upsert_instance(
+                    "10.18.0.130".parse().unwrap(),
+                    InstanceEntry {
+                        instance_ip: Some("10.30.0.5".parse().unwrap()),
+                        node_ip: IpAddr::V4(PEER_NODE),
+                        node_port: 50103,
+                        local: None,
+                    },
+                )
+                .expect("writing the sender's entry");
                 dp
             })
             .expect("inside the node")

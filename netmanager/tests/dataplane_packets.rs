@@ -41,6 +41,11 @@ testkit::main! {
     ipv6_outer_datagrams_are_received_for_both_inner_families: [Root, Bpffs],
     a_gso_packet_for_an_ipv6_peer_is_never_sent_whole: [Root, Bpffs],
     the_slow_path_program_delivers_rebuilt_datagrams_and_never_passes: [Root, Bpffs],
+    a_container_sending_with_its_neighbours_address_is_dropped: [Root, Bpffs],
+    tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_source: [Root, Bpffs],
+    trusted_underlay_prefixes_send_for_any_instance: [Root, Bpffs],
+    each_container_gets_its_share_of_the_flow_table_and_keeps_its_flows: [Root, Bpffs],
+    a_full_miss_ring_leaves_no_pending_mark_and_the_underlay_gets_half_of_it: [Root, Bpffs],
 }
 
 const TC_ACT_OK: u32 = 0;
@@ -56,6 +61,8 @@ const PEER_2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 130);
 const NODE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const PEER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0x0a, 0x12, 0, 0x03];
+/// The loopback device, where BPF_PROG_TEST_RUN delivers test frames.
+const CLIENT_IFINDEX: u32 = 1;
 
 /// A dataplane with its own pin directory and namespace, removed on drop.
 struct Fixture {
@@ -71,13 +78,24 @@ fn ip(s: &str) -> IpAddr {
 
 /// Node 198.51.100.1 with a client container 10.18.0.2 (instance 10.30.0.3),
 /// a local backend 10.18.0.3 (instance 10.30.0.4) and a remote backend
-/// 10.18.0.130 (instance 10.30.0.5) on 198.51.100.2.
+/// 10.18.0.130 (instance 10.30.0.5) on 198.51.100.2. The client's veth is
+/// the loopback device (ifindex 1): BPF_PROG_TEST_RUN runs the programs on
+/// it, so that is where the client's frames arrive.
 fn fixture(name: &str) -> Fixture {
-    fixture_advertising(name, IpAddr::V4(NODE))
+    fixture_with(name, IpAddr::V4(NODE), |_| {})
 }
 
 /// The same node advertising `advertised` (behind NAT: an address it lacks).
 fn fixture_advertising(name: &str, advertised: IpAddr) -> Fixture {
+    fixture_with(name, advertised, |_| {})
+}
+
+/// [`fixture_advertising`] with the configuration adjusted by `tune` first.
+fn fixture_with(
+    name: &str,
+    advertised: IpAddr,
+    tune: impl FnOnce(&mut DataplaneConfig),
+) -> Fixture {
     let netns = FibNetns::enter(name);
     let pin_dir = PinDir::new(&format!("test-{name}-"));
     let cfg = DataplaneConfig {
@@ -97,7 +115,11 @@ fn fixture_advertising(name: &str, advertised: IpAddr) -> Fixture {
         miss_hold: 2,
         attach_mode: netmanager::dataplane::AttachMode::Auto,
         container_bridge: String::new(),
+        trusted_peers: Vec::new(),
+        flows_per_container: 0,
     };
+    let mut cfg = cfg;
+    tune(&mut cfg);
     let dp = Dataplane::open(&cfg).expect("loading the dataplane");
     // What the address watch would find in this namespace.
     dp.set_node_addresses(&[
@@ -108,10 +130,20 @@ fn fixture_advertising(name: &str, advertised: IpAddr) -> Fixture {
     .unwrap();
     let local = |ifindex, mac| Some(LocalPort { ifindex, mac });
     let entries = [
-        ("10.18.0.2", "10.30.0.3", NODE, local(7, CLIENT_MAC)),
+        (
+            "10.18.0.2",
+            "10.30.0.3",
+            NODE,
+            local(CLIENT_IFINDEX, CLIENT_MAC),
+        ),
         ("10.18.0.3", "10.30.0.4", NODE, local(8, BACKEND_MAC)),
         ("10.18.0.130", "10.30.0.5", PEER_NODE, None),
-        ("fc00::2", "fdff::3", NODE, local(7, CLIENT_MAC)),
+        (
+            "fc00::2",
+            "fdff::3",
+            NODE,
+            local(CLIENT_IFINDEX, CLIENT_MAC),
+        ),
         ("fc00::82", "fdff::5", PEER_NODE, None),
     ];
     for (ns, inst, node, local) in entries {
@@ -443,7 +475,7 @@ fn sender_without_known_instance_address_is_held() {
                 node_ip: IpAddr::V4(NODE),
                 node_port: 50103,
                 local: Some(LocalPort {
-                    ifindex: 9,
+                    ifindex: CLIENT_IFINDEX,
                     mac: [2; 6],
                 }),
             },
@@ -919,14 +951,17 @@ fn an_ipv6_underlay_carries_every_inner_kind_with_a_real_udp_checksum() {
 
 fn ipv6_outer_datagrams_are_received_for_both_inner_families() {
     let f = fixture("v6-in");
+    // The senders are instances of the node on the IPv6 underlay: only its
+    // datagrams are accepted for them.
+    add_peers(&f);
     let udp = |sport, dport| L4::Udp {
         sport,
         dport,
         payload: b"from a v6 underlay".to_vec(),
     };
     for (src, dst, et) in [
-        ("10.30.0.5", "10.18.0.2", 0x0800u16),
-        ("fdff::5", "fc00::2", 0x86dd),
+        ("10.30.0.101", "10.18.0.2", 0x0800u16),
+        ("fdff::1:1", "fc00::2", 0x86dd),
     ] {
         let pkt = Ip::new(src, dst, udp(7000, 6000));
         let frame = eth(
@@ -1016,4 +1051,280 @@ fn the_slow_path_program_delivers_rebuilt_datagrams_and_never_passes() {
     assert_eq!(run(&f, SLOW_PATH_PROGRAM, &elsewhere).0, TC_ACT_SHOT);
     assert_eq!(counter(&f, "decapsulated"), 1);
     assert_eq!(counter(&f, "drop_malformed"), 2);
+}
+
+/// A tunnel datagram from `sender` carrying `inner`.
+fn from_underlay(sender: &str, inner: &Ip) -> Vec<u8> {
+    let sender: Ipv4Addr = sender.parse().unwrap();
+    eth(
+        [0xaa; 6],
+        [0xbb; 6],
+        0x0800,
+        &tunnel_datagram(sender, NODE, 50103, 50103, &inner.bytes()),
+    )
+}
+
+fn udp(sport: u16, dport: u16) -> L4 {
+    L4::Udp {
+        sport,
+        dport,
+        payload: b"x".to_vec(),
+    }
+}
+
+fn a_container_sending_with_its_neighbours_address_is_dropped() {
+    let f = fixture("spoof");
+    // 10.18.0.3 is the local backend, whose veth is ifindex 8; this frame
+    // arrives on the client's (1).
+    let spoofed = Ip::new("10.18.0.3", "10.30.55.56", tcp_syn(40000, 80));
+    assert_eq!(
+        run(&f, CONTAINER_PROGRAM, &from_container(&spoofed)).0,
+        TC_ACT_SHOT
+    );
+    assert_eq!(counter(&f, "drop_spoofed_source"), 1);
+    assert!(
+        f.dp.flow(&key("10.18.0.3", 40000, "10.30.55.56", 80, 6))
+            .unwrap()
+            .is_none(),
+        "no flow for the spoofer"
+    );
+    // The client as itself still gets through.
+    let own = Ip::new("10.18.0.2", "10.30.55.56", tcp_syn(40000, 80));
+    assert_eq!(
+        run(&f, CONTAINER_PROGRAM, &from_container(&own)).0,
+        TC_ACT_REDIRECT
+    );
+}
+
+fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_inner_source() {
+    testkit::block_on(async {
+        let f = fixture("peers");
+        let mut misses = f.dp.misses().unwrap();
+        // 10.30.0.5 runs on 198.51.100.2: accepted from there, v4 and v6.
+        let good = Ip::new("10.30.0.5", "10.18.0.2", udp(7000, 9000));
+        assert_eq!(
+            run(&f, UPLINK_PROGRAM, &from_underlay("198.51.100.2", &good)).0,
+            TC_ACT_REDIRECT
+        );
+        let good6 = Ip::new("fdff::5", "fc00::2", udp(7000, 9000));
+        assert_eq!(
+            run(&f, UPLINK_PROGRAM, &from_underlay("198.51.100.2", &good6)).0,
+            TC_ACT_REDIRECT
+        );
+        assert_eq!(counter(&f, "decapsulated"), 2);
+        // The same from a host that is no node, or an instance of this node
+        // arriving from outside: forged.
+        for (sender, inner) in [
+            ("198.51.100.3", &good),
+            ("198.51.100.3", &good6),
+            (
+                "198.51.100.2",
+                &Ip::new("10.30.0.3", "10.18.0.2", udp(1, 2)),
+            ),
+        ] {
+            assert_eq!(
+                run(&f, UPLINK_PROGRAM, &from_underlay(sender, inner)),
+                (TC_ACT_SHOT, from_underlay(sender, inner)),
+                "{sender} -> {inner:?}"
+            );
+        }
+        assert_eq!(counter(&f, "drop_forged_source"), 3);
+        // The same check on every way in: to the node's second address, over
+        // the IPv6 underlay, and through the slow path (a datagram the kernel
+        // reassembled, written back from the socket's addresses).
+        let to_second = eth(
+            [0xaa; 6],
+            [0xbb; 6],
+            0x0800,
+            &tunnel_datagram(ip4("198.51.100.3"), NODE_2, 50103, 50103, &good.bytes()),
+        );
+        let over_v6 = eth(
+            [0xaa; 6],
+            [0xbb; 6],
+            0x86dd,
+            &tunnel_datagram_v6(
+                "2001:db8::3".parse().unwrap(),
+                NODE_V6,
+                50103,
+                50103,
+                &good.bytes(),
+            ),
+        );
+        let slow = eth(
+            [0xaa; 6],
+            [0xbb; 6],
+            0x0800,
+            &tunnel_datagram(ip4("198.51.100.3"), NODE, 38211, 50103, &good.bytes()),
+        );
+        for (program, frame) in [
+            (UPLINK_PROGRAM, &to_second),
+            (UPLINK_PROGRAM, &over_v6),
+            (SLOW_PATH_PROGRAM, &slow),
+        ] {
+            assert_eq!(run(&f, program, frame).0, TC_ACT_SHOT, "{program}");
+        }
+        assert_eq!(counter(&f, "drop_forged_source"), 6);
+        let from_node_slow = eth(
+            [0xaa; 6],
+            [0xbb; 6],
+            0x0800,
+            &tunnel_datagram(PEER_NODE, NODE, 38211, 50103, &good.bytes()),
+        );
+        assert_eq!(
+            run(&f, SLOW_PATH_PROGRAM, &from_node_slow).0,
+            TC_ACT_REDIRECT
+        );
+        assert_eq!(counter(&f, "decapsulated"), 3);
+
+        // An instance nobody here knows, for a local container: held whole
+        // (outer headers included) and reported with its sender, at most
+        // miss_hold times.
+        let unknown = from_underlay(
+            "198.51.100.3",
+            &Ip::new("10.30.0.77", "10.18.0.2", udp(1, 2)),
+        );
+        for _ in 0..3 {
+            assert_eq!(run(&f, UPLINK_PROGRAM, &unknown).0, TC_ACT_SHOT);
+        }
+        for _ in 0..2 {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(5), misses.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(m.reason, netmanager::dataplane::MissReason::Peer);
+            assert_eq!(m.addr, ip("10.30.0.77"));
+            assert_eq!(m.peer, Some(ip("198.51.100.3")));
+            assert_eq!(m.frame.as_deref(), Some(&unknown[..]));
+        }
+        assert_eq!(counter(&f, "peer_held"), 2);
+        assert_eq!(counter(&f, "drop_miss_overflow"), 1);
+        assert_eq!(f.dp.pending(ip("10.30.0.77")).unwrap(), Some(2));
+        // Not for a container here: not worth a question to the cluster.
+        let elsewhere = from_underlay(
+            "198.51.100.3",
+            &Ip::new("10.30.0.78", "10.18.0.200", udp(1, 2)),
+        );
+        assert_eq!(run(&f, UPLINK_PROGRAM, &elsewhere).0, TC_ACT_SHOT);
+        assert_eq!(counter(&f, "drop_not_local"), 1);
+        assert_eq!(f.dp.pending(ip("10.30.0.78")).unwrap(), None);
+
+        // Once the tables say 198.51.100.3 runs 10.30.0.77, the held frame
+        // goes through.
+        f.dp.upsert_instance(
+            ip("10.18.2.9"),
+            InstanceEntry {
+                instance_ip: Some(ip("10.30.0.77")),
+                node_ip: "198.51.100.3".parse().unwrap(),
+                node_port: 50103,
+                local: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            f.dp.instance_node(ip("10.30.0.77")).unwrap(),
+            Some(ip("198.51.100.3"))
+        );
+        assert_eq!(run(&f, UPLINK_PROGRAM, &unknown).0, TC_ACT_REDIRECT);
+        // And it goes when the instance does.
+        f.dp.remove_instance(ip("10.18.2.9")).unwrap();
+        assert_eq!(f.dp.instance_node(ip("10.30.0.77")).unwrap(), None);
+    })
+}
+
+fn trusted_underlay_prefixes_send_for_any_instance() {
+    let f = fixture_with("trusted", IpAddr::V4(NODE), |cfg| {
+        cfg.trusted_peers = vec![(ip("198.51.100.64"), 26)];
+    });
+    for inner in [
+        Ip::new("10.30.0.5", "10.18.0.2", udp(1, 2)),
+        Ip::new("10.30.0.77", "10.18.0.2", udp(1, 2)),
+    ] {
+        assert_eq!(
+            run(&f, UPLINK_PROGRAM, &from_underlay("198.51.100.70", &inner)).0,
+            TC_ACT_REDIRECT
+        );
+        // Outside the prefix it is not.
+        assert_eq!(
+            run(&f, UPLINK_PROGRAM, &from_underlay("198.51.100.130", &inner)).0,
+            TC_ACT_SHOT
+        );
+    }
+    // The inner source must still be an instance address.
+    let bogus = Ip::new("192.0.2.1", "10.18.0.2", udp(1, 2));
+    assert_eq!(
+        run(&f, UPLINK_PROGRAM, &from_underlay("198.51.100.70", &bogus)).0,
+        TC_ACT_SHOT
+    );
+    assert_eq!(counter(&f, "drop_bad_inner_source"), 1);
+}
+
+fn each_container_gets_its_share_of_the_flow_table_and_keeps_its_flows() {
+    let f = fixture_with("quota", IpAddr::V4(NODE), |cfg| cfg.flows_per_container = 3);
+    let flow = |sport| from_container(&Ip::new("10.18.0.2", "10.30.55.56", tcp_syn(sport, 80)));
+    for sport in 1..=3 {
+        assert_eq!(run(&f, CONTAINER_PROGRAM, &flow(sport)).0, TC_ACT_REDIRECT);
+    }
+    assert_eq!(f.dp.flow_counts(CLIENT_IFINDEX).unwrap(), (3, 0));
+    // A fourth flow is refused ...
+    assert_eq!(run(&f, CONTAINER_PROGRAM, &flow(4)).0, TC_ACT_SHOT);
+    assert_eq!(counter(&f, "drop_flow_quota"), 1);
+    // ... while the three it has keep flowing.
+    for sport in 1..=3 {
+        assert_eq!(run(&f, CONTAINER_PROGRAM, &flow(sport)).0, TC_ACT_REDIRECT);
+    }
+    assert_eq!(f.dp.flow_counts(CLIENT_IFINDEX).unwrap(), (3, 0));
+    // Idle flows expire and give their slots back.
+    let later = netmanager_common::FLOW_IDLE_NS + 1_000_000_000;
+    assert_eq!(f.dp.expire_flows_after(later).unwrap(), 6);
+    assert_eq!(f.dp.flow_counts(CLIENT_IFINDEX).unwrap(), (3, 3));
+    assert_eq!(run(&f, CONTAINER_PROGRAM, &flow(4)).0, TC_ACT_REDIRECT);
+}
+
+fn a_full_miss_ring_leaves_no_pending_mark_and_the_underlay_gets_half_of_it() {
+    testkit::block_on(async {
+        let f = fixture_with("ring", IpAddr::V4(NODE), |cfg| cfg.sizes.pending = 4096);
+        // Nobody reads the ring. Tunnel datagrams from unknown instances may
+        // fill half of it ...
+        let mut held = 0;
+        for n in 0..1000u32 {
+            let inner = Ip::new(
+                &format!("10.30.{}.{}", 100 + n / 250, n % 250 + 1),
+                "10.18.0.2",
+                udp(1, 2),
+            );
+            if run(&f, UPLINK_PROGRAM, &from_underlay("198.51.100.3", &inner)).0 == TC_ACT_SHOT
+                && counter(&f, "peer_held") > held
+            {
+                held += 1;
+            } else {
+                // Refused: no pending mark left behind.
+                assert_eq!(f.dp.pending(inner.src).unwrap(), None, "{}", inner.src);
+                break;
+            }
+        }
+        let ring = netmanager_common::DEFAULT_MISS_RING_BYTES as u64;
+        let event = std::mem::size_of::<netmanager_common::MissEvent>() as u64 + 8;
+        assert!(
+            held >= ring / 2 / event && held <= ring / 2 / event + 1,
+            "{held}"
+        );
+        // ... and the containers' misses still find room, until it is full.
+        let mut container_held = 0;
+        for n in 0..1000u32 {
+            let svc = format!("10.30.{}.{}", 200 + n / 250, n % 250 + 1);
+            let frame = from_container(&Ip::new("10.18.0.2", &svc, tcp_syn(1, 80)));
+            assert_eq!(run(&f, CONTAINER_PROGRAM, &frame).0, TC_ACT_SHOT);
+            let now = counter(&f, "miss_held");
+            if now > container_held {
+                container_held = now;
+                assert_eq!(f.dp.pending(ip(&svc)).unwrap(), Some(1));
+            } else {
+                // The ring is full: dropped, and the mark was never taken.
+                assert_eq!(f.dp.pending(ip(&svc)).unwrap(), None, "{svc}");
+                break;
+            }
+        }
+        assert!(container_held > ring / 2 / event - 2, "{container_held}");
+        assert!(counter(&f, "drop_miss_overflow") >= 2);
+    })
 }

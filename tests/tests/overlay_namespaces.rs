@@ -562,6 +562,12 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Res
         "s1.json",
         &site_table(&pin1, mode, 1, "eth0", "198.51.100.1", &c1, "198.51.100.2").to_string(),
     )?;
+    // n2 also sends from 2001:db8::2, an address its table entry does not
+    // name (a multi-homed node): n1's operator trusts it (`TunnelPeers`),
+    // else the sender check drops those datagrams as forged.
+    let mut table: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&t1)?)?;
+    table["tunnel_peers"] = serde_json::json!([["2001:db8::2", 128]]);
+    std::fs::write(&t1, table.to_string())?;
     let _dataplane = static_dataplane(&n1, &t1)?;
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
     let received = file(dir.path(), "frag-received", "")?;
