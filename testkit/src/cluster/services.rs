@@ -212,20 +212,38 @@ impl Services {
         Some(job.to_string())
     }
 
-    /// `service/address-changed`: the job to announce as changed.
+    /// `service/address-changed`: the instance's new place, in the job's
+    /// record and in a table pinned with [`Services::set_table`] (upstream
+    /// updates the one table it serves); the job to announce as changed.
     pub fn address_changed(&mut self, msg: &Value) -> Option<String> {
         let job = msg["appname"].as_str()?;
         let n = msg["instance_number"].as_u64()?;
-        let inst = self
+        let host_ip = msg["host_ip"].as_str()?;
+        let port = port_of(&msg["host_port"]);
+        let mut changed = false;
+        if let Some(inst) = self
             .jobs
-            .get_mut(job)?
-            .instances
-            .get_mut(&n)?
-            .addresses
-            .as_mut()?;
-        inst.host_ip = msg["host_ip"].as_str()?.to_string();
-        inst.host_port = port_of(&msg["host_port"]).unwrap_or(inst.host_port);
-        Some(job.to_string())
+            .get_mut(job)
+            .and_then(|j| j.instances.get_mut(&n))
+            .and_then(|i| i.addresses.as_mut())
+        {
+            inst.host_ip = host_ip.to_string();
+            inst.host_port = port.unwrap_or(inst.host_port);
+            changed = true;
+        }
+        if let Some(pinned) = self
+            .tables
+            .get_mut(job)
+            .and_then(|t| t["instance_list"].as_array_mut())
+            .and_then(|l| l.iter_mut().find(|i| i["instance_number"] == n))
+        {
+            pinned["host_ip"] = host_ip.into();
+            if let Some(p) = port {
+                pinned["host_port"] = p.into();
+            }
+            changed = true;
+        }
+        changed.then(|| job.to_string())
     }
 
     /// Answers every table query about `job` with `table` from now on.
@@ -424,6 +442,27 @@ mod tests {
         s.remove_interest("n1", &json!({"appname": "x.y.z.w"}));
         assert!(s.interests_of("n1").is_empty());
         assert_eq!(s.interests_of("n2").len(), 1);
+    }
+
+    #[test]
+    fn an_address_change_moves_the_instance_in_a_pinned_table_too() {
+        let mut s = Services::default();
+        s.set_table(
+            "a.b.c.d",
+            json!({"instance_list": [{"instance_number": 0, "host_ip": "198.51.100.1",
+                                      "host_port": 50103}]}),
+        );
+        let msg = json!({"appname": "a.b.c.d", "instance_number": 0,
+                         "host_ip": "198.51.100.11", "host_port": "50200"});
+        assert_eq!(s.address_changed(&msg).as_deref(), Some("a.b.c.d"));
+        let t = &s.tables["a.b.c.d"]["instance_list"][0];
+        assert_eq!(
+            (&t["host_ip"], &t["host_port"]),
+            (&json!("198.51.100.11"), &json!(50200))
+        );
+        let unknown =
+            json!({"appname": "x.y.z.w", "instance_number": 0, "host_ip": "198.51.100.9"});
+        assert_eq!(s.address_changed(&unknown), None);
     }
 
     #[test]
