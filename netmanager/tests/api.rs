@@ -1,32 +1,57 @@
 //! The socket API end to end: a NetManager process (without eBPF) in a node
-//! namespace, a real mosquitto and a double of the cluster service manager,
-//! "containers" that are sleeping processes in their own namespaces.
+//! namespace, a real mosquitto and the cluster double, "containers" that
+//! are sleeping processes in their own namespaces.
 
-mod common;
-
+use std::path::Path;
 use std::time::Duration;
 
-use common::*;
 use serde_json::{Value, json};
+use tempfile::TempDir;
+use testkit::netlink::{MacVtapMode, Route};
+use testkit::runners::upstream_netcfg;
+use testkit::{ClusterDouble, ContainerProcess, Mosquitto, NetManager, Netns, Node, NsPath};
+use testkit::{temp_dir, wait_until};
+
+testkit::main! {
+    bad_requests_before_and_after_register: [Root, Mosquitto, Nft],
+    deploy_two_containers_and_undeploy: [Root, Mosquitto, Nft, Python3],
+    restart_keeps_deployments: [Root, Mosquitto, Nft],
+    rejoin_under_a_new_id_replaces_the_saved_state: [Root, Mosquitto, Nft],
+    forged_and_unsolicited_table_results_are_ignored: [Root, Mosquitto, Nft],
+    api_socket_is_private_and_checks_peers: [Root, Mosquitto, Nft, Python3],
+    register_cluster_address_overrides_cluster_url: [Root, Mosquitto, Nft],
+    unikernel_namespace_with_tap: [Root, Mosquitto, Nft],
+    node_address_change_is_announced: [Root, Mosquitto, Nft],
+}
 
 const JOB1: &str = "clientsrvr.test.curl.test";
 const JOB2: &str = "clientsrvr.test.nginx.test";
+const NODE_ID: &str = "6650aa00bb22cc33dd440002";
 
 /// Fields drop in order: daemon first, the directory with its log last.
 struct Env {
-    nm: Daemon,
+    nm: NetManager,
     csm: ClusterDouble,
-    _broker: Broker,
-    node: Netns,
+    _broker: Mosquitto,
+    node: Node,
     _dir: TempDir,
 }
 
 fn env() -> Env {
-    let dir = TempDir::new();
-    let node = Netns::node(1);
-    let broker = Broker::start(&dir, Some(&node));
-    let csm = ClusterDouble::start(broker.port, Some(&node), ("10.18.0.64", "fc00::40"));
-    let nm = Daemon::start(&dir, &node, broker.port);
+    env_with(json!({}))
+}
+
+/// A node with a broker and the cluster double inside, and NetManager with
+/// `extra` netcfg.json fields on top of upstream's defaults.
+fn env_with(extra: Value) -> Env {
+    let dir = temp_dir();
+    let node = Node::standalone(1).expect("node namespace");
+    let broker = Mosquitto::in_netns(&node.ns, "127.0.0.1", 1883, dir.path()).expect("mosquitto");
+    let csm = ClusterDouble::options(broker.endpoint())
+        .start()
+        .expect("cluster double");
+    csm.pin_subnet(NODE_ID, "10.18.0.64", "fc00::40");
+    let nm = daemon(dir.path(), &node.ns, broker.port(), extra);
     Env {
         nm,
         csm,
@@ -36,15 +61,31 @@ fn env() -> Env {
     }
 }
 
-fn register(nm: &Daemon) {
+fn daemon(dir: &Path, node: &NsPath, mqtt_port: u16, extra: Value) -> NetManager {
+    let mut cfg = upstream_netcfg(mqtt_port);
+    if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+        cfg.extend(extra.clone());
+    }
+    NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), node, dir)
+        .netcfg(cfg)
+        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
+        .start()
+        .expect("NetManager")
+}
+
+fn container() -> ContainerProcess {
+    ContainerProcess::start().expect("a container process")
+}
+
+fn register(nm: &NetManager) {
     let (code, body) = nm.post(
         "/register",
-        r#"{"client_id":"6650aa00bb22cc33dd440002","cluster_address":"127.0.0.1"}"#,
+        &json!({"client_id": NODE_ID, "cluster_address": "127.0.0.1"}).to_string(),
     );
     assert_eq!(code, 200, "{body}");
 }
 
-fn deploy(nm: &Daemon, pid: u32, job: &str, instance: u32, ports: &str) -> (u16, Value) {
+fn deploy(nm: &NetManager, pid: u32, job: &str, instance: u32, ports: &str) -> (u16, Value) {
     nm.post(
         "/container/deploy",
         &json!({"pid": pid, "serviceName": job, "instanceNumber": instance, "portMappings": ports})
@@ -62,21 +103,15 @@ fn assert_error(code: u16, body: &Value, want: u16) {
 
 /// TCP from `from` to `addr` (an address of `to`), with python3 as both
 /// ends since ping/nc are not always installed.
-fn assert_tcp_reaches(to: &Proc, from: &Proc, addr: &str) {
-    if try_run(&["python3", "-c", "pass"]).is_none() {
-        eprintln!("python3 missing: connectivity check skipped");
-        return;
-    }
-    let server = std::process::Command::new("nsenter")
-        .args(["-t", &to.pid().to_string(), "-n", "python3", "-c"])
-        .arg("import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',7000))\ns.listen()\ns.settimeout(10)\nc,_=s.accept()\nc.sendall(b'hello')\nc.close()")
-        .spawn()
+fn assert_tcp_reaches(to: &ContainerProcess, from: &ContainerProcess, addr: &str) {
+    let _server = to
+        .ns()
+        .spawn(&["python3", "-c", "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',7000))\ns.listen()\ns.settimeout(10)\nc,_=s.accept()\nc.sendall(b'hello')\nc.close()"])
         .unwrap();
-    let _server = Proc(server);
     let script = format!(
         "import socket,time\nfor i in range(50):\n  try:\n    s=socket.create_connection(('{addr}',7000),timeout=3);break\n  except OSError:\n    time.sleep(0.1)\nprint(s.recv(5).decode())"
     );
-    let out = in_pid_ns(from.pid(), &["python3", "-c", &script]);
+    let out = from.ns().run(&["python3", "-c", &script]).ok();
     assert_eq!(
         out.as_deref().map(str::trim),
         Some("hello"),
@@ -84,15 +119,22 @@ fn assert_tcp_reaches(to: &Proc, from: &Proc, addr: &str) {
     );
 }
 
-fn ip_json(out: Option<String>) -> Value {
-    serde_json::from_str(&out.expect("ip command failed")).unwrap()
+/// The addresses (without prefix) of `dev` in `ns`.
+fn addresses(ns: &NsPath, dev: &str) -> Vec<String> {
+    ns.addresses(dev)
+        .unwrap()
+        .iter()
+        .map(|c| c.addr.to_string())
+        .collect()
 }
 
-#[test]
+fn nft_rules(node: &Node) -> String {
+    node.ns
+        .run(&["nft", "list", "table", "inet", "oakestra"])
+        .unwrap()
+}
+
 fn bad_requests_before_and_after_register() {
-    if !require_root("bad_requests_before_and_after_register") {
-        return;
-    }
     let e = env();
     let nm = &e.nm;
     let (code, body) = nm.get("/status");
@@ -164,7 +206,7 @@ fn bad_requests_before_and_after_register() {
     assert_eq!(code, 200);
     assert_eq!(body["registered"], json!(true));
     assert_eq!(body["deployments"].as_array().unwrap().len(), 0);
-    assert!(e.node.ip(&["link", "show", "oakv2"]).is_none());
+    assert!(e.node.ns.link("oakv2").unwrap().is_none());
     // Subnet request went out as the contract says.
     assert!(
         e.csm
@@ -177,11 +219,7 @@ fn bad_requests_before_and_after_register() {
     assert_eq!(code, 200, "{body}");
 }
 
-#[test]
 fn deploy_two_containers_and_undeploy() {
-    if !require_root("deploy_two_containers_and_undeploy") {
-        return;
-    }
     let e = env();
     let nm = &e.nm;
     register(nm);
@@ -216,64 +254,37 @@ fn deploy_two_containers_and_undeploy() {
     assert_eq!((code, &again), (200, &a1));
 
     // Inside the first container: address, MTU, routes.
-    let links = ip_json(in_pid_ns(
-        c1.pid(),
-        &["ip", "-j", "addr", "show", "dev", "eth0"],
-    ));
-    let link = &links[0];
-    assert_eq!(link["mtu"], json!(1450));
-    assert_eq!(link["address"], json!("02:0a:0a:12:00:42"));
-    let addrs: Vec<String> = link["addr_info"]
-        .as_array()
+    let inside = c1.ns();
+    let link = inside.link("eth0").unwrap().expect("eth0 in the container");
+    assert_eq!(link.mtu, 1450);
+    assert_eq!(link.mac, Some([0x02, 0x0a, 0x0a, 0x12, 0x00, 0x42]));
+    let addrs: Vec<String> = inside
+        .addresses("eth0")
         .unwrap()
         .iter()
-        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .map(ToString::to_string)
         .collect();
     assert!(addrs.contains(&"10.18.0.66/26".to_string()), "{addrs:?}");
     assert!(addrs.contains(&"fc00::42/120".to_string()), "{addrs:?}");
-    let r4 = ip_json(in_pid_ns(
-        c1.pid(),
-        &["ip", "-j", "-4", "route", "show", "default"],
-    ));
-    assert_eq!(r4[0]["gateway"], json!("10.18.0.65"), "{r4}");
-    let r6 = ip_json(in_pid_ns(
-        c1.pid(),
-        &["ip", "-j", "-6", "route", "show", "default"],
-    ));
-    assert_eq!(r6[0]["gateway"], json!("fc00::41"), "{r6}");
+    let r4 = inside.default_gateway(false).unwrap();
+    assert_eq!(r4, Some("10.18.0.65".parse().unwrap()), "{r4:?}");
+    let r6 = inside.default_gateway(true).unwrap();
+    assert_eq!(r6, Some("fc00::41".parse().unwrap()), "{r6:?}");
 
     // On the node: the bridge with the gateway, veths on it, forwarding, NAT.
-    let br = ip_json(e.node.ip(&["-j", "addr", "show", "dev", "goProxyBridge"]));
-    let br_addrs = br[0]["addr_info"].to_string();
+    let br_addrs = addresses(&e.node.ns, "goProxyBridge");
     assert!(
-        br_addrs.contains("10.18.0.65") && br_addrs.contains("fc00::41"),
-        "{br_addrs}"
+        br_addrs.contains(&"10.18.0.65".to_string()) && br_addrs.contains(&"fc00::41".to_string()),
+        "{br_addrs:?}"
     );
-    let veth = ip_json(e.node.ip(&["-j", "link", "show", "dev", "oakv2"]));
-    assert_eq!(veth[0]["master"], json!("goProxyBridge"));
-    assert_eq!(veth[0]["mtu"], json!(1450));
-    let fwd = try_run(&[
-        "ip",
-        "netns",
-        "exec",
-        &e.node.name,
-        "cat",
-        "/proc/sys/net/ipv4/ip_forward",
-    ])
-    .unwrap();
-    assert_eq!(fwd.trim(), "1");
-    let rules = try_run(&[
-        "ip",
-        "netns",
-        "exec",
-        &e.node.name,
-        "nft",
-        "list",
-        "table",
-        "inet",
-        "oakestra",
-    ])
-    .unwrap();
+    assert_eq!(
+        e.node.ns.master_of("oakv2").unwrap().as_deref(),
+        Some("goProxyBridge")
+    );
+    assert_eq!(e.node.ns.link("oakv2").unwrap().map(|l| l.mtu), Some(1450));
+    let fwd = e.node.ns.read_sysctl("net/ipv4/ip_forward").unwrap();
+    assert_eq!(fwd, "1");
+    let rules = nft_rules(&e.node);
     assert!(rules.contains("dnat ip to 10.18.0.66:80"), "{rules}");
     assert!(rules.contains("dnat ip to 10.18.0.66:9081"), "{rules}");
     assert!(rules.contains("masquerade"), "{rules}");
@@ -351,25 +362,14 @@ fn deploy_two_containers_and_undeploy() {
     );
     assert_eq!(code, 200, "{body}");
     assert!(
-        e.node.ip(&["link", "show", "oakv2"]).is_none(),
+        e.node.ns.link("oakv2").unwrap().is_none(),
         "host veth left behind"
     );
     assert!(
-        in_pid_ns(c1.pid(), &["ip", "link", "show", "eth0"]).is_none(),
+        c1.ns().link("eth0").unwrap().is_none(),
         "eth0 left in the container"
     );
-    let rules = try_run(&[
-        "ip",
-        "netns",
-        "exec",
-        &e.node.name,
-        "nft",
-        "list",
-        "table",
-        "inet",
-        "oakestra",
-    ])
-    .unwrap();
+    let rules = nft_rules(&e.node);
     assert!(!rules.contains("10.18.0.66"), "{rules}");
     let undeployed = e
         .csm
@@ -398,14 +398,10 @@ fn deploy_two_containers_and_undeploy() {
         0,
         "{status}"
     );
-    assert!(e.node.ip(&["link", "show", "oakv3"]).is_none());
+    assert!(e.node.ns.link("oakv3").unwrap().is_none());
 }
 
-#[test]
 fn restart_keeps_deployments() {
-    if !require_root("restart_keeps_deployments") {
-        return;
-    }
     let mut e = env();
     register(&e.nm);
     let c1 = container();
@@ -413,7 +409,7 @@ fn restart_keeps_deployments() {
     assert_eq!(code, 200, "{a1}");
 
     e.nm.kill9();
-    e.nm.restart();
+    e.nm.restart().unwrap();
     // Registered again from the state file, same node id, same deployment.
     let (code, status) = e.nm.get("/status");
     assert_eq!(code, 200);
@@ -423,8 +419,14 @@ fn restart_keeps_deployments() {
     assert_eq!(deps.len(), 1, "{status}");
     assert_eq!(deps[0]["nsAddress"], json!("10.18.0.66"));
     // The container kept its interface and address throughout.
-    let addr = in_pid_ns(c1.pid(), &["ip", "-4", "addr", "show", "dev", "eth0"]).unwrap();
-    assert!(addr.contains("10.18.0.66/26"), "{addr}");
+    let addr: Vec<String> = c1
+        .ns()
+        .addresses("eth0")
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(addr.contains(&"10.18.0.66/26".to_string()), "{addr:?}");
     // Registering with the same id is still fine, a different one is not.
     register(&e.nm);
     // A new container does not get the adopted address.
@@ -438,25 +440,21 @@ fn restart_keeps_deployments() {
         &json!({"serviceName": JOB1, "instanceNumber": 0}).to_string(),
     );
     assert_eq!(code, 200, "{body}");
-    assert!(e.node.ip(&["link", "show", "oakv2"]).is_none());
+    assert!(e.node.ns.link("oakv2").unwrap().is_none());
     assert!(e.nm.alive());
 }
 
 /// The cluster hands out a new id when the node joins another cluster or its
 /// hostname changes (docs/contract.md §3): the first /register of a process
 /// may replace the saved identity; a later different id is refused.
-#[test]
 fn rejoin_under_a_new_id_replaces_the_saved_state() {
-    if !require_root("rejoin_under_a_new_id_replaces_the_saved_state") {
-        return;
-    }
     let mut e = env();
     register(&e.nm);
     let c1 = container();
     let (code, a1) = deploy(&e.nm, c1.pid(), JOB1, 0, "8080:80");
     assert_eq!(code, 200, "{a1}");
     e.nm.kill9();
-    e.nm.restart();
+    e.nm.restart().unwrap();
     let (_, status) = e.nm.get("/status");
     assert_eq!(
         status["node_id"],
@@ -475,7 +473,7 @@ fn rejoin_under_a_new_id_replaces_the_saved_state() {
     assert_eq!(status["deployments"], json!([]), "{status}");
     // The old identity's container lost its interface; the new identity
     // asked for its own subnet.
-    assert!(in_pid_ns(c1.pid(), &["ip", "link", "show", "eth0"]).is_none());
+    assert!(c1.ns().link("eth0").unwrap().is_none());
     assert_eq!(
         e.csm.seen_on(&format!("nodes/{new_id}/net/subnet")).len(),
         1
@@ -494,11 +492,7 @@ fn rejoin_under_a_new_id_replaces_the_saved_state() {
 /// Any client of the broker can publish on `nodes/<id>/net/tablequery/result`.
 /// A result nobody asked for must not change routes, even for a job the node
 /// already routes, and a result naming a wildcard job must not subscribe.
-#[test]
 fn forged_and_unsolicited_table_results_are_ignored() {
-    if !require_root("forged_and_unsolicited_table_results_are_ignored") {
-        return;
-    }
     let e = env();
     let nm = &e.nm;
     register(nm);
@@ -534,7 +528,7 @@ fn forged_and_unsolicited_table_results_are_ignored() {
         json!({"app_name": "a.+.c.d", "query_key": "a.+.c.d", "instance_list": []}),
         json!({"app_name": "#", "query_key": "", "instance_list": []}),
     ] {
-        e.csm.publish(topic, &forged.to_string());
+        e.csm.publish(topic, forged.to_string()).unwrap();
     }
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(routed(), before, "an unsolicited result changed the routes");
@@ -544,11 +538,7 @@ fn forged_and_unsolicited_table_results_are_ignored() {
 
 /// The API socket is created private, and even when its mode is loosened
 /// another user's connection is refused (peer credentials).
-#[test]
 fn api_socket_is_private_and_checks_peers() {
-    if !require_root("api_socket_is_private_and_checks_peers") {
-        return;
-    }
     use std::os::unix::fs::PermissionsExt;
     let e = env();
     let mode = std::fs::metadata(&e.nm.socket)
@@ -593,42 +583,21 @@ fn api_socket_is_private_and_checks_peers() {
 }
 
 /// A cluster address in /register wins over ClusterUrl, as upstream.
-#[test]
 fn register_cluster_address_overrides_cluster_url() {
-    if !require_root("register_cluster_address_overrides_cluster_url") {
-        return;
-    }
-    let dir = TempDir::new();
-    let node = Netns::node(1);
-    let broker = Broker::start(&dir, Some(&node));
-    let _csm = ClusterDouble::start(broker.port, Some(&node), ("10.18.0.64", "fc00::40"));
-    let nm = Daemon::start_with(&dir, &node, broker.port, json!({"ClusterUrl": "192.0.2.1"}));
-    register(&nm);
-    let (_, status) = nm.get("/status");
+    let e = env_with(json!({"ClusterUrl": "192.0.2.1"}));
+    register(&e.nm);
+    let (_, status) = e.nm.get("/status");
     assert_eq!(status["cluster_address"], json!("127.0.0.1"), "{status}");
 }
 
-#[test]
 fn unikernel_namespace_with_tap() {
-    if !require_root("unikernel_namespace_with_tap") {
-        return;
-    }
     let e = env();
     register(&e.nm);
     let job = format!("uni{}.test.vm.test", std::process::id());
     let job = job.as_str();
     // Removed even if an assertion fails (the daemon is killed first).
-    struct NsGuard(String);
-    impl Drop for NsGuard {
-        fn drop(&mut self) {
-            if std::path::Path::new("/run/netns").join(&self.0).exists() {
-                let _ = std::process::Command::new("ip")
-                    .args(["netns", "del", &self.0])
-                    .status();
-            }
-        }
-    }
-    let _guard = NsGuard(format!("{job}.instance.0"));
+    let ns = format!("{job}.instance.0");
+    let _guard = Netns::adopt(&ns);
     let (code, a) = e.nm.post(
         "/unikernel/deploy",
         &json!({"pid": 0, "serviceName": job, "instanceNumber": 0, "portMappings": ""}).to_string(),
@@ -637,18 +606,18 @@ fn unikernel_namespace_with_tap() {
     let ns = format!("{job}.instance.0");
     // Upstream's layout: a macvtap in bridge mode on eth0, whose MAC the
     // dataplane delivers to (the guest takes over the instance address).
-    let links = try_run(&["ip", "-n", &ns, "-d", "-j", "link", "show", "tap0"])
-        .expect("unikernel namespace or tap0 missing");
-    let tap: Value = serde_json::from_str(&links).unwrap();
-    assert_eq!(tap[0]["linkinfo"]["info_kind"], json!("macvtap"), "{tap}");
-    assert_eq!(
-        tap[0]["linkinfo"]["info_data"]["mode"],
-        json!("bridge"),
-        "{tap}"
-    );
-    assert_eq!(tap[0]["link"], json!("eth0"), "{tap}");
-    let addr = try_run(&["ip", "-n", &ns, "-4", "addr", "show", "dev", "eth0"]).unwrap();
-    assert!(addr.contains(a["nsAddress"].as_str().unwrap()), "{addr}");
+    let uk = NsPath::named(&ns);
+    let tap = uk
+        .link("tap0")
+        .expect("unikernel namespace missing")
+        .expect("tap0 missing");
+    let eth0 = uk.link("eth0").unwrap().expect("eth0 missing");
+    assert_eq!(tap.kind.as_deref(), Some("macvtap"), "{tap:?}");
+    assert_eq!(tap.macvtap_mode, Some(MacVtapMode::Bridge), "{tap:?}");
+    assert_eq!(tap.parent, Some(eth0.index), "{tap:?} not on {eth0:?}");
+    let addrs = uk.addresses("eth0").unwrap();
+    let want: std::net::IpAddr = a["nsAddress"].as_str().unwrap().parse().unwrap();
+    assert!(addrs.iter().any(|c| c.addr == want), "{addrs:?}");
     let (code, body) = e.nm.post(
         "/unikernel/undeploy",
         &json!({"serviceName": job, "instanceNumber": 0}).to_string(),
@@ -657,11 +626,7 @@ fn unikernel_namespace_with_tap() {
     assert!(!std::path::Path::new(&format!("/run/netns/{ns}")).exists());
 }
 
-#[test]
 fn node_address_change_is_announced() {
-    if !require_root("node_address_change_is_announced") {
-        return;
-    }
     let e = env();
     register(&e.nm);
     let c = container();
@@ -669,14 +634,15 @@ fn node_address_change_is_announced() {
     assert_eq!(code, 200, "{a}");
     // The uplink moves to another address (DHCP renumbering, say).
     // (Deleting the primary address also drops secondaries: delete first.)
+    e.node.ns.del_address("eth0", "198.51.100.1/24").unwrap();
     e.node
-        .ip(&["addr", "del", "198.51.100.1/24", "dev", "uplink0"])
-        .unwrap();
+        .ns
+        .add_address("eth0", "198.51.100.9/24")
+        .unwrap()
+        .keep();
     e.node
-        .ip(&["addr", "add", "198.51.100.9/24", "dev", "uplink0"])
-        .unwrap();
-    e.node
-        .ip(&["route", "replace", "default", "via", "198.51.100.254"])
+        .ns
+        .replace_route(&Route::default_via("198.51.100.254".parse().unwrap()))
         .unwrap();
     let changed = e
         .csm

@@ -10,24 +10,44 @@
 //! real processes). No python or broker needed, so `cargo xtask test --full`
 //! runs this on Debian 12's 6.1 too, where only the netlink mode exists.
 
-mod common;
+mod attach_support;
 mod packet_support;
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Netns, in_netns, require_root};
 use netmanager::dataplane::{
     AttachMode, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, UPLINK_PROGRAM,
 };
-use netmanager::kernel_support;
 use packet_support::*;
+use testkit::netlink::{LinkSettings, Route};
+use testkit::{Netns, PinDir, wait_until};
+
+// Each test once per attach mode; TCX needs Linux 6.6, the netlink mode
+// runs everywhere (also on Debian 12's 6.1 under `cargo xtask test --full`).
+testkit::main! {
+    restarts_replace_the_programs_without_losing_a_datagram(AttachMode::Tcx)
+        as tcx_restarts_replace_the_programs_without_losing_a_datagram: [Root, Bpffs, Bpftool, Tcx],
+    restarts_replace_the_programs_without_losing_a_datagram(AttachMode::Netlink)
+        as netlink_restarts_replace_the_programs_without_losing_a_datagram: [Root, Bpffs, Bpftool],
+    switching_modes_across_a_restart_leaves_one_program: [Root, Bpffs, Bpftool, Tcx],
+    the_uplink_program_follows_the_uplink(AttachMode::Tcx)
+        as tcx_the_uplink_program_follows_the_uplink: [Root, Bpffs, Bpftool, Tcx],
+    the_uplink_program_follows_the_uplink(AttachMode::Netlink)
+        as netlink_the_uplink_program_follows_the_uplink: [Root, Bpffs, Bpftool],
+    an_old_uplink_with_an_address_keeps_receiving(AttachMode::Tcx)
+        as tcx_an_old_uplink_with_an_address_keeps_receiving: [Root, Bpffs, Bpftool, Tcx],
+    an_old_uplink_with_an_address_keeps_receiving(AttachMode::Netlink)
+        as netlink_an_old_uplink_with_an_address_keeps_receiving: [Root, Bpffs, Bpftool],
+    pins_of_vanished_interfaces_are_dropped(AttachMode::Tcx)
+        as tcx_pins_of_vanished_interfaces_are_dropped: [Root, Bpffs, Bpftool, Tcx],
+    pins_of_vanished_interfaces_are_dropped(AttachMode::Netlink)
+        as netlink_pins_of_vanished_interfaces_are_dropped: [Root, Bpffs, Bpftool],
+}
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const NODE_CIDR: &str = "198.51.100.1/24";
@@ -37,72 +57,66 @@ const PORT: u16 = 6100;
 /// Datagrams between two restarts.
 const BURST: u32 = 300;
 
-/// The modes this kernel offers.
-fn modes() -> Vec<AttachMode> {
-    let mut m = vec![AttachMode::Netlink];
-    if kernel_support::probe().tcx {
-        m.push(AttachMode::Tcx);
-    } else {
-        eprintln!("no TCX on this kernel: netlink mode only");
-    }
-    m
-}
-
 /// A node namespace with two uplinks, `up0` (wire `up1`, the node address)
 /// and `up2` (wire `up3`, no address), and a container behind veth `c0`;
 /// its pins; removed on drop.
 struct Lab {
-    pin_dir: PathBuf,
+    pin_dir: PinDir,
     ctr: Netns,
     node: Netns,
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
-}
-
 impl Lab {
     fn new() -> Lab {
-        let node = Netns::new();
-        let ctr = Netns::new();
-        let n = |args: &[&str]| {
-            node.ip(args)
-                .unwrap_or_else(|| panic!("ip {args:?} in node"))
-        };
+        let node = Netns::new("attach").expect("node namespace");
+        let ctr = Netns::new("attachc").expect("container namespace");
         for (dev, wire, mac) in [
-            ("up0", "up1", "02:00:c6:33:64:01"),
-            ("up2", "up3", "02:00:c6:33:64:11"),
+            ("up0", "up1", [0x02, 0, 0xc6, 0x33, 0x64, 0x01]),
+            ("up2", "up3", [0x02, 0, 0xc6, 0x33, 0x64, 0x11]),
         ] {
-            n(&["link", "add", dev, "type", "veth", "peer", "name", wire]);
-            n(&["link", "set", dev, "address", mac]);
-            n(&["link", "set", dev, "up"]);
-            n(&["link", "set", wire, "up"]);
+            node.add_veth(dev, wire, None).expect("veth").keep();
+            node.set_link(
+                dev,
+                &LinkSettings {
+                    up: true,
+                    mac: Some(mac),
+                    ..Default::default()
+                },
+            )
+            .expect("uplink up");
+            node.set_up(wire).expect("wire up");
         }
         // Tunnel datagrams are taken when addressed to one of the node's
         // addresses (NODE_ADDRESSES, which the address watch fills).
-        n(&["addr", "add", NODE_CIDR, "dev", "up0"]);
-        n(&[
-            "link", "add", "c0", "type", "veth", "peer", "name", "c1", "netns", &ctr.name,
-        ]);
-        n(&["link", "set", "c0", "up"]);
-        let c = |args: &[&str]| {
-            ctr.ip(args)
-                .unwrap_or_else(|| panic!("ip {args:?} in container"))
-        };
-        c(&["link", "set", "c1", "address", "02:00:0a:12:00:02"]);
-        c(&["addr", "add", "10.18.0.2/26", "dev", "c1"]);
-        c(&["link", "set", "c1", "up"]);
-        c(&["route", "add", "default", "dev", "c1"]);
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", common::unique("oak-attach")));
-        Lab { pin_dir, ctr, node }
+        node.add_address("up0", NODE_CIDR).expect("address").keep();
+        node.add_veth("c0", "c1", Some(&ctr)).expect("veth").keep();
+        node.set_up("c0").expect("up");
+        ctr.set_link(
+            "c1",
+            &LinkSettings {
+                up: true,
+                mac: Some(CONTAINER_MAC),
+                ..Default::default()
+            },
+        )
+        .expect("c1 up");
+        ctr.add_address("c1", "10.18.0.2/26")
+            .expect("address")
+            .keep();
+        ctr.add_route(&Route::default_dev("c1", false))
+            .expect("default route")
+            .keep();
+        Lab {
+            pin_dir: PinDir::new("attach"),
+            ctr,
+            node,
+        }
     }
 
     /// What a starting NetManager does: load, adopt the pins, attach.
     fn open(&self, uplink: &str, mode: AttachMode) -> Dataplane {
         let cfg = DataplaneConfig {
-            pin_dir: self.pin_dir.clone(),
+            pin_dir: self.pin_dir.to_path_buf(),
             uplink: uplink.to_string(),
             node_ip: IpAddr::V4(NODE),
             tunnel_port: 50103,
@@ -121,54 +135,56 @@ impl Lab {
             trusted_peers: Vec::new(),
             flows_per_container: 0,
         };
-        in_netns(&self.node, || {
-            let dp = Dataplane::open(&cfg).expect("opening the dataplane");
-            dp.upsert_instance(
-                "10.18.0.2".parse().unwrap(),
-                InstanceEntry {
-                    instance_ip: Some("10.30.0.3".parse().unwrap()),
-                    node_ip: IpAddr::V4(NODE),
-                    node_port: 50103,
-                    local: Some(LocalPort {
-                        ifindex: ifindex("c0"),
-                        mac: CONTAINER_MAC,
-                    }),
-                },
-            )
-            .expect("writing the container's entry");
-            // The sender of the stream's datagrams, on the peer node: only
-            // that node's datagrams are accepted for it.
-            dp.upsert_instance(
-                "10.18.0.130".parse().unwrap(),
-                InstanceEntry {
-                    instance_ip: Some("10.30.0.5".parse().unwrap()),
-                    node_ip: IpAddr::V4(PEER_NODE),
-                    node_port: 50103,
-                    local: None,
-                },
-            )
-            .expect("writing the sender's entry");
-            dp
-        })
+        self.node
+            .within(|| {
+                let dp = Dataplane::open(&cfg).expect("opening the dataplane");
+                dp.upsert_instance(
+                    "10.18.0.2".parse().unwrap(),
+                    InstanceEntry {
+                        instance_ip: Some("10.30.0.3".parse().unwrap()),
+                        node_ip: IpAddr::V4(NODE),
+                        node_port: 50103,
+                        local: Some(LocalPort {
+                            ifindex: ifindex("c0"),
+                            mac: CONTAINER_MAC,
+                        }),
+                    },
+                )
+                .expect("writing the container's entry");
+                // The sender of the stream's datagrams, on the peer node: only
+                // that node's datagrams are accepted for it.
+                dp.upsert_instance(
+                    "10.18.0.130".parse().unwrap(),
+                    InstanceEntry {
+                        instance_ip: Some("10.30.0.5".parse().unwrap()),
+                        node_ip: IpAddr::V4(PEER_NODE),
+                        node_port: 50103,
+                        local: None,
+                    },
+                )
+                .expect("writing the sender's entry");
+                dp
+            })
+            .expect("inside the node")
     }
 
     /// The node address leaves `from` for `to`.
     fn move_address(&self, from: &str, to: &str) {
-        for (op, dev) in [("del", from), ("add", to)] {
-            self.node
-                .ip(&["addr", op, NODE_CIDR, "dev", dev])
-                .unwrap_or_else(|| panic!("ip addr {op} {NODE_CIDR} dev {dev}"));
-        }
+        self.node.del_address(from, NODE_CIDR).expect("address off");
+        self.node
+            .add_address(to, NODE_CIDR)
+            .expect("address on")
+            .keep();
     }
 
     fn attached(&self, ifname: &str) -> Vec<(String, String, u32)> {
-        common::ingress_programs(&self.node, ifname)
+        attach_support::ingress_programs(&self.node, ifname)
     }
 
     /// Exactly one program on `ifname`'s ingress: `uplink_ingress`,
     /// attached in `mode`; its id.
     fn assert_one_uplink_program(&self, ifname: &str, mode: AttachMode) -> u32 {
-        let hook = common::hook_of(mode.as_str());
+        let hook = attach_support::hook_of(mode.as_str());
         let got = self.attached(ifname);
         assert_eq!(got.len(), 1, "programs on {ifname}: {got:?}");
         assert_eq!(
@@ -247,9 +263,10 @@ impl Stream {
         let sent = Arc::new(Mutex::new(0u32));
         let received = Arc::new(Mutex::new(BTreeSet::new()));
         let uplink = uplink.to_string();
-        let sock = in_netns(&lab.ctr, || {
-            UdpSocket::bind(("0.0.0.0", PORT)).expect("binding in the container")
-        });
+        let sock = lab
+            .ctr
+            .within(|| UdpSocket::bind(("0.0.0.0", PORT)).expect("binding in the container"))
+            .expect("inside the container");
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let rx = {
@@ -270,16 +287,11 @@ impl Stream {
                 }
             })
         };
-        let node_path = lab.node.path();
         let tx = {
             let (stop, sent) = (stop.clone(), sent.clone());
+            let node = (*lab.node).clone();
             std::thread::spawn(move || {
-                let file = File::open(node_path).expect("node namespace");
-                // SAFETY: a valid namespace descriptor; this thread only.
-                assert_eq!(
-                    unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                    0
-                );
+                node.enter_this_thread().expect("into the node namespace");
                 let mut seq = 0u32;
                 let (wire, mac) = if uplink == "up0" {
                     ("up1", [0x02, 0, 0xc6, 0x33, 0x64, 0x01])
@@ -325,7 +337,7 @@ impl Stream {
     /// Lets `n` more datagrams go out.
     fn wait_for(&self, n: u32) {
         let target = self.sent() + n;
-        common::wait_until("datagrams to be sent", Duration::from_secs(60), || {
+        wait_until("datagrams to be sent", Duration::from_secs(60), || {
             self.sent() >= target
         });
     }
@@ -351,12 +363,8 @@ impl Stream {
 
 /// Restarting in the same mode replaces the program in place, datagram
 /// for datagram, and never adds a second one.
-#[test]
-fn restarts_replace_the_programs_without_losing_a_datagram() {
-    if !require_root("restarts_replace_the_programs_without_losing_a_datagram") {
-        return;
-    }
-    for mode in modes() {
+fn restarts_replace_the_programs_without_losing_a_datagram(mode: AttachMode) {
+    {
         let lab = Lab::new();
         let mut dp = lab.open("up0", mode);
         let mut id = lab.assert_one_uplink_program("up0", mode);
@@ -388,17 +396,7 @@ fn restarts_replace_the_programs_without_losing_a_datagram() {
 
 /// A restart in the other mode takes over from the previous mode's
 /// attachment and removes it: one program, no lost datagram.
-#[test]
 fn switching_modes_across_a_restart_leaves_one_program() {
-    if !require_root("switching_modes_across_a_restart_leaves_one_program") {
-        return;
-    }
-    if !kernel_support::probe().tcx {
-        eprintln!(
-            "SKIP switching_modes_across_a_restart_leaves_one_program: no TCX on this kernel"
-        );
-        return;
-    }
     let lab = Lab::new();
     let mut dp = lab.open("up0", AttachMode::Tcx);
     lab.assert_one_uplink_program("up0", AttachMode::Tcx);
@@ -420,22 +418,21 @@ fn switching_modes_across_a_restart_leaves_one_program() {
 /// the new uplink only, and datagrams arriving there are delivered. (A
 /// stream across the move, with the route events that drive it, is in
 /// `overlay_lifecycle.rs`.)
-#[test]
-fn the_uplink_program_follows_the_uplink() {
-    if !require_root("the_uplink_program_follows_the_uplink") {
-        return;
-    }
-    for mode in modes() {
+fn the_uplink_program_follows_the_uplink(mode: AttachMode) {
+    {
         let lab = Lab::new();
         let dp = lab.open("up0", mode);
         let stream = Stream::start(&lab, "up0");
         stream.wait_for(BURST);
         stream.finish();
         lab.move_address("up0", "up2");
-        in_netns(&lab.node, || dp.set_uplink("up2", IpAddr::V4(NODE))).expect("moving the uplink");
+        lab.node
+            .within(|| dp.set_uplink("up2", IpAddr::V4(NODE)))
+            .expect("inside the node")
+            .expect("moving the uplink");
         // The address watch and the move may come in either order; both
         // leave the program where the address and the uplink are.
-        common::wait_until("the program to leave up0", Duration::from_secs(10), || {
+        wait_until("the program to leave up0", Duration::from_secs(10), || {
             lab.attached("up0").is_empty()
         });
         lab.assert_one_uplink_program("up2", mode);
@@ -463,19 +460,19 @@ fn the_uplink_program_follows_the_uplink() {
 /// The default route moves to `up2` while `up0` keeps its address (both
 /// links up, another one preferred): `up0` still receives -- peers may
 /// send to that address -- and each interface has exactly one program.
-#[test]
-fn an_old_uplink_with_an_address_keeps_receiving() {
-    if !require_root("an_old_uplink_with_an_address_keeps_receiving") {
-        return;
-    }
-    for mode in modes() {
+fn an_old_uplink_with_an_address_keeps_receiving(mode: AttachMode) {
+    {
         let lab = Lab::new();
         lab.node
-            .ip(&["addr", "add", "198.51.100.11/24", "dev", "up2"])
-            .unwrap();
+            .add_address("up2", "198.51.100.11/24")
+            .expect("second address")
+            .keep();
         let dp = lab.open("up0", mode);
         let second = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 11));
-        in_netns(&lab.node, || dp.set_uplink("up2", second)).expect("moving the uplink");
+        lab.node
+            .within(|| dp.set_uplink("up2", second))
+            .expect("inside the node")
+            .expect("moving the uplink");
         lab.assert_one_uplink_program("up0", mode);
         lab.assert_one_uplink_program("up2", mode);
         let stream = Stream::start(&lab, "up0");
@@ -487,18 +484,15 @@ fn an_old_uplink_with_an_address_keeps_receiving() {
 
 /// What was attached to an interface that went away while NetManager was
 /// down leaves no pin behind (links and filters go with the interface).
-#[test]
-fn pins_of_vanished_interfaces_are_dropped() {
-    if !require_root("pins_of_vanished_interfaces_are_dropped") {
-        return;
-    }
-    for mode in modes() {
+fn pins_of_vanished_interfaces_are_dropped(mode: AttachMode) {
+    {
         let lab = Lab::new();
-        lab.node
-            .ip(&["link", "add", "cx0", "type", "veth", "peer", "name", "cx1"])
-            .unwrap();
+        lab.node.add_veth("cx0", "cx1", None).expect("veth").keep();
         let dp = lab.open("up0", mode);
-        in_netns(&lab.node, || dp.attach_container("cx0")).unwrap();
+        lab.node
+            .within(|| dp.attach_container("cx0"))
+            .expect("inside the node")
+            .unwrap();
         let dir = if mode == AttachMode::Netlink {
             "tc"
         } else {
@@ -507,7 +501,7 @@ fn pins_of_vanished_interfaces_are_dropped() {
         let pin = lab.pin_dir.join(dir).join("container_egress@cx0");
         assert!(pin.exists(), "{}", pin.display());
         drop(dp);
-        lab.node.ip(&["link", "del", "cx0"]).unwrap();
+        lab.node.del_link("cx0").expect("cx0 removed");
         let dp = lab.open("up0", mode);
         assert!(!pin.exists(), "{} left behind", pin.display());
         lab.assert_one_uplink_program("up0", mode);

@@ -2,13 +2,28 @@
 //! command line's precedence over them, and the daemon's refusal to start
 //! on an invalid one.
 
-mod common;
-
 use std::process::Command;
+use std::time::Duration;
 
 use netmanager::config::{self, NetConfig, TunConfig};
+use testkit::{ClusterDouble, Mosquitto, NetManager, Node, Proc, temp_dir, wait_until};
 
-#[test]
+testkit::main! {
+    upstream_default_file: [],
+    every_property: [],
+    invalid_values_name_file_and_field: [],
+    daemon_refuses_an_invalid_config: [Root],
+    cli_version_and_help: [],
+    every_environment_variable_is_a_flag: [],
+    dataplane_table_sizes_are_configurable: [],
+    default_state_and_pins_are_per_network_namespace: [Root],
+    attach_mode_and_discovery_url_on_the_command_line: [],
+    settings_take_flags_then_files_then_defaults: [],
+    upstream_tuncfg_files: [],
+    invalid_tuncfg_names_file_and_field: [],
+    a_service_range_over_the_container_subnet_is_refused: [Root, Mosquitto],
+}
+
 fn upstream_default_file() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/netcfg.json");
     let c = NetConfig::load(&path).unwrap();
@@ -18,7 +33,6 @@ fn upstream_default_file() {
     assert!(c.node_public_address.is_none() && c.cluster_url.is_none());
 }
 
-#[test]
 fn every_property() {
     let c = NetConfig::parse(
         r#"{"NodePublicAddress":"198.51.100.3","NodePublicPort":"50200","ClusterUrl":"cluster.example",
@@ -36,9 +50,9 @@ fn every_property() {
     assert_eq!(c.mqtt_key.unwrap().to_str(), Some("/etc/k.pem"));
 }
 
-#[test]
 fn invalid_values_name_file_and_field() {
-    let dir = common::TempDir::new();
+    let dir = temp_dir();
+    let dir = dir.path();
     for (body, field) in [
         (r#"{"ClusterMqttPort": "abc"}"#, "ClusterMqttPort"),
         (r#"{"NodePublicPort": 70000}"#, "NodePublicPort"),
@@ -46,7 +60,7 @@ fn invalid_values_name_file_and_field() {
         (r#"{"Debug": "maybe"}"#, "Debug"),
         (r#"{"MqttCert": "/c.pem"}"#, "MqttKey"),
     ] {
-        let p = dir.path("netcfg.json");
+        let p = dir.join("netcfg.json");
         std::fs::write(&p, body).unwrap();
         let e = format!("{:#}", NetConfig::load(&p).unwrap_err());
         assert!(
@@ -54,29 +68,26 @@ fn invalid_values_name_file_and_field() {
             "{body}: {e}"
         );
     }
-    let p = dir.path("broken.json");
+    let p = dir.join("broken.json");
     std::fs::write(&p, "{\n \"Debug\": tru").unwrap();
     let e = format!("{:#}", NetConfig::load(&p).unwrap_err());
     assert!(e.contains("broken.json") && e.contains("line 2"), "{e}");
     // Absent file: defaults.
     assert_eq!(
-        NetConfig::load(&dir.path("absent.json")).unwrap(),
+        NetConfig::load(&dir.join("absent.json")).unwrap(),
         NetConfig::default()
     );
 }
 
-#[test]
 fn daemon_refuses_an_invalid_config() {
-    if !common::require_root("daemon_refuses_an_invalid_config") {
-        return;
-    }
-    let dir = common::TempDir::new();
-    let p = dir.path("netcfg.json");
+    let dir = temp_dir();
+    let dir = dir.path();
+    let p = dir.join("netcfg.json");
     std::fs::write(&p, r#"{"NodePublicPort": "x"}"#).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_NetManager"))
         .env("NETMANAGER_CONFIG", &p)
-        .env("NETMANAGER_SOCKET", dir.path("s.sock"))
-        .env("NETMANAGER_STATE", dir.path("state.json"))
+        .env("NETMANAGER_SOCKET", dir.join("s.sock"))
+        .env("NETMANAGER_STATE", dir.join("state.json"))
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -85,10 +96,9 @@ fn daemon_refuses_an_invalid_config() {
         err.contains("NodePublicPort") && err.contains("netcfg.json"),
         "{err}"
     );
-    assert!(!dir.path("s.sock").exists());
+    assert!(!dir.join("s.sock").exists());
 }
 
-#[test]
 fn cli_version_and_help() {
     let out = Command::new(env!("CARGO_BIN_EXE_NetManager"))
         .arg("version")
@@ -116,7 +126,6 @@ fn cli_version_and_help() {
     let _ = config::DEFAULT_SOCKET_PATH;
 }
 
-#[test]
 fn every_environment_variable_is_a_flag() {
     use clap::Parser;
     use netmanager::cli::Cli;
@@ -141,10 +150,10 @@ fn every_environment_variable_is_a_flag() {
         "TUN_MTU_SIZE",
         "NETMANAGER_ADDRESS_CHECK_SECS",
         "NETMANAGER_MQTT_CA",
+        "OAKESTRA_LOG_FORMAT",
         "NETMANAGER_ATTACH_MODE",
         "NETMANAGER_PUBLIC_IP_URL",
         "NETMANAGER_TUN_CONFIG",
-        "OAKESTRA_LOG_FORMAT",
     ] {
         assert!(help.contains(var), "{var} missing from --help:\n{help}");
     }
@@ -160,7 +169,6 @@ fn every_environment_variable_is_a_flag() {
     );
 }
 
-#[test]
 fn dataplane_table_sizes_are_configurable() {
     let c = NetConfig::parse(
         r#"{"FlowTableSize":1048576,"ServiceTableSize":"100000","BackendTableSize":200000,
@@ -181,26 +189,22 @@ fn dataplane_table_sizes_are_configurable() {
 
 /// Two NetManagers in two network namespaces with default paths never share
 /// a state file, a pin directory or a socket.
-#[test]
 fn default_state_and_pins_are_per_network_namespace() {
-    if !common::require_root("default_state_and_pins_are_per_network_namespace") {
-        return;
-    }
-    let dir = common::TempDir::new();
-    let (a, b) = (common::Netns::node(1), common::Netns::node(2));
+    let dir = temp_dir();
+    let dir = dir.path();
+    let (a, b) = (Node::standalone(1).unwrap(), Node::standalone(2).unwrap());
     let mut seen = Vec::new();
-    for (ns, tag) in [(&a, "a"), (&b, "b")] {
-        let log = dir.path(&format!("{tag}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_NetManager"));
-        cmd.env("NETMANAGER_CONFIG", dir.path("absent.json"))
+    for (node, tag) in [(&a, "a"), (&b, "b")] {
+        let log = dir.join(format!("{tag}.log"));
+        let mut cmd = node.ns.command(env!("CARGO_BIN_EXE_NetManager")).unwrap();
+        cmd.env("NETMANAGER_CONFIG", dir.join("absent.json"))
             .env_remove("NETMANAGER_SOCKET")
             .env_remove("NETMANAGER_STATE")
             .env_remove("NETMANAGER_BPF_DIR")
             .env("RUST_LOG", "info")
             .stderr(std::fs::File::create(&log).unwrap());
-        ns.enter(&mut cmd);
-        let mut child = common::Proc(cmd.spawn().unwrap());
-        common::wait_until("start", std::time::Duration::from_secs(10), || {
+        let mut child = Proc::spawn("NetManager", cmd).unwrap();
+        wait_until("start", Duration::from_secs(10), || {
             std::fs::read_to_string(&log).is_ok_and(|t| t.contains("listening"))
         });
         child.kill9();
@@ -226,7 +230,6 @@ fn default_state_and_pins_are_per_network_namespace() {
     );
 }
 
-#[test]
 fn attach_mode_and_discovery_url_on_the_command_line() {
     use clap::Parser;
     use netmanager::cli::Cli;
@@ -256,13 +259,12 @@ fn attach_mode_and_discovery_url_on_the_command_line() {
 /// default. The MTU: the flag, else tuncfg.json's, else 1450. The tunnel
 /// port: tuncfg.json's TunnelPort, else 50103 (NodePublicPort is only
 /// advertised: behind NAT the router's port).
-#[test]
 fn settings_take_flags_then_files_then_defaults() {
     use clap::Parser;
     use netmanager::cli::Cli;
-    let dir = common::TempDir::new();
-    let net = dir.path("netcfg.json");
-    let tun = dir.path("tuncfg.json");
+    let dir = temp_dir();
+    let net = dir.path().join("netcfg.json");
+    let tun = dir.path().join("tuncfg.json");
     let parse = |extra: &[&str]| {
         let mut args = vec![
             "NetManager",
@@ -318,7 +320,6 @@ fn settings_take_flags_then_files_then_defaults() {
 
 /// Upstream's sample file (`config/tuncfg.json`) and the keys of its Go
 /// struct, matched without regard to case as Go's decoder does.
-#[test]
 fn upstream_tuncfg_files() {
     let sample = r#"{
       "HostTUNDeviceName": "goProxyTun",
@@ -368,9 +369,8 @@ fn upstream_tuncfg_files() {
     assert_eq!(TunConfig::parse("{}").unwrap(), TunConfig::default());
 }
 
-#[test]
 fn invalid_tuncfg_names_file_and_field() {
-    let dir = common::TempDir::new();
+    let dir = temp_dir();
     for (body, words) in [
         (r#"{"TunnelPort": "port"}"#, &["TunnelPort"][..]),
         (r#"{"tunnelport": 0}"#, &["tunnelport"][..]),
@@ -389,7 +389,7 @@ fn invalid_tuncfg_names_file_and_field() {
         ),
         (r#"[1]"#, &["object"][..]),
     ] {
-        let p = dir.path("tuncfg.json");
+        let p = dir.path().join("tuncfg.json");
         std::fs::write(&p, body).unwrap();
         let e = format!("{:#}", TunConfig::load(&p).unwrap_err());
         assert!(e.contains("tuncfg.json"), "{body}: {e}");
@@ -398,28 +398,27 @@ fn invalid_tuncfg_names_file_and_field() {
         }
     }
     assert_eq!(
-        TunConfig::load(&dir.path("absent.json")).unwrap(),
+        TunConfig::load(&dir.path().join("absent.json")).unwrap(),
         TunConfig::default()
     );
 }
 
 /// Upstream's built-in IPv6 proxy range fc00::/7 holds the node's own
 /// container subnet: registering with it is refused, saying why.
-#[test]
 fn a_service_range_over_the_container_subnet_is_refused() {
-    if !common::require_root("a_service_range_over_the_container_subnet_is_refused") {
-        return;
-    }
-    let dir = common::TempDir::new();
-    let node = common::Netns::node(1);
-    std::fs::write(
-        dir.path("tuncfg.json"),
-        r#"{"ProxySubnetworkIPv6": "fc00::", "ProxySubnetworkIPv6Prefix": 7}"#,
-    )
-    .unwrap();
-    let broker = common::Broker::start(&dir, Some(&node));
-    let _csm = common::ClusterDouble::start(broker.port, Some(&node), ("10.18.0.64", "fc00::40"));
-    let nm = common::Daemon::start(&dir, &node, broker.port);
+    let dir = temp_dir();
+    let node = Node::standalone(1).expect("node namespace");
+    let broker = Mosquitto::in_netns(&node.ns, "127.0.0.1", 1883, dir.path()).expect("mosquitto");
+    let csm = ClusterDouble::options(broker.endpoint())
+        .start()
+        .expect("cluster double");
+    csm.pin_subnet("6650aa00bb22cc33dd440c01", "10.18.0.64", "fc00::40");
+    let nm = NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
+        .tun_config(
+            serde_json::json!({"ProxySubnetworkIPv6": "fc00::", "ProxySubnetworkIPv6Prefix": 7}),
+        )
+        .start()
+        .expect("NetManager");
     let (code, body) = nm.post(
         "/register",
         r#"{"client_id":"6650aa00bb22cc33dd440c01","cluster_address":"127.0.0.1"}"#,

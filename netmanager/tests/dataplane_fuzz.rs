@@ -27,7 +27,6 @@ mod packet_support;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -37,6 +36,11 @@ use netmanager::dataplane::{
     SLOW_PATH_PROGRAM, ServiceKind, UPLINK_PROGRAM,
 };
 use packet_support::*;
+use testkit::PinDir;
+
+testkit::main! {
+    generated_frames_keep_the_dataplane_invariants: [Root, Bpffs],
+}
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -61,15 +65,6 @@ const DEFAULT_SEED: u64 = 0x5eed_0a4e_57a5;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-/// Removes the pin directory on drop.
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// What the dataplane was told, for the oracle.
@@ -101,7 +96,7 @@ fn in_service_range(a: IpAddr) -> bool {
 /// 2001:db8::1) inside `netns`.
 fn dataplane(pin_dir: &PinDir, netns: &FibNetns) -> (Dataplane, World) {
     let cfg = DataplaneConfig {
-        pin_dir: pin_dir.0.clone(),
+        pin_dir: pin_dir.to_path_buf(),
         uplink: String::new(),
         node_ip: IpAddr::V4(NODE),
         tunnel_port: 50103,
@@ -777,19 +772,10 @@ fn env_u64(name: &str, default: u64) -> u64 {
     }
 }
 
-#[test]
 fn generated_frames_keep_the_dataplane_invariants() {
-    if !worker_common::privileges::is_root() {
-        eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
-        return;
-    }
     let frames = env_u64("OAK_FUZZ_FRAMES", DEFAULT_FRAMES);
     let seed = env_u64("OAK_FUZZ_SEED", DEFAULT_SEED);
-    let pin_dir = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/oak-fuzz-{}",
-        std::process::id()
-    )));
-    let _ = std::fs::remove_dir_all(&pin_dir.0);
+    let pin_dir = PinDir::new("fuzz");
     // A namespace of its own with a known underlay: the FIB's answers
     // (routes, neighbours, sources) are the same on every machine.
     let netns = FibNetns::enter("fuzz");

@@ -8,7 +8,7 @@
 mod packet_support;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use aya::programs::TestRunOptions;
@@ -17,25 +17,20 @@ use netmanager::dataplane::{
 };
 use netmanager_common::{Addr, Counter, FlowKey, maps};
 use packet_support::*;
+use testkit::PinDir;
+
+testkit::main! {
+    a_restart_adopts_the_pins_and_a_new_size_keeps_the_flows: [Root, Bpffs, Bpftool],
+    pins_of_an_older_version_are_migrated_or_recreated: [Root, Bpffs, Bpftool],
+    pins_with_another_entry_layout_are_refused_and_left_alone: [Root, Bpffs, Bpftool],
+}
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn pin_dir(name: &str) -> PinDir {
-    let p = PathBuf::from(format!(
-        "/sys/fs/bpf/oak-pins-{}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    PinDir(p)
+    let p = PinDir::new(&format!("pins-{name}-"));
+    std::fs::create_dir_all(p.path()).unwrap();
+    p
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -175,51 +170,35 @@ fn hex_bytes(b: &[u8]) -> Vec<String> {
     b.iter().map(|x| x.to_string()).collect()
 }
 
-fn is_root() -> bool {
-    if !worker_common::privileges::is_root() {
-        eprintln!("skipped: pinned maps need root");
-        return false;
-    }
-    true
-}
-
-#[test]
 fn a_restart_adopts_the_pins_and_a_new_size_keeps_the_flows() {
-    if !is_root() {
-        return;
-    }
     let pins = pin_dir("adopt");
     // A known underlay: the FIB finds the way to the backend's node.
     let _netns = FibNetns::enter("pins-adopt");
-    let dp = Dataplane::open(&config(&pins.0, 1024)).unwrap();
+    let dp = Dataplane::open(&config(&pins, 1024)).unwrap();
     tables(&dp);
     open_flow(&dp, 1000);
-    let before = layout(&pins.0.join(maps::FLOWS));
+    let before = layout(&pins.join(maps::FLOWS));
     drop(dp);
 
-    let dp = Dataplane::open(&config(&pins.0, 1024)).unwrap();
+    let dp = Dataplane::open(&config(&pins, 1024)).unwrap();
     assert!(dp.flow(&flow_key(1000)).unwrap().is_some(), "adopted");
-    assert_eq!(layout(&pins.0.join(maps::FLOWS)), before);
+    assert_eq!(layout(&pins.join(maps::FLOWS)), before);
     drop(dp);
 
     // FlowTableSize changed: a bigger map, the flow copied over.
-    let dp = Dataplane::open(&config(&pins.0, 4096)).unwrap();
-    assert_eq!(layout(&pins.0.join(maps::FLOWS)).3, 4096);
-    assert_eq!(layout(&pins.0.join(maps::REVERSE_FLOWS)).3, 4096);
+    let dp = Dataplane::open(&config(&pins, 4096)).unwrap();
+    assert_eq!(layout(&pins.join(maps::FLOWS)).3, 4096);
+    assert_eq!(layout(&pins.join(maps::REVERSE_FLOWS)).3, 4096);
     assert!(dp.flow(&flow_key(1000)).unwrap().is_some(), "migrated");
     // ... and it still counts against its container.
     assert_eq!(dp.flow_counts(1).unwrap(), (1, 0));
-    assert!(!pins.0.join("FLOWS-replaced").exists());
+    assert!(!pins.join("FLOWS-replaced").exists());
 }
 
-#[test]
 fn pins_of_an_older_version_are_migrated_or_recreated() {
-    if !is_root() {
-        return;
-    }
     let pins = pin_dir("older");
     let _netns = FibNetns::enter("pins-older");
-    let at = |m: &str| pins.0.join(m).to_string_lossy().into_owned();
+    let at = |m: &str| pins.join(m).to_string_lossy().into_owned();
     // As the version with LRU flow tables, 19 counters and a 104-byte
     // CONFIG left them: a flow of the client and a count.
     bpftool(&[
@@ -312,20 +291,20 @@ fn pins_of_an_older_version_are_migrated_or_recreated() {
     ]);
     bpftool(&args);
 
-    let dp = Dataplane::open(&config(&pins.0, 1024)).unwrap();
+    let dp = Dataplane::open(&config(&pins, 1024)).unwrap();
     assert_eq!(
-        layout(&pins.0.join(maps::FLOWS)).0,
+        layout(&pins.join(maps::FLOWS)).0,
         "hash",
         "no longer evicting"
     );
-    assert_eq!(layout(&pins.0.join(maps::REVERSE_FLOWS)).0, "hash");
+    assert_eq!(layout(&pins.join(maps::REVERSE_FLOWS)).0, "hash");
     let flow = dp
         .flow(&flow_key(2000))
         .unwrap()
         .expect("the flow was copied over");
     assert_eq!(flow.backend, Addr::from_v4_octets([10, 18, 0, 130]));
     assert_eq!(
-        layout(&pins.0.join(maps::COUNTERS)).3,
+        layout(&pins.join(maps::COUNTERS)).3,
         Counter::COUNT as u64,
         "room for every counter"
     );
@@ -333,7 +312,7 @@ fn pins_of_an_older_version_are_migrated_or_recreated() {
     let counted = dp.counters().unwrap();
     assert_eq!(counted[Counter::Tunnelled as usize].1, 42 * per_cpu, "kept");
     assert_eq!(
-        layout(&pins.0.join(maps::CONFIG)).2,
+        layout(&pins.join(maps::CONFIG)).2,
         size_of::<netmanager_common::Config>() as u64,
         "recreated"
     );
@@ -342,22 +321,18 @@ fn pins_of_an_older_version_are_migrated_or_recreated() {
     open_flow(&dp, 2001);
     assert!(dp.flow(&flow_key(2001)).unwrap().is_some());
     for name in [maps::FLOWS, maps::COUNTERS, maps::CONFIG] {
-        assert!(!pins.0.join(format!("{name}-replaced")).exists(), "{name}");
+        assert!(!pins.join(format!("{name}-replaced")).exists(), "{name}");
     }
 }
 
-#[test]
 fn pins_with_another_entry_layout_are_refused_and_left_alone() {
-    if !is_root() {
-        return;
-    }
     let pins = pin_dir("foreign");
-    let flows = pins.0.join(maps::FLOWS).to_string_lossy().into_owned();
+    let flows = pins.join(maps::FLOWS).to_string_lossy().into_owned();
     bpftool(&[
         "map", "create", &flows, "type", "hash", "key", "40", "value", "48", "entries", "1024",
         "name", "FLOWS",
     ]);
-    let e = Dataplane::open(&config(&pins.0, 1024))
+    let e = Dataplane::open(&config(&pins, 1024))
         .err()
         .expect("a FLOWS with 48-byte values is refused");
     let text = format!("{e:#}");
@@ -365,7 +340,7 @@ fn pins_with_another_entry_layout_are_refused_and_left_alone() {
         text.contains("FLOWS: value size 48 (this NetManager: 40)"),
         "{text}"
     );
-    assert!(text.contains(&pins.0.display().to_string()), "{text}");
+    assert!(text.contains(&pins.display().to_string()), "{text}");
     assert_eq!(
         layout(Path::new(&flows)),
         ("hash".to_string(), 40, 48, 1024),
@@ -373,5 +348,5 @@ fn pins_with_another_entry_layout_are_refused_and_left_alone() {
     );
     // Nothing else was changed either: removing the pin is all it takes.
     std::fs::remove_file(&flows).unwrap();
-    Dataplane::open(&config(&pins.0, 1024)).unwrap();
+    Dataplane::open(&config(&pins, 1024)).unwrap();
 }

@@ -12,10 +12,8 @@
 //! `cargo xtask test --full`, on Debian 12's 6.1 (where aya attaches through
 //! classic tc, as TCX arrived in 6.6).
 
-mod common;
 mod packet_support;
 
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -23,7 +21,6 @@ use std::time::Duration;
 
 use aya::EbpfLoader;
 use aya::programs::{SchedClassifier, TcAttachType, tc};
-use common::{Netns, require_root};
 use netmanager::dataplane::{
     Dataplane, DataplaneConfig, EBPF_OBJECT, InstanceEntry, LocalPort, MAP_NAMES, MapSizes,
     UPLINK_PROGRAM,
@@ -31,6 +28,12 @@ use netmanager::dataplane::{
 use netmanager::kernel_support;
 use netmanager_common::DECAP_L3_FLAG_GLOBAL;
 use packet_support::*;
+use testkit::netlink::{LinkSettings, Route};
+use testkit::{Netns, PinDir};
+
+testkit::main! {
+    decapsulated_v4_and_v6_packets_reach_the_containers_socket: [Root, Bpffs],
+}
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const PEER_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
@@ -40,29 +43,9 @@ const UPLINK_MAC: [u8; 6] = [0x02, 0, 0xc6, 0x33, 0x64, 0x01];
 const CONTAINER_MAC: [u8; 6] = [0x02, 0, 0x0a, 0x12, 0, 0x02];
 const PORT: u16 = 6000;
 
-/// Removes the pin directory on drop.
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs `f` on a thread inside `ns` (setns affects only that thread);
-/// sockets it creates stay in `ns`.
+/// Runs `f` on a thread inside `ns`; sockets it creates stay in `ns`.
 fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = File::open(ns.path()).expect("namespace file");
-            // SAFETY: a valid namespace descriptor; affects this thread only.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("namespace thread")
-    })
+    ns.within(f).expect("a thread inside the namespace")
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -112,33 +95,41 @@ fn send_frame(ifname: &str, frame: &[u8]) {
 /// Node namespace with uplink veth `up0` (peer `up1`, our wire) and the
 /// host end `c0` of a container veth whose other end `c1` lives in `ctr`.
 fn topology(node: &Netns, ctr: &Netns) {
-    let n = |args: &[&str]| {
-        node.ip(args)
-            .unwrap_or_else(|| panic!("ip {args:?} in node"))
-    };
-    let c = |args: &[&str]| {
-        ctr.ip(args)
-            .unwrap_or_else(|| panic!("ip {args:?} in container"))
-    };
-    n(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
-    n(&["link", "set", "up0", "address", "02:00:c6:33:64:01"]);
-    n(&[
-        "link", "add", "c0", "type", "veth", "peer", "name", "c1", "netns", &ctr.name,
-    ]);
+    node.add_veth("up0", "up1", None).unwrap().keep();
+    node.set_link(
+        "up0",
+        &LinkSettings {
+            mac: Some(UPLINK_MAC),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    node.add_veth("c0", "c1", Some(ctr)).unwrap().keep();
     for dev in ["up0", "up1", "c0"] {
-        n(&["link", "set", dev, "up"]);
+        node.set_up(dev).unwrap();
     }
-    c(&["link", "set", "c1", "address", "02:00:0a:12:00:02"]);
-    c(&["addr", "add", "10.18.0.2/26", "dev", "c1"]);
-    c(&["addr", "add", "fc00::2/120", "dev", "c1", "nodad"]);
-    c(&["link", "set", "c1", "up"]);
-    c(&["route", "add", "default", "dev", "c1"]);
-    c(&["-6", "route", "add", "default", "dev", "c1"]);
+    ctr.set_link(
+        "c1",
+        &LinkSettings {
+            up: true,
+            mac: Some(CONTAINER_MAC),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    ctr.add_address("c1", "10.18.0.2/26").unwrap().keep();
+    ctr.add_address("c1", "fc00::2/120").unwrap().keep();
+    ctr.add_route(&Route::default_dev("c1", false))
+        .unwrap()
+        .keep();
+    ctr.add_route(&Route::default_dev("c1", true))
+        .unwrap()
+        .keep();
 }
 
 fn dataplane(pin_dir: &PinDir, c0: u32) -> Dataplane {
     let cfg = DataplaneConfig {
-        pin_dir: pin_dir.0.clone(),
+        pin_dir: pin_dir.to_path_buf(),
         uplink: String::new(),
         node_ip: IpAddr::V4(NODE),
         tunnel_port: 50103,
@@ -196,7 +187,7 @@ fn dataplane(pin_dir: &PinDir, c0: u32) -> Dataplane {
 /// with the decapsulation global set to `decap_l3`, attached to `up0`.
 fn attach_uplink(pin_dir: &PinDir, node: &Netns, decap_l3: u8) -> aya::Ebpf {
     let mut loader = EbpfLoader::new();
-    let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|m| (*m, pin_dir.0.join(m))).collect();
+    let pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|m| (*m, pin_dir.join(m))).collect();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -244,19 +235,11 @@ fn deliver(
     Some((buf[..n].to_vec(), from))
 }
 
-#[test]
 fn decapsulated_v4_and_v6_packets_reach_the_containers_socket() {
-    if !require_root("decap_delivery") {
-        return;
-    }
-    let node = Netns::new();
-    let ctr = Netns::new();
+    let node = Netns::new("node").unwrap();
+    let ctr = Netns::new("ctr").unwrap();
     topology(&node, &ctr);
-    let pin_dir = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/oak-decap-{}",
-        std::process::id()
-    )));
-    let _ = std::fs::remove_dir_all(&pin_dir.0);
+    let pin_dir = PinDir::new("decap");
     let c0 = in_netns(&node, || ifindex("c0"));
     let dp = dataplane(&pin_dir, c0);
 

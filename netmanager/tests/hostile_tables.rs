@@ -10,15 +10,17 @@
 //! writes the maps would); its status reports both the routes it wrote and
 //! the plane's entry counts.
 
-mod common;
-
-use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::*;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde_json::{Value, json};
+use testkit::runners::upstream_netcfg;
+use testkit::{ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, NsPath, wait_until};
+
+testkit::main! {
+    forged_answers_to_a_real_query_write_only_valid_entries: [Root, Mosquitto, Nft],
+    one_message_cannot_fill_the_tables_or_break_the_link: [Root, Mosquitto, Nft],
+}
 
 const NODE_ID: &str = "6650aa00bb22cc33dd440002";
 const JOB1: &str = "clientsrvr.test.curl.test";
@@ -27,22 +29,30 @@ const RESULT_TOPIC: &str = "nodes/6650aa00bb22cc33dd440002/net/tablequery/result
 
 /// Fields drop in order: daemon first, the directory with its log last.
 struct Env {
-    nm: Daemon,
+    nm: NetManager,
     csm: ClusterDouble,
-    broker: Broker,
-    node: Netns,
-    _dir: TempDir,
+    broker: Mosquitto,
+    node: Node,
+    _dir: tempfile::TempDir,
 }
 
 /// A registered node whose cluster double does not answer table queries:
 /// the test answers them.
 fn env(netcfg: Value) -> Env {
-    let dir = TempDir::new();
-    let node = Netns::node(1);
-    let broker = Broker::start(&dir, Some(&node));
-    let csm = ClusterDouble::start(broker.port, Some(&node), ("10.18.0.64", "fc00::40"));
-    csm.silent.store(true, Ordering::SeqCst);
-    let nm = Daemon::start_with(&dir, &node, broker.port, netcfg);
+    let dir = testkit::temp_dir();
+    let node = Node::standalone(1).expect("node namespace");
+    let broker = Mosquitto::in_netns(&node.ns, "127.0.0.1", 1883, dir.path()).expect("mosquitto");
+    let csm = ClusterDouble::options(broker.endpoint())
+        .start()
+        .expect("cluster double");
+    csm.pin_subnet(NODE_ID, "10.18.0.64", "fc00::40");
+    csm.answer_table_queries(false);
+    let nm = NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
+        .netcfg(upstream_netcfg(broker.port()))
+        .netcfg_with(netcfg)
+        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
+        .start()
+        .expect("NetManager");
     let (code, body) = nm.post(
         "/register",
         &json!({"client_id": NODE_ID, "cluster_address": "127.0.0.1"}).to_string(),
@@ -57,7 +67,7 @@ fn env(netcfg: Value) -> Env {
     }
 }
 
-fn deploy(nm: &Daemon, pid: u32, job: &str) -> (u16, Value) {
+fn deploy(nm: &NetManager, pid: u32, job: &str) -> (u16, Value) {
     nm.post(
         "/container/deploy",
         &json!({"pid": pid, "serviceName": job, "instanceNumber": 0, "portMappings": ""})
@@ -67,7 +77,7 @@ fn deploy(nm: &Daemon, pid: u32, job: &str) -> (u16, Value) {
 
 /// What the node wrote: (routes, plane instance entries, plane service
 /// entries, interests).
-fn tables(nm: &Daemon) -> (Value, u64, u64, Value) {
+fn tables(nm: &NetManager) -> (Value, u64, u64, Value) {
     let (_, st) = nm.get("/status");
     let count = |prefix: &str| {
         st["dataplane"]["maps"]
@@ -103,21 +113,15 @@ fn wait_query(csm: &ClusterDouble, job: &str, count: usize) {
 
 /// Publishes `payload` as any broker client could, whatever its size (the
 /// cluster double's client keeps rumqttc's 10 KiB default).
-fn publish_as_attacker(node: &Netns, port: u16, topic: &str, payload: Vec<u8>) {
-    let ns = std::fs::File::open(node.path()).expect("node netns");
+fn publish_as_attacker(node: &NsPath, port: u16, topic: &str, payload: Vec<u8>) {
     let topic = topic.to_string();
-    std::thread::spawn(move || {
-        // SAFETY: only this thread changes namespace; its socket lives there.
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+    node.within(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let mut opts = MqttOptions::new(unique("attacker"), "127.0.0.1", port);
+            let mut opts = MqttOptions::new(testkit::unique("attacker"), "127.0.0.1", port);
             opts.set_max_packet_size(8 << 20, 8 << 20);
             let (client, mut el) = AsyncClient::new(opts, 10);
             client
@@ -136,8 +140,7 @@ fn publish_as_attacker(node: &Netns, port: u16, topic: &str, payload: Vec<u8>) {
             let _ = client.disconnect().await;
         });
     })
-    .join()
-    .expect("attacker thread");
+    .expect("the attacker inside the node");
 }
 
 fn instance(n: u32, ns: &str, host: &str, sips: Value) -> Value {
@@ -148,13 +151,9 @@ fn instance(n: u32, ns: &str, host: &str, sips: Value) -> Value {
 /// An answer to the node's own query for JOB1: a wildcard job name is not
 /// taken (nor subscribed to), and of the real job's answer only the
 /// addresses inside the cluster's ranges are written.
-#[test]
 fn forged_answers_to_a_real_query_write_only_valid_entries() {
-    if !require_root("forged_answers_to_a_real_query_write_only_valid_entries") {
-        return;
-    }
     let e = env(json!({}));
-    let c1 = container();
+    let c1 = ContainerProcess::start().expect("a container");
     let (code, body) = deploy(&e.nm, c1.pid(), JOB1);
     assert_eq!(code, 200, "{body}");
     wait_query(&e.csm, JOB1, 1);
@@ -165,7 +164,9 @@ fn forged_answers_to_a_real_query_write_only_valid_entries() {
     for job in ["+", "#", "a/+"] {
         let forged = json!({"app_name": job, "query_key": JOB1, "instance_list": [
             instance(0, "10.18.5.2", "198.51.100.66", json!([{"IpType": "RR", "Address": "10.30.55.55"}]))]});
-        e.csm.publish(RESULT_TOPIC, &forged.to_string());
+        e.csm
+            .publish(RESULT_TOPIC, forged.to_string())
+            .expect("publish");
     }
     // Then the job's own name with hostile entries next to one valid one.
     let answer = json!({"app_name": JOB1, "query_key": JOB1, "instance_list": [
@@ -188,7 +189,9 @@ fn forged_answers_to_a_real_query_write_only_valid_entries() {
         instance(4, "10.18.0.133", "224.0.0.1", json!([{"IpType": "RR", "Address": "10.30.55.55"}])),
         instance(5, "10.18.0.134", "0.0.0.0", json!([{"IpType": "RR", "Address": "10.30.55.55"}])),
     ]});
-    e.csm.publish(RESULT_TOPIC, &answer.to_string());
+    e.csm
+        .publish(RESULT_TOPIC, answer.to_string())
+        .expect("publish");
     wait_until("JOB1 routes", Duration::from_secs(10), || {
         tables(&e.nm).0["jobs"] == json!([JOB1])
     });
@@ -214,13 +217,9 @@ fn forged_answers_to_a_real_query_write_only_valid_entries() {
 /// instances is refused whole, and the next deployment still gets its
 /// entries. A message above the link's 1 MiB limit costs a reconnect,
 /// nothing else: the node queries and routes again afterwards.
-#[test]
 fn one_message_cannot_fill_the_tables_or_break_the_link() {
-    if !require_root("one_message_cannot_fill_the_tables_or_break_the_link") {
-        return;
-    }
     let e = env(json!({"InstanceTableSize": 200}));
-    let c1 = container();
+    let c1 = ContainerProcess::start().expect("a container");
     let (code, body) = deploy(&e.nm, c1.pid(), JOB1);
     assert_eq!(code, 200, "{body}");
     wait_query(&e.csm, JOB1, 1);
@@ -238,8 +237,8 @@ fn one_message_cannot_fill_the_tables_or_break_the_link() {
         .collect();
     let flood = json!({"app_name": JOB1, "query_key": JOB1, "instance_list": list});
     publish_as_attacker(
-        &e.node,
-        e.broker.port,
+        &e.node.ns,
+        e.broker.port(),
         RESULT_TOPIC,
         flood.to_string().into_bytes(),
     );
@@ -261,7 +260,7 @@ fn one_message_cannot_fill_the_tables_or_break_the_link() {
         "no log line names the refusal"
     );
     // The next deployment finds room for its own entries.
-    let c2 = container();
+    let c2 = ContainerProcess::start().expect("a container");
     let (code, body) = deploy(&e.nm, c2.pid(), JOB2);
     assert_eq!(code, 200, "{body}");
     wait_until("JOB2's local entries", Duration::from_secs(10), || {
@@ -275,8 +274,8 @@ fn one_message_cannot_fill_the_tables_or_break_the_link() {
     let mut huge = flood.clone();
     huge["padding"] = json!("x".repeat(2 << 20));
     publish_as_attacker(
-        &e.node,
-        e.broker.port,
+        &e.node.ns,
+        e.broker.port(),
         RESULT_TOPIC,
         huge.to_string().into_bytes(),
     );
@@ -287,7 +286,7 @@ fn one_message_cannot_fill_the_tables_or_break_the_link() {
     });
     // And works: an update makes the node ask again, and a valid answer
     // is written.
-    e.csm.silent.store(false, Ordering::SeqCst);
+    e.csm.answer_table_queries(true);
     e.csm.set_table(
         JOB1,
         json!({"instance_list": [instance(1, "10.18.0.130", "198.51.100.2",

@@ -2,30 +2,64 @@
 //! `NOTIFY_SOCKET` this test owns, JSON logs, `config check` against a real
 //! broker and kernel, and `teardown` of a real eBPF dataplane.
 
-mod common;
-
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::*;
 use serde_json::{Value, json};
+use tempfile::TempDir;
+use testkit::process::{Signal, run, signal};
+use testkit::runners::upstream_netcfg;
+use testkit::{ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, PinDir, temp_dir};
 use worker_common::systemd::NotifyListener;
+
+testkit::main! {
+    ready_after_the_api_answers_then_watchdog_keepalives_and_json_logs: [Root],
+    config_check_reports_each_problem_and_its_exit_code: [Root, Bpffs, Mosquitto, Nft],
+    // In both attach modes: TCX links go with their pins, classic tc filters
+    // must be deleted one by one.
+    teardown_removes_pins_links_nft_table_and_bridge("tcx")
+        as tcx_teardown_removes_pins_links_nft_table_and_bridge:
+        [Root, Bpffs, Mosquitto, Nft, Bpftool, Tcx],
+    teardown_removes_pins_links_nft_table_and_bridge("netlink")
+        as netlink_teardown_removes_pins_links_nft_table_and_bridge:
+        [Root, Bpffs, Mosquitto, Nft, Bpftool],
+}
 
 const NODE_ID: &str = "6650aa00bb22cc33dd440077";
 
-fn netmanager(node: &Netns, dir: &TempDir) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_NetManager"));
-    cmd.env("NETMANAGER_CONFIG", dir.path("netcfg.json"))
-        .env("NETMANAGER_SOCKET", dir.path("nm.sock"))
-        .env("NETMANAGER_STATE", dir.path("state.json"))
-        .env("NETMANAGER_BPF_DIR", dir.path("no-bpf"))
+fn netmanager(node: &Node, dir: &TempDir) -> Command {
+    let mut cmd = node
+        .ns
+        .command(env!("CARGO_BIN_EXE_NetManager"))
+        .expect("a command in the node namespace");
+    cmd.env("NETMANAGER_CONFIG", dir.path().join("netcfg.json"))
+        .env("NETMANAGER_SOCKET", dir.path().join("nm.sock"))
+        .env("NETMANAGER_STATE", dir.path().join("state.json"))
+        .env("NETMANAGER_BPF_DIR", dir.path().join("no-bpf"))
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("JOURNAL_STREAM")
         .env_remove("OAKESTRA_LOG_FORMAT");
-    node.enter(&mut cmd);
     cmd
+}
+
+/// Kills the child if the test ends early.
+struct Stopper(Child);
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET path` on the API socket: status and JSON body.
+fn get(socket: &Path, path: &str) -> (u16, Value) {
+    let client = worker_common::http::blocking::Client::unix(socket).expect("an HTTP client");
+    let answer = client.get(path).expect("an answer");
+    (answer.status.as_u16(), answer.json().unwrap_or(Value::Null))
 }
 
 fn output(cmd: &mut Command) -> (Output, String) {
@@ -38,16 +72,12 @@ fn output(cmd: &mut Command) -> (Output, String) {
     (out, text)
 }
 
-#[test]
 fn ready_after_the_api_answers_then_watchdog_keepalives_and_json_logs() {
-    if !require_root("ready_after_the_api_answers") {
-        return;
-    }
-    let dir = TempDir::new();
-    let node = Netns::node(21);
-    std::fs::write(dir.path("netcfg.json"), "{}").unwrap();
-    let listener = NotifyListener::bind(&dir.path("notify")).expect("notify socket");
-    let stderr = std::fs::File::create(dir.path("stderr.log")).unwrap();
+    let dir = temp_dir();
+    let node = Node::standalone(21).expect("node namespace");
+    std::fs::write(dir.path().join("netcfg.json"), "{}").unwrap();
+    let listener = NotifyListener::bind(&dir.path().join("notify")).expect("notify socket");
+    let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
     let child = netmanager(&node, &dir)
         .args(["--no-dataplane", "--log-format", "json"])
         .env("NOTIFY_SOCKET", listener.path())
@@ -60,7 +90,7 @@ fn ready_after_the_api_answers_then_watchdog_keepalives_and_json_logs() {
         .spawn()
         .expect("start NetManager");
     // Killed if an assertion fails before the clean stop below.
-    let mut child = Proc(child);
+    let mut child = Stopper(child);
     let child = &mut child.0;
 
     let before = listener
@@ -73,7 +103,7 @@ fn ready_after_the_api_answers_then_watchdog_keepalives_and_json_logs() {
             .all(|m| !m.contains(&"READY=1".to_string())),
         "{before:?}"
     );
-    let (code, status) = http(&dir.path("nm.sock"), "GET", "/status", "");
+    let (code, status) = get(&dir.path().join("nm.sock"), "/status");
     assert_eq!(code, 200, "{status}");
     assert_eq!(status["registered"], json!(false));
     let ready = before.last().unwrap();
@@ -91,8 +121,7 @@ fn ready_after_the_api_answers_then_watchdog_keepalives_and_json_logs() {
     }
 
     // SIGTERM: STOPPING=1, a clean exit.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    signal(child.id(), Signal::SIGTERM);
     listener
         .wait_for("STOPPING=1", Duration::from_secs(30))
         .expect("STOPPING=1");
@@ -113,17 +142,17 @@ fn ready_after_the_api_answers_then_watchdog_keepalives_and_json_logs() {
     );
 }
 
-#[test]
 fn config_check_reports_each_problem_and_its_exit_code() {
-    if !require_root("config_check_reports_each_problem") {
-        return;
-    }
-    let dir = TempDir::new();
-    let node = Netns::node(22);
-    let broker = Broker::start(&dir, Some(&node));
+    let dir = temp_dir();
+    let node = Node::standalone(22).expect("node namespace");
+    let broker = Mosquitto::in_netns(&node.ns, "127.0.0.1", 1883, dir.path()).expect("mosquitto");
 
     // A bad field: named, with its fix; exit code 1.
-    std::fs::write(dir.path("netcfg.json"), r#"{"NodePublicPort": "port"}"#).unwrap();
+    std::fs::write(
+        dir.path().join("netcfg.json"),
+        r#"{"NodePublicPort": "port"}"#,
+    )
+    .unwrap();
     let (out, text) = output(netmanager(&node, &dir).args(["config", "check"]));
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("FAIL  configuration"), "{text}");
@@ -134,10 +163,11 @@ fn config_check_reports_each_problem_and_its_exit_code() {
     assert!(text.contains("FAIL  bpffs for"), "{text}");
 
     // A good file on this machine, with the broker up: all ok, exit 0.
-    let pins = format!("/sys/fs/bpf/{}", unique("nmt-check"));
+    let pins = format!("/sys/fs/bpf/{}", testkit::unique("nmt-check"));
     std::fs::write(
-        dir.path("netcfg.json"),
-        json!({"ClusterUrl": "127.0.0.1", "ClusterMqttPort": broker.port.to_string()}).to_string(),
+        dir.path().join("netcfg.json"),
+        json!({"ClusterUrl": "127.0.0.1", "ClusterMqttPort": broker.port().to_string()})
+            .to_string(),
     )
     .unwrap();
     let (out, text) = output(
@@ -151,8 +181,8 @@ fn config_check_reports_each_problem_and_its_exit_code() {
         "ok    kernel",
         &format!("ok    bpffs for {pins}: mounted"),
         "ok    nft",
-        "ok    uplink: uplink0 with 198.51.100.22",
-        &format!("ok    MQTT broker 127.0.0.1:{}", broker.port),
+        "ok    uplink: eth0 with 198.51.100.22",
+        &format!("ok    MQTT broker 127.0.0.1:{}", broker.port()),
         "0 failed",
     ] {
         assert!(text.contains(line), "{line:?} missing:\n{text}");
@@ -169,30 +199,29 @@ fn config_check_reports_each_problem_and_its_exit_code() {
     assert!(text.contains("FAIL  MQTT broker 127.0.0.1"), "{text}");
 }
 
-// In both attach modes: TCX links go with their pins, classic tc filters
-// must be deleted one by one.
-attach_mode_tests!(teardown_removes_pins_links_nft_table_and_bridge);
-
-fn teardown_removes_pins_links_nft_table_and_bridge(mode: &'static str) {
-    if !require_root("teardown_removes_pins") {
-        return;
-    }
-    let dir = TempDir::new();
-    let node = Netns::node(23);
-    let broker = Broker::start(&dir, Some(&node));
-    let _csm = ClusterDouble::start(broker.port, Some(&node), ("10.18.0.64", "fc00::40"));
-    let opts = EbpfOptions {
-        attach_mode: Some(mode),
-        ..Default::default()
-    };
-    let mut nm = Daemon::start_ebpf_with(&dir, &node, broker.port, "td", opts);
+fn teardown_removes_pins_links_nft_table_and_bridge(mode: &str) {
+    let dir = temp_dir();
+    let node = Node::standalone(23).expect("node namespace");
+    let broker = Mosquitto::in_netns(&node.ns, "127.0.0.1", 1883, dir.path()).expect("mosquitto");
+    let csm = ClusterDouble::options(broker.endpoint())
+        .start()
+        .expect("cluster double");
+    csm.pin_subnet(NODE_ID, "10.18.0.64", "fc00::40");
+    let mut nm = NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
+        .tag("td")
+        .netcfg(upstream_netcfg(broker.port()))
+        .dataplane(PinDir::new("nmt"))
+        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
+        .env("NETMANAGER_ATTACH_MODE", mode)
+        .start()
+        .expect("NetManager");
     let (code, body) = nm.post(
         "/register",
         &json!({"client_id": NODE_ID, "cluster_address": "127.0.0.1"}).to_string(),
     );
     assert_eq!(code, 200, "{body}");
     // A container, so NAT rules and a container link exist too.
-    let sleeper = container();
+    let sleeper = ContainerProcess::start().expect("a container");
     let (code, body) = nm.post(
         "/container/deploy",
         &json!({"pid": sleeper.pid(), "serviceName": "app.ns.svc.ns", "instanceNumber": 0,
@@ -200,7 +229,7 @@ fn teardown_removes_pins_links_nft_table_and_bridge(mode: &'static str) {
         .to_string(),
     );
     assert_eq!(code, 200, "{body}");
-    let bpf_dir = nm.bpf_dir.clone().unwrap();
+    let bpf_dir = nm.pin_dir().expect("a dataplane").to_path_buf();
     let (socket, state) = (nm.socket.clone(), nm.state.clone());
     let teardown = |args: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_NetManager"));
@@ -209,15 +238,14 @@ fn teardown_removes_pins_links_nft_table_and_bridge(mode: &'static str) {
             .env("NETMANAGER_SOCKET", &socket)
             .env("NETMANAGER_STATE", &state)
             .env("NETMANAGER_BPF_DIR", &bpf_dir);
-        node.enter(&mut cmd);
+        node.ns.enter(&mut cmd).expect("into the node namespace");
         output(&mut cmd)
     };
-    let bridge = || node.ip(&["link", "show", "goProxyBridge"]).is_some();
+    let bridge = || node.ns.link("goProxyBridge").ok().flatten().is_some();
     let nft_table = || {
-        let mut cmd = Command::new("nft");
-        cmd.args(["list", "table", "inet", "oakestra"]);
-        node.enter(&mut cmd);
-        cmd.output().unwrap().status.success()
+        node.ns
+            .run(&["nft", "list", "table", "inet", "oakestra"])
+            .is_ok()
     };
     // The TCX links (uplink and container veth) by their kernel ids, or the
     // classic tc filters in netlink mode.
@@ -234,7 +262,7 @@ fn teardown_removes_pins_links_nft_table_and_bridge(mode: &'static str) {
     let links_alive = || {
         link_ids
             .iter()
-            .filter(|id| run_ok(&["bpftool", "link", "show", "id", id]))
+            .filter(|id| run("bpftool", &["link", "show", "id", id.as_str()]).is_ok())
             .count()
     };
     assert!(bridge() && nft_table() && bpf_dir.exists());
@@ -250,12 +278,6 @@ fn teardown_removes_pins_links_nft_table_and_bridge(mode: &'static str) {
     assert_eq!(links_alive(), link_ids.len());
     let (out, text) = teardown(&["--dry-run"]);
     assert!(out.status.success(), "{text}");
-    if mode == "netlink" {
-        assert!(
-            text.contains("would remove tc filter of uplink_ingress on"),
-            "{text}"
-        );
-    }
     for item in [
         format!(
             "would remove pinned maps and links in {}",
@@ -266,6 +288,12 @@ fn teardown_removes_pins_links_nft_table_and_bridge(mode: &'static str) {
         format!("would remove state file {}", state.display()),
     ] {
         assert!(text.contains(&item), "{item:?} missing:\n{text}");
+    }
+    if mode == "netlink" {
+        assert!(
+            text.contains("would remove tc filter of uplink_ingress on"),
+            "{text}"
+        );
     }
     assert!(bridge() && nft_table() && bpf_dir.exists() && state.exists());
 
@@ -286,19 +314,18 @@ fn teardown_removes_pins_links_nft_table_and_bridge(mode: &'static str) {
 
 /// NetManager's classic tc filters (its fixed priority) on the ingress of
 /// every interface in `node`.
-fn our_tc_filters(node: &Netns) -> usize {
+fn our_tc_filters(node: &Node) -> usize {
     let pref = format!("pref {} ", netmanager::dataplane::TC_PRIORITY);
-    let links = node.ip(&["-o", "link", "show"]).unwrap_or_default();
-    links
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|name| name.split('@').next().unwrap_or(name))
-        .map(|name| {
-            let mut cmd = Command::new("tc");
-            cmd.args(["filter", "show", "dev", name, "ingress"]);
-            node.enter(&mut cmd);
-            let out = cmd.output().expect("run tc");
-            String::from_utf8_lossy(&out.stdout).matches(&pref).count()
+    node.ns
+        .links()
+        .expect("the node's links")
+        .iter()
+        .map(|link| {
+            node.ns
+                .run(&["tc", "filter", "show", "dev", &link.name, "ingress"])
+                .unwrap_or_default()
+                .matches(&pref)
+                .count()
         })
         .sum()
 }
@@ -316,14 +343,11 @@ fn pinned_link_ids(dir: &std::path::Path) -> Vec<String> {
                     todo.push(p);
                 }
             } else if e.file_name().to_string_lossy().contains('@') {
-                let out = run(&[
+                let out = run(
                     "bpftool",
-                    "-j",
-                    "link",
-                    "show",
-                    "pinned",
-                    p.to_str().unwrap(),
-                ]);
+                    &["-j", "link", "show", "pinned", p.to_str().unwrap()],
+                )
+                .expect("bpftool link show pinned");
                 let v: Value = serde_json::from_str(&out).expect("bpftool JSON");
                 ids.push(v["id"].to_string());
             }
@@ -332,10 +356,6 @@ fn pinned_link_ids(dir: &std::path::Path) -> Vec<String> {
     ids
 }
 
-fn run_ok(cmd: &[&str]) -> bool {
-    try_run(cmd).is_some()
-}
-
 fn read(dir: &TempDir, name: &str) -> String {
-    std::fs::read_to_string(dir.path(name)).unwrap_or_default()
+    std::fs::read_to_string(dir.path().join(name)).unwrap_or_default()
 }

@@ -2,37 +2,41 @@
 //! a container on node 1 reaches a container on node 2 by service IP; the
 //! first connection depends on miss resolution (table query by service IP).
 //! Every test runs in both attach modes (TCX links, classic tc filters).
-//! Needs root, bpffs and mosquitto.
+//! Needs root, bpffs, mosquitto and python3.
 
-mod common;
+mod attach_support;
 
+use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use attach_support::{assert_attach_mode, hook_of, ingress_programs};
 use serde_json::{Value, json};
+use testkit::runners::netmanager::NetManagerBuilder;
+use testkit::runners::upstream_netcfg;
+use testkit::topology::UPLINK;
+use testkit::{
+    ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, PinDir, Proc, Underlay,
+};
+
+testkit::main! {
+    service_ip_across_two_nodes("tcx") as tcx_service_ip_across_two_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool, Tcx],
+    service_ip_across_two_nodes("netlink") as netlink_service_ip_across_two_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool],
+    pending_instance_with_null_fields_keeps_the_running_one_reachable("tcx")
+        as tcx_pending_instance_with_null_fields_keeps_the_running_one_reachable:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
+    pending_instance_with_null_fields_keeps_the_running_one_reachable("netlink")
+        as netlink_pending_instance_with_null_fields_keeps_the_running_one_reachable:
+        [Root, Bpffs, Mosquitto, Nft, Python3],
+    tuncfg_moves_the_service_range_and_the_tunnel_port: [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
+    behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served: [Root, Bpffs, Mosquitto, Nft],
+}
 
 const CLIENT: &str = "ovl.test.client.test";
 const SERVER: &str = "ovl.test.server.test";
 const N1: &str = "6650aa00bb22cc33dd440011";
 const N2: &str = "6650aa00bb22cc33dd440022";
-
-attach_mode_tests!(
-    service_ip_across_two_nodes,
-    pending_instance_with_null_fields_keeps_the_running_one_reachable
-);
-
-fn start(dir: &TempDir, node: &Netns, port: u16, tag: &str, mode: &'static str) -> Daemon {
-    Daemon::start_ebpf_with(
-        dir,
-        node,
-        port,
-        tag,
-        EbpfOptions {
-            attach_mode: Some(mode),
-            ..Default::default()
-        },
-    )
-}
 
 fn instance(nsip: &str, nsip6: &str, host: &str, rr: (&str, &str), inst: (&str, &str)) -> Value {
     json!({"instance_number": 0, "namespace_ip": nsip, "namespace_ip_v6": nsip6, "host_ip": host, "host_port": 50103,
@@ -41,53 +45,83 @@ fn instance(nsip: &str, nsip6: &str, host: &str, rr: (&str, &str), inst: (&str, 
                {"IpType": "instance_ip", "Address": inst.0, "Address_v6": inst.1}]})
 }
 
-fn python_available() -> bool {
-    try_run(&["python3", "-c", "pass"]).is_some()
+/// An underlay with a broker and the cluster double at 198.51.100.254, two
+/// nodes, and the subnets N1 10.18.0.0 and N2 10.18.1.0. Fields drop in
+/// order: the daemons' peers first, the directory last.
+struct Two {
+    csm: ClusterDouble,
+    broker: Mosquitto,
+    n1: Node,
+    n2: Node,
+    _underlay: Underlay,
+    dir: tempfile::TempDir,
 }
 
-fn tcp_server(c: &Proc, port: u16) -> Proc {
+fn two_nodes() -> Two {
+    let dir = testkit::temp_dir();
+    let underlay = Underlay::new().expect("underlay");
+    let (n1, n2) = (underlay.node(1).unwrap(), underlay.node(2).unwrap());
+    let broker =
+        Mosquitto::in_netns(&underlay.ns, "198.51.100.254", 1883, dir.path()).expect("mosquitto");
+    let csm = ClusterDouble::options(broker.endpoint())
+        .start()
+        .expect("cluster double");
+    csm.pin_subnet(N1, "10.18.0.0", "fc00::");
+    csm.pin_subnet(N2, "10.18.1.0", "fc00::100");
+    Two {
+        csm,
+        broker,
+        n1,
+        n2,
+        _underlay: underlay,
+        dir,
+    }
+}
+
+/// A NetManager with the eBPF dataplane in `node`, files named after
+/// `tag`, attached in `mode`.
+fn start(dir: &Path, node: &Node, mqtt_port: u16, tag: &str, mode: &str) -> NetManager {
+    ebpf_builder(dir, node, mqtt_port, tag)
+        .env("NETMANAGER_ATTACH_MODE", mode)
+        .start()
+        .expect("NetManager")
+}
+
+/// How [`start`] starts it, to change before it does.
+fn ebpf_builder(dir: &Path, node: &Node, mqtt_port: u16, tag: &str) -> NetManagerBuilder {
+    NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir)
+        .tag(tag)
+        .netcfg(upstream_netcfg(mqtt_port))
+        .dataplane(PinDir::new("nmt"))
+        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
+}
+
+fn python(c: &ContainerProcess, script: &str) -> Proc {
+    c.ns().spawn(&["python3", "-c", script]).expect("python3")
+}
+
+fn tcp_server(c: &ContainerProcess, port: u16) -> Proc {
     let script = format!(
         "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
          s.bind(('0.0.0.0',{port}))\ns.listen()\ns.settimeout(60)\n\
          while True:\n  c,a=s.accept()\n  c.sendall(('hello '+a[0]).encode())\n  c.close()"
     );
-    Proc(
-        std::process::Command::new("nsenter")
-            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", &script])
-            .spawn()
-            .unwrap(),
-    )
+    python(c, &script)
 }
 
-fn tcp_get(c: &Proc, addr: &str, port: u16) -> Option<String> {
+fn tcp_get(c: &ContainerProcess, addr: &str, port: u16) -> Option<String> {
     let script = format!(
         "import socket\ns=socket.create_connection(('{addr}',{port}),timeout=5)\nprint(s.recv(100).decode())"
     );
-    in_pid_ns(c.pid(), &["python3", "-c", &script]).map(|s| s.trim().to_string())
+    c.ns()
+        .run(&["python3", "-c", &script])
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
-fn service_ip_across_two_nodes(mode: &'static str) {
-    if !require_root("service_ip_across_two_nodes") {
-        return;
-    }
-    if !python_available() || !std::path::Path::new("/sys/fs/bpf").exists() {
-        eprintln!("SKIP service_ip_across_two_nodes: needs python3 and bpffs");
-        return;
-    }
-    let dir = TempDir::new();
-    let underlay = Underlay::new();
-    let (n1, n2) = (underlay.node(1), underlay.node(2));
-    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
-    let csm = ClusterDouble::start_at(
-        "198.51.100.254",
-        broker.port,
-        Some(&underlay.ns),
-        ("10.18.0.0", "fc00::"),
-    );
-    csm.subnets
-        .lock()
-        .unwrap()
-        .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
+fn service_ip_across_two_nodes(mode: &str) {
+    let t = two_nodes();
+    let (csm, dir) = (&t.csm, t.dir.path());
     csm.set_table(
         CLIENT,
         json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
@@ -96,8 +130,8 @@ fn service_ip_across_two_nodes(mode: &'static str) {
         SERVER,
         json!({"instance_list": [instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
     );
-    let nm1 = start(&dir, &n1, broker.port, "n1", mode);
-    let nm2 = start(&dir, &n2, broker.port, "n2", mode);
+    let nm1 = start(dir, &t.n1, t.broker.port(), "n1", mode);
+    let nm2 = start(dir, &t.n2, t.broker.port(), "n2", mode);
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
         let (code, body) = nm.post(
             "/register",
@@ -144,7 +178,7 @@ fn service_ip_across_two_nodes(mode: &'static str) {
 
     // The operator's view: Prometheus metrics parsed by the reference
     // OpenMetrics parser, and readiness.
-    let m = scrape(&n1);
+    let m = scrape(&t.n1);
     let v = |key: &str| m[key].as_f64().unwrap_or_else(|| panic!("no {key} in {m}"));
     assert_eq!(v("netmanager_ready"), 1.0);
     assert!(v("netmanager_dataplane_packets_total{reason=,verdict=tunnelled}") > 0.0);
@@ -152,7 +186,7 @@ fn service_ip_across_two_nodes(mode: &'static str) {
     assert!(v("netmanager_map_capacity{map=FLOWS}") > 0.0);
     assert_eq!(
         v(&format!(
-            "netmanager_program_attached{{hook={},interface=uplink0,program=uplink_ingress}}",
+            "netmanager_program_attached{{hook={},interface={UPLINK},program=uplink_ingress}}",
             hook_of(mode)
         )),
         1.0
@@ -180,33 +214,33 @@ fn service_ip_across_two_nodes(mode: &'static str) {
     assert_eq!(st["dataplane"]["attach_mode"], json!(mode), "{st}");
     let attachments = st["dataplane"]["attachments"].as_array().unwrap();
     assert!(
-        attachments.contains(&json!(["uplink_ingress", "uplink0", hook_of(mode)])),
+        attachments.contains(&json!(["uplink_ingress", UPLINK, hook_of(mode)])),
         "{st}"
     );
-    let uplink_before = ingress_programs(&n1, "uplink0");
+    let uplink_before = ingress_programs(&t.n1.ns, UPLINK);
 
     // An established connection survives kill -9 and restart of both daemons.
     let mut nm1 = nm1;
     let mut nm2 = nm2;
     let _echo = echo_server(&server, 7001);
     std::thread::sleep(Duration::from_millis(300));
-    let go = dir.path("go");
+    let go = dir.join("go");
     let mut conv = long_conversation(&client, "10.30.1.1", 7001, &go);
-    assert_eq!(read_line(&mut conv), "first");
+    assert_eq!(conv.read_line().unwrap(), "first");
     nm1.kill9();
     nm2.kill9();
-    nm1.restart();
-    nm2.restart();
+    nm1.restart().unwrap();
+    nm2.restart().unwrap();
     for nm in [&nm1, &nm2] {
         let (_, st) = nm.get("/status");
         assert_eq!(st["registered"], json!(true), "{st}");
         assert_eq!(st["deployments"].as_array().unwrap().len(), 1, "{st}");
     }
     std::fs::write(&go, "").unwrap();
-    assert_eq!(read_line(&mut conv), "second");
+    assert_eq!(conv.read_line().unwrap(), "second");
     // The restart replaced the uplink program in place: one program, in
     // the same mode, a new one.
-    let uplink_after = ingress_programs(&n1, "uplink0");
+    let uplink_after = ingress_programs(&t.n1.ns, UPLINK);
     assert_eq!(uplink_after.len(), 1, "{uplink_after:?}");
     assert_eq!(
         (uplink_after[0].0.as_str(), uplink_after[0].1.as_str()),
@@ -221,35 +255,14 @@ fn service_ip_across_two_nodes(mode: &'static str) {
     if std::env::var_os("NMT_DUMP_LOGS").is_some() {
         eprintln!("{}", nm1.log_text());
     }
-    drop(csm);
 }
 
 /// The real cluster service manager lists an instance that is scheduled but
 /// not running yet with `null` addresses (docs/contract.md §3). The running instance
 /// must stay reachable through the shared address.
-fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &'static str) {
-    let test = "pending_instance_with_null_fields_keeps_the_running_one_reachable";
-    if !require_root(test) {
-        return;
-    }
-    if !python_available() || !std::path::Path::new("/sys/fs/bpf").exists() {
-        eprintln!("SKIP {test}: needs python3 and bpffs");
-        return;
-    }
-    let dir = TempDir::new();
-    let underlay = Underlay::new();
-    let (n1, n2) = (underlay.node(1), underlay.node(2));
-    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
-    let csm = ClusterDouble::start_at(
-        "198.51.100.254",
-        broker.port,
-        Some(&underlay.ns),
-        ("10.18.0.0", "fc00::"),
-    );
-    csm.subnets
-        .lock()
-        .unwrap()
-        .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
+fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &str) {
+    let t = two_nodes();
+    let (csm, dir) = (&t.csm, t.dir.path());
     csm.set_table(
         CLIENT,
         json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
@@ -265,8 +278,8 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &'sta
             instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2")),
             pending]}),
     );
-    let nm1 = start(&dir, &n1, broker.port, "n1", mode);
-    let nm2 = start(&dir, &n2, broker.port, "n2", mode);
+    let nm1 = start(dir, &t.n1, t.broker.port(), "n1", mode);
+    let nm2 = start(dir, &t.n2, t.broker.port(), "n2", mode);
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
         let (code, body) = nm.post(
             "/register",
@@ -306,49 +319,24 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &'sta
         "{}",
         nm1.log_text()
     );
-    drop(csm);
 }
 
-/// `/metrics` of the NetManager in `node`, parsed with the Prometheus
-/// project's OpenMetrics parser: `{"name{label=value,...}": value}`.
-fn scrape(node: &Netns) -> Value {
-    let script = "import json,urllib.request\n\
-        from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\n\
-        text=urllib.request.urlopen('http://127.0.0.1:9102/metrics',timeout=5).read().decode()\n\
-        out={}\n\
-        for fam in parse(text):\n\
-        \x20 for s in fam.samples:\n\
-        \x20   key=s.name+('{'+','.join('%s=%s'%kv for kv in sorted(s.labels.items()))+'}' if s.labels else '')\n\
-        \x20   out[key]=s.value\n\
-        print(json.dumps(out))";
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &node.name, "python3", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scrape: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+/// `/metrics` of the NetManager in `node`, through the reference parser.
+fn scrape(node: &Node) -> Value {
+    testkit::metrics::scrape(Some(&node.ns), "127.0.0.1:9102").unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn echo_server(c: &Proc, port: u16) -> Proc {
+fn echo_server(c: &ContainerProcess, port: u16) -> Proc {
     let script = format!(
         "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
          s.bind(('0.0.0.0',{port}))\ns.listen()\nc,a=s.accept()\n\
          while True:\n  d=c.recv(100)\n  if not d: break\n  c.sendall(d)"
     );
-    Proc(
-        std::process::Command::new("nsenter")
-            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", &script])
-            .spawn()
-            .unwrap(),
-    )
+    python(c, &script)
 }
 
 /// Connect once, exchange "first", wait for `go` to exist, exchange "second".
-fn long_conversation(c: &Proc, addr: &str, port: u16, go: &std::path::Path) -> Proc {
+fn long_conversation(c: &ContainerProcess, addr: &str, port: u16, go: &Path) -> Proc {
     let script = format!(
         "import socket,os,time,sys\ns=socket.create_connection(('{addr}',{port}),timeout=10)\n\
          s.sendall(b'first')\nprint(s.recv(100).decode(),flush=True)\n\
@@ -356,54 +344,20 @@ fn long_conversation(c: &Proc, addr: &str, port: u16, go: &std::path::Path) -> P
          s.sendall(b'second')\nprint(s.recv(100).decode(),flush=True)",
         go = go.display()
     );
-    Proc(
-        std::process::Command::new("nsenter")
-            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", &script])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
+    python(c, &script)
 }
 
-/// One line of the child's output (it prints nothing beyond what we wait for,
-/// so a throwaway buffer loses nothing).
-fn read_line(child: &mut Proc) -> String {
-    use std::io::BufRead;
-    let out = child.0.stdout.as_mut().expect("piped stdout");
-    let mut line = String::new();
-    let mut reader = std::io::BufReader::new(out);
-    reader.read_line(&mut line).unwrap();
-    line.trim().to_string()
+fn container() -> ContainerProcess {
+    ContainerProcess::start().expect("a container process")
 }
 
 /// Upstream's tuncfg.json moves the IPv4 service range to 10.40.0.0/16 and
 /// the tunnel to UDP 50200 on both nodes (NodePublicPort advertises the
 /// same port, there being no NAT in between): service traffic flows on the
 /// new range, and the programs' configuration holds the new port.
-#[test]
 fn tuncfg_moves_the_service_range_and_the_tunnel_port() {
-    let test = "tuncfg_moves_the_service_range_and_the_tunnel_port";
-    if !require_root(test) {
-        return;
-    }
-    if !python_available() || !std::path::Path::new("/sys/fs/bpf").exists() {
-        eprintln!("SKIP {test}: needs python3 and bpffs");
-        return;
-    }
-    let dir = TempDir::new();
-    let underlay = Underlay::new();
-    let (n1, n2) = (underlay.node(1), underlay.node(2));
-    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
-    let csm = ClusterDouble::start_at(
-        "198.51.100.254",
-        broker.port,
-        Some(&underlay.ns),
-        ("10.18.0.0", "fc00::"),
-    );
-    csm.subnets
-        .lock()
-        .unwrap()
-        .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
+    let t = two_nodes();
+    let (csm, dir) = (&t.csm, t.dir.path());
     let moved = |nsip: &str, host: &str, rr: &str, iip: &str| {
         json!({"instance_number": 0, "namespace_ip": nsip, "namespace_ip_v6": "", "host_ip": host,
                "host_port": 50200, "service_ip": [
@@ -422,13 +376,15 @@ fn tuncfg_moves_the_service_range_and_the_tunnel_port() {
     let tuncfg = json!({"HostTUNDeviceName": "goProxyTun", "TunNetIP": "10.19.1.254",
         "ProxySubnetwork": "10.40.0.0", "ProxySubnetworkMask": "255.255.0.0",
         "TunnelPort": 50200, "Mtusize": 1450});
-    let opts = || EbpfOptions {
-        netcfg: json!({"NodePublicPort": "50200"}),
-        tuncfg: Some(tuncfg.clone()),
-        ..Default::default()
+    let start = |node: &Node, tag: &str| {
+        ebpf_builder(dir, node, t.broker.port(), tag)
+            .netcfg_with(json!({"NodePublicPort": "50200"}))
+            .tun_config(tuncfg.clone())
+            .start()
+            .expect("NetManager")
     };
-    let nm1 = Daemon::start_ebpf_with(&dir, &n1, broker.port, "n1", opts());
-    let nm2 = Daemon::start_ebpf_with(&dir, &n2, broker.port, "n2", opts());
+    let nm1 = start(&t.n1, "n1");
+    let nm2 = start(&t.n2, "n2");
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
         let (code, body) = nm.post(
             "/register",
@@ -455,58 +411,29 @@ fn tuncfg_moves_the_service_range_and_the_tunnel_port() {
     );
     // The programs listen on and send from the configured port.
     let config_pin = nm1
-        .bpf_dir
-        .as_ref()
-        .unwrap()
+        .pin_dir()
+        .expect("a dataplane")
         .join(netmanager_common::maps::CONFIG);
-    let dump = run(&[
+    let dump = testkit::process::run(
         "bpftool",
-        "-j",
-        "map",
-        "dump",
-        "pinned",
-        config_pin.to_str().unwrap(),
-    ]);
+        &["-j", "map", "dump", "pinned", config_pin.to_str().unwrap()],
+    )
+    .expect("bpftool map dump");
     let dump: Value = serde_json::from_str(&dump).unwrap();
     let formatted = &dump[0]["formatted"]["value"];
     assert_eq!(formatted["tunnel_port"], json!(50200), "{dump}");
-    drop(csm);
 }
 
 /// Behind NAT a node advertises its router's public pair, which it does not
 /// own, and takes the tunnel datagrams the router forwards on its own
 /// address and the tunnel port (the namespace tests carry the traffic
 /// through a NAT router: tests/tests/overlay_namespaces.rs).
-#[test]
 fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
-    let test = "behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served";
-    if !require_root(test) {
-        return;
-    }
-    if !std::path::Path::new("/sys/fs/bpf").exists() {
-        eprintln!("SKIP {test}: needs bpffs");
-        return;
-    }
-    let dir = TempDir::new();
-    let underlay = Underlay::new();
-    let n1 = underlay.node(1);
-    let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
-    let csm = ClusterDouble::start_at(
-        "198.51.100.254",
-        broker.port,
-        Some(&underlay.ns),
-        ("10.18.0.0", "fc00::"),
-    );
-    let nm = Daemon::start_ebpf_with(
-        &dir,
-        &n1,
-        broker.port,
-        "nat",
-        EbpfOptions {
-            netcfg: json!({"NodePublicAddress": "198.51.100.250", "NodePublicPort": "50200"}),
-            ..Default::default()
-        },
-    );
+    let t = two_nodes();
+    let nm = ebpf_builder(t.dir.path(), &t.n1, t.broker.port(), "nat")
+        .netcfg_with(json!({"NodePublicAddress": "198.51.100.250", "NodePublicPort": "50200"}))
+        .start()
+        .expect("NetManager");
     let (code, body) = nm.post(
         "/register",
         &json!({"client_id": N1, "cluster_address": "198.51.100.254"}).to_string(),
@@ -515,7 +442,9 @@ fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
     let client = container();
     let (code, a) = nm.post("/container/deploy", &json!({"pid": client.pid(), "serviceName": CLIENT, "instanceNumber": 0, "portMappings": ""}).to_string());
     assert_eq!(code, 200, "{a}");
-    let deployed = csm.wait_for("/net/service/deployed", 1, Duration::from_secs(10));
+    let deployed = t
+        .csm
+        .wait_for("/net/service/deployed", 1, Duration::from_secs(10));
     assert_eq!(deployed[0]["host_ip"], json!("198.51.100.250"));
     assert_eq!(deployed[0]["host_port"], json!("50200"));
 
@@ -527,10 +456,9 @@ fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
     assert!(!addresses.contains("198.51.100.250"), "{st}");
     // ... on port 50103, whatever the node advertises.
     assert!(st["dataplane"]["slow_path"].is_object(), "{st}");
-    let listening = try_run(&[
-        "ip", "netns", "exec", &n1.name, "ss", "-Hlun", "sport", "=", ":50103",
-    ])
-    .unwrap_or_default();
+    let listening =
+        t.n1.ns
+            .run(&["ss", "-Hlun", "sport", "=", ":50103"])
+            .unwrap_or_default();
     assert!(listening.contains("50103"), "{listening:?}");
-    drop(csm);
 }

@@ -18,14 +18,23 @@
 //!
 //! Needs root, bpffs, mosquitto and python3.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
 use serde_json::{Value, json};
+use testkit::runners::upstream_netcfg;
+use testkit::{
+    ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, PinDir, Proc, Underlay,
+    wait_until,
+};
+
+testkit::main! {
+    tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender: [Root, Bpffs, Mosquitto, Nft, Python3, Busybox],
+    a_container_cannot_send_as_its_neighbour: [Root, Bpffs, Mosquitto, Nft, Python3],
+    one_containers_flow_churn_does_not_break_anothers_stream: [Root, Bpffs, Mosquitto, Nft, Python3, Busybox],
+    a_miss_flood_from_one_container_leaves_the_node_answering: [Root, Bpffs, Mosquitto, Nft, Python3],
+}
 
 const N1: &str = "6650aa00bb22cc33dd44a011";
 const N2: &str = "6650aa00bb22cc33dd44a022";
@@ -164,15 +173,29 @@ fn instance(
                {"IpType": "instance_ip", "Address": inst.0, "Address_v6": inst.1}]})
 }
 
-fn prerequisites(test: &str) -> bool {
-    if !require_root(test) {
-        return false;
+/// A NetManager with the eBPF dataplane in `node`, files named after
+/// `tag`, upstream's netcfg.json with `extra` fields on top.
+fn ebpf_daemon(dir: &Path, node: &Node, mqtt_port: u16, tag: &str, extra: Value) -> NetManager {
+    let mut netcfg = upstream_netcfg(mqtt_port);
+    if let (Some(cfg), Some(extra)) = (netcfg.as_object_mut(), extra.as_object()) {
+        cfg.extend(extra.clone());
     }
-    if try_run(&["python3", "-c", "pass"]).is_none() || !Path::new("/sys/fs/bpf").exists() {
-        eprintln!("SKIP {test}: needs python3 and bpffs");
-        return false;
-    }
-    true
+    NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir)
+        .tag(tag)
+        .netcfg(netcfg)
+        .dataplane(PinDir::new("nmt"))
+        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
+        .start()
+        .expect("NetManager")
+}
+
+fn container() -> ContainerProcess {
+    ContainerProcess::start().expect("a container")
+}
+
+/// Runs `args` in `c`'s network namespace; its output, None if it failed.
+fn in_ns(c: &ContainerProcess, args: &[&str]) -> Option<String> {
+    c.ns().run(args).ok()
 }
 
 /// Two registered nodes (198.51.100.1 and .2) with the eBPF dataplane, a
@@ -180,50 +203,39 @@ fn prerequisites(test: &str) -> bool {
 /// Fields drop in order: the daemons (which print their logs when a test
 /// fails) before the directory that holds the logs.
 struct Cluster {
-    nm1: Daemon,
-    nm2: Daemon,
+    nm1: NetManager,
+    nm2: NetManager,
     _csm: ClusterDouble,
-    _broker: Broker,
-    _nodes: (Netns, Netns),
+    _broker: Mosquitto,
+    _nodes: (Node, Node),
     /// A third host on the underlay, no node: the attacker.
-    attacker: Netns,
+    attacker: Node,
     _underlay: Underlay,
-    dir: TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
     fn start(tables: &[(&str, Value)], node1_config: Value) -> Cluster {
-        let dir = TempDir::new();
-        let underlay = Underlay::new();
+        let dir = testkit::temp_dir();
+        let underlay = Underlay::new().expect("underlay");
         // Every host joins the underlay bridge before anyone talks over it:
         // a new bridge port can change the bridge's MAC address under the
         // nodes' ARP entries for the broker.
-        let (n1, n2, attacker) = (underlay.node(1), underlay.node(2), underlay.node(3));
-        let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
-        let csm = ClusterDouble::start_at(
-            "198.51.100.254",
-            broker.port,
-            Some(&underlay.ns),
-            ("10.18.0.0", "fc00::"),
-        );
-        csm.subnets
-            .lock()
-            .unwrap()
-            .insert(N2.into(), ("10.18.1.0".into(), "fc00::100".into()));
+        let node = |n| underlay.node(n).expect("node");
+        let (n1, n2, attacker) = (node(1), node(2), node(3));
+        let broker = Mosquitto::in_netns(&underlay.ns, "198.51.100.254", 1883, dir.path())
+            .expect("mosquitto");
+        let csm = ClusterDouble::options(broker.endpoint())
+            .start()
+            .expect("cluster double");
+        csm.pin_subnet(N1, "10.18.0.0", "fc00::");
+        csm.pin_subnet(N2, "10.18.1.0", "fc00::100");
         for (job, table) in tables {
             csm.set_table(job, table.clone());
         }
-        let nm1 = Daemon::start_ebpf_with(
-            &dir,
-            &n1,
-            broker.port,
-            "n1",
-            EbpfOptions {
-                netcfg: node1_config,
-                ..EbpfOptions::default()
-            },
-        );
-        let nm2 = Daemon::start_ebpf(&dir, &n2, broker.port, "n2");
+        let port = broker.port();
+        let nm1 = ebpf_daemon(dir.path(), &n1, port, "n1", node1_config);
+        let nm2 = ebpf_daemon(dir.path(), &n2, port, "n2", json!({}));
         for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
             let (code, body) = nm.post(
                 "/register",
@@ -254,7 +266,7 @@ impl Cluster {
             "miss_flood.py" => MISS_FLOOD,
             other => panic!("no script {other}"),
         };
-        let p = self.dir.path(name);
+        let p = self.dir.path().join(name);
         if !p.exists() {
             std::fs::write(&p, text).unwrap();
         }
@@ -263,7 +275,7 @@ impl Cluster {
 }
 
 /// Deploys `c` as instance 0 of `job` and checks its namespace address.
-fn deploy(nm: &Daemon, c: &Proc, job: &str, expect: &str) {
+fn deploy(nm: &NetManager, c: &ContainerProcess, job: &str, expect: &str) {
     let (code, a) = nm.post(
         "/container/deploy",
         &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
@@ -272,15 +284,13 @@ fn deploy(nm: &Daemon, c: &Proc, job: &str, expect: &str) {
     assert_eq!((code, a["nsAddress"].clone()), (200, json!(expect)), "{a}");
 }
 
-fn spawn_in(c: &Proc, args: &[&str]) -> Proc {
-    let mut cmd = std::process::Command::new("nsenter");
-    cmd.args(["-t", &c.pid().to_string(), "-n"])
-        .args(args)
-        .stdout(std::process::Stdio::null());
-    Proc(cmd.spawn().unwrap())
+fn spawn_in(c: &ContainerProcess, args: &[&str]) -> Proc {
+    c.ns()
+        .spawn_quiet(args)
+        .expect("a program in the container")
 }
 
-fn udp_log(c: &Proc, script: &str, path: &Path) -> Proc {
+fn udp_log(c: &ContainerProcess, script: &str, path: &Path) -> Proc {
     let p = spawn_in(c, &["python3", script, "9000", &path.to_string_lossy()]);
     wait_until("UDP receiver", Duration::from_secs(10), || path.exists());
     p
@@ -295,7 +305,7 @@ fn lines(path: &Path) -> Vec<String> {
 }
 
 /// Counters of a node's dataplane by name.
-fn counters(nm: &Daemon) -> HashMap<String, u64> {
+fn counters(nm: &NetManager) -> HashMap<String, u64> {
     let (_, st) = nm.get("/status");
     st["dataplane"]["counters"]
         .as_array()
@@ -305,13 +315,13 @@ fn counters(nm: &Daemon) -> HashMap<String, u64> {
         .collect()
 }
 
-fn counter(nm: &Daemon, name: &str) -> u64 {
+fn counter(nm: &NetManager, name: &str) -> u64 {
     counters(nm).get(name).copied().unwrap_or(0)
 }
 
 /// The namespace's count of retransmitted SYNs.
-fn syn_retransmits(c: &Proc) -> u64 {
-    let out = in_pid_ns(c.pid(), &["nstat", "-az", "TcpExtTCPSynRetrans"]).unwrap();
+fn syn_retransmits(c: &ContainerProcess) -> u64 {
+    let out = in_ns(c, &["nstat", "-az", "TcpExtTCPSynRetrans"]).expect("nstat");
     out.lines()
         .find_map(|l| l.strip_prefix("TcpExtTCPSynRetrans"))
         .and_then(|rest| rest.split_whitespace().next())
@@ -319,22 +329,16 @@ fn syn_retransmits(c: &Proc) -> u64 {
         .unwrap_or_else(|| panic!("no TcpExtTCPSynRetrans in {out:?}"))
 }
 
-fn stream_server(c: &Proc, port: u16) -> Proc {
+fn stream_server(c: &ContainerProcess, port: u16) -> Proc {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/scripts/stream_server.py"
     );
     let p = spawn_in(c, &["python3", script, "0.0.0.0", &port.to_string()]);
     wait_until("stream server", Duration::from_secs(10), || {
-        in_pid_ns(
-            c.pid(),
-            &[
-                "sh",
-                "-c",
-                &format!("busybox netstat -ltn | grep -q :{port}"),
-            ],
-        )
-        .is_some()
+        c.ns()
+            .sh(&format!("busybox netstat -ltn | grep -q :{port}"))
+            .is_ok()
     });
     p
 }
@@ -346,12 +350,7 @@ fn stream_server(c: &Proc, port: u16) -> Proc {
 /// a client on node 2 -- a node absent from node 1's tables -- connects to
 /// node 1's server: its first SYN is held, resolved and delivered, never
 /// retransmitted.
-#[test]
 fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
-    let test = "tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender";
-    if !prerequisites(test) {
-        return;
-    }
     let c = Cluster::start(
         &[
             (
@@ -386,9 +385,11 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/scripts/stream_client.py"
     );
-    let out = std::process::Command::new("nsenter")
-        .args(["-t", &client.pid().to_string(), "-n", "python3", stream])
-        .args(["10.30.1.1", "7000", "100000"])
+    let out = client
+        .ns()
+        .command("python3")
+        .expect("python3 in the client")
+        .args([stream, "10.30.1.1", "7000", "100000"])
         .output()
         .unwrap();
     assert!(
@@ -409,15 +410,12 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
         "node 1 did not know node 2's client: its first datagrams were held"
     );
 
-    let log = c.dir.path("received.log");
+    let log = c.dir.path().join("received.log");
     let _rx = udp_log(&server, &c.script("udp_log.py"), &log);
     let send = c.script("udp_send.py");
     let legit = |tag: &str| {
         wait_until(&format!("{tag} delivered"), Duration::from_secs(15), || {
-            in_pid_ns(
-                client.pid(),
-                &["python3", &send, "-", "10.30.1.1", "9000", tag],
-            );
+            in_ns(&client, &["python3", &send, "-", "10.30.1.1", "9000", tag]);
             std::thread::sleep(Duration::from_millis(200));
             lines(&log).iter().any(|l| l.starts_with(tag))
         });
@@ -440,18 +438,11 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
     ];
     for round in 0..3 {
         for (tag, src, dst) in forged {
-            let out = run(&[
-                "ip",
-                "netns",
-                "exec",
-                &c.attacker.name,
-                "python3",
-                &inject,
-                "198.51.100.1",
-                src,
-                dst,
-                tag,
-            ]);
+            let out = c
+                .attacker
+                .ns
+                .run(&["python3", &inject, "198.51.100.1", src, dst, tag])
+                .expect("the injection");
             assert!(out.is_empty(), "{out}");
         }
         if round == 0 {
@@ -487,12 +478,7 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
 
 /// A container that sends with its neighbour's address is dropped at its
 /// own veth; both keep sending as themselves.
-#[test]
 fn a_container_cannot_send_as_its_neighbour() {
-    let test = "a_container_cannot_send_as_its_neighbour";
-    if !prerequisites(test) {
-        return;
-    }
     let c = Cluster::start(
         &[
             (
@@ -517,14 +503,11 @@ fn a_container_cannot_send_as_its_neighbour() {
     deploy(&c.nm1, &a, CLIENT, "10.18.0.2");
     deploy(&c.nm1, &b, NEIGHBOUR, "10.18.0.3");
     deploy(&c.nm2, &server, SERVER, "10.18.1.2");
-    let log = c.dir.path("received.log");
+    let log = c.dir.path().join("received.log");
     let _rx = udp_log(&server, &c.script("udp_log.py"), &log);
     let send = c.script("udp_send.py");
-    let sent_as = |who: &Proc, src: &str, tag: &str| {
-        in_pid_ns(
-            who.pid(),
-            &["python3", &send, src, "10.30.1.1", "9000", tag],
-        );
+    let sent_as = |who: &ContainerProcess, src: &str, tag: &str| {
+        in_ns(who, &["python3", &send, src, "10.30.1.1", "9000", tag]);
     };
     let arrived = |tag: &str| {
         wait_until(&format!("{tag} delivered"), Duration::from_secs(15), || {
@@ -539,19 +522,11 @@ fn a_container_cannot_send_as_its_neighbour() {
         });
     }
     // A takes B's address as a second one and sends from it.
-    run(&[
-        "nsenter",
-        "-t",
-        &a.pid().to_string(),
-        "-n",
-        "ip",
-        "addr",
-        "add",
-        "10.18.0.3/32",
-        "dev",
-        "eth0",
-        "noprefixroute",
-    ]);
+    // (A /32 brings no prefix route along, as `noprefixroute` would not.)
+    a.ns()
+        .add_address("eth0", "10.18.0.3/32")
+        .expect("the second address")
+        .keep();
     for _ in 0..3 {
         sent_as(&a, "10.18.0.3", "a-spoof");
         std::thread::sleep(Duration::from_millis(100));
@@ -579,12 +554,7 @@ fn a_container_cannot_send_as_its_neighbour() {
 /// TCP stream to a round-robin service with two backends; the stream's
 /// flow must neither be evicted nor switch backend. Node 1's flow tables are
 /// small (1024) so the churn outgrows them.
-#[test]
 fn one_containers_flow_churn_does_not_break_anothers_stream() {
-    let test = "one_containers_flow_churn_does_not_break_anothers_stream";
-    if !prerequisites(test) {
-        return;
-    }
     let c = Cluster::start(
         &[
             (
@@ -623,7 +593,7 @@ fn one_containers_flow_churn_does_not_break_anothers_stream() {
         "{a}"
     );
     let _servers = (stream_server(&s0, 8080), stream_server(&s1, 8080));
-    let go = c.dir.path("go");
+    let go = c.dir.path().join("go");
     let long = c.script("long_stream.py");
     let mut stream = spawn_piped(
         &streamer,
@@ -638,7 +608,7 @@ fn one_containers_flow_churn_does_not_break_anothers_stream() {
     );
     assert_eq!(read_line(&mut stream), "half");
     let churn = c.script("churn.py");
-    let out = in_pid_ns(churner.pid(), &["python3", &churn, "10.30.0.3", "30000"]);
+    let out = in_ns(&churner, &["python3", &churn, "10.30.0.3", "30000"]);
     assert!(out.is_some(), "churn failed");
     std::fs::write(&go, "").unwrap();
     let result = read_line(&mut stream);
@@ -658,7 +628,7 @@ fn one_containers_flow_churn_does_not_break_anothers_stream() {
 }
 
 /// Entries of one of a node's dataplane maps.
-fn map_entries(nm: &Daemon, name: &str) -> u64 {
+fn map_entries(nm: &NetManager, name: &str) -> u64 {
     let (_, st) = nm.get("/status");
     st["dataplane"]["maps"]
         .as_array()
@@ -674,12 +644,7 @@ fn map_entries(nm: &Daemon, name: &str) -> u64 {
 /// flooder uses up its own share of the cluster queries, not theirs.
 /// NetManager's memory stays under 64 MiB throughout, and once the flood
 /// ends no pending mark is left in the dataplane.
-#[test]
 fn a_miss_flood_from_one_container_leaves_the_node_answering() {
-    let test = "a_miss_flood_from_one_container_leaves_the_node_answering";
-    if !prerequisites(test) {
-        return;
-    }
     const RSS_CAP: u64 = 64 << 20;
     let c = Cluster::start(
         &[
@@ -711,14 +676,17 @@ fn a_miss_flood_from_one_container_leaves_the_node_answering() {
     deploy(&c.nm1, &flooder, NEIGHBOUR, "10.18.0.3");
     deploy(&c.nm2, &server, SERVER, "10.18.1.2");
     deploy(&c.nm2, &other, OTHER, "10.18.1.3");
-    let (log, other_log) = (c.dir.path("server.log"), c.dir.path("other.log"));
+    let (log, other_log) = (
+        c.dir.path().join("server.log"),
+        c.dir.path().join("other.log"),
+    );
     let _rx = (
         udp_log(&server, &c.script("udp_log.py"), &log),
         udp_log(&other, &c.script("udp_log.py"), &other_log),
     );
     let send = c.script("udp_send.py");
     let send_to = |addr: &str, tag: &str| {
-        in_pid_ns(client.pid(), &["python3", &send, "-", addr, "9000", tag]);
+        in_ns(&client, &["python3", &send, "-", addr, "9000", tag]);
     };
     wait_until(
         "the client reaches the server",
@@ -729,7 +697,7 @@ fn a_miss_flood_from_one_container_leaves_the_node_answering() {
             lines(&log).iter().any(|l| l.starts_with("before"))
         },
     );
-    let rss_before = c.nm1.rss_bytes();
+    let rss_before = c.nm1.rss_bytes().expect("NetManager's memory");
 
     let mut flood = spawn_piped(&flooder, &["python3", &c.script("miss_flood.py"), "10"]);
     std::thread::sleep(Duration::from_secs(2));
@@ -738,7 +706,7 @@ fn a_miss_flood_from_one_container_leaves_the_node_answering() {
     for round in 0..5 {
         let (code, _) = c.nm1.get("/status");
         api_answers += usize::from(code == 200);
-        rss_max = rss_max.max(c.nm1.rss_bytes());
+        rss_max = rss_max.max(c.nm1.rss_bytes().expect("NetManager's memory"));
         send_to("10.30.1.1", &format!("during-{round}"));
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -752,7 +720,7 @@ fn a_miss_flood_from_one_container_leaves_the_node_answering() {
         || lines(&other_log).iter().any(|l| l.starts_with("first")),
     );
     let sent: u64 = read_line(&mut flood).parse().unwrap_or(0);
-    rss_max = rss_max.max(c.nm1.rss_bytes());
+    rss_max = rss_max.max(c.nm1.rss_bytes().expect("NetManager's memory"));
     let resolver = c.nm1.get("/status").1["resolver"].clone();
     let missed = counter(&c.nm1, "miss_held");
 
@@ -784,22 +752,12 @@ fn a_miss_flood_from_one_container_leaves_the_node_answering() {
     drop(c);
 }
 
-fn spawn_piped(c: &Proc, args: &[&str]) -> Proc {
-    let mut cmd = std::process::Command::new("nsenter");
-    cmd.args(["-t", &c.pid().to_string(), "-n"])
-        .args(args)
-        .stdout(std::process::Stdio::piped());
-    Proc(cmd.spawn().unwrap())
+/// A program in `c` whose output the test reads line by line.
+fn spawn_piped(c: &ContainerProcess, args: &[&str]) -> Proc {
+    c.ns().spawn(args).expect("a program in the container")
 }
 
-/// One line of the child's output, read byte by byte so nothing of the
-/// next line is buffered away.
+/// The child's next line of output.
 fn read_line(child: &mut Proc) -> String {
-    let out = child.0.stdout.as_mut().expect("piped stdout");
-    let mut line = String::new();
-    let mut byte = [0u8; 1];
-    while std::io::Read::read(out, &mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-        line.push(byte[0] as char);
-    }
-    line.trim().to_string()
+    child.read_line().unwrap_or_default().trim().to_string()
 }

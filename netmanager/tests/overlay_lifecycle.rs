@@ -8,14 +8,42 @@
 //! dataplane under unique directories, so the tests run in parallel. Each
 //! runs in both attach modes (TCX links, classic tc filters).
 
-mod common;
+mod attach_support;
 
-use std::io::BufRead;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use attach_support::{assert_attach_mode, hook_of, ingress_programs};
 use serde_json::{Value, json};
+use tempfile::TempDir;
+use testkit::runners::upstream_netcfg;
+use testkit::topology::UPLINK;
+use testkit::{
+    ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, PinDir, Proc, Underlay, temp_dir,
+    wait_until,
+};
+
+testkit::main! {
+    instance_moves_between_nodes("tcx") as tcx_instance_moves_between_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
+    instance_moves_between_nodes("netlink") as netlink_instance_moves_between_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3],
+    survives_broker_restart("tcx") as tcx_survives_broker_restart:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
+    survives_broker_restart("netlink") as netlink_survives_broker_restart:
+        [Root, Bpffs, Mosquitto, Nft, Python3],
+    long_transfer_survives_kill9("tcx") as tcx_long_transfer_survives_kill9:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
+    long_transfer_survives_kill9("netlink") as netlink_long_transfer_survives_kill9:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
+    stream_survives_the_uplink_moving("tcx") as tcx_stream_survives_the_uplink_moving:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
+    stream_survives_the_uplink_moving("netlink") as netlink_stream_survives_the_uplink_moving:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
+    a_recreated_uplink_gets_its_program_back("tcx") as tcx_a_recreated_uplink_gets_its_program_back:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
+    a_recreated_uplink_gets_its_program_back("netlink") as netlink_a_recreated_uplink_gets_its_program_back:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
+}
 
 const CLIENT: &str = "lfc.test.client.test";
 const SERVER: &str = "lfc.test.server.test";
@@ -34,27 +62,6 @@ const SERVER_IIP: &str = "10.30.0.2";
 const SERVER2_RR: &str = "10.30.2.1";
 const SERVER2_IIP: &str = "10.30.0.3";
 
-attach_mode_tests!(
-    instance_moves_between_nodes,
-    survives_broker_restart,
-    long_transfer_survives_kill9,
-    stream_survives_the_uplink_moving,
-    a_recreated_uplink_gets_its_program_back,
-);
-
-fn ready(test: &str) -> bool {
-    if !require_root(test) {
-        return false;
-    }
-    let ok = try_run(&["python3", "-c", "pass"]).is_some()
-        && std::path::Path::new("/sys/fs/bpf").exists()
-        && std::path::Path::new("/usr/sbin/mosquitto").exists();
-    if !ok {
-        eprintln!("SKIP {test}: needs python3, bpffs and mosquitto");
-    }
-    ok
-}
-
 /// One table instance (instance number 0) with an RR and an instance_ip address.
 fn instance(nsip: &str, nsip6: &str, host: &str, rr: &str, iip: &str) -> Value {
     json!({"instance_number": 0, "namespace_ip": nsip, "namespace_ip_v6": nsip6,
@@ -72,35 +79,36 @@ fn table(instances: Vec<Value>) -> Value {
 /// gets the subnet 10.18.(i-1).0/26. Fields drop in order: daemons first,
 /// the directory with the logs last.
 struct Cluster {
-    nm: Vec<Daemon>,
+    nm: Vec<NetManager>,
     csm: ClusterDouble,
-    broker: Broker,
-    nodes: Vec<Netns>,
+    broker: Mosquitto,
+    nodes: Vec<Node>,
     underlay: Underlay,
     _dir: TempDir,
 }
 
 impl Cluster {
-    fn new(n: usize, mode: &'static str) -> Cluster {
-        Self::with_env(n, mode, Vec::new())
+    fn new(n: usize, mode: &str) -> Cluster {
+        Self::with_env(n, mode, &[])
     }
 
-    /// `env` goes to every daemon (see `Daemon::env`).
-    fn with_env(n: usize, mode: &'static str, env: Vec<(String, String)>) -> Cluster {
-        let dir = TempDir::new();
-        let underlay = Underlay::new();
-        let nodes: Vec<Netns> = (1..=n as u8).map(|h| underlay.node(h)).collect();
-        let broker = Broker::start_at(&dir, Some(&underlay.ns), "198.51.100.254");
-        let csm = ClusterDouble::start_at(
-            "198.51.100.254",
-            broker.port,
-            Some(&underlay.ns),
-            ("10.18.0.0", "fc00::"),
-        );
+    /// `env` goes to every daemon.
+    fn with_env(n: usize, mode: &str, env: &[(&str, &str)]) -> Cluster {
+        let dir = temp_dir();
+        let underlay = Underlay::new().expect("underlay");
+        let nodes: Vec<Node> = (1..=n as u8)
+            .map(|h| underlay.node(h).expect("node namespace"))
+            .collect();
+        let broker = Mosquitto::in_netns(&underlay.ns, "198.51.100.254", 1883, dir.path())
+            .expect("mosquitto");
+        let csm = ClusterDouble::options(broker.endpoint())
+            .start()
+            .expect("cluster double");
         for (i, id) in NODE_IDS.iter().enumerate().take(n) {
-            csm.subnets.lock().unwrap().insert(
-                id.to_string(),
-                (format!("10.18.{i}.0"), format!("fc00::{:x}", i * 0x100)),
+            csm.pin_subnet(
+                id,
+                &format!("10.18.{i}.0"),
+                &format!("fc00::{:x}", i * 0x100),
             );
         }
         // The client's own table, so every node can route replies to it.
@@ -114,21 +122,21 @@ impl Cluster {
                 CLIENT_IIP,
             )]),
         );
-        let nm: Vec<Daemon> = nodes
+        let nm: Vec<NetManager> = nodes
             .iter()
             .enumerate()
             .map(|(i, node)| {
-                Daemon::start_ebpf_with(
-                    &dir,
-                    node,
-                    broker.port,
-                    &format!("n{}", i + 1),
-                    EbpfOptions {
-                        attach_mode: Some(mode),
-                        env: env.clone(),
-                        ..Default::default()
-                    },
-                )
+                let mut b =
+                    NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
+                        .tag(&format!("n{}", i + 1))
+                        .netcfg(upstream_netcfg(broker.port()))
+                        .dataplane(PinDir::new("nmt"))
+                        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
+                        .env("NETMANAGER_ATTACH_MODE", mode);
+                for (k, v) in env {
+                    b = b.env(k, v);
+                }
+                b.start().expect("NetManager")
             })
             .collect();
         for (d, id) in nm.iter().zip(NODE_IDS) {
@@ -150,7 +158,7 @@ impl Cluster {
     }
 
     /// Deploy `c` as instance 0 of `job` on node `node` (1-based); its nsAddress.
-    fn deploy(&self, node: usize, c: &Proc, job: &str) -> String {
+    fn deploy(&self, node: usize, c: &ContainerProcess, job: &str) -> String {
         let (code, a) = self.nm[node - 1].post(
             "/container/deploy",
             &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
@@ -192,51 +200,47 @@ impl Cluster {
 }
 
 /// A python3 program in the network namespace of `c`, stdout piped.
-fn python_in(c: &Proc, script: &str, args: &[&str]) -> Proc {
-    Proc(
-        Command::new("nsenter")
-            .args(["-t", &c.pid().to_string(), "-n", "python3", "-c", script])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
+fn python_in(c: &ContainerProcess, script: &str, args: &[&str]) -> Proc {
+    let mut cmd = vec!["python3", "-c", script];
+    cmd.extend_from_slice(args);
+    c.ns().spawn(&cmd).expect("python3")
 }
 
-/// The child's stdout as a line reader (take it once).
-fn lines(p: &mut Proc) -> std::io::BufReader<std::process::ChildStdout> {
-    std::io::BufReader::new(p.0.stdout.take().expect("piped stdout"))
-}
-
-fn next_line(r: &mut impl BufRead) -> String {
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    line.trim().to_string()
+fn container() -> ContainerProcess {
+    ContainerProcess::start().expect("a container process")
 }
 
 /// A TCP server answering every connection with "<tag> <peer address>".
-fn tagged_server(c: &Proc, port: u16, tag: &str) -> Proc {
+fn tagged_server(c: &ContainerProcess, port: u16, tag: &str) -> Proc {
     let script = format!(
         "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
          s.bind(('0.0.0.0',{port}))\ns.listen(16)\nprint('ready',flush=True)\n\
          while True:\n  c,a=s.accept()\n  c.sendall(('{tag} '+a[0]).encode())\n  c.close()"
     );
     let mut p = python_in(c, &script, &[]);
-    assert_eq!(next_line(&mut lines(&mut p)), "ready");
+    p.wait_ready().expect("the server");
     p
 }
 
 /// One connection from `c` to addr:port; what the server said.
-fn tcp_get(c: &Proc, addr: &str, port: u16) -> Option<String> {
+fn tcp_get(c: &ContainerProcess, addr: &str, port: u16) -> Option<String> {
     let script = format!(
         "import socket\ns=socket.create_connection(('{addr}',{port}),timeout=3)\nprint(s.recv(100).decode())"
     );
-    in_pid_ns(c.pid(), &["python3", "-c", &script]).map(|s| s.trim().to_string())
+    c.ns()
+        .run(&["python3", "-c", &script])
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Connect until the answer is `want` or `timeout` passes; the last answer.
-fn tcp_get_until(c: &Proc, addr: &str, port: u16, want: &str, timeout: Duration) -> Option<String> {
+fn tcp_get_until(
+    c: &ContainerProcess,
+    addr: &str,
+    port: u16,
+    want: &str,
+    timeout: Duration,
+) -> Option<String> {
     let deadline = Instant::now() + timeout;
     loop {
         let got = tcp_get(c, addr, port);
@@ -251,10 +255,7 @@ fn tcp_get_until(c: &Proc, addr: &str, port: u16, want: &str, timeout: Duration)
 /// at the new place, the cluster updates the table and publishes
 /// updates_available, the old instance is undeployed. Node 1's client must
 /// reach the service at its new place with every new connection.
-fn instance_moves_between_nodes(mode: &'static str) {
-    if !ready("instance_moves_between_nodes") {
-        return;
-    }
+fn instance_moves_between_nodes(mode: &str) {
     let cl = Cluster::new(3, mode);
     let client = container();
     assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
@@ -339,10 +340,7 @@ fn instance_moves_between_nodes(mode: &'static str) {
 /// Kill the broker and start it again on the same port: afterwards a service
 /// address node 1 never asked about resolves and carries traffic, the known
 /// one still works, and deploy/undeploy on both nodes are published.
-fn survives_broker_restart(mode: &'static str) {
-    if !ready("survives_broker_restart") {
-        return;
-    }
+fn survives_broker_restart(mode: &str) {
     let mut cl = Cluster::new(2, mode);
     let client = container();
     assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
@@ -376,7 +374,7 @@ fn survives_broker_restart(mode: &'static str) {
     assert!(connects.iter().all(|&n| n >= 1), "{}", cl.logs());
     cl.broker.stop();
     std::thread::sleep(Duration::from_secs(2));
-    cl.broker.restart();
+    cl.broker.resume().expect("mosquitto back");
     cl.csm.wait_subscribed(Duration::from_secs(20));
     for (d, before) in cl.nm.iter().zip(&connects) {
         wait_until("NetManager reconnect", Duration::from_secs(20), || {
@@ -503,10 +501,7 @@ print("ok", f"{time.time() - start:.1f}s", flush=True)
 /// kill -9 both NetManagers while a long TCP stream crosses the overlay and
 /// restart them before it ends: the stream completes without a reset and
 /// arrives intact.
-fn long_transfer_survives_kill9(mode: &'static str) {
-    if !ready("long_transfer_survives_kill9") {
-        return;
-    }
+fn long_transfer_survives_kill9(mode: &str) {
     let server_py = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/scripts/stream_server.py"
@@ -527,16 +522,11 @@ fn long_transfer_survives_kill9(mode: &'static str) {
             SERVER_IIP,
         )]),
     );
-    let mut sink = Proc(
-        Command::new("nsenter")
-            .args(["-t", &server.pid().to_string(), "-n", "python3", server_py])
-            .args(["0.0.0.0", "7100"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    assert_eq!(next_line(&mut lines(&mut sink)), "ready");
+    let mut sink = server
+        .ns()
+        .spawn(&["python3", server_py, "0.0.0.0", "7100"])
+        .expect("stream server");
+    sink.wait_ready().expect("stream server");
 
     const SIZE: usize = 100 * 1024 * 1024;
     let started = Instant::now();
@@ -545,15 +535,14 @@ fn long_transfer_survives_kill9(mode: &'static str) {
         PACED_CLIENT,
         &[SERVER_RR, "7100", &SIZE.to_string(), "10"],
     );
-    let mut out = lines(&mut stream);
-    assert_eq!(next_line(&mut out), "started", "{}", cl.logs());
+    assert_eq!(stream.read_line().unwrap(), "started", "{}", cl.logs());
 
     cl.nm[0].kill9();
     cl.nm[1].kill9();
     // The pinned dataplane carries on alone for a moment.
     std::thread::sleep(Duration::from_millis(500));
-    cl.nm[0].restart();
-    cl.nm[1].restart();
+    cl.nm[0].restart().unwrap();
+    cl.nm[1].restart().unwrap();
     for d in &cl.nm {
         let (_, st) = d.get("/status");
         assert_eq!(st["registered"], json!(true), "{st}");
@@ -561,13 +550,13 @@ fn long_transfer_survives_kill9(mode: &'static str) {
     }
     // Otherwise the test proves nothing: the restart must fall inside the stream.
     assert!(
-        stream.0.try_wait().unwrap().is_none(),
+        stream.alive(),
         "the transfer ended before the daemons were back ({:?}); pace it slower",
         started.elapsed()
     );
     // Taken over in place: one uplink program per node, in this mode.
     for node in &cl.nodes {
-        let progs = ingress_programs(node, "uplink0");
+        let progs = ingress_programs(&node.ns, UPLINK);
         assert_eq!(progs.len(), 1, "{progs:?}");
         assert_eq!(
             (progs[0].0.as_str(), progs[0].1.as_str()),
@@ -576,11 +565,10 @@ fn long_transfer_survives_kill9(mode: &'static str) {
     }
 
     wait_until("the transfer to end", Duration::from_secs(120), || {
-        stream.0.try_wait().unwrap().is_some()
+        !stream.alive()
     });
-    let status = stream.0.wait().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = stream.wait().unwrap();
+    let rest = stream.read_rest().unwrap();
     assert!(
         status.success() && rest.starts_with("ok"),
         "stream failed ({status}): {rest}\n{}",
@@ -596,21 +584,16 @@ fn long_transfer_survives_kill9(mode: &'static str) {
 /// cluster's record of node 1 (`service/address-changed`, which the
 /// cluster passes on as `updates_available`) follow, and the stream
 /// arrives intact.
-fn stream_survives_the_uplink_moving(mode: &'static str) {
-    if !ready("stream_survives_the_uplink_moving") {
-        return;
-    }
+fn stream_survives_the_uplink_moving(mode: &str) {
     let server_py = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/scripts/stream_server.py"
     );
-    let cl = Cluster::with_env(
-        2,
-        mode,
-        vec![("NETMANAGER_ADDRESS_CHECK_SECS".into(), "3600".into())],
-    );
+    let cl = Cluster::with_env(2, mode, &[("NETMANAGER_ADDRESS_CHECK_SECS", "3600")]);
     // Node 1's second way out, less preferred while the first is up.
-    cl.underlay.add_uplink(&cl.nodes[0], "uplink1", 11, 200);
+    cl.underlay
+        .add_uplink(&cl.nodes[0], "uplink1", 11, 200)
+        .expect("a second uplink");
     let client = container();
     assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
     let server = container();
@@ -628,19 +611,14 @@ fn stream_survives_the_uplink_moving(mode: &'static str) {
     let (_, st) = cl.nm[0].get("/status");
     assert_eq!(
         (st["uplink"].clone(), st["node_ip"].clone()),
-        (json!("uplink0"), json!("198.51.100.1")),
+        (json!(UPLINK), json!("198.51.100.1")),
         "{st}"
     );
-    let mut sink = Proc(
-        Command::new("nsenter")
-            .args(["-t", &server.pid().to_string(), "-n", "python3", server_py])
-            .args(["0.0.0.0", "7100"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    assert_eq!(next_line(&mut lines(&mut sink)), "ready");
+    let mut sink = server
+        .ns()
+        .spawn(&["python3", server_py, "0.0.0.0", "7100"])
+        .expect("stream server");
+    sink.wait_ready().expect("stream server");
 
     const SIZE: usize = 60 * 1024 * 1024;
     let mut stream = python_in(
@@ -648,11 +626,10 @@ fn stream_survives_the_uplink_moving(mode: &'static str) {
         PACED_CLIENT,
         &[SERVER_RR, "7100", &SIZE.to_string(), "10"],
     );
-    let mut out = lines(&mut stream);
-    assert_eq!(next_line(&mut out), "started", "{}", cl.logs());
+    assert_eq!(stream.read_line().unwrap(), "started", "{}", cl.logs());
 
     // The first uplink goes away; the kernel moves the default route.
-    cl.nodes[0].ip(&["link", "set", "uplink0", "down"]).unwrap();
+    cl.nodes[0].ns.set_down(UPLINK).expect("uplink down");
     wait_until(
         "node 1 to follow its uplink",
         Duration::from_secs(20),
@@ -663,10 +640,10 @@ fn stream_survives_the_uplink_moving(mode: &'static str) {
     );
     // Otherwise the test proves nothing: the move must fall inside the stream.
     assert!(
-        stream.0.try_wait().unwrap().is_none(),
+        stream.alive(),
         "the transfer ended before the uplink moved; pace it slower"
     );
-    let progs = ingress_programs(&cl.nodes[0], "uplink1");
+    let progs = ingress_programs(&cl.nodes[0].ns, "uplink1");
     assert_eq!(progs.len(), 1, "{progs:?}");
     assert_eq!(
         (progs[0].0.as_str(), progs[0].1.as_str()),
@@ -674,7 +651,7 @@ fn stream_survives_the_uplink_moving(mode: &'static str) {
     );
     // A link that is down keeps its addresses, and the receive program
     // stays on every interface that carries one (at most once).
-    let old = ingress_programs(&cl.nodes[0], "uplink0");
+    let old = ingress_programs(&cl.nodes[0].ns, UPLINK);
     assert!(old.len() <= 1, "programs on the old uplink: {old:?}");
     let announced = cl.sent_by(1, "service/address-changed");
     assert!(
@@ -685,11 +662,10 @@ fn stream_survives_the_uplink_moving(mode: &'static str) {
     );
 
     wait_until("the transfer to end", Duration::from_secs(120), || {
-        stream.0.try_wait().unwrap().is_some()
+        !stream.alive()
     });
-    let status = stream.0.wait().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = stream.wait().unwrap();
+    let rest = stream.read_rest().unwrap();
     assert!(
         status.success() && rest.starts_with("ok"),
         "stream failed ({status}): {rest}\n{}",
@@ -718,15 +694,8 @@ fn stream_survives_the_uplink_moving(mode: &'static str) {
 /// address (a USB modem replugged, a VM's NIC re-added): its programs went
 /// with the old interface, so NetManager attaches again -- told by the
 /// kernel's link events, the poll being an hour -- and traffic flows.
-fn a_recreated_uplink_gets_its_program_back(mode: &'static str) {
-    if !ready("a_recreated_uplink_gets_its_program_back") {
-        return;
-    }
-    let cl = Cluster::with_env(
-        2,
-        mode,
-        vec![("NETMANAGER_ADDRESS_CHECK_SECS".into(), "3600".into())],
-    );
+fn a_recreated_uplink_gets_its_program_back(mode: &str) {
+    let cl = Cluster::with_env(2, mode, &[("NETMANAGER_ADDRESS_CHECK_SECS", "3600")]);
     let client = container();
     assert_eq!(cl.deploy(1, &client, CLIENT), "10.18.0.2");
     let server = container();
@@ -750,14 +719,16 @@ fn a_recreated_uplink_gets_its_program_back(mode: &'static str) {
         cl.logs()
     );
     let node = &cl.nodes[0];
-    node.ip(&["link", "del", "uplink0"]).unwrap();
-    cl.underlay.add_uplink(node, "uplink0", 1, 0);
+    node.ns.del_link(UPLINK).expect("the uplink removed");
+    cl.underlay
+        .add_uplink(node, UPLINK, 1, 0)
+        .expect("the uplink back");
     wait_until(
-        "the uplink program on the new uplink0",
+        "the uplink program on the new uplink",
         Duration::from_secs(20),
-        || ingress_programs(node, "uplink0").len() == 1,
+        || ingress_programs(&node.ns, UPLINK).len() == 1,
     );
-    let progs = ingress_programs(node, "uplink0");
+    let progs = ingress_programs(&node.ns, UPLINK);
     assert_eq!(
         (progs[0].0.as_str(), progs[0].1.as_str()),
         (hook_of(mode), "uplink_ingress")

@@ -5,21 +5,29 @@
 //! still wins, and a broken service leaves the uplink's own address. Needs
 //! root, mosquitto and python3.
 
-mod common;
-
+use std::net::IpAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
 use serde_json::{Value, json};
+use testkit::netlink::Route;
+use testkit::runners::upstream_netcfg;
+use testkit::topology::UPLINK;
+use testkit::{ClusterDouble, ContainerProcess, Mosquitto, NetManager, Node, Proc};
+
+testkit::main! {
+    public_ip_networking_advertises_the_discovered_address: [Root, Mosquitto, Nft, Python3],
+    node_public_address_overrides_public_ip_networking: [Root, Mosquitto, Nft, Python3],
+    a_useless_answer_leaves_the_uplink_address: [Root, Mosquitto, Nft, Python3],
+    the_public_address_is_asked_again_when_the_uplink_changes: [Root, Mosquitto, Nft, Python3],
+}
 
 const JOB: &str = "pubaddr.test.web.test";
 const NODE_ID: &str = "6650aa00bb22cc33dd440b01";
 
 /// Answers every GET with the contents of `answer` (read per request) and
 /// appends a line per request to `log`.
-fn discovery_server(node: &Netns, port: u16, answer: &Path, log: &Path) -> Proc {
+fn discovery_server(node: &Node, port: u16, answer: &Path, log: &Path) -> Proc {
     let script = format!(
         "import http.server,sys\n\
          class H(http.server.BaseHTTPRequestHandler):\n\
@@ -36,68 +44,52 @@ fn discovery_server(node: &Netns, port: u16, answer: &Path, log: &Path) -> Proc 
          print('ready',flush=True)\n\
          s.serve_forever()"
     );
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", &script])
-        .arg(log)
-        .arg(answer)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-    node.enter(&mut cmd);
-    let mut p = Proc(cmd.spawn().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(p.0.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
-    p
+    let (log, answer) = (log.display().to_string(), answer.display().to_string());
+    node.ns
+        .spawn_ready(&["python3", "-c", &script, &log, &answer])
+        .expect("the discovery server")
 }
 
 struct Env {
-    nm: Daemon,
+    nm: NetManager,
     csm: ClusterDouble,
-    _broker: Broker,
+    _broker: Mosquitto,
     _server: Proc,
     requests: std::path::PathBuf,
     /// What the discovery server answers.
     answer: std::path::PathBuf,
-    node: Netns,
-    _dir: TempDir,
+    node: Node,
+    _dir: tempfile::TempDir,
 }
 
 /// A registered node with `netcfg` on top of the defaults, `env` on top of
 /// the harness's, and a discovery server answering `answer`.
-fn env_with(netcfg: Value, env: &[(&str, &str)], answer: &str) -> Option<Env> {
-    if !require_root("public_address") {
-        return None;
-    }
-    if try_run(&["python3", "-c", "pass"]).is_none() {
-        eprintln!("SKIP public_address: needs python3");
-        return None;
-    }
-    let dir = TempDir::new();
-    let node = Netns::node(1);
-    let requests = dir.path("requests.log");
-    let answer_file = dir.path("answer");
+fn env_with(netcfg: Value, env: &[(&str, &str)], answer: &str) -> Env {
+    let dir = testkit::temp_dir();
+    let node = Node::standalone(1).expect("node namespace");
+    let requests = dir.path().join("requests.log");
+    let answer_file = dir.path().join("answer");
     std::fs::write(&answer_file, answer).unwrap();
     let server = discovery_server(&node, 18080, &answer_file, &requests);
-    let broker = Broker::start(&dir, Some(&node));
-    let csm = ClusterDouble::start(broker.port, Some(&node), ("10.18.0.64", "fc00::40"));
-    let mut nm = Daemon::start_with(&dir, &node, broker.port, netcfg);
-    if !env.is_empty() {
-        nm.env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        nm.restart();
+    let broker = Mosquitto::in_netns(&node.ns, "127.0.0.1", 1883, dir.path()).expect("mosquitto");
+    let csm = ClusterDouble::options(broker.endpoint())
+        .start()
+        .expect("cluster double");
+    csm.pin_subnet(NODE_ID, "10.18.0.64", "fc00::40");
+    let mut builder = NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
+        .netcfg(upstream_netcfg(broker.port()))
+        .netcfg_with(netcfg)
+        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1");
+    for (k, v) in env {
+        builder = builder.env(k, v);
     }
+    let nm = builder.start().expect("NetManager");
     let (code, body) = nm.post(
         "/register",
         &json!({"client_id": NODE_ID, "cluster_address": "127.0.0.1"}).to_string(),
     );
     assert_eq!(code, 200, "{body}\n{}", nm.log_text());
-    Some(Env {
+    Env {
         nm,
         csm,
         _broker: broker,
@@ -106,10 +98,10 @@ fn env_with(netcfg: Value, env: &[(&str, &str)], answer: &str) -> Option<Env> {
         answer: answer_file,
         node,
         _dir: dir,
-    })
+    }
 }
 
-fn env(netcfg: Value, answer: &str) -> Option<Env> {
+fn env(netcfg: Value, answer: &str) -> Env {
     env_with(netcfg, &[], answer)
 }
 
@@ -120,20 +112,17 @@ fn requests(e: &Env) -> usize {
         .count()
 }
 
-#[test]
 fn public_ip_networking_advertises_the_discovered_address() {
-    let Some(e) = env(
+    let e = env(
         json!({"PublicIPNetworking": true,
                "PublicIPDiscoveryUrl": "http://127.0.0.1:18080/ip"}),
         "203.0.113.7\n",
-    ) else {
-        return;
-    };
+    );
     let (_, st) = e.nm.get("/status");
     assert_eq!(st["node_ip"], json!("203.0.113.7"), "{st}");
     assert!(requests(&e) >= 1);
     // Instances are announced with it.
-    let c = container();
+    let c = ContainerProcess::start().expect("a container");
     let (code, a) = e.nm.post(
         "/container/deploy",
         &json!({"pid": c.pid(), "serviceName": JOB, "instanceNumber": 0, "portMappings": ""})
@@ -146,29 +135,23 @@ fn public_ip_networking_advertises_the_discovered_address() {
     assert_eq!(deployed[0]["host_ip"], json!("203.0.113.7"), "{deployed:?}");
 }
 
-#[test]
 fn node_public_address_overrides_public_ip_networking() {
-    let Some(e) = env(
+    let e = env(
         json!({"PublicIPNetworking": true, "NodePublicAddress": "198.51.100.77",
                "PublicIPDiscoveryUrl": "http://127.0.0.1:18080/ip"}),
         "203.0.113.7\n",
-    ) else {
-        return;
-    };
+    );
     let (_, st) = e.nm.get("/status");
     assert_eq!(st["node_ip"], json!("198.51.100.77"), "{st}");
     assert_eq!(requests(&e), 0, "the discovery service was asked");
 }
 
-#[test]
 fn a_useless_answer_leaves_the_uplink_address() {
-    let Some(e) = env(
+    let e = env(
         json!({"PublicIPNetworking": true,
                "PublicIPDiscoveryUrl": "http://127.0.0.1:18080/"}),
         "<html>not an address</html>",
-    ) else {
-        return;
-    };
+    );
     let (_, st) = e.nm.get("/status");
     assert_eq!(st["node_ip"], json!("198.51.100.1"), "{st}");
     assert!(requests(&e) >= 1);
@@ -182,21 +165,18 @@ fn a_useless_answer_leaves_the_uplink_address() {
 /// Deployments (new veths, so link events) do not bother the discovery
 /// service; the uplink being renumbered does, and a new public address is
 /// announced to the cluster. The poll is an hour: only events act here.
-#[test]
 fn the_public_address_is_asked_again_when_the_uplink_changes() {
-    let Some(e) = env_with(
+    let e = env_with(
         json!({"PublicIPNetworking": true,
                "PublicIPDiscoveryUrl": "http://127.0.0.1:18080/ip"}),
         &[("NETMANAGER_ADDRESS_CHECK_SECS", "3600")],
         "203.0.113.7\n",
-    ) else {
-        return;
-    };
+    );
     let asked = requests(&e);
     assert!(asked >= 1);
     let mut containers = Vec::new();
     for n in 0..3 {
-        let c = container();
+        let c = ContainerProcess::start().expect("a container");
         let (code, a) = e.nm.post(
             "/container/deploy",
             &json!({"pid": c.pid(), "serviceName": JOB, "instanceNumber": n, "portMappings": ""})
@@ -214,14 +194,16 @@ fn the_public_address_is_asked_again_when_the_uplink_changes() {
     // DHCP renumbers the uplink; the router got a new public address too.
     std::fs::write(&e.answer, "203.0.113.8\n").unwrap();
     // (Deleting the primary address also drops secondaries: delete first.)
+    e.node.ns.del_address(UPLINK, "198.51.100.1/24").unwrap();
     e.node
-        .ip(&["addr", "del", "198.51.100.1/24", "dev", "uplink0"])
-        .unwrap();
+        .ns
+        .add_address(UPLINK, "198.51.100.9/24")
+        .unwrap()
+        .keep();
+    let gateway: IpAddr = "198.51.100.254".parse().unwrap();
     e.node
-        .ip(&["addr", "add", "198.51.100.9/24", "dev", "uplink0"])
-        .unwrap();
-    e.node
-        .ip(&["route", "replace", "default", "via", "198.51.100.254"])
+        .ns
+        .replace_route(&Route::default_via(gateway))
         .unwrap();
     let changed = e
         .csm

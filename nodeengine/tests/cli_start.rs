@@ -1,17 +1,20 @@
 //! Starting the worker as upstream's `NodeEngine` does: bare, with `-d`, with
 //! `-p` alone, with upstream's long flags; Ctrl-C stops it. Without systemd
-//! (CI) the daemon runs in the foreground or detached.
-
-mod common;
+//! (CI) the daemon runs in the foreground or detached; with systemd the
+//! service would be started, so these tests need a machine without it.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use testkit::cluster::LoopbackCluster;
+use testkit::fixtures::node_conf;
+use testkit::process::{Signal, signal};
+use testkit::{temp_dir, wait_for};
 
-fn has_systemd() -> bool {
-    Path::new("/run/systemd/system").is_dir()
+testkit::main! {
+    bare_nodeengine_starts_the_worker_and_ctrl_c_stops_it: [Mosquitto, NoSystemd],
+    detached_start_with_port_alone_and_upstream_long_flags: [Mosquitto, NoSystemd],
 }
 
 /// `NodeEngine args...` with this test's daemon environment.
@@ -22,24 +25,27 @@ fn nodeengine(dir: &Path, conf: &Path, args: &[&str]) -> Command {
         .env("CONTAINERD_ADDRESS", dir.join("no-containerd.sock"))
         .env("CONTAINERD_CONFIG", dir.join("no-containerd.toml"))
         .env("RUST_LOG", "info")
+        .env_remove("INVOCATION_ID")
         .args(args);
     c
 }
 
-fn signal(pid: u32, sig: i32) {
-    if let Ok(pid) = i32::try_from(pid) {
-        // SAFETY: kill(2) on a process this test started.
-        unsafe {
-            libc::kill(pid, sig);
-        }
-    }
+/// The fixture configuration pointed at a cluster on `port`, containerd off.
+fn write_conf(dir: &Path, port: u16) -> std::path::PathBuf {
+    let path = dir.join("conf.json");
+    std::fs::write(
+        &path,
+        node_conf(port, &dir.join("applogs"), false).to_string(),
+    )
+    .expect("write conf");
+    path
 }
 
 fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
 
+/// Kills the child if the test ends early.
 struct Stopper(Child);
 
 impl Drop for Stopper {
@@ -49,19 +55,14 @@ impl Drop for Stopper {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bare_nodeengine_starts_the_worker_and_ctrl_c_stops_it() {
-    if !can_run("bare_nodeengine", &["/usr/sbin/mosquitto"]) {
-        return;
-    }
-    if has_systemd() {
-        eprintln!("SKIPPED bare_nodeengine: systemd runs here, the service would be started");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Mosquitto::start(dir.path());
-    let mut cluster = ClusterDouble::start(broker.port).await;
-    let conf = test_config(dir.path(), cluster.http_port, false);
+fn bare_nodeengine_starts_the_worker_and_ctrl_c_stops_it() {
+    let dir = temp_dir();
+    let LoopbackCluster {
+        cluster,
+        broker: _broker,
+    } = LoopbackCluster::start(dir.path()).expect("broker and cluster double");
+    let id = cluster.id_for_host(&testkit::hostname());
+    let conf = write_conf(dir.path(), cluster.http_port());
     let child = nodeengine(dir.path(), &conf, &[])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -69,51 +70,42 @@ async fn bare_nodeengine_starts_the_worker_and_ctrl_c_stops_it() {
         .expect("start NodeEngine");
     let mut child = Stopper(child);
     cluster
+        .node_view(&id)
         .wait_for("information", Duration::from_secs(30), |_| true)
-        .await
         .expect("bare NodeEngine registered with the configured cluster");
     // Ctrl-C.
-    signal(child.0.id(), libc::SIGINT);
-    let stopped = wait_until(Duration::from_secs(20), || {
+    signal(child.0.id(), Signal::SIGINT);
+    let stopped = wait_for("NodeEngine to stop", Duration::from_secs(20), || {
         matches!(child.0.try_wait(), Ok(Some(_)))
-    })
-    .await;
-    assert!(stopped, "Ctrl-C did not stop the worker");
+    });
+    assert!(stopped.is_ok(), "Ctrl-C did not stop the worker");
     let status = child.0.wait().expect("wait");
     assert!(status.success(), "{status:?}");
 }
 
 /// `-p` alone and `-d`: the port is saved, the worker runs in the
 /// background; then upstream's long flags do the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn detached_start_with_port_alone_and_upstream_long_flags() {
-    if !can_run("detached_start", &["/usr/sbin/mosquitto"]) {
-        return;
-    }
-    if has_systemd() {
-        eprintln!("SKIPPED detached_start: systemd runs here, the service would be started");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Mosquitto::start(dir.path());
-    let mut cluster = ClusterDouble::start(broker.port).await;
+fn detached_start_with_port_alone_and_upstream_long_flags() {
+    let dir = temp_dir();
+    let LoopbackCluster {
+        cluster,
+        broker: _broker,
+    } = LoopbackCluster::start(dir.path()).expect("broker and cluster double");
+    let id = cluster.id_for_host(&testkit::hostname());
+    let node = cluster.node_view(&id);
     // The configured port is wrong; -p fixes it.
-    let conf = test_config(dir.path(), free_port(), false);
+    let conf = write_conf(dir.path(), testkit::broker::free_port());
+    let port = cluster.http_port().to_string();
     for args in [
+        vec!["-p", &port, "-d"],
         vec![
-            "-p".to_string(),
-            cluster.http_port.to_string(),
-            "-d".to_string(),
-        ],
-        vec![
-            "--clusterAddr".to_string(),
-            "127.0.0.1".to_string(),
-            "--clusterPort".to_string(),
-            cluster.http_port.to_string(),
-            "--detatch".to_string(),
+            "--clusterAddr",
+            "127.0.0.1",
+            "--clusterPort",
+            &port,
+            "--detatch",
         ],
     ] {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = nodeengine(dir.path(), &conf, &args)
             .output()
             .expect("run NodeEngine");
@@ -127,14 +119,16 @@ async fn detached_start_with_port_alone_and_upstream_long_flags() {
             .unwrap_or_else(|| panic!("no pid in {text:?}"));
         let saved: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&conf).expect("conf")).expect("json");
-        assert_eq!(saved["cluster_port"], cluster.http_port);
-        cluster.clear();
-        let up = cluster
-            .wait_for("information", Duration::from_secs(30), |_| true)
-            .await;
-        signal(pid, libc::SIGTERM);
-        let gone = wait_until(Duration::from_secs(20), || !alive(pid)).await;
+        assert_eq!(saved["cluster_port"], cluster.http_port());
+        cluster.clear_seen();
+        let up = node.wait_for("information", Duration::from_secs(30), |_| true);
+        signal(pid, Signal::SIGTERM);
+        let gone = wait_for(
+            "the detached worker to stop",
+            Duration::from_secs(20),
+            || !alive(pid),
+        );
         assert!(up.is_some(), "{args:?}: the detached worker never reported");
-        assert!(gone, "the detached worker did not stop");
+        assert!(gone.is_ok(), "the detached worker did not stop");
     }
 }

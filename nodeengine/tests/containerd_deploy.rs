@@ -1,63 +1,119 @@
 //! Deployments on a real containerd (own instance per test), driven over a real
 //! mosquitto by the cluster double. Network mode is `off`.
 
-mod common;
-
+use std::path::Path;
 use std::time::Duration;
 
-use common::*;
 use serde_json::Value;
+use testkit::cluster::{LoopbackCluster, NodeView};
+use testkit::fixtures::{deploy_document as job, node_conf, test_image, test_image_named};
+use testkit::image::{ImageSpec, write_busybox_oci_tar};
+use testkit::{ClusterDouble, Containerd, Mosquitto, NodeEngine, path_with, temp_dir};
+use testkit::{wait_for, write_script};
+
+testkit::main! {
+    deploy_report_and_delete: [Root, Mosquitto, Containerd, Busybox, Python3, PrometheusClient],
+    exits_are_reported_and_cleaned_up: [Root, Mosquitto, Containerd, Busybox],
+    restart_adopts_running_instances_and_broker_restart_keeps_deploying: [Root, Mosquitto, Containerd, Busybox],
+    after_an_outage_longer_than_the_window_instances_are_removed: [Root, Mosquitto, Containerd, Busybox],
+    containers_get_upstreams_spec_and_are_confined: [Root, Mosquitto, Containerd, Busybox],
+    privileged_gpus_and_configured_runtimes_as_upstream: [Root, Mosquitto, Containerd, Busybox],
+    flops_starts_its_ml_data_server: [Root, Mosquitto, Containerd, Busybox],
+    images_from_plain_http_registries_are_pulled: [Root, Mosquitto, Containerd, Busybox],
+    duplicate_and_zero_host_ports_do_not_fail_a_deploy: [Root, Mosquitto, Containerd, Busybox],
+}
 
 /// Fields drop in this order: daemon first, temp dir last.
 struct Setup {
-    daemon: Daemon,
+    daemon: NodeEngine,
     cluster: ClusterDouble,
     broker: Mosquitto,
     containerd: Containerd,
+    /// The id the cluster gives this machine's hostname.
+    id: String,
     dir: tempfile::TempDir,
 }
 
-async fn setup(unpack: bool) -> Setup {
-    setup_with(unpack, |_, _, _| Vec::new()).await
+impl Setup {
+    /// The cluster as the daemon's node sees it.
+    fn node(&self) -> NodeView<'_> {
+        self.cluster.node_view(&self.id)
+    }
+}
+
+fn setup(unpack: bool) -> Setup {
+    setup_with(unpack, |_, _, _| Vec::new())
+}
+
+/// The cluster's silence window, shorter than upstream's in some tests.
+fn setup_with(
+    unpack: bool,
+    prepare: impl FnOnce(&Path, &Containerd, &mut Value) -> Vec<(&'static str, String)>,
+) -> Setup {
+    setup_with_window(unpack, testkit::cluster::FAILURE_WINDOW, prepare)
 }
 
 /// `prepare` gets the test directory, containerd and the configuration to
-/// edit before the daemon starts, and returns extra daemon environment.
-async fn setup_with(
+/// edit before the daemon starts, and returns extra daemon environment;
+/// the cluster marks an instance FAILED after `window` without reports.
+fn setup_with_window(
     unpack: bool,
-    prepare: impl FnOnce(&std::path::Path, &Containerd, &mut Value) -> Vec<(&'static str, String)>,
+    window: Duration,
+    prepare: impl FnOnce(&Path, &Containerd, &mut Value) -> Vec<(&'static str, String)>,
 ) -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let containerd = Containerd::start(dir.path());
-    containerd.import_test_image(unpack);
-    let broker = Mosquitto::start(dir.path());
-    let cluster = ClusterDouble::start(broker.port).await;
-    let mut env = Vec::new();
-    let conf = test_config_with(dir.path(), cluster.http_port, true, |cfg| {
-        env = prepare(dir.path(), &containerd, cfg);
-    });
-    let daemon = Daemon::start_with(dir.path(), &conf, Some(&containerd), &env);
-    let mut s = Setup {
+    let dir = temp_dir();
+    let containerd = Containerd::start(dir.path()).expect("containerd");
+    containerd
+        .import(&test_image(), unpack)
+        .expect("the test image");
+    let LoopbackCluster { cluster, broker } =
+        LoopbackCluster::start_with(dir.path(), |o| o.failure_window(window))
+            .expect("broker and cluster double");
+    let id = cluster.id_for_host(&testkit::hostname());
+    let mut doc = node_conf(cluster.http_port(), &dir.path().join("applogs"), true);
+    let env = prepare(dir.path(), &containerd, &mut doc);
+    let conf = dir.path().join("conf.json");
+    std::fs::write(&conf, doc.to_string()).expect("write conf");
+    let mut daemon = NodeEngine::builder(
+        env!("CARGO_BIN_EXE_nodeengined"),
+        &conf,
+        &dir.path().join("nodeengined.log"),
+    )
+    .containerd(&containerd.socket, &containerd.namespace)
+    // containerd's runtimes come from the test's config, not the host's.
+    .env(
+        "CONTAINERD_CONFIG",
+        &dir.path()
+            .join("containerd-runtimes.toml")
+            .display()
+            .to_string(),
+    );
+    for (k, v) in &env {
+        daemon = daemon.env(k, v);
+    }
+    let daemon = daemon.start().expect("nodeengined");
+    let s = Setup {
         dir,
         broker,
         cluster,
         containerd,
+        id,
         daemon,
     };
-    s.cluster
+    s.node()
         .wait_for("information", Duration::from_secs(30), |_| true)
-        .await
         .unwrap_or_else(|| panic!("daemon not up:\n{}", s.daemon.log_text()));
     s
 }
 
-const BINS: &[&str] = &[
-    "/usr/sbin/mosquitto",
-    "containerd",
-    "ctr",
-    "runc",
-    "/bin/busybox",
-];
+/// `ctr containers info`'s Spec of container `id`.
+fn spec_of(containerd: &Containerd, id: &str) -> Value {
+    let info = containerd
+        .ctr_ok(&["containers", "info", id])
+        .expect("ctr containers info");
+    let info: Value = serde_json::from_str(&info).expect("ctr info json");
+    info["Spec"].clone()
+}
 
 fn resources_entry<'a>(v: &'a Value, job: &str, instance: u64) -> Option<&'a Value> {
     v["services"]
@@ -66,17 +122,14 @@ fn resources_entry<'a>(v: &'a Value, job: &str, instance: u64) -> Option<&'a Val
         .find(|s| s["job_name"] == job && s["instance"] == instance)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deploy_report_and_delete() {
-    if !can_run("deploy_report_and_delete", BINS) {
-        return;
-    }
-    let metrics = format!("127.0.0.1:{}", free_port());
+fn deploy_report_and_delete() {
+    let metrics = format!("127.0.0.1:{}", testkit::broker::free_port());
     let listen = metrics.clone();
-    let mut s = setup_with(true, move |_, _, _| {
+    let s = setup_with(true, move |_, _, _| {
         vec![("NODEENGINE_METRICS_ADDRESS", listen)]
-    })
-    .await;
+    });
+    let scrape =
+        |address: &str| testkit::metrics::scrape(None, address).unwrap_or_else(|e| panic!("{e:#}"));
     let name = "app.ns.web.main";
     let id = format!("{name}.instance.0");
     let j = job(
@@ -89,24 +142,20 @@ async fn deploy_report_and_delete() {
         ],
         false,
     );
-    s.cluster.publish("control/deploy", j.to_string()).await;
-    let created = s.cluster.wait_status(name, 0, "CREATED").await;
+    s.node().publish("control/deploy", j.to_string());
+    let created = s.node().wait_status(name, 0, "CREATED");
     assert_eq!(created["status_detail"], "");
 
     // containerd has it, with our limits.
     assert!(s.containerd.container_ids().contains(&id));
-    let info = s.containerd.ctr(&["containers", "info", &id]);
-    let info: Value = serde_json::from_slice(&info.stdout).expect("ctr info json");
-    assert_eq!(info["Spec"]["hostname"], "instance-0");
-    assert_eq!(
-        info["Spec"]["linux"]["resources"]["memory"]["limit"],
-        64 << 20
-    );
-    assert_eq!(info["Spec"]["linux"]["resources"]["cpu"]["quota"], 100_000);
+    let spec = spec_of(&s.containerd, &id);
+    assert_eq!(spec["hostname"], "instance-0");
+    assert_eq!(spec["linux"]["resources"]["memory"]["limit"], 64 << 20);
+    assert_eq!(spec["linux"]["resources"]["cpu"]["quota"], 100_000);
 
     // Resources show it, with its log tail.
     let res = s
-        .cluster
+        .node()
         .wait_for("jobs/resources", Duration::from_secs(20), |v| {
             resources_entry(v, name, 0).is_some_and(|e| {
                 e["logs"]
@@ -114,11 +163,10 @@ async fn deploy_report_and_delete() {
                     .is_some_and(|l| l.contains("hello-hello-from-image-instance-0"))
             })
         })
-        .await
         .unwrap_or_else(|| {
             panic!(
                 "instance not in resources with its log: {:?}; log: {:?}",
-                s.cluster.messages("jobs/resources").last(),
+                s.node().messages("jobs/resources").last(),
                 std::fs::read_to_string(s.dir.path().join("applogs").join(&id))
             )
         });
@@ -136,13 +184,17 @@ async fn deploy_report_and_delete() {
 
     // A second deploy of the same instance (MQTT QoS 1 may deliver twice) is
     // a logged no-op, not FAILED.
-    s.cluster.publish("control/deploy", j.to_string()).await;
-    let logged = wait_until(Duration::from_secs(20), || {
-        s.daemon
-            .log_text()
-            .contains("deploy for an instance that already runs here; ignored")
-    })
-    .await;
+    s.node().publish("control/deploy", j.to_string());
+    let logged = wait_for(
+        "the duplicate deploy to be logged",
+        Duration::from_secs(20),
+        || {
+            s.daemon
+                .log_text()
+                .contains("deploy for an instance that already runs here; ignored")
+        },
+    )
+    .is_ok();
     assert!(logged, "{}", s.daemon.log_text());
 
     // The metrics count it: one created (timed), one duplicate, running
@@ -159,12 +211,12 @@ async fn deploy_report_and_delete() {
     // Delete: exactly one UNDEPLOYED, container gone.
     let del =
         serde_json::json!({"job_name": name, "virtualization": "docker", "instance_number": 0});
-    s.cluster.publish("control/delete", del.to_string()).await;
-    s.cluster.publish("control/delete", del.to_string()).await;
-    s.cluster.wait_status(name, 0, "UNDEPLOYED").await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.node().publish("control/delete", del.to_string());
+    s.node().publish("control/delete", del.to_string());
+    s.node().wait_status(name, 0, "UNDEPLOYED");
+    std::thread::sleep(Duration::from_secs(3));
     let statuses: Vec<String> = s
-        .cluster
+        .node()
         .messages("job")
         .iter()
         .filter(|m| m["sname"] == name)
@@ -173,11 +225,10 @@ async fn deploy_report_and_delete() {
     assert_eq!(statuses, ["CREATED", "UNDEPLOYED"]);
     assert!(!s.containerd.container_ids().contains(&id));
     let gone = s
-        .cluster
+        .node()
         .wait_for("jobs/resources", Duration::from_secs(10), |v| {
             resources_entry(v, name, 0).is_none()
-        })
-        .await;
+        });
     assert!(gone.is_some());
     let m = scrape(&metrics);
     assert!(
@@ -187,53 +238,38 @@ async fn deploy_report_and_delete() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exits_are_reported_and_cleaned_up() {
-    if !can_run("exits_are_reported", BINS) {
-        return;
-    }
+fn exits_are_reported_and_cleaned_up() {
     // Imported without unpacking: the daemon unpacks the layers itself.
-    let mut s = setup(false).await;
-    s.cluster
-        .publish(
-            "control/deploy",
-            job("app.ns.batch.ok", 0, &["true"], true).to_string(),
-        )
-        .await;
-    s.cluster
-        .publish(
-            "control/deploy",
-            job("app.ns.batch.bad", 1, &["sh", "-c", "exit 3"], false).to_string(),
-        )
-        .await;
+    let s = setup(false);
+    s.node().publish(
+        "control/deploy",
+        job("app.ns.batch.ok", 0, &["true"], true).to_string(),
+    );
+    s.node().publish(
+        "control/deploy",
+        job("app.ns.batch.bad", 1, &["sh", "-c", "exit 3"], false).to_string(),
+    );
     let mut missing = job("app.ns.no.image", 0, &["true"], false);
     missing["image"] = "localhost:1/does/not-exist:v0".into();
-    s.cluster
-        .publish("control/deploy", missing.to_string())
-        .await;
+    s.node().publish("control/deploy", missing.to_string());
 
-    s.cluster.wait_status("app.ns.batch.ok", 0, "CREATED").await;
-    let done = s
-        .cluster
-        .wait_status("app.ns.batch.ok", 0, "COMPLETED")
-        .await;
+    s.node().wait_status("app.ns.batch.ok", 0, "CREATED");
+    let done = s.node().wait_status("app.ns.batch.ok", 0, "COMPLETED");
     assert!(
         done["status_detail"]
             .as_str()
             .unwrap_or_default()
             .contains('0')
     );
-    s.cluster
-        .wait_status("app.ns.batch.bad", 1, "CREATED")
-        .await;
-    let dead = s.cluster.wait_status("app.ns.batch.bad", 1, "DEAD").await;
+    s.node().wait_status("app.ns.batch.bad", 1, "CREATED");
+    let dead = s.node().wait_status("app.ns.batch.bad", 1, "DEAD");
     assert!(
         dead["status_detail"]
             .as_str()
             .unwrap_or_default()
             .contains('3')
     );
-    let failed = s.cluster.wait_status("app.ns.no.image", 0, "FAILED").await;
+    let failed = s.node().wait_status("app.ns.no.image", 0, "FAILED");
     assert!(
         failed["status_detail"]
             .as_str()
@@ -241,44 +277,42 @@ async fn exits_are_reported_and_cleaned_up() {
             .contains("does/not-exist"),
         "{failed}"
     );
-    let clean = wait_until(Duration::from_secs(20), || {
+    let clean = wait_for("no containers", Duration::from_secs(20), || {
         s.containerd.container_ids().is_empty()
     })
-    .await;
+    .is_ok();
     assert!(clean, "left: {:?}", s.containerd.container_ids());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_adopts_running_instances_and_broker_restart_keeps_deploying() {
-    if !can_run("restart_adopts", BINS) {
-        return;
-    }
+fn restart_adopts_running_instances_and_broker_restart_keeps_deploying() {
     // The node's window and the cluster's match (60 s); the restart is far shorter.
-    let mut s = setup_with(true, |_, _, _| {
-        vec![("NODEENGINE_ADOPT_WINDOW", "60".to_string())]
-    })
-    .await;
-    s.cluster.mark_failed_after(Duration::from_secs(60));
+    let window = Duration::from_secs(60);
+    let mut s = setup_with_window(true, window, |_, _, _| {
+        vec![("NODEENGINE_ADOPT_WINDOW", window.as_secs().to_string())]
+    });
     let name = "app.ns.keep.alive";
-    s.cluster
-        .publish(
-            "control/deploy",
-            job(name, 4, &["sleep", "300"], false).to_string(),
-        )
-        .await;
-    s.cluster.wait_status(name, 4, "CREATED").await;
-
-    // Daemon restart: the running container is adopted, not killed.
-    s.daemon.restart();
-    s.cluster.clear();
-    let adopted = s
-        .cluster
-        .wait_for("jobs/resources", Duration::from_secs(30), |v| {
+    // Placed by the cluster, so it counts the instance's silence.
+    s.node().deploy(&job(name, 4, &["sleep", "300"], false));
+    s.node().wait_status(name, 4, "CREATED");
+    // Reported to the cluster (so the node recorded a report, which is what
+    // lets it adopt after a restart), not merely created.
+    s.node()
+        .wait_for("jobs/resources", Duration::from_secs(20), |v| {
             resources_entry(v, name, 4).is_some()
         })
-        .await;
+        .expect("the instance reported");
+
+    // Daemon restart: the running container is adopted, not killed.
+    s.daemon.restart().expect("nodeengined restarted");
+    s.cluster.clear_seen();
+    let adopted = s
+        .node()
+        .wait_for("jobs/resources", Duration::from_secs(30), |v| {
+            resources_entry(v, name, 4).is_some()
+        });
     assert!(adopted.is_some(), "not adopted:\n{}", s.daemon.log_text());
-    assert!(s.cluster.failed_instances().is_empty());
+    let state = s.cluster.instance_state(name, 4).expect("placed");
+    assert_ne!(state.status, "FAILED", "{state:?}");
     assert!(
         s.containerd
             .container_ids()
@@ -286,22 +320,20 @@ async fn restart_adopts_running_instances_and_broker_restart_keeps_deploying() {
     );
 
     // Broker restart: deploys still work afterwards.
-    s.broker.restart();
-    s.cluster.clear();
-    s.cluster
+    s.broker.restart().expect("mosquitto restarted");
+    s.cluster.clear_seen();
+    s.node()
         .wait_for("information", Duration::from_secs(40), |_| true)
-        .await
         .expect("reports resume");
     let second = "app.ns.after.broker";
     let payload = job(second, 0, &["sleep", "300"], false).to_string();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        s.cluster.publish("control/deploy", payload.clone()).await;
-        if s.cluster
+        s.node().publish("control/deploy", payload.clone());
+        if s.node()
             .wait_for("job", Duration::from_secs(5), |v| {
                 v["sname"] == second && v["status"] == "CREATED"
             })
-            .await
             .is_some()
         {
             break;
@@ -314,71 +346,64 @@ async fn restart_adopts_running_instances_and_broker_restart_keeps_deploying() {
     }
     // Delete the adopted one: exactly one UNDEPLOYED.
     let del = serde_json::json!({"job_name": name, "instance_number": 4});
-    s.cluster.publish("control/delete", del.to_string()).await;
-    s.cluster.wait_status(name, 4, "UNDEPLOYED").await;
+    s.node().publish("control/delete", del.to_string());
+    s.node().wait_status(name, 4, "UNDEPLOYED");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_an_outage_longer_than_the_window_instances_are_removed() {
-    if !can_run("after_an_outage", BINS) {
-        return;
-    }
+fn after_an_outage_longer_than_the_window_instances_are_removed() {
     // A short window on both sides keeps the test quick.
     let window = Duration::from_secs(3);
-    let mut s = setup_with(true, |_, _, _| {
+    let mut s = setup_with_window(true, window, |_, _, _| {
         vec![("NODEENGINE_ADOPT_WINDOW", window.as_secs().to_string())]
-    })
-    .await;
-    s.cluster.mark_failed_after(window);
+    });
     let name = "app.ns.long.outage";
     let id = format!("{name}.instance.1");
-    s.cluster
-        .publish(
-            "control/deploy",
-            job(name, 1, &["sleep", "300"], false).to_string(),
-        )
-        .await;
-    s.cluster.wait_status(name, 1, "CREATED").await;
-    s.cluster
+    s.node().deploy(&job(name, 1, &["sleep", "300"], false));
+    s.node().wait_status(name, 1, "CREATED");
+    s.node()
         .wait_for("jobs/resources", Duration::from_secs(20), |v| {
             resources_entry(v, name, 1).is_some()
         })
-        .await
         .expect("reported");
 
     // The node goes away; the cluster marks its instance FAILED (and would
     // place a replacement elsewhere).
     s.daemon.stop();
-    let failed = wait_until(Duration::from_secs(30), || {
-        s.cluster
-            .failed_instances()
-            .contains(&(name.to_string(), 1))
-    })
-    .await;
+    let failed = wait_for(
+        "the cluster to mark the instance FAILED",
+        Duration::from_secs(30),
+        || {
+            s.cluster
+                .instance_state(name, 1)
+                .is_some_and(|i| i.status == "FAILED")
+        },
+    )
+    .is_ok();
     assert!(
         failed,
         "the cluster double never marked the instance FAILED"
     );
 
     // Back after the window: the container is a duplicate now and goes.
-    s.cluster.clear();
-    s.daemon.restart();
-    let removed = wait_until(Duration::from_secs(30), || {
-        !s.containerd.container_ids().contains(&id)
-    })
-    .await;
+    s.cluster.clear_seen();
+    s.daemon.restart().expect("nodeengined restarted");
+    let removed = wait_for(
+        "the duplicate to be removed",
+        Duration::from_secs(30),
+        || !s.containerd.container_ids().contains(&id),
+    )
+    .is_ok();
     assert!(removed, "duplicate left running:\n{}", s.daemon.log_text());
     for _ in 0..3 {
         let report = s
-            .cluster
+            .node()
             .wait_for("jobs/resources", Duration::from_secs(20), |_| true)
-            .await
             .expect("reports resume");
         assert!(
             resources_entry(&report, name, 1).is_none(),
             "reported a replaced instance: {report}"
         );
-        s.cluster.clear();
+        s.cluster.clear_seen();
     }
 }
 
@@ -386,18 +411,14 @@ const PASSWD: &[u8] =
     b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
 const GROUP: &[u8] = b"root:x:0:\nnogroup:x:65534:\nfuse:x:107:nobody\n";
 
-fn spec_of(containerd: &Containerd, id: &str) -> Value {
-    let info = containerd.ctr(&["containers", "info", id]);
-    let info: Value = serde_json::from_slice(&info.stdout).expect("ctr info json");
-    info["Spec"].clone()
-}
-
-async fn wait_for_log(s: &Setup, id: &str, text: &str) -> String {
+fn wait_for_log(s: &Setup, id: &str, text: &str) -> String {
     let path = s.dir.path().join("applogs").join(id);
-    let found = wait_until(Duration::from_secs(30), || {
-        std::fs::read_to_string(&path).is_ok_and(|l| l.contains(text))
-    })
-    .await;
+    let found = wait_for(
+        &format!("{text:?} in the log of {id}"),
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&path).is_ok_and(|l| l.contains(text)),
+    )
+    .is_ok();
     let log = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         found,
@@ -409,32 +430,31 @@ async fn wait_for_log(s: &Setup, id: &str, text: &str) -> String {
 
 /// Points 1, 6 and 7 of the parity issue and the confinement of the security
 /// issue, on real containers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containers_get_upstreams_spec_and_are_confined() {
-    if !can_run("containers_get_upstreams_spec", BINS) {
-        return;
-    }
+fn containers_get_upstreams_spec_and_are_confined() {
     let entry_image = "docker.io/library/nodeengine-entry:latest";
     let user_image = "docker.io/library/nodeengine-nobody:latest";
-    let mut s = setup_with(true, |_, containerd, _| {
-        containerd.import_image(
-            &TestImage {
-                entrypoint: &["/bin/false"],
-                ..TestImage::named(entry_image)
-            },
-            true,
-        );
-        containerd.import_image(
-            &TestImage {
-                files: &[("etc/passwd", PASSWD), ("etc/group", GROUP)],
-                user: "nobody",
-                ..TestImage::named(user_image)
-            },
-            true,
-        );
+    let s = setup_with(true, |_, containerd, _| {
+        containerd
+            .import(
+                &ImageSpec {
+                    entrypoint: &["/bin/false"],
+                    ..test_image_named(entry_image)
+                },
+                true,
+            )
+            .expect("import");
+        containerd
+            .import(
+                &ImageSpec {
+                    files: &[("etc/passwd", PASSWD), ("etc/group", GROUP)],
+                    user: "nobody",
+                    ..test_image_named(user_image)
+                },
+                true,
+            )
+            .expect("import");
         vec![("NODEENGINE_APP_LOG_MAX_BYTES", "8192".to_string())]
-    })
-    .await;
+    });
 
     // cmd replaces the ENTRYPOINT (which would exit 1); an env entry
     // without `=` removes the variable; own network namespace with only
@@ -447,7 +467,7 @@ async fn containers_get_upstreams_spec_and_are_confined() {
     j["image"] = entry_image.into();
     j["environment"] = serde_json::json!(["GREETING=hello", "IMAGE_VAR"]);
     j["port"] = "8080:80;8080:81;0:90".into();
-    s.cluster.publish("control/deploy", j.to_string()).await;
+    s.node().publish("control/deploy", j.to_string());
     // The image's USER is resolved in its own /etc/passwd.
     let mut u = job(
         "app.ns.spec.user",
@@ -460,7 +480,7 @@ async fn containers_get_upstreams_spec_and_are_confined() {
         false,
     );
     u["image"] = user_image.into();
-    s.cluster.publish("control/deploy", u.to_string()).await;
+    s.node().publish("control/deploy", u.to_string());
     // A chatty one: its log is capped.
     let chatty = job(
         "app.ns.spec.chatty",
@@ -468,37 +488,27 @@ async fn containers_get_upstreams_spec_and_are_confined() {
         &["sh", "-c", "seq 1 20000; echo chatty-done; sleep 600"],
         false,
     );
-    s.cluster
-        .publish("control/deploy", chatty.to_string())
-        .await;
+    s.node().publish("control/deploy", chatty.to_string());
     // GPUs without the NVIDIA tools: FAILED with the reason, not a silent run.
     let mut gpu = job("app.ns.spec.gpu", 0, &["true"], false);
     gpu["vgpus"] = 1.into();
-    s.cluster.publish("control/deploy", gpu.to_string()).await;
+    s.node().publish("control/deploy", gpu.to_string());
     // Privileged: refused by the node's local policy (the default).
     let mut privileged = job("app.ns.spec.priv", 0, &["true"], false);
     privileged["privileged"] = true.into();
-    s.cluster
-        .publish("control/deploy", privileged.to_string())
-        .await;
+    s.node().publish("control/deploy", privileged.to_string());
 
-    s.cluster
-        .wait_status("app.ns.spec.checks", 0, "CREATED")
-        .await;
-    s.cluster
-        .wait_status("app.ns.spec.user", 0, "CREATED")
-        .await;
-    s.cluster
-        .wait_status("app.ns.spec.chatty", 0, "CREATED")
-        .await;
-    let f = s.cluster.wait_status("app.ns.spec.gpu", 0, "FAILED").await;
+    s.node().wait_status("app.ns.spec.checks", 0, "CREATED");
+    s.node().wait_status("app.ns.spec.user", 0, "CREATED");
+    s.node().wait_status("app.ns.spec.chatty", 0, "CREATED");
+    let f = s.node().wait_status("app.ns.spec.gpu", 0, "FAILED");
     assert!(
         f["status_detail"]
             .as_str()
             .is_some_and(|d| d.contains("nvidia-container-cli")),
         "{f}"
     );
-    let f = s.cluster.wait_status("app.ns.spec.priv", 0, "FAILED").await;
+    let f = s.node().wait_status("app.ns.spec.priv", 0, "FAILED");
     assert!(
         f["status_detail"]
             .as_str()
@@ -506,7 +516,7 @@ async fn containers_get_upstreams_spec_and_are_confined() {
         "{f}"
     );
 
-    let log = wait_for_log(&s, "app.ns.spec.checks.instance.0", "checks-done").await;
+    let log = wait_for_log(&s, "app.ns.spec.checks.instance.0", "checks-done");
     assert!(log.contains("cmd-ran\n"), "{log}");
     assert!(log.contains("[]\n"), "IMAGE_VAR was not removed: {log}");
     assert!(log.contains("ifaces=1\n"), "not only loopback: {log}");
@@ -519,7 +529,7 @@ async fn containers_get_upstreams_spec_and_are_confined() {
         log.contains("userns-denied\n"),
         "seccomp let unshare through: {log}"
     );
-    let log = wait_for_log(&s, "app.ns.spec.user.instance.0", "ids=").await;
+    let log = wait_for_log(&s, "app.ns.spec.user.instance.0", "ids=");
     assert!(log.contains("ids=65534:65534:65534 107\n"), "{log}");
 
     // The spec as containerd stores it.
@@ -553,11 +563,11 @@ async fn containers_get_upstreams_spec_and_are_confined() {
 
     // The log is capped to its newest part, a private file.
     let chatty_log = s.dir.path().join("applogs/app.ns.spec.chatty.instance.0");
-    let capped = wait_until(Duration::from_secs(30), || {
+    let capped = wait_for("the log to be capped", Duration::from_secs(30), || {
         std::fs::read_to_string(&chatty_log)
             .is_ok_and(|l| l.len() <= 8192 && l.contains("20000\nchatty-done\n"))
     })
-    .await;
+    .is_ok();
     assert!(
         capped,
         "log not capped: {} bytes",
@@ -572,11 +582,10 @@ async fn containers_get_upstreams_spec_and_are_confined() {
 
     // Resources as upstream computes them: six decimals, memory a fraction.
     let res = s
-        .cluster
+        .node()
         .wait_for("jobs/resources", Duration::from_secs(20), |v| {
             resources_entry(v, "app.ns.spec.user", 0).is_some()
         })
-        .await
         .expect("resources");
     let e = resources_entry(&res, "app.ns.spec.user", 0).expect("entry");
     for k in ["cpu_percent", "memory_percent"] {
@@ -597,12 +606,8 @@ async fn containers_get_upstreams_spec_and_are_confined() {
 /// With the local policy allowing privileged jobs they get what upstream
 /// grants (`/dev/fuse`, no more capabilities); GPUs are handed over by the
 /// NVIDIA hook; runtimes come from containerd's configuration.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn privileged_gpus_and_configured_runtimes_as_upstream() {
-    if !can_run("privileged_gpus_and_runtimes", BINS) {
-        return;
-    }
-    let mut s = setup_with(true, |dir, _, cfg| {
+fn privileged_gpus_and_configured_runtimes_as_upstream() {
+    let s = setup_with(true, |dir, _, cfg| {
         cfg["local_policy"] = serde_json::json!({"allow_privileged": true});
         let bin = dir.join("bin");
         // Two GPUs, the second with more free memory.
@@ -610,24 +615,24 @@ async fn privileged_gpus_and_configured_runtimes_as_upstream() {
             &bin.join("nvidia-smi"),
             "case \"$1\" in --query-gpu=index,memory.free) printf '0, 1000\\n1, 8000\\n';;\n\
              *) printf '535.1, 10, 40, 100, 16000\\n535.1, 30, 50, 300, 16000\\n';; esac\n",
-        );
+        )
+        .expect("script");
         write_script(
             &bin.join("nvidia-container-cli"),
             &format!("echo \"$@\" >> {}\n", dir.join("nvidia-calls").display()),
-        );
+        )
+        .expect("script");
         // A runc-compatible runtime configured in containerd, as upstream finds them.
-        let runc = std::process::Command::new("sh")
-            .args(["-c", "command -v runc"])
-            .output()
-            .expect("which runc");
-        let runc = String::from_utf8_lossy(&runc.stdout).trim().to_string();
+        let runc = testkit::harness::which("runc").expect("runc");
+        let runc = runc.display();
         write_script(
             &bin.join("oak-runc"),
             &format!(
                 "echo \"$@\" >> {}\nexec {runc} \"$@\"\n",
                 dir.join("oak-runc-calls").display()
             ),
-        );
+        )
+        .expect("script");
         std::fs::write(
             dir.join("containerd-runtimes.toml"),
             format!(
@@ -640,13 +645,11 @@ async fn privileged_gpus_and_configured_runtimes_as_upstream() {
         )
         .expect("containerd runtimes");
         vec![("PATH", path_with(&bin))]
-    })
-    .await;
+    });
 
     let info = s
-        .cluster
+        .node()
         .wait_for("information", Duration::from_secs(20), |_| true)
-        .await
         .expect("report");
     assert_eq!(
         info["virtualization"],
@@ -655,19 +658,15 @@ async fn privileged_gpus_and_configured_runtimes_as_upstream() {
 
     let mut privileged = job("app.ns.priv.fuse", 0, &["sleep", "600"], false);
     privileged["privileged"] = true.into();
-    s.cluster
-        .publish("control/deploy", privileged.to_string())
-        .await;
+    s.node().publish("control/deploy", privileged.to_string());
     let mut gpu = job("app.ns.gpu.two", 0, &["sleep", "600"], false);
     gpu["vgpus"] = 2.into();
-    s.cluster.publish("control/deploy", gpu.to_string()).await;
+    s.node().publish("control/deploy", gpu.to_string());
     let mut custom = job("app.ns.rt.custom", 0, &["sleep", "600"], false);
     custom["virtualization"] = "oakrunc".into();
-    s.cluster
-        .publish("control/deploy", custom.to_string())
-        .await;
+    s.node().publish("control/deploy", custom.to_string());
     let plain = job("app.ns.plain.one", 0, &["sleep", "600"], false);
-    s.cluster.publish("control/deploy", plain.to_string()).await;
+    s.node().publish("control/deploy", plain.to_string());
 
     for name in [
         "app.ns.priv.fuse",
@@ -675,7 +674,7 @@ async fn privileged_gpus_and_configured_runtimes_as_upstream() {
         "app.ns.rt.custom",
         "app.ns.plain.one",
     ] {
-        s.cluster.wait_status(name, 0, "CREATED").await;
+        s.node().wait_status(name, 0, "CREATED");
     }
     let p = spec_of(&s.containerd, "app.ns.priv.fuse.instance.0");
     let plain = spec_of(&s.containerd, "app.ns.plain.one.instance.0");
@@ -712,33 +711,28 @@ async fn privileged_gpus_and_configured_runtimes_as_upstream() {
 
 /// An ML data server sidecar for the FLOps-learner addon, as upstream starts
 /// it (image, name, host port 11027, its volume).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flops_starts_its_ml_data_server() {
-    if !can_run("flops_starts_its_ml_data_server", BINS) {
-        return;
-    }
+fn flops_starts_its_ml_data_server() {
     let mut s = setup_with(true, |_, containerd, _| {
-        containerd.import_image(
-            &TestImage {
-                cmd: &["sleep", "3600"],
-                ..TestImage::named(nodeengine::addons::FLOPS_DATA_SERVER_IMAGE)
-            },
-            true,
-        );
+        containerd
+            .import(
+                &ImageSpec {
+                    cmd: &["sleep", "3600"],
+                    ..test_image_named(nodeengine::addons::FLOPS_DATA_SERVER_IMAGE)
+                },
+                true,
+            )
+            .expect("import");
         Vec::new()
-    })
-    .await;
+    });
     let info = s
-        .cluster
+        .node()
         .wait_for("information", Duration::from_secs(20), |_| true)
-        .await
         .expect("report");
     assert_eq!(
         info["supported_addons"],
         serde_json::json!(["FLOps-learner"])
     );
-    let tasks = s.containerd.ctr(&["tasks", "ls"]);
-    let tasks = String::from_utf8_lossy(&tasks.stdout);
+    let tasks = s.containerd.ctr_ok(&["tasks", "ls"]).expect("ctr tasks ls");
     assert!(
         tasks
             .lines()
@@ -759,12 +753,11 @@ async fn flops_starts_its_ml_data_server() {
         "{spec}"
     );
     // It is the node's, not a job's: never reported, never reconciled away.
-    s.daemon.restart();
-    s.cluster.clear();
+    s.daemon.restart().expect("nodeengined restarted");
+    s.cluster.clear_seen();
     let res = s
-        .cluster
+        .node()
         .wait_for("jobs/resources", Duration::from_secs(30), |_| true)
-        .await
         .expect("resources");
     assert_eq!(res, serde_json::json!({"services": []}));
     assert!(
@@ -927,26 +920,23 @@ fn loopback_host_name() -> (String, std::net::IpAddr) {
 
 /// Images on a registry that only speaks plain HTTP are pulled over HTTP,
 /// with a warning, as upstream does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn images_from_plain_http_registries_are_pulled() {
-    if !can_run("plain_http_registry", BINS) {
-        return;
-    }
-    let mut s = setup(true).await;
+fn images_from_plain_http_registries_are_pulled() {
+    let s = setup(true);
     let (host, ip) = loopback_host_name();
     let tarball = s.dir.path().join("registry-image.tar");
-    write_image(&tarball, &TestImage::named("oak/plain:v1"));
+    write_busybox_oci_tar(&tarball, &test_image_named("oak/plain:v1")).expect("image");
     let repo = repository_from_layout(s.dir.path(), &tarball, "oak/plain", "v1");
-    let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+    let rt = testkit::runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind((ip, 0)))
+        .expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let registry = tokio::spawn(serve_plain_registry(listener, std::sync::Arc::new(repo)));
+    let registry = rt.spawn(serve_plain_registry(listener, std::sync::Arc::new(repo)));
 
     let mut j = job("app.ns.plain.http", 0, &["sleep", "600"], false);
     j["image"] = format!("{host}:{port}/oak/plain:v1").into();
-    s.cluster.publish("control/deploy", j.to_string()).await;
-    s.cluster
-        .wait_status("app.ns.plain.http", 0, "CREATED")
-        .await;
+    s.node().publish("control/deploy", j.to_string());
+    s.node().wait_status("app.ns.plain.http", 0, "CREATED");
     assert!(
         s.daemon.log_text().contains("speaks only plain HTTP"),
         "{}",
@@ -961,7 +951,7 @@ type SeenPorts = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// NetManager's local API as far as a deploy needs it; it refuses port
 /// mappings as NetManager's reader does (a host port 0 or twice).
-fn netmanager_stand_in(sock: std::path::PathBuf) -> SeenPorts {
+fn netmanager_stand_in(rt: &tokio::runtime::Runtime, sock: std::path::PathBuf) -> SeenPorts {
     use axum::Json;
     use axum::extract::State;
     use axum::http::StatusCode;
@@ -995,6 +985,7 @@ fn netmanager_stand_in(sock: std::path::PathBuf) -> SeenPorts {
         )
     }
     let seen: SeenPorts = Default::default();
+    let _in_runtime = rt.enter();
     let listener = tokio::net::UnixListener::bind(sock).expect("bind");
     let app = axum::Router::new()
         .route("/container/deploy", post(deploy))
@@ -1009,28 +1000,22 @@ fn netmanager_stand_in(sock: std::path::PathBuf) -> SeenPorts {
 }
 
 /// Duplicate or zero host ports do not fail a deploy that upstream runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicate_and_zero_host_ports_do_not_fail_a_deploy() {
-    if !can_run("lenient_ports", BINS) {
-        return;
-    }
+fn duplicate_and_zero_host_ports_do_not_fail_a_deploy() {
     let sock = std::sync::Arc::new(std::sync::Mutex::new(None));
     let sock2 = sock.clone();
-    let mut s = setup_with(true, move |dir, _, cfg| {
+    let s = setup_with(true, move |dir, _, cfg| {
         let path = dir.join("nm.sock");
         cfg["overlay_network"] = format!("custom:{}", path.display()).into();
         *sock2.lock().expect("lock") = Some(path);
         Vec::new()
-    })
-    .await;
+    });
     let path = sock.lock().expect("lock").clone().expect("socket path");
-    let seen = netmanager_stand_in(path);
+    let rt = testkit::runtime();
+    let seen = netmanager_stand_in(&rt, path);
     let mut j = job("app.ns.ports.dup", 0, &["sleep", "600"], false);
     j["port"] = "8080:80;8080:81/tcp;0:90;53:53/udp".into();
-    s.cluster.publish("control/deploy", j.to_string()).await;
-    s.cluster
-        .wait_status("app.ns.ports.dup", 0, "CREATED")
-        .await;
+    s.node().publish("control/deploy", j.to_string());
+    s.node().wait_status("app.ns.ports.dup", 0, "CREATED");
     assert_eq!(
         seen.lock().expect("lock").as_slice(),
         ["8080:80;53:53/udp".to_string()]

@@ -5,35 +5,46 @@
 //! answer; volumes that cannot be provided fail the deploy with a reason;
 //! undeploy unpublishes and unstages.
 
-mod common;
 mod csi_plugin;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
 use csi_plugin::CsiPlugin;
 use serde_json::{Value, json};
+use testkit::cluster::{LoopbackCluster, NodeView};
+use testkit::fixtures::{deploy_document as job, node_conf, test_image};
+use testkit::{ClusterDouble, Containerd, Mosquitto, NodeEngine, temp_dir, wait_for};
 
-const BINS: &[&str] = &[
-    "/usr/sbin/mosquitto",
-    "containerd",
-    "ctr",
-    "runc",
-    "/bin/busybox",
-];
+testkit::main! {
+    volume_is_published_seen_and_unpublished: [Root, Mosquitto, Containerd, Busybox],
+    staged_volume_is_staged_published_and_released: [Root, Mosquitto, Containerd, Busybox],
+    volume_of_an_exited_container_is_released: [Root, Mosquitto, Containerd, Busybox],
+}
 
 const DRIVER: &str = "csi.test.oakestra.io";
 const DEAD_DRIVER: &str = "csi.dead.oakestra.io";
 
+/// Fields drop in this order: daemon first, temp dir last.
 struct Setup {
-    daemon: Daemon,
+    daemon: NodeEngine,
     cluster: ClusterDouble,
     plugin: CsiPlugin,
+    /// The plugin's server runs on it.
+    _rt: tokio::runtime::Runtime,
     _broker: Mosquitto,
     containerd: Containerd,
     state: PathBuf,
+    /// The id the cluster gives this machine's hostname.
+    id: String,
     dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// The cluster as the daemon's node sees it.
+    fn node(&self) -> NodeView<'_> {
+        self.cluster.node_view(&self.id)
+    }
 }
 
 /// Whether something is mounted at `path` (this process's mount namespace
@@ -45,45 +56,55 @@ fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split_whitespace().nth(4) == Some(p.as_ref()))
 }
 
-async fn setup(stage: bool) -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let containerd = Containerd::start(dir.path());
-    containerd.import_test_image(true);
-    let broker = Mosquitto::start(dir.path());
-    let cluster = ClusterDouble::start(broker.port).await;
-    let plugin = CsiPlugin::start(
-        DRIVER,
-        &dir.path().join("csi.sock"),
-        &dir.path().join("backing"),
-        stage,
-    );
-    let conf = test_config(dir.path(), cluster.http_port, true);
-    let mut cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(&conf).expect("conf")).expect("json");
+fn setup(stage: bool) -> Setup {
+    let dir = temp_dir();
+    let containerd = Containerd::start(dir.path()).expect("containerd");
+    containerd
+        .import(&test_image(), true)
+        .expect("the test image");
+    let LoopbackCluster { cluster, broker } =
+        LoopbackCluster::start(dir.path()).expect("broker and cluster double");
+    let id = cluster.id_for_host(&testkit::hostname());
+    let rt = testkit::runtime();
+    let plugin = {
+        let _in_runtime = rt.enter();
+        CsiPlugin::start(
+            DRIVER,
+            &dir.path().join("csi.sock"),
+            &dir.path().join("backing"),
+            stage,
+        )
+    };
+    let mut cfg = node_conf(cluster.http_port(), &dir.path().join("applogs"), true);
     cfg["csi_drivers"] = json!([
         {"csi_driver_name": DRIVER, "csi_driver_endpoint": format!("unix://{}", plugin.socket.display())},
         {"csi_driver_name": DEAD_DRIVER, "csi_driver_endpoint": dir.path().join("nobody.sock").display().to_string()},
     ]);
+    let conf = dir.path().join("conf.json");
     std::fs::write(&conf, cfg.to_string()).expect("write conf");
     let state = dir.path().join("state");
-    let daemon = Daemon::start_with_env(
-        dir.path(),
+    let daemon = NodeEngine::builder(
+        env!("CARGO_BIN_EXE_nodeengined"),
         &conf,
-        Some(&containerd),
-        &[("OAKESTRA_STATE_DIR", &state.display().to_string())],
-    );
-    let mut s = Setup {
+        &dir.path().join("nodeengined.log"),
+    )
+    .containerd(&containerd.socket, &containerd.namespace)
+    .state_dir(&state)
+    .start()
+    .expect("nodeengined");
+    let s = Setup {
         daemon,
         cluster,
         plugin,
+        _rt: rt,
         _broker: broker,
         containerd,
         state,
+        id,
         dir,
     };
-    s.cluster
+    s.node()
         .wait_for("information", Duration::from_secs(30), |_| true)
-        .await
         .unwrap_or_else(|| panic!("daemon not up:\n{}", s.daemon.log_text()));
     s
 }
@@ -98,8 +119,8 @@ fn detail(v: &Value) -> String {
     v["status_detail"].as_str().unwrap_or_default().to_string()
 }
 
-async fn volume_mounted_seen_and_released(stage: bool) {
-    let mut s = setup(stage).await;
+fn volume_mounted_seen_and_released(stage: bool) {
+    let s = setup(stage);
 
     // Registration and every report advertise only the driver that answers.
     let advertised = |v: &Value| -> Vec<String> {
@@ -112,12 +133,11 @@ async fn volume_mounted_seen_and_released(stage: bool) {
             })
             .unwrap_or_default()
     };
-    let registration = s.cluster.registrations.lock().expect("lock")[0].clone();
+    let registration = s.cluster.registrations()[0].clone();
     assert_eq!(advertised(&registration), [DRIVER]);
     let info = s
-        .cluster
+        .node()
         .wait_for("information", Duration::from_secs(10), |_| true)
-        .await
         .expect("report");
     assert_eq!(advertised(&info), [DRIVER]);
     assert_eq!(
@@ -128,30 +148,31 @@ async fn volume_mounted_seen_and_released(stage: bool) {
     // The container sees the plugin's file at mount_path and writes through it.
     let name = "app.ns.vol.ume";
     let id = format!("{name}.instance.0");
-    s.cluster
-        .publish(
-            "control/deploy",
-            volume_job(
-                name,
-                "cat /data/hello.txt; echo from-the-container > /data/written.txt; sleep 300",
-                json!([{"volume_id": "vol1", "csi_driver": DRIVER, "mount_path": "/data"}]),
-            )
-            .to_string(),
+    s.node().publish(
+        "control/deploy",
+        volume_job(
+            name,
+            "cat /data/hello.txt; echo from-the-container > /data/written.txt; sleep 300",
+            json!([{"volume_id": "vol1", "csi_driver": DRIVER, "mount_path": "/data"}]),
         )
-        .await;
-    let created = s.cluster.wait_status(name, 0, "CREATED").await;
+        .to_string(),
+    );
+    let created = s.node().wait_status(name, 0, "CREATED");
     assert_eq!(detail(&created), "");
     let applog = s.dir.path().join("applogs").join(&id);
     let written = s.plugin.backing.join("vol1").join("written.txt");
-    let seen = wait_until(Duration::from_secs(20), || {
-        std::fs::read_to_string(&applog)
-            .unwrap_or_default()
-            .contains("hello from csi volume vol1")
-            && std::fs::read_to_string(&written).unwrap_or_default() == "from-the-container\n"
-    })
-    .await;
+    let seen = wait_for(
+        "the volume's file and the write",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&applog)
+                .unwrap_or_default()
+                .contains("hello from csi volume vol1")
+                && std::fs::read_to_string(&written).unwrap_or_default() == "from-the-container\n"
+        },
+    );
     assert!(
-        seen,
+        seen.is_ok(),
         "the container did not see the volume; app log: {:?}",
         std::fs::read_to_string(&applog)
     );
@@ -175,8 +196,7 @@ async fn volume_mounted_seen_and_released(stage: bool) {
 
     // Volumes we cannot provide: FAILED, naming the volume and the driver;
     // nothing left behind.
-    s.cluster
-        .publish(
+    s.node().publish(
             "control/deploy",
             volume_job(
                 "app.ns.no.driver",
@@ -184,9 +204,8 @@ async fn volume_mounted_seen_and_released(stage: bool) {
                 json!([{"volume_id": "vol2", "csi_driver": "csi.absent.example", "mount_path": "/data"}]),
             )
             .to_string(),
-        )
-        .await;
-    let failed = s.cluster.wait_status("app.ns.no.driver", 0, "FAILED").await;
+        );
+    let failed = s.node().wait_status("app.ns.no.driver", 0, "FAILED");
     let why = detail(&failed);
     assert!(
         why.contains("vol2")
@@ -194,24 +213,19 @@ async fn volume_mounted_seen_and_released(stage: bool) {
             && why.contains("not configured"),
         "{why}"
     );
-    s.cluster
-        .publish(
-            "control/deploy",
-            volume_job(
-                "app.ns.dead.driver",
-                "sleep 300",
-                json!([
-                    {"volume_id": "ok1", "csi_driver": DRIVER, "mount_path": "/ok"},
-                    {"volume_id": "vol3", "csi_driver": DEAD_DRIVER, "mount_path": "/data"}
-                ]),
-            )
-            .to_string(),
+    s.node().publish(
+        "control/deploy",
+        volume_job(
+            "app.ns.dead.driver",
+            "sleep 300",
+            json!([
+                {"volume_id": "ok1", "csi_driver": DRIVER, "mount_path": "/ok"},
+                {"volume_id": "vol3", "csi_driver": DEAD_DRIVER, "mount_path": "/data"}
+            ]),
         )
-        .await;
-    let failed = s
-        .cluster
-        .wait_status("app.ns.dead.driver", 0, "FAILED")
-        .await;
+        .to_string(),
+    );
+    let failed = s.node().wait_status("app.ns.dead.driver", 0, "FAILED");
     let why = detail(&failed);
     assert!(
         why.contains("vol3") && why.contains(DEAD_DRIVER) && why.contains("does not answer"),
@@ -230,13 +244,11 @@ async fn volume_mounted_seen_and_released(stage: bool) {
     );
 
     // Undeploy: the container goes, then the volume is unpublished (and unstaged).
-    s.cluster
-        .publish(
-            "control/delete",
-            json!({"job_name": name, "instance_number": 0}).to_string(),
-        )
-        .await;
-    s.cluster.wait_status(name, 0, "UNDEPLOYED").await;
+    s.node().publish(
+        "control/delete",
+        json!({"job_name": name, "instance_number": 0}).to_string(),
+    );
+    s.node().wait_status(name, 0, "UNDEPLOYED");
     assert_eq!(
         s.plugin.paths("NodeUnpublishVolume", "vol1"),
         vec![target.clone()]
@@ -255,28 +267,16 @@ async fn volume_mounted_seen_and_released(stage: bool) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn volume_is_published_seen_and_unpublished() {
-    if !can_run("volume_is_published_seen_and_unpublished", BINS) {
-        return;
-    }
-    volume_mounted_seen_and_released(false).await;
+fn volume_is_published_seen_and_unpublished() {
+    volume_mounted_seen_and_released(false);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn staged_volume_is_staged_published_and_released() {
-    if !can_run("staged_volume_is_staged_published_and_released", BINS) {
-        return;
-    }
-    volume_mounted_seen_and_released(true).await;
+fn staged_volume_is_staged_published_and_released() {
+    volume_mounted_seen_and_released(true);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn volume_of_an_exited_container_is_released() {
-    if !can_run("volume_of_an_exited_container_is_released", BINS) {
-        return;
-    }
-    let mut s = setup(false).await;
+fn volume_of_an_exited_container_is_released() {
+    let s = setup(false);
     let name = "app.ns.vol.batch";
     let mut j = volume_job(
         name,
@@ -284,14 +284,13 @@ async fn volume_of_an_exited_container_is_released() {
         json!([{"volume_id": "batch", "csi_driver": DRIVER, "mount_path": "/v"}]),
     );
     j["one_shot"] = true.into();
-    s.cluster.publish("control/deploy", j.to_string()).await;
-    s.cluster.wait_status(name, 0, "COMPLETED").await;
+    s.node().publish("control/deploy", j.to_string());
+    s.node().wait_status(name, 0, "COMPLETED");
     let published = s.plugin.paths("NodePublishVolume", "batch");
     assert_eq!(published.len(), 1);
-    let released = wait_until(Duration::from_secs(10), || {
+    let released = wait_for("the unpublish", Duration::from_secs(10), || {
         s.plugin.paths("NodeUnpublishVolume", "batch") == published
-    })
-    .await;
-    assert!(released, "{:?}", s.plugin.calls());
+    });
+    assert!(released.is_ok(), "{:?}", s.plugin.calls());
     assert!(!is_mounted(&published[0]));
 }

@@ -4,19 +4,38 @@
 //! against a real containerd and broker, and the metrics and health
 //! listener with `NodeEngine status` against a real broker.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
 use serde_json::Value;
+use testkit::broker::free_port;
+use testkit::cluster::LoopbackCluster;
+use testkit::fixtures::{deploy_document as job, node_conf};
+use testkit::metrics::scrape;
+use testkit::process::{Signal, signal};
+use testkit::{Containerd, Mosquitto, NodeEngine, temp_dir};
 use worker_common::systemd::NotifyListener;
 
-#[test]
+testkit::main! {
+    ready_without_the_cluster_then_watchdog_keepalives_and_json_logs: [],
+    config_check_finds_containerd_and_the_cluster: [Root, Containerd, Mosquitto],
+    metrics_readiness_and_status_follow_the_cluster_link: [Mosquitto, Python3, PrometheusClient],
+}
+
+/// The fixture configuration pointed at a cluster on `port`, in `dir`.
+fn test_config(dir: &Path, port: u16, containerd: bool) -> std::path::PathBuf {
+    let path = dir.join("conf.json");
+    std::fs::write(
+        &path,
+        node_conf(port, &dir.join("applogs"), containerd).to_string(),
+    )
+    .expect("write conf");
+    path
+}
+
 fn ready_without_the_cluster_then_watchdog_keepalives_and_json_logs() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = temp_dir();
     // Nothing listens on the cluster's port: registration keeps retrying.
     let conf = test_config(dir.path(), free_port(), false);
     let listener = NotifyListener::bind(&dir.path().join("notify")).expect("notify socket");
@@ -50,10 +69,7 @@ fn ready_without_the_cluster_then_watchdog_keepalives_and_json_logs() {
                 .unwrap_or_else(|e| panic!("keep-alive {n}: {e}"));
         }
     });
-    if let Ok(pid) = i32::try_from(child.id()) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
+    signal(child.id(), Signal::SIGTERM);
     let stopping = listener.wait_for("STOPPING=1", Duration::from_secs(30));
     let exit = child.wait().expect("wait");
     if let Err(p) = result {
@@ -88,22 +104,15 @@ fn check(conf: &Path, containerd: &str, args: &[&str]) -> (Option<i32>, String) 
     )
 }
 
-#[test]
 fn config_check_finds_containerd_and_the_cluster() {
-    if !can_run(
-        "config_check_finds_containerd_and_the_cluster",
-        &["containerd", "mosquitto"],
-    ) {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let containerd = Containerd::start(dir.path());
-    let broker = Mosquitto::start(dir.path());
+    let dir = temp_dir();
+    let containerd = Containerd::start(dir.path()).expect("containerd");
+    let broker = Mosquitto::loopback(dir.path()).expect("mosquitto");
     let registration = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let http_port = registration.local_addr().expect("addr").port();
     let conf = test_config(dir.path(), http_port, true);
     let socket = containerd.socket.display().to_string();
-    let mqtt_port = broker.port.to_string();
+    let mqtt_port = broker.port().to_string();
     let all = ["--broker", "--mqtt-port", mqtt_port.as_str()];
 
     // The containerd nodeengined would use: the same variable and default.
@@ -162,55 +171,53 @@ fn status(conf: &Path, metrics: &str) -> (Option<i32>, String, String) {
 }
 
 /// `/readyz` at `address`: status code and body.
-async fn readyz(address: &str) -> Option<(u16, Value)> {
+fn readyz(address: &str) -> Option<(u16, Value)> {
     let tls = worker_common::tls::ClientTls::system_roots().build().ok()?;
-    let r = worker_common::http::Client::tcp(tls)
-        .timeout(Duration::from_secs(5))
-        .get(&format!("http://{address}/readyz"))
-        .await
-        .ok()?;
+    let client = worker_common::http::blocking::Client::new(
+        worker_common::http::Client::tcp(tls).timeout(Duration::from_secs(5)),
+    )
+    .ok()?;
+    let r = client.get(&format!("http://{address}/readyz")).ok()?;
     Some((r.status.as_u16(), r.json().ok()?))
 }
 
 /// Polls `/readyz` until its code is `code`; the last answer.
-async fn wait_readyz(address: &str, code: u16) -> Option<(u16, Value)> {
+fn wait_readyz(address: &str, code: u16) -> Option<(u16, Value)> {
     let mut last = None;
     for _ in 0..300 {
-        last = readyz(address).await;
+        last = readyz(address);
         if last.as_ref().is_some_and(|(c, _)| *c == code) {
             return last;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::thread::sleep(Duration::from_millis(200));
     }
     last
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_readiness_and_status_follow_the_cluster_link() {
-    if !can_run(
-        "metrics_readiness_and_status",
-        &["/usr/sbin/mosquitto", "python3"],
-    ) {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut broker = Mosquitto::start(dir.path());
-    let mut cluster = ClusterDouble::start(broker.port).await;
-    let conf = test_config(dir.path(), cluster.http_port, false);
+fn metrics_readiness_and_status_follow_the_cluster_link() {
+    let dir = temp_dir();
+    let LoopbackCluster {
+        cluster,
+        mut broker,
+    } = LoopbackCluster::start(dir.path()).expect("broker and cluster double");
+    let node = cluster.node_view(&cluster.id_for_host(&testkit::hostname()));
+    let conf = test_config(dir.path(), cluster.http_port(), false);
     let address = format!("127.0.0.1:{}", free_port());
-    let daemon = Daemon::start_with(
-        dir.path(),
+    let daemon = NodeEngine::builder(
+        env!("CARGO_BIN_EXE_nodeengined"),
         &conf,
-        None,
-        &[("NODEENGINE_METRICS_ADDRESS", address.clone())],
-    );
-    let info = cluster
+        &dir.path().join("nodeengined.log"),
+    )
+    .metrics(&address)
+    .start()
+    .expect("nodeengined");
+    let scrape = |address: &str| scrape(None, address).unwrap_or_else(|e| panic!("{e:#}"));
+    let info = node
         .wait_for("information", Duration::from_secs(60), |_| true)
-        .await
         .unwrap_or_else(|| panic!("no node report; log: {}", daemon.log_text()));
 
     // Registered and connected: ready, and `status` says so with exit 0.
-    let (code, body) = wait_readyz(&address, 200).await.expect("readyz answers");
+    let (code, body) = wait_readyz(&address, 200).expect("readyz answers");
     assert_eq!(code, 200, "{body}");
     let (code, out, err) = status(&conf, &address);
     assert_eq!(code, Some(0), "{out}{err}");
@@ -220,18 +227,18 @@ async fn metrics_readiness_and_status_follow_the_cluster_link() {
     // one invalid: three failed outcomes, two of them timed.
     let mut unknown = job("app.ns.svc.unknown", 1, &[], false);
     unknown["virtualization"] = "wasm-magic".into();
-    cluster.publish("control/deploy", unknown.to_string()).await;
+    node.publish("control/deploy", unknown.to_string());
     let plain = job("app.ns.svc.plain", 2, &["true"], false);
-    cluster.publish("control/deploy", plain.to_string()).await;
+    node.publish("control/deploy", plain.to_string());
     let mut bad = job("app.ns.bad.vcpu", 3, &[], false);
     bad["vcpus"] = "lots".into();
-    cluster.publish("control/deploy", bad.to_string()).await;
+    node.publish("control/deploy", bad.to_string());
     for (name, n) in [
         ("app.ns.svc.unknown", 1),
         ("app.ns.svc.plain", 2),
         ("app.ns.bad.vcpu", 3),
     ] {
-        cluster.wait_status(name, n, "FAILED").await;
+        node.wait_status(name, n, "FAILED");
     }
     let m = scrape(&address);
     assert_eq!(m["nodeengine_deploys_total{outcome=failed}"], 3.0, "{m}");
@@ -251,7 +258,7 @@ async fn metrics_readiness_and_status_follow_the_cluster_link() {
 
     // Broker gone: not ready (503 with the reason), `status` exits 1.
     broker.stop();
-    let (code, body) = wait_readyz(&address, 503).await.expect("readyz answers");
+    let (code, body) = wait_readyz(&address, 503).expect("readyz answers");
     assert_eq!(code, 503, "{body}");
     assert!(
         body["reasons"].as_array().is_some_and(|r| r
@@ -268,8 +275,8 @@ async fn metrics_readiness_and_status_follow_the_cluster_link() {
     assert_eq!(scrape(&address)["nodeengine_cluster_broker_connected"], 0.0);
 
     // Back: ready again, and the second session is counted.
-    broker.restart();
-    let (code, body) = wait_readyz(&address, 200).await.expect("readyz answers");
+    broker.resume().expect("mosquitto back");
+    let (code, body) = wait_readyz(&address, 200).expect("readyz answers");
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         scrape(&address)["nodeengine_cluster_broker_connects_total"],

@@ -1,14 +1,14 @@
 //! Support for the end-to-end suite (`tests/e2e_*.rs`): a private sandbox
-//! per test -- its own underlay, cluster stand-in, mosquitto, workers,
+//! per test -- its own underlay, cluster double, mosquitto, workers,
 //! containerd namespaces and bpffs pins, all named after a unique prefix
-//! so tests run in parallel -- removed on drop.
+//! so tests run in parallel -- removed on drop. Its tests need root, bpffs,
+//! mosquitto, containerd, busybox, nft and python3.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
-use xtask::sandbox::procs::{Proc, wait_for};
+use testkit::{NsPath, Proc, wait_for};
 use xtask::sandbox::sample_services::{echo_server, idle};
 use xtask::sandbox::workers::{Binaries, Worker};
 use xtask::sandbox::{Options, Sandbox};
@@ -42,12 +42,8 @@ impl Drop for E2e {
 }
 
 impl E2e {
-    /// Starts `workers` workers; None (test skipped) without root.
-    pub fn start(tag: &str, workers: u8) -> Result<Option<E2e>> {
-        if !crate::is_root() {
-            eprintln!("SKIP: the e2e suite needs root (namespaces, eBPF, containerd)");
-            return Ok(None);
-        }
+    /// Starts `workers` workers.
+    pub fn start(tag: &str, workers: u8) -> Result<E2e> {
         let prefix = format!(
             "oe{tag}{}{}",
             std::process::id() % 10000,
@@ -64,11 +60,11 @@ impl E2e {
             bins: binaries()?,
         };
         let sb = Sandbox::start(&options, &mut |step| eprintln!("[{prefix}] {step}"))?;
-        Ok(Some(E2e {
+        Ok(E2e {
             sb,
             app: prefix,
             _run_dir: RunDir(run_dir),
-        }))
+        })
     }
 
     /// A job name unique to this test.
@@ -123,25 +119,25 @@ pub fn binaries() -> Result<Binaries> {
     Ok(bins)
 }
 
-/// Runs `cmd` (sh) inside the network namespace of instance `n` of `job`.
-pub fn in_instance(w: &Worker, job: &str, n: u64, cmd: &str) -> Result<String> {
+/// The network namespace of instance `n` of `job` on `w`.
+pub fn instance_ns(w: &Worker, job: &str, n: u64) -> Result<NsPath> {
     let pid = w
         .task_pid(job, n)
         .with_context(|| format!("{job}.instance.{n} is not running on {}", w.ns))?;
-    crate::sh(&format!(
-        "nsenter -t {pid} -n sh -c '{}'",
-        cmd.replace('\'', "'\\''")
-    ))
+    Ok(NsPath::of_pid(pid))
+}
+
+/// Runs `cmd` (sh) inside the network namespace of instance `n` of `job`.
+pub fn in_instance(w: &Worker, job: &str, n: u64, cmd: &str) -> Result<String> {
+    instance_ns(w, job, n)?.sh(cmd)
 }
 
 /// Starts a long-running program in instance `n`'s network namespace.
 pub fn spawn_in_instance(w: &Worker, job: &str, n: u64, args: &[&str]) -> Result<Proc> {
-    let pid = w
-        .task_pid(job, n)
-        .with_context(|| format!("{job}.instance.{n} is not running on {}", w.ns))?;
-    let mut cmd = Command::new("nsenter");
-    cmd.arg("-t").arg(pid.to_string()).arg("-n").args(args);
-    Proc::spawn(args[0], cmd, &w.dir.join("test-programs.log"))
+    let (program, rest) = args.split_first().context("an empty command")?;
+    let mut cmd = instance_ns(w, job, n)?.command(program)?;
+    cmd.args(rest);
+    Proc::spawn_logged(program, cmd, &w.dir.join("test-programs.log"))
 }
 
 /// The Python stream scripts.
@@ -182,16 +178,26 @@ pub fn stream(w: &Worker, job: &str, n: u64, ip: &str, size: usize) -> Result<()
     Ok(())
 }
 
-/// GET `http://ip/` from instance `n` with the host's busybox nc in its
-/// netns (busybox-static's wget segfaults); returns the body's last line.
+/// GET `http://ip/` from inside instance `n`'s network namespace with the
+/// workers' shared HTTP client; returns the body's last line.
 pub fn http_get(w: &Worker, job: &str, n: u64, ip: &str) -> Result<String> {
-    let ip = ip.trim_start_matches('[').trim_end_matches(']');
-    let req = "printf \"GET / HTTP/1.0\\r\\n\\r\\n\"";
-    let out = in_instance(w, job, n, &format!("{req} | busybox nc -w 3 {ip} 80"))?;
-    let last = out.lines().last().unwrap_or("").trim().to_string();
+    // `ip` may come bracketed ([v6]); a URL wants it so.
+    let bare = ip.trim_start_matches('[').trim_end_matches(']');
+    let host = if bare.contains(':') {
+        format!("[{bare}]")
+    } else {
+        bare.to_string()
+    };
+    let answer = instance_ns(w, job, n)?.http_get(
+        &format!("http://{host}:80/"),
+        std::time::Duration::from_secs(3),
+    )?;
+    let body = answer.text().into_owned();
+    let last = body.lines().last().unwrap_or("").trim().to_string();
     anyhow::ensure!(
-        last.starts_with("hello from"),
-        "no answer from {ip}: {out:?}"
+        answer.status.is_success() && last.starts_with("hello from"),
+        "no answer from {ip}: {} {body:?}",
+        answer.status
     );
     Ok(last)
 }
@@ -221,12 +227,10 @@ pub fn stream_loop(
     count: u32,
     size: usize,
 ) -> Result<std::thread::JoinHandle<Result<String>>> {
-    let pid = w
-        .task_pid(job, n)
-        .with_context(|| format!("{job}.instance.{n} is not running"))?;
+    let ns = instance_ns(w, job, n)?;
     let cmd = format!(
-        "nsenter -t {pid} -n sh -c 'for i in $(seq {count}); do timeout 60 python3 {} {ip} 8080 {size} || exit 1; done'",
+        "for i in $(seq {count}); do timeout 60 python3 {} {ip} 8080 {size} || exit 1; done",
         script("stream_client.py")
     );
-    Ok(std::thread::spawn(move || crate::sh(&cmd)))
+    Ok(std::thread::spawn(move || ns.sh(&cmd)))
 }

@@ -1,14 +1,10 @@
-//! Shared harness for the root-only tests: the namespace testbed (from
-//! xtask, shared with the benchmarks), the end-to-end sandbox helpers, and
+//! Support for the end-to-end and namespace tests of the whole worker: the
+//! end-to-end sandbox helpers (on the test kit and xtask's sandbox), and
 //! where the binaries built alongside the tests live.
 
 pub mod e2e;
 
 use std::path::PathBuf;
-
-pub use worker_common::privileges::is_root;
-pub use xtask::sandbox::procs::{ns_sh, sh};
-pub use xtask::testbed::{Container, Lab};
 
 /// Path of a binary built alongside the tests.
 pub fn binary(name: &str) -> PathBuf {

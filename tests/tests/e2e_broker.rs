@@ -7,11 +7,12 @@ use anyhow::{Result, ensure};
 use oakestra_worker_tests::e2e::{E2e, eventually, http_get};
 use xtask::sandbox::sample_services::echo_server;
 
-#[test]
+testkit::main! {
+    broker_outage_and_recovery: [Root, Bpffs, Mosquitto, Containerd, Busybox, Nft, Python3],
+}
+
 fn broker_outage_and_recovery() -> Result<()> {
-    let Some(mut e) = E2e::start("mq", 2)? else {
-        return Ok(());
-    };
+    let mut e = E2e::start("mq", 2)?;
     let (job, client, rr) = e.web_and_client()?;
     let (id1, id2) = (e.worker(1).id.clone(), e.worker(2).id.clone());
     eventually("RR before the outage", || {
@@ -40,6 +41,11 @@ fn broker_outage_and_recovery() -> Result<()> {
         let b = http_get(e.worker(2), &client, 0, &rr)?;
         ensure!(b.contains("instance-1"), "answered by {b}");
         Ok(())
+    })
+    .map_err(|err| {
+        // What the client's node believes, for whoever reads the failure.
+        let routes = e.worker(2).status().map(|s| s["routes"].clone());
+        err.context(format!("worker 2's routes: {routes:?}"))
     })?;
     Ok(())
 }

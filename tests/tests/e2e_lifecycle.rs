@@ -8,11 +8,12 @@ use anyhow::{Context, Result, ensure};
 use oakestra_worker_tests::e2e::{E2e, eventually, http_get, stream, stream_loop, stream_servers};
 use xtask::sandbox::sample_services::echo_server;
 
-#[test]
+testkit::main! {
+    restarts_mid_traffic_and_move: [Root, Bpffs, Mosquitto, Containerd, Busybox, Nft, Python3],
+}
+
 fn restarts_mid_traffic_and_move() -> Result<()> {
-    let Some(mut e) = E2e::start("life", 2)? else {
-        return Ok(());
-    };
+    let mut e = E2e::start("life", 2)?;
     let (job, client, rr) = e.web_and_client()?;
     let (id1, id2) = (e.worker(1).id.clone(), e.worker(2).id.clone());
     let servers = stream_servers(e.worker(1), &job, &[0])?;

@@ -1,5 +1,5 @@
 //! End to end through the sandbox: real NodeEngines and NetManagers with
-//! the eBPF overlay, deployed by the cluster stand-in. Scale a service to
+//! the eBPF overlay, deployed by the cluster double. Scale a service to
 //! three instances on two workers: RR spreads new connections over all of
 //! them, Closest stays on the client's node, TCP streams arrive intact;
 //! scale down (undeploy) and RR stops using the removed instance.
@@ -11,7 +11,11 @@ use oakestra_worker_tests::e2e::{E2e, eventually, http_get, stream, stream_serve
 use xtask::sandbox::sample_services::{echo_server, idle};
 use xtask::sandbox::workers::Worker;
 
-fn web(e: &E2e, w: &Worker) -> xtask::sandbox::cluster_standin::JobSpec {
+testkit::main! {
+    scale_rr_closest_streams_and_undeploy: [Root, Bpffs, Mosquitto, Containerd, Busybox, Nft, Python3],
+}
+
+fn web(e: &E2e, w: &Worker) -> testkit::JobSpec {
     let mut s = echo_server(&w.ns);
     s.job_name = e.job("web");
     s
@@ -22,11 +26,8 @@ fn who(body: &str) -> String {
     body.split_whitespace().nth(2).unwrap_or("").to_string()
 }
 
-#[test]
 fn scale_rr_closest_streams_and_undeploy() -> Result<()> {
-    let Some(e) = E2e::start("svc", 2)? else {
-        return Ok(());
-    };
+    let e = E2e::start("svc", 2)?;
     let c = &e.sb.cluster;
     let (w1, w2) = (e.worker(1), e.worker(2));
     let job = e.job("web");

@@ -12,19 +12,23 @@
 //! HTTP. The archive has upstream's layout: `kernel`, `initramfs.cpio`,
 //! `files/`.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use oakestra_worker_tests::e2e::{E2e, eventually};
-use oakestra_worker_tests::{ns_sh, sh};
 use serde_json::{Value, json};
+use testkit::cluster::{JobSpec, job_document};
+use testkit::process::{all_pids, kill_matching};
+use testkit::{NsPath, Proc, sh, wait_for};
 use xtask::debian_kernel;
-use xtask::sandbox::cluster_standin::{JobSpec, job_document};
-use xtask::sandbox::procs::{Proc, kill_matching, netns_connect, wait_for};
-use xtask::sandbox::topology::netns_path;
 use xtask::sandbox::workers::Worker;
+
+testkit::main! {
+    unikernel_boots_with_upstreams_network_and_stops_by_qmp:
+        [Root, Bpffs, Mosquitto, Containerd, Busybox, Nft, Python3, Qemu],
+}
 
 /// The guest's drivers: virtio PCI and net, 9p over virtio (Debian builds
 /// them as modules). The init loads them in a few passes, so order is free.
@@ -121,7 +125,7 @@ fn build_image(dir: &Path) -> Result<String> {
     }
     let init = guest.join("init");
     std::fs::write(&init, INIT)?;
-    sh(&format!("chmod 755 {}", init.display()))?;
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let image = dir.join("image");
     std::fs::create_dir_all(image.join("files"))?;
     std::fs::copy(&kernel.vmlinuz, image.join("kernel"))?;
@@ -143,15 +147,22 @@ fn build_image(dir: &Path) -> Result<String> {
 /// An HTTP server for `dir` on 127.0.0.1:`port` in the worker's namespace
 /// (where NodeEngine downloads from).
 fn serve(w: &Worker, dir: &Path, port: u16) -> Result<Proc> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &w.ns, "python3", "-m", "http.server"])
-        .arg(port.to_string())
-        .args(["--bind", "127.0.0.1", "--directory"])
-        .arg(dir);
-    let p = Proc::spawn("http.server", cmd, &w.dir.join("http-server.log"))?;
-    let ns = netns_path(&w.ns);
+    let port_arg = port.to_string();
+    let dir_arg = dir.display().to_string();
+    let mut cmd = w.node.ns.command("python3")?;
+    cmd.args([
+        "-m",
+        "http.server",
+        &port_arg,
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        &dir_arg,
+    ]);
+    let p = Proc::spawn_logged("http.server", cmd, &w.dir.join("http-server.log"))?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     wait_for("the image server", Duration::from_secs(10), || {
-        netns_connect(&ns, port)
+        w.node.ns.accepts(addr)
     })?;
     Ok(p)
 }
@@ -203,22 +214,21 @@ impl Drop for Leftovers {
     fn drop(&mut self) {
         let name = format!("{},debug-threads=on", self.0);
         kill_matching(|cmdline| cmdline.contains("qemu-system") && cmdline.contains(&name));
-        let _ = sh(&format!("ip netns del {} 2>/dev/null || true", self.0));
+        testkit::netns::delete_named(&self.0);
     }
 }
 
-#[test]
+/// Whether a qemu of instance `task` still runs.
+fn qemu_runs(task: &str) -> bool {
+    all_pids().into_iter().any(|pid| {
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&raw);
+        cmdline.contains("qemu-system") && cmdline.contains(task)
+    })
+}
+
 fn unikernel_boots_with_upstreams_network_and_stops_by_qmp() -> Result<()> {
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        bail!("qemu-system-x86_64 is missing: `cargo xtask setup` installs it");
-    }
-    let Some(mut e) = E2e::start("uk", 1)? else {
-        return Ok(());
-    };
+    let mut e = E2e::start("uk", 1)?;
     let files = tempfile::tempdir()?;
     let sha = build_image(files.path())?;
     enable_unikernels(&mut e)?;
@@ -308,9 +318,14 @@ fn unikernel_boots_with_upstreams_network_and_stops_by_qmp() -> Result<()> {
     ensure!(field(&net, "addr") == instance_ip, "{net}");
     ensure!(field(&net, "mask") == "255.255.255.192", "{net}");
     ensure!(field(&net, "gw") == gateway, "{net}");
-    let tap: Value = serde_json::from_str(&sh(&format!("ip -j -d -n {task} link show tap0"))?)?;
-    ensure!(tap[0]["linkinfo"]["info_kind"] == "macvtap", "{tap}");
-    let tap_mac = tap[0]["address"].as_str().unwrap_or("").to_string();
+    let tap = NsPath::named(&task)
+        .link("tap0")?
+        .context("no tap0 in the instance's namespace")?;
+    ensure!(tap.kind.as_deref() == Some("macvtap"), "{tap:?}");
+    let tap_mac = tap
+        .mac
+        .map(|m| m.map(|b| format!("{b:02x}")).join(":"))
+        .unwrap_or_default();
     ensure!(field(&net, "mac") == tap_mac, "{net} (tap0 {tap_mac})");
     ensure!(report(&out, "PING").as_deref() == Some("ok"), "{out}");
     ensure!(
@@ -320,17 +335,15 @@ fn unikernel_boots_with_upstreams_network_and_stops_by_qmp() -> Result<()> {
 
     // The guest answers on the instance's address itself.
     let page = eventually("the guest's HTTP server", || {
-        let answer = ns_sh(
-            &e.worker(1).ns,
-            &format!("printf \"GET / HTTP/1.0\\r\\n\\r\\n\" | busybox nc -w 5 {instance_ip} 8080"),
+        let answer = e.worker(1).node.ns.http_get(
+            &format!("http://{instance_ip}:8080/"),
+            Duration::from_secs(5),
         )?;
-        ensure!(answer.contains("hello from the unikernel"), "{answer:?}");
+        let body = answer.text().into_owned();
+        ensure!(body.contains("hello from the unikernel"), "{body:?}");
         Ok(answer)
     })?;
-    ensure!(
-        page.starts_with("HTTP/1.") && page.contains(" 200 "),
-        "{page}"
-    );
+    ensure!(page.status.is_success(), "{page:?}");
 
     // Undeploy: QMP quit, qemu gone, namespace gone.
     e.sb.cluster.undeploy(&node, &job, 0)?;
@@ -342,9 +355,11 @@ fn unikernel_boots_with_upstreams_network_and_stops_by_qmp() -> Result<()> {
             .any(|l| l.contains("unikernel stopped through QMP quit") && l.contains(&task)),
         "no QMP stop in the NodeEngine log"
     );
-    let qemus = sh("pgrep -af qemu-system || true")?;
-    ensure!(!qemus.contains(&task), "qemu still runs: {qemus}");
-    let namespaces = sh("ip netns list")?;
-    ensure!(!namespaces.contains(&task), "namespace left: {namespaces}");
+    ensure!(!qemu_runs(&task), "qemu of {task} still runs");
+    let namespaces = testkit::netns::list_named();
+    ensure!(
+        !namespaces.contains(&task),
+        "namespace left: {namespaces:?}"
+    );
     Ok(())
 }

@@ -4,20 +4,49 @@
 //! arrive intact; a capture of the underlay shows upstream's wire format.
 //! Once with TCX links, once with classic tc filters.
 
-use anyhow::Result;
-use oakestra_worker_tests::{Lab, binary, is_root, ns_sh, sh};
+use std::path::Path;
 
+use anyhow::Result;
+use oakestra_worker_tests::binary;
+use testkit::topology::{Container, bare_node, container, link};
+use testkit::{LinkSettings, Netns, NsPath, PinDir, Proc, Route, Underlay, sh, temp_dir, wait_for};
+
+testkit::main! {
+    crosses_nodes("tcx") as service_traffic_crosses_nodes_in_upstream_wire_format_tcx:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Bpftool, Tcx],
+    crosses_nodes("netlink") as service_traffic_crosses_nodes_in_upstream_wire_format_netlink:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Bpftool],
+    a_node_behind_nat_carries_service_traffic_both_ways("tcx") as tcx_a_node_behind_nat_carries_service_traffic_both_ways:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Nft, Tcx],
+    a_node_behind_nat_carries_service_traffic_both_ways("netlink") as netlink_a_node_behind_nat_carries_service_traffic_both_ways:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Nft],
+    fragmented_and_optioned_outer_datagrams_take_the_slow_path("tcx") as tcx_fragmented_and_optioned_outer_datagrams_take_the_slow_path:
+        [Root, Bpffs, Python3, Tcpdump, Tcx],
+    fragmented_and_optioned_outer_datagrams_take_the_slow_path("netlink") as netlink_fragmented_and_optioned_outer_datagrams_take_the_slow_path:
+        [Root, Bpffs, Python3, Tcpdump],
+    a_second_interface_receives_and_reaches_peers_only_behind_it("tcx") as tcx_a_second_interface_receives_and_reaches_peers_only_behind_it:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Tcx],
+    a_second_interface_receives_and_reaches_peers_only_behind_it("netlink") as netlink_a_second_interface_receives_and_reaches_peers_only_behind_it:
+        [Root, Bpffs, Busybox, Python3, Tcpdump],
+    an_ipv6_only_underlay_carries_v4_and_v6_service_traffic("tcx") as tcx_an_ipv6_only_underlay_carries_v4_and_v6_service_traffic:
+        [Root, Bpffs, Busybox, Python3, Tcpdump, Tcx],
+    an_ipv6_only_underlay_carries_v4_and_v6_service_traffic("netlink") as netlink_an_ipv6_only_underlay_carries_v4_and_v6_service_traffic:
+        [Root, Bpffs, Busybox, Python3, Tcpdump],
+}
+
+/// The static dataplane's table for node `node`, written to `dir`; its
+/// dataplane pins in `pin`.
 fn table(
-    lab: &mut Lab,
+    dir: &Path,
+    pin: &PinDir,
     mode: &str,
     node: u8,
     uplink_node_ip: &str,
-    local: &[(&str, &str, &str, &str, [u8; 6])],
+    local: &[(&str, &str, &str, [u8; 6])],
     remote: &[(&str, &str, &str)],
 ) -> Result<String> {
-    let pin = lab.pin_dir(&format!("n{node}"));
     let mut instances = Vec::new();
-    for (ns_ip, inst, veth, _ns, mac) in local {
+    for (ns_ip, inst, veth, mac) in local {
         instances.push(serde_json::json!({"ns_ip": ns_ip, "instance_ip": inst, "node_ip": uplink_node_ip, "veth": veth, "mac": mac}));
     }
     for (ns_ip, inst, node_ip) in remote {
@@ -25,7 +54,7 @@ fn table(
             .push(serde_json::json!({"ns_ip": ns_ip, "instance_ip": inst, "node_ip": node_ip}));
     }
     let t = serde_json::json!({
-        "pin_dir": pin,
+        "pin_dir": pin.path(),
         "uplink": "eth0",
         "attach_mode": mode,
         "node_ip": uplink_node_ip,
@@ -44,91 +73,36 @@ fn table(
             {"ip": "10.30.77.77", "kind": "RR", "backends": ["10.18.0.66"]},
         ],
     });
-    lab.file(&format!("n{node}.json"), &t.to_string())
-}
-
-#[test]
-fn service_traffic_crosses_nodes_in_upstream_wire_format_tcx() -> Result<()> {
-    if is_root() && !netmanager::kernel_support::probe().tcx {
-        eprintln!("SKIP: this kernel has no TCX links");
-        return Ok(());
-    }
-    crosses_nodes("tcx")
-}
-
-#[test]
-fn service_traffic_crosses_nodes_in_upstream_wire_format_netlink() -> Result<()> {
-    crosses_nodes("netlink")
-}
-
-/// `#[test]`s running `$body(mode)` once per attach mode (`_tcx` skipped on
-/// a kernel without TCX links).
-macro_rules! in_both_modes {
-    ($($body:ident),* $(,)?) => {
-        mod tcx {
-            $(
-                #[test]
-                fn $body() -> anyhow::Result<()> {
-                    if super::is_root() && !netmanager::kernel_support::probe().tcx {
-                        eprintln!("SKIP: this kernel has no TCX links");
-                        return Ok(());
-                    }
-                    super::$body("tcx")
-                }
-            )*
-        }
-        mod netlink {
-            $(
-                #[test]
-                fn $body() -> anyhow::Result<()> {
-                    super::$body("netlink")
-                }
-            )*
-        }
-    };
-}
-
-in_both_modes!(
-    a_node_behind_nat_carries_service_traffic_both_ways,
-    fragmented_and_optioned_outer_datagrams_take_the_slow_path,
-    a_second_interface_receives_and_reaches_peers_only_behind_it,
-    an_ipv6_only_underlay_carries_v4_and_v6_service_traffic,
-);
-
-/// A lab tag per test and mode: both modes run at once in one process.
-fn lab_tag(test: &str, mode: &str) -> String {
-    format!("{test}{}", if mode == "tcx" { "t" } else { "n" })
+    let path = dir.join(format!("n{node}.json"));
+    std::fs::write(&path, t.to_string())?;
+    Ok(path.to_string_lossy().into_owned())
 }
 
 fn crosses_nodes(mode: &str) -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: namespaces and eBPF need root");
-        return Ok(());
-    }
-    // Both modes run at once in this process: distinct names.
-    let mut lab = Lab::new(if mode == "tcx" { "ovt" } else { "ovn" });
-    let under = lab.underlay()?;
-    let n1 = lab.node("n1", &under, 1, "10.18.0.1/26", "fc00::1/120")?;
-    let n2 = lab.node("n2", &under, 2, "10.18.0.65/26", "fc00::41/120")?;
-    let c1 = lab.container(
-        &n1,
+    let dir = temp_dir();
+    let under = Underlay::new()?;
+    let (n1, n2) = (under.node(1)?, under.node(2)?);
+    n1.container_bridge("10.18.0.1/26", "fc00::1/120")?;
+    n2.container_bridge("10.18.0.65/26", "fc00::41/120")?;
+    let c1 = n1.container(
         "c1",
         ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
     )?;
-    let c2 = lab.container(
-        &n2,
+    let c2 = n2.container(
         "c2",
         ["10.18.0.66/26", "fc00::42/120", "10.18.0.65", "fc00::41"],
     )?;
+    let (pin1, pin2) = (PinDir::new("ov1"), PinDir::new("ov2"));
 
     let t1 = table(
-        &mut lab,
+        dir.path(),
+        &pin1,
         mode,
         1,
         "198.51.100.1",
         &[
-            ("10.18.0.2", "10.30.0.3", &c1.veth, &c1.ns, c1.mac),
-            ("fc00::2", "fdff::3", &c1.veth, &c1.ns, c1.mac),
+            ("10.18.0.2", "10.30.0.3", &c1.veth, c1.mac),
+            ("fc00::2", "fdff::3", &c1.veth, c1.mac),
         ],
         &[
             ("10.18.0.66", "10.30.0.5", "198.51.100.2"),
@@ -136,13 +110,14 @@ fn crosses_nodes(mode: &str) -> Result<()> {
         ],
     )?;
     let t2 = table(
-        &mut lab,
+        dir.path(),
+        &pin2,
         mode,
         2,
         "198.51.100.2",
         &[
-            ("10.18.0.66", "10.30.0.5", &c2.veth, &c2.ns, c2.mac),
-            ("fc00::42", "fdff::5", &c2.veth, &c2.ns, c2.mac),
+            ("10.18.0.66", "10.30.0.5", &c2.veth, c2.mac),
+            ("fc00::42", "fdff::5", &c2.veth, c2.mac),
         ],
         &[
             ("10.18.0.2", "10.30.0.3", "198.51.100.1"),
@@ -151,23 +126,24 @@ fn crosses_nodes(mode: &str) -> Result<()> {
     )?;
     let runner = binary("oak-static-dataplane");
     let runner = runner.to_string_lossy();
-    lab.spawn(&n1, &runner, &[&t1], true)?;
-    lab.spawn(&n2, &runner, &[&t2], true)?;
+    // Stopped (and so detached, once their pins go) before the namespaces.
+    let _dataplanes = [
+        n1.ns.spawn_ready(&[runner.as_ref(), t1.as_str()])?,
+        n2.ns.spawn_ready(&[runner.as_ref(), t2.as_str()])?,
+    ];
 
     // Attached in the mode asked for: a clsact filter bpftool lists, or a
     // pinned TCX link (which Debian 12's bpftool 7.1 does not list there).
-    let filters = ns_sh(&n1, "bpftool -j net show dev eth0")?;
+    let filters = n1
+        .ns
+        .run(&["bpftool", "-j", "net", "show", "dev", "eth0"])?;
     let listed: serde_json::Value = serde_json::from_str(&filters)?;
     let tc_filter = listed[0]["tc"]
         .as_array()
         .into_iter()
         .flatten()
         .any(|f| f["kind"] == "clsact/ingress" && f["name"] == "uplink_ingress");
-    let tcx_link = std::path::Path::new(&format!(
-        "/sys/fs/bpf/{}-n1/links/uplink_ingress@eth0",
-        lab.prefix
-    ))
-    .exists();
+    let tcx_link = pin1.join("links/uplink_ingress@eth0").exists();
     assert_eq!(
         (tc_filter, tcx_link),
         (mode == "netlink", mode == "tcx"),
@@ -175,37 +151,33 @@ fn crosses_nodes(mode: &str) -> Result<()> {
     );
 
     // Capture the underlay while the traffic runs.
-    let pcap = std::env::temp_dir().join(format!("{}.pcap", lab.prefix));
+    let pcap = dir.path().join("underlay.pcap");
     let pcap_s = pcap.to_string_lossy().into_owned();
-    lab.spawn(
-        &under,
-        "tcpdump",
-        &["-i", "u-n1", "-U", "-w", &pcap_s, "udp", "port", "50103"],
-        false,
-    )?;
+    let _capture = under.ns.spawn_quiet(&[
+        "tcpdump", "-i", &n1.peer, "-U", "-w", &pcap_s, "udp", "port", "50103",
+    ])?;
     std::thread::sleep(std::time::Duration::from_millis(800));
 
     // Ping by service IP, v4 and v6; replies come from the service address.
-    let ping = ns_sh(&c1.ns, "busybox ping -c 3 -W 2 10.30.55.56")?;
+    let ping = c1.ns.sh("busybox ping -c 3 -W 2 10.30.55.56")?;
     assert!(ping.contains("3 packets received"), "{ping}");
     assert!(ping.contains("bytes from 10.30.55.56"), "{ping}");
-    let ping6 = ns_sh(&c1.ns, "busybox ping -6 -c 3 -W 2 fdff:2000::55:56")?;
+    let ping6 = c1.ns.sh("busybox ping -6 -c 3 -W 2 fdff:2000::55:56")?;
     assert!(ping6.contains("3 packets received"), "{ping6}");
 
     // TCP byte streams, v4 and v6, hashed at the server: the client checks
     // length and SHA-256 of what arrived.
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
-    lab.spawn(
-        &c2.ns,
+    let _stream_server = c2.ns.spawn_ready(&[
         "python3",
-        &[&format!("{scripts}/stream_server.py"), "::", "8080"],
-        true,
-    )?;
+        &format!("{scripts}/stream_server.py"),
+        "::",
+        "8080",
+    ])?;
     for target in ["10.30.55.56", "fdff:2000::55:56"] {
-        let out = ns_sh(
-            &c1.ns,
-            &format!("python3 {scripts}/stream_client.py {target} 8080 20000000"),
-        )?;
+        let out = c1.ns.sh(&format!(
+            "python3 {scripts}/stream_client.py {target} 8080 20000000"
+        ))?;
         assert!(out.starts_with("ok"), "TCP stream to {target}: {out}");
     }
 
@@ -213,10 +185,9 @@ fn crosses_nodes(mode: &str) -> Result<()> {
     // reinjected once the service is written, and accepted by the server --
     // so the client never retransmits it (upstream loses it and waits ~1 s).
     let before = syn_retransmits(&c1.ns)?;
-    let out = ns_sh(
-        &c1.ns,
-        &format!("python3 {scripts}/stream_client.py 10.30.77.77 8080 1000"),
-    )?;
+    let out = c1.ns.sh(&format!(
+        "python3 {scripts}/stream_client.py 10.30.77.77 8080 1000"
+    ))?;
     assert!(out.starts_with("ok"), "first connection: {out}");
     assert_eq!(
         syn_retransmits(&c1.ns)?,
@@ -226,10 +197,9 @@ fn crosses_nodes(mode: &str) -> Result<()> {
 
     // UDP request/response through a connected socket: the reply must come
     // back from the service address or the socket would not accept it.
-    lab.spawn(&c2.ns, "python3", &["-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\nwhile True:\n d,a=s.recvfrom(65535)\n s.sendto(d[::-1],a)"], false)?;
+    let _udp_server = c2.ns.spawn_quiet(&["python3", "-c", "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',9999))\nwhile True:\n d,a=s.recvfrom(65535)\n s.sendto(d[::-1],a)"])?;
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let udp = ns_sh(
-        &c1.ns,
+    let udp = c1.ns.sh(
         "python3 -c \"import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.connect(('10.30.55.56',9999))\nfor i in range(5):\n  s.send(b'datagram-%d' % i)\n  print(s.recv(100).decode())\"",
     )?;
     assert_eq!(
@@ -260,13 +230,12 @@ fn crosses_nodes(mode: &str) -> Result<()> {
         &[10, 18, 0, 66],
         "inner destination = backend namespace IP"
     );
-    let _ = std::fs::remove_file(&pcap);
     Ok(())
 }
 
 /// The client namespace's count of retransmitted SYNs.
-fn syn_retransmits(ns: &str) -> Result<u64> {
-    let out = ns_sh(ns, "nstat -az TcpExtTCPSynRetrans")?;
+fn syn_retransmits(ns: &NsPath) -> Result<u64> {
+    let out = ns.run(&["nstat", "-az", "TcpExtTCPSynRetrans"])?;
     out.lines()
         .find_map(|l| l.strip_prefix("TcpExtTCPSynRetrans"))
         .and_then(|rest| rest.split_whitespace().next())
@@ -302,8 +271,6 @@ mod packet_support;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use xtask::sandbox::procs::wait_for;
-
 /// The two sites of these tests: container `c1` (10.18.0.2, fc00::2;
 /// instance 10.30.0.3, fdff::3) on node 1 and `c2` (10.18.0.66, fc00::42;
 /// instance 10.30.0.5, fdff::5) on node 2. Services 10.30.55.56 and
@@ -316,15 +283,15 @@ const SITES: [(&str, &str, &str, &str); 2] = [
 /// The static table of node `me` (1 or 2): its container local, the other
 /// site's at `peer_ip`, every service.
 fn site_table(
-    lab: &mut Lab,
+    pin: &PinDir,
     mode: &str,
     me: usize,
     uplink: &str,
     node_ip: &str,
-    local: &oakestra_worker_tests::Container,
+    local: &Container,
     peer_ip: &str,
-) -> Result<String> {
-    let pin = lab.pin_dir(&format!("s{me}"));
+) -> serde_json::Value {
+    let pin = pin.path();
     let (mine, theirs) = (SITES[me - 1], SITES[2 - me]);
     let instances = serde_json::json!([
         {"ns_ip": mine.0, "instance_ip": mine.2, "node_ip": node_ip, "veth": local.veth, "mac": local.mac},
@@ -351,24 +318,30 @@ fn site_table(
             {"ip": s2.3, "kind": "instance_ip", "backends": [s2.1]},
         ],
     });
-    lab.file(&format!("s{me}.json"), &t.to_string())
+    t
+}
+
+/// Writes `name` in `dir`; its path.
+fn file(dir: &Path, name: &str, text: &str) -> Result<String> {
+    let path = dir.join(name);
+    std::fs::write(&path, text)?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// The static dataplane of table `t` in `node`, once it said it is ready.
+fn static_dataplane(node: &NsPath, t: &str) -> Result<Proc> {
+    let runner = binary("oak-static-dataplane");
+    node.spawn_ready(&[runner.to_string_lossy().as_ref(), t])
 }
 
 /// Containers c1 on `n1` and c2 on `n2`, as [`SITES`] says.
-fn site_containers(
-    lab: &mut Lab,
-    n1: &str,
-    n2: &str,
-) -> Result<(
-    oakestra_worker_tests::Container,
-    oakestra_worker_tests::Container,
-)> {
-    let c1 = lab.container(
+fn site_containers(n1: &NsPath, n2: &NsPath) -> Result<(Container, Container)> {
+    let c1 = container(
         n1,
         "c1",
         ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
     )?;
-    let c2 = lab.container(
+    let c2 = container(
         n2,
         "c2",
         ["10.18.0.66/26", "fc00::42/120", "10.18.0.65", "fc00::41"],
@@ -379,48 +352,42 @@ fn site_containers(
 /// Service traffic both ways between the sites, v4 and v6: ping (replies
 /// from the service address), a hashed TCP stream, UDP through a connected
 /// socket.
-fn traffic_both_ways(
-    lab: &mut Lab,
-    c1: &oakestra_worker_tests::Container,
-    c2: &oakestra_worker_tests::Container,
-) -> Result<()> {
+fn traffic_both_ways(c1: &Container, c2: &Container) -> Result<()> {
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
     let echo = "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
                 s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\ns.bind(('::',9999))\n\
                 while True:\n d,a=s.recvfrom(65535)\n s.sendto(d[::-1],a)";
+    // Stopped when this returns, before the containers go.
+    let mut servers = Vec::new();
     for c in [c1, c2] {
-        lab.spawn(
-            &c.ns,
+        servers.push(c.ns.spawn_ready(&[
             "python3",
-            &[&format!("{scripts}/stream_server.py"), "::", "8080"],
-            true,
-        )?;
-        lab.spawn(&c.ns, "python3", &["-c", echo], false)?;
+            &format!("{scripts}/stream_server.py"),
+            "::",
+            "8080",
+        ])?);
+        servers.push(c.ns.spawn_quiet(&["python3", "-c", echo])?);
     }
     std::thread::sleep(Duration::from_millis(300));
     for (from, v4, v6) in [
         (c1, "10.30.55.56", "fdff:2000::55:56"),
         (c2, "10.30.55.57", "fdff:2000::55:57"),
     ] {
-        let ping = ns_sh(&from.ns, &format!("busybox ping -c 3 -W 2 {v4}"))?;
+        let ping = from.ns.sh(&format!("busybox ping -c 3 -W 2 {v4}"))?;
         assert!(ping.contains("3 packets received"), "{v4}: {ping}");
         assert!(ping.contains(&format!("bytes from {v4}")), "{ping}");
-        let ping6 = ns_sh(&from.ns, &format!("busybox ping -6 -c 3 -W 2 {v6}"))?;
+        let ping6 = from.ns.sh(&format!("busybox ping -6 -c 3 -W 2 {v6}"))?;
         assert!(ping6.contains("3 packets received"), "{v6}: {ping6}");
         for target in [v4, v6] {
-            let out = ns_sh(
-                &from.ns,
-                &format!("python3 {scripts}/stream_client.py {target} 8080 5000000"),
-            )?;
+            let out = from.ns.sh(&format!(
+                "python3 {scripts}/stream_client.py {target} 8080 5000000"
+            ))?;
             assert!(out.starts_with("ok"), "TCP stream to {target}: {out}");
-            let udp = ns_sh(
-                &from.ns,
-                &format!(
-                    "python3 -c \"import socket\nf=socket.AF_INET6 if ':' in '{target}' else socket.AF_INET\n\
+            let udp = from.ns.sh(&format!(
+                "python3 -c \"import socket\nf=socket.AF_INET6 if ':' in '{target}' else socket.AF_INET\n\
                      s=socket.socket(f,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.connect(('{target}',9999))\n\
                      for i in range(3):\n  s.send(b'datagram-%d' % i)\n  print(s.recv(100).decode())\""
-                ),
-            )?;
+            ))?;
             assert_eq!(
                 udp.lines().collect::<Vec<_>>(),
                 (0..3).map(|i| format!("{i}-margatad")).collect::<Vec<_>>(),
@@ -484,90 +451,69 @@ fn tunnel_datagrams(pcap: &std::path::Path) -> Result<Vec<Captured>> {
     Ok(out)
 }
 
-/// Starts tcpdump on `ifname` in `ns` for tunnel traffic; the capture file
-/// is removed with the lab.
-fn capture(lab: &mut Lab, ns: &str, ifname: &str, tag: &str) -> Result<std::path::PathBuf> {
-    let path = lab.file(&format!("{tag}.pcap"), "")?;
-    lab.spawn(
-        ns,
+/// Starts tcpdump on `ifname` in `ns` for tunnel traffic, into a file in
+/// `dir`; the capture and its path.
+fn capture(dir: &Path, ns: &NsPath, ifname: &str, tag: &str) -> Result<(Proc, std::path::PathBuf)> {
+    let path = file(dir, &format!("{tag}.pcap"), "")?;
+    let p = ns.spawn_quiet(&[
         "tcpdump",
-        &[
-            "-i",
-            ifname,
-            "--immediate-mode",
-            "-U",
-            "-w",
-            &path,
-            "udp",
-            "port",
-            "50103",
-        ],
-        false,
-    )?;
+        "-i",
+        ifname,
+        "--immediate-mode",
+        "-U",
+        "-w",
+        &path,
+        "udp",
+        "port",
+        "50103",
+    ])?;
     std::thread::sleep(Duration::from_millis(800));
-    Ok(path.into())
+    Ok((p, path.into()))
 }
 
 fn a_node_behind_nat_carries_service_traffic_both_ways(mode: &str) -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: namespaces and eBPF need root");
-        return Ok(());
-    }
     // n1 --- underlay 198.51.100.0/25 --- (wan .3) NAT (lan .129) --- n2 (.130)
-    let mut lab = Lab::new(&lab_tag("nat", mode));
-    let under = lab.underlay()?;
-    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
-    lab.uplink(&n1, "eth0", &under, "198.51.100.1/25")?;
-    let nat = lab.ns("nat")?;
-    lab.uplink(&nat, "wan", &under, "198.51.100.3/25")?;
-    let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
-    lab.link(&n2, "eth0", &nat, "lan")?;
-    ns_sh(
-        &n2,
-        "ip addr add 198.51.100.130/25 dev eth0 && ip route add default via 198.51.100.129",
-    )?;
+    let dir = temp_dir();
+    let under = Underlay::new()?;
+    let n1 = bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    under.plug_in(&n1, "eth0", &["198.51.100.1/25"])?;
+    let nat = Netns::new("nat")?;
+    under.plug_in(&nat, "wan", &["198.51.100.3/25"])?;
+    let n2 = bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
+    link(&n2, "eth0", &nat, "lan")?;
+    n2.add_address("eth0", "198.51.100.130/25")?.keep();
+    n2.add_route(&Route::default_via("198.51.100.129".parse()?))?
+        .keep();
     // The router: masquerade outbound, forward the tunnel port to n2.
-    let rules = lab.file(
+    let rules = file(
+        dir.path(),
         "nat.nft",
         "table ip oaknat {\n\
          \tchain pre { type nat hook prerouting priority dstnat; iifname \"wan\" udp dport 50103 dnat to 198.51.100.130; }\n\
          \tchain post { type nat hook postrouting priority srcnat; oifname \"wan\" masquerade; }\n\
          }\n",
     )?;
-    ns_sh(
-        &nat,
-        &format!(
-            "ip addr add 198.51.100.129/25 dev lan && sysctl -qw net.ipv4.ip_forward=1 && nft -f {rules}"
-        ),
-    )?;
-    let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
+    nat.add_address("lan", "198.51.100.129/25")?.keep();
+    nat.sysctl("net/ipv4/ip_forward", "1")?;
+    nat.run(&["nft", "-f", &rules])?;
+    let (c1, c2) = site_containers(&n1, &n2)?;
     // Each node knows the other by its advertised address: n2 advertises
     // the router's, which it does not own.
-    let t1 = site_table(
-        &mut lab,
-        mode,
-        1,
-        "eth0",
-        "198.51.100.1",
-        &c1,
-        "198.51.100.3",
+    let (pin1, pin2) = (PinDir::new("nat1"), PinDir::new("nat2"));
+    let t1 = file(
+        dir.path(),
+        "s1.json",
+        &site_table(&pin1, mode, 1, "eth0", "198.51.100.1", &c1, "198.51.100.3").to_string(),
     )?;
-    let t2 = site_table(
-        &mut lab,
-        mode,
-        2,
-        "eth0",
-        "198.51.100.3",
-        &c2,
-        "198.51.100.1",
+    let t2 = file(
+        dir.path(),
+        "s2.json",
+        &site_table(&pin2, mode, 2, "eth0", "198.51.100.3", &c2, "198.51.100.1").to_string(),
     )?;
-    let runner = binary("oak-static-dataplane");
-    let runner = runner.to_string_lossy();
-    lab.spawn(&n1, &runner, &[&t1], true)?;
-    lab.spawn(&n2, &runner, &[&t2], true)?;
-    let pcap = capture(&mut lab, &nat, "wan", "nat-wan")?;
+    let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
+    let (_capture, pcap) = capture(dir.path(), &nat, "wan", "nat-wan")?;
 
-    traffic_both_ways(&mut lab, &c1, &c2)?;
+    traffic_both_ways(&c1, &c2)?;
 
     // On the public side n2 is only ever the router's address; n2 sent from
     // the address its route gave (masqueraded), never from one it lacks.
@@ -589,32 +535,32 @@ fn a_node_behind_nat_carries_service_traffic_both_ways(mode: &str) -> Result<()>
 }
 
 fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: namespaces and eBPF need root");
-        return Ok(());
-    }
     // n2 plays an upstream worker: a plain UDP socket sends tunnel
     // datagrams, through a 1280-byte MTU, so its kernel fragments them.
-    let mut lab = Lab::new(&lab_tag("frag", mode));
-    let under = lab.underlay()?;
-    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
-    lab.uplink(&n1, "eth0", &under, "198.51.100.1/24 2001:db8::1/64")?;
-    let n2 = lab.ns("n2")?;
-    lab.uplink(&n2, "eth0", &under, "198.51.100.2/24 2001:db8::2/64")?;
-    ns_sh(&n2, "ip link set eth0 mtu 1280")?;
-    let c1 = lab.container(
+    let dir = temp_dir();
+    let under = Underlay::new()?;
+    let n1 = bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    under.plug_in(&n1, "eth0", &["198.51.100.1/24", "2001:db8::1/64"])?;
+    let n2 = Netns::new("n2")?;
+    let n2_peer = under.plug_in(&n2, "eth0", &["198.51.100.2/24", "2001:db8::2/64"])?;
+    n2.set_link(
+        "eth0",
+        &LinkSettings {
+            up: true,
+            mtu: Some(1280),
+            ..Default::default()
+        },
+    )?;
+    let c1 = container(
         &n1,
         "c1",
         ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
     )?;
-    let t1 = site_table(
-        &mut lab,
-        mode,
-        1,
-        "eth0",
-        "198.51.100.1",
-        &c1,
-        "198.51.100.2",
+    let pin1 = PinDir::new("frag1");
+    let t1 = file(
+        dir.path(),
+        "s1.json",
+        &site_table(&pin1, mode, 1, "eth0", "198.51.100.1", &c1, "198.51.100.2").to_string(),
     )?;
     // n2 also sends from 2001:db8::2, an address its table entry does not
     // name (a multi-homed node): n1's operator trusts it (`TunnelPeers`),
@@ -622,38 +568,34 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Res
     let mut table: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&t1)?)?;
     table["tunnel_peers"] = serde_json::json!([["2001:db8::2", 128]]);
     std::fs::write(&t1, table.to_string())?;
-    let runner = binary("oak-static-dataplane");
-    lab.spawn(&n1, &runner.to_string_lossy(), &[&t1], true)?;
+    let _dataplane = static_dataplane(&n1, &t1)?;
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts");
-    let received = lab.file("frag-received", "")?;
-    lab.spawn(
-        &c1.ns,
+    let received = file(dir.path(), "frag-received", "")?;
+    let _sink = c1.ns.spawn_ready(&[
         "python3",
-        &[&format!("{scripts}/udp_sink.py"), "9999", "3", &received],
-        true,
-    )?;
+        &format!("{scripts}/udp_sink.py"),
+        "9999",
+        "3",
+        &received,
+    ])?;
     // Everything from n2: later fragments carry no UDP header to filter on.
-    let pcap_path = lab.file("frag.pcap", "")?;
-    lab.spawn(
-        &under,
+    let pcap_path = file(dir.path(), "frag.pcap", "")?;
+    let _capture = under.ns.spawn_quiet(&[
         "tcpdump",
-        &[
-            "-i",
-            "u-n2",
-            "--immediate-mode",
-            "-U",
-            "-w",
-            &pcap_path,
-            "src",
-            "host",
-            "198.51.100.2",
-            "or",
-            "src",
-            "host",
-            "2001:db8::2",
-        ],
-        false,
-    )?;
+        "-i",
+        &n2_peer,
+        "--immediate-mode",
+        "-U",
+        "-w",
+        &pcap_path,
+        "src",
+        "host",
+        "198.51.100.2",
+        "or",
+        "src",
+        "host",
+        "2001:db8::2",
+    ])?;
     std::thread::sleep(Duration::from_millis(800));
 
     // From n2's instance address to c1: fragmented over IPv4 and over IPv6
@@ -665,12 +607,9 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Res
         ("2001:db8::1", 1400, ""),
         ("198.51.100.1", 200, "--options"),
     ] {
-        let sha = ns_sh(
-            &n2,
-            &format!(
-                "python3 {scripts}/tunnel_send.py {to} 50103 10.30.0.5 10.18.0.2 9999 {size} {flags}"
-            ),
-        )?;
+        let sha = n2.sh(&format!(
+            "python3 {scripts}/tunnel_send.py {to} 50103 10.30.0.5 10.18.0.2 9999 {size} {flags}"
+        ))?;
         expected.push(format!("{size} {}", sha.trim()));
     }
     wait_for("the datagrams in c1", Duration::from_secs(10), || {
@@ -708,54 +647,58 @@ fn fragmented_and_optioned_outer_datagrams_take_the_slow_path(mode: &str) -> Res
 }
 
 fn a_second_interface_receives_and_reaches_peers_only_behind_it(mode: &str) -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: namespaces and eBPF need root");
-        return Ok(());
-    }
     // n1: eth0 on underlay A (its uplink, .1/25), eth1 on underlay B
     // (.129/25). n2 only on B (.130/25), reaching n1's advertised .1 via .129.
-    let mut lab = Lab::new(&lab_tag("twoif", mode));
-    let a = lab.underlay()?;
-    let b = lab.ns("underb")?;
-    ns_sh(&b, "ip link add br0 type bridge && ip link set br0 up")?;
-    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
-    lab.uplink(&n1, "eth0", &a, "198.51.100.1/25")?;
-    lab.uplink(&n1, "eth1", &b, "198.51.100.129/25")?;
-    let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
-    lab.uplink(&n2, "eth0", &b, "198.51.100.130/25")?;
-    ns_sh(&n2, "ip route add 198.51.100.0/25 via 198.51.100.129")?;
-    let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
-    let t1 = site_table(
-        &mut lab,
-        mode,
-        1,
-        "eth0",
-        "198.51.100.1",
-        &c1,
-        "198.51.100.130",
+    let dir = temp_dir();
+    let a = Underlay::new()?;
+    let b = Underlay::segment("ub")?;
+    let n1 = bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    a.plug_in(&n1, "eth0", &["198.51.100.1/25"])?;
+    let n1_eth1 = b.plug_in(&n1, "eth1", &["198.51.100.129/25"])?;
+    let n2 = bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
+    b.plug_in(&n2, "eth0", &["198.51.100.130/25"])?;
+    n2.add_route(&Route::to("198.51.100.0/25")?.via("198.51.100.129".parse()?))?
+        .keep();
+    let (c1, c2) = site_containers(&n1, &n2)?;
+    let (pin1, pin2) = (PinDir::new("twoif1"), PinDir::new("twoif2"));
+    let t1 = file(
+        dir.path(),
+        "s1.json",
+        &site_table(
+            &pin1,
+            mode,
+            1,
+            "eth0",
+            "198.51.100.1",
+            &c1,
+            "198.51.100.130",
+        )
+        .to_string(),
     )?;
-    let t2 = site_table(
-        &mut lab,
-        mode,
-        2,
-        "eth0",
-        "198.51.100.130",
-        &c2,
-        "198.51.100.1",
+    let t2 = file(
+        dir.path(),
+        "s2.json",
+        &site_table(
+            &pin2,
+            mode,
+            2,
+            "eth0",
+            "198.51.100.130",
+            &c2,
+            "198.51.100.1",
+        )
+        .to_string(),
     )?;
-    let runner = binary("oak-static-dataplane");
-    let runner = runner.to_string_lossy();
-    lab.spawn(&n1, &runner, &[&t1], true)?;
-    lab.spawn(&n2, &runner, &[&t2], true)?;
-    let pcap = capture(&mut lab, &b, "u-n1-eth1", "twoif")?;
+    let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
+    let (_capture, pcap) = capture(dir.path(), &b.ns, &n1_eth1, "twoif")?;
 
-    traffic_both_ways(&mut lab, &c1, &c2)?;
+    traffic_both_ways(&c1, &c2)?;
 
     // The receive program went onto eth1 by itself (it carries a node
     // address), next to the uplink's; recorded where the mode records
     // (a TCX link's pin, a tc filter's program pin).
     let records = if mode == "netlink" { "tc" } else { "links" };
-    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-s1/{records}", lab.prefix));
+    let pins = pin1.join(records);
     for ifname in ["eth0", "eth1"] {
         let pin = pins.join(format!("uplink_ingress@{ifname}"));
         assert!(pin.exists(), "{} pinned", pin.display());
@@ -776,26 +719,28 @@ fn a_second_interface_receives_and_reaches_peers_only_behind_it(mode: &str) -> R
 }
 
 fn an_ipv6_only_underlay_carries_v4_and_v6_service_traffic(mode: &str) -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: namespaces and eBPF need root");
-        return Ok(());
-    }
-    let mut lab = Lab::new(&lab_tag("v6u", mode));
-    let under = lab.underlay()?;
-    let n1 = lab.bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
-    lab.uplink(&n1, "eth0", &under, "2001:db8::1/64")?;
-    let n2 = lab.bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
-    lab.uplink(&n2, "eth0", &under, "2001:db8::2/64")?;
-    let (c1, c2) = site_containers(&mut lab, &n1, &n2)?;
-    let t1 = site_table(&mut lab, mode, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2")?;
-    let t2 = site_table(&mut lab, mode, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1")?;
-    let runner = binary("oak-static-dataplane");
-    let runner = runner.to_string_lossy();
-    lab.spawn(&n1, &runner, &[&t1], true)?;
-    lab.spawn(&n2, &runner, &[&t2], true)?;
-    let pcap = capture(&mut lab, &under, "u-n1", "v6u")?;
+    let dir = temp_dir();
+    let under = Underlay::new()?;
+    let n1 = bare_node("n1", "10.18.0.1/26", "fc00::1/120")?;
+    let n1_peer = under.plug_in(&n1, "eth0", &["2001:db8::1/64"])?;
+    let n2 = bare_node("n2", "10.18.0.65/26", "fc00::41/120")?;
+    under.plug_in(&n2, "eth0", &["2001:db8::2/64"])?;
+    let (c1, c2) = site_containers(&n1, &n2)?;
+    let (pin1, pin2) = (PinDir::new("v6u1"), PinDir::new("v6u2"));
+    let t1 = file(
+        dir.path(),
+        "s1.json",
+        &site_table(&pin1, mode, 1, "eth0", "2001:db8::1", &c1, "2001:db8::2").to_string(),
+    )?;
+    let t2 = file(
+        dir.path(),
+        "s2.json",
+        &site_table(&pin2, mode, 2, "eth0", "2001:db8::2", &c2, "2001:db8::1").to_string(),
+    )?;
+    let _dataplanes = [static_dataplane(&n1, &t1)?, static_dataplane(&n2, &t2)?];
+    let (_capture, pcap) = capture(dir.path(), &under.ns, &n1_peer, "v6u")?;
 
-    traffic_both_ways(&mut lab, &c1, &c2)?;
+    traffic_both_ways(&c1, &c2)?;
 
     // Every tunnel datagram is IPv6 with a correct, non-zero UDP checksum:
     // verified over the packet as it leaves a real NIC, i.e. with the inner

@@ -3,12 +3,13 @@
 //! - `setup`: one-time (idempotent) machine bootstrap.
 //! - `build-ebpf`: builds the eBPF object NetManager embeds (netmanager's
 //!   build script does so as well; this is for looking at the object).
-//! - `test`: everything CI runs (format, lint, all tests);
+//! - `test`: everything CI runs (format, lint, all tests, with every
+//!   prerequisite required: `OAK_REQUIRE_ALL=1`);
 //!   `--full` adds the long parser fuzzing run, the eBPF suites on
 //!   Debian 12's kernel under qemu and the packages' build and install test.
 //! - `package`: Debian packages for amd64 and arm64; `man`: only the man
 //!   pages and completions (docs/operations.md).
-//! - `sandbox`: a local cluster stand-in with workers (see docs).
+//! - `sandbox`: a local cluster double with workers (see docs).
 //! - `bench`: overlay performance against baselines (docs/performance.md).
 //! - `fuzz`: the packet fuzzer at full length (docs/security.md).
 
@@ -54,7 +55,7 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// A whole cluster on this machine: cluster stand-in, N workers, sample services (needs root).
+    /// A whole cluster on this machine: cluster double, N workers, sample services (needs root).
     Sandbox(xtask::sandbox::cli::SandboxArgs),
     /// Overlay throughput, latency, per-packet cost and footprint against baselines (needs root).
     Bench(bench::Args),
@@ -172,7 +173,9 @@ fn fuzz(frames: u64, seed: Option<u64>) -> Result<()> {
 
 /// The README's test command. The eBPF programs need no separate step:
 /// netmanager's build script builds them (once; clippy and test share the
-/// eBPF target directory).
+/// eBPF target directory). Every test runs: a missing prerequisite (root,
+/// bpffs, mosquitto, containerd, ...) fails its test instead of leaving it
+/// "ignored, not run" (testkit/README.md).
 fn test(extra: &[String]) -> Result<()> {
     let root = ebpf::workspace_root();
     ebpf::run(
@@ -194,9 +197,22 @@ fn test(extra: &[String]) -> Result<()> {
             ]),
         "cargo clippy",
     )?;
+    // Every suite appends the tests it could not run; listed at the end.
+    let not_run_log = root.join("target").join("oak-not-run.log");
+    let _ = std::fs::remove_file(&not_run_log);
     let mut cmd = std::process::Command::new("cargo");
     cmd.current_dir(&root)
-        .args(["test", "--workspace"])
+        .env(testkit::harness::REQUIRE_ALL_ENV, "1")
+        .env(testkit::harness::NOT_RUN_LOG_ENV, &not_run_log)
+        .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra);
-    ebpf::run(&mut cmd, "cargo test --workspace")
+    let result = ebpf::run(&mut cmd, "cargo test --workspace");
+    let not_run = std::fs::read_to_string(&not_run_log).unwrap_or_default();
+    if !not_run.is_empty() {
+        eprintln!(
+            "\nNOT RUN for a missing prerequisite (each one failed its test; \
+             `cargo xtask setup` installs them):\n{not_run}"
+        );
+    }
+    result
 }

@@ -28,6 +28,10 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     // containerd-client generates its gRPC code with protoc at build time.
     "protobuf-compiler",
+    // Test prerequisites (testkit's `Need`): traffic programs inside
+    // namespaces, test certificates for the MQTTS test.
+    "python3",
+    "openssl",
     // `cargo xtask test --full`: Debian 12's kernel under qemu (TCG), with
     // stripped test binaries in the guest.
     "qemu-system-x86",

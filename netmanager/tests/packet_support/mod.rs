@@ -361,80 +361,74 @@ pub const PEER2_MAC: [u8; 6] = [0x02, 0, 0xc6, 0x33, 0x64, 0x82];
 ///
 /// Removed on drop (the thread stays in it until it ends).
 pub struct FibNetns {
-    pub name: String,
+    pub ns: testkit::Netns,
 }
 
 impl FibNetns {
+    /// `tag` names the namespace (with the kit's unique suffix).
     pub fn enter(tag: &str) -> FibNetns {
-        let name = format!("oakfib-{}-{tag}", std::process::id());
-        // iproute2's `ip` itself, not through `sh -c`: the old-kernel
-        // guest's busybox shell would run its own `ip` applet, which knows
-        // no `-n`.
-        let ip = |args: &str| {
-            let out = std::process::Command::new("ip")
-                .args(["-n", &name])
-                .args(args.split_whitespace())
-                .output()
-                .expect("running ip");
-            assert!(
-                out.status.success(),
-                "ip {args}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &name])
-            .output();
-        let out = std::process::Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("running ip");
-        assert!(out.status.success(), "ip netns add {name}");
-        let ns = FibNetns { name: name.clone() };
-        ip("link set lo up");
-        ip("link add under0 address 02:00:c6:33:64:01 type veth peer name under0p");
-        ip("link add under1 address 02:00:c6:33:64:81 type veth peer name under1p");
-        for dev in ["under0", "under0p", "under1", "under1p"] {
-            ip(&format!("link set {dev} up"));
+        use std::net::IpAddr;
+        use testkit::{LinkSettings, Route};
+        let short: String = tag
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(8)
+            .collect();
+        let ns = testkit::Netns::new(&format!("fib{short}")).expect("a namespace for the FIB");
+        for (dev, wire, mac) in [
+            ("under0", "under0p", UNDER0_MAC),
+            ("under1", "under1p", UNDER1_MAC),
+        ] {
+            ns.add_veth(dev, wire, None).expect("veth").keep();
+            ns.set_link(
+                dev,
+                &LinkSettings {
+                    up: true,
+                    mac: Some(mac),
+                    ..Default::default()
+                },
+            )
+            .expect("up");
+            ns.set_up(wire).expect("up");
         }
-        ip("addr add 198.51.100.1/25 dev under0");
-        ip("addr add 198.51.100.129/25 dev under1");
-        ip("-6 addr add 2001:db8::1/64 dev under0 nodad");
-        ip("neigh add 198.51.100.2 lladdr 02:00:c6:33:64:02 dev under0 nud permanent");
-        ip("neigh add 198.51.100.130 lladdr 02:00:c6:33:64:82 dev under1 nud permanent");
-        ip("-6 neigh add 2001:db8::2 lladdr 02:00:c6:33:64:02 dev under0 nud permanent");
+        for (dev, addr) in [
+            ("under0", "198.51.100.1/25"),
+            ("under1", "198.51.100.129/25"),
+            ("under0", "2001:db8::1/64"),
+        ] {
+            ns.add_address(dev, addr).expect("address").keep();
+        }
+        let ip = |s: &str| s.parse::<IpAddr>().expect("an address");
+        for (dev, addr, mac) in [
+            ("under0", "198.51.100.2", PEER_MAC),
+            ("under1", "198.51.100.130", PEER2_MAC),
+            ("under0", "2001:db8::2", PEER_MAC),
+            ("under0", "198.51.100.99", PEER_MAC),
+        ] {
+            ns.add_neighbour(dev, ip(addr), mac).expect("neighbour");
+        }
         // Locked: for forwarded traffic (the FIB lookup is a forwarding
         // one) a route MTU counts when locked, or as a path-MTU exception.
-        ip("route add 198.51.100.99/32 dev under0 mtu lock 1400");
-        ip("neigh add 198.51.100.99 lladdr 02:00:c6:33:64:02 dev under0 nud permanent");
-        ip("route add blackhole 198.51.100.77/32");
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &name, "sysctl", "-qw"])
-            .args(["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
-            .output()
-            .expect("running sysctl");
-        assert!(out.status.success(), "forwarding on in {name}");
-        let file = std::fs::File::open(format!("/run/netns/{name}")).expect("namespace file");
-        // SAFETY: a valid namespace descriptor; affects this thread only.
-        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        ns
+        ns.add_route(
+            &Route::to("198.51.100.99/32")
+                .expect("route")
+                .dev("under0")
+                .mtu_locked(1400),
+        )
+        .expect("route with MTU 1400")
+        .keep();
+        ns.add_route(&Route::blackhole("198.51.100.77/32").expect("route"))
+            .expect("blackhole route")
+            .keep();
+        ns.sysctl("net/ipv4/ip_forward", "1").expect("forwarding");
+        ns.sysctl("net/ipv6/conf/all/forwarding", "1")
+            .expect("forwarding");
+        ns.enter_this_thread().expect("into the FIB's namespace");
+        FibNetns { ns }
     }
 
-    /// ifindex of an interface of the namespace (the caller is inside).
+    /// ifindex of an interface of the namespace.
     pub fn ifindex(&self, dev: &str) -> u32 {
-        let c = std::ffi::CString::new(dev).unwrap();
-        // SAFETY: a valid C string.
-        let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        assert_ne!(i, 0, "no interface {dev}");
-        i
-    }
-}
-
-impl Drop for FibNetns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        self.ns.ifindex(dev).expect("the interface")
     }
 }

@@ -9,6 +9,8 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::{Value, json};
 
+use testkit::NsPath;
+
 use super::latency;
 
 /// Never-seen service addresses: one connect each.
@@ -18,7 +20,7 @@ pub fn deferred_addresses() -> Vec<String> {
     (1..=FRESH).map(|i| format!("10.30.60.{i}")).collect()
 }
 
-pub fn first_packet(bins: &Path, client_ns: &str, known: &str) -> Result<Value> {
+pub fn first_packet(bins: &Path, client_ns: &NsPath, known: &str) -> Result<Value> {
     let fresh = latency::connects(bins, client_ns, &deferred_addresses(), FRESH as usize)?;
     let known = latency::connects(bins, client_ns, &[known.to_string()], 200)?;
     Ok(json!({"never_seen_service": fresh, "known_service": known}))

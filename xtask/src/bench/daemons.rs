@@ -1,10 +1,10 @@
-//! Control plane and footprint with the real daemons: a sandbox (cluster
-//! stand-in, MQTT broker, two workers each running containerd, NetManager
+//! Control plane and footprint with the real daemons: a sandbox (the test kit's
+//! cluster double, MQTT broker, two workers each running containerd, NetManager
 //! and nodeengined in a namespace; `xtask::sandbox`) and busybox services
-//! deployed through the stand-in, as the end-to-end tests do.
+//! deployed through the cluster double, as the end-to-end tests do.
 //!
 //! - deploy -> CREATED: publishing `nodes/<id>/control/deploy` to the
-//!   worker's `nodes/<id>/job` CREATED report (stand-in receive times);
+//!   worker's `nodes/<id>/job` CREATED report (cluster double receive times);
 //!   also deploy -> NetManager's `service/deployed` (its `/container/deploy`
 //!   done).
 //! - deploy -> reachable: from the same publish to the first successful TCP
@@ -12,18 +12,17 @@
 //!   RR service IP (the client retries every 10 ms, 250 ms connect timeout).
 //! - first packet through the real miss path: services already running on
 //!   worker 2, the client on worker 1 dials their RR IPs that its node never
-//!   resolved (NetManager: miss -> table query to the stand-in -> maps ->
+//!   resolved (NetManager: miss -> table query to the cluster double -> maps ->
 //!   reinject); TCP connect time, then a second connect to the now known IP.
 //! - idle RSS and CPU of NetManager, nodeengined and containerd on worker 1.
 
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
-use xtask::sandbox::cluster_standin::JobSpec;
+use testkit::{JobSpec, NsPath};
 use xtask::sandbox::sample_services::{echo_server, idle};
 use xtask::sandbox::workers::Binaries;
 use xtask::sandbox::{Options, Sandbox};
@@ -53,7 +52,7 @@ pub fn run(bins: &Path, started: Instant) -> Result<Value> {
         prefix: prefix.clone(),
         workers: 2,
         // Stoppable with the sandbox (rumqttd's thread would outlive it).
-        external_mosquitto: which("mosquitto"),
+        external_mosquitto: testkit::harness::which("mosquitto").is_some(),
         run_dir: run_dir.0.clone(),
         bpf_prefix: format!("/sys/fs/bpf/{prefix}-"),
         bins: Binaries::in_dir(bins),
@@ -73,10 +72,6 @@ pub fn run(bins: &Path, started: Instant) -> Result<Value> {
     let mut out = out?;
     out["sandbox_start_s"] = json!(sandbox_up_s);
     Ok(out)
-}
-
-fn which(tool: &str) -> bool {
-    super::topology::sh(&format!("command -v {tool}")).is_ok()
 }
 
 fn job(prefix: &str, service: &str) -> String {
@@ -206,15 +201,9 @@ fn in_netns<T: Send + 'static>(
     pid: u32,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<std::thread::JoinHandle<Result<T>>> {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .with_context(|| format!("opening the network namespace of {pid}"))?;
-    Ok(std::thread::spawn(move || {
-        // SAFETY: only this thread enters the namespace; it ends with `f`.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns");
-        }
-        Ok(f())
-    }))
+    NsPath::of_pid(pid)
+        .spawn_within(f)
+        .with_context(|| format!("entering the network namespace of {pid}"))
 }
 
 /// When a TCP connect to `addr` first succeeded (tries every 10 ms).

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::topology::sh;
+use testkit::sh;
 
 /// utime + stime in clock ticks.
 fn cpu_ticks(pid: u32) -> Result<u64> {

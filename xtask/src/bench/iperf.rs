@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::topology::ns_sh;
+use testkit::NsPath;
 
 /// UDP offered load: below what the kernel paths carry, above what a
 /// userspace proxy usually does, so loss separates them.
@@ -12,8 +12,9 @@ pub const UDP_OFFERED_MBPS: u32 = 1000;
 /// 1400-byte datagrams fit the 1450-byte container MTU unfragmented.
 const UDP_LEN: u32 = 1400;
 
-fn run(client_ns: &str, args: &str) -> Result<Value> {
-    let out = ns_sh(client_ns, &format!("iperf3 -J {args}"))
+fn run(client_ns: &NsPath, args: &str) -> Result<Value> {
+    let out = client_ns
+        .sh(&format!("iperf3 -J {args}"))
         // iperf3 prints its JSON (with an "error" field) even when it fails.
         .or_else(|e| {
             let s = e.to_string();
@@ -29,7 +30,7 @@ fn run(client_ns: &str, args: &str) -> Result<Value> {
     Ok(v)
 }
 
-pub fn tcp(client_ns: &str, target: &str, streams: u32, secs: u32) -> Result<Value> {
+pub fn tcp(client_ns: &NsPath, target: &str, streams: u32, secs: u32) -> Result<Value> {
     let v = run(client_ns, &format!("-c {target} -t {secs} -P {streams}"))?;
     let end = &v["end"];
     Ok(json!({
@@ -38,7 +39,7 @@ pub fn tcp(client_ns: &str, target: &str, streams: u32, secs: u32) -> Result<Val
     }))
 }
 
-pub fn udp(client_ns: &str, target: &str, secs: u32) -> Result<Value> {
+pub fn udp(client_ns: &NsPath, target: &str, secs: u32) -> Result<Value> {
     let v = run(
         client_ns,
         &format!("-c {target} -t {secs} -u -b {UDP_OFFERED_MBPS}M -l {UDP_LEN}"),

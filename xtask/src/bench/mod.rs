@@ -26,8 +26,13 @@ use serde_json::{Value, json};
 
 use worker_common::privileges::require_root;
 
+use std::net::{IpAddr, Ipv4Addr};
+
+use testkit::netlink::{LinkSettings, Route, Vxlan};
+use testkit::{NsPath, sh};
+
 use crate::ebpf;
-use topology::{Topology, Undo, sh};
+use topology::Topology;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -90,8 +95,8 @@ pub fn run(args: Args) -> Result<()> {
         "`cargo xtask bench`",
         "it creates network namespaces and loads eBPF",
     )?;
-    for tool in ["iperf3", "bpftool", "nsenter", "ip"] {
-        sh(&format!("command -v {tool}"))
+    for tool in ["iperf3", "bpftool"] {
+        testkit::harness::which(tool)
             .with_context(|| format!("{tool} is required (cargo xtask setup)"))?;
     }
     let started = Instant::now();
@@ -177,25 +182,25 @@ fn traffic(bins: &Path, args: &Args, started: Instant, results: &mut Value) -> R
     let pingpong = bins.join("oak-bench-pingpong");
     let pingpong = pingpong.to_string_lossy().into_owned();
     let port = latency::PORT.to_string();
-    for ns in [t.c2.ns.clone(), t.c3.ns.clone()] {
+    for ns in [NsPath::clone(&t.c2.ns), NsPath::clone(&t.c3.ns)] {
         t.spawn(&ns, "iperf3", &["-s"], false)?;
         t.spawn(&ns, &pingpong, &["server", &port], true)?;
     }
     std::thread::sleep(Duration::from_millis(300));
-    let (n1, n2, c1) = (t.n1.clone(), t.n2.clone(), t.c1.ns.clone());
+    let (n1, n2, c1) = (
+        NsPath::clone(&t.n1.ns),
+        NsPath::clone(&t.n2.ns),
+        NsPath::clone(&t.c1.ns),
+    );
     let (remote, local) = (t.c2.ip4.clone(), t.c3.ip4.clone());
+    let node = |h: u8| IpAddr::V4(Ipv4Addr::new(198, 51, 100, h));
 
     {
-        let _routes = Undo::apply(
-            &[
-                (&n1, "ip route add 10.18.0.64/26 via 198.51.100.2".into()),
-                (&n2, "ip route add 10.18.0.0/26 via 198.51.100.1".into()),
-            ],
-            &[
-                (&n1, "ip route del 10.18.0.64/26".into()),
-                (&n2, "ip route del 10.18.0.0/26".into()),
-            ],
-        )?;
+        // Removed when the guards go.
+        let _routes = [
+            n1.add_route(&Route::to("10.18.0.64/26")?.via(node(2)))?,
+            n2.add_route(&Route::to("10.18.0.0/26")?.via(node(1)))?,
+        ];
         measure(bins, args, started, results, "direct", &c1, &remote)?;
     }
     measure(bins, args, started, results, "bridge", &c1, &local)?;
@@ -204,23 +209,35 @@ fn traffic(bins: &Path, args: &Args, started: Instant, results: &mut Value) -> R
         // Flannel's vxlan backend: kernel VXLAN device per node, container
         // subnets routed over it. A point-to-point `remote` stands in for
         // flannel's per-peer FDB/neighbour entries; the data path is the same.
-        let vx = |local: u8, remote: u8, addr: &str, peer: &str, subnet: &str| {
-            format!(
-                "ip link add vx0 type vxlan id 1 local 198.51.100.{local} remote 198.51.100.{remote} \
-                 dstport 8472 dev eth0 && ip link set vx0 mtu 1450 up && \
-                 ip addr add {addr}/30 dev vx0 && ip route add {subnet} via {peer} dev vx0"
-            )
+        // Deleting vx0 (when its guard goes) takes its address and route along.
+        let vx = |ns: &NsPath, (local, remote): (u8, u8), addr: &str, peer: &str, subnet: &str| {
+            let link = ns.add_vxlan(
+                "vx0",
+                &Vxlan {
+                    vni: 1,
+                    local: Ipv4Addr::new(198, 51, 100, local),
+                    remote: Ipv4Addr::new(198, 51, 100, remote),
+                    port: 8472,
+                    dev: "eth0",
+                },
+            )?;
+            ns.set_link(
+                "vx0",
+                &LinkSettings {
+                    up: true,
+                    mtu: Some(1450),
+                    ..Default::default()
+                },
+            )?;
+            ns.add_address("vx0", &format!("{addr}/30"))?.keep();
+            ns.add_route(&Route::to(subnet)?.via(peer.parse()?).dev("vx0"))?
+                .keep();
+            anyhow::Ok(link)
         };
-        let _vxlan = Undo::apply(
-            &[
-                (&n1, vx(1, 2, "172.31.0.1", "172.31.0.2", "10.18.0.64/26")),
-                (&n2, vx(2, 1, "172.31.0.2", "172.31.0.1", "10.18.0.0/26")),
-            ],
-            &[
-                (&n1, "ip link del vx0".into()),
-                (&n2, "ip link del vx0".into()),
-            ],
-        )?;
+        let _vxlan = [
+            vx(&n1, (1, 2), "172.31.0.1", "172.31.0.2", "10.18.0.64/26")?,
+            vx(&n2, (2, 1), "172.31.0.2", "172.31.0.1", "10.18.0.0/26")?,
+        ];
         measure(bins, args, started, results, "vxlan", &c1, &remote)?;
     }
 
@@ -245,22 +262,20 @@ fn traffic(bins: &Path, args: &Args, started: Instant, results: &mut Value) -> R
             let file = t.file(&format!("tunproxy-n{host}.json"), &cfg.to_string())?;
             pids.push(t.spawn(ns, &proxy, &[&file], true)?);
         }
-        // As upstream: the service range is routed into the TUN device.
-        let _tun = Undo::apply(
-            &[
-                (
-                    &n1,
-                    "ip link set oaktun0 mtu 1450 up && ip route add 10.30.0.0/16 dev oaktun0"
-                        .into(),
-                ),
-                (
-                    &n2,
-                    "ip link set oaktun0 mtu 1450 up && ip route add 10.30.0.0/16 dev oaktun0"
-                        .into(),
-                ),
-            ],
-            &[],
-        )?;
+        // As upstream: the service range is routed into the TUN device
+        // (which goes, with its route, when its proxy stops).
+        for ns in [&n1, &n2] {
+            ns.set_link(
+                "oaktun0",
+                &LinkSettings {
+                    up: true,
+                    mtu: Some(1450),
+                    ..Default::default()
+                },
+            )?;
+            ns.add_route(&Route::to("10.30.0.0/16")?.dev("oaktun0"))?
+                .keep();
+        }
         push_footprint(
             results,
             footprint::idle(
@@ -285,7 +300,7 @@ fn traffic(bins: &Path, args: &Args, started: Instant, results: &mut Value) -> R
         .into_owned();
     let pin1 = t.pin_dir("n1");
     let pin2 = t.pin_dir("n2");
-    let inst = |c: &topology::Container, inst: &str, node: &str, local: bool| {
+    let inst = |c: &testkit::Container, inst: &str, node: &str, local: bool| {
         if local {
             json!({"ns_ip": c.ip4, "instance_ip": inst, "node_ip": node, "veth": c.veth, "mac": c.mac})
         } else {
@@ -362,17 +377,15 @@ fn measure(
     started: Instant,
     results: &mut Value,
     name: &str,
-    client: &str,
+    client: &NsPath,
     target: &str,
 ) -> Result<()> {
     let s = args.seconds;
     let step = |what: &str| progress(started, &format!("{name}: {what} -> {target}"));
     step("reachability");
-    topology::ns_sh(
-        client,
-        &format!("busybox ping -c 2 -W 2 {target} >/dev/null"),
-    )
-    .with_context(|| format!("{name}: {target} is not reachable"))?;
+    client
+        .sh(&format!("busybox ping -c 2 -W 2 {target} >/dev/null"))
+        .with_context(|| format!("{name}: {target} is not reachable"))?;
     step(&format!("TCP 1 stream, {s} s"));
     let tcp1 = iperf::tcp(client, target, 1, s)?;
     step(&format!("TCP 4 streams, {s} s"));

@@ -215,7 +215,7 @@ fn daemons(s: &mut String, d: &Value) {
     }
     let _ = writeln!(
         s,
-        "\nReal daemons (sandbox: cluster stand-in + 2 workers with containerd, NetManager, nodeengined; up in {:.1} s)",
+        "\nReal daemons (sandbox: cluster double + 2 workers with containerd, NetManager, nodeengined; up in {:.1} s)",
         f(&d["sandbox_start_s"])
     );
     let line = |s: &mut String, label: &str, v: &Value, unit: &str| {

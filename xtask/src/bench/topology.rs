@@ -1,96 +1,103 @@
-//! The benchmark's testbed: the shared namespace `Lab` wired as two nodes
-//! on one underlay -- node n1 (198.51.100.1, containers 10.18.0.0/26) with
-//! the client c1 and the same-node server c3, node n2 (198.51.100.2,
-//! 10.18.0.64/26) with c2 -- plus per-scenario route/device setups that
-//! undo themselves. Container MTU 1450 everywhere (the overlay's tunnel
+//! The benchmark's testbed, built with the test kit: two nodes on one
+//! underlay -- node n1 (198.51.100.1, containers 10.18.0.0/26) with the
+//! client c1 and the same-node server c3, node n2 (198.51.100.2,
+//! 10.18.0.64/26) with c2 -- plus the programs, pin directories and files
+//! the scenarios add. Container MTU 1450 everywhere (the overlay's tunnel
 //! MTU), so all paths carry the same segment sizes.
 
-use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::process::Stdio;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use tempfile::TempDir;
+use testkit::{Container, Node, NsPath, PinDir, Proc, Underlay};
 
-pub use xtask::sandbox::procs::{ns_sh, sh};
-pub use xtask::testbed::Container;
-use xtask::testbed::Lab;
-
+/// Field order is drop order: programs first (unpinning then detaches the
+/// overlay), the namespaces last.
 pub struct Topology {
-    lab: Lab,
-    pub n1: String,
-    pub n2: String,
+    procs: Vec<Proc>,
+    pins: Vec<PinDir>,
+    files: TempDir,
     pub c1: Container,
     pub c2: Container,
     pub c3: Container,
+    pub n1: Node,
+    pub n2: Node,
+    _underlay: Underlay,
 }
 
 impl Topology {
     pub fn build() -> Result<Topology> {
-        // The lab owns every namespace as soon as it exists, so a half-built
-        // testbed is cleaned up too.
-        let mut lab = Lab::new("b");
-        let under = lab.underlay()?;
-        let n1 = lab.node("n1", &under, 1, "10.18.0.1/26", "fc00::1/120")?;
-        let n2 = lab.node("n2", &under, 2, "10.18.0.65/26", "fc00::41/120")?;
-        let c1 = lab.container(
-            &n1,
+        // Each guard owns its namespace as soon as it exists, so a
+        // half-built testbed is cleaned up too.
+        let underlay = Underlay::new()?;
+        let n1 = underlay.node(1)?;
+        let n2 = underlay.node(2)?;
+        n1.container_bridge("10.18.0.1/26", "fc00::1/120")?;
+        n2.container_bridge("10.18.0.65/26", "fc00::41/120")?;
+        let c1 = n1.container(
             "c1",
             ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
         )?;
-        let c3 = lab.container(
-            &n1,
+        let c3 = n1.container(
             "c3",
             ["10.18.0.3/26", "fc00::3/120", "10.18.0.1", "fc00::1"],
         )?;
-        let c2 = lab.container(
-            &n2,
+        let c2 = n2.container(
             "c2",
             ["10.18.0.66/26", "fc00::42/120", "10.18.0.65", "fc00::41"],
         )?;
         Ok(Topology {
-            lab,
-            n1,
-            n2,
+            procs: Vec::new(),
+            pins: Vec::new(),
+            files: tempfile::Builder::new()
+                .prefix("oak-bench-")
+                .tempdir()
+                .context("a directory for the scenario tables")?,
             c1,
             c2,
             c3,
+            n1,
+            n2,
+            _underlay: underlay,
         })
     }
-}
 
-impl Deref for Topology {
-    type Target = Lab;
-    fn deref(&self) -> &Lab {
-        &self.lab
+    /// A pin directory, removed with the testbed.
+    pub fn pin_dir(&mut self, name: &str) -> PathBuf {
+        let pins = PinDir::new(&format!("b{name}"));
+        let path = pins.to_path_buf();
+        self.pins.push(pins);
+        path
     }
-}
 
-impl DerefMut for Topology {
-    fn deref_mut(&mut self) -> &mut Lab {
-        &mut self.lab
+    /// A scratch file (configuration tables), removed with the testbed.
+    pub fn file(&mut self, name: &str, content: &str) -> Result<String> {
+        let p = self.files.path().join(name);
+        std::fs::write(&p, content).with_context(|| format!("writing {}", p.display()))?;
+        Ok(p.to_string_lossy().into_owned())
     }
-}
 
-pub struct Undo(Vec<(String, String)>);
-
-impl Undo {
-    /// Runs `cmds` (namespace, command) now and `undo` (namespace, command)
-    /// on drop.
-    pub fn apply(cmds: &[(&str, String)], undo: &[(&str, String)]) -> Result<Undo> {
-        let guard = Undo(
-            undo.iter()
-                .map(|(n, c)| (n.to_string(), c.clone()))
-                .collect(),
-        );
-        for (ns, c) in cmds {
-            ns_sh(ns, c)?;
+    /// Starts a long-running program inside `ns` and returns its pid; it
+    /// stops with the testbed. With `ready`, waits until it prints `ready`.
+    pub fn spawn(&mut self, ns: &NsPath, program: &str, args: &[&str], ready: bool) -> Result<u32> {
+        let mut cmd = ns.command(program)?;
+        cmd.args(args).stdin(Stdio::null()).stdout(if ready {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        let mut p = Proc::spawn(program, cmd)?;
+        if ready {
+            p.wait_ready()?;
         }
-        Ok(guard)
+        let pid = p.pid();
+        self.procs.push(p);
+        Ok(pid)
     }
-}
 
-impl Drop for Undo {
-    fn drop(&mut self) {
-        for (ns, c) in &self.0 {
-            let _ = ns_sh(ns, c);
-        }
+    /// Stops one program this testbed started.
+    pub fn stop(&mut self, pid: u32) {
+        self.procs.retain(|p| p.pid() != pid);
     }
 }

@@ -9,12 +9,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use testkit::cluster::REGISTRATION_PORT;
+use testkit::netns::{delete_named, list_named};
+use testkit::runners::containerd::cleanup_leftovers;
+use testkit::topology::UNDERLAY_GATEWAY;
 use worker_common::privileges::require_root;
 
-use super::procs::sh;
+use super::broker::MQTT_PORT;
 use super::sample_services::{CLIENT_JOB, SERVER_JOB, client, echo_server};
-use super::topology::delete_ns;
-use super::workers::{Binaries, cleanup_containerd_leftovers};
+use super::workers::Binaries;
 use super::{Options, Sandbox};
 
 pub const RUN_DIR: &str = "/run/oak-sandbox";
@@ -84,19 +87,10 @@ fn build(build_ebpf: impl FnOnce() -> Result<()>) -> Result<Binaries> {
     Ok(Binaries::in_dir(&target.join("release")))
 }
 
-/// NetManager pins its dataplane on bpffs.
-fn ensure_bpffs() -> Result<()> {
-    let kind = sh("stat -f -c %T /sys/fs/bpf").unwrap_or_default();
-    if kind.trim() != "bpf_fs" {
-        println!("==> mounting bpffs on /sys/fs/bpf");
-        sh("mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf")?;
-    }
-    Ok(())
-}
-
 fn up(args: &SandboxArgs, build_ebpf: impl FnOnce() -> Result<()>) -> Result<()> {
     let bins = build(build_ebpf)?;
-    ensure_bpffs()?;
+    // NetManager pins its dataplane on bpffs.
+    testkit::bpffs::ensure_mounted()?;
     if Path::new(RUN_DIR).exists() {
         println!("==> removing leftovers of an earlier sandbox");
         down()?;
@@ -159,7 +153,7 @@ fn write_state(sb: &Sandbox) -> Result<()> {
                    "dir": w.dir, "bpf_dir": w.bpf_dir, "containerd_namespace": w.containerd_ns})
         })
         .collect();
-    let state = json!({"pid": std::process::id(), "underlay": sb.topology.underlay,
+    let state = json!({"pid": std::process::id(), "underlay": sb.underlay.ns.name(),
                        "broker_pid": sb.broker.pid(), "workers": workers});
     let path = Path::new(RUN_DIR).join("state.json");
     std::fs::write(&path, state.to_string()).with_context(|| format!("writing {}", path.display()))
@@ -172,8 +166,8 @@ fn print_summary(sb: &Sandbox, took: Duration) {
         took
     );
     println!(
-        "cluster stand-in: HTTP 198.51.100.254:10100, MQTT 198.51.100.254:10003 in netns {}",
-        sb.topology.underlay
+        "cluster double: HTTP {UNDERLAY_GATEWAY}:{REGISTRATION_PORT}, MQTT {UNDERLAY_GATEWAY}:{MQTT_PORT} in netns {}",
+        sb.underlay.ns.name()
     );
     for w in &sb.workers {
         println!(
@@ -185,7 +179,7 @@ fn print_summary(sb: &Sandbox, took: Duration) {
             w.bpf_dir.display()
         );
         println!(
-            "   logs {}/{{nodeengine,netmanager,containerd}}.log, apps {}/applogs/",
+            "   logs {}/{{nodeengine,netmanager,containerd/containerd}}.log, apps {}/applogs/",
             w.dir.display(),
             w.dir.display()
         );
@@ -259,38 +253,33 @@ fn counters(status: Option<Value>) -> String {
 /// process inside them, daemons and shims alike), container processes in
 /// the workers' cgroups, containerd mounts, bpffs pins, the run directory.
 pub fn down() -> Result<()> {
-    let list = sh("ip netns list").unwrap_or_default();
-    let namespaces: Vec<String> = list
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
+    let mut namespaces: Vec<String> = list_named()
+        .into_iter()
         .filter(|n| n.starts_with(&format!("{PREFIX}-")))
-        .map(str::to_string)
         .collect();
-    for dir in worker_dirs() {
+    namespaces.sort();
+    for dir in testkit::subdirs(Path::new(RUN_DIR)) {
         let n = dir.file_name().and_then(|f| f.to_str()).unwrap_or("");
         let containerd_ns = format!("oak-{PREFIX}w{n}");
-        cleanup_containerd_leftovers(&dir, &containerd_ns);
+        cleanup_leftovers(&dir.join("containerd"), &containerd_ns);
     }
     for ns in namespaces.iter().rev() {
         println!("removing namespace {ns}");
-        delete_ns(ns);
+        delete_named(ns);
     }
-    let _ = sh(&format!("rm -rf {BPF_PREFIX}*"));
-    let _ = sh(&format!(
-        "grep -o ' {RUN_DIR}/[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l"
-    ));
+    remove_pins(BPF_PREFIX);
+    testkit::mounts::unmount_below(Path::new(RUN_DIR));
     let _ = std::fs::remove_dir_all(RUN_DIR);
     println!("sandbox leftovers removed");
     Ok(())
 }
 
-fn worker_dirs() -> Vec<PathBuf> {
-    std::fs::read_dir(RUN_DIR)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_dir())
-                .collect()
-        })
-        .unwrap_or_default()
+/// Removes the pin directories whose path starts with `prefix`.
+fn remove_pins(prefix: &str) {
+    let (dir, start) = prefix.rsplit_once('/').unwrap_or(("/sys/fs/bpf", prefix));
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(start) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }

@@ -1,31 +1,30 @@
-//! A whole Oakestra cluster on one machine: a cluster stand-in (demo/test
-//! fixture, see `cluster_standin`) and N real workers in network
-//! namespaces. `cargo xtask sandbox` runs it interactively; the end-to-end
-//! tests (`tests/tests/e2e_*.rs`) drive the same code.
+//! A whole Oakestra cluster on one machine: the test kit's cluster double
+//! (a demo/test fixture standing in for upstream's cluster) behind an MQTT
+//! broker, and N real workers in network namespaces on one underlay.
+//! `cargo xtask sandbox` runs it interactively; the end-to-end tests
+//! (`tests/tests/e2e_*.rs`) and the benchmark drive the same code.
 
 pub mod broker;
 pub mod cli;
-pub mod cluster_standin;
-pub mod image;
-pub mod procs;
 pub mod sample_services;
-pub mod service_manager;
-pub mod topology;
 pub mod workers;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use testkit::cluster::REGISTRATION_PORT;
+use testkit::topology::UNDERLAY_GATEWAY;
+use testkit::{ClusterDouble, NsPath, Underlay};
 
-use broker::{Broker, MQTT_PORT, wait_listening};
-use cluster_standin::ClusterStandin;
-use topology::{Topology, netns_path};
+use broker::{Broker, MQTT_PORT};
 use workers::{Binaries, Worker};
 
 /// Everything that differs between two sandboxes running side by side.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Namespace prefix (`<prefix>-under`, `<prefix>-w1`, ...).
+    /// Namespace prefix (`<prefix>-under`, `<prefix>-w1`, ...), also the
+    /// workers' hostnames.
     pub prefix: String,
     pub workers: u8,
     /// mosquitto child instead of the embedded rumqttd (stoppable).
@@ -37,42 +36,48 @@ pub struct Options {
     pub bins: Binaries,
 }
 
-/// Field order is drop order: workers before the cluster, the namespaces last.
+/// Field order is drop order: workers before the cluster, the underlay last.
 pub struct Sandbox {
     pub workers: Vec<Worker>,
-    pub cluster: ClusterStandin,
+    pub cluster: ClusterDouble,
     pub broker: Broker,
-    pub topology: Topology,
+    pub underlay: Underlay,
     pub options: Options,
 }
 
 impl Sandbox {
-    /// Brings the cluster stand-in and the workers up; `progress` hears
+    /// Brings the cluster double and the workers up; `progress` hears
     /// about each step.
     pub fn start(options: &Options, progress: &mut dyn FnMut(&str)) -> Result<Sandbox> {
         std::fs::create_dir_all(&options.run_dir)
             .with_context(|| format!("creating {}", options.run_dir.display()))?;
         progress("creating the underlay namespace (198.51.100.0/24)");
-        let topology = Topology::new(&options.prefix)?;
-        let under = netns_path(&topology.underlay);
-        progress(if options.external_mosquitto {
-            "starting mosquitto on 198.51.100.254:10003"
+        let underlay = Underlay::named(&format!("{}-under", options.prefix))
+            .context("creating the underlay")?;
+        let under = NsPath::clone(&underlay.ns);
+        progress(&if options.external_mosquitto {
+            format!("starting mosquitto on {UNDERLAY_GATEWAY}:{MQTT_PORT}")
         } else {
-            "starting the embedded MQTT broker (rumqttd) on 198.51.100.254:10003"
+            format!("starting the embedded MQTT broker (rumqttd) on {UNDERLAY_GATEWAY}:{MQTT_PORT}")
         });
         let broker = if options.external_mosquitto {
             Broker::mosquitto(&under, &options.run_dir)?
         } else {
             Broker::embedded(&under)?
         };
-        wait_listening(&under, MQTT_PORT)?;
-        progress("starting the cluster stand-in (HTTP 198.51.100.254:10100)");
-        let cluster = ClusterStandin::start(&under)?;
+        let endpoint = Broker::endpoint(&under);
+        endpoint.wait_accepting()?;
+        progress(&format!(
+            "starting the cluster double (HTTP {UNDERLAY_GATEWAY}:{REGISTRATION_PORT})"
+        ));
+        let cluster = ClusterDouble::options(endpoint)
+            .http(SocketAddr::from(([0, 0, 0, 0], REGISTRATION_PORT)))
+            .start()?;
         let mut sb = Sandbox {
             workers: Vec::new(),
             cluster,
             broker,
-            topology,
+            underlay,
             options: options.clone(),
         };
         for n in 1..=options.workers {
@@ -86,11 +91,21 @@ impl Sandbox {
 
     /// Starts worker `n` (namespace, daemons, registration).
     pub fn add_worker(&mut self, n: u8) -> Result<&Worker> {
-        let (ns, ip) = self.topology.worker(n)?;
+        let name = format!("{}-w{n}", self.options.prefix);
+        let node = self
+            .underlay
+            .node_named(&name, n)
+            .with_context(|| format!("creating worker namespace {name}"))?;
         let dir = self.options.run_dir.join(n.to_string());
         let bpf = PathBuf::from(format!("{}{n}", self.options.bpf_prefix));
-        let w = Worker::start(&self.cluster, &self.options.bins, (n, &ns, &ip), &dir, &bpf)
-            .with_context(|| format!("starting worker {n}"))?;
+        let w = Worker::start(
+            &self.cluster,
+            &self.options.bins,
+            (n, &name, node),
+            &dir,
+            &bpf,
+        )
+        .with_context(|| format!("starting worker {n}"))?;
         self.workers.push(w);
         self.workers.last().context("just added")
     }

@@ -2,8 +2,8 @@
 //! answering with its instance and node) and a client that fetches the
 //! service's round-robin address in a loop.
 
-use super::cluster_standin::JobSpec;
-use super::image::SANDBOX_IMAGE;
+use testkit::JobSpec;
+use testkit::image::SANDBOX_IMAGE;
 
 pub const SERVER_JOB: &str = "demo.sandbox.echo.web";
 pub const CLIENT_JOB: &str = "demo.sandbox.client.loop";

@@ -1,5 +1,5 @@
-//! A one-layer OCI image built offline from busybox-static: the sample
-//! services' image, and the image of nodeengine's containerd tests.
+//! A one-layer OCI image built offline from busybox-static: the sandbox's
+//! sample services run in it, and so do nodeengine's containerd tests.
 
 use std::path::Path;
 
