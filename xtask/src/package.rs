@@ -97,6 +97,7 @@ pub fn assets() -> Result<PathBuf> {
 
 /// Builds, checks and smoke-tests the packages for `arches`.
 pub fn package(arches: &[Arch]) -> Result<Vec<Built>> {
+    crate::setup::package_tools()?;
     need_tool("cargo-deb", &["cargo", "deb", "--version"])?;
     need_tool("lintian", &["lintian", "--version"])?;
     assets()?;

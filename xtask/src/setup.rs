@@ -62,8 +62,6 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     packages()?;
     python_packages()?;
-    cross_targets()?;
-    cargo_deb()?;
     bpffs()?;
     println!("setup complete");
     Ok(())
@@ -99,6 +97,14 @@ fn bpf_linker() -> Result<()> {
         ]),
         "cargo install bpf-linker",
     )
+}
+
+/// What only `cargo xtask package` needs (the arm64 target, cargo-deb):
+/// installed when packages are built, so the bootstrap CI runs stays short
+/// (cargo-deb alone is minutes of compiling).
+pub fn package_tools() -> Result<()> {
+    cross_targets()?;
+    cargo_deb()
 }
 
 fn cross_targets() -> Result<()> {
