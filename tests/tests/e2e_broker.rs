@@ -31,8 +31,19 @@ fn broker_outage_and_recovery() -> Result<()> {
     // `updates_available` again to switch.
     let mut second = echo_server("w2");
     second.job_name = job.clone();
-    // Give the clients (reconnecting with back-off) a moment.
+    // Both daemons of each worker reconnect with back-off. NodeEngine's
+    // session state is not visible here, so give it the moment it needs to
+    // take the deploy; an update published before a NetManager has
+    // resubscribed would not reach it (the refresh after its reconnect
+    // covers what came earlier), so also wait until both say they are.
     std::thread::sleep(std::time::Duration::from_secs(3));
+    eventually("both NetManagers reconnected", || {
+        for n in [1, 2] {
+            let s = e.worker(n).status()?;
+            ensure!(s["mqtt"]["connected"] == true, "worker {n}: {}", s["mqtt"]);
+        }
+        Ok(())
+    })?;
     e.sb.cluster.deploy(&id2, &second, 1)?;
     e.sb.cluster.wait_instances(&job, 2)?;
     e.sb.cluster.undeploy(&id1, &job, 0)?;
