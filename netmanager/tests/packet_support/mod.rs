@@ -281,13 +281,20 @@ pub fn tunnel_datagram(
     dport: u16,
     inner: &[u8],
 ) -> Vec<u8> {
+    let udp = udp_without_checksum(sport, dport, inner);
+    ipv4(outer_src, outer_dst, 64, 17, &[], 0x4000, 0, &udp)
+}
+
+/// A UDP datagram carrying `inner`, its checksum left zero (IPv4 allows
+/// that; the IPv6 caller fills it in).
+fn udp_without_checksum(sport: u16, dport: u16, inner: &[u8]) -> Vec<u8> {
     let mut udp = Vec::new();
     udp.extend_from_slice(&sport.to_be_bytes());
     udp.extend_from_slice(&dport.to_be_bytes());
     udp.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(inner);
-    ipv4(outer_src, outer_dst, 64, 17, &[], 0x4000, 0, &udp)
+    udp
 }
 
 /// Checks every checksum of an IP packet from scratch: IPv4 header, and
@@ -328,12 +335,7 @@ pub fn tunnel_datagram_v6(
     dport: u16,
     inner: &[u8],
 ) -> Vec<u8> {
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&sport.to_be_bytes());
-    udp.extend_from_slice(&dport.to_be_bytes());
-    udp.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(inner);
+    let mut udp = udp_without_checksum(sport, dport, inner);
     let mut s = pseudo(outer_src.into(), outer_dst.into(), 17, udp.len());
     s.extend_from_slice(&udp);
     let mut c = checksum(&s);
