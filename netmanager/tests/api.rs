@@ -281,6 +281,16 @@ fn deploy_two_containers_and_undeploy() {
         e.node.ns.master_of("oakv2").unwrap().as_deref(),
         Some("goProxyBridge")
     );
+    // The bridge has an address of its own (the gateway's, in the
+    // containers' scheme), not the lowest of its ports', which would move
+    // under containers' ARP caches whenever a veth joins.
+    let bridge = e
+        .node
+        .ns
+        .link("goProxyBridge")
+        .unwrap()
+        .expect("the bridge");
+    assert_eq!(bridge.mac, Some([0x02, 0x0a, 0x0a, 0x12, 0x00, 0x41]));
     assert_eq!(e.node.ns.link("oakv2").unwrap().map(|l| l.mtu), Some(1450));
     let fwd = e.node.ns.read_sysctl("net/ipv4/ip_forward").unwrap();
     assert_eq!(fwd, "1");

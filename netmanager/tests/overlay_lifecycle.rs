@@ -191,11 +191,17 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        self.nm
+        let nodes: String = self
+            .nm
             .iter()
             .enumerate()
             .map(|(i, d)| format!("---- node {} ----\n{}", i + 1, d.log_text()))
-            .collect()
+            .collect();
+        format!(
+            "{nodes}---- the cluster double saw ----\n{}---- mosquitto ----\n{}",
+            self.csm.transcript(),
+            self.broker.log_text()
+        )
     }
 }
 

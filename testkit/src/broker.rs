@@ -173,6 +173,13 @@ impl Mosquitto {
         self.proc.as_ref().map(Proc::pid)
     }
 
+    /// What mosquitto logged (connections, disconnections, errors), for a
+    /// failing test's message.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_else(|e| format!("(no log at {}: {e})", self.log.display()))
+    }
+
     /// Stops the broker (a broker outage); its port stays reserved for `resume`.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {

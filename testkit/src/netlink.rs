@@ -454,10 +454,12 @@ impl NsPath {
         Ok(LinkGuard::new(self, name))
     }
 
+    /// A bridge with an address of its own (see [`bridge_mac`]).
     pub fn add_bridge(&self, name: &str) -> Result<LinkGuard> {
+        let mac = bridge_mac().to_vec();
         self.netlink(|h| async move {
             h.link()
-                .add(LinkBridge::new(name).build())
+                .add(LinkBridge::new(name).address(mac).build())
                 .execute()
                 .await
                 .with_context(|| format!("creating bridge {name}"))
@@ -689,6 +691,21 @@ impl Drop for RouteGuard {
             let _ = self.ns.del_route(&self.route);
         }
     }
+}
+
+/// A locally administered MAC, different for every bridge this process
+/// creates. A bridge without one takes the lowest MAC of its ports and
+/// changes it when a port joins; a neighbour that learnt the old one less
+/// than the ARP lock time before ignores the gratuitous ARP and keeps
+/// sending to an address nobody owns (a node's broker connection stalled
+/// that way when a test added a second uplink).
+fn bridge_mac() -> [u8; 6] {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+    let pid = (std::process::id() & 0xffff) as u16;
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let [p0, p1] = pid.to_be_bytes();
+    let [n0, n1] = n.to_be_bytes();
+    [0x02, 0xb7, p0, p1, n0, n1]
 }
 
 #[cfg(test)]

@@ -110,9 +110,15 @@ impl Plumbing {
         let gw = subnet.gateway();
         add_address(&self.handle, index, IpAddr::V4(gw.v4), V4_PREFIX).await?;
         add_address(&self.handle, index, IpAddr::V6(gw.v6), V6_PREFIX).await?;
+        // A bridge without an address of its own takes the lowest MAC of
+        // its ports, so it would change whenever a container's veth joins;
+        // containers that cached the gateway's old MAC within the kernel's
+        // ARP lock time ignore the gratuitous ARP and lose their way out.
+        // Set, the address stays put.
+        let mac = container_mac(gw.v4).to_vec();
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
+            .set(LinkUnspec::new_with_index(index).up().address(mac).build())
             .execute()
             .await
             .with_context(|| format!("bringing {BRIDGE} up"))?;

@@ -482,6 +482,27 @@ impl ClusterDouble {
         self.seen_on(suffix)
     }
 
+    /// Every message seen so far, one line each (time since the first,
+    /// topic, payload cut at 200 bytes), for a failing test's message.
+    pub fn transcript(&self) -> String {
+        let s = self.lock();
+        let Some(first) = s.log.first().map(|m| m.at) else {
+            return "(no messages)\n".to_string();
+        };
+        s.log
+            .iter()
+            .map(|m| {
+                let body = String::from_utf8_lossy(&m.payload);
+                let cut: String = body.chars().take(200).collect();
+                format!(
+                    "{:>9.3}s {} {cut}\n",
+                    m.at.duration_since(first).as_secs_f64(),
+                    m.topic
+                )
+            })
+            .collect()
+    }
+
     /// Forgets the messages seen so far (reports and bookkeeping stay).
     pub fn clear_seen(&self) {
         self.lock().log.clear();
@@ -697,11 +718,16 @@ async fn mqtt_loop(
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let answers = on_message(&mut lock(&shared), &p.topic, &p.payload, Instant::now());
                 for (topic, body) in answers {
-                    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
+                    if let Err(e) = client.try_publish(&topic, QoS::AtLeastOnce, false, body) {
+                        eprintln!("cluster double: could not answer on {topic}: {e}");
+                    }
                 }
             }
             Ok(_) => {}
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => {
+                eprintln!("cluster double: the MQTT link failed ({e}); reconnecting");
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
         }
     }
 }
