@@ -75,7 +75,8 @@ async fn ensure_with(h: &Handle, pair: &VethPair) -> Result<Ensured> {
         for l in [&first, &second].into_iter().flatten() {
             delete(h, l.header.index, &what("deleting")).await?;
         }
-        let mut builder = LinkVeth::new(pair.name, pair.peer).up();
+        // Created down: IPv6 goes off before either end is up (below).
+        let mut builder = LinkVeth::new(pair.name, pair.peer);
         if let Some(mtu) = pair.mtu {
             builder = builder.mtu(mtu);
         }
@@ -94,15 +95,20 @@ async fn ensure_with(h: &Handle, pair: &VethPair) -> Result<Ensured> {
     let second = link(h, pair.peer)
         .await?
         .ok_or_else(|| DataplaneError::Other(format!("{} vanished", pair.peer)))?;
-    let mut set = LinkUnspec::new_with_index(second.header.index).up();
-    if let Some(mtu) = pair.mtu {
-        set = set.mtu(mtu);
+    for end in [pair.name, pair.peer] {
+        without_ipv6(end)?;
     }
-    h.link()
-        .set(set.build())
-        .execute()
-        .await
-        .map_err(|e| DataplaneError::bpf(what("bringing up"), e))?;
+    for (index, peer_end) in [(first.header.index, false), (second.header.index, true)] {
+        let mut set = LinkUnspec::new_with_index(index).up();
+        if let (Some(mtu), true) = (pair.mtu, peer_end) {
+            set = set.mtu(mtu);
+        }
+        h.link()
+            .set(set.build())
+            .execute()
+            .await
+            .map_err(|e| DataplaneError::bpf(what("bringing up"), e))?;
+    }
     let gso_limited = match pair.gso_max_segs {
         Some(segs) => attr_gso_max_segs(&first) == Some(segs),
         None => false,
@@ -113,6 +119,22 @@ async fn ensure_with(h: &Handle, pair: &VethPair) -> Result<Ensured> {
         peer_mac: mac(&second).unwrap_or_default(),
         gso_limited,
     })
+}
+
+/// Switches IPv6 off on one end. Otherwise the kernel's own IPv6 chatter
+/// on a new link (router solicitations, MLD reports, duplicate address
+/// detection) crosses the pair into the program, which counts it as
+/// malformed tunnel traffic: seven "drops" on every start that meant
+/// nothing and hid the real ones. The programs see IPv6 frames written
+/// into the pair all the same (TC runs before the protocol handlers).
+fn without_ipv6(ifname: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Ok(()) => Ok(()),
+        // A kernel without IPv6 has no chatter to silence.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DataplaneError::Other(format!("writing 1 to {path}: {e}"))),
+    }
 }
 
 /// Whether an existing pair has the settings, after trying to apply them
