@@ -202,9 +202,8 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     if backend.flags & INSTANCE_LOCAL == 0 {
         return tunnel::send_to_peer(ctx, cfg, &mut p, &src_instance, &backend_ns, backend);
     }
-    packet::decrement_ttl(ctx, &mut p).map_err(|_| Counter::DropMalformed)?;
-    packet::set_src(ctx, &mut p, &src_instance).map_err(|_| Counter::DropMalformed)?;
-    packet::set_dst(ctx, &mut p, &backend_ns).map_err(|_| Counter::DropMalformed)?;
+    packet::rewrite(ctx, &mut p, &src_instance, &backend_ns, true)
+        .map_err(|_| Counter::DropMalformed)?;
     // Same-node service traffic: never encapsulated (step 4).
     deliver(ctx, &mut p, backend, Counter::LocalDelivered)
 }
@@ -223,11 +222,11 @@ fn sent_from_its_veth(ctx: &TcContext, cfg: &Config, sender: &Instance) -> bool 
 fn destination(ctx: &TcContext, ethertype: u16) -> Option<Addr> {
     match ethertype {
         packet::ETH_P_IP => {
-            let d: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+            let d: [u8; 4] = packet::read(ctx, ETH_HLEN + 16)?;
             Some(Addr::from_v4_octets(d))
         }
         packet::ETH_P_IPV6 => {
-            let d: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
+            let d: [u8; 16] = packet::read(ctx, ETH_HLEN + 24)?;
             Some(Addr { bytes: d })
         }
         _ => None,
@@ -307,7 +306,8 @@ fn deliver(
     let mut counter = counter;
     if p.csum_off != 0 {
         if let Some(service) = flows::reverse_service(&p.key()) {
-            packet::set_src(ctx, p, &service).map_err(|_| Counter::DropMalformed)?;
+            let dst = p.dst;
+            packet::rewrite(ctx, p, &service, &dst, false).map_err(|_| Counter::DropMalformed)?;
             counter = Counter::ReverseTranslated;
         }
     }

@@ -32,7 +32,7 @@ use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use netmanager_common::{Addr, Config, INSTANCE_LOCAL};
 
 use crate::maps::{INSTANCE_NODES, INSTANCES, TRUSTED_PEERS};
-use crate::packet::{ETH_HLEN, ETH_P_IP, in_service_range};
+use crate::packet::{ETH_HLEN, ETH_P_IP, in_service_range, read};
 use crate::tunnel::{Outer, own_address};
 
 /// Outcome of [`check`], as a scalar so it can cross a BPF-to-BPF call.
@@ -109,20 +109,6 @@ fn outer_source(ctx: &TcContext, outer: Outer, sender: &mut Addr) -> Option<()> 
         *sender = Addr::from_v4_octets(read::<4>(ctx, ETH_HLEN + 12)?);
     }
     Some(())
-}
-
-/// `N` bytes at `off`: straight from the packet when they are in its linear
-/// part, through the load helper otherwise.
-#[inline(always)]
-fn read<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + off + N <= end {
-        // SAFETY: the N bytes lie between data and data_end, checked just
-        // above (the verifier checks it too).
-        Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
-    } else {
-        ctx.load(off).ok()
-    }
 }
 
 #[inline(always)]
