@@ -30,10 +30,11 @@ impl Addr {
     /// IPv4 address given as its four octets in network order.
     #[inline(always)]
     pub const fn from_v4_octets(o: [u8; 4]) -> Addr {
+        // One 128-bit value, not an array literal: on BPF the literal's run
+        // of zeros becomes a call to a byte-at-a-time memset.
+        let v = (0xffff_u128 << 32) | u32::from_be_bytes(o) as u128;
         Addr {
-            bytes: [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
-            ],
+            bytes: v.to_be_bytes(),
         }
     }
 

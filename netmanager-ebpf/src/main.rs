@@ -28,6 +28,8 @@ mod pmtu;
 mod route;
 mod tunnel;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_peer, bpf_ringbuf_query, bpf_skb_load_bytes},
@@ -153,8 +155,9 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     if !packet::in_service_range(cfg, &dst) {
         return Ok(Verdict::Pass(Counter::Passed));
     }
-    let mut p = Packet::default();
-    if let Err(e) = packet::parse(ctx, ETH_HLEN, ethertype, &mut p) {
+    let mut slot = MaybeUninit::uninit();
+    let p = Packet::init(&mut slot);
+    if let Err(e) = packet::parse(ctx, ETH_HLEN, ethertype, p) {
         return Ok(parse_error(e));
     }
     if p.ttl <= 1 {
@@ -174,10 +177,11 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     }
     let src_instance = sender.instance_ip;
     let owner = sender.ifindex;
-    let mut backend_ns = Addr::ZERO;
+    let mut ns_slot = MaybeUninit::uninit();
+    let backend_ns = packet::init_addr(&mut ns_slot);
     {
         let key = p.key();
-        let cached = flows::cached_backend(&key, &mut backend_ns);
+        let cached = flows::cached_backend(&key, backend_ns);
         if cached != flows::HIT {
             // A new flow takes one of the sender's FLOWS slots; a stale
             // one is replaced in place.
@@ -185,7 +189,7 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
             if new && !flows::quota_allows(owner, cfg.flows_per_container) {
                 return Err(Counter::DropFlowQuota);
             }
-            match flows::choose(&key, &src_instance, &mut backend_ns, new) {
+            match flows::choose(&key, &src_instance, backend_ns, new) {
                 flows::CREATED => flows::count_opened(owner),
                 flows::REPLACED => {}
                 flows::UNKNOWN_SERVICE => return Ok(hold(ctx, cfg, MissReason::Service, &p.dst)),
@@ -196,16 +200,15 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     }
     // Looked up again rather than passed back: BPF-to-BPF calls return
     // scalars only, and the stack is too small to copy entries around.
-    let Some(backend) = (unsafe { INSTANCES.get(backend_ns) }) else {
+    let Some(backend) = (unsafe { INSTANCES.get(*backend_ns) }) else {
         return Err(Counter::DropNoBackend);
     };
     if backend.flags & INSTANCE_LOCAL == 0 {
-        return tunnel::send_to_peer(ctx, cfg, &mut p, &src_instance, &backend_ns, backend);
+        return tunnel::send_to_peer(ctx, cfg, p, &src_instance, backend_ns, backend);
     }
-    packet::rewrite(ctx, &mut p, &src_instance, &backend_ns, true)
-        .map_err(|_| Counter::DropMalformed)?;
+    packet::rewrite(ctx, p, &src_instance, backend_ns, true).map_err(|_| Counter::DropMalformed)?;
     // Same-node service traffic: never encapsulated (step 4).
-    deliver(ctx, &mut p, backend, Counter::LocalDelivered)
+    deliver(ctx, p, backend, Counter::LocalDelivered)
 }
 
 /// Whether a container's packet arrived on the veth its source address
@@ -264,23 +267,24 @@ pub(crate) fn send_too_big(ctx: &TcContext, p: &Packet, mtu: u16) -> Verdict {
 #[inline(never)]
 fn from_tunnel(ctx: &TcContext, cfg: &Config, outer: tunnel::Outer) -> Result<Verdict, Counter> {
     let inner = outer.inner;
-    let mut inner_src = Addr::ZERO;
-    match peers::check(ctx, cfg, outer, &mut inner_src) {
+    let mut src_slot = MaybeUninit::uninit();
+    let inner_src = packet::init_addr(&mut src_slot);
+    match peers::check(ctx, cfg, outer, inner_src) {
         peers::ACCEPT => {}
-        peers::HOLD => return Ok(hold(ctx, cfg, MissReason::Peer, &inner_src)),
+        peers::HOLD => return Ok(hold(ctx, cfg, MissReason::Peer, inner_src)),
         peers::FORGED => return Err(Counter::DropForgedSource),
         peers::BAD_INNER_SOURCE => return Err(Counter::DropBadInnerSource),
         peers::NOT_LOCAL => return Err(Counter::DropNotLocal),
         _ => return Err(Counter::DropMalformed),
     }
     tunnel::decapsulate(ctx, outer).map_err(|_| Counter::DropMalformed)?;
-    let mut p = Packet::default();
-    match packet::parse(ctx, ETH_HLEN, inner, &mut p) {
+    let mut slot = MaybeUninit::uninit();
+    let p = Packet::init(&mut slot);
+    match packet::parse(ctx, ETH_HLEN, inner, p) {
         Ok(()) => {}
         // Fragments and other protocols between instances still go through.
         Err(ParseError::Fragment) | Err(ParseError::Unsupported) => {
-            packet::parse_addresses(ctx, ETH_HLEN, inner, &mut p)
-                .map_err(|_| Counter::DropMalformed)?;
+            packet::parse_addresses(ctx, ETH_HLEN, inner, p).map_err(|_| Counter::DropMalformed)?;
         }
         Err(e) => return Ok(parse_error(e)),
     }
@@ -291,7 +295,7 @@ fn from_tunnel(ctx: &TcContext, cfg: &Config, outer: tunnel::Outer) -> Result<Ve
     if dest.flags & INSTANCE_LOCAL == 0 {
         return Err(Counter::DropNotLocal);
     }
-    deliver(ctx, &mut p, &dest, Counter::Decapsulated)
+    deliver(ctx, p, &dest, Counter::Decapsulated)
 }
 
 /// Hands a translated packet to a container on this node, restoring the

@@ -10,6 +10,8 @@ use aya_ebpf::{
     helpers::bpf_csum_diff,
     programs::TcContext,
 };
+use core::mem::MaybeUninit;
+
 use netmanager_common::{Addr, Config, FlowKey};
 
 pub const ETH_HLEN: usize = 14;
@@ -23,7 +25,7 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 const IPV6_FRAGMENT_HDR: u8 = 44;
 
 /// What a packet is, as far as the overlay cares.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub struct Packet {
     pub v6: bool,
     /// Offset of the IP header.
@@ -186,17 +188,32 @@ fn parse_l4(ctx: &TcContext, p: &mut Packet) -> Result<(), ParseError> {
 }
 
 impl Packet {
+    /// Zeroes `slot` in place and hands it out as a packet, for [`parse`]
+    /// to fill. In place and with volatile stores: LLVM turns any zeroed
+    /// value it can see (`Packet::default()`, a copy of one) into a call to
+    /// the byte-at-a-time `memset` subprogram on BPF -- with the other
+    /// zeroings, a tenth of the receive path's time under perf.
+    #[inline(always)]
+    pub fn init(slot: &mut MaybeUninit<Packet>) -> &mut Packet {
+        const WORDS: usize = core::mem::size_of::<Packet>() / 8;
+        const _: () = assert!(
+            core::mem::size_of::<Packet>() % 8 == 0 && core::mem::align_of::<Packet>() >= 8
+        );
+        let w = slot.as_mut_ptr() as *mut u64;
+        let mut i = 0;
+        while i < WORDS {
+            // SAFETY: word i of the (8-byte aligned, 8-byte multiple) slot.
+            unsafe { core::ptr::write_volatile(w.add(i), 0) };
+            i += 1;
+        }
+        // SAFETY: every byte was written; all-zero is a valid Packet.
+        unsafe { slot.assume_init_mut() }
+    }
+
     /// The flow key of this packet as it stands.
     #[inline(always)]
     pub fn key(&self) -> FlowKey {
-        FlowKey {
-            src: self.src,
-            dst: self.dst,
-            src_port: self.sport,
-            dst_port: self.dport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        flow_key(self.src, self.dst, self.sport, self.dport, self.proto)
     }
 }
 
@@ -204,14 +221,48 @@ impl Packet {
 /// rewritten its source to the backend's instance address.
 #[inline(always)]
 pub fn reverse_key(fwd: &FlowKey, backend_instance: Addr) -> FlowKey {
-    FlowKey {
-        src: backend_instance,
-        dst: fwd.src,
-        src_port: fwd.dst_port,
-        dst_port: fwd.src_port,
-        proto: fwd.proto,
-        _pad: [0; 3],
+    flow_key(
+        backend_instance,
+        fwd.src,
+        fwd.dst_port,
+        fwd.src_port,
+        fwd.proto,
+    )
+}
+
+/// A flow key. The protocol and the padding after it are written as one
+/// 32-bit value: a zeroed padding field costs a `memset` call on BPF (see
+/// [`Packet::init`]).
+#[inline(always)]
+fn flow_key(src: Addr, dst: Addr, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
+    let mut k = MaybeUninit::<FlowKey>::uninit();
+    let p = k.as_mut_ptr();
+    // SAFETY: every byte of the slot is written before it is read; proto
+    // and the 3 padding bytes are the last 4 bytes (little-endian: proto
+    // first).
+    unsafe {
+        (*p).src = src;
+        (*p).dst = dst;
+        (*p).src_port = src_port;
+        (*p).dst_port = dst_port;
+        core::ptr::write_unaligned(&raw mut (*p).proto as *mut u32, proto as u32);
+        k.assume_init()
     }
+}
+
+/// Zeroes an address slot in place (see [`Packet::init`] for why not
+/// `Addr::ZERO`), for out parameters.
+#[inline(always)]
+pub fn init_addr(slot: &mut MaybeUninit<Addr>) -> &mut Addr {
+    let b = slot.as_mut_ptr() as *mut u8;
+    let mut i = 0;
+    while i < 16 {
+        // SAFETY: byte i of the 16-byte slot.
+        unsafe { core::ptr::write_volatile(b.add(i), 0) };
+        i += 1;
+    }
+    // SAFETY: every byte was written.
+    unsafe { slot.assume_init_mut() }
 }
 
 /// Whether `a` falls in one of the configured service ranges.

@@ -404,17 +404,11 @@ pub fn ipv4_header(
 ) -> [u8; 20] {
     let t = total.to_be_bytes();
     let f = frag.to_be_bytes();
-    let mut h = [0u8; 20];
-    h[0] = 0x45;
-    h[1] = tos;
-    h[2] = t[0];
-    h[3] = t[1];
-    h[6] = f[0];
-    h[7] = f[1];
-    h[8] = 64;
-    h[9] = proto;
-    h[12..16].copy_from_slice(src);
-    h[16..20].copy_from_slice(dst);
+    // Every byte named: a zeroed array costs a memset call on BPF.
+    let mut h = [
+        0x45, tos, t[0], t[1], 0, 0, f[0], f[1], 64, proto, 0, 0, src[0], src[1], src[2], src[3],
+        dst[0], dst[1], dst[2], dst[3],
+    ];
     let c = ipv4_header_checksum(&h).to_be_bytes();
     h[10] = c[0];
     h[11] = c[1];
@@ -498,7 +492,7 @@ fn outer_v6(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
     if u16::from_be_bytes([h[42], h[43]]) != cfg.tunnel_port {
         return None;
     }
-    let mut dst = Addr::ZERO;
+    let mut dst = Addr { bytes: [0xff; 16] };
     dst.bytes.copy_from_slice(&h[24..40]);
     if (dst != cfg.src_v6 || dst.is_zero()) && !node_address(&dst) {
         return None;
