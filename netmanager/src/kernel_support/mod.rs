@@ -143,6 +143,11 @@ const REQUIREMENTS: &[Requirement] = &[
     ),
     helper(bpf_func_id::BPF_FUNC_fib_lookup, "bpf_fib_lookup", "4.18"),
     helper(
+        bpf_func_id::BPF_FUNC_ktime_get_coarse_ns,
+        "bpf_ktime_get_coarse_ns",
+        "5.11",
+    ),
+    helper(
         bpf_func_id::BPF_FUNC_ringbuf_reserve,
         "bpf_ringbuf_reserve",
         "5.8",
