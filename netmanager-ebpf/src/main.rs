@@ -179,28 +179,36 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     let owner = sender.ifindex;
     let mut ns_slot = MaybeUninit::uninit();
     let backend_ns = packet::init_addr(&mut ns_slot);
-    {
-        let key = p.key();
-        let cached = flows::cached_backend(&key, backend_ns);
-        if cached != flows::HIT {
-            // A new flow takes one of the sender's FLOWS slots; a stale
-            // one is replaced in place.
-            let new = cached == flows::ABSENT;
-            if new && !flows::quota_allows(owner, cfg.flows_per_container) {
-                return Err(Counter::DropFlowQuota);
-            }
-            match flows::choose(&key, &src_instance, backend_ns, new) {
-                flows::CREATED => flows::count_opened(owner),
-                flows::REPLACED => {}
-                flows::UNKNOWN_SERVICE => return Ok(hold(ctx, cfg, MissReason::Service, &p.dst)),
-                flows::NO_BACKEND => return Err(Counter::DropNoBackend),
-                _ => return Err(Counter::DropFlowTableFull),
-            }
+    let key = p.key();
+    let mut cached = flows::cached_backend(&key, backend_ns);
+    // SAFETY (both lookups): plain lookups; the entry is only read.
+    let mut backend = match cached {
+        flows::HIT => unsafe { INSTANCES.get(*backend_ns) },
+        _ => None,
+    };
+    if backend.is_none() {
+        if cached == flows::HIT {
+            // Its backend is gone: chosen anew, in place.
+            cached = flows::STALE;
         }
+        // A new flow takes one of the sender's FLOWS slots; a stale one is
+        // replaced in place.
+        let new = cached == flows::ABSENT;
+        if new && !flows::quota_allows(owner, cfg.flows_per_container) {
+            return Err(Counter::DropFlowQuota);
+        }
+        match flows::choose(&key, &src_instance, backend_ns, new) {
+            flows::CREATED => flows::count_opened(owner),
+            flows::REPLACED => {}
+            flows::UNKNOWN_SERVICE => return Ok(hold(ctx, cfg, MissReason::Service, &p.dst)),
+            flows::NO_BACKEND => return Err(Counter::DropNoBackend),
+            _ => return Err(Counter::DropFlowTableFull),
+        }
+        // Looked up here rather than passed back: BPF-to-BPF calls return
+        // scalars only.
+        backend = unsafe { INSTANCES.get(*backend_ns) };
     }
-    // Looked up again rather than passed back: BPF-to-BPF calls return
-    // scalars only, and the stack is too small to copy entries around.
-    let Some(backend) = (unsafe { INSTANCES.get(*backend_ns) }) else {
+    let Some(backend) = backend else {
         return Err(Counter::DropNoBackend);
     };
     if backend.flags & INSTANCE_LOCAL == 0 {
