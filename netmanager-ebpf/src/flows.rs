@@ -32,11 +32,12 @@ fn now_ns() -> u64 {
 }
 
 /// Outcome of [`cached_backend`], as a scalar so it can cross a BPF-to-BPF call.
-/// A fresh flow whose backend still exists.
+/// A fresh flow (whether its backend still exists is the caller's question).
 pub const HIT: u32 = 0;
 /// No entry: a new flow.
 pub const ABSENT: u32 = 1;
-/// An entry idle for too long, or whose backend is gone: chosen anew in place.
+/// An entry idle for too long (or, says the caller, whose backend is gone):
+/// chosen anew in place.
 pub const STALE: u32 = 2;
 
 /// Outcome of [`choose`].

@@ -100,18 +100,8 @@ const REQUIREMENTS: &[Requirement] = &[
         "3.19",
     ),
     helper(
-        bpf_func_id::BPF_FUNC_ktime_get_ns,
-        "bpf_ktime_get_ns",
-        "4.1",
-    ),
-    helper(
         bpf_func_id::BPF_FUNC_skb_store_bytes,
         "bpf_skb_store_bytes",
-        "4.1",
-    ),
-    helper(
-        bpf_func_id::BPF_FUNC_l3_csum_replace,
-        "bpf_l3_csum_replace",
         "4.1",
     ),
     helper(
