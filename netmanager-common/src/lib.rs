@@ -13,8 +13,8 @@ pub mod maps;
 pub use counters::{COUNTER_NAMES, Counter, CounterKind, CounterValue};
 pub use maps::{
     DEFAULT_BACKENDS, DEFAULT_FLOW_COUNTS, DEFAULT_FLOWS, DEFAULT_INSTANCES, DEFAULT_MISS_HOLD,
-    DEFAULT_MISS_RING_BYTES, DEFAULT_NODE_ADDRESSES, DEFAULT_PENDING, DEFAULT_SERVICES,
-    DEFAULT_TRUSTED_PEERS, MAP_NAMES, default_flows_per_container,
+    DEFAULT_MISS_RING_BYTES, DEFAULT_NODE_ADDRESSES, DEFAULT_PENDING, DEFAULT_ROUTE_CACHE,
+    DEFAULT_SERVICES, DEFAULT_TRUSTED_PEERS, MAP_NAMES, default_flows_per_container,
 };
 
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
@@ -30,10 +30,11 @@ impl Addr {
     /// IPv4 address given as its four octets in network order.
     #[inline(always)]
     pub const fn from_v4_octets(o: [u8; 4]) -> Addr {
+        // One 128-bit value, not an array literal: on BPF the literal's run
+        // of zeros becomes a call to a byte-at-a-time memset.
+        let v = (0xffff_u128 << 32) | u32::from_be_bytes(o) as u128;
         Addr {
-            bytes: [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
-            ],
+            bytes: v.to_be_bytes(),
         }
     }
 

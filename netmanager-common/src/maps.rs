@@ -46,6 +46,12 @@ map_names! {
     TRUSTED_PEERS,
     /// (container veth, opened/closed) -> flows; bounds each container's share of FLOWS.
     FLOW_COUNTS,
+    /// (peer, port, ingress interface) -> the FIB's answer, per CPU: the
+    /// send path's route cache.
+    ROUTE_CACHE,
+    /// The route cache's epoch: NetManager adds one on every route,
+    /// neighbour, link or CONFIG change, retiring every cached route.
+    ROUTE_EPOCH,
 }
 
 /// Default map sizes (max entries) of the daemon, the eBPF object and every
@@ -66,6 +72,10 @@ pub const DEFAULT_TRUSTED_PEERS: u32 = 64;
 /// Entries of `FLOW_COUNTS`: two per local container (fixed; a node runs
 /// at most a /26 of containers, plus room for veths being replaced).
 pub const DEFAULT_FLOW_COUNTS: u32 = 1024;
+/// Slots of `ROUTE_CACHE` per CPU (fixed, a power of two): a direct-mapped
+/// cache of (peer node, container veth) routes; pairs sharing a slot only
+/// cost FIB lookups.
+pub const DEFAULT_ROUTE_CACHE: u32 = 256;
 
 /// Flows one container may hold when the configuration does not say: a
 /// quarter of the flow table, so no single container can fill it.

@@ -28,6 +28,8 @@ mod pmtu;
 mod route;
 mod tunnel;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_redirect_peer, bpf_ringbuf_query, bpf_skb_load_bytes},
@@ -153,8 +155,9 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     if !packet::in_service_range(cfg, &dst) {
         return Ok(Verdict::Pass(Counter::Passed));
     }
-    let mut p = Packet::default();
-    if let Err(e) = packet::parse(ctx, ETH_HLEN, ethertype, &mut p) {
+    let mut slot = MaybeUninit::uninit();
+    let p = Packet::init(&mut slot);
+    if let Err(e) = packet::parse(ctx, ETH_HLEN, ethertype, p) {
         return Ok(parse_error(e));
     }
     if p.ttl <= 1 {
@@ -174,39 +177,49 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     }
     let src_instance = sender.instance_ip;
     let owner = sender.ifindex;
-    let mut backend_ns = Addr::ZERO;
-    {
-        let key = p.key();
-        let cached = flows::cached_backend(&key, &mut backend_ns);
-        if cached != flows::HIT {
-            // A new flow takes one of the sender's FLOWS slots; a stale
-            // one is replaced in place.
-            let new = cached == flows::ABSENT;
-            if new && !flows::quota_allows(owner, cfg.flows_per_container) {
-                return Err(Counter::DropFlowQuota);
-            }
-            match flows::choose(&key, &src_instance, &mut backend_ns, new) {
-                flows::CREATED => flows::count_opened(owner),
-                flows::REPLACED => {}
-                flows::UNKNOWN_SERVICE => return Ok(hold(ctx, cfg, MissReason::Service, &p.dst)),
-                flows::NO_BACKEND => return Err(Counter::DropNoBackend),
-                _ => return Err(Counter::DropFlowTableFull),
-            }
+    let mut ns_slot = MaybeUninit::uninit();
+    let backend_ns = packet::init_addr(&mut ns_slot);
+    // The key is built at each use, not kept: a key alive across the
+    // whole block cost this frame 40 bytes, which the deepest call chain
+    // (here -> flows::choose) cannot spare on Linux 6.1 (512 bytes, every
+    // frame rounded up to 32).
+    let mut cached = flows::cached_backend(&p.key(), backend_ns);
+    // SAFETY (both lookups): plain lookups; the entry is only read.
+    let mut backend = match cached {
+        flows::HIT => unsafe { INSTANCES.get(*backend_ns) },
+        _ => None,
+    };
+    if backend.is_none() {
+        if cached == flows::HIT {
+            // Its backend is gone: chosen anew, in place.
+            cached = flows::STALE;
         }
+        // A new flow takes one of the sender's FLOWS slots; a stale one is
+        // replaced in place.
+        let new = cached == flows::ABSENT;
+        if new && !flows::quota_allows(owner, cfg.flows_per_container) {
+            return Err(Counter::DropFlowQuota);
+        }
+        match flows::choose(&p.key(), &src_instance, backend_ns, new) {
+            flows::CREATED => flows::count_opened(owner),
+            flows::REPLACED => {}
+            flows::UNKNOWN_SERVICE => return Ok(hold(ctx, cfg, MissReason::Service, &p.dst)),
+            flows::NO_BACKEND => return Err(Counter::DropNoBackend),
+            _ => return Err(Counter::DropFlowTableFull),
+        }
+        // Looked up here rather than passed back: BPF-to-BPF calls return
+        // scalars only.
+        backend = unsafe { INSTANCES.get(*backend_ns) };
     }
-    // Looked up again rather than passed back: BPF-to-BPF calls return
-    // scalars only, and the stack is too small to copy entries around.
-    let Some(backend) = (unsafe { INSTANCES.get(backend_ns) }) else {
+    let Some(backend) = backend else {
         return Err(Counter::DropNoBackend);
     };
     if backend.flags & INSTANCE_LOCAL == 0 {
-        return tunnel::send_to_peer(ctx, cfg, &mut p, &src_instance, &backend_ns, backend);
+        return tunnel::send_to_peer(ctx, cfg, p, &src_instance, backend_ns, backend);
     }
-    packet::decrement_ttl(ctx, &mut p).map_err(|_| Counter::DropMalformed)?;
-    packet::set_src(ctx, &mut p, &src_instance).map_err(|_| Counter::DropMalformed)?;
-    packet::set_dst(ctx, &mut p, &backend_ns).map_err(|_| Counter::DropMalformed)?;
+    packet::rewrite(ctx, p, &src_instance, backend_ns, true).map_err(|_| Counter::DropMalformed)?;
     // Same-node service traffic: never encapsulated (step 4).
-    deliver(ctx, &mut p, backend, Counter::LocalDelivered)
+    deliver(ctx, p, backend, Counter::LocalDelivered)
 }
 
 /// Whether a container's packet arrived on the veth its source address
@@ -223,11 +236,11 @@ fn sent_from_its_veth(ctx: &TcContext, cfg: &Config, sender: &Instance) -> bool 
 fn destination(ctx: &TcContext, ethertype: u16) -> Option<Addr> {
     match ethertype {
         packet::ETH_P_IP => {
-            let d: [u8; 4] = ctx.load(ETH_HLEN + 16).ok()?;
+            let d: [u8; 4] = packet::read(ctx, ETH_HLEN + 16)?;
             Some(Addr::from_v4_octets(d))
         }
         packet::ETH_P_IPV6 => {
-            let d: [u8; 16] = ctx.load(ETH_HLEN + 24).ok()?;
+            let d: [u8; 16] = packet::read(ctx, ETH_HLEN + 24)?;
             Some(Addr { bytes: d })
         }
         _ => None,
@@ -265,23 +278,24 @@ pub(crate) fn send_too_big(ctx: &TcContext, p: &Packet, mtu: u16) -> Verdict {
 #[inline(never)]
 fn from_tunnel(ctx: &TcContext, cfg: &Config, outer: tunnel::Outer) -> Result<Verdict, Counter> {
     let inner = outer.inner;
-    let mut inner_src = Addr::ZERO;
-    match peers::check(ctx, cfg, outer, &mut inner_src) {
+    let mut src_slot = MaybeUninit::uninit();
+    let inner_src = packet::init_addr(&mut src_slot);
+    match peers::check(ctx, cfg, outer, inner_src) {
         peers::ACCEPT => {}
-        peers::HOLD => return Ok(hold(ctx, cfg, MissReason::Peer, &inner_src)),
+        peers::HOLD => return Ok(hold(ctx, cfg, MissReason::Peer, inner_src)),
         peers::FORGED => return Err(Counter::DropForgedSource),
         peers::BAD_INNER_SOURCE => return Err(Counter::DropBadInnerSource),
         peers::NOT_LOCAL => return Err(Counter::DropNotLocal),
         _ => return Err(Counter::DropMalformed),
     }
     tunnel::decapsulate(ctx, outer).map_err(|_| Counter::DropMalformed)?;
-    let mut p = Packet::default();
-    match packet::parse(ctx, ETH_HLEN, inner, &mut p) {
+    let mut slot = MaybeUninit::uninit();
+    let p = Packet::init(&mut slot);
+    match packet::parse(ctx, ETH_HLEN, inner, p) {
         Ok(()) => {}
         // Fragments and other protocols between instances still go through.
         Err(ParseError::Fragment) | Err(ParseError::Unsupported) => {
-            packet::parse_addresses(ctx, ETH_HLEN, inner, &mut p)
-                .map_err(|_| Counter::DropMalformed)?;
+            packet::parse_addresses(ctx, ETH_HLEN, inner, p).map_err(|_| Counter::DropMalformed)?;
         }
         Err(e) => return Ok(parse_error(e)),
     }
@@ -292,7 +306,7 @@ fn from_tunnel(ctx: &TcContext, cfg: &Config, outer: tunnel::Outer) -> Result<Ve
     if dest.flags & INSTANCE_LOCAL == 0 {
         return Err(Counter::DropNotLocal);
     }
-    deliver(ctx, &mut p, &dest, Counter::Decapsulated)
+    deliver(ctx, p, &dest, Counter::Decapsulated)
 }
 
 /// Hands a translated packet to a container on this node, restoring the
@@ -307,7 +321,8 @@ fn deliver(
     let mut counter = counter;
     if p.csum_off != 0 {
         if let Some(service) = flows::reverse_service(&p.key()) {
-            packet::set_src(ctx, p, &service).map_err(|_| Counter::DropMalformed)?;
+            let dst = p.dst;
+            packet::rewrite(ctx, p, &service, &dst, false).map_err(|_| Counter::DropMalformed)?;
             counter = Counter::ReverseTranslated;
         }
     }

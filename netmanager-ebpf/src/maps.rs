@@ -11,9 +11,11 @@ use aya_ebpf::{
 use netmanager_common::{
     Addr, BackendKey, Config, Counter, CounterValue, DEFAULT_BACKENDS, DEFAULT_FLOW_COUNTS,
     DEFAULT_FLOWS, DEFAULT_INSTANCES, DEFAULT_MISS_RING_BYTES, DEFAULT_NODE_ADDRESSES,
-    DEFAULT_PENDING, DEFAULT_SERVICES, DEFAULT_TRUSTED_PEERS, Flow, FlowCountKey, FlowKey,
-    Instance, InstanceNode, MissEvent, ReverseFlow, Service,
+    DEFAULT_PENDING, DEFAULT_ROUTE_CACHE, DEFAULT_SERVICES, DEFAULT_TRUSTED_PEERS, Flow,
+    FlowCountKey, FlowKey, Instance, InstanceNode, MissEvent, ReverseFlow, Service,
 };
+
+use crate::route::CachedRoute;
 
 /// Node address, tunnel port, MTU, service ranges (one entry).
 #[btf_map]
@@ -98,5 +100,15 @@ pub static SCRATCH: PerCpuArray<[u8; 256], 1> = PerCpuArray::new();
 /// kept in step with the kernel's by NetManager: a tunnel datagram to any of
 /// them is ours, whatever address the node advertises.
 #[btf_map]
-pub static NODE_ADDRESSES: HashMap<Addr, u32, { DEFAULT_NODE_ADDRESSES as usize }> =
-    HashMap::new();
+pub static NODE_ADDRESSES: HashMap<Addr, u32, { DEFAULT_NODE_ADDRESSES as usize }> = HashMap::new();
+
+/// The FIB's answers per (peer, port, ingress interface), per CPU, in a
+/// direct-mapped cache (`route::lookup`).
+#[btf_map]
+pub static ROUTE_CACHE: PerCpuArray<CachedRoute, { DEFAULT_ROUTE_CACHE as usize }> =
+    PerCpuArray::new();
+
+/// The current epoch of ROUTE_CACHE: NetManager adds one when a route, a
+/// neighbour, a link or CONFIG changes, which retires every cached route.
+#[btf_map]
+pub static ROUTE_EPOCH: Array<u32, 1> = Array::new();

@@ -32,7 +32,7 @@ use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use netmanager_common::{Addr, Config, INSTANCE_LOCAL};
 
 use crate::maps::{INSTANCE_NODES, INSTANCES, TRUSTED_PEERS};
-use crate::packet::{ETH_HLEN, ETH_P_IP, in_service_range};
+use crate::packet::{ETH_HLEN, ETH_P_IP, in_service_range, read};
 use crate::tunnel::{Outer, own_address};
 
 /// Outcome of [`check`], as a scalar so it can cross a BPF-to-BPF call.
@@ -56,10 +56,9 @@ pub const MALFORMED: u32 = 5;
 /// `inner_src`.
 #[inline(never)]
 pub fn check(ctx: &TcContext, cfg: &Config, outer: Outer, inner_src: &mut Addr) -> u32 {
-    let mut sender = Addr::ZERO;
-    if outer_source(ctx, outer, &mut sender).is_none() {
+    let Some(sender) = outer_source(ctx, outer) else {
         return MALFORMED;
-    }
+    };
     let inner_ethertype = outer.inner;
     let at = ETH_HLEN + outer.len();
     if inner_ethertype == ETH_P_IP {
@@ -102,27 +101,14 @@ pub fn check(ctx: &TcContext, cfg: &Config, outer: Outer, inner_src: &mut Addr) 
 
 /// The outer source address: the sending node.
 #[inline(always)]
-fn outer_source(ctx: &TcContext, outer: Outer, sender: &mut Addr) -> Option<()> {
-    if outer.v6 {
-        sender.bytes = read::<16>(ctx, ETH_HLEN + 8)?;
+fn outer_source(ctx: &TcContext, outer: Outer) -> Option<Addr> {
+    Some(if outer.v6 {
+        Addr {
+            bytes: read::<16>(ctx, ETH_HLEN + 8)?,
+        }
     } else {
-        *sender = Addr::from_v4_octets(read::<4>(ctx, ETH_HLEN + 12)?);
-    }
-    Some(())
-}
-
-/// `N` bytes at `off`: straight from the packet when they are in its linear
-/// part, through the load helper otherwise.
-#[inline(always)]
-fn read<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + off + N <= end {
-        // SAFETY: the N bytes lie between data and data_end, checked just
-        // above (the verifier checks it too).
-        Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
-    } else {
-        ctx.load(off).ok()
-    }
+        Addr::from_v4_octets(read::<4>(ctx, ETH_HLEN + 12)?)
+    })
 }
 
 #[inline(always)]
@@ -133,18 +119,17 @@ fn trusted(sender: &Addr) -> bool {
 
 #[inline(always)]
 fn for_local_container(ctx: &TcContext, inner_at: usize, inner_ethertype: u16) -> bool {
-    let mut dst = Addr::ZERO;
-    if inner_ethertype == ETH_P_IP {
+    let dst = if inner_ethertype == ETH_P_IP {
         let Some(a) = read::<4>(ctx, inner_at + 16) else {
             return false;
         };
-        dst = Addr::from_v4_octets(a);
+        Addr::from_v4_octets(a)
     } else {
         let Some(a) = read::<16>(ctx, inner_at + 24) else {
             return false;
         };
-        dst.bytes = a;
-    }
+        Addr { bytes: a }
+    };
     // SAFETY: a plain lookup; the entry is only read.
     unsafe { INSTANCES.get(dst) }.is_some_and(|i| i.flags & INSTANCE_LOCAL != 0)
 }

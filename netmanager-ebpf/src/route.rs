@@ -1,22 +1,90 @@
-//! Where a tunnel datagram leaves: the kernel's FIB, asked per packet with
+//! Where a tunnel datagram leaves: the kernel's FIB, asked with
 //! `bpf_fib_lookup`, names the interface, the next hop's MAC and -- for a
 //! node that does not own the address it advertises (behind NAT) -- the
 //! source address. So a peer reachable only through a second interface gets
-//! our traffic on that interface, and route changes take effect at once,
-//! with no table of ours to keep in step with the kernel's.
+//! our traffic on that interface.
+//!
+//! The answer is cached per CPU ([`ROUTE_CACHE`], per peer and ingress
+//! interface, with the route's MTU): a FIB lookup cost about an eighth of
+//! the send path (perf). The cache is direct-mapped -- a per-CPU array
+//! whose slot a hash of the key picks, the key stored in the slot -- so a
+//! hit costs an array lookup and a comparison, no hash-table or LRU work;
+//! two peers sharing a slot only cost FIB lookups. An entry is used while
+//! it is younger than [`REFRESH_NS`] and the epoch it was made in
+//! ([`ROUTE_EPOCH`]) is current. NetManager starts a new epoch whenever a
+//! route, rule, neighbour, link or its own configuration changes, so such
+//! changes take effect at once; what comes without an event (a path-MTU
+//! exception learnt from an ICMP error) within [`REFRESH_NS`].
 
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNSUPP_LWT, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
     },
-    helpers::bpf_fib_lookup as fib_lookup,
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
-use netmanager_common::{Addr, CONFIG_FIB_SOURCE_V4, CONFIG_FIB_SOURCE_V6, Config, Instance};
+use netmanager_common::{
+    Addr, CONFIG_FIB_SOURCE_V4, CONFIG_FIB_SOURCE_V6, Config, DEFAULT_ROUTE_CACHE, Instance,
+};
 
-use crate::maps::SCRATCH;
+use crate::maps::{ROUTE_CACHE, ROUTE_EPOCH, SCRATCH};
 use crate::packet::IPPROTO_UDP;
+
+/// Longest a cached route is used without asking the FIB again.
+const REFRESH_NS: u64 = 20_000_000;
+
+/// What the FIB's answer depends on: the peer, its port and the interface
+/// the packet came in on (policy rules may match it).
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct RouteKey {
+    pub peer: Addr,
+    pub port: u16,
+    pub _pad: u16,
+    pub ifindex: u32,
+}
+
+impl RouteKey {
+    #[inline(always)]
+    fn words(&self) -> [u64; 3] {
+        // SAFETY: 24 bytes, 8-byte aligned, no uninitialised padding (the
+        // pad field is written).
+        unsafe { *(self as *const RouteKey as *const [u64; 3]) }
+    }
+
+    /// Its ROUTE_CACHE slot.
+    #[inline(always)]
+    fn slot(&self) -> u32 {
+        let w = self.words();
+        let mut h = w[0] ^ w[1].rotate_left(17) ^ w[2].rotate_left(31);
+        h ^= h >> 32;
+        h ^= h >> 16;
+        (h as u32) & (DEFAULT_ROUTE_CACHE - 1)
+    }
+}
+
+/// A ROUTE_CACHE slot: the key it holds and the FIB's answer for it, a
+/// [`Route`] of kind RESOLVED, NO_NEIGH or FALLBACK, with the route's MTU
+/// (`u16::MAX`: none to check).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedRoute {
+    pub key: RouteKey,
+    pub kind: u32,
+    pub ifindex: u32,
+    pub src: Addr,
+    pub macs: [u8; 12],
+    pub mtu: u16,
+    pub _pad: u16,
+    /// [`ROUTE_EPOCH`] when it was made.
+    pub epoch: u32,
+    /// `bpf_ktime_get_coarse_ns` when it was made (0: never; a fresh slot
+    /// is zero).
+    pub made_ns: u64,
+}
+
+const _: () = assert!(DEFAULT_ROUTE_CACHE.is_power_of_two());
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -56,9 +124,10 @@ impl Route {
     };
 }
 
-/// Asks the FIB for the way to `backend`'s node for a datagram of `tot_len`
-/// bytes (0: do not check the MTU, a GSO packet). Writes the answer to
-/// `out` and returns its kind.
+/// The way to `backend`'s node for a datagram of `tot_len` bytes (0: do
+/// not check the MTU, a GSO packet): from the cache when it holds a current
+/// answer, else from the FIB (and then cached). Writes the answer to `out`
+/// and returns its kind.
 #[inline(never)]
 pub fn lookup(
     ctx: &TcContext,
@@ -67,6 +136,63 @@ pub fn lookup(
     tot_len: u16,
     out: &mut Route,
 ) -> u32 {
+    let key = RouteKey {
+        peer: backend.node_ip,
+        port: backend.node_port,
+        _pad: 0,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+    };
+    // SAFETY: plain helper calls.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let epoch = ROUTE_EPOCH.get(0).copied().unwrap_or(0);
+    let Some(c) = ROUTE_CACHE.get_ptr_mut(key.slot()) else {
+        return fib(ctx, cfg, backend, tot_len, out);
+    };
+    // SAFETY: a valid map value pointer, this CPU's own slot.
+    let c = unsafe { &mut *c };
+    if c.made_ns != 0
+        && c.key.words() == key.words()
+        && c.epoch == epoch
+        && now.wrapping_sub(c.made_ns) < REFRESH_NS
+    {
+        out.ifindex = c.ifindex;
+        out.src = c.src;
+        out.macs = c.macs;
+        // The check the FIB makes with `tot_len` (path-MTU exceptions
+        // included in the cached MTU).
+        if tot_len != 0 && tot_len > c.mtu {
+            out.mtu = c.mtu;
+            out.kind = FRAG_NEEDED;
+            return FRAG_NEEDED;
+        }
+        out.kind = c.kind;
+        return c.kind;
+    }
+    // The route's MTU first: the FIB reports it only for a datagram larger
+    // than it, so it is asked with the largest one.
+    let mtu = match fib(ctx, cfg, backend, u16::MAX, out) {
+        FRAG_NEEDED => out.mtu,
+        _ => u16::MAX,
+    };
+    // Then exactly the question asked without the cache.
+    let kind = fib(ctx, cfg, backend, tot_len, out);
+    if kind == RESOLVED || kind == NO_NEIGH || kind == FALLBACK {
+        c.key = key;
+        c.kind = kind;
+        c.ifindex = out.ifindex;
+        c.src = out.src;
+        c.macs = out.macs;
+        c.mtu = mtu;
+        c._pad = 0;
+        c.epoch = epoch;
+        c.made_ns = now;
+    }
+    kind
+}
+
+/// Asks the FIB (see [`lookup`]).
+#[inline(never)]
+fn fib(ctx: &TcContext, cfg: &Config, backend: &Instance, tot_len: u16, out: &mut Route) -> u32 {
     let peer = &backend.node_ip;
     // The per-CPU scratch buffer holds the parameters: no 64-byte zeroing
     // per packet (the compiler's memset is a byte loop on BPF). Every field
@@ -143,7 +269,8 @@ pub fn lookup(
     if fib_source && routed {
         out.src = source(params, peer.is_v4());
     }
-    if (routed || kind == FALLBACK) && (out.src.is_zero() || out.src == Addr::from_v4_octets([0; 4]))
+    if (routed || kind == FALLBACK)
+        && (out.src.is_zero() || out.src == Addr::from_v4_octets([0; 4]))
     {
         // Nothing to send from (an IPv6-only node and an IPv4 peer, say).
         out.kind = NO_ROUTE;

@@ -36,6 +36,7 @@ testkit::main! {
     pinned_maps_dump_with_typed_fields_in_bpftool: [Root, Bpffs, Bpftool],
     ipv6_reply_through_tunnel_is_decapsulated_and_reverse_translated: [Root, Bpffs],
     the_fib_picks_interface_next_hop_and_mtu_per_peer: [Root, Bpffs],
+    a_route_change_reaches_the_cached_route: [Root, Bpffs],
     behind_nat_the_route_gives_the_source_and_every_node_address_receives: [Root, Bpffs],
     an_ipv6_underlay_carries_every_inner_kind_with_a_real_udp_checksum: [Root, Bpffs],
     ipv6_outer_datagrams_are_received_for_both_inner_families: [Root, Bpffs],
@@ -819,6 +820,55 @@ fn the_fib_picks_interface_next_hop_and_mtu_per_peer() {
     assert_eq!(&icmp[12..16], &[10, 30, 56, 5]);
     assert_checksums(icmp);
     assert_eq!(counter(&f, "pmtu_sent"), 1);
+}
+
+/// The programs cache the FIB's answer per peer (ROUTE_CACHE): a changed
+/// route must still reach the packets -- at once when NetManager starts a
+/// new ROUTE_EPOCH (on every CONFIG write and route, rule, neighbour or
+/// link event), and within the cache's 20 ms bound without one.
+fn a_route_change_reaches_the_cached_route() {
+    let f = fixture("rcache");
+    add_peers(&f);
+    let epoch = || {
+        let path = f.pin_dir.join(netmanager_common::maps::ROUTE_EPOCH);
+        let map = aya::maps::MapData::from_pin(&path).expect("ROUTE_EPOCH pinned");
+        let a: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("an array");
+        a.get(&0, 0).expect("slot 0")
+    };
+    let send = |sport: u16| {
+        let sent = Ip::new("10.18.0.2", "10.30.56.2", tcp_syn(sport, 80));
+        run(&f, CONTAINER_PROGRAM, &from_container(&sent))
+    };
+    // Cached: through under1, to the peer's MAC there.
+    let (verdict, out) = send(40000);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let inner = translated("10.30.0.3", "10.18.1.2", tcp_syn(40000, 80));
+    let datagram = tunnel_datagram(NODE, PEER_2, 50103, 50103, &inner.bytes());
+    assert_eq!(out, via(PEER2_MAC, UNDER1_MAC, &datagram));
+
+    // The peer is blackholed: the cached route would still send to it.
+    f._netns
+        .ns
+        .add_route(&testkit::Route::blackhole(&format!("{PEER_2}/32")).unwrap())
+        .expect("blackhole route")
+        .keep();
+    // Without an event, within the cache's bound (20 ms).
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (verdict, _) = send(40001);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&f, "drop_no_route"), 1);
+
+    // A CONFIG write starts a new epoch (the route watch does the same on
+    // every rtnetlink route, rule, neighbour and link event).
+    let before = epoch();
+    f.dp.set_node_addresses(&[
+        (IpAddr::V4(NODE), f._netns.ifindex("under0")),
+        (IpAddr::V4(NODE_2), f._netns.ifindex("under1")),
+        (IpAddr::V6(NODE_V6), f._netns.ifindex("under0")),
+    ])
+    .unwrap();
+    assert_ne!(epoch(), before);
 }
 
 fn ip4(s: &str) -> Ipv4Addr {

@@ -9,7 +9,10 @@
 #   - iperf3 UDP, 64-byte payloads, same path.
 # For each run: ns/packet of container_egress on node 1 (translate +
 # encapsulate + redirect, the data direction) and uplink_ingress on node 2
-# (decapsulate + checks + redirect).
+# (decapsulate + checks + redirect), beside the floor: a do-nothing TC
+# program (oak-bench-floor, built next to oak-static-dataplane) attached
+# first on each measured hook, measured over the same packets, so the
+# ratios come from one run.
 #
 # Usage (root): tests/scripts/real_prog_cost.sh path/to/oak-static-dataplane [SECONDS]
 # Names carry the shell's pid, so parallel runs do not collide. The
@@ -97,6 +100,13 @@ stat_of() { # id -> "run_time_ns run_cnt"
     bpftool -j prog show id "$1" | python3 -c 'import json,sys
 p=json.load(sys.stdin); print(p.get("run_time_ns",0), p.get("run_cnt",0))'
 }
+# The floor, first on every measured hook (its link pinned with the maps;
+# nsenter, not `ip netns exec`, which mounts a bpffs-less /sys).
+FLOOR=$(dirname "$BIN")/oak-bench-floor
+FL1=$(nsenter --net="/run/netns/$P-n1" "$FLOOR" veth-c1 "$PIN-n1/floor-veth-c1")
+FL2=$(nsenter --net="/run/netns/$P-n2" "$FLOOR" eth0 "$PIN-n2/floor-eth0")
+FL3=$(nsenter --net="/run/netns/$P-n2" "$FLOOR" veth-c2 "$PIN-n2/floor-veth-c2")
+FL4=$(nsenter --net="/run/netns/$P-n1" "$FLOOR" eth0 "$PIN-n1/floor-eth0")
 EG1=$(prog_id n1 container_egress veth-c1)
 IN2=$(prog_id n2 uplink_ingress eth0)
 EG2=$(prog_id n2 container_egress veth-c2)
@@ -108,11 +118,14 @@ measure() { # label iperf3-args
     nsx "$P-c2" iperf3 -s -D -1 >/dev/null 2>&1 || true
     sleep 0.3
     sysctl -qw kernel.bpf_stats_enabled=1
-    set -- "$1" "$2" "$(stat_of "$EG1")" "$(stat_of "$IN2")" "$(stat_of "$EG2")" "$(stat_of "$IN1")"
+    set -- "$1" "$2" "$(stat_of "$EG1")" "$(stat_of "$IN2")" "$(stat_of "$EG2")" "$(stat_of "$IN1")" \
+        "$(stat_of "$FL1")" "$(stat_of "$FL2")" "$(stat_of "$FL3")" "$(stat_of "$FL4")"
     nsx "$P-c1" iperf3 -c 10.30.55.56 -t "$SECS" $2 -J >"/tmp/$P-iperf.json" || true
     a=$(stat_of "$EG1"); b=$(stat_of "$IN2"); c=$(stat_of "$EG2"); d=$(stat_of "$IN1")
+    e=$(stat_of "$FL1"); f=$(stat_of "$FL2"); g=$(stat_of "$FL3"); h=$(stat_of "$FL4")
     sysctl -qw kernel.bpf_stats_enabled="$STATS_BEFORE"
-    python3 - "$1" "$3" "$a" "$4" "$b" "$5" "$c" "$6" "$d" "/tmp/$P-iperf.json" <<'EOF'
+    python3 - "$1" "$3" "$a" "$4" "$b" "$5" "$c" "$6" "$d" "/tmp/$P-iperf.json" \
+        "$7" "$e" "$8" "$f" "$9" "$g" "${10}" "$h" <<'EOF'
 import json, sys
 label = sys.argv[1]
 def per(before, after):
@@ -129,10 +142,13 @@ try:
     rate = "%.2f Gbit/s" % (s.get("bits_per_second", 0) / 1e9)
 except Exception as e:
     rate = "iperf3 failed: %s" % e
+floors = [per(sys.argv[i], sys.argv[i + 1])[0] for i in (11, 13, 15, 17)]
 print("== %s (%s)" % (label, rate))
-for name, b, a in rows:
+for (name, b, a), fl in zip(rows, floors):
     ns, n = per(b, a)
-    print("  %-48s %7.0f ns/packet over %d packets" % (name, ns, n))
+    ratio = "%.1fx" % (ns / fl) if fl else "-"
+    print("  %-48s %7.0f ns/packet over %d packets; floor %4.0f ns, %s"
+          % (name, ns, n, fl, ratio))
 EOF
 }
 measure "TCP, 1 stream" ""

@@ -3,6 +3,7 @@
 //! where the binaries built alongside the tests live.
 
 pub mod e2e;
+pub mod floor;
 
 use std::path::PathBuf;
 

@@ -18,7 +18,8 @@ pub fn from_addr(a: &Addr) -> IpAddr {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_coarse_ns` reads
+/// (at the tick's resolution) for the flows' last-seen stamps.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -23,6 +23,7 @@ mod inspect;
 mod loader;
 mod misses;
 mod pins;
+mod route_watch;
 mod slow_path;
 mod slow_path_frame;
 mod tables;
@@ -229,11 +230,14 @@ impl Dataplane {
         });
         let state = Arc::new(Mutex::new(state));
         let addresses = address_watch::NodeAddressSet::default();
-        let mut background = vec![address_watch::start(
-            state.clone(),
-            cfg.container_bridge.clone(),
-            addresses.clone(),
-        )?];
+        let mut background = vec![
+            address_watch::start(
+                state.clone(),
+                cfg.container_bridge.clone(),
+                addresses.clone(),
+            )?,
+            route_watch::start(state.clone())?,
+        ];
         // What an earlier run left on interfaces that neither carry the
         // uplink nor a node address now (the uplink moved while NetManager
         // was down): swept only after the address watch took over the

@@ -120,6 +120,8 @@ fn rebuilt(name: &str) -> bool {
         maps::INSTANCE_NODES,
         maps::TRUSTED_PEERS,
         maps::FLOW_COUNTS,
+        maps::ROUTE_CACHE,
+        maps::ROUTE_EPOCH,
     ]
     .contains(&name)
 }

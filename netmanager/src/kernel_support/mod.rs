@@ -100,18 +100,8 @@ const REQUIREMENTS: &[Requirement] = &[
         "3.19",
     ),
     helper(
-        bpf_func_id::BPF_FUNC_ktime_get_ns,
-        "bpf_ktime_get_ns",
-        "4.1",
-    ),
-    helper(
         bpf_func_id::BPF_FUNC_skb_store_bytes,
         "bpf_skb_store_bytes",
-        "4.1",
-    ),
-    helper(
-        bpf_func_id::BPF_FUNC_l3_csum_replace,
-        "bpf_l3_csum_replace",
         "4.1",
     ),
     helper(
@@ -142,6 +132,11 @@ const REQUIREMENTS: &[Requirement] = &[
         "4.13",
     ),
     helper(bpf_func_id::BPF_FUNC_fib_lookup, "bpf_fib_lookup", "4.18"),
+    helper(
+        bpf_func_id::BPF_FUNC_ktime_get_coarse_ns,
+        "bpf_ktime_get_coarse_ns",
+        "5.11",
+    ),
     helper(
         bpf_func_id::BPF_FUNC_ringbuf_reserve,
         "bpf_ringbuf_reserve",

@@ -31,6 +31,7 @@ use netmanager::dataplane::{
     CONTAINER_PROGRAM, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, ServiceKind,
     UPLINK_PROGRAM,
 };
+use oakestra_worker_tests::floor::Floor;
 use packet_support::*;
 use serde_json::{Value, json};
 
@@ -287,6 +288,19 @@ fn measure_all(dp: &Dataplane, tables: &str, phase: u32, paths: &mut Vec<Value>)
             "ns_per_packet": ns, "verdict": verdict}));
     };
     let remote = from_container(&Ip::new("10.18.0.2", "10.30.55.56", tcp(40000, 80)));
+    // The floor: a program that does nothing, run the same way on the same
+    // frame; the paths below are compared with it.
+    let floor = Floor::load()?;
+    let mut total = 0u64;
+    for _ in 0..RUNS {
+        total += floor.test_run_ns(&remote)?;
+    }
+    record(
+        "floor_do_nothing",
+        "single",
+        total as f64 / RUNS as f64,
+        u32::MAX,
+    );
     run_once(dp, CONTAINER_PROGRAM, &remote)?; // creates the flow
     let (ns, v) = single_runs(dp, CONTAINER_PROGRAM, RUNS, |_| remote.clone())?;
     record("egress_remote_cached_flow", "single", ns, v);

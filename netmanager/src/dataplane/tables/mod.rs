@@ -33,6 +33,7 @@ pub struct Tables {
     instance_nodes: HashMap<MapData, Addr, InstanceNode>,
     trusted: LpmTrie<MapData, Addr, u32>,
     flow_counts: HashMap<MapData, FlowCountKey, u64>,
+    route_epoch: Array<MapData, u32>,
     /// INSTANCES as written (namespace address -> entry), so INSTANCE_NODES
     /// can be kept equal to it and flows attributed to their container.
     mirror: StdHashMap<Addr, Instance>,
@@ -84,6 +85,7 @@ impl Tables {
             instance_nodes: take(ebpf, maps::INSTANCE_NODES)?,
             trusted: take(ebpf, maps::TRUSTED_PEERS)?,
             flow_counts: take(ebpf, maps::FLOW_COUNTS)?,
+            route_epoch: take(ebpf, maps::ROUTE_EPOCH)?,
             mirror: StdHashMap::new(),
             claims: StdHashMap::new(),
             inject_ifindex,

@@ -21,7 +21,21 @@ impl Tables {
         let value = config_value(cfg, underlay, self.inject_ifindex)?;
         self.config
             .set(0, value, 0)
-            .map_err(map_err("writing", maps::CONFIG))
+            .map_err(map_err("writing", maps::CONFIG))?;
+        // The cached routes were made with the old sources.
+        self.new_route_epoch()
+    }
+
+    /// Retires every route the programs cached (ROUTE_CACHE): the next
+    /// packet to each peer asks the FIB again.
+    pub fn new_route_epoch(&mut self) -> Result<()> {
+        let epoch = self
+            .route_epoch
+            .get(&0, 0)
+            .map_err(map_err("reading", maps::ROUTE_EPOCH))?;
+        self.route_epoch
+            .set(0, epoch.wrapping_add(1), 0)
+            .map_err(map_err("writing", maps::ROUTE_EPOCH))
     }
 
     /// Makes `NODE_ADDRESSES` hold exactly `addresses` (address -> ifindex).
