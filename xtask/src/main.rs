@@ -79,6 +79,8 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Only the old-kernel part of `test --full`: the eBPF suites on Debian 12's Linux 6.1 under qemu.
+    OldKernel,
 }
 
 fn main() -> Result<()> {
@@ -118,6 +120,7 @@ fn main() -> Result<()> {
             println!("man pages, completions and conf.json in {}", dir.display());
         }),
         Command::Fuzz { frames, seed } => fuzz(frames, seed),
+        Command::OldKernel => kernel_vm::run_old_kernel_suites(),
     }
 }
 
