@@ -21,14 +21,19 @@
 //! The same check runs on the fast path (`uplink_ingress`) and the slow
 //! path (`slow_path_ingress`, datagrams NetManager's socket received under a
 //! header rebuilt from the socket's addresses), for datagrams to any of the
-//! node's addresses, over an IPv4 or an IPv6 underlay.
+//! node's addresses, over an IPv4 or an IPv6 underlay; and in the XDP
+//! program in front of the fast path (`crate::xdp`), which reads the same
+//! frame through the same code ([`Frame`]).
 //!
 //! Everything is read from the datagram as it arrived, before
 //! decapsulation, so a held frame can be reinjected whole; directly from
 //! the packet where its headers are linear (they almost always are), which
 //! spares a helper call per field.
 
-use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    maps::lpm_trie::Key,
+    programs::{TcContext, XdpContext},
+};
 use netmanager_common::{Addr, Config, INSTANCE_LOCAL};
 
 use crate::maps::{INSTANCE_NODES, INSTANCES, TRUSTED_PEERS};
@@ -55,7 +60,7 @@ pub const MALFORMED: u32 = 5;
 /// `tunnel::tunnel_datagram` has read; writes the inner source to
 /// `inner_src`.
 #[inline(never)]
-pub fn check(ctx: &TcContext, cfg: &Config, outer: Outer, inner_src: &mut Addr) -> u32 {
+pub fn check<C: Frame>(ctx: &C, cfg: &Config, outer: Outer, inner_src: &mut Addr) -> u32 {
     let mut sender = Addr::ZERO;
     if outer_source(ctx, outer, &mut sender).is_none() {
         return MALFORMED;
@@ -102,7 +107,7 @@ pub fn check(ctx: &TcContext, cfg: &Config, outer: Outer, inner_src: &mut Addr) 
 
 /// The outer source address: the sending node.
 #[inline(always)]
-fn outer_source(ctx: &TcContext, outer: Outer, sender: &mut Addr) -> Option<()> {
+fn outer_source<C: Frame>(ctx: &C, outer: Outer, sender: &mut Addr) -> Option<()> {
     if outer.v6 {
         sender.bytes = read::<16>(ctx, ETH_HLEN + 8)?;
     } else {
@@ -111,17 +116,42 @@ fn outer_source(ctx: &TcContext, outer: Outer, sender: &mut Addr) -> Option<()> 
     Some(())
 }
 
-/// `N` bytes at `off`: straight from the packet when they are in its linear
-/// part, through the load helper otherwise.
 #[inline(always)]
-fn read<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + off + N <= end {
-        // SAFETY: the N bytes lie between data and data_end, checked just
-        // above (the verifier checks it too).
-        Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
-    } else {
-        ctx.load(off).ok()
+fn read<const N: usize>(ctx: &impl Frame, off: usize) -> Option<[u8; N]> {
+    ctx.read::<N>(off)
+}
+
+/// A frame [`check`] can read, whichever hook it arrived at.
+pub trait Frame {
+    /// `N` bytes at `off`, or None past what can be read.
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+}
+
+/// `N` bytes straight from the packet between `start` and `end`, or None.
+#[inline(always)]
+fn direct<const N: usize>(start: usize, end: usize, off: usize) -> Option<[u8; N]> {
+    if start + off + N > end {
+        return None;
+    }
+    // SAFETY: the N bytes lie between start (data) and end (data_end),
+    // checked just above (the verifier checks it too).
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
+}
+
+impl Frame for TcContext {
+    /// Straight from the packet when the bytes are in its linear part,
+    /// through the load helper otherwise.
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        direct::<N>(self.data(), self.data_end(), off).or_else(|| self.load(off).ok())
+    }
+}
+
+impl Frame for XdpContext {
+    /// From the frame's first buffer (headers are there).
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        direct::<N>(self.data(), self.data_end(), off)
     }
 }
 
@@ -132,7 +162,7 @@ fn trusted(sender: &Addr) -> bool {
 }
 
 #[inline(always)]
-fn for_local_container(ctx: &TcContext, inner_at: usize, inner_ethertype: u16) -> bool {
+fn for_local_container<C: Frame>(ctx: &C, inner_at: usize, inner_ethertype: u16) -> bool {
     let mut dst = Addr::ZERO;
     if inner_ethertype == ETH_P_IP {
         let Some(a) = read::<4>(ctx, inner_at + 16) else {

@@ -132,6 +132,8 @@ impl Lab {
             miss_hold: 2,
             container_bridge: String::new(),
             attach_mode: mode,
+            uplink_hook: Default::default(),
+            xdp_mode: Default::default(),
             trusted_peers: Vec::new(),
             flows_per_container: 0,
         };

@@ -112,6 +112,8 @@ fn dataplane(pin_dir: &PinDir, netns: &FibNetns) -> (Dataplane, World) {
         miss_hold: 2,
         container_bridge: String::new(),
         attach_mode: netmanager::dataplane::AttachMode::Auto,
+        uplink_hook: Default::default(),
+        xdp_mode: Default::default(),
         trusted_peers: vec![(ip("198.51.100.64"), 26)],
         flows_per_container: 0,
     };

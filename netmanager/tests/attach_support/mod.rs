@@ -1,6 +1,11 @@
 //! What is attached where, for the tests of both attach modes (TCX links
-//! and classic tc filters): the programs on an interface's ingress as the
-//! kernel lists them, and the mode a running NetManager reports.
+//! and classic tc filters) and both uplink hooks (TC alone, XDP in front):
+//! the programs on an interface's ingress as the kernel lists them, and the
+//! mode a running NetManager reports.
+//!
+//! The namespace suites name the way their daemons run by a variant:
+//! "tcx" and "netlink" (attach modes, TC uplink hook) or "xdp" (TCX, with
+//! the XDP program in front of the uplink program).
 
 #![allow(dead_code)]
 
@@ -54,17 +59,96 @@ pub fn ingress_programs(ns: &NsPath, ifname: &str) -> Vec<(String, String, u32)>
     out
 }
 
-/// The daemon's dataplane runs in `mode` (so a test run "in netlink mode"
-/// really did).
-pub fn assert_attach_mode(nm: &NetManager, mode: &str) {
-    let (_, st) = nm.get("/status");
-    assert_eq!(st["dataplane"]["attach_mode"], json!(mode), "{st}");
+/// The attach mode of a variant.
+pub fn attach_mode_of(variant: &str) -> &str {
+    match variant {
+        "xdp" => "tcx",
+        mode => mode,
+    }
 }
 
-/// The hook [`ingress_programs`] reports for an attach mode.
-pub fn hook_of(mode: &str) -> &'static str {
-    match mode {
+/// The uplink hook of a variant, as `--uplink-hook` takes it.
+pub fn uplink_hook_of(variant: &str) -> &'static str {
+    match variant {
+        "xdp" => "xdp",
+        _ => "tc",
+    }
+}
+
+/// The environment that makes a daemon run as `variant`.
+pub fn daemon_env(variant: &str) -> [(&'static str, String); 2] {
+    [
+        (
+            "NETMANAGER_ATTACH_MODE",
+            attach_mode_of(variant).to_string(),
+        ),
+        (
+            "NETMANAGER_UPLINK_HOOK",
+            uplink_hook_of(variant).to_string(),
+        ),
+    ]
+}
+
+/// The daemon's dataplane runs as `variant` (so a test run "in netlink
+/// mode" or "with XDP" really did).
+pub fn assert_attach_mode(nm: &NetManager, variant: &str) {
+    let (_, st) = nm.get("/status");
+    assert_eq!(
+        st["dataplane"]["attach_mode"],
+        json!(attach_mode_of(variant)),
+        "{st}"
+    );
+    let xdp = st["dataplane"]["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|a| a[0] == "uplink_xdp");
+    assert_eq!(xdp, uplink_hook_of(variant) == "xdp", "{st}");
+}
+
+/// The hook [`ingress_programs`] reports for a variant.
+pub fn hook_of(variant: &str) -> &'static str {
+    match variant {
         "netlink" => "clsact/ingress",
         _ => "tcx/ingress",
+    }
+}
+
+/// (mode, program name) of the XDP program on `ifname` in `ns`, as
+/// `bpftool net show` lists it ("driver" or "generic").
+pub fn xdp_program(ns: &NsPath, ifname: &str) -> Option<(String, String)> {
+    let listed = ns
+        .run(&["bpftool", "-j", "net", "show", "dev", ifname])
+        .unwrap_or_else(|e| panic!("bpftool net show dev {ifname}: {e:#}"));
+    let json: Value = serde_json::from_str(&listed).expect("bpftool's JSON");
+    let entry = json
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["xdp"].as_array().into_iter().flatten())
+        .next()?
+        .clone();
+    let id = entry["id"].as_u64().expect("an XDP program id");
+    let prog = ns
+        .run(&["bpftool", "-j", "prog", "show", "id", &id.to_string()])
+        .unwrap_or_else(|e| panic!("bpftool prog show id {id}: {e:#}"));
+    let prog: Value = serde_json::from_str(&prog).expect("bpftool's JSON");
+    Some((
+        entry["mode"].as_str().unwrap_or_default().to_string(),
+        prog["name"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+/// The XDP program is on `ifname` exactly when the variant puts it there.
+pub fn assert_uplink_xdp(ns: &NsPath, ifname: &str, variant: &str) {
+    let found = xdp_program(ns, ifname);
+    if uplink_hook_of(variant) == "xdp" {
+        assert_eq!(
+            found.as_ref().map(|(_, name)| name.as_str()),
+            Some("uplink_xdp"),
+            "XDP on {ifname}: {found:?}"
+        );
+    } else {
+        assert_eq!(found, None, "XDP on {ifname} with the TC hook");
     }
 }
