@@ -22,7 +22,7 @@
 //! and there is never a moment with none.
 //!
 //! The XDP program (`--uplink-hook xdp`) goes where `uplink_ingress` goes,
-//! through an XDP bpf link pinned at `<pin dir>/links/uplink_xdp.<mode>@<interface>`
+//! through an XDP bpf link pinned at `<pin dir>/links/uplink_xdp_<mode>@<interface>`
 //! and swapped like a TCX link by the next run. The mode (native or
 //! generic) is in the name: a link cannot change it, and the two cannot be
 //! attached to one interface at once, so a link of the other mode is
@@ -51,9 +51,10 @@ use super::{
 /// The modes an XDP link can have, each with pins of its own.
 const XDP_MODES: [XdpMode; 2] = [XdpMode::Native, XdpMode::Generic];
 
-/// The name XDP links of `mode` are pinned under (`uplink_xdp.native`).
+/// The name XDP links of `mode` are pinned under (`uplink_xdp_native`; bpffs
+/// refuses dots in names).
 fn xdp_key(mode: XdpMode) -> String {
-    format!("{UPLINK_XDP_PROGRAM}.{mode}")
+    format!("{UPLINK_XDP_PROGRAM}_{mode}")
 }
 
 /// Priority ("pref" in `tc filter show`) of NetManager's filters: one
