@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use attach_support::{
-    assert_attach_mode, assert_uplink_xdp, attach_mode_of, daemon_env, hook_of, ingress_programs,
+    assert_attach_mode, assert_uplink_xdp, attach_mode_of, hook_of, ingress_programs, with_variant,
 };
 use serde_json::{Value, json};
 use testkit::runners::netmanager::NetManagerBuilder;
@@ -89,11 +89,9 @@ fn two_nodes() -> Two {
 /// A NetManager with the eBPF dataplane in `node`, files named after
 /// `tag`, run as `variant` (attach mode and uplink hook, see attach_support).
 fn start(dir: &Path, node: &Node, mqtt_port: u16, tag: &str, variant: &str) -> NetManager {
-    let mut b = ebpf_builder(dir, node, mqtt_port, tag);
-    for (k, v) in daemon_env(variant) {
-        b = b.env(k, &v);
-    }
-    b.start().expect("NetManager")
+    with_variant(ebpf_builder(dir, node, mqtt_port, tag), variant)
+        .start()
+        .expect("NetManager")
 }
 
 /// How [`start`] starts it, to change before it does.

@@ -14,7 +14,7 @@ mod attach_support;
 use std::time::{Duration, Instant};
 
 use attach_support::{
-    assert_attach_mode, assert_uplink_xdp, daemon_env, hook_of, ingress_programs,
+    assert_attach_mode, assert_uplink_xdp, hook_of, ingress_programs, with_variant,
 };
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -145,9 +145,7 @@ impl Cluster {
                         .netcfg(upstream_netcfg(broker.port()))
                         .dataplane(PinDir::new("nmt"))
                         .env("NETMANAGER_ADDRESS_CHECK_SECS", "1");
-                for (k, v) in daemon_env(mode) {
-                    b = b.env(k, &v);
-                }
+                b = with_variant(b, mode);
                 for (k, v) in env {
                     b = b.env(k, v);
                 }

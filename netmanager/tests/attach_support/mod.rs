@@ -89,6 +89,17 @@ pub fn daemon_env(variant: &str) -> [(&'static str, String); 2] {
     ]
 }
 
+/// `b` set up to run the daemon as `variant`.
+pub fn with_variant(
+    mut b: testkit::runners::netmanager::NetManagerBuilder,
+    variant: &str,
+) -> testkit::runners::netmanager::NetManagerBuilder {
+    for (k, v) in daemon_env(variant) {
+        b = b.env(k, &v);
+    }
+    b
+}
+
 /// The daemon's dataplane runs as `variant` (so a test run "in netlink
 /// mode" or "with XDP" really did).
 pub fn assert_attach_mode(nm: &NetManager, variant: &str) {
