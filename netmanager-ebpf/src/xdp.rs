@@ -15,15 +15,20 @@
 //! Everything else passes on unchanged: other traffic, tunnel datagrams the
 //! TC program accepts, and those from senders the tables do not name yet,
 //! which TC holds while NetManager asks the cluster (never dropped here).
-//! What this program cannot read in the frame's first buffer (headers
-//! split across a multi-buffer frame) also passes: TC reads it whole.
+//!
+//! Not a multi-buffer (`xdp.frags`) program: in generic mode the kernel
+//! then hands it every skb linear, GSO ones included, and leaves them fit
+//! for TC's decapsulation (a frags program saw GSO tunnel datagrams that
+//! `uplink_ingress` could no longer decapsulate, measured in
+//! tests/scripts/xdp_uplink_cost.sh). The price: native mode does not
+//! attach to an interface whose MTU exceeds a page, and `--xdp-mode auto`
+//! takes generic there.
 //!
 //! Direct packet access throughout (`peers::Frame`): every offset is a
 //! constant at its read, checked against `data_end`.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_xdp_get_buff_len,
     macros::xdp,
     programs::XdpContext,
 };
@@ -39,9 +44,7 @@ const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const UDP_HLEN: usize = 8;
 
-// `frags`: multi-buffer frames (jumbo MTUs, native XDP on some drivers)
-// reach it too; it reads headers only, from the first buffer.
-#[xdp(frags)]
+#[xdp]
 pub fn uplink_xdp(ctx: XdpContext) -> u32 {
     let Some(cfg) = config() else {
         return XDP_PASS;
@@ -169,14 +172,12 @@ fn screen_inner<const AT: usize>(
         peers::FORGED => Some(Counter::XdpDropForgedSource),
         peers::BAD_INNER_SOURCE => Some(Counter::XdpDropBadInnerSource),
         peers::NOT_LOCAL => Some(Counter::XdpDropNotLocal),
-        // The addresses lie beyond the first buffer: TC reads them whole.
-        _ => None,
+        _ => Some(Counter::XdpDropMalformed),
     }
 }
 
-/// The whole frame's length, every buffer of a multi-buffer frame included.
+/// The frame's length (one buffer: see the module's comment on `frags`).
 #[inline(always)]
 fn frame_len(ctx: &XdpContext) -> usize {
-    // SAFETY: the helper only reads the context it is given.
-    unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
+    ctx.data_end() - ctx.data()
 }

@@ -28,6 +28,8 @@ testkit::main! {
         [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool],
     service_ip_across_two_nodes("xdp") as xdp_service_ip_across_two_nodes:
         [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool, Tcx],
+    service_ip_across_two_nodes("xdp-generic") as xdp_generic_service_ip_across_two_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool, Tcx],
     pending_instance_with_null_fields_keeps_the_running_one_reachable("tcx")
         as tcx_pending_instance_with_null_fields_keeps_the_running_one_reachable:
         [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],

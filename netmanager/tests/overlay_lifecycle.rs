@@ -44,6 +44,9 @@ testkit::main! {
         [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
     long_transfer_survives_kill9("xdp") as xdp_long_transfer_survives_kill9:
         [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
+    // TCP's GSO datagrams through generic XDP, then TC's decapsulation.
+    long_transfer_survives_kill9("xdp-generic") as xdp_generic_long_transfer_survives_kill9:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
     stream_survives_the_uplink_moving("tcx") as tcx_stream_survives_the_uplink_moving:
         [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
     stream_survives_the_uplink_moving("netlink") as netlink_stream_survives_the_uplink_moving:

@@ -15,6 +15,7 @@
 # host on the underlay (what XDP drops) with a UDP flood tool.
 #
 # Usage (root): tests/scripts/xdp_uplink_cost.sh path/to/oak-static-dataplane [SECONDS]
+# CONFIGS (environment) picks configurations by label, e.g. "tc xdp-native".
 # Names carry the shell's pid. kernel.bpf_stats_enabled is restored on exit.
 set -eu
 BIN=${1:?usage: $0 path/to/oak-static-dataplane [SECONDS]}
@@ -164,9 +165,19 @@ print("%-22s %-8s xdp %6.1f ns x %9d   tc %6.1f ns x %9d   %s" % (cfg, label, xn
 PY
 }
 
+counters() { # node 2's non-zero counters (index: packets), summed over CPUs
+    bpftool -j map dump pinned "$PIN-n2/COUNTERS" | python3 -c 'import json,sys
+out = []
+for e in json.load(sys.stdin):
+    n = sum(v["value"]["packets"] if isinstance(v["value"], dict) else int.from_bytes(bytes(int(b, 16) for b in v["value"][:8]), "little") for v in e["values"])
+    if n:
+        out.append("%s:%d" % (e["key"], n))
+print("  node 2 counters (index:packets):", " ".join(out))'
+}
+
 run_config() { # label hook xdp-mode noop(generic|native|"")
     [ -n "$DP2" ] && kill "$DP2" && sleep 0.5
-    nsx "$P-n2" ip link set dev eth0 xdp off 2>/dev/null || true
+    for m in xdpgeneric xdpdrv; do nsx "$P-n2" ip link set dev eth0 "$m" off 2>/dev/null || true; done
     table n2 198.51.100.2 10.18.0.66 10.30.0.5 veth-c2 "[2,0,10,18,0,66]" 10.18.0.2 10.30.0.3 198.51.100.1 "$2" "$3"
     start_dp n2
     DP2=$(cat "/tmp/$P-n2.pid")
@@ -174,15 +185,18 @@ run_config() { # label hook xdp-mode noop(generic|native|"")
         rm -f "$PIN-noop"
         python3 "$HERE/bpf_noop.py" xdp "$PIN-noop"
         case "$4" in generic) m=xdpgeneric ;; *) m=xdpdrv ;; esac
-        nsx "$P-n2" ip link set dev eth0 "$m" pinned "$PIN-noop"
+        # nsenter, not ip netns exec: that remounts /sys, bpffs with it.
+        nsenter --net="/run/netns/$P-n2" ip link set dev eth0 "$m" pinned "$PIN-noop"
     fi
     nsx "$P-c1" busybox ping -c 1 -W 2 10.30.55.56 >/dev/null || true
     for t in tcp udp forged; do measure "$1" "$t" "$t"; done
-    if [ -n "$4" ]; then nsx "$P-n2" ip link set dev eth0 xdp off; fi
+    counters
+    if [ -n "$4" ]; then nsx "$P-n2" ip link set dev eth0 "$m" off; fi
 }
 
-run_config "tc" tc auto ""
-run_config "tc+noop-xdp-generic" tc auto generic
-run_config "tc+noop-xdp-native" tc auto native
-run_config "xdp-generic" xdp generic ""
-run_config "xdp-native" xdp native ""
+want() { [ -z "${CONFIGS:-}" ] || case " $CONFIGS " in *" $1 "*) ;; *) return 1 ;; esac; }
+! want tc || run_config "tc" tc auto ""
+! want tc+noop-xdp-generic || run_config "tc+noop-xdp-generic" tc auto generic
+! want tc+noop-xdp-native || run_config "tc+noop-xdp-native" tc auto native
+! want xdp-generic || run_config "xdp-generic" xdp generic ""
+! want xdp-native || run_config "xdp-native" xdp native ""

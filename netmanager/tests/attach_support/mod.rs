@@ -4,8 +4,9 @@
 //! mode a running NetManager reports.
 //!
 //! The namespace suites name the way their daemons run by a variant:
-//! "tcx" and "netlink" (attach modes, TC uplink hook) or "xdp" (TCX, with
-//! the XDP program in front of the uplink program).
+//! "tcx" and "netlink" (attach modes, TC uplink hook), "xdp" (TCX, with
+//! the XDP program in front of the uplink program, native where the
+//! interface has it: veths do) or "xdp-generic" (the same in generic mode).
 
 #![allow(dead_code)]
 
@@ -62,7 +63,7 @@ pub fn ingress_programs(ns: &NsPath, ifname: &str) -> Vec<(String, String, u32)>
 /// The attach mode of a variant.
 pub fn attach_mode_of(variant: &str) -> &str {
     match variant {
-        "xdp" => "tcx",
+        "xdp" | "xdp-generic" => "tcx",
         mode => mode,
     }
 }
@@ -70,14 +71,23 @@ pub fn attach_mode_of(variant: &str) -> &str {
 /// The uplink hook of a variant, as `--uplink-hook` takes it.
 pub fn uplink_hook_of(variant: &str) -> &'static str {
     match variant {
-        "xdp" => "xdp",
+        "xdp" | "xdp-generic" => "xdp",
         _ => "tc",
     }
 }
 
+/// The XDP mode of a variant, as `--xdp-mode` takes it.
+pub fn xdp_mode_of(variant: &str) -> &'static str {
+    match variant {
+        "xdp-generic" => "generic",
+        _ => "auto",
+    }
+}
+
 /// The environment that makes a daemon run as `variant`.
-pub fn daemon_env(variant: &str) -> [(&'static str, String); 2] {
+pub fn daemon_env(variant: &str) -> [(&'static str, String); 3] {
     [
+        ("NETMANAGER_XDP_MODE", xdp_mode_of(variant).to_string()),
         (
             "NETMANAGER_ATTACH_MODE",
             attach_mode_of(variant).to_string(),
@@ -150,14 +160,19 @@ pub fn xdp_program(ns: &NsPath, ifname: &str) -> Option<(String, String)> {
     ))
 }
 
-/// The XDP program is on `ifname` exactly when the variant puts it there.
+/// The XDP program is on `ifname` exactly when the variant puts it there,
+/// in the variant's mode (auto takes native on a veth).
 pub fn assert_uplink_xdp(ns: &NsPath, ifname: &str, variant: &str) {
     let found = xdp_program(ns, ifname);
     if uplink_hook_of(variant) == "xdp" {
+        let mode = match xdp_mode_of(variant) {
+            "generic" => "generic",
+            _ => "driver",
+        };
         assert_eq!(
-            found.as_ref().map(|(_, name)| name.as_str()),
-            Some("uplink_xdp"),
-            "XDP on {ifname}: {found:?}"
+            found,
+            Some((mode.to_string(), "uplink_xdp".to_string())),
+            "XDP on {ifname}"
         );
     } else {
         assert_eq!(found, None, "XDP on {ifname} with the TC hook");
