@@ -268,26 +268,22 @@ impl Attachments {
     }
 
     /// Attaches the XDP program to `ifname` in the first of `mode`'s
-    /// candidates that works there, taking over a link an earlier run
-    /// pinned in one of them. Returns the mode it got.
+    /// candidates that works there, taking over the link an earlier run
+    /// pinned in the preferred one (`auto` prefers native: a generic link
+    /// of an earlier run is replaced, in case the driver can do better).
+    /// Returns the mode it got.
     pub fn attach_xdp(&mut self, prog: &mut Xdp, ifname: &str, mode: XdpMode) -> Result<XdpMode> {
-        let got = match mode
-            .candidates()
-            .iter()
-            .find(|m| adopt_xdp_link(prog, &self.link_pin(&xdp_key(**m), ifname)))
-        {
-            Some(m) => *m,
-            None => {
-                // Nothing to take over in a wanted mode: whatever else is
-                // there goes first (one XDP link per interface).
-                self.detach_xdp(ifname)?;
-                self.attach_xdp_link(prog, ifname, mode)?
-            }
+        let preferred = mode.candidates()[0];
+        let got = if adopt_xdp_link(prog, &self.link_pin(&xdp_key(preferred), ifname)) {
+            preferred
+        } else {
+            // Nothing to take over in the preferred mode: whatever else is
+            // there goes first (one XDP link per interface).
+            self.detach_xdp(ifname)?;
+            self.attach_xdp_link(prog, ifname, mode)?
         };
-        for other in XDP_MODES.iter().filter(|m| **m != got) {
-            release_link(&self.link_pin(&xdp_key(*other), ifname))?;
-            let key = xdp_key(*other);
-            self.attached.retain(|(p, i)| !(*p == key && i == ifname));
+        for other in XDP_MODES.into_iter().filter(|m| *m != got) {
+            self.release_xdp(other, ifname)?;
         }
         self.remember(&xdp_key(got), ifname);
         Ok(got)
@@ -327,10 +323,16 @@ impl Attachments {
     /// Releases the XDP links of `ifname`, in either mode.
     fn detach_xdp(&mut self, ifname: &str) -> Result<()> {
         for m in XDP_MODES {
-            let key = xdp_key(m);
-            release_link(&self.link_pin(&key, ifname))?;
-            self.attached.retain(|(p, i)| !(*p == key && i == ifname));
+            self.release_xdp(m, ifname)?;
         }
+        Ok(())
+    }
+
+    /// Releases the XDP link of `ifname` in `mode`, if there is one.
+    fn release_xdp(&mut self, mode: XdpMode, ifname: &str) -> Result<()> {
+        let key = xdp_key(mode);
+        release_link(&self.link_pin(&key, ifname))?;
+        self.attached.retain(|(p, i)| !(*p == key && i == ifname));
         Ok(())
     }
 

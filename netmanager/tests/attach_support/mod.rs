@@ -135,20 +135,29 @@ pub fn hook_of(variant: &str) -> &'static str {
     }
 }
 
-/// (mode, program name) of the XDP program on `ifname` in `ns`, as
-/// `bpftool net show` lists it ("driver" or "generic").
-pub fn xdp_program(ns: &NsPath, ifname: &str) -> Option<(String, String)> {
+/// `bpftool net show`'s entry for the XDP program on `ifname` in `ns`.
+fn xdp_entry(ns: &NsPath, ifname: &str) -> Option<Value> {
     let listed = ns
         .run(&["bpftool", "-j", "net", "show", "dev", ifname])
         .unwrap_or_else(|e| panic!("bpftool net show dev {ifname}: {e:#}"));
     let json: Value = serde_json::from_str(&listed).expect("bpftool's JSON");
-    let entry = json
-        .as_array()
+    json.as_array()
         .into_iter()
         .flatten()
         .flat_map(|e| e["xdp"].as_array().into_iter().flatten())
-        .next()?
-        .clone();
+        .next()
+        .cloned()
+}
+
+/// The id of the XDP program on `ifname` in `ns`.
+pub fn xdp_program_id(ns: &NsPath, ifname: &str) -> Option<u64> {
+    xdp_entry(ns, ifname).and_then(|e| e["id"].as_u64())
+}
+
+/// (mode, program name) of the XDP program on `ifname` in `ns`, as
+/// `bpftool net show` lists it ("driver" or "generic").
+pub fn xdp_program(ns: &NsPath, ifname: &str) -> Option<(String, String)> {
+    let entry = xdp_entry(ns, ifname)?;
     let id = entry["id"].as_u64().expect("an XDP program id");
     let prog = ns
         .run(&["bpftool", "-j", "prog", "show", "id", &id.to_string()])
