@@ -102,6 +102,10 @@ counters! {
     DropSpoofedSource: drop "spoofed_source", "Sent by a container with another container's address (it arrived on another veth).";
     DropForgedSource: drop "forged_source", "Tunnel datagram whose inner source is an instance of another node than the one that sent it, for no local container (or an instance of this node).";
     DropFlowQuota: drop "flow_quota", "The sending container already has FlowsPerContainer flows.";
+    XdpDropMalformed: drop "xdp_malformed", "XDP uplink hook: tunnel datagram whose lengths contradict each other or the frame, or whose payload is no IPv4/IPv6 packet.";
+    XdpDropForgedSource: drop "xdp_forged_source", "XDP uplink hook: what drop_forged_source counts on TC, dropped before the stack.";
+    XdpDropBadInnerSource: drop "xdp_bad_inner_source", "XDP uplink hook: what drop_bad_inner_source counts on TC, dropped before the stack.";
+    XdpDropNotLocal: drop "xdp_not_local", "XDP uplink hook: tunnel datagram from a sender the tables do not name, for no container here (drop_not_local on TC).";
 }
 
 impl Counter {

@@ -15,6 +15,9 @@
 //!   (fragmented, with IP options, or from an interface without the
 //!   program), which NetManager writes back through the slow-path device;
 //!   held tunnel datagrams NetManager has resolved come back this way too.
+//! - `uplink_xdp` (xdp.rs): with the XDP uplink hook, in front of
+//!   `uplink_ingress`, drops malformed and rejected tunnel datagrams
+//!   before the stack sees them.
 #![no_std]
 #![no_main]
 // The atomic add of flows::count_opened (core has none for BPF).
@@ -27,6 +30,7 @@ mod peers;
 mod pmtu;
 mod route;
 mod tunnel;
+mod xdp;
 
 use core::mem::MaybeUninit;
 

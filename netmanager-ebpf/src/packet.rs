@@ -78,14 +78,19 @@ pub fn ethertype(ctx: &TcContext) -> Result<u16, ParseError> {
 /// more than the rest of a header's parsing.
 #[inline(always)]
 pub fn read<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + off + N <= end {
-        // SAFETY: the N bytes lie between data and data_end, checked just
-        // above (the verifier checks it too).
-        Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
-    } else {
-        ctx.load(off).ok()
+    direct::<N>(ctx.data(), ctx.data_end(), off).or_else(|| ctx.load(off).ok())
+}
+
+/// `N` bytes straight from a packet lying between `start` and `end`, or
+/// None when they do not (TC's and XDP's reads alike).
+#[inline(always)]
+pub fn direct<const N: usize>(start: usize, end: usize, off: usize) -> Option<[u8; N]> {
+    if start + off + N > end {
+        return None;
     }
+    // SAFETY: the N bytes lie between start (data) and end (data_end),
+    // checked just above (the verifier checks it too).
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
 }
 
 #[inline(always)]

@@ -21,18 +21,23 @@
 //! The same check runs on the fast path (`uplink_ingress`) and the slow
 //! path (`slow_path_ingress`, datagrams NetManager's socket received under a
 //! header rebuilt from the socket's addresses), for datagrams to any of the
-//! node's addresses, over an IPv4 or an IPv6 underlay.
+//! node's addresses, over an IPv4 or an IPv6 underlay; and in the XDP
+//! program in front of the fast path (`crate::xdp`), which reads the same
+//! frame through the same code ([`Frame`]).
 //!
 //! Everything is read from the datagram as it arrived, before
 //! decapsulation, so a held frame can be reinjected whole; directly from
 //! the packet where its headers are linear (they almost always are), which
 //! spares a helper call per field.
 
-use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    maps::lpm_trie::Key,
+    programs::{TcContext, XdpContext},
+};
 use netmanager_common::{Addr, Config, INSTANCE_LOCAL};
 
 use crate::maps::{INSTANCE_NODES, INSTANCES, TRUSTED_PEERS};
-use crate::packet::{ETH_HLEN, ETH_P_IP, in_service_range, read};
+use crate::packet::{ETH_HLEN, ETH_P_IP, in_service_range};
 use crate::tunnel::{Outer, own_address};
 
 /// Outcome of [`check`], as a scalar so it can cross a BPF-to-BPF call.
@@ -55,7 +60,7 @@ pub const MALFORMED: u32 = 5;
 /// `tunnel::tunnel_datagram` has read; writes the inner source to
 /// `inner_src`.
 #[inline(never)]
-pub fn check(ctx: &TcContext, cfg: &Config, outer: Outer, inner_src: &mut Addr) -> u32 {
+pub fn check<C: Frame>(ctx: &C, cfg: &Config, outer: Outer, inner_src: &mut Addr) -> u32 {
     let Some(sender) = outer_source(ctx, outer) else {
         return MALFORMED;
     };
@@ -101,7 +106,7 @@ pub fn check(ctx: &TcContext, cfg: &Config, outer: Outer, inner_src: &mut Addr) 
 
 /// The outer source address: the sending node.
 #[inline(always)]
-fn outer_source(ctx: &TcContext, outer: Outer) -> Option<Addr> {
+fn outer_source<C: Frame>(ctx: &C, outer: Outer) -> Option<Addr> {
     Some(if outer.v6 {
         Addr {
             bytes: read::<16>(ctx, ETH_HLEN + 8)?,
@@ -112,13 +117,39 @@ fn outer_source(ctx: &TcContext, outer: Outer) -> Option<Addr> {
 }
 
 #[inline(always)]
+fn read<const N: usize>(ctx: &impl Frame, off: usize) -> Option<[u8; N]> {
+    ctx.read::<N>(off)
+}
+
+/// A frame [`check`] can read, whichever hook it arrived at.
+pub trait Frame {
+    /// `N` bytes at `off`, or None past what can be read.
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        crate::packet::read::<N>(self, off)
+    }
+}
+
+impl Frame for XdpContext {
+    /// From the frame's first buffer (headers are there).
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        crate::packet::direct::<N>(self.data(), self.data_end(), off)
+    }
+}
+
+#[inline(always)]
 fn trusted(sender: &Addr) -> bool {
     let key = Key::new(128, *sender);
     TRUSTED_PEERS.get(&key).is_some()
 }
 
 #[inline(always)]
-fn for_local_container(ctx: &TcContext, inner_at: usize, inner_ethertype: u16) -> bool {
+fn for_local_container<C: Frame>(ctx: &C, inner_at: usize, inner_ethertype: u16) -> bool {
     let dst = if inner_ethertype == ETH_P_IP {
         let Some(a) = read::<4>(ctx, inner_at + 16) else {
             return false;

@@ -11,7 +11,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, NetConfig, Settings, TunConfig};
-use crate::dataplane::AttachMode;
+use crate::dataplane::{AttachMode, UplinkHook, XdpMode};
 use worker_common::paths::per_netns;
 
 #[derive(Debug, Parser)]
@@ -62,6 +62,17 @@ pub struct Cli {
     #[arg(long = "attach-mode", env = "NETMANAGER_ATTACH_MODE", value_enum,
           default_value_t = AttachMode::Auto, global = true)]
     pub attach_mode: AttachMode,
+    /// What screens tunnel datagrams on the uplink: the TC program alone,
+    /// or an XDP program in front of it that drops malformed and rejected
+    /// ones before the stack (docs/dataplane.md, "The uplink hook").
+    #[arg(long = "uplink-hook", env = "NETMANAGER_UPLINK_HOOK", value_enum,
+          default_value_t = UplinkHook::default(), global = true)]
+    pub uplink_hook: UplinkHook,
+    /// With --uplink-hook xdp: native XDP (in the driver), generic, or
+    /// auto (native where the driver has it).
+    #[arg(long = "xdp-mode", env = "NETMANAGER_XDP_MODE", value_enum,
+          default_value_t = XdpMode::default(), global = true)]
+    pub xdp_mode: XdpMode,
     /// Where PublicIPNetworking asks for the node's public address (plain
     /// text answer) [default: netcfg.json's PublicIPDiscoveryUrl, else
     /// https://api.ipify.org].
@@ -190,6 +201,8 @@ impl Cli {
             tunnel_port: tun.tunnel_port.unwrap_or(config::DEFAULT_TUNNEL_PORT),
             service_ranges: tun.service_ranges(),
             attach_mode: self.attach_mode,
+            uplink_hook: self.uplink_hook,
+            xdp_mode: self.xdp_mode,
             public_ip_url: self
                 .public_ip_url
                 .clone()

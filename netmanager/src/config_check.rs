@@ -10,6 +10,7 @@ use worker_common::check::{Report, readable_file, tcp_reachable};
 
 use crate::cli::Cli;
 use crate::config::{self, NetConfig};
+use crate::dataplane::UplinkHook;
 use crate::kernel_support::{self, MINIMUM_KERNEL};
 use crate::plumbing::Plumbing;
 
@@ -32,7 +33,7 @@ pub async fn run(cli: &Cli, broker: Option<&str>) -> Result<()> {
         );
     }
     if worker_common::privileges::is_root() {
-        kernel(&mut report);
+        kernel(&mut report, &uplink_hook(cli));
         bpffs(&mut report, &cli.bpf_dir());
     } else {
         report.warn(
@@ -98,7 +99,18 @@ fn configuration(report: &mut Report, path: &Path) -> NetConfig {
     net
 }
 
-fn kernel(report: &mut Report) {
+/// The uplink hook as configured, for the kernel finding.
+fn uplink_hook(cli: &Cli) -> String {
+    match cli.uplink_hook {
+        UplinkHook::Tc => "the TC program screens the uplink".to_string(),
+        UplinkHook::Xdp => format!(
+            "XDP ({} mode) screens the uplink in front of TC",
+            cli.xdp_mode
+        ),
+    }
+}
+
+fn kernel(report: &mut Report, hook: &str) {
     let k = kernel_support::probe();
     if k.below_minimum || !k.missing.is_empty() {
         let missing: Vec<String> = k.missing.iter().map(ToString::to_string).collect();
@@ -123,7 +135,7 @@ fn kernel(report: &mut Report) {
     };
     report.ok(
         format!("kernel {}", k.release),
-        format!("every required BPF feature; programs attach with {attach}"),
+        format!("every required BPF feature; programs attach with {attach}; {hook}"),
     );
 }
 

@@ -61,6 +61,8 @@ async fn run_daemon(args: &Cli) -> Result<()> {
         mtu = settings.tunnel_mtu,
         tunnel_port = settings.tunnel_port,
         %attach_mode,
+        uplink_hook = %settings.uplink_hook,
+        xdp_mode = %settings.xdp_mode,
         log = ?sink,
         "NetManager {} starting",
         worker_common::version::VERSION

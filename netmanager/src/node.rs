@@ -210,6 +210,8 @@ fn open_forwarding(
         },
         miss_hold: t.miss_hold,
         attach_mode: settings.attach_mode,
+        uplink_hook: settings.uplink_hook,
+        xdp_mode: settings.xdp_mode,
         container_bridge: crate::plumbing::BRIDGE.to_string(),
         trusted_peers: settings.net.tunnel_peers.clone(),
         flows_per_container: t.flows_per_container,

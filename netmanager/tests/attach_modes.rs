@@ -2,7 +2,9 @@
 //! under a stream of tunnel datagrams: a restart replaces the programs
 //! without losing one datagram and leaves exactly one program per hook,
 //! switching modes across a restart leaves only the new mode's attachment,
-//! and the uplink program follows the uplink to another interface.
+//! switching the uplink hook (TC, XDP native or generic) across restarts
+//! leaves the XDP program as the hook says, and the uplink program follows
+//! the uplink to another interface.
 //!
 //! "Restart" here is what a new NetManager process does: open the
 //! dataplane again on the same pins after the previous one went away
@@ -22,6 +24,7 @@ use std::time::Duration;
 
 use netmanager::dataplane::{
     AttachMode, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, UPLINK_PROGRAM,
+    UplinkHook, XdpMode,
 };
 use packet_support::*;
 use testkit::netlink::{LinkSettings, Route};
@@ -35,6 +38,7 @@ testkit::main! {
     restarts_replace_the_programs_without_losing_a_datagram(AttachMode::Netlink)
         as netlink_restarts_replace_the_programs_without_losing_a_datagram: [Root, Bpffs, Bpftool],
     switching_modes_across_a_restart_leaves_one_program: [Root, Bpffs, Bpftool, Tcx],
+    switching_the_uplink_hook_across_restarts_loses_no_datagram: [Root, Bpffs, Bpftool, Tcx],
     the_uplink_program_follows_the_uplink(AttachMode::Tcx)
         as tcx_the_uplink_program_follows_the_uplink: [Root, Bpffs, Bpftool, Tcx],
     the_uplink_program_follows_the_uplink(AttachMode::Netlink)
@@ -115,6 +119,17 @@ impl Lab {
 
     /// What a starting NetManager does: load, adopt the pins, attach.
     fn open(&self, uplink: &str, mode: AttachMode) -> Dataplane {
+        self.open_hooked(uplink, mode, UplinkHook::Tc, XdpMode::Auto)
+    }
+
+    /// [`Lab::open`] with an uplink hook.
+    fn open_hooked(
+        &self,
+        uplink: &str,
+        mode: AttachMode,
+        uplink_hook: UplinkHook,
+        xdp_mode: XdpMode,
+    ) -> Dataplane {
         let cfg = DataplaneConfig {
             pin_dir: self.pin_dir.to_path_buf(),
             uplink: uplink.to_string(),
@@ -132,6 +147,8 @@ impl Lab {
             miss_hold: 2,
             container_bridge: String::new(),
             attach_mode: mode,
+            uplink_hook,
+            xdp_mode,
             trusted_peers: Vec::new(),
             flows_per_container: 0,
         };
@@ -406,6 +423,45 @@ fn switching_modes_across_a_restart_leaves_one_program() {
         drop(dp);
         dp = lab.open("up0", mode);
         lab.assert_one_uplink_program("up0", mode);
+        stream.wait_for(BURST);
+    }
+    stream.finish();
+    drop(dp);
+}
+
+/// Restarts that switch the uplink hook (TC alone, XDP native -- a veth
+/// has it -- or generic, and back) leave the XDP program exactly where and
+/// as the hook says, replace it in place when the mode stays, and lose no
+/// datagram of the stream: while one XDP link gives way to another, TC
+/// alone screens and delivers.
+fn switching_the_uplink_hook_across_restarts_loses_no_datagram() {
+    let lab = Lab::new();
+    let mut dp = lab.open("up0", AttachMode::Tcx);
+    let stream = Stream::start(&lab, "up0");
+    stream.wait_for(BURST);
+    let mut last_id = None;
+    for (hook, xdp_mode, expect) in [
+        (UplinkHook::Xdp, XdpMode::Auto, Some("driver")),
+        (UplinkHook::Xdp, XdpMode::Native, Some("driver")),
+        (UplinkHook::Xdp, XdpMode::Generic, Some("generic")),
+        (UplinkHook::Xdp, XdpMode::Auto, Some("driver")),
+        (UplinkHook::Tc, XdpMode::Auto, None),
+    ] {
+        drop(dp);
+        dp = lab.open_hooked("up0", AttachMode::Tcx, hook, xdp_mode);
+        lab.assert_one_uplink_program("up0", AttachMode::Tcx);
+        let found = attach_support::xdp_program(&lab.node, "up0");
+        assert_eq!(
+            found.as_ref().map(|(m, name)| (m.as_str(), name.as_str())),
+            expect.map(|m| (m, "uplink_xdp")),
+            "{hook} {xdp_mode}"
+        );
+        let id = attach_support::xdp_program_id(&lab.node, "up0");
+        assert!(
+            id.is_none() || id != last_id,
+            "{hook} {xdp_mode}: the XDP program was not replaced"
+        );
+        last_id = id;
         stream.wait_for(BURST);
     }
     stream.finish();

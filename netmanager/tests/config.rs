@@ -152,6 +152,8 @@ fn every_environment_variable_is_a_flag() {
         "NETMANAGER_MQTT_CA",
         "OAKESTRA_LOG_FORMAT",
         "NETMANAGER_ATTACH_MODE",
+        "NETMANAGER_UPLINK_HOOK",
+        "NETMANAGER_XDP_MODE",
         "NETMANAGER_PUBLIC_IP_URL",
         "NETMANAGER_TUN_CONFIG",
     ] {
@@ -245,6 +247,26 @@ fn attach_mode_and_discovery_url_on_the_command_line() {
         assert_eq!(cli.attach_mode, mode);
     }
     assert!(Cli::try_parse_from(["NetManager", "--attach-mode", "xdp"]).is_err());
+    // The uplink hook: TC unless asked, XDP in the mode asked.
+    use netmanager::dataplane::{UplinkHook, XdpMode};
+    assert_eq!(
+        (cli.uplink_hook, cli.xdp_mode),
+        (UplinkHook::Tc, XdpMode::Auto)
+    );
+    let cli = Cli::try_parse_from([
+        "NetManager",
+        "--uplink-hook",
+        "xdp",
+        "--xdp-mode",
+        "generic",
+    ])
+    .unwrap();
+    assert_eq!(
+        (cli.uplink_hook, cli.xdp_mode),
+        (UplinkHook::Xdp, XdpMode::Generic)
+    );
+    assert!(Cli::try_parse_from(["NetManager", "--uplink-hook", "nic"]).is_err());
+    assert!(Cli::try_parse_from(["NetManager", "--xdp-mode", "offload"]).is_err());
     assert!(Cli::try_parse_from(["NetManager", "--public-ip-url", "ftp://x"]).is_err());
     let out = Command::new(env!("CARGO_BIN_EXE_NetManager"))
         .env("NETMANAGER_ATTACH_MODE", "sideways")

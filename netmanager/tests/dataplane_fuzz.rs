@@ -17,7 +17,11 @@
 //! - every tunnel datagram, every slow-path frame and every container frame
 //!   moves exactly one counter, other uplink traffic none;
 //! - a held tunnel datagram is one from an unknown instance and an untrusted
-//!   host.
+//!   host;
+//! - the XDP program (`uplink_xdp`, run on every uplink frame before the TC
+//!   program) passes frames byte for byte and drops only datagrams to the
+//!   tunnel port, each under one counter, and none that the TC program
+//!   would deliver or hold.
 //!
 //! `OAK_FUZZ_FRAMES` frames (default 60,000: the CI share) from seed
 //! `OAK_FUZZ_SEED` (default fixed); `cargo xtask fuzz` runs 1,000,000 with a
@@ -33,7 +37,7 @@ use std::time::Instant;
 use aya::programs::TestRunOptions;
 use netmanager::dataplane::{
     CONTAINER_PROGRAM, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, MissReason,
-    SLOW_PATH_PROGRAM, ServiceKind, UPLINK_PROGRAM,
+    SLOW_PATH_PROGRAM, ServiceKind, UPLINK_PROGRAM, UPLINK_XDP_PROGRAM,
 };
 use packet_support::*;
 use testkit::PinDir;
@@ -45,6 +49,8 @@ testkit::main! {
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 /// The node's second address (on `under1` of the [`FibNetns`]).
@@ -112,6 +118,8 @@ fn dataplane(pin_dir: &PinDir, netns: &FibNetns) -> (Dataplane, World) {
         miss_hold: 2,
         container_bridge: String::new(),
         attach_mode: netmanager::dataplane::AttachMode::Auto,
+        uplink_hook: Default::default(),
+        xdp_mode: Default::default(),
         trusted_peers: vec![(ip("198.51.100.64"), 26)],
         flows_per_container: 0,
     };
@@ -762,6 +770,121 @@ fn total_packets(dp: &Dataplane) -> u64 {
     dp.counters().unwrap().iter().map(|c| c.1).sum()
 }
 
+fn peer_held(dp: &Dataplane) -> u64 {
+    dp.counters()
+        .unwrap()
+        .iter()
+        .find(|c| c.0 == netmanager_common::Counter::PeerHeld)
+        .map_or(0, |c| c.1)
+}
+
+/// The XDP program on `frame`: (verdict, output, packets counted), or None
+/// when the kernel refuses the frame.
+fn run_xdp(dp: &Dataplane, frame: &[u8]) -> Option<(u32, Vec<u8>, u64)> {
+    let before = total_packets(dp);
+    let mut out = vec![0u8; 4096];
+    let r = dp
+        .test_run(
+            UPLINK_XDP_PROGRAM,
+            TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            },
+        )
+        .ok()?;
+    out.truncate(r.data_size_out as usize);
+    Some((r.return_value, out, total_packets(dp) - before))
+}
+
+/// The XDP program's invariants, given what the TC program then did with
+/// the same frame (`tc`, and whether it held it).
+fn check_xdp(
+    frame: &[u8],
+    verdict: u32,
+    out: &[u8],
+    counted: u64,
+    tc: u32,
+    held: bool,
+) -> Result<(), String> {
+    match verdict {
+        XDP_PASS if out != frame => Err("XDP passed the frame changed".into()),
+        XDP_PASS if counted != 0 => Err(format!("XDP passed and counted {counted}")),
+        XDP_PASS => Ok(()),
+        XDP_DROP if counted != 1 => Err(format!("XDP dropped and counted {counted}")),
+        XDP_DROP if !to_tunnel_port(frame) => Err("XDP dropped no tunnel datagram".into()),
+        // A datagram whose lengths lie TC may hold or even deliver: it
+        // checks the sender before it parses the inner packet, and never
+        // reads the outer lengths (the stack drops such a datagram, were it
+        // to get there). XDP drops it outright.
+        XDP_DROP if lengths_lie(frame) => Ok(()),
+        XDP_DROP if held => Err("XDP dropped a datagram TC holds".into()),
+        XDP_DROP if tc == TC_ACT_REDIRECT => Err("XDP dropped a datagram TC delivers".into()),
+        XDP_DROP => Ok(()),
+        v => Err(format!("XDP verdict {v}")),
+    }
+}
+
+/// A UDP datagram to one of the node's addresses and the tunnel port, as
+/// the programs recognise one (outer IPv4 without options or fragments,
+/// outer IPv6 without extension headers), whatever it carries.
+fn to_tunnel_port(f: &[u8]) -> bool {
+    match f.get(12..14) {
+        Some([0x08, 0x00]) => {
+            f.len() >= 42
+                && f[14] == 0x45
+                && f[23] == 17
+                && u16::from_be_bytes([f[20], f[21]]) & 0x3fff == 0
+                && (f[30..34] == NODE.octets() || f[30..34] == NODE_2.octets())
+                && f[36..38] == 50103u16.to_be_bytes()
+        }
+        Some([0x86, 0xdd]) => {
+            f.len() >= 62
+                && f[14] >> 4 == 6
+                && f[20] == 17
+                && f[38..54] == NODE_V6.octets()
+                && f[56..58] == 50103u16.to_be_bytes()
+        }
+        _ => false,
+    }
+}
+
+/// Whether a tunnel datagram's lengths contradict each other or the frame:
+/// the outer IP length beyond the frame or short of the headers, the UDP
+/// length beyond the IP packet or short of its own header, the inner
+/// packet's length beyond the UDP payload or short of its header, or no
+/// IPv4/IPv6 packet inside at all.
+fn lengths_lie(f: &[u8]) -> bool {
+    let be = |a: usize| u16::from_be_bytes([f[a], f[a + 1]]) as usize;
+    let (inner_at, udp) = match f.get(12..14) {
+        Some([0x08, 0x00]) if f.len() >= 42 => {
+            let (ip, udp) = (be(16), be(38));
+            if ip < 28 || 14 + ip > f.len() || udp < 8 || udp > ip - 20 {
+                return true;
+            }
+            (42, udp)
+        }
+        Some([0x86, 0xdd]) if f.len() >= 62 => {
+            let (payload, udp) = (be(18), be(58));
+            if payload < 8 || 54 + payload > f.len() || udp < 8 || udp > payload {
+                return true;
+            }
+            (62, udp)
+        }
+        _ => return false,
+    };
+    let len = udp - 8;
+    match f.get(inner_at).map(|b| b >> 4) {
+        Some(4) if len >= 20 => {
+            let ihl = (f[inner_at] & 0x0f) as usize * 4;
+            let total = be(inner_at + 2);
+            ihl < 20 || total < ihl || total > len
+        }
+        Some(6) if len >= 40 => 40 + be(inner_at + 4) > len,
+        _ => true,
+    }
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
         Ok(v) => v
@@ -803,6 +926,14 @@ fn generated_frames_keep_the_dataplane_invariants() {
                 .unwrap();
         }
         let case = generator.next();
+        // The XDP program first, as on the uplink with the XDP hook.
+        let xdp = (case.program == UPLINK_PROGRAM)
+            .then(|| run_xdp(&dp, &case.frame))
+            .flatten();
+        if let Some((_, _, counted)) = &xdp {
+            before += counted;
+        }
+        let held_before = peer_held(&dp);
         let r = match dp.test_run(
             case.program,
             TestRunOptions {
@@ -826,7 +957,24 @@ fn generated_frames_keep_the_dataplane_invariants() {
         let output = &out[..(r.data_size_out as usize).min(out.len())];
         let after = total_packets(&dp);
         *verdicts.entry((case.program, r.return_value)).or_default() += 1;
-        if let Err(why) = check(&world, &case, r.return_value, output, after - before) {
+        let held = peer_held(&dp) > held_before;
+        let xdp_result = match &xdp {
+            Some((verdict, xdp_out, counted)) => {
+                *verdicts.entry((UPLINK_XDP_PROGRAM, *verdict)).or_default() += 1;
+                check_xdp(
+                    &case.frame,
+                    *verdict,
+                    xdp_out,
+                    *counted,
+                    r.return_value,
+                    held,
+                )
+            }
+            None => Ok(()),
+        };
+        if let Err(why) =
+            xdp_result.and_then(|()| check(&world, &case, r.return_value, output, after - before))
+        {
             failures.push(format!(
                 "frame {n} ({}, seed {seed}): {why}\n  in:  {}\n  out: {}",
                 case.program,

@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use aya::programs::TestRunOptions;
 use netmanager::dataplane::{
     CONTAINER_PROGRAM, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes,
-    SLOW_PATH_PROGRAM, ServiceKind, UPLINK_PROGRAM,
+    SLOW_PATH_PROGRAM, ServiceKind, UPLINK_PROGRAM, UPLINK_XDP_PROGRAM,
 };
 use netmanager_common::{Addr, FlowKey};
 use packet_support::*;
@@ -47,11 +47,16 @@ testkit::main! {
     trusted_underlay_prefixes_send_for_any_instance: [Root, Bpffs],
     each_container_gets_its_share_of_the_flow_table_and_keeps_its_flows: [Root, Bpffs],
     a_full_miss_ring_leaves_no_pending_mark_and_the_underlay_gets_half_of_it: [Root, Bpffs],
+    the_xdp_program_passes_accepted_held_and_foreign_frames_unchanged: [Root, Bpffs],
+    the_xdp_program_drops_malformed_and_rejected_datagrams_that_tc_never_delivers: [Root, Bpffs],
+    the_xdp_program_lets_trusted_prefixes_through: [Root, Bpffs],
 }
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const PEER_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
@@ -115,6 +120,8 @@ fn fixture_with(
         },
         miss_hold: 2,
         attach_mode: netmanager::dataplane::AttachMode::Auto,
+        uplink_hook: Default::default(),
+        xdp_mode: Default::default(),
         container_bridge: String::new(),
         trusted_peers: Vec::new(),
         flows_per_container: 0,
@@ -1436,4 +1443,269 @@ fn a_full_miss_ring_leaves_no_pending_mark_and_the_underlay_gets_half_of_it() {
         assert!(container_held > ring / 2 / event - 2, "{container_held}");
         assert!(counter(&f, "drop_miss_overflow") >= 2);
     })
+}
+
+/// A UDP header (checksum zero) and `payload`.
+fn udp_bytes(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+/// A frame from the underlay carrying the IPv4 packet `ip`.
+fn underlay_v4(ip: &[u8]) -> Vec<u8> {
+    eth([0xaa; 6], [0xbb; 6], 0x0800, ip)
+}
+
+/// The sum of the XDP program's drop counters.
+fn xdp_drops(f: &Fixture) -> u64 {
+    [
+        "drop_xdp_malformed",
+        "drop_xdp_forged_source",
+        "drop_xdp_bad_inner_source",
+        "drop_xdp_not_local",
+    ]
+    .iter()
+    .map(|c| counter(f, c))
+    .sum()
+}
+
+/// XDP passes, byte for byte and without a trace in the maps: datagrams the
+/// TC program accepts, those it holds (an unknown sender, a node that may
+/// have moved: XDP never drops them blindly), and everything that is no
+/// tunnel datagram for this node (other ports, other addresses, IPv4
+/// options and fragments, which take the slow path, ARP, a bare Ethernet
+/// header).
+fn the_xdp_program_passes_accepted_held_and_foreign_frames_unchanged() {
+    let f = fixture("xdp-pass");
+    let good = Ip::new("10.30.0.5", "10.18.0.2", udp(7000, 9000));
+    let good6 = Ip::new("fdff::5", "fc00::2", udp(7000, 9000));
+    let unknown = Ip::new("10.30.0.77", "10.18.0.2", udp(1, 2));
+    let tunnel_udp = udp_bytes(50103, 50103, &good.bytes());
+    let mut frames = vec![
+        ("accepted", from_underlay("198.51.100.2", &good)),
+        (
+            "accepted, IPv6 inside",
+            from_underlay("198.51.100.2", &good6),
+        ),
+        (
+            "held: unknown sender",
+            from_underlay("198.51.100.3", &unknown),
+        ),
+        ("held: moved node", from_underlay("198.51.100.3", &good)),
+        (
+            "held: over the IPv6 underlay",
+            eth(
+                [0xaa; 6],
+                [0xbb; 6],
+                0x86dd,
+                &tunnel_datagram_v6(PEER_V6, NODE_V6, 50103, 50103, &good.bytes()),
+            ),
+        ),
+        (
+            "another port",
+            underlay_v4(&ipv4(
+                PEER_NODE,
+                NODE,
+                64,
+                17,
+                &[],
+                0x4000,
+                0,
+                &udp_bytes(5353, 53, b"query"),
+            )),
+        ),
+        (
+            "another address",
+            underlay_v4(&tunnel_datagram(
+                PEER_NODE,
+                ip4("198.51.100.200"),
+                50103,
+                50103,
+                &good.bytes(),
+            )),
+        ),
+        (
+            "IPv4 options",
+            underlay_v4(&ipv4(
+                PEER_NODE,
+                NODE,
+                64,
+                17,
+                &[1, 1, 1, 1],
+                0x4000,
+                0,
+                &tunnel_udp,
+            )),
+        ),
+        (
+            "first fragment",
+            underlay_v4(&ipv4(PEER_NODE, NODE, 64, 17, &[], 0x2000, 7, &tunnel_udp)),
+        ),
+        ("ARP", eth([0xff; 6], [0xbb; 6], 0x0806, &[0u8; 28])),
+        (
+            "bare Ethernet header",
+            eth([0xaa; 6], [0xbb; 6], 0x0800, &[]),
+        ),
+    ];
+    // Garbage that is not ours to judge: not to our tunnel port.
+    frames.push((
+        "garbage to another port",
+        underlay_v4(&ipv4(
+            PEER_NODE,
+            NODE,
+            64,
+            17,
+            &[],
+            0x4000,
+            0,
+            &udp_bytes(50103, 50104, b"x-no-packet"),
+        )),
+    ));
+    for (what, frame) in &frames {
+        assert_eq!(
+            run(&f, UPLINK_XDP_PROGRAM, frame),
+            (XDP_PASS, frame.clone()),
+            "{what}"
+        );
+    }
+    assert_eq!(xdp_drops(&f), 0);
+    // Holding is TC's: XDP left no pending mark, no event.
+    assert_eq!(f.dp.pending(ip("10.30.0.77")).unwrap(), None);
+    assert_eq!(counter(&f, "peer_held"), 0);
+    // And TC behind it does hold what XDP passed.
+    assert_eq!(
+        run(&f, UPLINK_PROGRAM, &frames[2].1).0,
+        TC_ACT_SHOT,
+        "held by TC"
+    );
+    assert_eq!(counter(&f, "peer_held"), 1);
+}
+
+/// XDP drops, each under its own counter: tunnel datagrams whose lengths
+/// contradict each other or the frame, or that carry no IP packet, and
+/// those the sender check rejects (forged, an inner source outside every
+/// service range, an unknown sender for no container here). None of them
+/// would the TC program have delivered.
+fn the_xdp_program_drops_malformed_and_rejected_datagrams_that_tc_never_delivers() {
+    let f = fixture("xdp-drop");
+    let good = Ip::new("10.30.0.5", "10.18.0.2", udp(7000, 9000));
+    let good6 = Ip::new("fdff::5", "fc00::2", udp(7000, 9000));
+    let datagram =
+        |inner: &[u8]| underlay_v4(&tunnel_datagram(PEER_NODE, NODE, 50103, 50103, inner));
+    let mut longer_inner = good.bytes();
+    longer_inner[3] += 10;
+    let mut udp_too_long = tunnel_datagram(PEER_NODE, NODE, 50103, 50103, &good.bytes());
+    udp_too_long[25] += 1;
+    let mut cut = datagram(&good.bytes());
+    cut.truncate(cut.len() - 4);
+    let mut v6_cut = eth(
+        [0xaa; 6],
+        [0xbb; 6],
+        0x86dd,
+        &tunnel_datagram_v6(PEER_V6, NODE_V6, 50103, 50103, &good.bytes()),
+    );
+    v6_cut.truncate(v6_cut.len() - 4);
+    let malformed = [
+        ("no packet inside", datagram(b"x-no-packet")),
+        ("empty", datagram(b"")),
+        ("inner IPv4 header cut short", datagram(&good.bytes()[..12])),
+        (
+            "inner IPv6 header cut short",
+            datagram(&good6.bytes()[..30]),
+        ),
+        ("inner length beyond the datagram", datagram(&longer_inner)),
+        (
+            "UDP length beyond the IP packet",
+            underlay_v4(&udp_too_long),
+        ),
+        ("IPv4 length beyond the frame", cut),
+        ("IPv6 length beyond the frame", v6_cut),
+    ];
+    let rejected = [
+        (
+            "drop_xdp_forged_source",
+            from_underlay(
+                "198.51.100.3",
+                &Ip::new("10.30.0.5", "10.18.0.200", udp(7000, 9000)),
+            ),
+        ),
+        (
+            "drop_xdp_forged_source",
+            from_underlay(
+                "198.51.100.3",
+                &Ip::new("fdff::5", "fc00::200", udp(7000, 9000)),
+            ),
+        ),
+        (
+            // This node's own instance, from outside.
+            "drop_xdp_forged_source",
+            from_underlay(
+                "198.51.100.2",
+                &Ip::new("10.30.0.3", "10.18.0.2", udp(1, 2)),
+            ),
+        ),
+        (
+            "drop_xdp_bad_inner_source",
+            from_underlay(
+                "198.51.100.2",
+                &Ip::new("10.99.0.1", "10.18.0.2", udp(1, 2)),
+            ),
+        ),
+        (
+            "drop_xdp_not_local",
+            from_underlay(
+                "198.51.100.3",
+                &Ip::new("10.30.0.78", "10.18.0.200", udp(1, 2)),
+            ),
+        ),
+    ];
+    let all = malformed
+        .iter()
+        .map(|(what, frame)| (*what, "drop_xdp_malformed", frame))
+        .chain(rejected.iter().map(|(c, frame)| (*c, *c, frame)));
+    for (what, _, frame) in all.clone() {
+        assert_eq!(run(&f, UPLINK_XDP_PROGRAM, frame).0, XDP_DROP, "{what}");
+    }
+    assert_eq!(counter(&f, "drop_xdp_malformed"), malformed.len() as u64);
+    assert_eq!(counter(&f, "drop_xdp_forged_source"), 3);
+    assert_eq!(counter(&f, "drop_xdp_bad_inner_source"), 1);
+    assert_eq!(counter(&f, "drop_xdp_not_local"), 1);
+    // The TC program alone never delivers any of them either: XDP only
+    // decides earlier. Except one: TC never reads the outer UDP length (the
+    // stack drops such a datagram as a short packet, were it to get there).
+    for (what, _, frame) in all.filter(|(what, _, _)| !what.starts_with("UDP length")) {
+        assert_ne!(run(&f, UPLINK_PROGRAM, frame).0, TC_ACT_REDIRECT, "{what}");
+    }
+    assert_eq!(counter(&f, "decapsulated"), 0);
+}
+
+/// An underlay prefix the operator trusts sends for any instance, known or
+/// not: XDP passes it, as TC accepts it.
+fn the_xdp_program_lets_trusted_prefixes_through() {
+    let f = fixture_with("xdp-trusted", IpAddr::V4(NODE), |cfg| {
+        cfg.trusted_peers = vec![(ip("198.51.100.64"), 26)];
+    });
+    for inner in [
+        Ip::new("10.30.0.5", "10.18.0.2", udp(1, 2)),
+        Ip::new("10.30.0.77", "10.18.0.200", udp(1, 2)),
+    ] {
+        let frame = from_underlay("198.51.100.70", &inner);
+        assert_eq!(
+            run(&f, UPLINK_XDP_PROGRAM, &frame),
+            (XDP_PASS, frame.clone())
+        );
+    }
+    // Outside the prefix, the same unknown instance for no container here
+    // is dropped.
+    let outside = from_underlay(
+        "198.51.100.130",
+        &Ip::new("10.30.0.77", "10.18.0.200", udp(1, 2)),
+    );
+    assert_eq!(run(&f, UPLINK_XDP_PROGRAM, &outside).0, XDP_DROP);
+    assert_eq!(counter(&f, "drop_xdp_not_local"), 1);
 }

@@ -55,6 +55,8 @@ fn config(pins: &Path, flows: u32) -> DataplaneConfig {
         miss_hold: 2,
         container_bridge: String::new(),
         attach_mode: netmanager::dataplane::AttachMode::Auto,
+        uplink_hook: Default::default(),
+        xdp_mode: Default::default(),
         trusted_peers: Vec::new(),
         flows_per_container: 0,
     }

@@ -147,6 +147,8 @@ fn dataplane(pin_dir: &PinDir, c0: u32) -> Dataplane {
         },
         miss_hold: 2,
         attach_mode: netmanager::dataplane::AttachMode::Auto,
+        uplink_hook: Default::default(),
+        xdp_mode: Default::default(),
         container_bridge: String::new(),
         trusted_peers: Vec::new(),
         flows_per_container: 0,

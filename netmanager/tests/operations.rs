@@ -2,6 +2,8 @@
 //! `NOTIFY_SOCKET` this test owns, JSON logs, `config check` against a real
 //! broker and kernel, and `teardown` of a real eBPF dataplane.
 
+mod attach_support;
+
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -25,6 +27,10 @@ testkit::main! {
     teardown_removes_pins_links_nft_table_and_bridge("netlink")
         as netlink_teardown_removes_pins_links_nft_table_and_bridge:
         [Root, Bpffs, Mosquitto, Nft, Bpftool],
+    // With the XDP program on the uplink: its link goes with its pin too.
+    teardown_removes_pins_links_nft_table_and_bridge("xdp")
+        as xdp_teardown_removes_pins_links_nft_table_and_bridge:
+        [Root, Bpffs, Mosquitto, Nft, Bpftool, Tcx],
 }
 
 const NODE_ID: &str = "6650aa00bb22cc33dd440077";
@@ -207,12 +213,12 @@ fn teardown_removes_pins_links_nft_table_and_bridge(mode: &str) {
         .start()
         .expect("cluster double");
     csm.pin_subnet(NODE_ID, "10.18.0.64", "fc00::40");
-    let mut nm = NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
+    let builder = NetManager::builder(env!("CARGO_BIN_EXE_NetManager"), &node.ns, dir.path())
         .tag("td")
         .netcfg(upstream_netcfg(broker.port()))
         .dataplane(PinDir::new("nmt"))
-        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
-        .env("NETMANAGER_ATTACH_MODE", mode)
+        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1");
+    let mut nm = attach_support::with_variant(builder, mode)
         .start()
         .expect("NetManager");
     let (code, body) = nm.post(
@@ -250,7 +256,7 @@ fn teardown_removes_pins_links_nft_table_and_bridge(mode: &str) {
     // The TCX links (uplink and container veth) by their kernel ids, or the
     // classic tc filters in netlink mode.
     let link_ids = pinned_link_ids(&bpf_dir);
-    let attached = if mode == "tcx" {
+    let attached = if attach_support::attach_mode_of(mode) == "tcx" {
         link_ids.len()
     } else {
         our_tc_filters(&node)
@@ -296,6 +302,7 @@ fn teardown_removes_pins_links_nft_table_and_bridge(mode: &str) {
         );
     }
     assert!(bridge() && nft_table() && bpf_dir.exists() && state.exists());
+    attach_support::assert_uplink_xdp(&node.ns, testkit::topology::UPLINK, mode);
 
     let (out, text) = teardown(&[]);
     assert!(out.status.success(), "{text}");
@@ -305,6 +312,11 @@ fn teardown_removes_pins_links_nft_table_and_bridge(mode: &str) {
     assert!(!state.exists(), "{text}");
     assert_eq!(links_alive(), 0, "programs detached with their pins");
     assert_eq!(our_tc_filters(&node), 0, "tc filters removed: {text}");
+    assert_eq!(
+        attach_support::xdp_program(&node.ns, testkit::topology::UPLINK),
+        None,
+        "the XDP program detached with its pin: {text}"
+    );
 
     // Again: nothing left, still success (package scripts may run it twice).
     let (out, text) = teardown(&[]);

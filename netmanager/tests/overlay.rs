@@ -1,7 +1,8 @@
 //! Two nodes with real NetManagers and the eBPF dataplane on one underlay:
 //! a container on node 1 reaches a container on node 2 by service IP; the
 //! first connection depends on miss resolution (table query by service IP).
-//! Every test runs in both attach modes (TCX links, classic tc filters).
+//! Every test runs in both attach modes (TCX links, classic tc filters), and
+//! with the XDP program in front of the uplink program.
 //! Needs root, bpffs, mosquitto and python3.
 
 mod attach_support;
@@ -9,7 +10,9 @@ mod attach_support;
 use std::path::Path;
 use std::time::Duration;
 
-use attach_support::{assert_attach_mode, hook_of, ingress_programs};
+use attach_support::{
+    assert_attach_mode, assert_uplink_xdp, attach_mode_of, hook_of, ingress_programs, with_variant,
+};
 use serde_json::{Value, json};
 use testkit::runners::netmanager::NetManagerBuilder;
 use testkit::runners::upstream_netcfg;
@@ -23,12 +26,19 @@ testkit::main! {
         [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool, Tcx],
     service_ip_across_two_nodes("netlink") as netlink_service_ip_across_two_nodes:
         [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool],
+    service_ip_across_two_nodes("xdp") as xdp_service_ip_across_two_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool, Tcx],
+    service_ip_across_two_nodes("xdp-generic") as xdp_generic_service_ip_across_two_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3, PrometheusClient, Bpftool, Tcx],
     pending_instance_with_null_fields_keeps_the_running_one_reachable("tcx")
         as tcx_pending_instance_with_null_fields_keeps_the_running_one_reachable:
         [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
     pending_instance_with_null_fields_keeps_the_running_one_reachable("netlink")
         as netlink_pending_instance_with_null_fields_keeps_the_running_one_reachable:
         [Root, Bpffs, Mosquitto, Nft, Python3],
+    pending_instance_with_null_fields_keeps_the_running_one_reachable("xdp")
+        as xdp_pending_instance_with_null_fields_keeps_the_running_one_reachable:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
     tuncfg_moves_the_service_range_and_the_tunnel_port: [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
     behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served: [Root, Bpffs, Mosquitto, Nft],
 }
@@ -79,10 +89,9 @@ fn two_nodes() -> Two {
 }
 
 /// A NetManager with the eBPF dataplane in `node`, files named after
-/// `tag`, attached in `mode`.
-fn start(dir: &Path, node: &Node, mqtt_port: u16, tag: &str, mode: &str) -> NetManager {
-    ebpf_builder(dir, node, mqtt_port, tag)
-        .env("NETMANAGER_ATTACH_MODE", mode)
+/// `tag`, run as `variant` (attach mode and uplink hook, see attach_support).
+fn start(dir: &Path, node: &Node, mqtt_port: u16, tag: &str, variant: &str) -> NetManager {
+    with_variant(ebpf_builder(dir, node, mqtt_port, tag), variant)
         .start()
         .expect("NetManager")
 }
@@ -211,13 +220,18 @@ fn service_ip_across_two_nodes(mode: &str) {
 
     // The dataplane shows up in status, with its attach mode and hooks.
     let (_, st) = nm1.get("/status");
-    assert_eq!(st["dataplane"]["attach_mode"], json!(mode), "{st}");
+    assert_eq!(
+        st["dataplane"]["attach_mode"],
+        json!(attach_mode_of(mode)),
+        "{st}"
+    );
     let attachments = st["dataplane"]["attachments"].as_array().unwrap();
     assert!(
         attachments.contains(&json!(["uplink_ingress", UPLINK, hook_of(mode)])),
         "{st}"
     );
     let uplink_before = ingress_programs(&t.n1.ns, UPLINK);
+    assert_uplink_xdp(&t.n1.ns, UPLINK, mode);
 
     // An established connection survives kill -9 and restart of both daemons.
     let mut nm1 = nm1;
@@ -247,6 +261,7 @@ fn service_ip_across_two_nodes(mode: &str) {
         (hook_of(mode), "uplink_ingress")
     );
     assert_ne!(uplink_after[0].2, uplink_before[0].2, "not replaced");
+    assert_uplink_xdp(&t.n1.ns, UPLINK, mode);
     // And new connections work after the restart.
     assert_eq!(
         tcp_get(&client, "10.30.1.1", 7000).as_deref(),

@@ -8,6 +8,8 @@
 //!   are held and refused on the cluster's word, the others dropped as
 //!   forged); meanwhile a client on a node
 //!   this node has never heard of gets its first SYN through unretransmitted;
+//!   the same with the XDP program in front of the uplink, which drops the
+//!   forged ones before the stack;
 //! - a container sends with its neighbour's address: dropped;
 //! - one container churns through many short flows while another keeps a
 //!   long stream open: the stream arrives intact;
@@ -17,6 +19,8 @@
 //!   pending mark is left behind.
 //!
 //! Needs root, bpffs, mosquitto and python3.
+
+mod attach_support;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,7 +34,12 @@ use testkit::{
 };
 
 testkit::main! {
-    tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender: [Root, Bpffs, Mosquitto, Nft, Python3, Busybox],
+    tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender("tc")
+        as tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Busybox],
+    tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender("xdp")
+        as xdp_tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Busybox, Bpftool],
     a_container_cannot_send_as_its_neighbour: [Root, Bpffs, Mosquitto, Nft, Python3],
     one_containers_flow_churn_does_not_break_anothers_stream: [Root, Bpffs, Mosquitto, Nft, Python3, Busybox],
     a_miss_flood_from_one_container_leaves_the_node_answering: [Root, Bpffs, Mosquitto, Nft, Python3],
@@ -174,8 +183,16 @@ fn instance(
 }
 
 /// A NetManager with the eBPF dataplane in `node`, files named after
-/// `tag`, upstream's netcfg.json with `extra` fields on top.
-fn ebpf_daemon(dir: &Path, node: &Node, mqtt_port: u16, tag: &str, extra: Value) -> NetManager {
+/// `tag`, upstream's netcfg.json with `extra` fields on top, `hook` on the
+/// uplink ("tc" or "xdp", as `--uplink-hook` takes it).
+fn ebpf_daemon(
+    dir: &Path,
+    node: &Node,
+    mqtt_port: u16,
+    tag: &str,
+    extra: Value,
+    hook: &str,
+) -> NetManager {
     let mut netcfg = upstream_netcfg(mqtt_port);
     if let (Some(cfg), Some(extra)) = (netcfg.as_object_mut(), extra.as_object()) {
         cfg.extend(extra.clone());
@@ -185,6 +202,7 @@ fn ebpf_daemon(dir: &Path, node: &Node, mqtt_port: u16, tag: &str, extra: Value)
         .netcfg(netcfg)
         .dataplane(PinDir::new("nmt"))
         .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
+        .env("NETMANAGER_UPLINK_HOOK", hook)
         .start()
         .expect("NetManager")
 }
@@ -216,6 +234,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(tables: &[(&str, Value)], node1_config: Value) -> Cluster {
+        Self::with_hook(tables, node1_config, "tc")
+    }
+
+    /// [`Cluster::start`] with `hook` on both nodes' uplinks.
+    fn with_hook(tables: &[(&str, Value)], node1_config: Value, hook: &str) -> Cluster {
         let dir = testkit::temp_dir();
         let underlay = Underlay::new().expect("underlay");
         // Every host joins the underlay bridge before anyone talks over it:
@@ -234,8 +257,8 @@ impl Cluster {
             csm.set_table(job, table.clone());
         }
         let port = broker.port();
-        let nm1 = ebpf_daemon(dir.path(), &n1, port, "n1", node1_config);
-        let nm2 = ebpf_daemon(dir.path(), &n2, port, "n2", json!({}));
+        let nm1 = ebpf_daemon(dir.path(), &n1, port, "n1", node1_config, hook);
+        let nm2 = ebpf_daemon(dir.path(), &n2, port, "n2", json!({}), hook);
         for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
             let (code, body) = nm.post(
                 "/register",
@@ -349,9 +372,11 @@ fn stream_server(c: &ContainerProcess, port: u16) -> Proc {
 /// of an address no instance has. None reaches the container. Before that,
 /// a client on node 2 -- a node absent from node 1's tables -- connects to
 /// node 1's server: its first SYN is held, resolved and delivered, never
-/// retransmitted.
-fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
-    let c = Cluster::start(
+/// retransmitted. With the XDP hook, the XDP program drops the forged ones
+/// and a datagram that carries no IP packet before the stack sees them, and
+/// passes the held ones on to TC.
+fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender(hook: &str) {
+    let c = Cluster::with_hook(
         &[
             (
                 SERVER,
@@ -372,6 +397,7 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
             ),
         ],
         json!({}),
+        hook,
     );
     let (server, client) = (container(), container());
     deploy(&c.nm1, &server, SERVER, "10.18.0.2");
@@ -450,6 +476,18 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
             std::thread::sleep(Duration::from_millis(800));
         }
     }
+    // Not even a packet inside: the fast path has nothing to decapsulate.
+    c.attacker
+        .ns
+        .run(&[
+            "python3",
+            &send,
+            "-",
+            "198.51.100.1",
+            "50103",
+            "x-no-packet",
+        ])
+        .expect("the garbage datagram");
     std::thread::sleep(Duration::from_millis(800));
     legit("legit-2");
 
@@ -461,7 +499,20 @@ fn tunnel_datagrams_are_accepted_only_from_the_node_that_runs_the_sender() {
     );
     assert!(got.iter().any(|l| l == "legit-2 from 10.30.0.1"), "{got:?}");
     let counts = counters(&c.nm1);
-    assert!(counts["drop_forged_source"] >= 3, "{counts:?}");
+    if hook == "xdp" {
+        // Dropped in front of TC: TC never saw them.
+        assert!(counts["drop_xdp_forged_source"] >= 3, "{counts:?}");
+        assert_eq!(counts["drop_forged_source"], 0, "{counts:?}");
+        assert!(counts["drop_xdp_malformed"] >= 1, "{counts:?}");
+        assert_eq!(
+            attach_support::xdp_program(&c._nodes.0.ns, testkit::topology::UPLINK)
+                .map(|(_, name)| name),
+            Some("uplink_xdp".to_string())
+        );
+    } else {
+        assert!(counts["drop_forged_source"] >= 3, "{counts:?}");
+        assert_eq!(counts["drop_xdp_forged_source"], 0, "{counts:?}");
+    }
     let (_, st) = c.nm1.get("/status");
     let resolver = &st["resolver"];
     // forged-other-node, and at least one of the known instances.

@@ -6,13 +6,16 @@
 //! Every test builds its own underlay namespace (bridge, broker, cluster
 //! double) and node namespaces with unique names, and its daemons pin their
 //! dataplane under unique directories, so the tests run in parallel. Each
-//! runs in both attach modes (TCX links, classic tc filters).
+//! runs in both attach modes (TCX links, classic tc filters), and with the
+//! XDP program in front of the uplink program.
 
 mod attach_support;
 
 use std::time::{Duration, Instant};
 
-use attach_support::{assert_attach_mode, hook_of, ingress_programs};
+use attach_support::{
+    assert_attach_mode, assert_uplink_xdp, hook_of, ingress_programs, with_variant,
+};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use testkit::runners::upstream_netcfg;
@@ -27,22 +30,35 @@ testkit::main! {
         [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
     instance_moves_between_nodes("netlink") as netlink_instance_moves_between_nodes:
         [Root, Bpffs, Mosquitto, Nft, Python3],
+    instance_moves_between_nodes("xdp") as xdp_instance_moves_between_nodes:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
     survives_broker_restart("tcx") as tcx_survives_broker_restart:
         [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
     survives_broker_restart("netlink") as netlink_survives_broker_restart:
         [Root, Bpffs, Mosquitto, Nft, Python3],
+    survives_broker_restart("xdp") as xdp_survives_broker_restart:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
     long_transfer_survives_kill9("tcx") as tcx_long_transfer_survives_kill9:
         [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
     long_transfer_survives_kill9("netlink") as netlink_long_transfer_survives_kill9:
         [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
+    long_transfer_survives_kill9("xdp") as xdp_long_transfer_survives_kill9:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
+    // TCP's GSO datagrams through generic XDP, then TC's decapsulation.
+    long_transfer_survives_kill9("xdp-generic") as xdp_generic_long_transfer_survives_kill9:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
     stream_survives_the_uplink_moving("tcx") as tcx_stream_survives_the_uplink_moving:
         [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
     stream_survives_the_uplink_moving("netlink") as netlink_stream_survives_the_uplink_moving:
         [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
+    stream_survives_the_uplink_moving("xdp") as xdp_stream_survives_the_uplink_moving:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
     a_recreated_uplink_gets_its_program_back("tcx") as tcx_a_recreated_uplink_gets_its_program_back:
         [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
     a_recreated_uplink_gets_its_program_back("netlink") as netlink_a_recreated_uplink_gets_its_program_back:
         [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
+    a_recreated_uplink_gets_its_program_back("xdp") as xdp_a_recreated_uplink_gets_its_program_back:
+        [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool, Tcx],
 }
 
 const CLIENT: &str = "lfc.test.client.test";
@@ -131,8 +147,8 @@ impl Cluster {
                         .tag(&format!("n{}", i + 1))
                         .netcfg(upstream_netcfg(broker.port()))
                         .dataplane(PinDir::new("nmt"))
-                        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
-                        .env("NETMANAGER_ATTACH_MODE", mode);
+                        .env("NETMANAGER_ADDRESS_CHECK_SECS", "1");
+                b = with_variant(b, mode);
                 for (k, v) in env {
                     b = b.env(k, v);
                 }
@@ -568,6 +584,7 @@ fn long_transfer_survives_kill9(mode: &str) {
             (progs[0].0.as_str(), progs[0].1.as_str()),
             (hook_of(mode), "uplink_ingress")
         );
+        assert_uplink_xdp(&node.ns, UPLINK, mode);
     }
 
     wait_until("the transfer to end", Duration::from_secs(120), || {
@@ -655,6 +672,8 @@ fn stream_survives_the_uplink_moving(mode: &str) {
         (progs[0].0.as_str(), progs[0].1.as_str()),
         (hook_of(mode), "uplink_ingress")
     );
+    // The XDP program follows the uplink program.
+    assert_uplink_xdp(&cl.nodes[0].ns, "uplink1", mode);
     // A link that is down keeps its addresses, and the receive program
     // stays on every interface that carries one (at most once).
     let old = ingress_programs(&cl.nodes[0].ns, UPLINK);
@@ -739,6 +758,7 @@ fn a_recreated_uplink_gets_its_program_back(mode: &str) {
         (progs[0].0.as_str(), progs[0].1.as_str()),
         (hook_of(mode), "uplink_ingress")
     );
+    assert_uplink_xdp(&node.ns, UPLINK, mode);
     assert_eq!(
         tcp_get_until(&client, SERVER_RR, 7000, &want, Duration::from_secs(15)).as_deref(),
         Some(want.as_str()),

@@ -36,7 +36,7 @@ use crate::addresses::ServiceRanges;
 mod fields;
 mod tuncfg;
 
-use crate::dataplane::AttachMode;
+use crate::dataplane::{AttachMode, UplinkHook, XdpMode};
 pub use fields::check_url;
 use fields::*;
 pub use tuncfg::TunConfig;
@@ -288,6 +288,10 @@ pub struct Settings {
     pub service_ranges: ServiceRanges,
     /// TCX links, classic tc filters, or what the kernel has.
     pub attach_mode: AttachMode,
+    /// TC alone on the uplink, or XDP in front of it.
+    pub uplink_hook: UplinkHook,
+    /// The XDP mode with the XDP hook.
+    pub xdp_mode: XdpMode,
     /// PublicIPNetworking's discovery service: the flag, else netcfg.json's
     /// PublicIPDiscoveryUrl, else upstream's.
     pub public_ip_url: String,

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use super::AttachMode;
+use super::{AttachMode, UplinkHook, XdpMode};
 
 /// Map sizes (max entries).
 #[derive(Debug, Clone)]
@@ -54,6 +54,10 @@ pub struct DataplaneConfig {
     pub container_bridge: String,
     /// TCX links, classic tc filters, or whichever this kernel has.
     pub attach_mode: AttachMode,
+    /// TC alone on the uplink, or XDP in front of it.
+    pub uplink_hook: UplinkHook,
+    /// Native or generic XDP (with the XDP hook), or native where it can.
+    pub xdp_mode: XdpMode,
     /// Underlay prefixes (address, prefix length) trusted to send tunnel
     /// datagrams for any instance (netcfg.json `TunnelPeers`).
     pub trusted_peers: Vec<(IpAddr, u8)>,

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult};
+use aya::programs::{Program, TestRun, TestRunOptions, TestRunResult};
 use netmanager_common::Counter;
 
 use super::{Dataplane, DataplaneError, Result, SlowPathStatus};
@@ -95,13 +95,16 @@ impl Dataplane {
     /// tests and benchmarks.
     pub fn test_run(&self, program: &str, opts: TestRunOptions<'_>) -> Result<TestRunResult> {
         let state = self.lock();
-        let prog: &SchedClassifier = state
-            .ebpf
-            .program(program)
-            .ok_or_else(|| DataplaneError::Other(format!("no program {program}")))?
-            .try_into()
-            .map_err(|e| DataplaneError::bpf(format!("program {program}"), e))?;
-        prog.test_run(opts)
-            .map_err(|e| DataplaneError::bpf(format!("BPF_PROG_TEST_RUN of {program}"), e))
+        let ran = match state.ebpf.program(program) {
+            Some(Program::SchedClassifier(p)) => p.test_run(opts),
+            Some(Program::Xdp(p)) => p.test_run(opts),
+            Some(_) => {
+                return Err(DataplaneError::Other(format!(
+                    "program {program} cannot be test-run here"
+                )));
+            }
+            None => return Err(DataplaneError::Other(format!("no program {program}"))),
+        };
+        ran.map_err(|e| DataplaneError::bpf(format!("BPF_PROG_TEST_RUN of {program}"), e))
     }
 }

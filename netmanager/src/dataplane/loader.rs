@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use aya::programs::SchedClassifier;
+use aya::programs::{Program, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use netmanager_common::maps;
 
@@ -88,7 +88,19 @@ pub(super) fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
     const ATTEMPTS: u32 = 5;
     let mut attempt = 1;
     loop {
-        match program_mut(ebpf, name)?.load() {
+        let program = ebpf.program_mut(name).ok_or_else(|| {
+            DataplaneError::Other(format!("the eBPF object has no program {name}"))
+        })?;
+        let loaded = match program {
+            Program::Xdp(p) => p.load(),
+            Program::SchedClassifier(p) => p.load(),
+            _ => {
+                return Err(DataplaneError::Other(format!(
+                    "program {name} is of a type NetManager does not load"
+                )));
+            }
+        };
+        match loaded {
             Ok(()) => return Ok(()),
             Err(aya::programs::ProgramError::LoadError { io_error, .. })
                 if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
@@ -108,9 +120,16 @@ pub(super) fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut 
         .map_err(|e| DataplaneError::bpf(format!("program {name}"), e))
 }
 
+pub(super) fn xdp_program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::Other(format!("the eBPF object has no program {name}")))?
+        .try_into()
+        .map_err(|e| DataplaneError::bpf(format!("program {name}"), e))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::{CONTAINER_PROGRAM, MapSizes, SLOW_PATH_PROGRAM, UPLINK_PROGRAM};
+    use super::super::{MapSizes, PROGRAMS};
     use super::*;
     use netmanager_common::Counter;
 
@@ -173,7 +192,7 @@ mod tests {
     #[test]
     fn the_object_has_all_programs() {
         let obj = object();
-        for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM, SLOW_PATH_PROGRAM] {
+        for name in PROGRAMS {
             assert!(obj.programs.contains_key(name), "program {name}");
         }
     }

@@ -28,6 +28,7 @@ mod slow_path;
 mod slow_path_frame;
 mod tables;
 mod underlay;
+mod uplink_hook;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -41,10 +42,11 @@ pub use inspect::DataplaneStatus;
 pub use misses::{INJECT_DEVICE, MissReceiver};
 pub use netmanager_common::{MAP_NAMES, MissReason, ServiceKind};
 pub use slow_path::SlowPathStatus;
+pub use uplink_hook::{UplinkHook, XdpMode};
 
 use attach::Attachments;
 use background::Background;
-use loader::{expected_layouts, load, load_program, program_mut};
+use loader::{expected_layouts, load, load_program, program_mut, xdp_program_mut};
 use tables::Tables;
 use underlay::UnderlayState;
 
@@ -60,6 +62,17 @@ pub const CONTAINER_PROGRAM: &str = "container_egress";
 pub const UPLINK_PROGRAM: &str = "uplink_ingress";
 /// Program attached on the far end of the slow-path device.
 pub const SLOW_PATH_PROGRAM: &str = "slow_path_ingress";
+/// XDP program in front of [`UPLINK_PROGRAM`] wherever that is attached,
+/// with `--uplink-hook xdp`.
+pub const UPLINK_XDP_PROGRAM: &str = "uplink_xdp";
+/// Every program of the object, each loaded at start (the XDP one too,
+/// whatever the hook: the packet fixtures run it).
+pub const PROGRAMS: [&str; 4] = [
+    CONTAINER_PROGRAM,
+    UPLINK_PROGRAM,
+    SLOW_PATH_PROGRAM,
+    UPLINK_XDP_PROGRAM,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -172,7 +185,7 @@ impl Dataplane {
             }
         };
         pins::finish(&cfg.pin_dir, &decisions)?;
-        for name in [CONTAINER_PROGRAM, UPLINK_PROGRAM, SLOW_PATH_PROGRAM] {
+        for name in PROGRAMS {
             load_program(&mut ebpf, name)?;
         }
         // The reinjection pair first: the configuration names its
@@ -199,7 +212,7 @@ impl Dataplane {
             receive_interfaces: BTreeSet::new(),
         };
         state.attachments.forget_vanished()?;
-        tracing::info!(attach_mode = %mode, "dataplane loaded");
+        tracing::info!(attach_mode = %mode, uplink_hook = %cfg.uplink_hook, "dataplane loaded");
         let Some(inject) = inject else {
             return Ok(Dataplane {
                 _background: Vec::new(),
@@ -247,6 +260,13 @@ impl Dataplane {
             .unwrap_or_else(|p| p.into_inner())
             .attachments
             .sweep(UPLINK_PROGRAM)?;
+        // XDP links of interfaces no longer used, or all of them when the
+        // hook is TC now.
+        state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attachments
+            .sweep_xdp()?;
         let mut slow_counters = None;
         match slow_path::open_socket(cfg.tunnel_port) {
             Ok(socket) => {
@@ -437,8 +457,18 @@ impl Dataplane {
 }
 
 impl State {
+    /// Attaches `program` to `ifname`; the uplink program with the XDP
+    /// program in front of it when the hook is XDP.
     fn attach(&mut self, program: &str, ifname: &str) -> Result<()> {
         let prog = program_mut(&mut self.ebpf, program)?;
-        self.attachments.attach(prog, program, ifname)
+        self.attachments.attach(prog, program, ifname)?;
+        if program == UPLINK_PROGRAM && self.cfg.uplink_hook == UplinkHook::Xdp {
+            let xdp = xdp_program_mut(&mut self.ebpf, UPLINK_XDP_PROGRAM)?;
+            let mode = self
+                .attachments
+                .attach_xdp(xdp, ifname, self.cfg.xdp_mode)?;
+            tracing::debug!(interface = %ifname, xdp_mode = %mode, "XDP program attached");
+        }
+        Ok(())
     }
 }

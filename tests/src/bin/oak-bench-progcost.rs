@@ -94,6 +94,8 @@ fn main() -> Result<()> {
         },
         miss_hold: 2,
         attach_mode: netmanager::dataplane::AttachMode::Auto,
+        uplink_hook: Default::default(),
+        xdp_mode: Default::default(),
         container_bridge: String::new(),
         trusted_peers: Vec::new(),
         // One container opens every flow here.

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use anyhow::{Context, Result};
 use netmanager::dataplane::{
     AttachMode, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, ServiceKind,
+    UplinkHook, XdpMode,
 };
 use serde::Deserialize;
 
@@ -30,6 +31,12 @@ struct Table {
     /// "tcx", "netlink" or "auto" (the default), as NetManager's --attach-mode.
     #[serde(default)]
     attach_mode: AttachMode,
+    /// "tc" (the default) or "xdp", as NetManager's --uplink-hook.
+    #[serde(default)]
+    uplink_hook: UplinkHook,
+    /// "auto" (the default), "native" or "generic", as NetManager's --xdp-mode.
+    #[serde(default)]
+    xdp_mode: XdpMode,
     /// Underlay prefixes trusted to send tunnel datagrams for any instance
     /// (NetManager's `TunnelPeers`), as (address, prefix length).
     #[serde(default)]
@@ -85,6 +92,8 @@ fn main() -> Result<()> {
         sizes: MapSizes::default(),
         miss_hold: netmanager_common::DEFAULT_MISS_HOLD,
         attach_mode: table.attach_mode,
+        uplink_hook: table.uplink_hook,
+        xdp_mode: table.xdp_mode,
         container_bridge: "goProxyBridge".to_string(),
         trusted_peers: table.tunnel_peers.clone(),
         flows_per_container: 0,

@@ -1,0 +1,183 @@
+//! `uplink_xdp`: the XDP program in front of `uplink_ingress` on every
+//! interface that receives tunnel datagrams, when NetManager runs with
+//! `--uplink-hook xdp` (docs/dataplane.md, "The uplink hook: TC or XDP").
+//!
+//! It drops what must never reach the stack, before the kernel builds an
+//! skb for it (native mode) or before the stack looks at it (generic mode):
+//!
+//! - malformed tunnel datagrams: lengths that contradict each other or the
+//!   frame, or a payload that is no IPv4/IPv6 packet;
+//! - datagrams the sender check (`peers::check`, the very code
+//!   `uplink_ingress` runs, on the same bytes) rejects outright: forged
+//!   inner sources, inner sources outside every service range, unknown
+//!   senders for no container here.
+//!
+//! Everything else passes on unchanged: other traffic, tunnel datagrams the
+//! TC program accepts, and those from senders the tables do not name yet,
+//! which TC holds while NetManager asks the cluster (never dropped here).
+//!
+//! Not a multi-buffer (`xdp.frags`) program: in generic mode the kernel
+//! then hands it every skb linear, GSO ones included, and leaves them fit
+//! for TC's decapsulation (a frags program saw GSO tunnel datagrams that
+//! `uplink_ingress` could no longer decapsulate, measured in
+//! tests/scripts/xdp_uplink_cost.sh). The price: native mode does not
+//! attach to an interface whose MTU exceeds a page, and `--xdp-mode auto`
+//! takes generic there.
+//!
+//! Direct packet access throughout (`peers::Frame`): every offset is a
+//! constant at its read, checked against `data_end`.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    macros::xdp,
+    programs::XdpContext,
+};
+use netmanager_common::{Addr, Config, Counter};
+
+use crate::maps::{config, count};
+use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP};
+use crate::peers::{self, Frame};
+use crate::tunnel::{OUTER_V4_LEN, OUTER_V6_LEN, Outer, own_address};
+
+/// IPv4 header without options.
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const UDP_HLEN: usize = 8;
+
+#[xdp]
+pub fn uplink_xdp(ctx: XdpContext) -> u32 {
+    let Some(cfg) = config() else {
+        return XDP_PASS;
+    };
+    match screen(&ctx, cfg) {
+        None => XDP_PASS,
+        Some(reason) => {
+            count(reason, frame_len(&ctx) as u32);
+            XDP_DROP
+        }
+    }
+}
+
+/// The drop reason of a frame that must go, or None to pass it on.
+#[inline(always)]
+fn screen(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
+    let ethertype = u16::from_be_bytes(ctx.read::<2>(12)?);
+    match ethertype {
+        ETH_P_IP => screen_v4(ctx, cfg),
+        ETH_P_IPV6 => screen_v6(ctx, cfg),
+        _ => None,
+    }
+}
+
+/// A datagram over an IPv4 underlay. Options and fragments are not the fast
+/// path's either: the kernel reassembles them for the slow-path socket.
+#[inline(always)]
+fn screen_v4(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
+    let h = ctx.read::<{ OUTER_V4_LEN }>(ETH_HLEN)?;
+    if h[0] != 0x45 || h[9] != IPPROTO_UDP || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    if u16::from_be_bytes([h[22], h[23]]) != cfg.tunnel_port {
+        return None;
+    }
+    if !own_address(cfg, &Addr::from_v4_octets([h[16], h[17], h[18], h[19]])) {
+        return None;
+    }
+    // A tunnel datagram for this node from here on.
+    let ip_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    let udp_len = u16::from_be_bytes([h[24], h[25]]) as usize;
+    if ip_len < OUTER_V4_LEN
+        || ETH_HLEN + ip_len > frame_len(ctx)
+        || udp_len < UDP_HLEN
+        || udp_len > ip_len - IPV4_HLEN
+    {
+        return Some(Counter::XdpDropMalformed);
+    }
+    screen_inner::<{ ETH_HLEN + OUTER_V4_LEN }>(ctx, cfg, false, udp_len - UDP_HLEN)
+}
+
+/// A datagram over an IPv6 underlay (between our own workers). Extension
+/// headers go to the slow path, as on TC.
+#[inline(always)]
+fn screen_v6(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
+    let h = ctx.read::<{ OUTER_V6_LEN }>(ETH_HLEN)?;
+    if h[0] >> 4 != 6 || h[6] != IPPROTO_UDP {
+        return None;
+    }
+    if u16::from_be_bytes([h[42], h[43]]) != cfg.tunnel_port {
+        return None;
+    }
+    let mut dst = Addr::ZERO;
+    dst.bytes.copy_from_slice(&h[24..40]);
+    if !own_address(cfg, &dst) {
+        return None;
+    }
+    let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
+    let udp_len = u16::from_be_bytes([h[44], h[45]]) as usize;
+    if payload < UDP_HLEN
+        || ETH_HLEN + IPV6_HLEN + payload > frame_len(ctx)
+        || udp_len < UDP_HLEN
+        || udp_len > payload
+    {
+        return Some(Counter::XdpDropMalformed);
+    }
+    screen_inner::<{ ETH_HLEN + OUTER_V6_LEN }>(ctx, cfg, true, udp_len - UDP_HLEN)
+}
+
+/// The inner packet at `AT`, `len` bytes per the UDP header: an IPv4 or
+/// IPv6 packet that fits, from a sender the tables do not reject.
+#[inline(always)]
+fn screen_inner<const AT: usize>(
+    ctx: &XdpContext,
+    cfg: &Config,
+    outer_v6: bool,
+    len: usize,
+) -> Option<Counter> {
+    if len == 0 {
+        return Some(Counter::XdpDropMalformed);
+    }
+    let version = ctx.read::<1>(AT)?[0] >> 4;
+    let inner = if version == 4 {
+        if len < IPV4_HLEN {
+            return Some(Counter::XdpDropMalformed);
+        }
+        let h = ctx.read::<4>(AT)?;
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        let total = u16::from_be_bytes([h[2], h[3]]) as usize;
+        if ihl < IPV4_HLEN || total < ihl || total > len {
+            return Some(Counter::XdpDropMalformed);
+        }
+        ETH_P_IP
+    } else if version == 6 {
+        if len < IPV6_HLEN {
+            return Some(Counter::XdpDropMalformed);
+        }
+        let h = ctx.read::<6>(AT)?;
+        if IPV6_HLEN + u16::from_be_bytes([h[4], h[5]]) as usize > len {
+            return Some(Counter::XdpDropMalformed);
+        }
+        ETH_P_IPV6
+    } else {
+        return Some(Counter::XdpDropMalformed);
+    };
+    // The TC program's own sender check, on the same bytes.
+    let outer = Outer {
+        inner,
+        v6: outer_v6,
+    };
+    let mut inner_src = Addr::ZERO;
+    match peers::check(ctx, cfg, outer, &mut inner_src) {
+        // HOLD: TC holds it and NetManager asks the cluster.
+        peers::ACCEPT | peers::HOLD => None,
+        peers::FORGED => Some(Counter::XdpDropForgedSource),
+        peers::BAD_INNER_SOURCE => Some(Counter::XdpDropBadInnerSource),
+        peers::NOT_LOCAL => Some(Counter::XdpDropNotLocal),
+        _ => Some(Counter::XdpDropMalformed),
+    }
+}
+
+/// The frame's length (one buffer: see the module's comment on `frags`).
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    ctx.data_end() - ctx.data()
+}

@@ -1,0 +1,202 @@
+#!/bin/sh
+# Per-packet cost of the uplink hooks under real traffic, from the kernel's
+# BPF run-time statistics (run_time_ns / run_cnt): the TC program alone,
+# the XDP program in front of it (generic and native), and the floor of
+# each XDP mode (a do-nothing XDP program, tests/scripts/bpf_noop.py, in
+# front of the TC program). docs/dataplane.md, "The uplink hook: TC or XDP".
+#
+# The topology of real_prog_cost.sh: two namespace nodes on a private
+# underlay (198.51.100.0/24 inside namespaces only), a container behind
+# each, oak-static-dataplane on both. Node 2's dataplane is restarted with
+# each uplink configuration (adopting its pins, as NetManager does); the
+# traffic is iperf3 from container 1 to container 2's service address:
+# TCP (one stream) and UDP with 64-byte payloads. Node 2's uplink receives
+# it. A third run per configuration sends forged tunnel datagrams from a
+# host on the underlay (what XDP drops) with a UDP flood tool.
+#
+# Usage (root): tests/scripts/xdp_uplink_cost.sh path/to/oak-static-dataplane [SECONDS]
+# CONFIGS (environment) picks configurations by label, e.g. "tc xdp-native".
+# Names carry the shell's pid. kernel.bpf_stats_enabled is restored on exit.
+set -eu
+BIN=${1:?usage: $0 path/to/oak-static-dataplane [SECONDS]}
+SECS=${2:-10}
+HERE=$(cd "$(dirname "$0")" && pwd)
+P=oakxc$$
+PIN=/sys/fs/bpf/$P
+STATS_BEFORE=$(sysctl -n kernel.bpf_stats_enabled)
+PIDS=""
+DP2=""
+
+cleanup() {
+    for p in $PIDS $DP2; do kill "$p" 2>/dev/null || true; done
+    sleep 0.3
+    rm -rf "$PIN-n1" "$PIN-n2" "$PIN-noop" "/tmp/$P-"*
+    for n in c1 c2 n1 n2 a u; do ip netns del "$P-$n" 2>/dev/null || true; done
+    sysctl -qw kernel.bpf_stats_enabled="$STATS_BEFORE"
+}
+trap cleanup EXIT INT TERM
+
+nsx() { ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+for n in u n1 n2 a c1 c2; do ip netns add "$P-$n"; nsx "$P-$n" ip link set lo up; done
+nsx "$P-u" ip link add br0 type bridge
+nsx "$P-u" ip link set br0 up
+i=1
+for n in n1 n2 a; do
+    ip link add eth0 netns "$P-$n" type veth peer name "u-$n" netns "$P-u"
+    nsx "$P-u" ip link set "u-$n" master br0 up
+    nsx "$P-$n" ip addr add "198.51.100.$i/24" dev eth0
+    nsx "$P-$n" ip link set eth0 up
+    i=$((i + 1))
+done
+for n in n1 n2; do
+    nsx "$P-$n" sysctl -qw net.ipv4.ip_forward=1
+    nsx "$P-$n" ip link add goProxyBridge type bridge
+    nsx "$P-$n" ip link set goProxyBridge up
+done
+nsx "$P-n1" ip addr add 10.18.0.1/26 dev goProxyBridge
+nsx "$P-n2" ip addr add 10.18.0.65/26 dev goProxyBridge
+container() { # node ns ip gw last-octet
+    ip link add "veth-$2" netns "$P-$1" type veth peer name eth0 netns "$P-$2"
+    nsx "$P-$1" ip link set "veth-$2" master goProxyBridge up
+    nsx "$P-$2" ip link set eth0 address "02:00:0a:12:00:$5" mtu 1450 up
+    nsx "$P-$2" ip addr add "$3/26" dev eth0
+    nsx "$P-$2" ip route add default via "$4"
+}
+container n1 c1 10.18.0.2 10.18.0.1 02
+container n2 c2 10.18.0.66 10.18.0.65 42
+
+table() { # node node-ip local-ns local-inst local-veth local-mac remote-ns remote-inst remote-node hook mode
+    cat >"/tmp/$P-$1.json" <<JSON
+{"pin_dir": "$PIN-$1", "uplink": "eth0", "node_ip": "$2",
+ "uplink_hook": "${10}", "xdp_mode": "${11}",
+ "service_ranges": [["10.30.0.0", 16], ["fdff::", 16]],
+ "instances": [
+   {"ns_ip": "$3", "instance_ip": "$4", "node_ip": "$2", "veth": "$5", "mac": $6},
+   {"ns_ip": "$7", "instance_ip": "$8", "node_ip": "$9"}],
+ "services": [
+   {"ip": "10.30.55.56", "kind": "RR", "backends": ["10.18.0.66"]},
+   {"ip": "10.30.0.3", "kind": "instance_ip", "backends": ["10.18.0.2"]},
+   {"ip": "10.30.0.5", "kind": "instance_ip", "backends": ["10.18.0.66"]}]}
+JSON
+}
+
+start_dp() { # node -> pid
+    fifo=/tmp/$P-$1.ready
+    mkfifo "$fifo"
+    nsenter --net="/run/netns/$P-$1" "$BIN" "/tmp/$P-$1.json" >"$fifo" &
+    pid=$!
+    read -r line <"$fifo"
+    rm -f "$fifo"
+    [ "$line" = ready ] || { echo "dataplane on $1 did not start" >&2; exit 1; }
+    echo "$pid" >"/tmp/$P-$1.pid"
+}
+
+table n1 198.51.100.1 10.18.0.2 10.30.0.3 veth-c1 "[2,0,10,18,0,2]" 10.18.0.66 10.30.0.5 198.51.100.2 tc auto
+start_dp n1
+PIDS=$(cat "/tmp/$P-n1.pid")
+
+prog_at() { # pinned link -> program id
+    bpftool -j link show pinned "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prog_id"])'
+}
+xdp_id() { # ns ifname -> id of the XDP program there, or nothing
+    nsx "$1" bpftool -j net show dev "$2" | python3 -c 'import json,sys
+for e in json.load(sys.stdin):
+    for x in e.get("xdp", []):
+        print(x["id"])'
+}
+stat_of() { # id -> "run_time_ns run_cnt"
+    [ -n "$1" ] || { echo "0 0"; return; }
+    bpftool -j prog show id "$1" | python3 -c 'import json,sys
+p=json.load(sys.stdin); print(p.get("run_time_ns",0), p.get("run_cnt",0))'
+}
+
+# A host on the underlay that is no node sends tunnel datagrams whose inner
+# source node 2's tables place on node 1, for no container there: forged.
+FORGE=/tmp/$P-forge.py
+cat >"$FORGE" <<'PY'
+import socket, struct, sys, time
+end = time.time() + float(sys.argv[1])
+inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 29, 1, 0x4000, 64, 17, 0,
+                    socket.inet_aton("10.30.0.3"), socket.inet_aton("10.18.0.99"))
+inner += struct.pack("!HHHH", 1, 9, 9, 0) + b"x"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("198.51.100.3", 50103))
+n = 0
+while time.time() < end:
+    for _ in range(1000):
+        s.sendto(inner, ("198.51.100.2", 50103))
+    n += 1000
+print(n)
+PY
+
+measure() { # config label traffic
+    xdp=$(xdp_id "$P-n2" eth0)
+    tcid=$(prog_at "$PIN-n2/links/uplink_ingress@eth0")
+    case "$3" in
+        forged) ;;
+        *) nsx "$P-c2" iperf3 -s -D -1 >/dev/null 2>&1 || true; sleep 0.3 ;;
+    esac
+    sysctl -qw kernel.bpf_stats_enabled=1
+    x0=$(stat_of "$xdp"); t0=$(stat_of "$tcid")
+    case "$3" in
+        tcp) nsx "$P-c1" iperf3 -c 10.30.55.56 -t "$SECS" -J >"/tmp/$P-iperf.json" || true ;;
+        udp) nsx "$P-c1" iperf3 -c 10.30.55.56 -t "$SECS" -u -b 0 -l 64 -J >"/tmp/$P-iperf.json" || true ;;
+        forged) echo '{}' >"/tmp/$P-iperf.json"; nsx "$P-a" python3 "$FORGE" "$SECS" >/dev/null ;;
+    esac
+    x1=$(stat_of "$xdp"); t1=$(stat_of "$tcid")
+    sysctl -qw kernel.bpf_stats_enabled="$STATS_BEFORE"
+    python3 - "$1" "$2" "$x0" "$x1" "$t0" "$t1" "/tmp/$P-iperf.json" <<'PY'
+import json, sys
+cfg, label = sys.argv[1], sys.argv[2]
+def per(b, a):
+    t0, n0 = map(int, b.split()); t1, n1 = map(int, a.split())
+    n = n1 - n0
+    return ((t1 - t0) / n if n else 0.0), n
+try:
+    end = json.load(open(sys.argv[7])).get("end", {})
+    s = end.get("sum_received") or end.get("sum") or {}
+    rate = "%.2f Gbit/s" % (s.get("bits_per_second", 0) / 1e9) if s else "-"
+except Exception as e:
+    rate = "iperf3 failed: %s" % e
+xns, xn = per(sys.argv[3], sys.argv[4])
+tns, tn = per(sys.argv[5], sys.argv[6])
+print("%-22s %-8s xdp %6.1f ns x %9d   tc %6.1f ns x %9d   %s" % (cfg, label, xns, xn, tns, tn, rate))
+PY
+}
+
+counters() { # node 2's non-zero counters (index: packets), summed over CPUs
+    bpftool -j map dump pinned "$PIN-n2/COUNTERS" | python3 -c 'import json,sys
+out = []
+for e in json.load(sys.stdin):
+    n = sum(v["value"]["packets"] if isinstance(v["value"], dict) else int.from_bytes(bytes(int(b, 16) for b in v["value"][:8]), "little") for v in e["values"])
+    if n:
+        out.append("%s:%d" % (e["key"], n))
+print("  node 2 counters (index:packets):", " ".join(out))'
+}
+
+run_config() { # label hook xdp-mode noop(generic|native|"")
+    [ -n "$DP2" ] && kill "$DP2" && sleep 0.5
+    for m in xdpgeneric xdpdrv; do nsx "$P-n2" ip link set dev eth0 "$m" off 2>/dev/null || true; done
+    table n2 198.51.100.2 10.18.0.66 10.30.0.5 veth-c2 "[2,0,10,18,0,66]" 10.18.0.2 10.30.0.3 198.51.100.1 "$2" "$3"
+    start_dp n2
+    DP2=$(cat "/tmp/$P-n2.pid")
+    if [ -n "$4" ]; then
+        rm -f "$PIN-noop"
+        python3 "$HERE/bpf_noop.py" xdp "$PIN-noop"
+        case "$4" in generic) m=xdpgeneric ;; *) m=xdpdrv ;; esac
+        # nsenter, not ip netns exec: that remounts /sys, bpffs with it.
+        nsenter --net="/run/netns/$P-n2" ip link set dev eth0 "$m" pinned "$PIN-noop"
+    fi
+    nsx "$P-c1" busybox ping -c 1 -W 2 10.30.55.56 >/dev/null || true
+    for t in tcp udp forged; do measure "$1" "$t" "$t"; done
+    counters
+    if [ -n "$4" ]; then nsx "$P-n2" ip link set dev eth0 "$m" off; fi
+}
+
+want() { [ -z "${CONFIGS:-}" ] || case " $CONFIGS " in *" $1 "*) ;; *) return 1 ;; esac; }
+! want tc || run_config "tc" tc auto ""
+! want tc+noop-xdp-generic || run_config "tc+noop-xdp-generic" tc auto generic
+! want tc+noop-xdp-native || run_config "tc+noop-xdp-native" tc auto native
+! want xdp-generic || run_config "xdp-generic" xdp generic ""
+! want xdp-native || run_config "xdp-native" xdp native ""
