@@ -116,7 +116,11 @@ fn scenario(e: &E2e, api: &ControlClient, archive: &str) -> Result<()> {
         e_mem.to_string().contains("no worker can run it") && e_mem.to_string().contains("MiB"),
         "{e_mem:#}"
     );
-    ensure!(api.ps()? == json!([]), "a refused deploy left {}", api.ps()?);
+    ensure!(
+        api.ps()? == json!([]),
+        "a refused deploy left {}",
+        api.ps()?
+    );
 
     // Deploy: one instance, from the local archive, on worker 1.
     let deployed = api.deploy(&sla(&e.app, archive, 64), 1)?;
@@ -134,7 +138,10 @@ fn scenario(e: &E2e, api: &ControlClient, archive: &str) -> Result<()> {
     // ps: the service with its addresses, the instance's place and state.
     let ps = api.ps()?;
     let listed = &ps[0];
-    let rr = listed["rr_ip"].as_str().context("no RR address")?.to_string();
+    let rr = listed["rr_ip"]
+        .as_str()
+        .context("no RR address")?
+        .to_string();
     ensure!(rr.starts_with("10.30."), "{listed}");
     let inst = &listed["instances"][0];
     ensure!(

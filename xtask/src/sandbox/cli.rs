@@ -100,7 +100,10 @@ pub fn run(args: SandboxArgs, build_ebpf: impl FnOnce() -> Result<()>) -> Result
 pub fn workbench_command(action: Action, socket: &Path) -> Result<()> {
     let client = ControlClient::new(socket)?;
     match action {
-        Action::Deploy { sla: file, instances } => {
+        Action::Deploy {
+            sla: file,
+            instances,
+        } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let mut doc: Value = serde_json::from_str(&text)
@@ -122,7 +125,7 @@ pub fn workbench_command(action: Action, socket: &Path) -> Result<()> {
             let v = client.undeploy(&service)?;
             println!("undeployed {service}: instances {}", v["removed_instances"]);
         }
-        Action::Down => unreachable!("handled by run"),
+        Action::Down => bail!("`down` is not a workbench command"),
     }
     Ok(())
 }
@@ -233,10 +236,7 @@ fn deploy_samples(sb: &Sandbox, bench: &mut Workbench) -> Result<()> {
     for (n, w) in [(0, first), (1, second)] {
         c.deploy(&w.id, &echo_server(&w.ns), n)?;
     }
-    bench.adopt(
-        &echo_server("any"),
-        &[(0, first.index), (1, second.index)],
-    );
+    bench.adopt(&echo_server("any"), &[(0, first.index), (1, second.index)]);
     c.wait_instances(SERVER_JOB, 2)
         .context("the echo instances did not come up")?;
     let (rr, _) = c.service_ips(SERVER_JOB);
@@ -342,7 +342,7 @@ fn monitor(sb: &Sandbox, bench: &mut Workbench, control: &ControlServer) {
                 return;
             }
             control.answer(Duration::from_millis(100), |op| {
-                println!("==> workbench: {op:?}");
+                println!("==> workbench: {}", op.describe());
                 let answer = bench.handle(sb, op);
                 if let Err(e) = &answer {
                     println!("==> workbench: {e:#}");

@@ -45,6 +45,28 @@ pub enum Op {
     Undeploy { service: String },
 }
 
+impl Op {
+    /// One line for the sandbox's console.
+    pub fn describe(&self) -> String {
+        match self {
+            Op::Deploy { sla, instances } => {
+                let names: Vec<String> = sla["applications"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|a| a["microservices"].as_array().into_iter().flatten())
+                    .filter_map(|m| m["microservice_name"].as_str().map(str::to_string))
+                    .collect();
+                format!("deploy {names:?}, {instances} instance(s) each")
+            }
+            Op::Ps => "ps".into(),
+            Op::Scale { service, instances } => format!("scale {service} to {instances}"),
+            Op::Logs { service, instance } => format!("logs of {service} instance {instance}"),
+            Op::Undeploy { service } => format!("undeploy {service}"),
+        }
+    }
+}
+
 struct Call {
     op: Op,
     reply: tokio::sync::oneshot::Sender<Result<Value, String>>,
@@ -204,7 +226,10 @@ async fn scale(
     call(&c, Op::Scale { service, instances }).await
 }
 
-async fn logs(State(c): State<Calls>, UrlPath((service, instance)): UrlPath<(String, u64)>) -> Answer {
+async fn logs(
+    State(c): State<Calls>,
+    UrlPath((service, instance)): UrlPath<(String, u64)>,
+) -> Answer {
     call(&c, Op::Logs { service, instance }).await
 }
 
@@ -244,7 +269,10 @@ impl ControlClient {
 
     pub fn scale(&self, service: &str, instances: u64) -> Result<Value> {
         let target = format!("/services/{}/scale", segment(service)?);
-        self.json(self.http.post_json(&target, &json!({"instances": instances})))
+        self.json(
+            self.http
+                .post_json(&target, &json!({"instances": instances})),
+        )
     }
 
     pub fn logs(&self, service: &str, instance: u64) -> Result<Value> {
@@ -300,7 +328,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let server = ControlServer::start(&dir.path().join(SOCKET)).unwrap();
         let client = ControlClient::new(server.socket()).unwrap();
-        let mode = std::fs::metadata(server.socket()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(server.socket())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let worker = std::thread::spawn(move || {
             let mut seen = Vec::new();
@@ -327,10 +358,7 @@ mod tests {
         assert_eq!(
             seen,
             [
-                Op::Deploy {
-                    sla,
-                    instances: 2
-                },
+                Op::Deploy { sla, instances: 2 },
                 Op::Ps,
                 Op::Scale {
                     service: "a.b.c.d".into(),

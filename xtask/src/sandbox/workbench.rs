@@ -260,12 +260,7 @@ impl Workbench {
 
     /// Every service: addresses, instances, where they run and their state.
     pub fn ps(&self, sb: &Sandbox) -> Value {
-        Value::Array(
-            self.services
-                .keys()
-                .map(|j| self.describe(sb, j))
-                .collect(),
-        )
+        Value::Array(self.services.keys().map(|j| self.describe(sb, j)).collect())
     }
 
     /// The output of instance `n` of `job` (NodeEngine's log file for it).
