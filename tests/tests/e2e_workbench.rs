@@ -3,7 +3,8 @@
 //! sandbox's control API (the socket `cargo xtask sandbox deploy|ps|...`
 //! talk to) onto two real workers; reached through its service address
 //! from another container, scaled up and down, its log read, undeployed
-//! until its service address stops answering. Each worker's metrics
+//! until its service address stops answering; an image from a registry
+//! that does not answer fails with the worker's reason. Each worker's metrics
 //! endpoints show live dataplane counters and deploy figures.
 
 use std::collections::BTreeSet;
@@ -40,6 +41,14 @@ fn sla(app: &str, archive: &str, memory: u64) -> Value {
             }]
         }]
     })
+}
+
+/// The error of a call that must be refused.
+fn refused(call: Result<Value>) -> Result<String> {
+    match call {
+        Ok(v) => anyhow::bail!("accepted: {v}"),
+        Err(e) => Ok(format!("{e:#}")),
+    }
 }
 
 /// Which instance answered (`hello from instance-<n>`).
@@ -111,16 +120,24 @@ fn scenario(e: &E2e, api: &ControlClient, archive: &str) -> Result<()> {
     let (w1, w2) = (e.worker(1), e.worker(2));
 
     // Asking too much is refused with each worker's reason; nothing stays.
-    let e_mem = api.deploy(&sla(&e.app, archive, 1 << 40), 1).unwrap_err();
+    let e_mem = refused(api.deploy(&sla(&e.app, archive, 1 << 40), 1))?;
     ensure!(
-        e_mem.to_string().contains("no worker can run it") && e_mem.to_string().contains("MiB"),
-        "{e_mem:#}"
+        e_mem.contains("no worker can run it") && e_mem.contains("MiB"),
+        "{e_mem}"
     );
     ensure!(
         api.ps()? == json!([]),
         "a refused deploy left {}",
         api.ps()?
     );
+
+    // A registry nobody answers at: the worker's pull error comes back.
+    let why = refused(api.deploy(&sla(&e.app, "127.0.0.1:5999/oak/none:1", 64), 1))?;
+    ensure!(
+        why.contains("failed on a worker") && why.contains("127.0.0.1:5999/oak/none:1"),
+        "{why}"
+    );
+    ensure!(api.ps()? == json!([]), "a failed deploy left {}", api.ps()?);
 
     // Deploy: one instance, from the local archive, on worker 1.
     let deployed = api.deploy(&sla(&e.app, archive, 64), 1)?;
@@ -132,8 +149,8 @@ fn scenario(e: &E2e, api: &ControlClient, archive: &str) -> Result<()> {
         svc["image"]
     );
     ensure!(placement(svc) == [(0, 1)], "{svc}");
-    let again = api.deploy(&sla(&e.app, archive, 64), 1).unwrap_err();
-    ensure!(again.to_string().contains("already deployed"), "{again:#}");
+    let again = refused(api.deploy(&sla(&e.app, archive, 64), 1))?;
+    ensure!(again.contains("already deployed"), "{again}");
 
     // ps: the service with its addresses, the instance's place and state.
     let ps = api.ps()?;
@@ -215,7 +232,7 @@ fn scenario(e: &E2e, api: &ControlClient, archive: &str) -> Result<()> {
         }
         Ok(())
     })?;
-    let unknown = api.scale(&job, 1).unwrap_err();
-    ensure!(unknown.to_string().contains("no service"), "{unknown:#}");
+    let unknown = refused(api.scale(&job, 1))?;
+    ensure!(unknown.contains("no service"), "{unknown}");
     Ok(())
 }

@@ -176,8 +176,9 @@ impl Workbench {
             "instances must be 0..={MAX_INSTANCES}"
         );
         let have = self.service(job)?.instances.len() as u64;
+        let mut started = Vec::new();
         if count > have {
-            self.grow(sb, job, count - have)?;
+            started = self.grow(sb, job, count - have)?;
         } else {
             let doomed: Vec<u64> = self
                 .service(job)?
@@ -192,10 +193,15 @@ impl Workbench {
             }
         }
         sb.cluster.wait_instances(job, count as usize)?;
+        // NetManager may report an instance before NodeEngine does.
+        for n in started {
+            sb.cluster.wait_status(job, n, "CREATED", 1)?;
+        }
         Ok(self.describe(sb, job))
     }
 
-    fn grow(&mut self, sb: &Sandbox, job: &str, more: u64) -> Result<()> {
+    /// Places and deploys `more` instances; their numbers.
+    fn grow(&mut self, sb: &Sandbox, job: &str, more: u64) -> Result<Vec<u64>> {
         let candidates = self.candidates(sb);
         let svc = self.service(job)?;
         let workers = place(&candidates, &svc.spec.requirements, more as usize)
@@ -207,6 +213,7 @@ impl Workbench {
             environment: svc.spec.environment.clone(),
         };
         let document = svc.spec.document.clone();
+        let mut numbers = Vec::new();
         for index in workers {
             let w = sb.worker(index)?;
             let svc = self.service_mut(job)?;
@@ -216,8 +223,9 @@ impl Workbench {
             sb.cluster
                 .deploy_with(&w.id, &spec, n, &document)
                 .with_context(|| format!("deploying {job} instance {n} on worker {index}"))?;
+            numbers.push(n);
         }
-        Ok(())
+        Ok(numbers)
     }
 
     /// Undeploys instance `n` and waits for its worker's UNDEPLOYED.
