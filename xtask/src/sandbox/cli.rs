@@ -99,7 +99,7 @@ pub fn run(args: SandboxArgs, build_ebpf: impl FnOnce() -> Result<()>) -> Result
 /// One workbench command against the sandbox listening on `socket`.
 pub fn workbench_command(action: Action, socket: &Path) -> Result<()> {
     let client = ControlClient::new(socket)?;
-    match action {
+    let text = match action {
         Action::Deploy {
             sla: file,
             instances,
@@ -110,31 +110,47 @@ pub fn workbench_command(action: Action, socket: &Path) -> Result<()> {
                 .with_context(|| format!("{} is not JSON", file.display()))?;
             let base = file.parent().unwrap_or(Path::new("."));
             sla::resolve_archives(&mut doc, base);
-            print_services(&client.deploy(&doc, instances)?);
+            services_text(&client.deploy(&doc, instances)?)
         }
-        Action::Ps { json: true } => println!("{:#}", client.ps()?),
-        Action::Ps { json: false } => print_services(&client.ps()?),
+        Action::Ps { json: true } => format!("{:#}\n", client.ps()?),
+        Action::Ps { json: false } => services_text(&client.ps()?),
         Action::Logs { service, instance } => {
             let v = client.logs(&service, instance)?;
-            print!("{}", v["log"].as_str().unwrap_or(""));
+            v["log"].as_str().unwrap_or("").to_string()
         }
         Action::Scale { service, instances } => {
-            print_services(&Value::Array(vec![client.scale(&service, instances)?]));
+            services_text(&Value::Array(vec![client.scale(&service, instances)?]))
         }
         Action::Undeploy { service } => {
             let v = client.undeploy(&service)?;
-            println!("undeployed {service}: instances {}", v["removed_instances"]);
+            format!(
+                "undeployed {service}: instances {}\n",
+                v["removed_instances"]
+            )
         }
         Action::Down => bail!("`down` is not a workbench command"),
+    };
+    emit(&text)
+}
+
+/// Writes `text` to stdout; a reader that went away (`ps | head`) is fine.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// `ps` as text: one line per service, one per instance.
-fn print_services(services: &Value) {
+fn services_text(services: &Value) -> String {
+    use std::fmt::Write;
     let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let mut out = String::new();
     for svc in services.as_array().into_iter().flatten() {
-        println!(
+        let _ = writeln!(
+            out,
             "{}  image {}  RR {} {}  Closest {} {}",
             s(&svc["service"]),
             s(&svc["image"]),
@@ -144,7 +160,8 @@ fn print_services(services: &Value) {
             s(&svc["closest_ip_v6"])
         );
         for i in svc["instances"].as_array().into_iter().flatten() {
-            println!(
+            let _ = writeln!(
+                out,
                 "  instance {}  worker {} ({})  {}  instance_ip {} {}  namespace {} {}",
                 i["instance"],
                 i["worker"],
@@ -157,6 +174,7 @@ fn print_services(services: &Value) {
             );
         }
     }
+    out
 }
 
 fn workspace_root() -> PathBuf {
