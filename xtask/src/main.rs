@@ -55,7 +55,8 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// A whole cluster on this machine: cluster double, N workers, sample services (needs root).
+    /// A whole cluster on this machine: cluster double, N workers, sample services, and a
+    /// workbench for your own SLAs (deploy, ps, logs, scale, undeploy); needs root.
     Sandbox(xtask::sandbox::cli::SandboxArgs),
     /// Overlay throughput, latency, per-packet cost and footprint against baselines (needs root).
     Bench(bench::Args),

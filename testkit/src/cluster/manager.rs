@@ -188,6 +188,12 @@ impl Manager {
         self.instances.remove(&(job.to_string(), n));
     }
 
+    /// Drops every instance and report of `job`.
+    pub fn forget(&mut self, job: &str) {
+        self.instances.retain(|(j, _), _| j != job);
+        self.reports.retain(|r| r.body["sname"] != job);
+    }
+
     /// Marks instances not heard of within the window FAILED; returns them.
     pub fn expire(&mut self, now: Instant) -> Vec<(String, u64)> {
         let window = self.failure_window;

@@ -281,14 +281,42 @@ impl ClusterDouble {
 
     /// Schedules instance `n` of `job` on `node` (`control/deploy`).
     pub fn deploy(&self, node: &str, job: &JobSpec, n: u64) -> Result<()> {
+        self.deploy_with(node, job, n, &serde_json::Map::new())
+    }
+
+    /// As [`ClusterDouble::deploy`], with the document's fields in
+    /// `overrides` (virtualization, memory, port, ...) set as given.
+    pub fn deploy_with(
+        &self,
+        node: &str,
+        job: &JobSpec,
+        n: u64,
+        overrides: &serde_json::Map<String, Value>,
+    ) -> Result<()> {
         let doc = {
             let mut g = self.lock();
             let (rr, _) = g.services.service_ips(&job.job_name);
+            let mut doc = job_document(job, n, &rr)?;
+            for (k, v) in overrides {
+                doc[k] = v.clone();
+            }
             g.services.schedule(&job.job_name, n, node);
             g.manager.schedule(&job.job_name, n, node, Instant::now());
-            job_document(job, n, &rr)?
+            doc
         };
         self.publish(&format!("nodes/{node}/control/deploy"), doc.to_string())
+    }
+
+    /// Forgets `job` once its instances are gone, as upstream drops an
+    /// undeployed service: its service addresses no longer resolve (table
+    /// queries about them answer an empty table), and its reports go, so a
+    /// service deployed again under the same name starts afresh. Whether
+    /// the service manager knew it.
+    pub fn forget_job(&self, job: &str) -> bool {
+        let mut g = self.lock();
+        g.manager.forget(job);
+        g.deployed.retain(|(j, _, _)| j != job);
+        g.services.forget(job)
     }
 
     /// Sends `node` a deploy document as is (fields [`JobSpec`] does not

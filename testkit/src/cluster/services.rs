@@ -192,6 +192,14 @@ impl Services {
             .is_some_and(|j| j.instances.remove(&n).is_some())
     }
 
+    /// Drops `job`, its service addresses and its instances' addresses
+    /// (later queries about them find nothing); whether it was known.
+    pub fn forget(&mut self, job: &str) -> bool {
+        self.instance_ips.retain(|(j, _), _| j != job);
+        self.tables.remove(job);
+        self.jobs.remove(job).is_some()
+    }
+
     /// `service/deployed`: the instance's addresses; the job to announce as
     /// changed. Upstream updates only instances it scheduled; reports of
     /// others are dropped.
@@ -426,6 +434,25 @@ mod tests {
             s.table_query("n", &json!({"sname": "a.b.c.d"}))["instance_list"],
             json!([])
         );
+    }
+
+    #[test]
+    fn a_forgotten_job_no_longer_resolves() {
+        let mut s = Services::default();
+        let (rr, closest) = s.service_ips("a.b.c.d");
+        s.schedule("a.b.c.d", 0, "node1");
+        s.deployed(&deployed("a.b.c.d", 0, "10.18.0.66"));
+        let iip = s.instance_ip("a.b.c.d", 0);
+        assert!(s.forget("a.b.c.d"));
+        assert!(!s.forget("a.b.c.d"));
+        for ip in [&rr.0, &rr.1, &closest.0, &iip.0] {
+            let t = s.table_query("n", &json!({"sname": "", "sip": ip}));
+            assert_eq!(t["app_name"], "", "{ip}");
+            assert_eq!(t["instance_list"], json!([]), "{ip}");
+        }
+        // Deployed again, it gets fresh addresses.
+        let (rr2, _) = s.service_ips("a.b.c.d");
+        assert_ne!(rr, rr2);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `cargo xtask sandbox [--workers N] [--external-mosquitto]` and
-//! `cargo xtask sandbox down`.
+//! `cargo xtask sandbox [--workers N] [--external-mosquitto]`, `cargo
+//! xtask sandbox down`, and the workbench commands that talk to a running
+//! sandbox: `deploy SLA.json`, `ps`, `logs`, `scale`, `undeploy`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,9 +17,11 @@ use testkit::topology::UNDERLAY_GATEWAY;
 use worker_common::privileges::require_root;
 
 use super::broker::MQTT_PORT;
+use super::control::{ControlClient, ControlServer, SOCKET};
 use super::sample_services::{CLIENT_JOB, SERVER_JOB, client, echo_server};
+use super::workbench::Workbench;
 use super::workers::Binaries;
-use super::{Options, Sandbox};
+use super::{Options, Sandbox, sla};
 
 pub const RUN_DIR: &str = "/run/oak-sandbox";
 pub const PREFIX: &str = "oaksb";
@@ -40,6 +43,38 @@ pub struct SandboxArgs {
 pub enum Action {
     /// Remove what a crashed sandbox left behind (namespaces, pins, processes, mounts).
     Down,
+    /// Deploy the microservices of an upstream Oakestra SLA (JSON) on the
+    /// running sandbox; `code` may name a local OCI archive.
+    Deploy {
+        sla: PathBuf,
+        /// Instances of each microservice.
+        #[arg(long, default_value_t = 1)]
+        instances: u64,
+    },
+    /// List services, their instances, placement, status and addresses.
+    Ps {
+        /// Print the sandbox's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an instance's output.
+    Logs {
+        /// app.appns.service.servicens
+        service: String,
+        #[arg(long, default_value_t = 0)]
+        instance: u64,
+    },
+    /// Change a service's instance count (up or down).
+    Scale {
+        /// app.appns.service.servicens
+        service: String,
+        instances: u64,
+    },
+    /// Remove a service: every instance, and its service addresses.
+    Undeploy {
+        /// app.appns.service.servicens
+        service: String,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -57,7 +92,89 @@ pub fn run(args: SandboxArgs, build_ebpf: impl FnOnce() -> Result<()>) -> Result
     match args.action {
         Some(Action::Down) => down(),
         None => up(&args, build_ebpf),
+        Some(other) => workbench_command(other, &Path::new(RUN_DIR).join(SOCKET)),
     }
+}
+
+/// One workbench command against the sandbox listening on `socket`.
+pub fn workbench_command(action: Action, socket: &Path) -> Result<()> {
+    let client = ControlClient::new(socket)?;
+    let text = match action {
+        Action::Deploy {
+            sla: file,
+            instances,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let mut doc: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
+            let base = file.parent().unwrap_or(Path::new("."));
+            sla::resolve_archives(&mut doc, base);
+            services_text(&client.deploy(&doc, instances)?)
+        }
+        Action::Ps { json: true } => format!("{:#}\n", client.ps()?),
+        Action::Ps { json: false } => services_text(&client.ps()?),
+        Action::Logs { service, instance } => {
+            let v = client.logs(&service, instance)?;
+            v["log"].as_str().unwrap_or("").to_string()
+        }
+        Action::Scale { service, instances } => {
+            services_text(&Value::Array(vec![client.scale(&service, instances)?]))
+        }
+        Action::Undeploy { service } => {
+            let v = client.undeploy(&service)?;
+            format!(
+                "undeployed {service}: instances {}\n",
+                v["removed_instances"]
+            )
+        }
+        Action::Down => bail!("`down` is not a workbench command"),
+    };
+    emit(&text)
+}
+
+/// Writes `text` to stdout; a reader that went away (`ps | head`) is fine.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
+}
+
+/// `ps` as text: one line per service, one per instance.
+fn services_text(services: &Value) -> String {
+    use std::fmt::Write;
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let mut out = String::new();
+    for svc in services.as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{}  image {}  RR {} {}  Closest {} {}",
+            s(&svc["service"]),
+            s(&svc["image"]),
+            s(&svc["rr_ip"]),
+            s(&svc["rr_ip_v6"]),
+            s(&svc["closest_ip"]),
+            s(&svc["closest_ip_v6"])
+        );
+        for i in svc["instances"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  instance {}  worker {} ({})  {}  instance_ip {} {}  namespace {} {}",
+                i["instance"],
+                i["worker"],
+                s(&i["node"]),
+                s(&i["status"]),
+                s(&i["instance_ip"]),
+                s(&i["instance_ip_v6"]),
+                s(&i["namespace_ip"]),
+                s(&i["namespace_ip_v6"])
+            );
+        }
+    }
+    out
 }
 
 fn workspace_root() -> PathBuf {
@@ -111,18 +228,22 @@ fn up(args: &SandboxArgs, build_ebpf: impl FnOnce() -> Result<()>) -> Result<()>
     let started = Instant::now();
     let sb = Sandbox::start(&options, &mut |step| println!("==> {step}"))?;
     write_state(&sb)?;
-    deploy_samples(&sb)?;
+    let mut bench = Workbench::default();
+    deploy_samples(&sb, &mut bench)?;
+    let control = ControlServer::start(&Path::new(RUN_DIR).join(SOCKET))?;
     print_summary(&sb, started.elapsed());
-    monitor(&sb);
+    monitor(&sb, &mut bench, &control);
     println!("\n==> stopping: workers, containers, namespaces, pins");
+    drop(control);
     drop(sb);
     let _ = std::fs::remove_dir_all(RUN_DIR);
     println!("==> sandbox stopped");
     Ok(())
 }
 
-/// Two echo instances on different workers, one client on worker 1.
-fn deploy_samples(sb: &Sandbox) -> Result<()> {
+/// Two echo instances on different workers, one client on worker 1; the
+/// workbench knows them as if deployed through it.
+fn deploy_samples(sb: &Sandbox, bench: &mut Workbench) -> Result<()> {
     let c = &sb.cluster;
     let first = sb.worker(1)?;
     let second = sb.workers.get(1).unwrap_or(first);
@@ -133,6 +254,7 @@ fn deploy_samples(sb: &Sandbox) -> Result<()> {
     for (n, w) in [(0, first), (1, second)] {
         c.deploy(&w.id, &echo_server(&w.ns), n)?;
     }
+    bench.adopt(&echo_server("any"), &[(0, first.index), (1, second.index)]);
     c.wait_instances(SERVER_JOB, 2)
         .context("the echo instances did not come up")?;
     let (rr, _) = c.service_ips(SERVER_JOB);
@@ -141,6 +263,7 @@ fn deploy_samples(sb: &Sandbox) -> Result<()> {
         rr.0
     );
     c.deploy(&first.id, &client(&rr.0), 0)?;
+    bench.adopt(&client(&rr.0), &[(0, first.index)]);
     c.wait_status(CLIENT_JOB, 0, "CREATED", 1)
 }
 
@@ -187,6 +310,11 @@ fn print_summary(sb: &Sandbox, took: Duration) {
             "   status: NETMANAGER_SOCKET={} NetManager status",
             w.socket.display()
         );
+        println!(
+            "   metrics: ip netns exec {ns} curl -s 127.0.0.1:9102/metrics (NetManager), \
+             127.0.0.1:9103/metrics (NodeEngine); /readyz for health",
+            ns = w.ns
+        );
     }
     for job in [SERVER_JOB, CLIENT_JOB] {
         let (rr, closest) = c.service_ips(job);
@@ -202,11 +330,16 @@ fn print_summary(sb: &Sandbox, took: Duration) {
             );
         }
     }
+    println!(
+        "\nworkbench (another shell): cargo xtask sandbox deploy SLA.json [--instances N] | ps | \
+         logs SERVICE [--instance N] | scale SERVICE N | undeploy SERVICE"
+    );
     println!("\nCtrl-C stops everything.\n");
 }
 
-/// Prints counters and the client's latest answer until Ctrl-C.
-fn monitor(sb: &Sandbox) {
+/// Prints counters and the client's latest answer every 3 s and answers
+/// workbench calls, until Ctrl-C.
+fn monitor(sb: &Sandbox, bench: &mut Workbench, control: &ControlServer) {
     while !STOP.load(Ordering::SeqCst) {
         let client_log = sb.workers.first().map(|w| w.app_log(CLIENT_JOB, 0));
         let last = client_log
@@ -221,11 +354,19 @@ fn monitor(sb: &Sandbox) {
                 counters(w.status().ok())
             );
         }
-        for _ in 0..30 {
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
             if STOP.load(Ordering::SeqCst) {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(100));
+            control.answer(Duration::from_millis(100), |op| {
+                println!("==> workbench: {}", op.describe());
+                let answer = bench.handle(sb, op);
+                if let Err(e) = &answer {
+                    println!("==> workbench: {e:#}");
+                }
+                answer
+            });
         }
     }
 }

@@ -6,7 +6,11 @@
 
 pub mod broker;
 pub mod cli;
+pub mod control;
+pub mod placement;
 pub mod sample_services;
+pub mod sla;
+pub mod workbench;
 pub mod workers;
 
 use std::net::SocketAddr;
