@@ -2,8 +2,8 @@
 # Per-packet cost of the uplink hooks under real traffic, from the kernel's
 # BPF run-time statistics (run_time_ns / run_cnt): the TC program alone,
 # the XDP program in front of it (generic and native), and the floor of
-# each XDP mode (a do-nothing XDP program, tests/scripts/bpf_noop.py, in
-# front of the TC program). docs/dataplane.md, "The uplink hook: TC or XDP".
+# each XDP mode (a do-nothing XDP program, `oak-bench-floor --xdp`, built
+# next to oak-static-dataplane, in front of the TC program). docs/dataplane.md, "The uplink hook: TC or XDP".
 #
 # The topology of real_prog_cost.sh: two namespace nodes on a private
 # underlay (198.51.100.0/24 inside namespaces only), a container behind
@@ -183,7 +183,7 @@ run_config() { # label hook xdp-mode noop(generic|native|"")
     DP2=$(cat "/tmp/$P-n2.pid")
     if [ -n "$4" ]; then
         rm -f "$PIN-noop"
-        python3 "$HERE/bpf_noop.py" xdp "$PIN-noop"
+        "$(dirname "$BIN")/oak-bench-floor" --xdp "$PIN-noop" >/dev/null
         case "$4" in generic) m=xdpgeneric ;; *) m=xdpdrv ;; esac
         # nsenter, not ip netns exec: that remounts /sys, bpffs with it.
         nsenter --net="/run/netns/$P-n2" ip link set dev eth0 "$m" pinned "$PIN-noop"

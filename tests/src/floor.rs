@@ -1,6 +1,6 @@
 //! Bench-only: the floor of the per-packet cost measurements -- a TC
-//! program that does nothing (`return TCX_NEXT`), on the same hook as the
-//! program it is compared with, so both are measured in one run under the
+//! program that does nothing (`return TCX_NEXT`), or an XDP one
+//! (`return XDP_PASS`), on the same hook as the program it is compared with, so both are measured in one run under the
 //! same conditions (BPF statistics on, same traffic, same CPU load).
 //!
 //! Two instructions, loaded through the bpf(2) syscall directly: no object
@@ -18,12 +18,22 @@ const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_TCX_INGRESS: u32 = 46;
 /// tcx: insert before `relative_fd`, or first of all when it is 0.
 const BPF_F_BEFORE: u32 = 1 << 3;
 
 /// `r0 = -1` (TCX_NEXT / TC_ACT_UNSPEC: the next program decides); `exit`.
 const NOOP: [u64; 2] = [0xb7 | (0xffff_ffffu64 << 32), 0x95];
+/// `r0 = 2` (XDP_PASS); `exit`.
+const NOOP_XDP: [u64; 2] = [0xb7 | (2u64 << 32), 0x95];
+
+/// Which hook the do-nothing program is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Tc,
+    Xdp,
+}
 
 /// The loaded do-nothing program.
 pub struct Floor {
@@ -60,13 +70,22 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
 }
 
 impl Floor {
-    /// Loads the program (root).
+    /// Loads the TC program (root).
     pub fn load() -> Result<Floor> {
+        Floor::load_for(Hook::Tc)
+    }
+
+    /// Loads the program for `hook` (root).
+    pub fn load_for(hook: Hook) -> Result<Floor> {
         let license = CString::new("GPL").expect("no NUL");
+        let (prog_type, insns) = match hook {
+            Hook::Tc => (BPF_PROG_TYPE_SCHED_CLS, &NOOP),
+            Hook::Xdp => (BPF_PROG_TYPE_XDP, &NOOP_XDP),
+        };
         let mut a = Attr::new();
-        a.put32(0, BPF_PROG_TYPE_SCHED_CLS);
-        a.put32(4, NOOP.len() as u32);
-        a.put64(8, NOOP.as_ptr() as u64);
+        a.put32(0, prog_type);
+        a.put32(4, insns.len() as u32);
+        a.put64(8, insns.as_ptr() as u64);
         a.put64(16, license.as_ptr() as u64);
         // prog_name at 48.
         a.0[48..58].copy_from_slice(b"oak_floor\0");
@@ -100,12 +119,14 @@ impl Floor {
         let link = bpf(BPF_LINK_CREATE, &mut a).context("attaching the floor program (tcx)")?;
         // SAFETY: a new descriptor the kernel just returned to us.
         let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
-        let path = CString::new(pin).context("pin path")?;
-        let mut a = Attr::new();
-        a.put64(0, path.as_ptr() as u64);
-        a.put32(8, link.as_raw_fd() as u32);
-        bpf(BPF_OBJ_PIN, &mut a).with_context(|| format!("pinning the floor link at {pin}"))?;
-        Ok(())
+        pin_fd(link.as_raw_fd(), pin).with_context(|| format!("pinning the floor link at {pin}"))
+    }
+
+    /// Pins the program itself at `pin` (for `ip link set dev IF xdpgeneric
+    /// pinned PIN`): it stays loaded until the pin is removed.
+    pub fn pin_program(&self, pin: &str) -> Result<()> {
+        pin_fd(self.fd.as_raw_fd(), pin)
+            .with_context(|| format!("pinning the floor program at {pin}"))
     }
 
     /// One BPF_PROG_TEST_RUN of `frame`: the kernel's time for it, in ns.
@@ -124,4 +145,14 @@ impl Floor {
         }
         Ok(a.get32(36) as u64)
     }
+}
+
+/// BPF_OBJ_PIN of `fd` at `pin`.
+fn pin_fd(fd: i32, pin: &str) -> Result<()> {
+    let path = CString::new(pin).context("pin path")?;
+    let mut a = Attr::new();
+    a.put64(0, path.as_ptr() as u64);
+    a.put32(8, fd as u32);
+    bpf(BPF_OBJ_PIN, &mut a)?;
+    Ok(())
 }
