@@ -77,6 +77,16 @@ pub const DEFAULT_FLOW_COUNTS: u32 = 1024;
 /// cost FIB lookups.
 pub const DEFAULT_ROUTE_CACHE: u32 = 256;
 
+/// Map sizes of NetManager's `"TableProfile": "edge"`: for small boards
+/// (1 GiB of memory) running a handful of containers. About a quarter of the
+/// kernel memory of the defaults (docs/performance.md, Footprint); single
+/// sizes given in netcfg.json still override them.
+pub const EDGE_FLOWS: u32 = 16_384;
+pub const EDGE_SERVICES: u32 = 1_024;
+pub const EDGE_BACKENDS: u32 = 8_192;
+pub const EDGE_INSTANCES: u32 = 2_048;
+pub const EDGE_PENDING: u32 = 256;
+
 /// Flows one container may hold when the configuration does not say: a
 /// quarter of the flow table, so no single container can fill it.
 pub const fn default_flows_per_container(flow_table: u32) -> u32 {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use crate::addresses::{Subnet, V4_PREFIX, V6_PREFIX};
 use crate::cluster_link::{ClusterLink, LinkEvent, LinkOptions};
 use crate::config::Settings;
-use crate::dataplane::{DataplaneConfig, MapSizes};
+use crate::dataplane::DataplaneConfig;
 use crate::deployer::Deployer;
 use crate::forwarding::{Ebpf, Forwarding, InMemory};
 use crate::local::{Identity, LocalState};
@@ -201,13 +201,7 @@ fn open_forwarding(
         tunnel_port: settings.tunnel_port,
         tunnel_mtu: settings.tunnel_mtu,
         service_ranges: settings.service_ranges.as_slice().to_vec(),
-        sizes: MapSizes {
-            flows: t.flows,
-            services: t.services,
-            backends: t.backends,
-            instances: t.instances,
-            pending: t.pending,
-        },
+        sizes: t.map_sizes(),
         miss_hold: t.miss_hold,
         attach_mode: settings.attach_mode,
         uplink_hook: settings.uplink_hook,

@@ -18,6 +18,9 @@ pub enum UplinkHook {
 }
 
 impl UplinkHook {
+    /// Every hook, for tools that list what they can attach.
+    pub const ALL: [UplinkHook; 2] = [UplinkHook::Tc, UplinkHook::Xdp];
+
     pub fn as_str(self) -> &'static str {
         match self {
             UplinkHook::Tc => "tc",

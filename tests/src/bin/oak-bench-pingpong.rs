@@ -6,6 +6,10 @@
 //! bytes on one connection and prints JSON percentiles in microseconds.
 //! `oak-bench-pingpong connect HOST PORT COUNT` opens COUNT fresh connections
 //! and prints JSON percentiles of the connect() time in microseconds.
+//! `oak-bench-pingpong hold HOST PORT` keeps one connection until its
+//! stdin closes, a 64-byte round trip every 5 ms, and prints JSON: round
+//! trips, the longest wait for an answer and the error that ended it early,
+//! if any (an established flow surviving a dataplane restart).
 //! (A native client rather than python: interpreter jitter would dominate a
 //! 30 us round trip.)
 
@@ -26,8 +30,9 @@ fn main() -> Result<()> {
         ["server", port] => server(port.parse().context("port")?),
         ["rr", host, port, count, size] => rr(host, port.parse()?, count.parse()?, size.parse()?),
         ["connect", hosts, port, count] => connect(hosts, port.parse()?, count.parse()?),
+        ["hold", host, port] => hold(host, port.parse()?),
         _ => bail!(
-            "usage: oak-bench-pingpong server PORT | rr HOST PORT COUNT SIZE | connect HOST[,HOST..] PORT COUNT"
+            "usage: oak-bench-pingpong server PORT | rr HOST PORT COUNT SIZE | connect HOST[,HOST..] PORT COUNT | hold HOST PORT"
         ),
     }
 }
@@ -79,6 +84,40 @@ fn rr(host: &str, port: u16, count: usize, size: usize) -> Result<()> {
         us.push(t.elapsed().as_secs_f64() * 1e6);
     }
     print_stats(&mut us);
+    Ok(())
+}
+
+fn hold(host: &str, port: u16) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr(host, port)?, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {host}:{port}"))?;
+    s.set_nodelay(true)?;
+    // Longer than any restart we accept: a stall is measured, not an error.
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let msg = [0x5au8; 64];
+    let mut back = [0u8; 64];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let (mut n, mut max_ms) = (0u64, 0f64);
+    let mut error = None;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let t = Instant::now();
+        let r = s.write_all(&msg).and_then(|()| s.read_exact(&mut back));
+        if let Err(e) = r {
+            error = Some(e.to_string());
+            break;
+        }
+        n += 1;
+        max_ms = max_ms.max(t.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!(
+        "{}",
+        serde_json::json!({"round_trips": n, "max_wait_ms": max_ms, "error": error})
+    );
     Ok(())
 }
 

@@ -1,15 +1,25 @@
 //! Runs NetManager's dataplane with a fixed table (JSON on the command
 //! line's file argument) until SIGTERM/SIGINT: the overlay without the
 //! cluster conversation, for namespace tests and benchmarks.
+//!
+//! `oak-static-dataplane --hooks` prints the uplink hooks this runner can
+//! attach (one per line); the benchmark reports a hook it does not list as
+//! "not available" instead of measuring it.
+
+#[path = "../../../netmanager/tests/packet_support/mod.rs"]
+mod packet_support;
 
 use std::net::IpAddr;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
+use netmanager::config::NetConfig;
 use netmanager::dataplane::{
-    AttachMode, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, ServiceKind,
-    UplinkHook, XdpMode,
+    AttachMode, CONTAINER_PROGRAM, Dataplane, DataplaneConfig, InstanceEntry, LocalPort,
+    ServiceKind, UplinkHook, XdpMode,
 };
 use serde::Deserialize;
+use serde_json::json;
 
 #[derive(Deserialize)]
 struct Table {
@@ -41,6 +51,22 @@ struct Table {
     /// (NetManager's `TunnelPeers`), as (address, prefix length).
     #[serde(default)]
     tunnel_peers: Vec<(IpAddr, u8)>,
+    /// netcfg.json as NetManager reads it: the map sizes come from its
+    /// table settings (`TableProfile`, `FlowTableSize`, ...) through the
+    /// daemon's own code, so the bench measures what a node runs.
+    #[serde(default = "empty_object")]
+    netcfg: serde_json::Value,
+    /// Flows to create before `ready` by running the container program on
+    /// that many distinct packets (BPF_PROG_TEST_RUN) towards `prefill_service`.
+    #[serde(default)]
+    prefill_flows: u32,
+    prefill_service: Option<IpAddr>,
+    /// Where to write what this start took (JSON), before `ready`.
+    report: Option<String>,
+}
+
+fn empty_object() -> serde_json::Value {
+    json!({})
 }
 
 fn default_port() -> u16 {
@@ -76,11 +102,21 @@ fn kind(s: &str) -> Result<ServiceKind> {
 }
 
 fn main() -> Result<()> {
+    let process_start = Instant::now();
     let path = std::env::args()
         .nth(1)
-        .context("usage: oak-static-dataplane TABLE.json")?;
+        .context("usage: oak-static-dataplane TABLE.json | --hooks")?;
+    if path == "--hooks" {
+        // Every hook NetManager has: the runner attaches through its code.
+        for hook in UplinkHook::ALL {
+            println!("{hook}");
+        }
+        return Ok(());
+    }
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let table: Table = serde_json::from_str(&text).with_context(|| format!("parsing {path}"))?;
+    let net = NetConfig::parse(&table.netcfg.to_string()).context("the table's netcfg")?;
+    let sizes = &net.tables;
     let cfg = DataplaneConfig {
         pin_dir: table.pin_dir.clone().into(),
         uplink: table.uplink.clone(),
@@ -88,17 +124,18 @@ fn main() -> Result<()> {
         tunnel_port: table.tunnel_port,
         tunnel_mtu: 1450,
         service_ranges: table.service_ranges.clone(),
-        // The daemon's defaults, so benchmarks measure what a node runs.
-        sizes: MapSizes::default(),
-        miss_hold: netmanager_common::DEFAULT_MISS_HOLD,
+        sizes: sizes.map_sizes(),
+        miss_hold: sizes.miss_hold,
         attach_mode: table.attach_mode,
         uplink_hook: table.uplink_hook,
         xdp_mode: table.xdp_mode,
         container_bridge: "goProxyBridge".to_string(),
         trusted_peers: table.tunnel_peers.clone(),
-        flows_per_container: 0,
+        flows_per_container: sizes.flows_per_container,
     };
+    let t = Instant::now();
     let dp = Dataplane::open(&cfg).context("opening the dataplane")?;
+    let open_s = t.elapsed().as_secs_f64();
     for i in &table.instances {
         let local = match &i.veth {
             Some(veth) => {
@@ -120,6 +157,34 @@ fn main() -> Result<()> {
     }
     for s in &table.services {
         dp.upsert_service(s.ip, kind(&s.kind)?, &s.backends)?;
+    }
+    // Serving from here on: tables adopted or loaded, programs attached,
+    // the table written.
+    let ready_s = process_start.elapsed().as_secs_f64();
+    let prefill_s = match table.prefill_service {
+        Some(svc) if table.prefill_flows > 0 => {
+            prefill(&dp, svc, table.prefill_flows, table.node_ip)?
+        }
+        _ => 0.0,
+    };
+    if let Some(report) = &table.report {
+        let status = dp.status()?;
+        let entries = |name: &str| {
+            status
+                .maps
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map_or(0, |(_, e, _)| *e)
+        };
+        let r = json!({
+            "open_s": open_s,
+            "ready_s": ready_s,
+            "prefill_s": prefill_s,
+            "attach_mode": status.attach_mode,
+            "flows": entries(netmanager_common::maps::FLOWS),
+            "reverse_flows": entries(netmanager_common::maps::REVERSE_FLOWS),
+        });
+        std::fs::write(report, r.to_string()).with_context(|| format!("writing {report}"))?;
     }
     if !table.deferred_services.is_empty() {
         let deferred = table.deferred_services;
@@ -158,6 +223,52 @@ fn resolve_misses(dp: Dataplane, deferred: Vec<Service>) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// The sender of the prefill packets: a container address the tables know
+/// as local on ifindex 1, where BPF_PROG_TEST_RUN delivers them.
+const PREFILL_SENDER: &str = "10.18.0.60";
+const PREFILL_INSTANCE: &str = "10.30.0.60";
+
+/// Creates `count` flows from PREFILL_SENDER to `service` as traffic does
+/// (one container-program run per new 5-tuple); returns the seconds taken.
+fn prefill(dp: &Dataplane, service: IpAddr, count: u32, node_ip: IpAddr) -> Result<f64> {
+    use packet_support::{Ip, L4, from_container};
+    let sender: IpAddr = PREFILL_SENDER.parse()?;
+    dp.upsert_instance(
+        sender,
+        InstanceEntry {
+            instance_ip: Some(PREFILL_INSTANCE.parse()?),
+            node_ip,
+            node_port: 50103,
+            local: Some(LocalPort {
+                ifindex: 1,
+                mac: packet_support::CLIENT_MAC,
+            }),
+        },
+    )?;
+    let t = Instant::now();
+    let mut out = vec![0u8; 4096];
+    for i in 0..count {
+        // Distinct port pairs: the reverse key has no service address.
+        let l4 = L4::Tcp {
+            sport: 1024 + (i % 60_000) as u16,
+            dport: 1000 + (i / 60_000) as u16,
+            flags: 0x10,
+            payload: Vec::new(),
+        };
+        let frame = from_container(&Ip::new(PREFILL_SENDER, &service.to_string(), l4));
+        dp.test_run(
+            CONTAINER_PROGRAM,
+            aya::programs::TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            },
+        )?;
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 fn ifindex(name: &str) -> Result<u32> {

@@ -1,5 +1,7 @@
 //! iperf3 runs between containers: TCP one stream, TCP four streams, UDP at
-//! a fixed offered rate. Results come from iperf3's JSON (receiver side).
+//! a fixed offered rate, and small packets (64-byte UDP payloads over many
+//! flows, as fast as the sender goes). Results come from iperf3's JSON
+//! (receiver side).
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
@@ -11,6 +13,10 @@ use testkit::NsPath;
 pub const UDP_OFFERED_MBPS: u32 = 1000;
 /// 1400-byte datagrams fit the 1450-byte container MTU unfragmented.
 const UDP_LEN: u32 = 1400;
+/// Small-packet scenario: UDP payload bytes and concurrent flows (iperf3
+/// streams, each its own source port, so the overlay sees that many flows).
+pub const SMALL_LEN: u32 = 64;
+pub const SMALL_FLOWS: u32 = 16;
 
 fn run(client_ns: &NsPath, args: &str) -> Result<Value> {
     let out = client_ns
@@ -36,6 +42,23 @@ pub fn tcp(client_ns: &NsPath, target: &str, streams: u32, secs: u32) -> Result<
     Ok(json!({
         "gbps": end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
         "retransmits": end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+    }))
+}
+
+/// Received packets per second (thousands) and loss of 64-byte datagrams
+/// sent unthrottled (`-b 0`) over SMALL_FLOWS flows.
+pub fn small(client_ns: &NsPath, target: &str, secs: u32) -> Result<Value> {
+    let v = run(
+        client_ns,
+        &format!("-c {target} -t {secs} -u -b 0 -l {SMALL_LEN} -P {SMALL_FLOWS}"),
+    )?;
+    let sum = &v["end"]["sum"];
+    let packets = sum["packets"].as_f64().unwrap_or(0.0);
+    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let seconds = sum["seconds"].as_f64().unwrap_or(f64::NAN);
+    Ok(json!({
+        "rx_kpps": (packets - lost) / seconds / 1e3,
+        "loss_pct": sum["lost_percent"].as_f64().unwrap_or(0.0),
     }))
 }
 

@@ -1,11 +1,10 @@
 //! A hand-written SVG: grouped bars of throughput (TCP 1 and 4 streams) and
-//! of latency (p50, p99) per path. No plotting crate: a few rectangles.
+//! of latency (p50, p99) per IPv4 row (medians). No plotting crate: a few
+//! rectangles.
 
 use std::fmt::Write as _;
 
 use serde_json::Value;
-
-use super::PATHS;
 
 const W: f64 = 980.0;
 const H: f64 = 440.0;
@@ -21,14 +20,17 @@ fn panel(
     width: f64,
     title: &str,
     unit: &str,
-    series: [(&str, [&str; 2]); 2],
+    series: [(&str, &str); 2],
 ) {
-    let vals: Vec<[f64; 2]> = PATHS
+    let rows: Vec<&Value> = r["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|row| row["family"] == "ipv4" && !row["figures"].is_null())
+        .collect();
+    let vals: Vec<[f64; 2]> = rows
         .iter()
-        .map(|p| {
-            let v = &r["paths"][p.name];
-            series.map(|(_, k)| v[k[0]][k[1]].as_f64().unwrap_or(0.0))
-        })
+        .map(|row| series.map(|(_, k)| row["figures"][k]["median"].as_f64().unwrap_or(0.0)))
         .collect();
     let max = vals.iter().flatten().cloned().fold(0.0, f64::max).max(1e-9) * 1.15;
     let plot_h = H - TOP - BOTTOM;
@@ -52,9 +54,10 @@ fn panel(
             lx + 16.0
         );
     }
-    let group = width / PATHS.len() as f64;
+    let group = width / rows.len().max(1) as f64;
     let bar = group * 0.32;
-    for (i, (p, v)) in PATHS.iter().zip(&vals).enumerate() {
+    for (i, (row, v)) in rows.iter().zip(&vals).enumerate() {
+        let label = row["key"].as_str().unwrap_or("?");
         let gx = x0 + i as f64 * group + group * 0.15;
         for (j, val) in v.iter().enumerate() {
             let h = val / max * plot_h;
@@ -65,7 +68,7 @@ fn panel(
                 base - h,
                 bar - 2.0,
                 COLORS[j],
-                p.label,
+                label,
                 series[j].0
             );
             let _ = writeln!(
@@ -85,7 +88,7 @@ fn panel(
             s,
             r#"<text transform="translate({lx:.1},{:.0}) rotate(35)" font-size="11">{}</text>"#,
             base + 14.0,
-            p.label
+            label
         );
     }
     let _ = writeln!(
@@ -109,10 +112,7 @@ pub fn render(r: &Value) -> String {
         450.0,
         "Throughput (iperf3 TCP)",
         "Gbit/s",
-        [
-            ("1 stream", ["tcp1", "gbps"]),
-            ("4 streams", ["tcp4", "gbps"]),
-        ],
+        [("1 stream", "tcp1_gbps"), ("4 streams", "tcp4_gbps")],
     );
     panel(
         &mut s,
@@ -121,10 +121,7 @@ pub fn render(r: &Value) -> String {
         450.0,
         "Request/response latency",
         "microseconds",
-        [
-            ("p50", ["latency_us", "p50_us"]),
-            ("p99", ["latency_us", "p99_us"]),
-        ],
+        [("p50", "rr_p50_us"), ("p99", "rr_p99_us")],
     );
     let m = &r["machine"];
     let _ = writeln!(

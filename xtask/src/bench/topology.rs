@@ -4,6 +4,10 @@
 //! 10.18.0.64/26) with c2 -- plus the programs, pin directories and files
 //! the scenarios add. Container MTU 1450 everywhere (the overlay's tunnel
 //! MTU), so all paths carry the same segment sizes.
+//!
+//! IPv6: containers fc00::/122 on n1 and fc00::40/122 on n2 (distinct, so
+//! the direct and VXLAN paths can route between them), and the nodes carry
+//! 2001:db8:100::<host>/64 on the underlay for the direct IPv6 path.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -26,6 +30,11 @@ pub struct Topology {
     _underlay: Underlay,
 }
 
+/// Node `host`'s IPv6 underlay address, with prefix.
+pub fn node_ip6(host: u8) -> String {
+    format!("2001:db8:100::{host}/64")
+}
+
 impl Topology {
     pub fn build() -> Result<Topology> {
         // Each guard owns its namespace as soon as it exists, so a
@@ -33,19 +42,27 @@ impl Topology {
         let underlay = Underlay::new()?;
         let n1 = underlay.node(1)?;
         let n2 = underlay.node(2)?;
-        n1.container_bridge("10.18.0.1/26", "fc00::1/120")?;
-        n2.container_bridge("10.18.0.65/26", "fc00::41/120")?;
+        for (n, host) in [(&n1, 1), (&n2, 2)] {
+            // No duplicate address detection: the addresses are usable at
+            // once instead of tentative for a second or two.
+            for dev in ["all", "default", "eth0"] {
+                n.ns.sysctl(&format!("net/ipv6/conf/{dev}/accept_dad"), "0")?;
+            }
+            n.ns.add_address("eth0", &node_ip6(host))?.keep();
+        }
+        n1.container_bridge("10.18.0.1/26", "fc00::1/122")?;
+        n2.container_bridge("10.18.0.65/26", "fc00::41/122")?;
         let c1 = n1.container(
             "c1",
-            ["10.18.0.2/26", "fc00::2/120", "10.18.0.1", "fc00::1"],
+            ["10.18.0.2/26", "fc00::2/122", "10.18.0.1", "fc00::1"],
         )?;
         let c3 = n1.container(
             "c3",
-            ["10.18.0.3/26", "fc00::3/120", "10.18.0.1", "fc00::1"],
+            ["10.18.0.3/26", "fc00::3/122", "10.18.0.1", "fc00::1"],
         )?;
         let c2 = n2.container(
             "c2",
-            ["10.18.0.66/26", "fc00::42/120", "10.18.0.65", "fc00::41"],
+            ["10.18.0.66/26", "fc00::42/122", "10.18.0.65", "fc00::41"],
         )?;
         Ok(Topology {
             procs: Vec::new(),
@@ -61,6 +78,11 @@ impl Topology {
             n2,
             _underlay: underlay,
         })
+    }
+
+    /// Removes a pin directory now (detaching what is pinned in it).
+    pub fn unpin(&mut self, path: &std::path::Path) {
+        self.pins.retain(|p| p.path() != path);
     }
 
     /// A pin directory, removed with the testbed.
