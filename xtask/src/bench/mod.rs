@@ -48,6 +48,17 @@ pub struct Args {
     /// Skip the real-daemon section (sandbox: NetManager, nodeengined, containerd; ~1 min).
     #[arg(long)]
     no_daemons: bool,
+    /// Run one section alone; its results go to `<out>/<section>.json`.
+    #[arg(long, value_enum)]
+    only: Option<Section>,
+}
+
+/// What `--only` can run on its own.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// The real-daemon control plane (sandbox, mosquitto and rumqttd):
+    /// first connect, deploy -> reachable, deploy -> CREATED.
+    ControlPlane,
 }
 
 /// One traffic path between two containers, in report order.
@@ -104,7 +115,10 @@ pub fn run(args: Args) -> Result<()> {
     progress(started, "building the eBPF object and the bench binaries");
     ebpf::build(true)?;
     let mut packages = vec!["-p", "oakestra-worker-tests"];
-    if !args.no_daemons {
+    if args.only == Some(Section::ControlPlane) {
+        packages.clear();
+    }
+    if !args.no_daemons || args.only.is_some() {
         // The real daemons the sandbox runs (NetManager, nodeengined).
         packages.extend(["-p", "netmanager", "-p", "nodeengine"]);
     }
@@ -124,6 +138,9 @@ pub fn run(args: Args) -> Result<()> {
         target
     };
     let bins = target.join("release");
+    if args.only == Some(Section::ControlPlane) {
+        return daemons::run_only(&bins, &root.join(&args.out), started);
+    }
 
     let mut results = json!({
         "machine": machine()?,
