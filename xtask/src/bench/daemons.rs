@@ -243,13 +243,18 @@ fn measure(sb: &Sandbox, prefix: &str, say: &dyn Fn(&str), footprint: bool) -> R
     Ok(out)
 }
 
-/// Where nodeengined's container deploys went, mean ms per step, from its
-/// `container running ... took=T ms (step ms, ...)` log lines.
+/// Where nodeengined's one-at-a-time container deploys (the deploy ->
+/// CREATED rounds, not the fresh services deployed all at once) went, mean
+/// ms per step, from its `container running ... took=T ms (step ms, ...)`
+/// log lines.
 fn deploy_steps(log: &Path) -> Value {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut sums: Vec<(String, f64)> = Vec::new();
     let mut n = 0;
-    for line in text.lines().filter(|l| l.contains("container running")) {
+    let rounds = text
+        .lines()
+        .filter(|l| l.contains("container running") && l.contains(".bench.web"));
+    for line in rounds {
         let Some(steps) = line
             .split_once("took=")
             .and_then(|(_, t)| t.split_once('('))
