@@ -41,6 +41,63 @@ pub struct Deployer {
     pub(crate) uplink: Arc<Uplink>,
     /// Serialises deploy/undeploy so plumbing, NAT and the state file agree.
     pub(crate) ops: tokio::sync::Mutex<()>,
+    pub(crate) nat: Arc<NatWriter>,
+}
+
+/// Writes the node's NAT table and the host's FORWARD accepts, one writer
+/// at a time, and remembers the table last written: a deploy that changes
+/// no port mapping then does not wait for `nft` (three runs of it, tens of
+/// milliseconds on a busy node; deploy -> CREATED is a measured goal,
+/// docs/performance.md).
+#[derive(Default)]
+pub struct NatWriter {
+    /// The script last applied; held while writing.
+    written: std::sync::Mutex<Option<String>>,
+}
+
+impl NatWriter {
+    /// Whether `rules` is what the table already holds (false while a
+    /// write is in progress).
+    fn unchanged(&self, rules: &nft::Ruleset) -> bool {
+        self.written
+            .try_lock()
+            .is_ok_and(|w| w.as_deref() == Some(rules.render().as_str()))
+    }
+
+    /// Writes the rules of the deployments as they are now (blocking).
+    fn write(&self, local: &LocalState, subnet: &Subnet) -> Result<()> {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let rules = nat_rules(local, subnet);
+        // Forget first: a failed write must be retried, not trusted.
+        *written = None;
+        nft::apply(&rules)?;
+        // Then make sure the host's own FORWARD chain (Docker's DROP policy)
+        // lets the bridge's traffic through (see `plumbing::forward`).
+        plumbing::forward::ensure(&rules.bridge)
+            .context("accepting the bridge's traffic in the host's FORWARD chain")?;
+        *written = Some(rules.render());
+        Ok(())
+    }
+}
+
+/// The NAT table for the deployments' port mappings.
+fn nat_rules(local: &LocalState, subnet: &Subnet) -> nft::Ruleset {
+    let containers = local
+        .list()
+        .into_iter()
+        .filter(|d| !d.ports.is_empty())
+        .map(|d| nft::ContainerPorts {
+            v4: d.addresses.v4,
+            v6: d.addresses.v6,
+            mappings: d.ports,
+        })
+        .collect();
+    nft::Ruleset {
+        bridge: plumbing::BRIDGE.to_string(),
+        subnet_v4: (subnet.v4_network(), V4_PREFIX),
+        subnet_v6: (subnet.v6_network(), V6_PREFIX),
+        containers,
+    }
 }
 
 /// Job names name files, namespaces and MQTT topics: the shared rule.
@@ -237,34 +294,24 @@ impl Deployer {
         }
     }
 
-    /// Rewrite the node's NAT table from the deployments (off the async workers).
+    /// Rewrite the node's NAT table from the deployments (off the async
+    /// workers). When the rules are what the table already holds (a
+    /// deployment without port mappings came or went), the rewrite runs in
+    /// the background instead -- it still repairs a table or FORWARD rule
+    /// someone removed -- and the deployment does not wait for it.
     pub async fn update_nat(&self) -> Result<()> {
-        let containers = self
-            .local
-            .list()
-            .into_iter()
-            .filter(|d| !d.ports.is_empty())
-            .map(|d| nft::ContainerPorts {
-                v4: d.addresses.v4,
-                v6: d.addresses.v6,
-                mappings: d.ports,
-            })
-            .collect();
-        let rules = nft::Ruleset {
-            bridge: plumbing::BRIDGE.to_string(),
-            subnet_v4: (self.subnet.v4_network(), V4_PREFIX),
-            subnet_v6: (self.subnet.v6_network(), V6_PREFIX),
-            containers,
-        };
-        // Then make sure the host's own FORWARD chain (Docker's DROP policy)
-        // lets the bridge's traffic through (see `plumbing::forward`).
-        tokio::task::spawn_blocking(move || {
-            nft::apply(&rules)?;
-            plumbing::forward::ensure(&rules.bridge)
-                .context("accepting the bridge's traffic in the host's FORWARD chain")
-        })
-        .await
-        .context("rewriting NAT")?
+        let (nat, local, subnet) = (self.nat.clone(), self.local.clone(), self.subnet);
+        if nat.unchanged(&nat_rules(&local, &subnet)) {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = nat.write(&local, &subnet) {
+                    tracing::warn!("rewriting NAT: {e:#}");
+                }
+            });
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || nat.write(&local, &subnet))
+            .await
+            .context("rewriting NAT")?
     }
 
     /// Publish service/deployed and learn the job's own table early, so the

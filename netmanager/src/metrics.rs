@@ -224,6 +224,20 @@ fn resolver(e: &mut DescriptorEncoder, n: &NodeStatus) -> std::fmt::Result {
         MetricType::Counter,
         &rows,
     )?;
+    family(
+        e,
+        "miss_negative_cleared",
+        "Failed lookups answered early by a table result (a new or moved instance)",
+        MetricType::Counter,
+        &[(vec![], r.negative_cleared)],
+    )?;
+    family(
+        e,
+        "miss_parked_reinjected",
+        "Frames parked on a failed lookup and sent through once a table result answered it",
+        MetricType::Counter,
+        &[(vec![], r.parked_reinjected)],
+    )?;
     // The status keeps cumulative counts; the encoder wants each bucket's own.
     let mut below = 0;
     let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(LATENCY_BOUNDS.len() + 1);

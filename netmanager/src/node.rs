@@ -112,6 +112,7 @@ impl Node {
             net: net.clone(),
             uplink: uplink.clone(),
             ops: tokio::sync::Mutex::new(()),
+            nat: Default::default(),
         });
         tracing::info!(node = id, uplink = %uplink.ifname(), node_ip = %uplink.ip(), "registered");
         let node = Node {

@@ -175,13 +175,16 @@ impl NodeStatus {
         let r = &self.resolver;
         out.push_str(&format!(
             "misses: {} resolved, {} failed, refused {} busy / {} rate / {} recently failed; \
-             {} tunnel datagrams from a node that does not run their source\n",
+             {} tunnel datagrams from a node that does not run their source; \
+             {} failures answered early by a table result, {} parked frames sent through\n",
             r.resolved,
             r.failed,
             r.refused_busy,
             r.refused_rate,
             r.refused_recent_failure,
-            r.refused_wrong_node
+            r.refused_wrong_node,
+            r.negative_cleared,
+            r.parked_reinjected
         ));
         out
     }

@@ -61,9 +61,8 @@ async fn link_events(node: Arc<Node>, mut events: Receiver<LinkEvent>) {
     while let Some(ev) = events.recv().await {
         match ev {
             LinkEvent::JobUpdated(job) => {
-                // Something changed in the cluster: an address that just
-                // failed to resolve may have an instance now.
-                node.resolver.forget_failures();
+                // Writing the new table also drops the negative entries it
+                // answers and sends their parked frames through.
                 node.resolver.refresh_later(job, "after an update");
             }
             LinkEvent::InterestDropped(job) => node.routes.forget(&job),

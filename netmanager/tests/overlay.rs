@@ -39,6 +39,8 @@ testkit::main! {
     pending_instance_with_null_fields_keeps_the_running_one_reachable("xdp")
         as xdp_pending_instance_with_null_fields_keeps_the_running_one_reachable:
         [Root, Bpffs, Mosquitto, Nft, Python3, Tcx],
+    a_client_dialing_before_the_deploy_connects_once_the_instance_is_announced:
+        [Root, Bpffs, Mosquitto, Nft, Python3],
     tuncfg_moves_the_service_range_and_the_tunnel_port: [Root, Bpffs, Mosquitto, Nft, Python3, Bpftool],
     behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served: [Root, Bpffs, Mosquitto, Nft],
 }
@@ -347,6 +349,89 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &str)
         "{}",
         nm1.log_text()
     );
+}
+
+/// A client that dials a service before its instance runs: node 1's
+/// lookup fails (the cluster lists the instance as scheduled, with null
+/// addresses) and the client's SYN retransmits are refused by the negative
+/// cache and parked. When the cluster announces the instance
+/// (`updates_available`), node 1 queries the job again, the new table
+/// answers the failure, and the parked SYN goes through: the client's one
+/// connect() succeeds without a fresh miss. No timing is asserted; the
+/// counters say which way the connection came.
+fn a_client_dialing_before_the_deploy_connects_once_the_instance_is_announced() {
+    let t = two_nodes();
+    let (csm, dir) = (&t.csm, t.dir.path());
+    csm.set_table(
+        CLIENT,
+        json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
+    );
+    let scheduled = json!({"instance_number": 0, "instance_ip": "10.30.0.2", "namespace_ip": null,
+        "namespace_ip_v6": null, "host_ip": null, "host_port": null,
+        "service_ip": [
+            {"IpType": "RR", "Address": "10.30.1.1", "Address_v6": "fdff:2000::1:1"},
+            {"IpType": "instance_ip", "Address": "10.30.0.2", "Address_v6": "fdff::2"}]});
+    csm.set_table(SERVER, json!({"instance_list": [scheduled]}));
+    let nm1 = start(dir, &t.n1, t.broker.port(), "n1", "tcx");
+    let nm2 = start(dir, &t.n2, t.broker.port(), "n2", "tcx");
+    for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
+        let (code, body) = nm.post(
+            "/register",
+            &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+    // The instance starts on node 2; the cluster does not list it as
+    // running yet.
+    let (client, server) = (container(), container());
+    for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
+        let (code, a) = nm.post(
+            "/container/deploy",
+            &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
+                .to_string(),
+        );
+        assert_eq!(code, 200, "{a}");
+    }
+    let _srv = tcp_server(&server, 7000);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // One connect(), left to the kernel's SYN retransmits.
+    let mut dialing = python(
+        &client,
+        "import socket\n\
+         try:\n  s=socket.create_connection(('10.30.1.1',7000),timeout=60)\n  print(s.recv(100).decode())\n\
+         except Exception as e:\n  print('failed',e)",
+    );
+    let resolver = |nm: &NetManager| nm.get("/status").1["resolver"].clone();
+    let count = |nm: &NetManager, key: &str| resolver(nm)[key].as_u64().unwrap_or(0);
+    testkit::process::wait_until(
+        "node 1 failing the lookup of 10.30.1.1 (no running instance)",
+        Duration::from_secs(10),
+        || count(&nm1, "failed") >= 1,
+    );
+    assert_eq!(count(&nm1, "negative_cleared"), 0);
+    // Node 1 subscribed to the job's updates with that lookup; let the
+    // broker take the subscription (well inside the 2 s negative entry).
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The cluster announces the running instance.
+    csm.set_table(
+        SERVER,
+        json!({"instance_list": [instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
+    );
+    csm.publish_update(SERVER);
+
+    assert_eq!(
+        dialing.read_line().expect("the client's answer"),
+        "hello 10.30.0.1",
+        "node1 log:\n{}",
+        nm1.log_text()
+    );
+    let r = resolver(&nm1);
+    // The update's re-query answered the failure (before its negative
+    // entry ran out) and sent the client's parked SYNs through.
+    assert!(r["negative_cleared"].as_u64() >= Some(1), "{r}");
+    assert!(r["parked_reinjected"].as_u64() >= Some(1), "{r}");
 }
 
 /// `/metrics` of the NetManager in `node`, through the reference parser.

@@ -208,6 +208,11 @@ pub async fn run(
     let topics = Topics::new(&settings.node_id);
     warn_if_plaintext(&settings);
     let (client, mut eventloop) = AsyncClient::new(options(&settings)?, 256);
+    // Status reports (CREATED) follow other publishes closely: with Nagle's
+    // algorithm one could wait for the broker's delayed ACK (~40 ms).
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let connected = Arc::new(AtomicBool::new(false));
     let last_report = Arc::new(std::sync::Mutex::new(session.last_report));
     let metrics = session.metrics;

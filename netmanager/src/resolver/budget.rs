@@ -36,6 +36,12 @@ pub(super) const CONTAINER_BUDGETS_KEPT: usize = 1024;
 /// Frames kept per lookup (the programs hold `miss_hold` per address; this
 /// bounds what a cleared and refilled mark could add).
 pub(super) const MAX_FRAMES_PER_LOOKUP: usize = 16;
+/// Frames of a container parked on one failed address (the newest are
+/// kept), and on all of them together: a client that keeps dialing an
+/// address the cluster knows no instance behind yet has its latest SYNs
+/// sent through the moment a table result names one.
+pub(super) const MAX_PARKED_PER_ADDRESS: usize = 4;
+pub(super) const MAX_PARKED_FRAMES: usize = 256;
 /// Unresolved-miss log lines per minute; the rest are counted and summed up.
 pub(super) const LOG_LINES_PER_MINUTE: u32 = 20;
 
@@ -71,12 +77,20 @@ pub(super) struct HeldFrame {
     pub(super) bytes: Vec<u8>,
 }
 
+/// A lookup that failed: misses for its address are refused until
+/// `NEGATIVE_TTL` after `at`, or until a table result answers it; a
+/// container's frames refused meanwhile are parked here.
+pub(super) struct Failure {
+    pub(super) at: Instant,
+    pub(super) parked: Vec<HeldFrame>,
+}
+
 pub(super) struct Pending {
     /// Frames held per miss while its lookup is in flight.
     pub(super) frames: HashMap<MissKey, Vec<HeldFrame>>,
     /// When each lookup in flight started.
     pub(super) started: HashMap<MissKey, Instant>,
-    pub(super) failed: HashMap<MissKey, Instant>,
+    pub(super) failed: HashMap<MissKey, Failure>,
     /// (inner source, sender) pairs whose datagrams were refused because
     /// the cluster names another node: a host repeating a known
     /// instance's address costs one question per `NEGATIVE_TTL`, not one
@@ -92,6 +106,21 @@ pub(super) struct Pending {
 }
 
 impl Pending {
+    /// Parks a container's frame on the failed lookup `key`: the newest
+    /// [`MAX_PARKED_PER_ADDRESS`], within [`MAX_PARKED_FRAMES`] in all.
+    pub(super) fn park(&mut self, key: &MissKey, frame: HeldFrame) {
+        let total: usize = self.failed.values().map(|f| f.parked.len()).sum();
+        let Some(f) = self.failed.get_mut(key) else {
+            return;
+        };
+        if f.parked.len() >= MAX_PARKED_PER_ADDRESS {
+            f.parked.remove(0);
+        } else if total >= MAX_PARKED_FRAMES {
+            return;
+        }
+        f.parked.push(frame);
+    }
+
     /// Takes a query token for a lookup charged to `origin`: from the
     /// container's own budget and the containers' common one, or from the
     /// tunnel budget.

@@ -10,6 +10,14 @@
 //! cluster's answer is written first, so a node that moved is accepted by
 //! the programs from then on; a sender the cluster just refused is refused
 //! again without asking for `NEGATIVE_TTL`.
+//!
+//! A failed lookup is refused again for `NEGATIVE_TTL` -- unless a table
+//! result answers it first: every result written (a query's, or the
+//! re-query after `jobs/<job>/updates_available`) drops the negative
+//! entries the routes now answer, and a container's frames refused
+//! meanwhile (parked, the newest few) go through at once. A client that
+//! was already dialing a service when it was deployed connects when the
+//! cluster announces the instance, not at its next SYN retransmit.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -68,14 +76,6 @@ impl Resolver {
         f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// Forget recent failures: the cluster says something changed, so an
-    /// address that was unknown a moment ago may resolve now.
-    pub fn forget_failures(&self) {
-        let mut p = self.pending();
-        p.failed.clear();
-        p.wrong_sender.clear();
-    }
-
     fn pending(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -91,6 +91,7 @@ impl Resolver {
                 .map_err(|e| anyhow!("table result for {key}: {e}"))?;
         }
         self.routes.apply(&result)?;
+        self.clear_answered();
         if !result.app_name.is_empty() {
             let holders = self.routes.holders();
             if holders.is_empty() {
@@ -144,11 +145,15 @@ impl Resolver {
                 return false;
             }
             let recent = |t: &Instant| t.elapsed() < NEGATIVE_TTL;
-            if p.failed.get(&key).is_some_and(recent)
-                || (miss.reason == MissReason::Peer
-                    && p.wrong_sender
-                        .get(&(miss.addr, miss.peer))
-                        .is_some_and(recent))
+            if p.failed.get(&key).is_some_and(|f| recent(&f.at)) {
+                if let Some(f) = frame.filter(|_| miss.reason != MissReason::Peer) {
+                    p.park(&key, f);
+                }
+                Some(Refusal::RecentFailure)
+            } else if miss.reason == MissReason::Peer
+                && p.wrong_sender
+                    .get(&(miss.addr, miss.peer))
+                    .is_some_and(recent)
             {
                 Some(Refusal::RecentFailure)
             } else if p.frames.len() >= MAX_LOOKUPS
@@ -186,8 +191,14 @@ impl Resolver {
         let frames = {
             let mut p = self.pending();
             if outcome.is_err() {
-                p.failed.insert(key.clone(), Instant::now());
-                p.failed.retain(|_, t| t.elapsed() < NEGATIVE_TTL);
+                p.failed.retain(|_, f| f.at.elapsed() < NEGATIVE_TTL);
+                p.failed.insert(
+                    key.clone(),
+                    Failure {
+                        at: Instant::now(),
+                        parked: Vec::new(),
+                    },
+                );
             }
             if let Some(t) = p.started.remove(&key) {
                 let took = t.elapsed();
@@ -209,9 +220,21 @@ impl Resolver {
             }
             Err(e) => {
                 self.count(|s| s.failed += 1);
-                self.log_unresolved(|| {
-                    tracing::info!(%addr, dropped = frames.len(), "unresolved {reason:?} miss: {e:#}")
-                });
+                let held = frames.len();
+                if reason != MissReason::Peer {
+                    let mut p = self.pending();
+                    for f in frames {
+                        p.park(&key, f);
+                    }
+                }
+                // A result written while this lookup was out (the job's
+                // update) may answer it already.
+                if self.answers(&key) {
+                    self.clear_answered();
+                }
+                self.log_unresolved(
+                    || tracing::info!(%addr, held, "unresolved {reason:?} miss: {e:#}"),
+                );
             }
         }
         if let Err(e) = self.fwd.resolved(addr) {
@@ -256,6 +279,71 @@ impl Resolver {
         }
     }
 
+    /// Drops the negative entries the routes now answer -- a service with
+    /// a running instance, a local container's instance address, a tunnel
+    /// source placed on the node that was refused for it -- and sends the
+    /// frames parked on them through. Runs after every table result is
+    /// written: a job's re-query after `updates_available` is how a new
+    /// instance shows up.
+    fn clear_answered(&self) {
+        let (failed, senders): (Vec<MissKey>, Vec<(IpAddr, Option<IpAddr>)>) = {
+            let p = self.pending();
+            (
+                p.failed.keys().cloned().collect(),
+                p.wrong_sender.keys().copied().collect(),
+            )
+        };
+        if failed.is_empty() && senders.is_empty() {
+            return;
+        }
+        // The routes have a lock of their own: asked outside ours.
+        let answered: Vec<MissKey> = failed.into_iter().filter(|k| self.answers(k)).collect();
+        let moved: Vec<(IpAddr, Option<IpAddr>)> = senders
+            .into_iter()
+            .filter(|(addr, sender)| {
+                sender.is_some() && self.routes.instance_node(*addr) == *sender
+            })
+            .collect();
+        let parked: Vec<(IpAddr, HeldFrame)> = {
+            let mut p = self.pending();
+            for s in &moved {
+                p.wrong_sender.remove(s);
+            }
+            answered
+                .iter()
+                .filter_map(|k| p.failed.remove(k).map(|f| (k.1, f.parked)))
+                .flat_map(|(addr, frames)| frames.into_iter().map(move |f| (addr, f)))
+                .collect()
+        };
+        let (cleared, sent) = (answered.len() + moved.len(), parked.len());
+        if cleared == 0 {
+            return;
+        }
+        self.count(|s| {
+            s.negative_cleared += cleared as u64;
+            s.parked_reinjected += sent as u64;
+        });
+        tracing::debug!(
+            cleared,
+            parked = sent,
+            "negative entries answered by a table result"
+        );
+        for (addr, f) in parked {
+            if let Err(e) = self.fwd.reinject(&f.bytes) {
+                tracing::warn!(%addr, "reinjecting a parked frame: {e:#}");
+            }
+        }
+    }
+
+    /// Whether the routes now answer a miss of this kind for this address.
+    fn answers(&self, (reason, addr): &MissKey) -> bool {
+        match reason {
+            MissReason::Service => self.routes.knows_service(*addr),
+            MissReason::Sender => self.routes.knows_instance_ip(*addr),
+            MissReason::Peer => self.routes.instance_node(*addr).is_some(),
+        }
+    }
+
     /// Logs through the per-minute budget.
     fn log_unresolved(&self, log: impl FnOnce()) {
         let (allowed, suppressed) = self.pending().log.allow();
@@ -276,9 +364,11 @@ impl Resolver {
     async fn lookup(&self, reason: &MissReason, addr: IpAddr) -> Result<Option<IpAddr>> {
         match reason {
             MissReason::Service => {
-                let result = self.refresh(QueryKey::Ip(addr)).await?;
-                if !covers(&result, addr) {
-                    bail!("the cluster knows no instance behind {addr}");
+                self.refresh(QueryKey::Ip(addr)).await?;
+                // Not merely listed: a scheduled instance has no addresses
+                // yet, and its frames would only miss again.
+                if !self.routes.knows_service(addr) {
+                    bail!("the cluster knows no running instance behind {addr}");
                 }
                 Ok(None)
             }
@@ -312,16 +402,6 @@ enum Refusal {
     RecentFailure,
     Busy,
     Rate,
-}
-
-/// Whether a table names `addr` as one of its service addresses.
-fn covers(result: &TableResult, addr: IpAddr) -> bool {
-    result.instance_list.iter().any(|i| {
-        i.service_ip.iter().any(|s| {
-            s.address.parse::<IpAddr>().ok() == Some(addr)
-                || s.address_v6.parse::<IpAddr>().ok() == Some(addr)
-        })
-    })
 }
 
 #[cfg(test)]

@@ -18,6 +18,14 @@ pub struct ResolverStats {
     /// node as the one running their inner source.
     #[serde(default)]
     pub refused_wrong_node: u64,
+    /// Negative entries dropped early because a table result answered
+    /// them (a new instance, a moved one).
+    #[serde(default)]
+    pub negative_cleared: u64,
+    /// Container frames parked on a failed lookup and sent through when a
+    /// table result answered it.
+    #[serde(default)]
+    pub parked_reinjected: u64,
     /// How long lookups took, miss to outcome.
     pub latency: Latency,
 }

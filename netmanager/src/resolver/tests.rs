@@ -5,8 +5,15 @@ use super::*;
 use crate::cluster_link::LinkOptions;
 use crate::forwarding::InMemory;
 use std::net::Ipv4Addr;
+use std::sync::Mutex;
 
-struct NoRoutes;
+/// Routes that know what a test tells them: running services and the
+/// nodes of instance addresses.
+#[derive(Default)]
+struct NoRoutes {
+    services: Mutex<Vec<IpAddr>>,
+    nodes: Mutex<Vec<(IpAddr, IpAddr)>>,
+}
 impl RouteTables for NoRoutes {
     fn apply(&self, _: &TableResult) -> Result<()> {
         Ok(())
@@ -17,11 +24,19 @@ impl RouteTables for NoRoutes {
     fn knows_instance_ip(&self, _: IpAddr) -> bool {
         false
     }
+    fn knows_service(&self, addr: IpAddr) -> bool {
+        self.services.lock().unwrap().contains(&addr)
+    }
     fn holders(&self) -> Vec<String> {
         Vec::new()
     }
-    fn instance_node(&self, _: IpAddr) -> Option<IpAddr> {
-        None
+    fn instance_node(&self, ip: IpAddr) -> Option<IpAddr> {
+        self.nodes
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(a, _)| *a == ip)
+            .map(|(_, n)| *n)
     }
 }
 
@@ -55,7 +70,11 @@ fn tunnel_miss(n: u32, sender: u8) -> Miss {
 async fn a_miss_flood_is_bounded() {
     // No broker: the link only queues; hold() is what is under test.
     let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
-    let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+    let r = Resolver::new(
+        link,
+        Arc::new(NoRoutes::default()),
+        Arc::new(InMemory::default()),
+    );
     let started = (0..1000).filter(|&n| r.hold(miss(n))).count();
     assert_eq!(started, QUERY_BURST as usize);
     // Another frame for an address in flight joins it instead.
@@ -72,7 +91,11 @@ async fn a_miss_flood_is_bounded() {
 #[tokio::test]
 async fn one_container_uses_up_only_its_own_share() {
     let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
-    let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+    let r = Resolver::new(
+        link,
+        Arc::new(NoRoutes::default()),
+        Arc::new(InMemory::default()),
+    );
     let flooder = |range: std::ops::Range<u32>| range.filter(|&n| r.hold(miss_from(n, 3))).count();
     assert_eq!(flooder(0..1000), CONTAINER_QUERY_BURST as usize);
     // Its neighbours still get the rest of the common budget.
@@ -97,7 +120,11 @@ async fn one_container_uses_up_only_its_own_share() {
 #[tokio::test]
 async fn tunnel_misses_are_bounded_per_sender_and_have_their_own_budget() {
     let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
-    let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+    let r = Resolver::new(
+        link,
+        Arc::new(NoRoutes::default()),
+        Arc::new(InMemory::default()),
+    );
     // One host: at most MAX_LOOKUPS_PER_PEER lookups at a time.
     let one_host = (0..100).filter(|&n| r.hold(tunnel_miss(n, 3))).count();
     assert_eq!(one_host, MAX_LOOKUPS_PER_PEER);
@@ -121,7 +148,8 @@ async fn tunnel_misses_are_bounded_per_sender_and_have_their_own_budget() {
 #[tokio::test]
 async fn a_refused_tunnel_sender_is_not_asked_about_again_at_once() {
     let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
-    let r = Resolver::new(link, Arc::new(NoRoutes), Arc::new(InMemory::default()));
+    let routes = Arc::new(NoRoutes::default());
+    let r = Resolver::new(link, routes.clone(), Arc::new(InMemory::default()));
     let spoofed = tunnel_miss(1, 66);
     assert!(r.hold(spoofed.clone()));
     // The cluster names another node (198.51.100.2) as the one running
@@ -139,9 +167,93 @@ async fn a_refused_tunnel_sender_is_not_asked_about_again_at_once() {
     assert_eq!(r.stats().refused_recent_failure, 1);
     // ... while the real node sending it is still asked about.
     assert!(r.hold(tunnel_miss(1, 2)));
-    // Once the cluster says something changed, the host is asked about
-    // again.
+    // A table result placing the address on that host (it moved there)
+    // drops the refusal: the host is asked about again.
     r.pending().frames.clear();
-    r.forget_failures();
+    r.clear_answered();
+    assert!(!r.hold(spoofed.clone()));
+    routes
+        .nodes
+        .lock()
+        .unwrap()
+        .push((spoofed.addr, IpAddr::V4(Ipv4Addr::new(198, 51, 100, 66))));
+    r.clear_answered();
+    assert_eq!(r.stats().negative_cleared, 1);
     assert!(r.hold(spoofed));
+}
+
+#[tokio::test]
+async fn a_dialing_clients_frames_go_through_once_a_table_answers_its_failure() {
+    let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+    let routes = Arc::new(NoRoutes::default());
+    let fwd = Arc::new(InMemory::default());
+    let r = Resolver::new(link, routes.clone(), fwd.clone());
+    let syn = miss(1);
+    let key = (MissReason::Service, syn.addr);
+    // The lookup fails (no instance yet) with the first SYN held ...
+    assert!(r.hold(syn.clone()));
+    let held = r.pending().frames.remove(&key).unwrap_or_default();
+    r.pending().failed.insert(
+        key.clone(),
+        Failure {
+            at: Instant::now(),
+            parked: held,
+        },
+    );
+    // ... the client keeps dialing: refused without a question, parked,
+    // the newest few only.
+    for _ in 0..10 {
+        assert!(!r.hold(syn.clone()));
+    }
+    assert_eq!(r.stats().refused_recent_failure, 10);
+    assert_eq!(
+        r.pending().failed[&key].parked.len(),
+        MAX_PARKED_PER_ADDRESS
+    );
+    // A result that does not answer it changes nothing ...
+    r.clear_answered();
+    assert!(r.pending().failed.contains_key(&key));
+    assert_eq!(fwd.snapshot().reinjected, 0);
+    // ... one that writes the service (the instance is up) drops the
+    // negative entry and sends the parked frames through.
+    routes.services.lock().unwrap().push(syn.addr);
+    r.clear_answered();
+    assert!(!r.pending().failed.contains_key(&key));
+    assert_eq!(fwd.snapshot().reinjected, MAX_PARKED_PER_ADDRESS);
+    let s = r.stats();
+    assert_eq!(
+        (s.negative_cleared, s.parked_reinjected),
+        (1, MAX_PARKED_PER_ADDRESS as u64)
+    );
+}
+
+#[tokio::test]
+async fn parked_frames_are_bounded_over_all_addresses() {
+    let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
+    let r = Resolver::new(
+        link,
+        Arc::new(NoRoutes::default()),
+        Arc::new(InMemory::default()),
+    );
+    let mut p = r.pending();
+    for n in 0..1000 {
+        let m = miss(n);
+        let key = (MissReason::Service, m.addr);
+        p.failed.insert(
+            key.clone(),
+            Failure {
+                at: Instant::now(),
+                parked: Vec::new(),
+            },
+        );
+        p.park(
+            &key,
+            HeldFrame {
+                sender: None,
+                bytes: vec![0; 64],
+            },
+        );
+    }
+    let total: usize = p.failed.values().map(|f| f.parked.len()).sum();
+    assert_eq!(total, MAX_PARKED_FRAMES);
 }

@@ -31,6 +31,9 @@ pub trait RouteTables: Send + Sync {
     fn local_job(&self, ns: IpAddr) -> Option<String>;
     /// Whether the local instance `ns` already has its own instance address.
     fn knows_instance_ip(&self, ns: IpAddr) -> bool;
+    /// Whether the tables wrote service `addr` with a running instance
+    /// behind it (a listed but not yet running one has no addresses).
+    fn knows_service(&self, addr: IpAddr) -> bool;
     /// Task ids of the local instances (they hold interests in what they use).
     fn holders(&self) -> Vec<String>;
     /// The node address the tables give for the instance with instance
@@ -143,6 +146,10 @@ impl RouteTables for Routes {
         self.tables()
             .instance(ns)
             .is_some_and(|e| e.instance_ip.is_some())
+    }
+
+    fn knows_service(&self, addr: IpAddr) -> bool {
+        self.tables().has_service(addr)
     }
 
     fn holders(&self) -> Vec<String> {

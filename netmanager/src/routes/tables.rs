@@ -240,6 +240,13 @@ impl ServiceTables {
             .copied()
     }
 
+    /// Whether some job wrote service `addr` with at least one backend.
+    pub fn has_service(&self, addr: IpAddr) -> bool {
+        self.jobs
+            .values()
+            .any(|j| j.services.get(&addr).is_some_and(|(_, b)| !b.is_empty()))
+    }
+
     pub fn jobs(&self) -> BTreeSet<String> {
         self.jobs.keys().cloned().collect()
     }

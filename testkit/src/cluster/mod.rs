@@ -199,7 +199,13 @@ impl ClusterDouble {
             ));
             mqtt.set_credentials(login.user.clone(), login.password.clone());
         }
-        let (client, eventloop) = AsyncClient::new(mqtt, 1000);
+        let (client, mut eventloop) = AsyncClient::new(mqtt, 1000);
+        // Table results and deploy commands are small messages on the
+        // measured paths: with Nagle's algorithm each could wait for a
+        // delayed ACK (~40 ms) behind an unacknowledged PUBACK.
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let ns = opts.broker.netns.as_ref().map(|n| n.open()).transpose()?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

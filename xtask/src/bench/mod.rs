@@ -68,6 +68,17 @@ pub struct Args {
     /// Skip the footprint section (map memory per profile, restart with 1M flows; ~1 min).
     #[arg(long)]
     no_footprint: bool,
+    /// Run one section alone; its results go to `<out>/<section>.json`.
+    #[arg(long, value_enum)]
+    only: Option<Section>,
+}
+
+/// What `--only` can run on its own.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// The real-daemon control plane (sandbox, mosquitto and rumqttd):
+    /// first connect, deploy -> reachable, deploy -> CREATED.
+    ControlPlane,
 }
 
 fn read_results(path: &Path) -> Result<Value> {
@@ -107,7 +118,10 @@ pub fn run(args: Args) -> Result<()> {
     progress(started, "building the eBPF object and the bench binaries");
     ebpf::build(true)?;
     let mut packages = vec!["-p", "oakestra-worker-tests"];
-    if !args.no_daemons {
+    if args.only == Some(Section::ControlPlane) {
+        packages.clear();
+    }
+    if !args.no_daemons || args.only.is_some() {
         // The real daemons the sandbox runs (NetManager, nodeengined).
         packages.extend(["-p", "netmanager", "-p", "nodeengine"]);
     }
@@ -127,6 +141,9 @@ pub fn run(args: Args) -> Result<()> {
         target
     };
     let bins = target.join("release");
+    if args.only == Some(Section::ControlPlane) {
+        return daemons::run_only(&bins, &root.join(&args.out), started);
+    }
 
     let passes = args.passes.unwrap_or(if args.full { 3 } else { 1 }).max(1);
     let plan = traffic::Plan {

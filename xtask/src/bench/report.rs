@@ -392,63 +392,7 @@ fn scale(s: &mut String, sc: &Value) {
 
 /// The real-daemon section (sandbox workers; `bench/daemons.rs`).
 fn daemons(s: &mut String, d: &Value) {
-    if d.is_null() {
-        return;
-    }
-    let _ = writeln!(
-        s,
-        "\nReal daemons (sandbox: cluster double + 2 workers with containerd, NetManager, nodeengined; up in {:.1} s)",
-        f(&d["sandbox_start_s"])
-    );
-    let line = |s: &mut String, label: &str, v: &Value, unit: &str| {
-        if v.is_null() {
-            return;
-        }
-        let _ = writeln!(
-            s,
-            "  {label:<44}: p50 {:>7.1} {unit}, min {:>7.1}, max {:>7.1} (n={})",
-            f(&v["p50"]),
-            f(&v["min"]),
-            f(&v["max"]),
-            v["count"]
-        );
-    };
-    line(
-        s,
-        "deploy -> CREATED (local image)",
-        &d["deploy_to_created_ms"],
-        "ms",
-    );
-    line(
-        s,
-        "deploy -> NetManager service/deployed",
-        &d["deploy_to_netmanager_deployed_ms"],
-        "ms",
-    );
-    line(
-        s,
-        "deploy -> first TCP connect from other worker",
-        &d["deploy_to_reachable_ms"],
-        "ms",
-    );
-    let fp = &d["first_packet_connect_us"];
-    line(
-        s,
-        "TCP connect, never-resolved service (miss)",
-        &fp["never_resolved_service"],
-        "us",
-    );
-    line(s, "TCP connect, known service", &fp["known_service"], "us");
-    for p in d["footprint_worker1_idle"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            s,
-            "  idle {:<39} RSS {:>6} KiB, CPU {:.2} % over {:.1} s",
-            p["daemon"].as_str().unwrap_or("?"),
-            p["rss_kib"],
-            f(&p["cpu_pct"]),
-            f(&p["window_s"])
-        );
-    }
+    super::daemons::table(s, d);
 }
 
 #[cfg(test)]

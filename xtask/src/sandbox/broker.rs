@@ -4,9 +4,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use testkit::{Endpoint, Mosquitto, NsPath};
+
+mod nodelay;
 
 pub const MQTT_PORT: u16 = 10003;
 
@@ -30,6 +33,7 @@ impl Broker {
                 }
             })
             .context("starting the broker thread")?;
+        nodelay::on_listener(MQTT_PORT, Duration::from_secs(10))?;
         Ok(Broker::Embedded)
     }
 
