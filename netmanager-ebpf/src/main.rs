@@ -29,6 +29,7 @@ mod packet;
 mod peers;
 mod pmtu;
 mod route;
+mod route_cache;
 mod tunnel;
 mod xdp;
 

@@ -15,7 +15,7 @@ use netmanager_common::{
     FlowCountKey, FlowKey, Instance, InstanceNode, MissEvent, ReverseFlow, Service,
 };
 
-use crate::route::CachedRoute;
+use crate::route_cache::CachedRoute;
 
 /// Node address, tunnel port, MTU, service ranges (one entry).
 #[btf_map]
