@@ -111,6 +111,17 @@ pub struct DaemonArgs {
     )]
     pub state_dir: PathBuf,
 
+    /// How qemu runs unikernels: auto (KVM when a probe says it works, else
+    /// TCG), kvm, or tcg (hosts whose KVM cannot boot the guests' kernels)
+    #[arg(
+        long,
+        value_name = "ACCEL",
+        value_enum,
+        env = crate::unikernel::accel::ACCEL_ENV,
+        default_value_t = crate::unikernel::accel::AccelChoice::Auto
+    )]
+    pub unikernel_accel: crate::unikernel::accel::AccelChoice,
+
     /// Seconds without reports after which the cluster has replaced this
     /// node's instances: containers found at start are adopted only within it
     #[arg(
@@ -223,7 +234,10 @@ fn build_engine(
         if let Some(reason) = UnikernelRuntime::unavailable_reason() {
             tracing::warn!("unikernel runtime enabled but {reason}; unikernel jobs will fail");
         }
-        Some(UnikernelRuntime::new(args.state_dir.join("unikernel")))
+        Some(UnikernelRuntime::new(
+            args.state_dir.join("unikernel"),
+            args.unikernel_accel,
+        ))
     } else {
         None
     };

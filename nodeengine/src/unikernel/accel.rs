@@ -33,6 +33,31 @@ impl Accel {
     }
 }
 
+/// `nodeengined --unikernel-accel`'s variable.
+pub const ACCEL_ENV: &str = "NODEENGINE_UNIKERNEL_ACCEL";
+
+/// What the operator asks for (`--unikernel-accel`). `auto` probes; `tcg`
+/// is for hosts whose KVM passes the probe but cannot boot the guests'
+/// kernels (PVM and some nested setups run SeaBIOS, then hang in Linux).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelChoice {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl AccelChoice {
+    /// The accelerator, when the choice needs no probe.
+    pub fn fixed(self) -> Option<Accel> {
+        match self {
+            AccelChoice::Auto => None,
+            AccelChoice::Kvm => Some(Accel::Kvm),
+            AccelChoice::Tcg => Some(Accel::Tcg),
+        }
+    }
+}
+
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Whether `qemu` can run a guest under KVM here; the error says why not.

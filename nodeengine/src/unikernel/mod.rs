@@ -159,10 +159,11 @@ fn log_tail(log: &Path) -> String {
 }
 
 impl UnikernelRuntime {
-    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+    /// `accel`: what the operator chose; `auto` probes before the first VM.
+    pub fn new(state_dir: impl Into<PathBuf>, accel: accel::AccelChoice) -> Self {
         UnikernelRuntime {
             state_dir: state_dir.into(),
-            accel: Default::default(),
+            accel: Arc::new(tokio::sync::Mutex::new(accel.fixed())),
             vms: Default::default(),
         }
     }
@@ -465,7 +466,7 @@ mod tests {
 
     #[test]
     fn qmp_sockets_are_short() {
-        let rt = UnikernelRuntime::new("/var/lib/oakestra/unikernel");
+        let rt = UnikernelRuntime::new("/var/lib/oakestra/unikernel", accel::AccelChoice::Auto);
         let long = format!("{}.b.c.d.instance.0", "a".repeat(200));
         let s = rt.qmp_socket(&long);
         assert!(s.as_os_str().len() < 100, "{}", s.display());

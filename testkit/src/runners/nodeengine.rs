@@ -177,6 +177,12 @@ impl NodeEngine {
         self.proc.take()?.stop()
     }
 
+    /// Sets (or overrides) one environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
         self.spawn().context("restarting nodeengined")

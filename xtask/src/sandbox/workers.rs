@@ -154,6 +154,11 @@ impl Worker {
         self.netmanager.restart()
     }
 
+    /// One environment variable for NodeEngine's next start.
+    pub fn set_nodeengine_env(&mut self, key: &str, value: &str) {
+        self.nodeengine.set_env(key, value);
+    }
+
     pub fn start_nodeengine(&mut self) -> Result<()> {
         self.nodeengine.restart()
     }
