@@ -492,6 +492,7 @@ mod tests {
                 "NODEENGINE_METRICS_ADDRESS",
                 "NODEENGINE_PUBLIC_IP_REFRESH",
                 "NODEENGINE_PUBLIC_IP_URL",
+                "NODEENGINE_UNIKERNEL_ACCEL",
                 "OAKESTRA_CONF",
                 "OAKESTRA_LOG_FORMAT",
                 "OAKESTRA_STATE_DIR",
