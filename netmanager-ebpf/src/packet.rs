@@ -8,7 +8,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::bpf_csum_diff,
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use core::mem::MaybeUninit;
 
@@ -79,6 +79,28 @@ pub fn ethertype(ctx: &TcContext) -> Result<u16, ParseError> {
 #[inline(always)]
 pub fn read<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
     direct::<N>(ctx.data(), ctx.data_end(), off).or_else(|| ctx.load(off).ok())
+}
+
+/// A frame the programs read headers from, whichever hook it arrived at
+/// (TC's skb or XDP's buffer): the sender check runs on both.
+pub trait Frame {
+    /// `N` bytes at `off`, or None past what can be read.
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        read::<N>(self, off)
+    }
+}
+
+impl Frame for XdpContext {
+    /// From the frame's first buffer (headers are there).
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        direct::<N>(self.data(), self.data_end(), off)
+    }
 }
 
 /// `N` bytes straight from a packet lying between `start` and `end`, or

@@ -23,21 +23,18 @@
 //! header rebuilt from the socket's addresses), for datagrams to any of the
 //! node's addresses, over an IPv4 or an IPv6 underlay; and in the XDP
 //! program in front of the fast path (`crate::xdp`), which reads the same
-//! frame through the same code ([`Frame`]).
+//! frame through the same code (`packet::Frame`).
 //!
 //! Everything is read from the datagram as it arrived, before
 //! decapsulation, so a held frame can be reinjected whole; directly from
 //! the packet where its headers are linear (they almost always are), which
 //! spares a helper call per field.
 
-use aya_ebpf::{
-    maps::lpm_trie::Key,
-    programs::{TcContext, XdpContext},
-};
+use aya_ebpf::maps::lpm_trie::Key;
 use netmanager_common::{Addr, Config, INSTANCE_LOCAL};
 
 use crate::maps::{INSTANCE_NODES, INSTANCES, TRUSTED_PEERS};
-use crate::packet::{ETH_HLEN, ETH_P_IP, in_service_range};
+use crate::packet::{ETH_HLEN, ETH_P_IP, Frame, in_service_range};
 use crate::tunnel::{Outer, own_address};
 
 /// Outcome of [`check`], as a scalar so it can cross a BPF-to-BPF call.
@@ -67,12 +64,12 @@ pub fn check<C: Frame>(ctx: &C, cfg: &Config, outer: Outer, inner_src: &mut Addr
     let inner_ethertype = outer.inner;
     let at = ETH_HLEN + outer.len();
     if inner_ethertype == ETH_P_IP {
-        let Some(a) = read::<4>(ctx, at + 12) else {
+        let Some(a) = ctx.read::<4>(at + 12) else {
             return MALFORMED;
         };
         *inner_src = Addr::from_v4_octets(a);
     } else {
-        let Some(a) = read::<16>(ctx, at + 8) else {
+        let Some(a) = ctx.read::<16>(at + 8) else {
             return MALFORMED;
         };
         inner_src.bytes = a;
@@ -109,37 +106,11 @@ pub fn check<C: Frame>(ctx: &C, cfg: &Config, outer: Outer, inner_src: &mut Addr
 fn outer_source<C: Frame>(ctx: &C, outer: Outer) -> Option<Addr> {
     Some(if outer.v6 {
         Addr {
-            bytes: read::<16>(ctx, ETH_HLEN + 8)?,
+            bytes: ctx.read::<16>(ETH_HLEN + 8)?,
         }
     } else {
-        Addr::from_v4_octets(read::<4>(ctx, ETH_HLEN + 12)?)
+        Addr::from_v4_octets(ctx.read::<4>(ETH_HLEN + 12)?)
     })
-}
-
-#[inline(always)]
-fn read<const N: usize>(ctx: &impl Frame, off: usize) -> Option<[u8; N]> {
-    ctx.read::<N>(off)
-}
-
-/// A frame [`check`] can read, whichever hook it arrived at.
-pub trait Frame {
-    /// `N` bytes at `off`, or None past what can be read.
-    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
-}
-
-impl Frame for TcContext {
-    #[inline(always)]
-    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-        crate::packet::read::<N>(self, off)
-    }
-}
-
-impl Frame for XdpContext {
-    /// From the frame's first buffer (headers are there).
-    #[inline(always)]
-    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-        crate::packet::direct::<N>(self.data(), self.data_end(), off)
-    }
 }
 
 #[inline(always)]
@@ -151,12 +122,12 @@ fn trusted(sender: &Addr) -> bool {
 #[inline(always)]
 fn for_local_container<C: Frame>(ctx: &C, inner_at: usize, inner_ethertype: u16) -> bool {
     let dst = if inner_ethertype == ETH_P_IP {
-        let Some(a) = read::<4>(ctx, inner_at + 16) else {
+        let Some(a) = ctx.read::<4>(inner_at + 16) else {
             return false;
         };
         Addr::from_v4_octets(a)
     } else {
-        let Some(a) = read::<16>(ctx, inner_at + 24) else {
+        let Some(a) = ctx.read::<16>(inner_at + 24) else {
             return false;
         };
         Addr { bytes: a }

@@ -471,10 +471,9 @@ fn outer_v4(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
     if u16::from_be_bytes([h[22], h[23]]) != cfg.tunnel_port {
         return None;
     }
-    let dst = [h[16], h[17], h[18], h[19]];
     // The usual destination is the configured source; any other address of
     // this node (behind NAT, a second interface) is looked up.
-    if (dst != cfg.src_v4 || dst == [0; 4]) && !node_address(&Addr::from_v4_octets(dst)) {
+    if !own_address(cfg, &Addr::from_v4_octets([h[16], h[17], h[18], h[19]])) {
         return None;
     }
     Some(Outer {
@@ -494,7 +493,7 @@ fn outer_v6(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
     }
     let mut dst = Addr { bytes: [0xff; 16] };
     dst.bytes.copy_from_slice(&h[24..40]);
-    if (dst != cfg.src_v6 || dst.is_zero()) && !node_address(&dst) {
+    if !own_address(cfg, &dst) {
         return None;
     }
     Some(Outer {

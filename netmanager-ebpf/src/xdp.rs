@@ -24,7 +24,7 @@
 //! attach to an interface whose MTU exceeds a page, and `--xdp-mode auto`
 //! takes generic there.
 //!
-//! Direct packet access throughout (`peers::Frame`): every offset is a
+//! Direct packet access throughout (`packet::Frame`): every offset is a
 //! constant at its read, checked against `data_end`.
 
 use aya_ebpf::{
@@ -35,8 +35,8 @@ use aya_ebpf::{
 use netmanager_common::{Addr, Config, Counter};
 
 use crate::maps::{config, count};
-use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP};
-use crate::peers::{self, Frame};
+use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_UDP};
+use crate::peers;
 use crate::tunnel::{OUTER_V4_LEN, OUTER_V6_LEN, Outer, own_address};
 
 /// IPv4 header without options.
