@@ -72,16 +72,8 @@ impl Underlay {
     /// the far end's name in the underlay (where a capture listens).
     pub fn plug_in(&self, ns: &NsPath, ifname: &str, addresses: &[&str]) -> Result<String> {
         let peer = crate::netns::unique("u");
-        ns.add_veth(ifname, &peer, Some(&self.ns))?.keep();
+        self.veth_to_bridge(ns, ifname, &peer)?;
         ns.set_up(ifname)?;
-        self.ns.set_link(
-            &peer,
-            &LinkSettings {
-                up: true,
-                master: Some("br0"),
-                ..Default::default()
-            },
-        )?;
         for a in addresses {
             ns.add_address(ifname, a)?.keep();
         }
@@ -109,19 +101,11 @@ impl Underlay {
         node.ns.sysctl("net/ipv4/conf/all/arp_ignore", "1")?;
         node.ns.sysctl("net/ipv4/conf/all/arp_announce", "2")?;
         let peer = format!("up{host}");
-        node.ns.add_veth(name, &peer, Some(&self.ns))?.keep();
+        self.veth_to_bridge(&node.ns, name, &peer)?;
         node.ns
             .add_address(name, &format!("{}/24", node_ip(host)))?
             .keep();
         node.ns.set_up(name)?;
-        self.ns.set_link(
-            &peer,
-            &LinkSettings {
-                up: true,
-                master: Some("br0"),
-                ..Default::default()
-            },
-        )?;
         node.ns
             .add_route(
                 &Route::default_via(IpAddr::V4(UNDERLAY_GATEWAY))
@@ -132,17 +116,23 @@ impl Underlay {
         Ok(())
     }
 
-    fn plug(&self, ns: Netns, host: u8) -> Result<Node> {
-        let peer = format!("u{host}");
-        ns.add_veth(UPLINK, &peer, Some(&self.ns))?.keep();
+    /// A veth pair: `ifname` in `ns`, its `peer` end in this segment's
+    /// bridge, up.
+    fn veth_to_bridge(&self, ns: &NsPath, ifname: &str, peer: &str) -> Result<()> {
+        ns.add_veth(ifname, peer, Some(&self.ns))?.keep();
         self.ns.set_link(
-            &peer,
+            peer,
             &LinkSettings {
                 up: true,
                 master: Some("br0"),
                 ..Default::default()
             },
-        )?;
+        )
+    }
+
+    fn plug(&self, ns: Netns, host: u8) -> Result<Node> {
+        let peer = format!("u{host}");
+        self.veth_to_bridge(&ns, UPLINK, &peer)?;
         Node::address_uplink(ns, host, peer)
             .with_context(|| format!("wiring node {host} into the underlay"))
     }

@@ -90,8 +90,7 @@ impl NodeEngineBuilder {
 
     /// Sets (or, given twice, overrides) one environment variable.
     pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.env.retain(|(k, _)| k != key);
-        self.env.push((key.to_string(), value.to_string()));
+        set_var(&mut self.env, key, value);
         self
     }
 
@@ -179,8 +178,7 @@ impl NodeEngine {
 
     /// Sets (or overrides) one environment variable for the next start.
     pub fn set_env(&mut self, key: &str, value: &str) {
-        self.env.retain(|(k, _)| k != key);
-        self.env.push((key.to_string(), value.to_string()));
+        set_var(&mut self.env, key, value);
     }
 
     pub fn restart(&mut self) -> Result<()> {
@@ -206,4 +204,10 @@ impl Drop for NodeEngine {
         self.stop();
         print_log_if_panicking("nodeengined", &self.log);
     }
+}
+
+/// Sets `key` in `env`, replacing an earlier value.
+fn set_var(env: &mut Vec<(String, String)>, key: &str, value: &str) {
+    env.retain(|(k, _)| k != key);
+    env.push((key.to_string(), value.to_string()));
 }
