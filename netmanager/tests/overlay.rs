@@ -107,6 +107,26 @@ fn ebpf_builder(dir: &Path, node: &Node, mqtt_port: u16, tag: &str) -> NetManage
         .env("NETMANAGER_ADDRESS_CHECK_SECS", "1")
 }
 
+/// Registers the daemon with the cluster under node id `id`.
+fn register(nm: &NetManager, id: &str) {
+    let (code, body) = nm.post(
+        "/register",
+        &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
+    );
+    assert_eq!(code, 200, "{body}");
+}
+
+/// Deploys instance 0 of `job` in `c`'s namespace; the daemon's answer.
+fn deploy(nm: &NetManager, c: &ContainerProcess, job: &str) -> Value {
+    let (code, a) = nm.post(
+        "/container/deploy",
+        &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
+            .to_string(),
+    );
+    assert_eq!(code, 200, "{a}");
+    a
+}
+
 fn python(c: &ContainerProcess, script: &str) -> Proc {
     c.ns().spawn(&["python3", "-c", script]).expect("python3")
 }
@@ -144,25 +164,17 @@ fn service_ip_across_two_nodes(mode: &str) {
     let nm1 = start(dir, &t.n1, t.broker.port(), "n1", mode);
     let nm2 = start(dir, &t.n2, t.broker.port(), "n2", mode);
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
-        let (code, body) = nm.post(
-            "/register",
-            &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
-        );
-        assert_eq!(code, 200, "{body}");
+        register(nm, id);
         assert_attach_mode(nm, mode);
     }
     let (client, server) = (container(), container());
-    let (code, a) = nm1.post("/container/deploy", &json!({"pid": client.pid(), "serviceName": CLIENT, "instanceNumber": 0, "portMappings": ""}).to_string());
     assert_eq!(
-        (code, a["nsAddress"].clone()),
-        (200, json!("10.18.0.2")),
-        "{a}"
+        deploy(&nm1, &client, CLIENT)["nsAddress"],
+        json!("10.18.0.2")
     );
-    let (code, a) = nm2.post("/container/deploy", &json!({"pid": server.pid(), "serviceName": SERVER, "instanceNumber": 0, "portMappings": ""}).to_string());
     assert_eq!(
-        (code, a["nsAddress"].clone()),
-        (200, json!("10.18.1.2")),
-        "{a}"
+        deploy(&nm2, &server, SERVER)["nsAddress"],
+        json!("10.18.1.2")
     );
     let _srv = tcp_server(&server, 7000);
     std::thread::sleep(Duration::from_millis(500));
@@ -311,21 +323,12 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &str)
     let nm1 = start(dir, &t.n1, t.broker.port(), "n1", mode);
     let nm2 = start(dir, &t.n2, t.broker.port(), "n2", mode);
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
-        let (code, body) = nm.post(
-            "/register",
-            &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
-        );
-        assert_eq!(code, 200, "{body}");
+        register(nm, id);
         assert_attach_mode(nm, mode);
     }
     let (client, server) = (container(), container());
     for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
-        let (code, a) = nm.post(
-            "/container/deploy",
-            &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
-                .to_string(),
-        );
-        assert_eq!(code, 200, "{a}");
+        deploy(nm, c, job);
     }
     let _srv = tcp_server(&server, 7000);
     std::thread::sleep(Duration::from_millis(500));
@@ -375,22 +378,13 @@ fn a_client_dialing_before_the_deploy_connects_once_the_instance_is_announced() 
     let nm1 = start(dir, &t.n1, t.broker.port(), "n1", "tcx");
     let nm2 = start(dir, &t.n2, t.broker.port(), "n2", "tcx");
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
-        let (code, body) = nm.post(
-            "/register",
-            &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
-        );
-        assert_eq!(code, 200, "{body}");
+        register(nm, id);
     }
     // The instance starts on node 2; the cluster does not list it as
     // running yet.
     let (client, server) = (container(), container());
     for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
-        let (code, a) = nm.post(
-            "/container/deploy",
-            &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
-                .to_string(),
-        );
-        assert_eq!(code, 200, "{a}");
+        deploy(nm, c, job);
     }
     let _srv = tcp_server(&server, 7000);
     std::thread::sleep(Duration::from_millis(300));
@@ -499,20 +493,11 @@ fn tuncfg_moves_the_service_range_and_the_tunnel_port() {
     let nm1 = start(&t.n1, "n1");
     let nm2 = start(&t.n2, "n2");
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {
-        let (code, body) = nm.post(
-            "/register",
-            &json!({"client_id": id, "cluster_address": "198.51.100.254"}).to_string(),
-        );
-        assert_eq!(code, 200, "{body}");
+        register(nm, id);
     }
     let (client, server) = (container(), container());
     for (nm, c, job) in [(&nm1, &client, CLIENT), (&nm2, &server, SERVER)] {
-        let (code, a) = nm.post(
-            "/container/deploy",
-            &json!({"pid": c.pid(), "serviceName": job, "instanceNumber": 0, "portMappings": ""})
-                .to_string(),
-        );
-        assert_eq!(code, 200, "{a}");
+        deploy(nm, c, job);
     }
     let _srv = tcp_server(&server, 7000);
     std::thread::sleep(Duration::from_millis(500));
@@ -547,14 +532,9 @@ fn behind_nat_the_public_pair_is_advertised_and_the_tunnel_port_served() {
         .netcfg_with(json!({"NodePublicAddress": "198.51.100.250", "NodePublicPort": "50200"}))
         .start()
         .expect("NetManager");
-    let (code, body) = nm.post(
-        "/register",
-        &json!({"client_id": N1, "cluster_address": "198.51.100.254"}).to_string(),
-    );
-    assert_eq!(code, 200, "{body}");
+    register(&nm, N1);
     let client = container();
-    let (code, a) = nm.post("/container/deploy", &json!({"pid": client.pid(), "serviceName": CLIENT, "instanceNumber": 0, "portMappings": ""}).to_string());
-    assert_eq!(code, 200, "{a}");
+    deploy(&nm, &client, CLIENT);
     let deployed = t
         .csm
         .wait_for("/net/service/deployed", 1, Duration::from_secs(10));
