@@ -21,7 +21,7 @@ use netmanager_common::{Addr, Config, Counter, Instance};
 
 use crate::maps::{NODE_ADDRESSES, SCRATCH};
 use crate::packet::{
-    self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_UDP, Packet, fold16, read,
+    self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_ICMP, IPPROTO_UDP, Packet, fold16, read,
 };
 use crate::route::{self, Route};
 use crate::{Verdict, send_too_big, too_big};
@@ -463,7 +463,28 @@ pub fn tunnel_datagram(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
 
 #[inline(always)]
 fn outer_v4(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
-    let h: [u8; 28] = read(ctx, ETH_HLEN)?;
+    outer_v4_header(ctx, cfg)?;
+    Some(Outer {
+        inner: inner_ethertype(ctx, OUTER_V4_LEN)?,
+        v6: false,
+    })
+}
+
+#[inline(always)]
+fn outer_v6(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
+    outer_v6_header(ctx, cfg)?;
+    Some(Outer {
+        inner: inner_ethertype(ctx, OUTER_V6_LEN)?,
+        v6: true,
+    })
+}
+
+/// The outer IPv4 and UDP headers when the frame is a datagram to this
+/// node's tunnel port without options or fragmentation (what TC and XDP
+/// both take for tunnel traffic).
+#[inline(always)]
+pub(crate) fn outer_v4_header<C: Frame>(ctx: &C, cfg: &Config) -> Option<[u8; OUTER_V4_LEN]> {
+    let h = ctx.read::<OUTER_V4_LEN>(ETH_HLEN)?;
     if h[0] != 0x45 || h[9] != IPPROTO_UDP || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
         return None;
     }
@@ -476,15 +497,14 @@ fn outer_v4(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
     if !own_address(cfg, &Addr::from_v4_octets([h[16], h[17], h[18], h[19]])) {
         return None;
     }
-    Some(Outer {
-        inner: inner_ethertype(ctx, OUTER_V4_LEN)?,
-        v6: false,
-    })
+    Some(h)
 }
 
+/// The outer IPv6 and UDP headers when the frame is a datagram to this
+/// node's tunnel port without extension headers.
 #[inline(always)]
-fn outer_v6(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
-    let h: [u8; 48] = read(ctx, ETH_HLEN)?;
+pub(crate) fn outer_v6_header<C: Frame>(ctx: &C, cfg: &Config) -> Option<[u8; OUTER_V6_LEN]> {
+    let h = ctx.read::<OUTER_V6_LEN>(ETH_HLEN)?;
     if h[0] >> 4 != 6 || h[6] != IPPROTO_UDP {
         return None;
     }
@@ -496,10 +516,7 @@ fn outer_v6(ctx: &TcContext, cfg: &Config) -> Option<Outer> {
     if !own_address(cfg, &dst) {
         return None;
     }
-    Some(Outer {
-        inner: inner_ethertype(ctx, OUTER_V6_LEN)?,
-        v6: true,
-    })
+    Some(h)
 }
 
 /// Whether `a` is one of this node's addresses: the outer sources the

@@ -35,9 +35,9 @@ use aya_ebpf::{
 use netmanager_common::{Addr, Config, Counter};
 
 use crate::maps::{config, count};
-use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_UDP};
+use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Frame};
 use crate::peers;
-use crate::tunnel::{OUTER_V4_LEN, OUTER_V6_LEN, Outer, own_address};
+use crate::tunnel::{OUTER_V4_LEN, OUTER_V6_LEN, Outer, outer_v4_header, outer_v6_header};
 
 /// IPv4 header without options.
 const IPV4_HLEN: usize = 20;
@@ -73,16 +73,7 @@ fn screen(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
 /// path's either: the kernel reassembles them for the slow-path socket.
 #[inline(always)]
 fn screen_v4(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
-    let h = ctx.read::<{ OUTER_V4_LEN }>(ETH_HLEN)?;
-    if h[0] != 0x45 || h[9] != IPPROTO_UDP || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
-        return None;
-    }
-    if u16::from_be_bytes([h[22], h[23]]) != cfg.tunnel_port {
-        return None;
-    }
-    if !own_address(cfg, &Addr::from_v4_octets([h[16], h[17], h[18], h[19]])) {
-        return None;
-    }
+    let h = outer_v4_header(ctx, cfg)?;
     // A tunnel datagram for this node from here on.
     let ip_len = u16::from_be_bytes([h[2], h[3]]) as usize;
     let udp_len = u16::from_be_bytes([h[24], h[25]]) as usize;
@@ -100,18 +91,7 @@ fn screen_v4(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
 /// headers go to the slow path, as on TC.
 #[inline(always)]
 fn screen_v6(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
-    let h = ctx.read::<{ OUTER_V6_LEN }>(ETH_HLEN)?;
-    if h[0] >> 4 != 6 || h[6] != IPPROTO_UDP {
-        return None;
-    }
-    if u16::from_be_bytes([h[42], h[43]]) != cfg.tunnel_port {
-        return None;
-    }
-    let mut dst = Addr::ZERO;
-    dst.bytes.copy_from_slice(&h[24..40]);
-    if !own_address(cfg, &dst) {
-        return None;
-    }
+    let h = outer_v6_header(ctx, cfg)?;
     let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
     let udp_len = u16::from_be_bytes([h[44], h[45]]) as usize;
     if payload < UDP_HLEN
