@@ -16,6 +16,7 @@ testkit::main! {
     unanswered_subnet_request_is_not_repeated_early_and_first_answer_wins: [Mosquitto],
     coalesced_table_queries_and_interest: [Mosquitto],
     table_query_timeout: [Mosquitto],
+    a_query_after_a_change_does_not_take_an_older_requests_fate: [Mosquitto],
     interest_expires_without_holders: [Mosquitto],
     survives_broker_restart: [Mosquitto],
     server_verified_tls_with_credentials: [Mosquitto, Openssl],
@@ -225,6 +226,41 @@ fn table_query_timeout() {
             .await
             .unwrap();
         assert_eq!(csm.seen_on("/net/tablequery/request").len(), 2);
+    })
+}
+
+/// A refresh after `updates_available` that finds a request already out
+/// (here one the cluster never answers, as when it was published while the
+/// cluster was resubscribing) waits it out and asks again, so the change
+/// is not lost; a plain query shares that request's fate.
+fn a_query_after_a_change_does_not_take_an_older_requests_fate() {
+    block_on(async {
+        let Cluster { _dir, broker, csm } = cluster();
+        csm.answer_table_queries(false);
+        let (link, mut rx) = link(broker.port(), |o| {
+            o.query_timeout = Duration::from_millis(800)
+        });
+        connected(&mut rx).await;
+        let key = QueryKey::Job(JOB.into());
+        let earlier = link.table_query(&key);
+        let after_change = async {
+            // The cluster is back and has the table once the first request is out.
+            csm.wait_for("/net/tablequery/request", 1, Duration::from_secs(5));
+            csm.answer_table_queries(true);
+            csm.set_table(JOB, fixture());
+            link.table_query_fresh(&key).await
+        };
+        let (earlier, fresh) = tokio::join!(earlier, after_change);
+        assert!(
+            earlier.is_err(),
+            "the unanswered request failed: {earlier:?}"
+        );
+        let fresh = fresh.expect("the refresh asked again and got the table");
+        assert_eq!(fresh.instance_list.len(), 2);
+        assert_eq!(
+            csm.seen_on("/net/tablequery/request"),
+            vec![json!({"sname": JOB, "sip": ""}); 2]
+        );
     })
 }
 

@@ -255,6 +255,36 @@ impl<E: std::fmt::Debug> TestOutcome for Result<(), E> {
     }
 }
 
+thread_local! {
+    static ON_FAILURE: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Keep `text` (daemon logs, a transcript) for the message of the running
+/// test, should it fail. A fixture that is dropped before its test's error
+/// is reported (a `?` returns after locals drop) cannot tell whether the
+/// test failed; it leaves what it knows here, and the harness shows it
+/// only with a failure.
+pub fn on_failure(text: String) {
+    ON_FAILURE.with(|k| k.borrow_mut().push(text));
+}
+
+fn take_kept() -> Vec<String> {
+    ON_FAILURE.with(|k| std::mem::take(&mut *k.borrow_mut()))
+}
+
+/// The body's outcome, with what fixtures kept for a failure appended.
+fn with_kept(outcome: Result<(), Failed>) -> Result<(), Failed> {
+    let kept = take_kept();
+    outcome.map_err(|f| {
+        let mut msg = f.message().map(str::to_string).unwrap_or_default();
+        for k in kept {
+            msg.push_str("\n\n");
+            msg.push_str(&k);
+        }
+        Failed::from(msg)
+    })
+}
+
 /// One test of a suite: its name, what it needs, and its body.
 pub struct Test {
     name: &'static str,
@@ -271,7 +301,10 @@ impl Test {
         Test {
             name,
             needs,
-            body: Box::new(move || body().into_outcome()),
+            body: Box::new(move || {
+                take_kept();
+                with_kept(body().into_outcome())
+            }),
         }
     }
 
@@ -408,6 +441,22 @@ mod tests {
                 assert!(why.starts_with("needs "), "{why}");
             }
         }
+    }
+
+    #[test]
+    fn what_fixtures_keep_shows_only_with_a_failure() {
+        let failing = Test::new("f", &[], || -> Result<(), String> {
+            on_failure("worker log tail".into());
+            Err("no answer".into())
+        });
+        let msg = (failing.body)().expect_err("fails");
+        assert_eq!(msg.message(), Some("\"no answer\"\n\nworker log tail"));
+        let passing = Test::new("p", &[], || -> Result<(), String> {
+            on_failure("worker log tail".into());
+            Ok(())
+        });
+        assert!((passing.body)().is_ok());
+        assert!(take_kept().is_empty(), "a pass leaves nothing for the next test");
     }
 
     #[test]

@@ -25,19 +25,41 @@ pub struct E2e {
 }
 
 impl Drop for E2e {
+    /// What a failure needs explained: each daemon's log tail and the
+    /// cluster double's transcript. Printed at once when panicking; kept
+    /// for the harness otherwise, which shows it only if the test fails.
     fn drop(&mut self) {
+        let report = self.diagnostics();
         if std::thread::panicking() {
-            for w in &self.sb.workers {
-                for d in ["nodeengine", "netmanager"] {
-                    let log = std::fs::read_to_string(w.log(d)).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                    eprintln!("---- worker {} {d} (tail) ----", w.index);
-                    for l in tail.iter().rev() {
-                        eprintln!("{l}");
-                    }
+            eprintln!("{report}");
+        } else {
+            testkit::harness::on_failure(report);
+        }
+    }
+}
+
+impl E2e {
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for w in &self.sb.workers {
+            for d in ["nodeengine", "netmanager"] {
+                let log = std::fs::read_to_string(w.log(d)).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                out.push_str(&format!("---- worker {} {d} (tail) ----\n", w.index));
+                for l in tail.iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
                 }
             }
         }
+        out.push_str("---- cluster double (last messages) ----\n");
+        let transcript = self.sb.cluster.transcript();
+        let last: Vec<&str> = transcript.lines().rev().take(60).collect();
+        for l in last.iter().rev() {
+            out.push_str(l);
+            out.push('\n');
+        }
+        out
     }
 }
 

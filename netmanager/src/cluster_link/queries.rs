@@ -77,21 +77,56 @@ impl ClusterLink {
 
     /// Table query; concurrent queries for the same key share one request.
     pub async fn table_query(&self, key: &QueryKey) -> Result<Arc<TableResult>> {
-        let (tx, rx) = oneshot::channel();
-        let first = {
-            let mut st = self.shared.state();
-            let waiters = st.pending.entry(key.clone()).or_default();
-            waiters.push(tx);
-            waiters.len() == 1
-        };
+        let (rx, first) = self.join_query(key);
         if first {
-            tracing::debug!(%key, "table query");
-            self.shared.count(|s| s.queries_sent += 1);
-            if let Err(e) = self.publish_query(key).await {
-                self.shared.state().pending.remove(key);
-                return Err(e);
-            }
+            self.send_query(key).await?;
         }
+        self.await_answer(key, rx, first).await
+    }
+
+    /// A table query whose answer was asked for after this call began: what
+    /// a refresh after `updates_available` or a reconnect needs. Joining a
+    /// request that is already out could hand back an answer the cluster
+    /// gave before the change, or wait out a request the broker dropped
+    /// while the cluster was not subscribed, and the update would be lost.
+    /// So a joiner waits that request out and then asks again (joining only
+    /// a request sent after it began).
+    pub async fn table_query_fresh(&self, key: &QueryKey) -> Result<Arc<TableResult>> {
+        let (rx, first) = self.join_query(key);
+        if first {
+            self.send_query(key).await?;
+            return self.await_answer(key, rx, first).await;
+        }
+        let _ = self.await_answer(key, rx, first).await;
+        self.table_query(key).await
+    }
+
+    /// Wait on `key`'s request; true when the caller is the first and must
+    /// send it.
+    fn join_query(&self, key: &QueryKey) -> (oneshot::Receiver<Arc<TableResult>>, bool) {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.shared.state();
+        let waiters = st.pending.entry(key.clone()).or_default();
+        waiters.push(tx);
+        (rx, waiters.len() == 1)
+    }
+
+    async fn send_query(&self, key: &QueryKey) -> Result<()> {
+        tracing::debug!(%key, "table query");
+        self.shared.count(|s| s.queries_sent += 1);
+        if let Err(e) = self.publish_query(key).await {
+            self.shared.state().pending.remove(key);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn await_answer(
+        &self,
+        key: &QueryKey,
+        rx: oneshot::Receiver<Arc<TableResult>>,
+        first: bool,
+    ) -> Result<Arc<TableResult>> {
         match tokio::time::timeout(self.opts.query_timeout, rx).await {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(_)) => bail!("table query for {key} failed (the request it joined timed out)"),

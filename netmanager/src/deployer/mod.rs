@@ -288,7 +288,7 @@ impl Deployer {
                 tracing::warn!("interest in {}: {e:#}", d.service_name);
             }
             if let Err(e) = resolver
-                .refresh(QueryKey::Job(d.service_name.clone()))
+                .refresh_after_change(QueryKey::Job(d.service_name.clone()))
                 .await
             {
                 tracing::info!("own table of {}: {e:#}", d.key());
@@ -311,7 +311,10 @@ impl Deployer {
                     if let Err(e) = link.hold_interest(&job, &key).await {
                         tracing::warn!("interest in {job}: {e:#}");
                     }
-                    if let Err(e) = resolver.refresh(QueryKey::Job(job.clone())).await {
+                    if let Err(e) = resolver
+                        .refresh_after_change(QueryKey::Job(job.clone()))
+                        .await
+                    {
                         tracing::info!("table of {job}: {e:#}");
                     }
                 });

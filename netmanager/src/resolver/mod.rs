@@ -41,6 +41,12 @@ pub use stats::{LATENCY_BOUNDS, Latency, ResolverStats};
 /// After a failed lookup, further misses for the address are dropped without
 /// asking again for this long, so an unknown address cannot flood the cluster.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
+/// How often a refresh after a change is tried before it waits for the
+/// next change, and its back-off (each failed try already waited a query
+/// timeout).
+const REFRESH_ATTEMPTS: u32 = 5;
+const REFRESH_RETRY_FIRST: Duration = Duration::from_secs(1);
+const REFRESH_RETRY_MAX: Duration = Duration::from_secs(8);
 /// A miss as the resolver tracks it: the same address can miss as a
 /// service and as a tunnel source at once, and they resolve differently.
 type MissKey = (MissReason, IpAddr);
@@ -80,10 +86,22 @@ impl Resolver {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Query the cluster, write what it answers, and keep an interest in the
-    /// job so later changes arrive as `updates_available`.
+    /// Ask the cluster for `key`'s table and apply it; any answer will do,
+    /// including one to a request already out (a miss).
     pub async fn refresh(&self, key: QueryKey) -> Result<Arc<TableResult>> {
         let result = self.link.table_query(&key).await?;
+        self.apply(&key, result).await
+    }
+
+    /// Like [`Resolver::refresh`], but only with an answer asked for after
+    /// the call began: after `updates_available`, a reconnect or a local
+    /// deployment, an older answer would miss the change.
+    pub async fn refresh_after_change(&self, key: QueryKey) -> Result<Arc<TableResult>> {
+        let result = self.link.table_query_fresh(&key).await?;
+        self.apply(&key, result).await
+    }
+
+    async fn apply(&self, key: &QueryKey, result: Arc<TableResult>) -> Result<Arc<TableResult>> {
         if !result.app_name.is_empty() {
             // The name becomes an MQTT topic level and a map key: a name
             // with `+`, `#` or `/` would subscribe to other jobs' updates.
@@ -104,12 +122,34 @@ impl Resolver {
         Ok(result)
     }
 
-    /// Refresh in the background, logging a failure with `why`.
+    /// Refresh `job` after a change in the background, logging a failure
+    /// with `why`. An unanswered query is asked again with back-off while
+    /// the job still has routes here: the change it follows would otherwise
+    /// be lost until the next one (a request published while the cluster
+    /// was resubscribing after a broker restart gets no answer). It stops
+    /// when the job's interest is gone.
     pub fn refresh_later(self: &Arc<Self>, job: String, why: &'static str) {
         let resolver = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = resolver.refresh(QueryKey::Job(job.clone())).await {
-                tracing::info!("refreshing {job} {why}: {e:#}");
+            let mut pause = REFRESH_RETRY_FIRST;
+            for attempt in 1..=REFRESH_ATTEMPTS {
+                let key = QueryKey::Job(job.clone());
+                match resolver.refresh_after_change(key).await {
+                    Ok(_) => return,
+                    Err(e) if attempt == REFRESH_ATTEMPTS => {
+                        tracing::warn!(
+                            "refreshing {job} {why}: {e:#}; giving up until the next update"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::info!("refreshing {job} {why}: {e:#}; again in {pause:?}");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(REFRESH_RETRY_MAX);
+                        if !resolver.link.interests().contains(&job) {
+                            return;
+                        }
+                    }
+                }
             }
         });
     }
