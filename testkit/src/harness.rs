@@ -456,7 +456,10 @@ mod tests {
             Ok(())
         });
         assert!((passing.body)().is_ok());
-        assert!(take_kept().is_empty(), "a pass leaves nothing for the next test");
+        assert!(
+            take_kept().is_empty(),
+            "a pass leaves nothing for the next test"
+        );
     }
 
     #[test]

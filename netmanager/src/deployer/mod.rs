@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 
@@ -117,19 +118,34 @@ impl Deployer {
         target: &NetnsRef,
         reached: &mut Stage,
     ) -> Result<()> {
+        // Each step's time goes to the debug log: a deploy's CREATED waits
+        // on this whole function (docs/performance.md, control plane).
+        let started = Instant::now();
         let attached = self
             .plumb(target, &d.host_ifname, d.addresses, d.kind)
             .await?;
         d.host_ifindex = attached.host_ifindex;
         d.mac = attached.mac;
         *reached = Stage::Plumbed;
+        let plumbed = started.elapsed();
         self.program(d)
             .with_context(|| format!("programming the dataplane for {}", d.key()))?;
         *reached = Stage::Programmed;
+        let programmed = started.elapsed();
         self.local.insert(d.clone());
         *reached = Stage::Recorded;
         self.update_nat().await?;
-        self.local.save().await
+        let nat = started.elapsed();
+        self.local.save().await?;
+        tracing::debug!(
+            key = %d.key(),
+            plumb_us = plumbed.as_micros() as u64,
+            program_us = (programmed - plumbed).as_micros() as u64,
+            nat_us = (nat - programmed).as_micros() as u64,
+            save_us = (started.elapsed() - nat).as_micros() as u64,
+            "deploy steps"
+        );
+        Ok(())
     }
 
     /// Undo a deployment down from `reached`; the result is that of
