@@ -139,6 +139,28 @@ fn scenario(e: &E2e, api: &ControlClient, archive: &str) -> Result<()> {
     );
     ensure!(api.ps()? == json!([]), "a failed deploy left {}", api.ps()?);
 
+    // All or nothing: when an SLA's second service cannot be placed, its
+    // first, already running, is undeployed again.
+    let mut two = sla(&e.app, archive, 64);
+    let mut big = two["applications"][0]["microservices"][0].clone();
+    big["microservice_name"] = json!("big");
+    big["memory"] = json!(1u64 << 40);
+    two["applications"][0]["microservices"]
+        .as_array_mut()
+        .context("microservices")?
+        .push(big);
+    let half = refused(api.deploy(&two, 1))?;
+    ensure!(half.contains("no worker can run it"), "{half}");
+    ensure!(
+        api.ps()? == json!([]),
+        "a half-deployed SLA left {}",
+        api.ps()?
+    );
+    eventually("the half-deployed service's container removed", || {
+        ensure!(w1.task_pid(&job, 0).is_none(), "instance 0 still runs");
+        Ok(())
+    })?;
+
     // Deploy: one instance, from the local archive, on worker 1.
     let deployed = api.deploy(&sla(&e.app, archive, 64), 1)?;
     let svc = &deployed[0];

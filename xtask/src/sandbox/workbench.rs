@@ -138,6 +138,28 @@ impl Workbench {
             }
         }
         let mut jobs = Vec::new();
+        if let Err(e) = self.deploy_each(sb, specs, count, &mut jobs) {
+            // All or nothing: the services of this SLA deployed before the
+            // failing one go too, so a retry starts from a clean slate.
+            for job in &jobs {
+                self.discard(sb, job);
+            }
+            return Err(e);
+        }
+        Ok(Value::Array(
+            jobs.iter().map(|j| self.describe(sb, j)).collect(),
+        ))
+    }
+
+    /// Deploys the services one after another, naming each in `jobs` as
+    /// soon as it has something to undo.
+    fn deploy_each(
+        &mut self,
+        sb: &Sandbox,
+        specs: Vec<ServiceSpec>,
+        count: u64,
+        jobs: &mut Vec<String>,
+    ) -> Result<()> {
         for spec in specs {
             let image = Image::of(&spec.code);
             if let Image::Archive { path, name } = &image {
@@ -156,15 +178,9 @@ impl Workbench {
                 },
             );
             jobs.push(job.clone());
-            if let Err(e) = self.scale(sb, &job, count) {
-                // Nothing half-deployed stays behind.
-                self.discard(sb, &job);
-                return Err(e);
-            }
+            self.scale(sb, &job, count)?;
         }
-        Ok(Value::Array(
-            jobs.iter().map(|j| self.describe(sb, j)).collect(),
-        ))
+        Ok(())
     }
 
     /// Brings `job` to `count` instances: new ones on the least loaded
