@@ -1,44 +1,85 @@
-//! The goals of the small-packet and latency work (issue 14, point 3),
-//! checked against the medians of a run: met, not met, or not measured.
+//! The goals of issue 14 that a run's medians decide: small packets and
+//! latency against the direct path and VXLAN (point 3), and the per-packet
+//! budget against the floor on the same hook (point 2) -- met, not met, or
+//! not measured.
 
 use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
 use super::rows::{self, FAMILIES, HOOKS};
+use super::run_stats::{SMALL, TCP};
 
 enum Test {
     /// median(row) / median(base) >= the bound
     RatioAtLeast(f64),
+    /// median(row) / median(base) <= the bound
+    RatioAtMost(f64),
     /// median(row) - median(base) <= the bound
     AddedAtMost(f64),
+}
+
+/// What a figure is held against.
+enum Base {
+    /// The same figure of another path's row (same family).
+    Path(&'static str),
+    /// Another figure of the same row.
+    Figure(&'static str),
 }
 
 struct Goal {
     what: &'static str,
     figure: &'static str,
-    base: &'static str,
+    base: Base,
     test: Test,
 }
 
-const GOALS: [Goal; 3] = [
+/// The per-packet budget: egress <= 3x, ingress <= 2.5x the floor.
+const EGRESS_BUDGET: f64 = 3.0;
+const INGRESS_BUDGET: f64 = 2.5;
+
+const GOALS: [Goal; 7] = [
     Goal {
         what: "64-byte UDP pps vs direct",
         figure: "small_rx_kpps",
-        base: "direct",
+        base: Base::Path("direct"),
         test: Test::RatioAtLeast(0.9),
     },
     Goal {
         what: "64-byte UDP pps vs VXLAN",
         figure: "small_rx_kpps",
-        base: "vxlan",
+        base: Base::Path("vxlan"),
         test: Test::RatioAtLeast(1.0),
     },
     Goal {
         what: "request/response p50 added over direct",
         figure: "rr_p50_us",
-        base: "direct",
+        base: Base::Path("direct"),
         test: Test::AddedAtMost(5.0),
+    },
+    Goal {
+        what: "egress ns/packet vs floor, TCP",
+        figure: TCP[0],
+        base: Base::Figure(TCP[1]),
+        test: Test::RatioAtMost(EGRESS_BUDGET),
+    },
+    Goal {
+        what: "ingress ns/packet vs floor, TCP",
+        figure: TCP[2],
+        base: Base::Figure(TCP[3]),
+        test: Test::RatioAtMost(INGRESS_BUDGET),
+    },
+    Goal {
+        what: "egress ns/packet vs floor, 64 B UDP",
+        figure: SMALL[0],
+        base: Base::Figure(SMALL[1]),
+        test: Test::RatioAtMost(EGRESS_BUDGET),
+    },
+    Goal {
+        what: "ingress ns/packet vs floor, 64 B UDP",
+        figure: SMALL[2],
+        base: Base::Figure(SMALL[3]),
+        test: Test::RatioAtMost(INGRESS_BUDGET),
     },
 ];
 
@@ -49,13 +90,23 @@ pub fn evaluate(results: &Value) -> Value {
         for hook in HOOKS {
             let row = rows::key("overlay", family, Some(hook));
             for g in &GOALS {
-                let base = rows::key(g.base, family, None);
                 let a = rows::median(results, &row, g.figure);
-                let b = rows::median(results, &base, g.figure);
+                let (base, b) = match g.base {
+                    Base::Path(p) => {
+                        let base = rows::key(p, family, None);
+                        let b = rows::median(results, &base, g.figure);
+                        (base, b)
+                    }
+                    Base::Figure(f) => (format!("{row} {f}"), rows::median(results, &row, f)),
+                };
                 let (value, target, met) = match (&g.test, a, b) {
                     (Test::RatioAtLeast(min), Some(a), Some(b)) => {
                         let r = a / b;
                         (json!(r), format!(">= {min:.2}x"), json!(r >= *min))
+                    }
+                    (Test::RatioAtMost(max), Some(a), Some(b)) => {
+                        let r = a / b;
+                        (json!(r), format!("<= {max:.2}x"), json!(r <= *max))
                     }
                     (Test::AddedAtMost(max), Some(a), Some(b)) => {
                         let d = a - b;
@@ -63,6 +114,9 @@ pub fn evaluate(results: &Value) -> Value {
                     }
                     (Test::RatioAtLeast(min), ..) => {
                         (Value::Null, format!(">= {min:.2}x"), Value::Null)
+                    }
+                    (Test::RatioAtMost(max), ..) => {
+                        (Value::Null, format!("<= {max:.2}x"), Value::Null)
                     }
                     (Test::AddedAtMost(max), ..) => {
                         (Value::Null, format!("<= {max} us"), Value::Null)
@@ -111,7 +165,9 @@ mod tests {
 
     fn row(key: &str, kpps: f64, p50: f64) -> Value {
         json!({"key": key, "figures": {
-            "small_rx_kpps": {"median": kpps}, "rr_p50_us": {"median": p50}}})
+            "small_rx_kpps": {"median": kpps}, "rr_p50_us": {"median": p50},
+            "egress_ns_tcp": {"median": 480.0}, "egress_floor_ns_tcp": {"median": 80.0},
+            "ingress_ns_tcp": {"median": 180.0}, "ingress_floor_ns_tcp": {"median": 80.0}}})
     }
 
     #[test]
@@ -139,8 +195,15 @@ mod tests {
             .find(|g| g["row"] == "overlay/ipv4/xdp")
             .unwrap();
         assert_eq!(xdp["met"], Value::Null);
-        assert_eq!(goals.as_array().unwrap().len(), 12);
-        let text = render(&json!(tc));
+        assert_eq!(goals.as_array().unwrap().len(), 28);
+        // The budget against the floor of the same row.
+        assert_eq!(tc[3]["value"], json!(6.0));
+        assert_eq!(tc[3]["met"], json!(false), "egress 6x the floor");
+        assert_eq!(tc[3]["base"], json!("overlay/ipv4/tc egress_floor_ns_tcp"));
+        assert_eq!(tc[4]["value"], json!(2.25));
+        assert_eq!(tc[4]["met"], json!(true), "ingress 2.25x the floor");
+        assert_eq!(tc[5]["met"], Value::Null, "no small-packet cost run");
+        let text = render(&json!(tc[..3]));
         assert_eq!(
             text,
             "  overlay/ipv4/tc    64-byte UDP pps vs direct                    0.85x  goal >= 0.90x  NOT MET\n\

@@ -20,6 +20,7 @@ mod prog_cost;
 mod report;
 mod restart;
 mod rows;
+mod run_stats;
 mod stats;
 mod svg;
 mod topology;

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use super::rows::{self, FAMILIES};
-use super::{goals, svg};
+use super::{goals, run_stats, svg};
 
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
@@ -158,7 +158,8 @@ pub fn cell(s: &Value, decimals: usize) -> String {
     }
 }
 
-/// One table over every row: `cols` are (heading, figure, decimals).
+/// One table over the rows that have any of its figures: `cols` are
+/// (heading, figure, decimals).
 pub fn traffic_table(r: &Value, cols: &[(&str, &str, usize)]) -> String {
     let mut s = String::new();
     let _ = write!(s, "{:<20}", "row");
@@ -167,7 +168,10 @@ pub fn traffic_table(r: &Value, cols: &[(&str, &str, usize)]) -> String {
     }
     let _ = writeln!(s);
     for row in r["rows"].as_array().into_iter().flatten() {
-        if row["figures"].is_null() {
+        if cols
+            .iter()
+            .all(|(_, fig, _)| row["figures"][*fig].is_null())
+        {
             continue;
         }
         let _ = write!(s, "{:<20}", row["key"].as_str().unwrap_or("?"));
@@ -247,9 +251,33 @@ pub fn table(r: &Value) -> String {
             );
         }
     }
+    let _ = writeln!(
+        s,
+        "\nPer-packet cost in real traffic (kernel BPF statistics, ns/packet; floor = a do-nothing \
+         program first on the same TC hook, same packets; egress = node 1 container_egress, \
+         ingress = node 2 uplink programs)"
+    );
+    let [e, ef, i, inf] = run_stats::TCP;
+    let [se, sef, si, sif] = run_stats::SMALL;
+    s.push_str(&traffic_table(
+        r,
+        &[
+            ("TCP egress", e, 0),
+            ("floor", ef, 0),
+            ("TCP ingress", i, 0),
+            ("floor", inf, 0),
+            ("64B egress", se, 0),
+            ("floor", sef, 0),
+            ("64B ingress", si, 0),
+            ("floor", sif, 0),
+        ],
+    ));
     let _ = writeln!(s, "\nRatios of the medians");
     ratio_lines(&mut s, r);
-    let _ = writeln!(s, "\nGoals (issue 14, small packets and latency)");
+    let _ = writeln!(
+        s,
+        "\nGoals (issue 14: small packets, latency, per-packet budget)"
+    );
     s.push_str(&goals::render(&r["goals"]));
 
     if let Some(paths) = r["prog_cost"]["paths"].as_array() {

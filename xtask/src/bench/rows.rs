@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::stats;
+use super::{run_stats, stats};
 
 /// One traffic path between two containers, in report order.
 pub struct Path {
@@ -107,7 +107,7 @@ const fn fig(name: &'static str, unit: &'static str, better: Better) -> Figure {
     Figure { name, unit, better }
 }
 
-pub static FIGURES: [Figure; 12] = [
+pub static FIGURES: [Figure; 20] = [
     fig("tcp1_gbps", "Gbit/s", Better::Higher),
     fig("tcp1_cpu_per_gbps", "CPUs per Gbit/s", Better::Lower),
     fig("tcp4_gbps", "Gbit/s", Better::Higher),
@@ -120,6 +120,15 @@ pub static FIGURES: [Figure; 12] = [
     fig("rr_p50_us", "us", Better::Lower),
     fig("rr_p99_us", "us", Better::Lower),
     fig("tcp1_retransmits", "segments", Better::Lower),
+    // Overlay rows only: per-packet cost in real traffic (run_stats).
+    fig(run_stats::TCP[0], "ns/packet", Better::Lower),
+    fig(run_stats::TCP[1], "ns/packet", Better::Lower),
+    fig(run_stats::TCP[2], "ns/packet", Better::Lower),
+    fig(run_stats::TCP[3], "ns/packet", Better::Lower),
+    fig(run_stats::SMALL[0], "ns/packet", Better::Lower),
+    fig(run_stats::SMALL[1], "ns/packet", Better::Lower),
+    fig(run_stats::SMALL[2], "ns/packet", Better::Lower),
+    fig(run_stats::SMALL[3], "ns/packet", Better::Lower),
 ];
 
 /// `{name: {"unit", "better"}}` of every figure, for readers of the JSON.

@@ -17,6 +17,7 @@ use testkit::netlink::{LinkSettings, Route, Vxlan};
 use testkit::{Container, NsPath};
 
 use super::rows::{self, Collector};
+use super::run_stats;
 use super::topology::Topology;
 use super::{control_plane, cpu, footprint, iperf, latency, progress};
 
@@ -137,6 +138,7 @@ pub fn run(plan: &Plan, started: Instant, results: &mut Value) -> Result<Collect
             rows: &mut rows,
             prog: &mut prog,
             first: pass == 0,
+            cost_site: None,
         };
         p.run(results)?;
     }
@@ -149,6 +151,9 @@ struct Pass<'a> {
     rows: &'a mut Collector,
     prog: &'a mut Progress,
     first: bool,
+    /// While the inter-node overlay rows run: where their programs are,
+    /// for the per-packet cost runs.
+    cost_site: Option<run_stats::Site>,
 }
 
 /// Service and instance addresses of the static overlay, per family:
@@ -238,7 +243,13 @@ impl Pass<'_> {
         }
         let key = rows::key(path, family, hook);
         let client = NsPath::clone(&self.t.c1.ns);
-        let sample = measure(self.plan, self.prog, &key, &client, target)?;
+        let mut sample = measure(self.plan, self.prog, &key, &client, target)?;
+        if let Some(site) = &self.cost_site {
+            merge(
+                &mut sample,
+                &cost(self.plan, self.prog, &key, &client, target, site)?,
+            );
+        }
         self.rows.add(&key, target, &sample);
         self.prog.done += 1;
         Ok(())
@@ -346,9 +357,17 @@ impl Pass<'_> {
                 )?,
             );
         }
-        for (family, remote, _) in SERVICES {
-            self.row("overlay", family, Some(hook), remote)?;
-        }
+        self.cost_site = Some(run_stats::Site {
+            floor_bin: self.plan.bins.join("oak-bench-floor"),
+            n1: (NsPath::clone(&n1), pin1.clone()),
+            n2: (NsPath::clone(&n2), pin2.clone()),
+            container_veth: self.t.c1.veth.clone(),
+        });
+        let remote_rows = SERVICES
+            .iter()
+            .try_for_each(|(family, remote, _)| self.row("overlay", family, Some(hook), remote));
+        self.cost_site = None;
+        remote_rows?;
         if first_hook {
             for (family, _, local) in SERVICES {
                 self.row("overlay_local", family, None, local)?;
@@ -512,6 +531,45 @@ fn measure(
         "rr_p50_us": f(&rr["p50_us"]),
         "rr_p99_us": f(&rr["p99_us"]),
     }))
+}
+
+/// The per-packet cost runs of an inter-node overlay row (`run_stats`):
+/// one TCP stream and the small-packet run again, with the kernel's BPF
+/// statistics on and the floors attached.
+fn cost(
+    plan: &Plan,
+    prog: &Progress,
+    key: &str,
+    client: &NsPath,
+    target: &str,
+    site: &run_stats::Site,
+) -> Result<Value> {
+    let s = plan.seconds;
+    let probes =
+        run_stats::Probes::attach(site).with_context(|| format!("{key}: the cost probes"))?;
+    let _stats = run_stats::StatsSwitch::on()?;
+    let mut out = json!({});
+    prog.step(
+        key,
+        &format!("per-packet cost: TCP 1 stream, BPF statistics on, {s} s -> {target}"),
+    );
+    let before = probes.snapshot()?;
+    iperf::tcp(client, target, 1, s)?;
+    merge(
+        &mut out,
+        &probes.per_packet(&run_stats::TCP, &before, &probes.snapshot()?),
+    );
+    prog.step(
+        key,
+        &format!("per-packet cost: small packets, BPF statistics on, {s} s -> {target}"),
+    );
+    let before = probes.snapshot()?;
+    iperf::small(client, target, s)?;
+    merge(
+        &mut out,
+        &probes.per_packet(&run_stats::SMALL, &before, &probes.snapshot()?),
+    );
+    Ok(out)
 }
 
 /// A few pings: IPv6 addresses may still be settling when a pass starts.
