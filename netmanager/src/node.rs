@@ -64,7 +64,8 @@ impl Node {
                 subnet.v6
             );
         }
-        let net = Plumbing::new(settings.tunnel_mtu)?;
+        let net = Plumbing::new(settings.tunnel_mtu)?
+            .with_container_gro(settings.uplink_hook.redirects() && !settings.no_dataplane);
         net.ensure_bridge(&subnet).await?;
         let preferred = settings
             .uplink

@@ -334,7 +334,7 @@ impl State {
     fn attach(&mut self, program: &str, ifname: &str) -> Result<()> {
         let prog = program_mut(&mut self.ebpf, program)?;
         self.attachments.attach(prog, program, ifname)?;
-        if program == UPLINK_PROGRAM && self.cfg.uplink_hook == UplinkHook::Xdp {
+        if program == UPLINK_PROGRAM && self.cfg.uplink_hook.uses_xdp() {
             let xdp = xdp_program_mut(&mut self.ebpf, UPLINK_XDP_PROGRAM)?;
             let mode = self
                 .attachments
