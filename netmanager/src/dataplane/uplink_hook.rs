@@ -83,6 +83,20 @@ impl XdpMode {
         }
     }
 
+    /// The mode to attach in on an interface whose driver is `driver`
+    /// (None: unknown). With `xdp-redirect`, `auto` takes generic on a
+    /// veth: native XDP there loses GSO and cannot redirect the checksum
+    /// seeds (`CHECKSUM_PARTIAL`) of senders on the same host, whose
+    /// packets then fail the container's checksum check
+    /// (docs/dataplane.md, "The uplink hook").
+    pub fn on_interface(self, hook: UplinkHook, driver: Option<&str>) -> XdpMode {
+        if self == XdpMode::Auto && hook.redirects() && driver == Some("veth") {
+            XdpMode::Generic
+        } else {
+            self
+        }
+    }
+
     /// The hook as `NetManager status` lists it.
     pub(super) fn hook(self) -> &'static str {
         match self {
@@ -119,6 +133,29 @@ mod tests {
         assert_eq!(XdpMode::Generic.candidates(), &[XdpMode::Generic]);
         assert_eq!(XdpMode::Native.candidates(), &[XdpMode::Native]);
         assert_eq!(UplinkHook::default(), UplinkHook::Tc);
+    }
+
+    #[test]
+    fn auto_delivers_generically_on_a_veth_and_natively_elsewhere() {
+        let redirect = UplinkHook::XdpRedirect;
+        assert_eq!(
+            XdpMode::Auto.on_interface(redirect, Some("veth")),
+            XdpMode::Generic
+        );
+        assert_eq!(
+            XdpMode::Auto.on_interface(redirect, Some("ixgbe")),
+            XdpMode::Auto
+        );
+        assert_eq!(XdpMode::Auto.on_interface(redirect, None), XdpMode::Auto);
+        // Screening only, or a mode asked for explicitly: unchanged.
+        assert_eq!(
+            XdpMode::Auto.on_interface(UplinkHook::Xdp, Some("veth")),
+            XdpMode::Auto
+        );
+        assert_eq!(
+            XdpMode::Native.on_interface(redirect, Some("veth")),
+            XdpMode::Native
+        );
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! sysctls, NAT (`nft`) and the host's FORWARD chain (`forward`).
 
 pub mod forward;
-pub mod gro;
 pub mod netns;
 pub mod nft;
 pub mod route_events;
@@ -79,7 +78,7 @@ impl Plumbing {
     }
 
     /// Enables GRO on the container end of every veth made from now on,
-    /// which XDP redirection into the veth needs ([`gro`]).
+    /// which XDP redirection into the veth needs ([`crate::ethtool`]).
     pub fn with_container_gro(mut self, on: bool) -> Plumbing {
         self.container_gro = on;
         self
@@ -208,6 +207,17 @@ impl Plumbing {
         })
     }
 
+    /// GRO on the container end of a veth made earlier (a deployment
+    /// adopted from a run before the hook was `xdp-redirect`), when
+    /// [`Plumbing::with_container_gro`] asked for it; nothing otherwise.
+    pub async fn ensure_container_gro(&self, target: &NetnsRef) -> Result<()> {
+        if !self.container_gro {
+            return Ok(());
+        }
+        let ns = target.open()?;
+        netns::blocking_in_netns(ns, || crate::ethtool::enable_gro(CONTAINER_IFNAME)).await
+    }
+
     /// Delete a link by name; absent is fine (deleting one veth end removes both).
     pub async fn delete_link(&self, name: &str) -> Result<()> {
         let Some(l) = self.link_by_name(name).await? else {
@@ -288,7 +298,7 @@ async fn configure_container_side(
         .await
         .context("bringing eth0 up")?;
     if gro {
-        gro::enable(CONTAINER_IFNAME)?;
+        crate::ethtool::enable_gro(CONTAINER_IFNAME)?;
     }
     add_address(&h, eth, IpAddr::V4(addrs.v4), V4_PREFIX).await?;
     add_address(&h, eth, IpAddr::V6(addrs.v6), V6_PREFIX).await?;
