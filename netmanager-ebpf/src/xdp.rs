@@ -82,12 +82,6 @@ enum Screened {
     Accepted(Outer),
 }
 
-impl From<Option<Counter>> for Screened {
-    fn from(drop: Option<Counter>) -> Screened {
-        drop.map_or(Screened::Pass, Screened::Drop)
-    }
-}
-
 #[inline(always)]
 fn screen(ctx: &XdpContext, cfg: &Config) -> Screened {
     let Some(ethertype) = ctx.read::<2>(12) else {
