@@ -346,14 +346,6 @@ impl Deployer {
         if let Err(e) = self.program(&d) {
             tracing::error!(%key, "re-programming the dataplane: {e:#}");
         }
-        let target = match &d.netns {
-            Some(name) => NetnsRef::Named(name.clone()),
-            None => NetnsRef::Pid(d.pid),
-        };
-        if let Err(e) = self.net.ensure_container_gro(&target).await {
-            // Generic XDP still delivers; native redirects to it are lost.
-            tracing::warn!(%key, "GRO for XDP redirection: {e:#}");
-        }
         self.local.insert(d.clone());
         Some(d)
     }

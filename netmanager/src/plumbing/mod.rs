@@ -207,17 +207,6 @@ impl Plumbing {
         })
     }
 
-    /// GRO on the container end of a veth made earlier (a deployment
-    /// adopted from a run before the hook was `xdp-redirect`), when
-    /// [`Plumbing::with_container_gro`] asked for it; nothing otherwise.
-    pub async fn ensure_container_gro(&self, target: &NetnsRef) -> Result<()> {
-        if !self.container_gro {
-            return Ok(());
-        }
-        let ns = target.open()?;
-        netns::blocking_in_netns(ns, || crate::ethtool::enable_gro(CONTAINER_IFNAME)).await
-    }
-
     /// Delete a link by name; absent is fine (deleting one veth end removes both).
     pub async fn delete_link(&self, name: &str) -> Result<()> {
         let Some(l) = self.link_by_name(name).await? else {
@@ -238,6 +227,14 @@ impl Plumbing {
             .await
             .context("removing the FORWARD accepts")?
     }
+}
+
+/// GRO on the container end of a veth made earlier (by a run whose hook
+/// was not `xdp-redirect`): what [`Plumbing::with_container_gro`] gives the
+/// veths it makes.
+pub async fn enable_container_gro(target: &NetnsRef) -> Result<()> {
+    let ns = target.open()?;
+    netns::blocking_in_netns(ns, || crate::ethtool::enable_gro(CONTAINER_IFNAME)).await
 }
 
 fn ifname(m: &LinkMessage) -> Option<String> {
