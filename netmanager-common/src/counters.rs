@@ -106,6 +106,7 @@ counters! {
     XdpDropForgedSource: drop "xdp_forged_source", "XDP uplink hook: what drop_forged_source counts on TC, dropped before the stack.";
     XdpDropBadInnerSource: drop "xdp_bad_inner_source", "XDP uplink hook: what drop_bad_inner_source counts on TC, dropped before the stack.";
     XdpDropNotLocal: drop "xdp_not_local", "XDP uplink hook: tunnel datagram from a sender the tables do not name, for no container here (drop_not_local on TC).";
+    XdpRedirected: verdict "xdp_redirected", "XDP uplink hook xdp-redirect: tunnel datagram decapsulated, reverse-translated where this node owns the flow, and redirected into the container's veth in XDP (what decapsulated and reverse_translated count on TC).";
 }
 
 impl Counter {

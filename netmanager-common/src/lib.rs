@@ -242,7 +242,8 @@ pub struct Config {
     pub service_ranges: [Prefix; MAX_SERVICE_RANGES],
     /// Packets held per unknown service address while userspace resolves it.
     pub miss_hold: u32,
-    /// [`CONFIG_FIB_SOURCE_V4`] and [`CONFIG_FIB_SOURCE_V6`].
+    /// [`CONFIG_FIB_SOURCE_V4`], [`CONFIG_FIB_SOURCE_V6`] and
+    /// [`CONFIG_XDP_REDIRECT`].
     pub flags: u32,
     /// Outer source towards IPv6 peers, like `src_v4` (zero: none).
     pub src_v6: Addr,
@@ -269,6 +270,10 @@ pub struct Config {
 pub const CONFIG_FIB_SOURCE_V4: u32 = 1;
 /// The same for IPv6 peers.
 pub const CONFIG_FIB_SOURCE_V6: u32 = 2;
+/// `Config::flags`: the XDP uplink program decapsulates the tunnel datagrams
+/// it can deliver whole and redirects them into the container's veth
+/// (`--uplink-hook xdp-redirect`); without it, it only screens.
+pub const CONFIG_XDP_REDIRECT: u32 = 4;
 
 /// Why the programs raised a miss event (`MissEvent::reason`).
 #[repr(u32)]

@@ -17,7 +17,9 @@
 //!   held tunnel datagrams NetManager has resolved come back this way too.
 //! - `uplink_xdp` (xdp.rs): with the XDP uplink hook, in front of
 //!   `uplink_ingress`, drops malformed and rejected tunnel datagrams
-//!   before the stack sees them.
+//!   before the stack sees them; with `--uplink-hook xdp-redirect` it also
+//!   delivers what it can decide whole into the container's veth
+//!   (xdp_redirect.rs).
 #![no_std]
 #![no_main]
 // The atomic add of flows::count_opened (core has none for BPF).
@@ -32,6 +34,7 @@ mod route;
 mod route_cache;
 mod tunnel;
 mod xdp;
+mod xdp_redirect;
 
 use core::mem::MaybeUninit;
 

@@ -59,7 +59,12 @@ pub enum ParseError {
 /// into `p`. An out parameter, not a return value: BPF-to-BPF calls return
 /// scalars, and the caller's 512-byte stack has room for one `Packet` only.
 #[inline(never)]
-pub fn parse(ctx: &TcContext, l3: usize, ethertype: u16, p: &mut Packet) -> Result<(), ParseError> {
+pub fn parse<C: Frame>(
+    ctx: &C,
+    l3: usize,
+    ethertype: u16,
+    p: &mut Packet,
+) -> Result<(), ParseError> {
     match ethertype {
         ETH_P_IP => parse_v4(ctx, l3, p),
         ETH_P_IPV6 => parse_v6(ctx, l3, p),
@@ -86,12 +91,19 @@ pub fn read<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
 pub trait Frame {
     /// `N` bytes at `off`, or None past what can be read.
     fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+    /// The frame's length in bytes, from the Ethernet header on.
+    fn len(&self) -> u32;
 }
 
 impl Frame for TcContext {
     #[inline(always)]
     fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
         read::<N>(self, off)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
     }
 }
 
@@ -100,6 +112,12 @@ impl Frame for XdpContext {
     #[inline(always)]
     fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
         direct::<N>(self.data(), self.data_end(), off)
+    }
+
+    /// The first buffer's (the XDP program is single-buffer).
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
     }
 }
 
@@ -115,9 +133,26 @@ pub fn direct<const N: usize>(start: usize, end: usize, off: usize) -> Option<[u
     Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) })
 }
 
+/// Writes `bytes` straight into a packet lying between `start` and `end`
+/// at `off`; None when they do not fit (XDP's writes: no skb to unclone).
 #[inline(always)]
-fn parse_v4(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<(), ParseError> {
-    let hdr: [u8; 20] = read(ctx, l3).ok_or(ParseError::Malformed)?;
+pub fn direct_write<const N: usize>(
+    start: usize,
+    end: usize,
+    off: usize,
+    bytes: &[u8; N],
+) -> Option<()> {
+    if start + off + N > end {
+        return None;
+    }
+    // SAFETY: as in `direct`.
+    unsafe { core::ptr::write_unaligned((start + off) as *mut [u8; N], *bytes) };
+    Some(())
+}
+
+#[inline(always)]
+fn parse_v4<C: Frame>(ctx: &C, l3: usize, p: &mut Packet) -> Result<(), ParseError> {
+    let hdr = ctx.read::<20>(l3).ok_or(ParseError::Malformed)?;
     if hdr[0] >> 4 != 4 {
         return Err(ParseError::Malformed);
     }
@@ -147,8 +182,8 @@ fn parse_v4(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<(), ParseError
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<(), ParseError> {
-    let hdr: [u8; 40] = read(ctx, l3).ok_or(ParseError::Malformed)?;
+fn parse_v6<C: Frame>(ctx: &C, l3: usize, p: &mut Packet) -> Result<(), ParseError> {
+    let hdr = ctx.read::<40>(l3).ok_or(ParseError::Malformed)?;
     if hdr[0] >> 4 != 6 {
         return Err(ParseError::Malformed);
     }
@@ -174,10 +209,10 @@ fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet) -> Result<(), ParseError
 /// Fills ports and the checksum offset. TCP, UDP and ICMP echo are the
 /// protocols the overlay translates; anything else is `Unsupported`.
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, p: &mut Packet) -> Result<(), ParseError> {
+fn parse_l4<C: Frame>(ctx: &C, p: &mut Packet) -> Result<(), ParseError> {
     match p.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let ports: [u8; 4] = read(ctx, p.l4).ok_or(ParseError::Malformed)?;
+            let ports = ctx.read::<4>(p.l4).ok_or(ParseError::Malformed)?;
             // Network order, as the flow keys hold them.
             p.sport = u16::from_ne_bytes([ports[0], ports[1]]);
             p.dport = u16::from_ne_bytes([ports[2], ports[3]]);
@@ -193,7 +228,7 @@ fn parse_l4(ctx: &TcContext, p: &mut Packet) -> Result<(), ParseError> {
             Ok(())
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let h: [u8; 8] = read(ctx, p.l4).ok_or(ParseError::Malformed)?;
+            let h = ctx.read::<8>(p.l4).ok_or(ParseError::Malformed)?;
             let (request, reply) = if p.v6 { (128, 129) } else { (8, 0) };
             // Only echo carries an identifier to key a flow on.
             let id = u16::from_ne_bytes([h[4], h[5]]);
@@ -374,6 +409,33 @@ pub fn rewrite(
 fn rewrite_v4(ctx: &TcContext, p: &Packet, src: &Addr, dst: &Addr, ttl: u8) -> Result<(), ()> {
     // Bytes 8..20 of the header: TTL, protocol, checksum, source, destination.
     let mut h: [u8; 12] = read(ctx, p.l3 + 8).ok_or(())?;
+    v4_header_rewritten(&mut h, src, dst, ttl);
+    if let Some(diff) = l4_pseudo_diff(p, src, dst) {
+        let mut flags = BPF_F_PSEUDO_HDR as u64;
+        if zero_means_none(p) {
+            flags |= BPF_F_MARK_MANGLED_0 as u64;
+        }
+        ctx.l4_csum_replace(p.csum_off, 0, diff, flags)
+            .map_err(|_| ())?;
+    }
+    ctx.store(p.l3 + 8, &h, 0).map_err(|_| ())
+}
+
+#[inline(always)]
+fn rewrite_v6(ctx: &TcContext, p: &Packet, src: &Addr, dst: &Addr, ttl: u8) -> Result<(), ()> {
+    if let Some(diff) = l4_pseudo_diff(p, src, dst) {
+        ctx.l4_csum_replace(p.csum_off, 0, diff, BPF_F_PSEUDO_HDR as u64)
+            .map_err(|_| ())?;
+    }
+    ctx.store(p.l3 + 7, &v6_header_rewritten(src, dst, ttl), 0)
+        .map_err(|_| ())
+}
+
+/// Bytes 8..20 of an IPv4 header (TTL, protocol, checksum, source,
+/// destination) with the new TTL and addresses and the header checksum
+/// updated by hand: TC's rewrite and XDP's share it.
+#[inline(always)]
+pub fn v4_header_rewritten(h: &mut [u8; 12], src: &Addr, dst: &Addr, ttl: u8) {
     let old_check = u16::from_be_bytes([h[2], h[3]]);
     // ~HC + ~m + m' over every changed 16-bit word (RFC 1624, eqn. 3).
     let mut sum = (!old_check) as u64
@@ -395,35 +457,67 @@ fn rewrite_v4(ctx: &TcContext, p: &Packet, src: &Addr, dst: &Addr, ttl: u8) -> R
     let check = (!fold16(sum)).to_be_bytes();
     h[2] = check[0];
     h[3] = check[1];
-    // ICMPv4's checksum has no pseudo header; TCP and UDP include the addresses.
-    if p.proto != IPPROTO_ICMP && p.csum_off != 0 {
-        let diff = addr_diff(&p.src.bytes[12..], &src.bytes[12..])
-            + addr_diff(&p.dst.bytes[12..], &dst.bytes[12..]);
-        let mut flags = BPF_F_PSEUDO_HDR as u64;
-        if p.proto == IPPROTO_UDP {
-            // A zero UDP checksum means "none" and must stay zero.
-            flags |= BPF_F_MARK_MANGLED_0 as u64;
-        }
-        ctx.l4_csum_replace(p.csum_off, 0, fold32(diff), flags)
-            .map_err(|_| ())?;
-    }
-    ctx.store(p.l3 + 8, &h, 0).map_err(|_| ())
 }
 
+/// Bytes 7..40 of an IPv6 header: hop limit, source, destination.
 #[inline(always)]
-fn rewrite_v6(ctx: &TcContext, p: &Packet, src: &Addr, dst: &Addr, ttl: u8) -> Result<(), ()> {
-    if p.csum_off != 0 {
-        // All three (TCP, UDP, ICMPv6) cover the IPv6 pseudo header.
-        let diff = addr_diff(&p.src.bytes, &src.bytes) + addr_diff(&p.dst.bytes, &dst.bytes);
-        ctx.l4_csum_replace(p.csum_off, 0, fold32(diff), BPF_F_PSEUDO_HDR as u64)
-            .map_err(|_| ())?;
-    }
-    // Bytes 7..40 of the header: hop limit, source, destination.
+pub fn v6_header_rewritten(src: &Addr, dst: &Addr, ttl: u8) -> [u8; 33] {
     let mut h = [0u8; 33];
     h[0] = ttl;
     h[1..17].copy_from_slice(&src.bytes);
     h[17..].copy_from_slice(&dst.bytes);
-    ctx.store(p.l3 + 7, &h, 0).map_err(|_| ())
+    h
+}
+
+/// The change the new addresses make to the L4 checksum's pseudo header
+/// (folded to 32 bits, as `bpf_l4_csum_replace` takes it), or None when
+/// the checksum has no pseudo header (ICMPv4) or the packet no checksum we
+/// maintain.
+#[inline(always)]
+pub fn l4_pseudo_diff(p: &Packet, src: &Addr, dst: &Addr) -> Option<u64> {
+    if p.csum_off == 0 {
+        return None;
+    }
+    if p.v6 {
+        // All three (TCP, UDP, ICMPv6) cover the IPv6 pseudo header.
+        return Some(fold32(
+            addr_diff(&p.src.bytes, &src.bytes) + addr_diff(&p.dst.bytes, &dst.bytes),
+        ));
+    }
+    // ICMPv4's checksum has no pseudo header; TCP and UDP include the addresses.
+    if p.proto == IPPROTO_ICMP {
+        return None;
+    }
+    Some(fold32(
+        addr_diff(&p.src.bytes[12..], &src.bytes[12..])
+            + addr_diff(&p.dst.bytes[12..], &dst.bytes[12..]),
+    ))
+}
+
+/// Whether a zero L4 checksum means "none" and must stay zero (IPv4 UDP).
+#[inline(always)]
+pub fn zero_means_none(p: &Packet) -> bool {
+    !p.v6 && p.proto == IPPROTO_UDP
+}
+
+/// The L4 checksum field (as it lies in the packet) after a change of
+/// `diff`, computed as `bpf_l4_csum_replace` does for a packet whose field
+/// holds the full checksum: XDP has no skb, so no `CHECKSUM_PARTIAL` seed to
+/// keep. With `zero_means_none`, a zero field stays zero and a zero result
+/// is written as 0xffff (`BPF_F_MARK_MANGLED_0`).
+#[inline(always)]
+pub fn checksum_changed(field: [u8; 2], diff: u64, zero_means_none: bool) -> [u8; 2] {
+    let old = u16::from_ne_bytes(field);
+    if zero_means_none && old == 0 {
+        return field;
+    }
+    // csum_fold(csum_add(diff, ~csum_unfold(old))), in native order like
+    // the kernel's.
+    let new = !fold16(diff + (0xffff_0000 | (!old) as u64));
+    if zero_means_none && new == 0 {
+        return 0xffffu16.to_ne_bytes();
+    }
+    new.to_ne_bytes()
 }
 
 /// The change of a one's-complement sum when the bytes `old` become `new`

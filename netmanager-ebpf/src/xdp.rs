@@ -16,6 +16,11 @@
 //! TC program accepts, and those from senders the tables do not name yet,
 //! which TC holds while NetManager asks the cluster (never dropped here).
 //!
+//! With `--uplink-hook xdp-redirect` (`CONFIG_XDP_REDIRECT`), an accepted
+//! datagram that `xdp_redirect` can deliver whole is decapsulated,
+//! translated and redirected into the container's veth here instead;
+//! whatever it cannot decide still passes to TC unchanged.
+//!
 //! Not a multi-buffer (`xdp.frags`) program: in generic mode the kernel
 //! then hands it every skb linear, GSO ones included, and leaves them fit
 //! for TC's decapsulation (a frags program saw GSO tunnel datagrams that
@@ -32,12 +37,13 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use netmanager_common::{Addr, Config, Counter};
+use netmanager_common::{Addr, CONFIG_XDP_REDIRECT, Config, Counter};
 
 use crate::maps::{config, count};
 use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Frame};
 use crate::peers;
 use crate::tunnel::{OUTER_V4_LEN, OUTER_V6_LEN, Outer, outer_v4_header, outer_v6_header};
+use crate::xdp_redirect;
 
 /// IPv4 header without options.
 const IPV4_HLEN: usize = 20;
@@ -49,31 +55,52 @@ pub fn uplink_xdp(ctx: XdpContext) -> u32 {
     let Some(cfg) = config() else {
         return XDP_PASS;
     };
+    let len = frame_len(&ctx) as u32;
     match screen(&ctx, cfg) {
-        None => XDP_PASS,
-        Some(reason) => {
-            count(reason, frame_len(&ctx) as u32);
+        Screened::Pass => XDP_PASS,
+        Screened::Drop(reason) => {
+            count(reason, len);
             XDP_DROP
         }
+        Screened::Accepted(outer) if cfg.flags & CONFIG_XDP_REDIRECT != 0 => {
+            if outer.v6 {
+                xdp_redirect::deliver::<{ ETH_HLEN + OUTER_V6_LEN }>(&ctx, cfg, outer, len)
+            } else {
+                xdp_redirect::deliver::<{ ETH_HLEN + OUTER_V4_LEN }>(&ctx, cfg, outer, len)
+            }
+        }
+        Screened::Accepted(_) => XDP_PASS,
     }
 }
 
-/// The drop reason of a frame that must go, or None to pass it on.
+/// What the screen made of a frame.
+enum Screened {
+    /// Not ours, or one TC holds: on to TC unchanged.
+    Pass,
+    Drop(Counter),
+    /// A tunnel datagram the sender check accepts, with its outer headers.
+    Accepted(Outer),
+}
+
 #[inline(always)]
-fn screen(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
-    let ethertype = u16::from_be_bytes(ctx.read::<2>(12)?);
-    match ethertype {
+fn screen(ctx: &XdpContext, cfg: &Config) -> Screened {
+    let Some(ethertype) = ctx.read::<2>(12) else {
+        return Screened::Pass;
+    };
+    match u16::from_be_bytes(ethertype) {
         ETH_P_IP => screen_v4(ctx, cfg),
         ETH_P_IPV6 => screen_v6(ctx, cfg),
-        _ => None,
+        _ => Screened::Pass,
     }
 }
 
 /// A datagram over an IPv4 underlay. Options and fragments are not the fast
 /// path's either: the kernel reassembles them for the slow-path socket.
 #[inline(always)]
-fn screen_v4(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
-    let h = outer_v4_header(ctx, cfg)?;
+fn screen_v4(ctx: &XdpContext, cfg: &Config) -> Screened {
+    let Some(h) = outer_v4_header(ctx, cfg) else {
+        return Screened::Pass;
+    };
     // A tunnel datagram for this node from here on.
     let ip_len = u16::from_be_bytes([h[2], h[3]]) as usize;
     let udp_len = u16::from_be_bytes([h[24], h[25]]) as usize;
@@ -82,7 +109,7 @@ fn screen_v4(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
         || udp_len < UDP_HLEN
         || udp_len > ip_len - IPV4_HLEN
     {
-        return Some(Counter::XdpDropMalformed);
+        return Screened::Drop(Counter::XdpDropMalformed);
     }
     screen_inner::<{ ETH_HLEN + OUTER_V4_LEN }>(ctx, cfg, false, udp_len - UDP_HLEN)
 }
@@ -90,8 +117,10 @@ fn screen_v4(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
 /// A datagram over an IPv6 underlay (between our own workers). Extension
 /// headers go to the slow path, as on TC.
 #[inline(always)]
-fn screen_v6(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
-    let h = outer_v6_header(ctx, cfg)?;
+fn screen_v6(ctx: &XdpContext, cfg: &Config) -> Screened {
+    let Some(h) = outer_v6_header(ctx, cfg) else {
+        return Screened::Pass;
+    };
     let payload = u16::from_be_bytes([h[4], h[5]]) as usize;
     let udp_len = u16::from_be_bytes([h[44], h[45]]) as usize;
     if payload < UDP_HLEN
@@ -99,7 +128,7 @@ fn screen_v6(ctx: &XdpContext, cfg: &Config) -> Option<Counter> {
         || udp_len < UDP_HLEN
         || udp_len > payload
     {
-        return Some(Counter::XdpDropMalformed);
+        return Screened::Drop(Counter::XdpDropMalformed);
     }
     screen_inner::<{ ETH_HLEN + OUTER_V6_LEN }>(ctx, cfg, true, udp_len - UDP_HLEN)
 }
@@ -112,33 +141,9 @@ fn screen_inner<const AT: usize>(
     cfg: &Config,
     outer_v6: bool,
     len: usize,
-) -> Option<Counter> {
-    if len == 0 {
-        return Some(Counter::XdpDropMalformed);
-    }
-    let version = ctx.read::<1>(AT)?[0] >> 4;
-    let inner = if version == 4 {
-        if len < IPV4_HLEN {
-            return Some(Counter::XdpDropMalformed);
-        }
-        let h = ctx.read::<4>(AT)?;
-        let ihl = ((h[0] & 0x0f) as usize) * 4;
-        let total = u16::from_be_bytes([h[2], h[3]]) as usize;
-        if ihl < IPV4_HLEN || total < ihl || total > len {
-            return Some(Counter::XdpDropMalformed);
-        }
-        ETH_P_IP
-    } else if version == 6 {
-        if len < IPV6_HLEN {
-            return Some(Counter::XdpDropMalformed);
-        }
-        let h = ctx.read::<6>(AT)?;
-        if IPV6_HLEN + u16::from_be_bytes([h[4], h[5]]) as usize > len {
-            return Some(Counter::XdpDropMalformed);
-        }
-        ETH_P_IPV6
-    } else {
-        return Some(Counter::XdpDropMalformed);
+) -> Screened {
+    let Some(inner) = inner_family::<AT>(ctx, len) else {
+        return Screened::Drop(Counter::XdpDropMalformed);
     };
     // The TC program's own sender check, on the same bytes.
     let outer = Outer {
@@ -147,13 +152,48 @@ fn screen_inner<const AT: usize>(
     };
     let mut inner_src = Addr::ZERO;
     match peers::check(ctx, cfg, outer, &mut inner_src) {
-        // HOLD: TC holds it and NetManager asks the cluster.
-        peers::ACCEPT | peers::HOLD => None,
-        peers::FORGED => Some(Counter::XdpDropForgedSource),
-        peers::BAD_INNER_SOURCE => Some(Counter::XdpDropBadInnerSource),
-        peers::NOT_LOCAL => Some(Counter::XdpDropNotLocal),
-        _ => Some(Counter::XdpDropMalformed),
+        peers::ACCEPT => Screened::Accepted(outer),
+        // TC holds it and NetManager asks the cluster.
+        peers::HOLD => Screened::Pass,
+        peers::FORGED => Screened::Drop(Counter::XdpDropForgedSource),
+        peers::BAD_INNER_SOURCE => Screened::Drop(Counter::XdpDropBadInnerSource),
+        peers::NOT_LOCAL => Screened::Drop(Counter::XdpDropNotLocal),
+        _ => Screened::Drop(Counter::XdpDropMalformed),
     }
+}
+
+/// The ethertype of the inner packet at `AT`, `len` bytes per the UDP
+/// header, or None when it is no IPv4 or IPv6 packet that fits.
+#[inline(always)]
+fn inner_family<const AT: usize>(ctx: &XdpContext, len: usize) -> Option<u16> {
+    if len == 0 {
+        return None;
+    }
+    let version = ctx.read::<1>(AT)?[0] >> 4;
+    let inner = if version == 4 {
+        if len < IPV4_HLEN {
+            return None;
+        }
+        let h = ctx.read::<4>(AT)?;
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        let total = u16::from_be_bytes([h[2], h[3]]) as usize;
+        if ihl < IPV4_HLEN || total < ihl || total > len {
+            return None;
+        }
+        ETH_P_IP
+    } else if version == 6 {
+        if len < IPV6_HLEN {
+            return None;
+        }
+        let h = ctx.read::<6>(AT)?;
+        if IPV6_HLEN + u16::from_be_bytes([h[4], h[5]]) as usize > len {
+            return None;
+        }
+        ETH_P_IPV6
+    } else {
+        return None;
+    };
+    Some(inner)
 }
 
 /// The frame's length (one buffer: see the module's comment on `frags`).

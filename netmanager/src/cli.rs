@@ -63,12 +63,13 @@ pub struct Cli {
           default_value_t = AttachMode::Auto, global = true)]
     pub attach_mode: AttachMode,
     /// What screens tunnel datagrams on the uplink: the TC program alone,
-    /// or an XDP program in front of it that drops malformed and rejected
-    /// ones before the stack (docs/dataplane.md, "The uplink hook").
+    /// an XDP program in front of it that drops malformed and rejected
+    /// ones before the stack, or that XDP program also delivering into
+    /// containers' veths what it can (docs/dataplane.md, "The uplink hook").
     #[arg(long = "uplink-hook", env = "NETMANAGER_UPLINK_HOOK", value_enum,
           default_value_t = UplinkHook::default(), global = true)]
     pub uplink_hook: UplinkHook,
-    /// With --uplink-hook xdp: native XDP (in the driver), generic, or
+    /// With --uplink-hook xdp or xdp-redirect: native XDP (in the driver), generic, or
     /// auto (native where the driver has it).
     #[arg(long = "xdp-mode", env = "NETMANAGER_XDP_MODE", value_enum,
           default_value_t = XdpMode::default(), global = true)]

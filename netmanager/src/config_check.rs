@@ -107,6 +107,10 @@ fn uplink_hook(cli: &Cli) -> String {
             "XDP ({} mode) screens the uplink in front of TC",
             cli.xdp_mode
         ),
+        UplinkHook::XdpRedirect => format!(
+            "XDP ({} mode) screens the uplink and delivers into containers' veths, TC behind it",
+            cli.xdp_mode
+        ),
     }
 }
 

@@ -20,6 +20,7 @@ pub mod config_check;
 pub mod dataplane;
 pub mod deployer;
 pub mod error;
+pub mod ethtool;
 pub mod forwarding;
 pub mod kernel_support;
 pub mod local;

@@ -15,7 +15,7 @@ use crate::dataplane::DataplaneConfig;
 use crate::deployer::Deployer;
 use crate::forwarding::{Ebpf, Forwarding, InMemory};
 use crate::local::{Identity, LocalState};
-use crate::plumbing::Plumbing;
+use crate::plumbing::{NetnsRef, Plumbing};
 use crate::resolver::Resolver;
 use crate::routes::{Limits, Routes};
 use crate::state::Deployment;
@@ -46,6 +46,7 @@ impl Node {
         id: &str,
         cluster: &str,
         subnet: Option<Subnet>,
+        saved: &[Deployment],
     ) -> Result<(Arc<Node>, tokio::sync::mpsc::Receiver<LinkEvent>)> {
         let mut opts = LinkOptions::new(id, cluster, settings.net.cluster_mqtt_port);
         opts.tls = mqtt_tls(&settings);
@@ -64,7 +65,11 @@ impl Node {
                 subnet.v6
             );
         }
-        let net = Plumbing::new(settings.tunnel_mtu)?;
+        let xdp_delivery = settings.uplink_hook.redirects() && !settings.no_dataplane;
+        let net = Plumbing::new(settings.tunnel_mtu)?.with_container_gro(xdp_delivery);
+        if xdp_delivery {
+            give_napi(saved).await;
+        }
         net.ensure_bridge(&subnet).await?;
         let preferred = settings
             .uplink
@@ -266,4 +271,21 @@ fn mqtt_credentials(settings: &Settings) -> Result<Option<(String, String)>> {
         None => String::new(),
     };
     Ok(Some((user.clone(), password)))
+}
+
+/// GRO on the container end of every deployment of a previous run, before
+/// the dataplane opens and its XDP program delivers: a natively redirected
+/// frame for a container end without NAPI is dropped by the kernel (a run
+/// with another hook made these veths).
+async fn give_napi(saved: &[Deployment]) {
+    for d in saved {
+        let target = match &d.netns {
+            Some(name) => NetnsRef::Named(name.clone()),
+            None => NetnsRef::Pid(d.pid),
+        };
+        if let Err(e) = crate::plumbing::enable_container_gro(&target).await {
+            // Generic XDP still delivers to it; native redirects are lost.
+            tracing::warn!(key = %d.key(), "GRO for XDP delivery: {e:#}");
+        }
+    }
 }

@@ -140,7 +140,8 @@ impl Daemon {
         subnet: Option<crate::addresses::Subnet>,
         saved: Vec<state::Deployment>,
     ) -> Result<Live> {
-        let (node, events) = Node::start(self.settings.clone(), id, cluster, subnet).await?;
+        let (node, events) =
+            Node::start(self.settings.clone(), id, cluster, subnet, &saved).await?;
         node.go_live(saved).await?;
         let supervisor = Supervisor::start(&node, events, self.settings.address_check);
         Ok(Live {

@@ -130,6 +130,13 @@ impl Lab {
         uplink_hook: UplinkHook,
         xdp_mode: XdpMode,
     ) -> Dataplane {
+        if uplink_hook.redirects() {
+            // As NetManager does before its dataplane delivers in XDP.
+            self.ctr
+                .within(|| netmanager::ethtool::enable_gro("c1"))
+                .expect("inside the container")
+                .expect("GRO on c1");
+        }
         let cfg = DataplaneConfig {
             pin_dir: self.pin_dir.to_path_buf(),
             uplink: uplink.to_string(),
@@ -430,7 +437,7 @@ fn switching_modes_across_a_restart_leaves_one_program() {
 }
 
 /// Restarts that switch the uplink hook (TC alone, XDP native -- a veth
-/// has it -- or generic, and back) leave the XDP program exactly where and
+/// has it -- or generic, XDP delivering, and back) leave the XDP program exactly where and
 /// as the hook says, replace it in place when the mode stays, and lose no
 /// datagram of the stream: while one XDP link gives way to another, TC
 /// alone screens and delivers.
@@ -442,6 +449,9 @@ fn switching_the_uplink_hook_across_restarts_loses_no_datagram() {
     let mut last_id = None;
     for (hook, xdp_mode, expect) in [
         (UplinkHook::Xdp, XdpMode::Auto, Some("driver")),
+        // Delivering in XDP: auto takes generic on a veth (and the stream
+        // is delivered by XDP now, not TC).
+        (UplinkHook::XdpRedirect, XdpMode::Auto, Some("generic")),
         (UplinkHook::Xdp, XdpMode::Native, Some("driver")),
         (UplinkHook::Xdp, XdpMode::Generic, Some("generic")),
         (UplinkHook::Xdp, XdpMode::Auto, Some("driver")),
@@ -462,7 +472,19 @@ fn switching_the_uplink_hook_across_restarts_loses_no_datagram() {
             "{hook} {xdp_mode}: the XDP program was not replaced"
         );
         last_id = id;
+        let redirected = |dp: &Dataplane| {
+            dp.status()
+                .unwrap()
+                .counters
+                .iter()
+                .find(|c| c.0 == "xdp_redirected")
+                .map_or(0, |c| c.1)
+        };
+        let before = redirected(&dp);
         stream.wait_for(BURST);
+        if hook.redirects() {
+            assert!(redirected(&dp) > before, "{hook}: XDP delivered nothing");
+        }
     }
     stream.finish();
     drop(dp);

@@ -265,6 +265,8 @@ fn attach_mode_and_discovery_url_on_the_command_line() {
         (cli.uplink_hook, cli.xdp_mode),
         (UplinkHook::Xdp, XdpMode::Generic)
     );
+    let cli = Cli::try_parse_from(["NetManager", "--uplink-hook", "xdp-redirect"]).unwrap();
+    assert_eq!(cli.uplink_hook, UplinkHook::XdpRedirect);
     assert!(Cli::try_parse_from(["NetManager", "--uplink-hook", "nic"]).is_err());
     assert!(Cli::try_parse_from(["NetManager", "--xdp-mode", "offload"]).is_err());
     assert!(Cli::try_parse_from(["NetManager", "--public-ip-url", "ftp://x"]).is_err());

@@ -19,9 +19,11 @@
 //! - a held tunnel datagram is one from an unknown instance and an untrusted
 //!   host;
 //! - the XDP program (`uplink_xdp`, run on every uplink frame before the TC
-//!   program) passes frames byte for byte and drops only datagrams to the
-//!   tunnel port, each under one counter, and none that the TC program
-//!   would deliver or hold.
+//!   program, with `--uplink-hook xdp-redirect`) passes frames byte for
+//!   byte and drops only datagrams to the tunnel port, each under one
+//!   counter, and none that the TC program would deliver or hold; what it
+//!   delivers itself (one counter) the TC program delivers too, as the
+//!   same bytes.
 //!
 //! `OAK_FUZZ_FRAMES` frames (default 60,000: the CI share) from seed
 //! `OAK_FUZZ_SEED` (default fixed); `cargo xtask fuzz` runs 1,000,000 with a
@@ -37,7 +39,7 @@ use std::time::Instant;
 use aya::programs::TestRunOptions;
 use netmanager::dataplane::{
     CONTAINER_PROGRAM, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes, MissReason,
-    SLOW_PATH_PROGRAM, ServiceKind, UPLINK_PROGRAM, UPLINK_XDP_PROGRAM,
+    SLOW_PATH_PROGRAM, ServiceKind, UPLINK_PROGRAM, UPLINK_XDP_PROGRAM, UplinkHook,
 };
 use packet_support::*;
 use testkit::PinDir;
@@ -51,6 +53,7 @@ const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 /// The node's second address (on `under1` of the [`FibNetns`]).
@@ -118,7 +121,8 @@ fn dataplane(pin_dir: &PinDir, netns: &FibNetns) -> (Dataplane, World) {
         miss_hold: 2,
         container_bridge: String::new(),
         attach_mode: netmanager::dataplane::AttachMode::Auto,
-        uplink_hook: Default::default(),
+        // The XDP program screens and delivers: both paths are fuzzed.
+        uplink_hook: UplinkHook::XdpRedirect,
         xdp_mode: Default::default(),
         trusted_peers: vec![(ip("198.51.100.64"), 26)],
         flows_per_container: 0,
@@ -798,16 +802,23 @@ fn run_xdp(dp: &Dataplane, frame: &[u8]) -> Option<(u32, Vec<u8>, u64)> {
 }
 
 /// The XDP program's invariants, given what the TC program then did with
-/// the same frame (`tc`, and whether it held it).
+/// the same frame (`tc`, its output `tc_out`, and whether it held it).
 fn check_xdp(
     frame: &[u8],
-    verdict: u32,
-    out: &[u8],
-    counted: u64,
-    tc: u32,
+    (verdict, out, counted): (u32, &[u8], u64),
+    (tc, tc_out): (u32, &[u8]),
     held: bool,
 ) -> Result<(), String> {
     match verdict {
+        XDP_REDIRECT if counted != 1 => Err(format!("XDP delivered and counted {counted}")),
+        XDP_REDIRECT if tc != TC_ACT_REDIRECT => {
+            Err(format!("XDP delivered what TC does not (TC: {tc})"))
+        }
+        XDP_REDIRECT if out != tc_out => Err(format!(
+            "XDP delivered other bytes than TC\n  tc:  {}",
+            hex(tc_out)
+        )),
+        XDP_REDIRECT => Ok(()),
         XDP_PASS if out != frame => Err("XDP passed the frame changed".into()),
         XDP_PASS if counted != 0 => Err(format!("XDP passed and counted {counted}")),
         XDP_PASS => Ok(()),
@@ -963,10 +974,8 @@ fn generated_frames_keep_the_dataplane_invariants() {
                 *verdicts.entry((UPLINK_XDP_PROGRAM, *verdict)).or_default() += 1;
                 check_xdp(
                     &case.frame,
-                    *verdict,
-                    xdp_out,
-                    *counted,
-                    r.return_value,
+                    (*verdict, xdp_out, *counted),
+                    (r.return_value, output),
                     held,
                 )
             }

@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use aya::programs::TestRunOptions;
 use netmanager::dataplane::{
     CONTAINER_PROGRAM, Dataplane, DataplaneConfig, InstanceEntry, LocalPort, MapSizes,
-    SLOW_PATH_PROGRAM, ServiceKind, UPLINK_PROGRAM, UPLINK_XDP_PROGRAM,
+    SLOW_PATH_PROGRAM, ServiceKind, UPLINK_PROGRAM, UPLINK_XDP_PROGRAM, UplinkHook,
 };
 use netmanager_common::{Addr, FlowKey};
 use packet_support::*;
@@ -50,6 +50,8 @@ testkit::main! {
     the_xdp_program_passes_accepted_held_and_foreign_frames_unchanged: [Root, Bpffs],
     the_xdp_program_drops_malformed_and_rejected_datagrams_that_tc_never_delivers: [Root, Bpffs],
     the_xdp_program_lets_trusted_prefixes_through: [Root, Bpffs],
+    the_xdp_redirect_hook_delivers_what_tc_would_byte_for_byte: [Root, Bpffs],
+    the_xdp_redirect_hook_leaves_to_tc_what_it_cannot_decide: [Root, Bpffs],
 }
 
 const TC_ACT_OK: u32 = 0;
@@ -57,6 +59,7 @@ const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const PEER_NODE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
@@ -1708,4 +1711,147 @@ fn the_xdp_program_lets_trusted_prefixes_through() {
     );
     assert_eq!(run(&f, UPLINK_XDP_PROGRAM, &outside).0, XDP_DROP);
     assert_eq!(counter(&f, "drop_xdp_not_local"), 1);
+}
+
+/// The fixture node with `--uplink-hook xdp-redirect`.
+fn redirecting(name: &str) -> Fixture {
+    fixture_with(name, IpAddr::V4(NODE), |cfg| {
+        cfg.uplink_hook = UplinkHook::XdpRedirect
+    })
+}
+
+/// With `xdp-redirect`, the XDP program delivers a tunnel datagram it can
+/// decide whole itself: decapsulated, reverse-translated when this node
+/// owns the flow (IPv4 and IPv6 inside), with the container's MAC, and
+/// redirected -- the very bytes the TC program delivers for the same frame
+/// (run on a copy, TC's counters aside). Flows started elsewhere arrive
+/// unchanged.
+fn the_xdp_redirect_hook_delivers_what_tc_would_byte_for_byte() {
+    let f = redirecting("xdp-redirect");
+    // Flows this node owns: the client dialled the services.
+    let syn = Ip::new("10.18.0.2", "10.30.55.56", tcp_syn(40000, 80));
+    assert_eq!(
+        run(&f, CONTAINER_PROGRAM, &from_container(&syn)).0,
+        TC_ACT_REDIRECT
+    );
+    let six = L4::Udp {
+        sport: 6000,
+        dport: 7000,
+        payload: b"six".to_vec(),
+    };
+    let sent6 = Ip::new("fc00::2", "fdff:2000::55:56", six);
+    assert_eq!(
+        run(&f, CONTAINER_PROGRAM, &from_container(&sent6)).0,
+        TC_ACT_REDIRECT
+    );
+    let synack = L4::Tcp {
+        sport: 80,
+        dport: 40000,
+        flags: 0x12,
+        payload: b"reply".to_vec(),
+    };
+    let back6 = L4::Udp {
+        sport: 7000,
+        dport: 6000,
+        payload: b"xis".to_vec(),
+    };
+    let unowned = Ip::new("10.30.0.5", "10.18.0.2", tcp_syn(5555, 80));
+    let cases = [
+        (
+            "IPv4 reply, reverse-translated",
+            Ip::new("10.30.0.5", "10.18.0.2", synack.clone()),
+            eth(
+                CLIENT_MAC,
+                [0xbb; 6],
+                0x0800,
+                &Ip::new("10.30.55.56", "10.18.0.2", synack).bytes(),
+            ),
+        ),
+        (
+            "IPv6 reply in IPv4, reverse-translated",
+            Ip::new("fdff::5", "fc00::2", back6.clone()),
+            eth(
+                CLIENT_MAC,
+                [0xbb; 6],
+                0x86dd,
+                &Ip::new("fdff:2000::55:56", "fc00::2", back6).bytes(),
+            ),
+        ),
+        (
+            "a flow started elsewhere, unchanged",
+            unowned.clone(),
+            eth(CLIENT_MAC, [0xbb; 6], 0x0800, &unowned.bytes()),
+        ),
+    ];
+    for (what, inner, expected) in &cases {
+        let frame = from_underlay("198.51.100.2", inner);
+        let (verdict, out) = run(&f, UPLINK_XDP_PROGRAM, &frame);
+        assert_eq!(verdict, XDP_REDIRECT, "{what}");
+        assert_eq!(&out, expected, "{what}");
+        assert_checksums(&out[14..]);
+        let (tc_verdict, tc_out) = run(&f, UPLINK_PROGRAM, &frame);
+        assert_eq!((tc_verdict, &tc_out), (TC_ACT_REDIRECT, &out), "{what}: TC");
+    }
+    assert_eq!(counter(&f, "xdp_redirected"), cases.len() as u64);
+    assert_eq!(xdp_drops(&f), 0);
+}
+
+/// With `xdp-redirect`, everything the XDP program cannot decide whole
+/// passes to TC byte for byte and uncounted: held senders, destinations
+/// that are no container here, fragments, IPv4 options, protocols the
+/// overlay does not translate, packets larger than the tunnel MTU (GSO
+/// packets generic XDP linearised). TC then does what it always did.
+fn the_xdp_redirect_hook_leaves_to_tc_what_it_cannot_decide() {
+    let f = redirecting("xdp-redirect-pass");
+    let accepted = |inner: &Ip| from_underlay("198.51.100.2", inner);
+    let mut fragment = Ip::new("10.30.0.5", "10.18.0.2", udp(7000, 9000));
+    fragment.frag = 0x2000;
+    let mut options = Ip::new("10.30.0.5", "10.18.0.2", udp(7000, 9000));
+    options.options = vec![1, 1, 1, 0];
+    let gre = Ip::new(
+        "10.30.0.5",
+        "10.18.0.2",
+        L4::Raw {
+            proto: 47,
+            bytes: vec![0; 8],
+        },
+    );
+    let big = Ip::new(
+        "10.30.0.5",
+        "10.18.0.2",
+        L4::Udp {
+            sport: 7000,
+            dport: 9000,
+            payload: vec![7; 1500],
+        },
+    );
+    let frames = [
+        (
+            "held: unknown sender",
+            from_underlay(
+                "198.51.100.3",
+                &Ip::new("10.30.0.77", "10.18.0.2", udp(1, 2)),
+            ),
+        ),
+        (
+            "no container here",
+            accepted(&Ip::new("10.30.0.5", "10.18.0.130", udp(7000, 9000))),
+        ),
+        ("inner fragment", accepted(&fragment)),
+        ("inner IPv4 options", accepted(&options)),
+        ("GRE between instances", accepted(&gre)),
+        ("larger than the tunnel MTU", accepted(&big)),
+    ];
+    for (what, frame) in &frames {
+        assert_eq!(
+            run(&f, UPLINK_XDP_PROGRAM, frame),
+            (XDP_PASS, frame.clone()),
+            "{what}"
+        );
+    }
+    assert_eq!(counter(&f, "xdp_redirected"), 0);
+    assert_eq!(xdp_drops(&f), 0);
+    // TC behind it: options and fragments are still delivered there.
+    assert_eq!(run(&f, UPLINK_PROGRAM, &frames[3].1).0, TC_ACT_REDIRECT);
+    assert_eq!(run(&f, UPLINK_PROGRAM, &frames[1].1).0, TC_ACT_SHOT);
 }

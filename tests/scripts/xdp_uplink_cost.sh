@@ -14,8 +14,15 @@
 # it. A third run per configuration sends forged tunnel datagrams from a
 # host on the underlay (what XDP drops) with a UDP flood tool.
 #
+# The xdp-redirect configurations deliver in XDP (--uplink-hook
+# xdp-redirect): container 2's eth0 gets GRO first, as NetManager gives it,
+# so its veth has NAPI for the redirected frames.
+#
 # Usage (root): tests/scripts/xdp_uplink_cost.sh path/to/oak-static-dataplane [SECONDS]
-# CONFIGS (environment) picks configurations by label, e.g. "tc xdp-native".
+# CONFIGS (environment) picks configurations by label, e.g. "tc xdp-native";
+# TRAFFIC the runs per configuration (default "tcp udp forged"); ROUNDS
+# (default 1) repeats the whole set, configurations interleaved, so a busy
+# machine's noise spreads over all of them. WIRE_CSUM=1: see below.
 # Names carry the shell's pid. kernel.bpf_stats_enabled is restored on exit.
 set -eu
 BIN=${1:?usage: $0 path/to/oak-static-dataplane [SECONDS]}
@@ -30,6 +37,14 @@ DP2=""
 HOSTS=a
 . "$HERE/two_nodes.sh"
 
+ethtool_set() { # ns ifname command value: one legacy ethtool ioctl (no ethtool binary needed)
+    nsx "$1" python3 -c 'import ctypes, fcntl, socket, struct, sys
+v = ctypes.create_string_buffer(struct.pack("II", int(sys.argv[2], 0), int(sys.argv[3])))
+fcntl.ioctl(socket.socket(), 0x8946, struct.pack("16sP16x", sys.argv[1].encode(), ctypes.addressof(v)))' "$2" "$3" "$4"
+}
+# ETHTOOL_SGRO, what NetManager does to a container end (plumbing/gro.rs).
+gro_on() { ethtool_set "$1" "$2" 0x2c 1; }
+
 cleanup() {
     for p in $PIDS $DP2; do kill "$p" 2>/dev/null || true; done
     sleep 0.3
@@ -40,6 +55,14 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 two_nodes
+if [ "${WIRE_CSUM:-0}" = 1 ]; then
+    # Node 1's uplink computes checksums in software (ETHTOOL_STXCSUM off,
+    # which takes TSO with it): node 2 receives MTU-sized datagrams whose
+    # inner checksums are complete, as from a physical wire, instead of
+    # GSO packets carrying checksum seeds (CHECKSUM_PARTIAL), which only
+    # an skb can carry through a redirect.
+    ethtool_set "$P-n1" eth0 0x17 0
+fi
 
 table n1 198.51.100.1 10.18.0.2 10.30.0.3 veth-c1 "[2,0,10,18,0,2]" 10.18.0.66 10.30.0.5 198.51.100.2 tc auto
 start_dp n1
@@ -84,13 +107,16 @@ measure() { # config label traffic
     tcid=$(prog_at "$PIN-n2/links/uplink_ingress@eth0")
     case "$3" in
         forged) ;;
-        *) nsx "$P-c2" iperf3 -s -D -1 >/dev/null 2>&1 || true; sleep 0.3 ;;
+        # Bounded: a configuration that loses the control connection must
+        # not leave a server behind.
+        *) nsx "$P-c2" timeout $((SECS + 20)) iperf3 -s -1 >/dev/null 2>&1 &
+           sleep 0.5 ;;
     esac
     sysctl -qw kernel.bpf_stats_enabled=1
     x0=$(stat_of "$xdp"); t0=$(stat_of "$tcid")
     case "$3" in
-        tcp) nsx "$P-c1" iperf3 -c 10.30.55.56 -t "$SECS" -J >"/tmp/$P-iperf.json" || true ;;
-        udp) nsx "$P-c1" iperf3 -c 10.30.55.56 -t "$SECS" -u -b 0 -l 64 -J >"/tmp/$P-iperf.json" || true ;;
+        tcp) nsx "$P-c1" timeout $((SECS + 15)) iperf3 -c 10.30.55.56 -t "$SECS" --connect-timeout 3000 -J >"/tmp/$P-iperf.json" || true ;;
+        udp) nsx "$P-c1" timeout $((SECS + 15)) iperf3 -c 10.30.55.56 -t "$SECS" --connect-timeout 3000 -u -b 0 -l 64 -J >"/tmp/$P-iperf.json" || true ;;
         forged) echo '{}' >"/tmp/$P-iperf.json"; nsx "$P-a" python3 "$FORGE" "$SECS" >/dev/null ;;
     esac
     x1=$(stat_of "$xdp"); t1=$(stat_of "$tcid")
@@ -106,6 +132,9 @@ try:
     end = json.load(open(sys.argv[7])).get("end", {})
     s = end.get("sum_received") or end.get("sum") or {}
     rate = "%.2f Gbit/s" % (s.get("bits_per_second", 0) / 1e9) if s else "-"
+    if "lost_packets" in s and s.get("seconds"):
+        # UDP: what the server received per second.
+        rate += " %.0f kpps" % ((s["packets"] - s["lost_packets"]) / s["seconds"] / 1e3)
 except Exception as e:
     rate = "iperf3 failed: %s" % e
 xns, xn = per(sys.argv[3], sys.argv[4])
@@ -137,15 +166,24 @@ run_config() { # label hook xdp-mode noop(generic|native|"")
         # nsenter, not ip netns exec: that remounts /sys, bpffs with it.
         nsenter --net="/run/netns/$P-n2" ip link set dev eth0 "$m" pinned "$PIN-noop"
     fi
+    case "$2" in xdp-redirect) gro_on "$P-c2" eth0 ;; esac
     nsx "$P-c1" busybox ping -c 1 -W 2 10.30.55.56 >/dev/null || true
-    for t in tcp udp forged; do measure "$1" "$t" "$t"; done
+    for t in ${TRAFFIC:-tcp udp forged}; do measure "$1" "$t" "$t"; done
     counters
     if [ -n "$4" ]; then nsx "$P-n2" ip link set dev eth0 "$m" off; fi
 }
 
+
 want() { [ -z "${CONFIGS:-}" ] || case " $CONFIGS " in *" $1 "*) ;; *) return 1 ;; esac; }
-! want tc || run_config "tc" tc auto ""
-! want tc+noop-xdp-generic || run_config "tc+noop-xdp-generic" tc auto generic
-! want tc+noop-xdp-native || run_config "tc+noop-xdp-native" tc auto native
-! want xdp-generic || run_config "xdp-generic" xdp generic ""
-! want xdp-native || run_config "xdp-native" xdp native ""
+round=0
+while [ "$round" -lt "${ROUNDS:-1}" ]; do
+    round=$((round + 1))
+    echo "round $round"
+    ! want tc || run_config "tc" tc auto ""
+    ! want tc+noop-xdp-generic || run_config "tc+noop-xdp-generic" tc auto generic
+    ! want tc+noop-xdp-native || run_config "tc+noop-xdp-native" tc auto native
+    ! want xdp-generic || run_config "xdp-generic" xdp generic ""
+    ! want xdp-native || run_config "xdp-native" xdp native ""
+    ! want xdp-redirect-generic || run_config "xdp-redirect-generic" xdp-redirect generic ""
+    ! want xdp-redirect-native || run_config "xdp-redirect-native" xdp-redirect native ""
+done

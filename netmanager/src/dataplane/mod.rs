@@ -334,11 +334,16 @@ impl State {
     fn attach(&mut self, program: &str, ifname: &str) -> Result<()> {
         let prog = program_mut(&mut self.ebpf, program)?;
         self.attachments.attach(prog, program, ifname)?;
-        if program == UPLINK_PROGRAM && self.cfg.uplink_hook == UplinkHook::Xdp {
+        if program == UPLINK_PROGRAM && self.cfg.uplink_hook.uses_xdp() {
             let xdp = xdp_program_mut(&mut self.ebpf, UPLINK_XDP_PROGRAM)?;
-            let mode = self
-                .attachments
-                .attach_xdp(xdp, ifname, self.cfg.xdp_mode)?;
+            let driver = crate::ethtool::driver(ifname)
+                .map_err(|e| tracing::debug!(interface = %ifname, "{e:#}"))
+                .ok();
+            let wanted = self
+                .cfg
+                .xdp_mode
+                .on_interface(self.cfg.uplink_hook, driver.as_deref());
+            let mode = self.attachments.attach_xdp(xdp, ifname, wanted)?;
             tracing::debug!(interface = %ifname, xdp_mode = %mode, "XDP program attached");
         }
         Ok(())

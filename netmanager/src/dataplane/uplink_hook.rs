@@ -15,17 +15,34 @@ pub enum UplinkHook {
     /// The XDP program in front of the TC program: malformed and rejected
     /// datagrams are dropped before the stack; the rest goes on to TC.
     Xdp,
+    /// As `xdp`, and the XDP program also decapsulates, translates and
+    /// redirects into the container's veth what it can deliver whole; the
+    /// rest goes on to TC.
+    #[serde(rename = "xdp-redirect")]
+    XdpRedirect,
 }
 
 impl UplinkHook {
     /// Every hook, for tools that list what they can attach.
-    pub const ALL: [UplinkHook; 2] = [UplinkHook::Tc, UplinkHook::Xdp];
+    pub const ALL: [UplinkHook; 3] = [UplinkHook::Tc, UplinkHook::Xdp, UplinkHook::XdpRedirect];
 
     pub fn as_str(self) -> &'static str {
         match self {
             UplinkHook::Tc => "tc",
             UplinkHook::Xdp => "xdp",
+            UplinkHook::XdpRedirect => "xdp-redirect",
         }
+    }
+
+    /// Whether the XDP program runs in front of the TC program.
+    pub fn uses_xdp(self) -> bool {
+        self != UplinkHook::Tc
+    }
+
+    /// Whether the XDP program delivers into containers' veths (whose
+    /// container ends then need NAPI: `plumbing` enables GRO there).
+    pub fn redirects(self) -> bool {
+        self == UplinkHook::XdpRedirect
     }
 }
 
@@ -66,6 +83,20 @@ impl XdpMode {
         }
     }
 
+    /// The mode to attach in on an interface whose driver is `driver`
+    /// (None: unknown). With `xdp-redirect`, `auto` takes generic on a
+    /// veth: native XDP there loses GSO and cannot redirect the checksum
+    /// seeds (`CHECKSUM_PARTIAL`) of senders on the same host, whose
+    /// packets then fail the container's checksum check
+    /// (docs/dataplane.md, "The uplink hook").
+    pub fn on_interface(self, hook: UplinkHook, driver: Option<&str>) -> XdpMode {
+        if self == XdpMode::Auto && hook.redirects() && driver == Some("veth") {
+            XdpMode::Generic
+        } else {
+            self
+        }
+    }
+
     /// The hook as `NetManager status` lists it.
     pub(super) fn hook(self) -> &'static str {
         match self {
@@ -102,5 +133,41 @@ mod tests {
         assert_eq!(XdpMode::Generic.candidates(), &[XdpMode::Generic]);
         assert_eq!(XdpMode::Native.candidates(), &[XdpMode::Native]);
         assert_eq!(UplinkHook::default(), UplinkHook::Tc);
+    }
+
+    #[test]
+    fn auto_delivers_generically_on_a_veth_and_natively_elsewhere() {
+        let redirect = UplinkHook::XdpRedirect;
+        assert_eq!(
+            XdpMode::Auto.on_interface(redirect, Some("veth")),
+            XdpMode::Generic
+        );
+        assert_eq!(
+            XdpMode::Auto.on_interface(redirect, Some("ixgbe")),
+            XdpMode::Auto
+        );
+        assert_eq!(XdpMode::Auto.on_interface(redirect, None), XdpMode::Auto);
+        // Screening only, or a mode asked for explicitly: unchanged.
+        assert_eq!(
+            XdpMode::Auto.on_interface(UplinkHook::Xdp, Some("veth")),
+            XdpMode::Auto
+        );
+        assert_eq!(
+            XdpMode::Native.on_interface(redirect, Some("veth")),
+            XdpMode::Native
+        );
+    }
+
+    #[test]
+    fn every_hook_reads_back_from_its_name() {
+        use clap::ValueEnum;
+        for hook in UplinkHook::ALL {
+            assert_eq!(UplinkHook::from_str(hook.as_str(), false), Ok(hook));
+            let json = serde_json::to_string(&hook).unwrap();
+            assert_eq!(json, format!("\"{hook}\""));
+        }
+        assert!(UplinkHook::XdpRedirect.uses_xdp() && UplinkHook::XdpRedirect.redirects());
+        assert!(UplinkHook::Xdp.uses_xdp() && !UplinkHook::Xdp.redirects());
+        assert!(!UplinkHook::Tc.uses_xdp());
     }
 }

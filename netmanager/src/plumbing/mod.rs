@@ -42,6 +42,9 @@ pub struct Attached {
 pub struct Plumbing {
     handle: Handle,
     mtu: u16,
+    /// GRO (hence NAPI) on every container end: the XDP uplink program
+    /// redirects into the veths (`--uplink-hook xdp-redirect`).
+    container_gro: bool,
 }
 
 fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
@@ -67,7 +70,18 @@ impl Plumbing {
     pub fn new(mtu: u16) -> Result<Plumbing> {
         let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
         tokio::spawn(conn);
-        Ok(Plumbing { handle, mtu })
+        Ok(Plumbing {
+            handle,
+            mtu,
+            container_gro: false,
+        })
+    }
+
+    /// Enables GRO on the container end of every veth made from now on,
+    /// which XDP redirection into the veth needs ([`crate::ethtool`]).
+    pub fn with_container_gro(mut self, on: bool) -> Plumbing {
+        self.container_gro = on;
+        self
     }
 
     pub fn mtu(&self) -> u16 {
@@ -173,8 +187,11 @@ impl Plumbing {
             .ok_or_else(|| anyhow!("veth {host_name} vanished after creation"))?;
         let gw = subnet.gateway();
         let mtu = self.mtu;
-        let inside =
-            netns::in_netns(ns, move |h| configure_container_side(h, addrs, gw, mtu)).await;
+        let gro = self.container_gro;
+        let inside = netns::in_netns(ns, move |h| {
+            configure_container_side(h, addrs, gw, mtu, gro)
+        })
+        .await;
         if let Err(e) = inside {
             let _ = self.delete_link(host_name).await;
             return Err(e.context(format!(
@@ -212,6 +229,14 @@ impl Plumbing {
     }
 }
 
+/// GRO on the container end of a veth made earlier (by a run whose hook
+/// was not `xdp-redirect`): what [`Plumbing::with_container_gro`] gives the
+/// veths it makes.
+pub async fn enable_container_gro(target: &NetnsRef) -> Result<()> {
+    let ns = target.open()?;
+    netns::blocking_in_netns(ns, || crate::ethtool::enable_gro(CONTAINER_IFNAME)).await
+}
+
 fn ifname(m: &LinkMessage) -> Option<String> {
     m.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.clone()),
@@ -243,12 +268,14 @@ async fn add_address(handle: &Handle, index: u32, ip: IpAddr, prefix: u8) -> Res
         .with_context(|| format!("adding address {ip}/{prefix}"))
 }
 
-/// Inside the container namespace: lo and eth0 up, addresses, default routes.
+/// Inside the container namespace: lo and eth0 up (with GRO when `gro`),
+/// addresses, default routes.
 async fn configure_container_side(
     h: Handle,
     addrs: AddressPair,
     gw: AddressPair,
     mtu: u16,
+    gro: bool,
 ) -> Result<()> {
     if let Some(lo) = link_by_name(&h, "lo").await? {
         h.link()
@@ -267,6 +294,9 @@ async fn configure_container_side(
         .execute()
         .await
         .context("bringing eth0 up")?;
+    if gro {
+        crate::ethtool::enable_gro(CONTAINER_IFNAME)?;
+    }
     add_address(&h, eth, IpAddr::V4(addrs.v4), V4_PREFIX).await?;
     add_address(&h, eth, IpAddr::V6(addrs.v6), V6_PREFIX).await?;
     let r4 = RouteMessageBuilder::<Ipv4Addr>::new()

@@ -63,7 +63,7 @@ pub fn ingress_programs(ns: &NsPath, ifname: &str) -> Vec<(String, String, u32)>
 /// The attach mode of a variant.
 pub fn attach_mode_of(variant: &str) -> &str {
     match variant {
-        "xdp" | "xdp-generic" => "tcx",
+        "xdp" | "xdp-generic" | "xdp-redirect" => "tcx",
         mode => mode,
     }
 }
@@ -72,6 +72,7 @@ pub fn attach_mode_of(variant: &str) -> &str {
 pub fn uplink_hook_of(variant: &str) -> &'static str {
     match variant {
         "xdp" | "xdp-generic" => "xdp",
+        "xdp-redirect" => "xdp-redirect",
         _ => "tc",
     }
 }
@@ -124,7 +125,7 @@ pub fn assert_attach_mode(nm: &NetManager, variant: &str) {
         .into_iter()
         .flatten()
         .any(|a| a[0] == "uplink_xdp");
-    assert_eq!(xdp, uplink_hook_of(variant) == "xdp", "{st}");
+    assert_eq!(xdp, uplink_hook_of(variant) != "tc", "{st}");
 }
 
 /// The hook [`ingress_programs`] reports for a variant.
@@ -170,12 +171,13 @@ pub fn xdp_program(ns: &NsPath, ifname: &str) -> Option<(String, String)> {
 }
 
 /// The XDP program is on `ifname` exactly when the variant puts it there,
-/// in the variant's mode (auto takes native on a veth).
+/// in the variant's mode (auto takes native on a veth, except to deliver
+/// there: `XdpMode::on_interface`).
 pub fn assert_uplink_xdp(ns: &NsPath, ifname: &str, variant: &str) {
     let found = xdp_program(ns, ifname);
-    if uplink_hook_of(variant) == "xdp" {
-        let mode = match xdp_mode_of(variant) {
-            "generic" => "generic",
+    if uplink_hook_of(variant) != "tc" {
+        let mode = match (xdp_mode_of(variant), uplink_hook_of(variant)) {
+            ("generic", _) | (_, "xdp-redirect") => "generic",
             _ => "driver",
         };
         assert_eq!(

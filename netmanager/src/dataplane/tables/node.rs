@@ -7,8 +7,8 @@ use std::net::IpAddr;
 
 use aya::maps::lpm_trie::Key as LpmKey;
 use netmanager_common::{
-    Addr, CONFIG_FIB_SOURCE_V4, CONFIG_FIB_SOURCE_V6, Config, DEFAULT_NODE_ADDRESSES,
-    MAX_SERVICE_RANGES, Prefix, maps,
+    Addr, CONFIG_FIB_SOURCE_V4, CONFIG_FIB_SOURCE_V6, CONFIG_XDP_REDIRECT, Config,
+    DEFAULT_NODE_ADDRESSES, MAX_SERVICE_RANGES, Prefix, maps,
 };
 
 use super::super::addr::to_addr;
@@ -137,6 +137,9 @@ fn config_value(
     }
     if sources.v6.from_fib {
         flags |= CONFIG_FIB_SOURCE_V6;
+    }
+    if cfg.uplink_hook.redirects() {
+        flags |= CONFIG_XDP_REDIRECT;
     }
     Ok(Config {
         src_v4: sources.v4.address.map(|a| a.octets()).unwrap_or([0; 4]),
