@@ -195,7 +195,7 @@ mod tests {
             .find(|g| g["row"] == "overlay/ipv4/xdp")
             .unwrap();
         assert_eq!(xdp["met"], Value::Null);
-        assert_eq!(goals.as_array().unwrap().len(), 28);
+        assert_eq!(goals.as_array().unwrap().len(), 42);
         // The budget against the floor of the same row.
         assert_eq!(tc[3]["value"], json!(6.0));
         assert_eq!(tc[3]["met"], json!(false), "egress 6x the floor");

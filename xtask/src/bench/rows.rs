@@ -45,7 +45,7 @@ pub const FAMILIES: [&str; 2] = ["ipv4", "ipv6"];
 
 /// Where the overlay's uplink program runs. Only the inter-node overlay
 /// path crosses the uplink, so only its rows have a hook.
-pub const HOOKS: [&str; 2] = ["tc", "xdp"];
+pub const HOOKS: [&str; 3] = ["tc", "xdp", "xdp-redirect"];
 
 /// `path/family` or `path/family/hook`: the row's name in the report, the
 /// JSON and `--compare`.
@@ -223,12 +223,12 @@ mod tests {
                 "tunproxy/ipv4",
                 "overlay/ipv4/tc",
                 "overlay/ipv4/xdp",
+                "overlay/ipv4/xdp-redirect",
                 "bridge/ipv4",
                 "overlay_local/ipv4",
-                "direct/ipv6"
             ]
         );
-        assert_eq!(keys.len(), 14);
+        assert_eq!(keys.len(), 16);
     }
 
     #[test]
