@@ -158,16 +158,30 @@ pub struct FlowKey {
 }
 
 /// Value of the forward flow cache (`FLOWS`).
+///
+/// Besides the choice itself it carries copies of what a packet of the
+/// flow needs from `INSTANCES` -- the sender's veth and the backend's
+/// entry -- taken in `INSTANCE_EPOCH` `epoch`: while that is the current
+/// epoch, a packet of the flow costs one hash lookup. NetManager starts a
+/// new epoch after every change to `INSTANCES`, so the next packet of every
+/// flow looks both up again (and finds a vanished backend or sender).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    /// Namespace address of the chosen backend; looked up in `INSTANCES` on
-    /// every packet, so a vanished backend is noticed at once.
+    /// Namespace address of the chosen backend.
     pub backend: Addr,
     /// The sender's own instance address (the new source).
     pub src_instance: Addr,
-    /// `bpf_ktime_get_ns()` when last used (refreshed at most once a second).
+    /// `bpf_ktime_get_coarse_ns()` when last used (refreshed at most once a
+    /// second).
     pub last_seen_ns: u64,
+    /// The `INSTANCE_EPOCH` the copies below were taken in (0: never; the
+    /// epoch NetManager runs in is never 0).
+    pub epoch: u32,
+    /// Host end of the sender's veth, from its `INSTANCES` entry.
+    pub sender_ifindex: u32,
+    /// The backend's `INSTANCES` entry.
+    pub target: Instance,
 }
 
 /// Value of the reverse flow cache (`REVERSE_FLOWS`), keyed by the 5-tuple of
@@ -355,7 +369,10 @@ mod tests {
         assert_eq!(size_of::<BackendKey>(), 24);
         assert_eq!(size_of::<Instance>(), 16 + 16 + 2 + 2 + 4 + 6 + 2);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 40);
+        assert_eq!(
+            size_of::<Flow>(),
+            16 + 16 + 8 + 4 + 4 + size_of::<Instance>()
+        );
         assert_eq!(size_of::<ReverseFlow>(), 24);
         assert_eq!(size_of::<Prefix>(), 20);
         assert_eq!(
