@@ -181,7 +181,8 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
         if cached == flows::CURRENT {
             current = Some(&*flow);
         } else {
-            *backend_ns = flow.backend;
+            // Two words, not a struct copy (a `memmove` call on BPF).
+            copy_addr(&flow.backend, backend_ns);
         }
     }
     // One way on for both: two copies of the send path would double the
@@ -264,6 +265,17 @@ fn look_up(
         return Err(Err(Counter::DropNoBackend));
     };
     Ok((sender, backend))
+}
+
+#[inline(always)]
+fn copy_addr(from: &Addr, to: &mut Addr) {
+    let (f, t) = (from as *const Addr as *const u64, to as *mut Addr as *mut u64);
+    // SAFETY: 16 bytes each; unaligned accesses, as the types only
+    // promise byte alignment.
+    unsafe {
+        t.write_unaligned(f.read_unaligned());
+        t.add(1).write_unaligned(f.add(1).read_unaligned());
+    }
 }
 
 /// Translates and sends on a packet of a flow whose backend is `backend`
