@@ -218,9 +218,9 @@ fn look_up(
     backend_ns: &mut Addr,
 ) -> Result<(&'static Instance, &'static Instance), Result<Verdict, Counter>> {
     let mut cached = cached;
-    // Read again, before the lookups (see flows::instance_epoch): an epoch
-    // that began since the flow's state was read only makes what is
-    // written below current a little longer.
+    // Read here, right before the lookups whose copies it stamps (see
+    // flows::instance_epoch), not kept from the flow's state check: one
+    // value less alive across the caller's frame, the deepest chain's.
     let epoch = flows::instance_epoch();
     // SAFETY (both lookups): plain lookups; the entries are only read.
     let Some(sender) = (unsafe { INSTANCES.get(p.src) }) else {
