@@ -6,7 +6,7 @@
 //! `flows_per_container` of them (`FLOW_COUNTS`).
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_EXIST, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
 };
 use netmanager_common::{
@@ -17,7 +17,7 @@ use netmanager_common::{
 use crate::maps::{
     BACKENDS, FLOW_COUNTS, FLOWS, INSTANCE_EPOCH, INSTANCES, REVERSE_FLOWS, SCRATCH, SERVICES,
 };
-use crate::packet::{Packet, reverse_key};
+use crate::packet::{Packet, copy, reverse_key};
 
 /// Refresh a flow's last-seen stamp at most this often: writing it on every
 /// packet would bounce the cache line between CPUs for nothing.
@@ -124,25 +124,34 @@ fn entry(
 
 const _: () = assert!(core::mem::size_of::<Flow>() <= 256);
 
-/// Takes new copies of `INSTANCES` into the [`RECHECK`] entry of flow
-/// `key`, whose backend is `backend_ns`. False when the backend is gone
-/// (the caller chooses anew).
+/// Takes new copies of `INSTANCES` into `flow`, the [`RECHECK`] entry of
+/// the flow of `p`. False when its backend is gone (the caller chooses
+/// anew).
+///
+/// Written in place, the epoch last, rather than as a whole new value: the
+/// kernel recycles a replaced element for this CPU's next update -- possibly
+/// another flow's -- while a packet on another CPU may still be reading it.
+/// In place, a packet of this flow on another CPU at that moment reads the
+/// old copies or the new ones (or, on a weakly ordered CPU, some of each):
+/// all of it what `INSTANCES` held a moment ago, for this flow.
 #[inline(never)]
-pub fn refresh(key: &FlowKey, sender: &Instance, backend_ns: &Addr, epoch: u32) -> bool {
+pub fn refresh(p: &Packet, flow: &mut Flow, sender: &Instance, epoch: u32) -> bool {
     let now = now_ns();
     // SAFETY: a plain lookup; the entry is only read.
-    let Some(backend) = (unsafe { INSTANCES.get(*backend_ns) }) else {
+    let Some(backend) = (unsafe { INSTANCES.get(flow.backend) }) else {
         return false;
     };
-    let Some(flow) = entry(backend_ns, sender, backend, epoch, now) else {
-        return false;
-    };
-    // A whole new value, swapped in by the kernel: another CPU reading the
-    // entry meanwhile sees the old copies or the new ones, never a mix. An
-    // entry NetManager expired meanwhile stays gone (the next packet opens
-    // the flow again, counted).
-    let _ = FLOWS.insert(key, flow, BPF_EXIST as u64);
-    touch_reverse(key, &backend.instance_ip, now);
+    copy(&sender.instance_ip, &mut flow.src_instance);
+    flow.sender_ifindex = sender.ifindex;
+    copy(backend, &mut flow.target);
+    flow.last_seen_ns = now;
+    // A compiler barrier (an empty asm may touch any memory): the copies
+    // are stored before the epoch. (`compiler_fence` has no BPF lowering.)
+    // SAFETY: no instruction.
+    unsafe { core::arch::asm!("", options(nostack)) };
+    // SAFETY: a field of a valid map value.
+    unsafe { core::ptr::write_volatile(&mut flow.epoch, epoch) };
+    touch_reverse(&p.key(), &backend.instance_ip, now);
     true
 }
 

@@ -42,8 +42,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netmanager_common::{
-    Addr, Config, Counter, DEFAULT_MISS_RING_BYTES, INSTANCE_LOCAL, Instance, MISS_FRAME_MAX,
-    MissReason,
+    Addr, Config, Counter, DEFAULT_MISS_RING_BYTES, Flow, INSTANCE_LOCAL, Instance,
+    MISS_FRAME_MAX, MissReason,
 };
 
 use maps::{FLOWS, INSTANCES, MISSES, PENDING, config, count};
@@ -172,18 +172,18 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     let backend_ns = packet::init_addr(&mut ns_slot);
     let mut cached = flows::ABSENT;
     let mut current = None;
+    let mut recheck = None;
     if let Some(flow) = FLOWS.get_ptr_mut(&p.key()) {
-        // SAFETY: a valid map value pointer; a concurrent update only races
-        // on the timestamp (whole new values are swapped in, not written
-        // over).
+        // SAFETY: a valid map value pointer; concurrent writers race only on
+        // the timestamp and on copies of the same INSTANCES entries (see
+        // flows::refresh).
         let flow = unsafe { &mut *flow };
         cached = flows::state(p, flow, flows::instance_epoch(), flows::now_ns());
         if cached == flows::CURRENT {
             current = Some(&*flow);
         } else {
-            // Two words, not a struct copy (a `memmove` call on BPF: the
-            // source is a map value the compiler may think overlaps).
-            copy_addr(&flow.backend, backend_ns);
+            packet::copy(&flow.backend, backend_ns);
+            recheck = Some(flow);
         }
     }
     // One way on for both: two copies of the send path would double the
@@ -197,7 +197,7 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
             }
             (&flow.src_instance, &flow.backend, &flow.target)
         }
-        None => match look_up(ctx, cfg, p, cached, backend_ns) {
+        None => match look_up(ctx, cfg, p, cached, recheck, backend_ns) {
             Ok((sender, backend)) => (&sender.instance_ip, &*backend_ns, backend),
             Err(v) => return v,
         },
@@ -207,15 +207,17 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
 
 /// The sender's and the backend's INSTANCES entries for a packet whose
 /// flow is `cached` (not [`flows::CURRENT`]; `backend_ns` holds the flow's
-/// backend unless [`flows::ABSENT`]): the sender's checks, then the flow's
-/// entry refreshed, or a backend chosen, into `backend_ns`. Err: what
-/// becomes of the packet instead.
+/// backend unless [`flows::ABSENT`], `entry` its entry when
+/// [`flows::RECHECK`]): the sender's checks, then the flow's entry
+/// refreshed, or a backend chosen, into `backend_ns`. Err: what becomes of
+/// the packet instead.
 #[inline(always)]
 fn look_up(
     ctx: &TcContext,
     cfg: &Config,
     p: &Packet,
     cached: u32,
+    entry: Option<&mut Flow>,
     backend_ns: &mut Addr,
 ) -> Result<(&'static Instance, &'static Instance), Result<Verdict, Counter>> {
     let mut cached = cached;
@@ -240,9 +242,11 @@ fn look_up(
     // whole block cost this frame 40 bytes, which the deepest call chain
     // (here -> flows::choose) cannot spare on Linux 6.1 (512 bytes, every
     // frame rounded up to 32).
-    if cached == flows::RECHECK && !flows::refresh(&p.key(), sender, backend_ns, epoch) {
-        // Its backend is gone: chosen anew, in place.
-        cached = flows::STALE;
+    if let Some(flow) = entry.filter(|_| cached == flows::RECHECK) {
+        if !flows::refresh(p, flow, sender, epoch) {
+            // Its backend is gone: chosen anew, in place.
+            cached = flows::STALE;
+        }
     }
     if cached != flows::RECHECK {
         // A new flow takes one of the sender's FLOWS slots; a stale one is
@@ -266,16 +270,6 @@ fn look_up(
         return Err(Err(Counter::DropNoBackend));
     };
     Ok((sender, backend))
-}
-
-#[inline(always)]
-fn copy_addr(from: &Addr, to: &mut Addr) {
-    let (f, t) = (from as *const Addr as *const u64, to as *mut Addr as *mut u64);
-    // SAFETY: 16 bytes each, 8-byte aligned (`Addr`'s alignment).
-    unsafe {
-        t.write(f.read());
-        t.add(1).write(f.add(1).read());
-    }
 }
 
 /// Translates and sends on a packet of a flow whose backend is `backend`
