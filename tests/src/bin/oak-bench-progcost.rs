@@ -330,6 +330,35 @@ fn measure_all(dp: &Dataplane, tables: &str, phase: u32, paths: &mut Vec<Value>)
     let (ns, v) = single_runs(dp, CONTAINER_PROGRAM, RUNS, |_| remote.clone())?;
     record("egress_remote_cached_flow", "single", ns, v);
 
+    // The same flow's first packet after any INSTANCES change (a new
+    // INSTANCE_EPOCH): its sender and backend are looked up again and
+    // their copies in the flow entry refreshed. The change, made between
+    // the runs, is the local backend's MAC flipping.
+    let mut total = 0u64;
+    let mut verdict = 0;
+    for i in 0..2000u32 {
+        let mut mac = BACKEND_MAC;
+        mac[5] ^= (i & 1) as u8;
+        dp.upsert_instance(
+            ip("10.18.0.3"),
+            InstanceEntry {
+                instance_ip: Some(ip("10.30.0.4")),
+                node_ip: IpAddr::V4(NODE),
+                node_port: 50103,
+                local: Some(LocalPort { ifindex: 8, mac }),
+            },
+        )?;
+        let (v, ns) = run_once(dp, CONTAINER_PROGRAM, &remote)?;
+        total += ns;
+        verdict = v;
+    }
+    record(
+        "egress_remote_cached_flow_new_epoch",
+        "single",
+        total as f64 / 2000.0,
+        verdict,
+    );
+
     // New flows: fresh source ports the fill never used (it stops at 61023).
     let base = 61_100 + phase as u16 * 2000;
     let (ns, v) = single_runs(dp, CONTAINER_PROGRAM, 2000, |i| {
