@@ -19,7 +19,13 @@ pub use maps::{
 };
 
 /// A 16-byte address: IPv6, or IPv4-mapped IPv6 for IPv4.
-#[repr(C)]
+///
+/// 8-byte aligned: on BPF, which has no unaligned loads, an address whose
+/// alignment the compiler cannot see is copied and compared a byte (or two)
+/// at a time -- 16 loads and 16 stores per copy, and the programs copy
+/// addresses into every key. Aligned, a copy is two 64-bit moves. Every
+/// struct holding one has it at a multiple of 8 (the layout test below).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Addr {
     pub bytes: [u8; 16],
@@ -158,16 +164,30 @@ pub struct FlowKey {
 }
 
 /// Value of the forward flow cache (`FLOWS`).
+///
+/// Besides the choice itself it carries copies of what a packet of the
+/// flow needs from `INSTANCES` -- the sender's veth and the backend's
+/// entry -- taken in `INSTANCE_EPOCH` `epoch`: while that is the current
+/// epoch, a packet of the flow costs one hash lookup. NetManager starts a
+/// new epoch after every change to `INSTANCES`, so the next packet of every
+/// flow looks both up again (and finds a vanished backend or sender).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    /// Namespace address of the chosen backend; looked up in `INSTANCES` on
-    /// every packet, so a vanished backend is noticed at once.
+    /// Namespace address of the chosen backend.
     pub backend: Addr,
     /// The sender's own instance address (the new source).
     pub src_instance: Addr,
-    /// `bpf_ktime_get_ns()` when last used (refreshed at most once a second).
+    /// `bpf_ktime_get_coarse_ns()` when last used (refreshed at most once a
+    /// second).
     pub last_seen_ns: u64,
+    /// The `INSTANCE_EPOCH` the copies below were taken in (0: never; the
+    /// epoch NetManager runs in is never 0).
+    pub epoch: u32,
+    /// Host end of the sender's veth, from its `INSTANCES` entry.
+    pub sender_ifindex: u32,
+    /// The backend's `INSTANCES` entry.
+    pub target: Instance,
 }
 
 /// Value of the reverse flow cache (`REVERSE_FLOWS`), keyed by the 5-tuple of
@@ -218,6 +238,7 @@ pub struct Prefix {
     pub addr: Addr,
     /// Prefix length counted on the 128-bit form (an IPv4 /16 is 112).
     pub len: u32,
+    pub _pad: u32,
 }
 
 pub const MAX_SERVICE_RANGES: usize = 4;
@@ -360,12 +381,15 @@ mod tests {
         assert_eq!(size_of::<BackendKey>(), 24);
         assert_eq!(size_of::<Instance>(), 16 + 16 + 2 + 2 + 4 + 6 + 2);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 40);
+        assert_eq!(
+            size_of::<Flow>(),
+            16 + 16 + 8 + 4 + 4 + size_of::<Instance>()
+        );
         assert_eq!(size_of::<ReverseFlow>(), 24);
-        assert_eq!(size_of::<Prefix>(), 20);
+        assert_eq!(size_of::<Prefix>(), 24);
         assert_eq!(
             size_of::<Config>(),
-            16 + 20 * MAX_SERVICE_RANGES + 8 + 16 + 8 + 8
+            16 + 24 * MAX_SERVICE_RANGES + 8 + 16 + 8 + 8
         );
         assert_eq!(size_of::<FlowCountKey>(), 8);
         assert_eq!(size_of::<InstanceNode>(), 16);

@@ -52,6 +52,9 @@ map_names! {
     /// The route cache's epoch: NetManager adds one on every route,
     /// neighbour, link or CONFIG change, retiring every cached route.
     ROUTE_EPOCH,
+    /// The epoch of the `INSTANCES` copies in `FLOWS` entries: NetManager
+    /// adds one after every change to `INSTANCES`.
+    INSTANCE_EPOCH,
 }
 
 /// Default map sizes (max entries) of the daemon, the eBPF object and every

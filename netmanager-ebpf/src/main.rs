@@ -45,11 +45,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netmanager_common::{
-    Addr, Config, Counter, DEFAULT_MISS_RING_BYTES, INSTANCE_LOCAL, Instance, MISS_FRAME_MAX,
-    MissReason,
+    Addr, Config, Counter, DEFAULT_MISS_RING_BYTES, Flow, INSTANCE_LOCAL, Instance,
+    MISS_FRAME_MAX, MissReason,
 };
 
-use maps::{INSTANCES, MISSES, PENDING, config, count};
+use maps::{FLOWS, INSTANCES, MISSES, PENDING, config, count};
 use packet::{ETH_HLEN, Packet, ParseError};
 
 #[classifier]
@@ -171,72 +171,137 @@ fn from_container(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Counter> {
     if p.ttl <= 1 {
         return Err(Counter::DropTtl);
     }
-    let Some(sender) = (unsafe { INSTANCES.get(p.src) }) else {
-        return Err(Counter::DropNotLocal);
-    };
-    if sender.flags & INSTANCE_LOCAL == 0 {
-        return Err(Counter::DropNotLocal);
-    }
-    if !sent_from_its_veth(ctx, cfg, sender) {
-        return Err(Counter::DropSpoofedSource);
-    }
-    if sender.instance_ip.is_zero() {
-        return Ok(hold(ctx, cfg, MissReason::Sender, &p.src));
-    }
-    let src_instance = sender.instance_ip;
-    let owner = sender.ifindex;
     let mut ns_slot = MaybeUninit::uninit();
     let backend_ns = packet::init_addr(&mut ns_slot);
+    let mut cached = flows::ABSENT;
+    let mut current = None;
+    let mut recheck = None;
+    if let Some(flow) = FLOWS.get_ptr_mut(&p.key()) {
+        // SAFETY: a valid map value pointer; concurrent writers race only on
+        // the timestamp and on copies of the same INSTANCES entries (see
+        // flows::refresh).
+        let flow = unsafe { &mut *flow };
+        cached = flows::state(p, flow, flows::instance_epoch(), flows::now_ns());
+        if cached == flows::CURRENT {
+            current = Some(&*flow);
+        } else {
+            packet::copy(&flow.backend, backend_ns);
+            recheck = Some(flow);
+        }
+    }
+    // One way on for both: two copies of the send path would double the
+    // program's code.
+    let (src_instance, backend_ns, backend): (&Addr, &Addr, &Instance) = match current {
+        Some(flow) => {
+            // The sender's and the backend's entries as of this epoch: the
+            // checks `look_up` makes, without looking them up.
+            if !sent_from_its_veth(ctx, cfg, flow.sender_ifindex) {
+                return Err(Counter::DropSpoofedSource);
+            }
+            (&flow.src_instance, &flow.backend, &flow.target)
+        }
+        None => match look_up(ctx, cfg, p, cached, recheck, backend_ns) {
+            Ok((sender, backend)) => (&sender.instance_ip, &*backend_ns, backend),
+            Err(v) => return v,
+        },
+    };
+    forward(ctx, cfg, p, src_instance, backend_ns, backend)
+}
+
+/// The sender's and the backend's INSTANCES entries for a packet whose
+/// flow is `cached` (not [`flows::CURRENT`]; `backend_ns` holds the flow's
+/// backend unless [`flows::ABSENT`], `entry` its entry when
+/// [`flows::RECHECK`]): the sender's checks, then the flow's entry
+/// refreshed, or a backend chosen, into `backend_ns`. Err: what becomes of
+/// the packet instead.
+#[inline(always)]
+fn look_up(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &Packet,
+    cached: u32,
+    entry: Option<&mut Flow>,
+    backend_ns: &mut Addr,
+) -> Result<(&'static Instance, &'static Instance), Result<Verdict, Counter>> {
+    let mut cached = cached;
+    // Read here, right before the lookups whose copies it stamps (see
+    // flows::instance_epoch), not kept from the flow's state check: one
+    // value less alive across the caller's frame, the deepest chain's.
+    let epoch = flows::instance_epoch();
+    // SAFETY (both lookups): plain lookups; the entries are only read.
+    let Some(sender) = (unsafe { INSTANCES.get(p.src) }) else {
+        return Err(Err(Counter::DropNotLocal));
+    };
+    if sender.flags & INSTANCE_LOCAL == 0 {
+        return Err(Err(Counter::DropNotLocal));
+    }
+    if !sent_from_its_veth(ctx, cfg, sender.ifindex) {
+        return Err(Err(Counter::DropSpoofedSource));
+    }
+    if sender.instance_ip.is_zero() {
+        return Err(Ok(hold(ctx, cfg, MissReason::Sender, &p.src)));
+    }
     // The key is built at each use, not kept: a key alive across the
     // whole block cost this frame 40 bytes, which the deepest call chain
     // (here -> flows::choose) cannot spare on Linux 6.1 (512 bytes, every
     // frame rounded up to 32).
-    let mut cached = flows::cached_backend(&p.key(), backend_ns);
-    // SAFETY (both lookups): plain lookups; the entry is only read.
-    let mut backend = match cached {
-        flows::HIT => unsafe { INSTANCES.get(*backend_ns) },
-        _ => None,
-    };
-    if backend.is_none() {
-        if cached == flows::HIT {
+    if let Some(flow) = entry.filter(|_| cached == flows::RECHECK) {
+        if !flows::refresh(p, flow, sender, epoch) {
             // Its backend is gone: chosen anew, in place.
             cached = flows::STALE;
         }
+    }
+    if cached != flows::RECHECK {
         // A new flow takes one of the sender's FLOWS slots; a stale one is
         // replaced in place.
         let new = cached == flows::ABSENT;
+        let owner = sender.ifindex;
         if new && !flows::quota_allows(owner, cfg.flows_per_container) {
-            return Err(Counter::DropFlowQuota);
+            return Err(Err(Counter::DropFlowQuota));
         }
-        match flows::choose(&p.key(), &src_instance, backend_ns, new) {
+        match flows::choose(&p.key(), sender, backend_ns, new, epoch) {
             flows::CREATED => flows::count_opened(owner),
             flows::REPLACED => {}
-            flows::UNKNOWN_SERVICE => return Ok(hold(ctx, cfg, MissReason::Service, &p.dst)),
-            flows::NO_BACKEND => return Err(Counter::DropNoBackend),
-            _ => return Err(Counter::DropFlowTableFull),
+            flows::UNKNOWN_SERVICE => return Err(Ok(hold(ctx, cfg, MissReason::Service, &p.dst))),
+            flows::NO_BACKEND => return Err(Err(Counter::DropNoBackend)),
+            _ => return Err(Err(Counter::DropFlowTableFull)),
         }
-        // Looked up here rather than passed back: BPF-to-BPF calls return
-        // scalars only.
-        backend = unsafe { INSTANCES.get(*backend_ns) };
     }
-    let Some(backend) = backend else {
-        return Err(Counter::DropNoBackend);
+    // Looked up here rather than passed back: BPF-to-BPF calls return
+    // scalars only.
+    let Some(backend) = (unsafe { INSTANCES.get(*backend_ns) }) else {
+        return Err(Err(Counter::DropNoBackend));
     };
+    Ok((sender, backend))
+}
+
+/// Translates and sends on a packet of a flow whose backend is `backend`
+/// (namespace address `backend_ns`): tunnelled to its node, or delivered
+/// here.
+#[inline(always)]
+fn forward(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut Packet,
+    src_instance: &Addr,
+    backend_ns: &Addr,
+    backend: &Instance,
+) -> Result<Verdict, Counter> {
     if backend.flags & INSTANCE_LOCAL == 0 {
-        return tunnel::send_to_peer(ctx, cfg, p, &src_instance, backend_ns, backend);
+        return tunnel::send_to_peer(ctx, cfg, p, src_instance, backend_ns, backend);
     }
-    packet::rewrite(ctx, p, &src_instance, backend_ns, true).map_err(|_| Counter::DropMalformed)?;
+    packet::rewrite(ctx, p, src_instance, backend_ns, true).map_err(|_| Counter::DropMalformed)?;
     // Same-node service traffic: never encapsulated (step 4).
     deliver(ctx, p, backend, Counter::LocalDelivered)
 }
 
-/// Whether a container's packet arrived on the veth its source address
-/// belongs to: otherwise it is sending as its neighbour. Frames NetManager
+/// Whether a container's packet arrived on `sender_ifindex`, the veth its
+/// source address belongs to: otherwise it is sending as its neighbour. Frames NetManager
 /// reinjects were checked when they were held.
 #[inline(always)]
-fn sent_from_its_veth(ctx: &TcContext, cfg: &Config, sender: &Instance) -> bool {
+fn sent_from_its_veth(ctx: &TcContext, cfg: &Config, sender_ifindex: u32) -> bool {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    ifindex == sender.ifindex || ifindex == cfg.inject_ifindex
+    ifindex == sender_ifindex || ifindex == cfg.inject_ifindex
 }
 
 /// Destination address of an IPv4/IPv6 packet after the Ethernet header.

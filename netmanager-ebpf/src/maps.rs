@@ -112,3 +112,10 @@ pub static ROUTE_CACHE: PerCpuArray<CachedRoute, { DEFAULT_ROUTE_CACHE as usize 
 /// neighbour, a link or CONFIG changes, which retires every cached route.
 #[btf_map]
 pub static ROUTE_EPOCH: Array<u32, 1> = Array::new();
+
+/// The current epoch of the `INSTANCES` copies in `FLOWS` entries
+/// (`Flow::epoch`): NetManager adds one after every change to `INSTANCES`,
+/// which sends the next packet of every flow to look its sender and
+/// backend up again.
+#[btf_map]
+pub static INSTANCE_EPOCH: Array<u32, 1> = Array::new();

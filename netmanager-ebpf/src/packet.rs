@@ -312,6 +312,21 @@ fn flow_key(src: Addr, dst: Addr, src_port: u16, dst_port: u16, proto: u8) -> Fl
     }
 }
 
+/// `*to = *from` in 64-bit words: a plain assignment between map values
+/// (or a map value and the stack) compiles to a call of the byte-wise
+/// `memmove` subprogram on BPF.
+#[inline(always)]
+pub fn copy<T: Copy>(from: &T, to: &mut T) {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() >= 8) };
+    let (f, t) = (from as *const T as *const u64, to as *mut T as *mut u64);
+    let mut i = 0;
+    while i < core::mem::size_of::<T>() / 8 {
+        // SAFETY: word i of two valid, 8-byte aligned values of T.
+        unsafe { t.add(i).write(f.add(i).read()) };
+        i += 1;
+    }
+}
+
 /// Zeroes an address slot in place (see [`Packet::init`] for why not
 /// `Addr::ZERO`), for out parameters.
 #[inline(always)]

@@ -100,7 +100,7 @@ pub fn lookup(
     // SAFETY: a valid map value pointer, this CPU's own slot.
     let c = unsafe { &mut *c };
     if c.made_ns != 0
-        && c.key.words() == key.words()
+        && c.key.same(&key)
         && c.epoch == epoch
         && now.wrapping_sub(c.made_ns) < REFRESH_NS
     {

@@ -23,6 +23,15 @@ impl RouteKey {
         unsafe { *(self as *const RouteKey as *const [u64; 3]) }
     }
 
+    /// Whether `other` is the same key. Word by word: comparing the arrays
+    /// (`words() == words()`) compiles to a call of the byte-at-a-time
+    /// `memcmp` subprogram on BPF, 4 % of the send path under perf.
+    #[inline(always)]
+    pub fn same(&self, other: &RouteKey) -> bool {
+        let (a, b) = (self.words(), other.words());
+        (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) == 0
+    }
+
     /// Its ROUTE_CACHE slot.
     #[inline(always)]
     pub fn slot(&self) -> u32 {

@@ -32,6 +32,7 @@ testkit::main! {
     ip_options_are_skipped_to_find_the_ports: [Root, Bpffs],
     oversize_packets_get_path_mtu_feedback: [Root, Bpffs],
     round_robin_rotates_and_flows_stick_until_their_backend_goes: [Root, Bpffs],
+    a_cached_flow_sees_every_instance_change_on_its_next_packet: [Root, Bpffs],
     flow_expiry_removes_only_idle_flows: [Root, Bpffs],
     pinned_maps_dump_with_typed_fields_in_bpftool: [Root, Bpffs, Bpftool],
     ipv6_reply_through_tunnel_is_decapsulated_and_reverse_translated: [Root, Bpffs],
@@ -687,6 +688,130 @@ fn round_robin_rotates_and_flows_stick_until_their_backend_goes() {
         .unwrap();
     f.dp.remove_instance(gone).unwrap();
     assert_eq!(chosen(1000), b);
+}
+
+/// A flow's entry carries copies of its sender's and backend's INSTANCES
+/// entries, so a packet of it looks neither up; every change NetManager
+/// makes to INSTANCES must still reach the very next packet of the flow:
+/// the backend moving to another node, the sender moving to another veth,
+/// the backend and the sender vanishing.
+fn a_cached_flow_sees_every_instance_change_on_its_next_packet() {
+    let f = fixture("epoch");
+    let client =
+        |sport: u16| from_container(&Ip::new("10.18.0.2", "10.30.55.56", tcp_syn(sport, 80)));
+    let inner = translated("10.30.0.3", "10.18.0.130", tcp_syn(40000, 80));
+    let to_peer = tunnelled(&inner);
+    let flow = || {
+        f.dp.flow(&key("10.18.0.2", 40000, "10.30.55.56", 80, 6))
+            .unwrap()
+            .expect("flow cached")
+    };
+    // Opened, then one packet from the copies.
+    for _ in 0..2 {
+        assert_eq!(
+            run(&f, CONTAINER_PROGRAM, &client(40000)),
+            (TC_ACT_REDIRECT, to_peer.clone())
+        );
+    }
+    let opened = flow();
+    assert_ne!(opened.epoch, 0);
+    assert_eq!(opened.sender_ifindex, CLIENT_IFINDEX);
+    assert_eq!(
+        opened.target.node_ip,
+        Addr::from_v4_octets(PEER_NODE.octets())
+    );
+
+    // The backend's node changes address: the next packet goes there.
+    let moved_to = ip4("198.51.100.3");
+    let backend_on = |node: Ipv4Addr| {
+        f.dp.upsert_instance(
+            ip("10.18.0.130"),
+            InstanceEntry {
+                instance_ip: Some(ip("10.30.0.5")),
+                node_ip: IpAddr::V4(node),
+                node_port: 50103,
+                local: None,
+            },
+        )
+        .unwrap()
+    };
+    backend_on(moved_to);
+    let datagram = tunnel_datagram(NODE, moved_to, 50103, 50103, &inner.bytes());
+    assert_eq!(
+        run(&f, CONTAINER_PROGRAM, &client(40000)),
+        (TC_ACT_REDIRECT, via(GATEWAY_MAC, CLIENT_MAC, &datagram))
+    );
+    let moved = flow();
+    assert_ne!(moved.epoch, opened.epoch);
+    assert_eq!(
+        moved.target.node_ip,
+        Addr::from_v4_octets(moved_to.octets())
+    );
+    assert_eq!(moved.backend, opened.backend, "the same backend");
+    // Rewriting an entry unchanged starts no epoch.
+    backend_on(moved_to);
+    assert_eq!(flow().epoch, moved.epoch);
+    backend_on(PEER_NODE);
+    assert_eq!(run(&f, CONTAINER_PROGRAM, &client(40000)).1, to_peer);
+
+    // The client's address now belongs to another veth: its flow no longer
+    // lets this one send as it.
+    let client_on = |ifindex: u32| {
+        f.dp.upsert_instance(
+            ip("10.18.0.2"),
+            InstanceEntry {
+                instance_ip: Some(ip("10.30.0.3")),
+                node_ip: IpAddr::V4(NODE),
+                node_port: 50103,
+                local: Some(LocalPort {
+                    ifindex,
+                    mac: CLIENT_MAC,
+                }),
+            },
+        )
+        .unwrap()
+    };
+    client_on(9);
+    let sent = client(40000);
+    assert_eq!(
+        run(&f, CONTAINER_PROGRAM, &sent),
+        (TC_ACT_SHOT, sent.clone())
+    );
+    assert_eq!(counter(&f, "drop_spoofed_source"), 1);
+    client_on(CLIENT_IFINDEX);
+    assert_eq!(
+        run(&f, CONTAINER_PROGRAM, &client(40000)).0,
+        TC_ACT_REDIRECT
+    );
+
+    // The backend vanishes: the next packet picks the service's other
+    // backend (here, delivered locally).
+    f.dp.upsert_service(
+        ip("10.30.55.56"),
+        ServiceKind::RoundRobin,
+        &[ip("10.18.0.3")],
+    )
+    .unwrap();
+    f.dp.remove_instance(ip("10.18.0.130")).unwrap();
+    let local = translated("10.30.0.3", "10.18.0.3", tcp_syn(40000, 80));
+    assert_eq!(
+        run(&f, CONTAINER_PROGRAM, &client(40000)),
+        (
+            TC_ACT_REDIRECT,
+            eth(BACKEND_MAC, CLIENT_MAC, 0x0800, &local.bytes())
+        )
+    );
+    assert_eq!(flow().backend, Addr::from_v4_octets([10, 18, 0, 3]));
+    assert_eq!(counter(&f, "local_delivered"), 1);
+
+    // The sender vanishes: its cached flow sends nothing more.
+    f.dp.remove_instance(ip("10.18.0.2")).unwrap();
+    let sent = client(40000);
+    assert_eq!(
+        run(&f, CONTAINER_PROGRAM, &sent),
+        (TC_ACT_SHOT, sent.clone())
+    );
+    assert_eq!(counter(&f, "drop_not_local"), 1);
 }
 
 fn flow_expiry_removes_only_idle_flows() {

@@ -306,6 +306,12 @@ fn pins_of_an_older_version_are_migrated_or_recreated() {
         .expect("the flow was copied over");
     assert_eq!(flow.backend, Addr::from_v4_octets([10, 18, 0, 130]));
     assert_eq!(
+        layout(&pins.join(maps::FLOWS)).2,
+        size_of::<netmanager_common::Flow>() as u64,
+        "the value widened"
+    );
+    assert_eq!(flow.epoch, 0, "the new fields zero: not filled in yet");
+    assert_eq!(
         layout(&pins.join(maps::COUNTERS)).3,
         Counter::COUNT as u64,
         "room for every counter"
@@ -318,8 +324,17 @@ fn pins_of_an_older_version_are_migrated_or_recreated() {
         size_of::<netmanager_common::Config>() as u64,
         "recreated"
     );
-    // The programs run on the new maps.
+    // The programs run on the new maps; the copied flow keeps its backend
+    // and gets its copies of INSTANCES on its next packet.
     tables(&dp);
+    open_flow(&dp, 2000);
+    let flow = dp.flow(&flow_key(2000)).unwrap().expect("still there");
+    assert_eq!(flow.backend, Addr::from_v4_octets([10, 18, 0, 130]));
+    assert_ne!(flow.epoch, 0, "filled in");
+    assert_eq!(
+        flow.target.instance_ip,
+        Addr::from_v4_octets([10, 30, 0, 5])
+    );
     open_flow(&dp, 2001);
     assert!(dp.flow(&flow_key(2001)).unwrap().is_some());
     for name in [maps::FLOWS, maps::COUNTERS, maps::CONFIG] {
@@ -330,6 +345,7 @@ fn pins_of_an_older_version_are_migrated_or_recreated() {
 fn pins_with_another_entry_layout_are_refused_and_left_alone() {
     let pins = pin_dir("foreign");
     let flows = pins.join(maps::FLOWS).to_string_lossy().into_owned();
+    // 48 bytes: no size FLOWS ever had (40 before the INSTANCES copies).
     bpftool(&[
         "map", "create", &flows, "type", "hash", "key", "40", "value", "48", "entries", "1024",
         "name", "FLOWS",
@@ -338,8 +354,9 @@ fn pins_with_another_entry_layout_are_refused_and_left_alone() {
         .err()
         .expect("a FLOWS with 48-byte values is refused");
     let text = format!("{e:#}");
+    let want = size_of::<netmanager_common::Flow>();
     assert!(
-        text.contains("FLOWS: value size 48 (this NetManager: 40)"),
+        text.contains(&format!("FLOWS: value size 48 (this NetManager: {want})")),
         "{text}"
     );
     assert!(text.contains(&pins.display().to_string()), "{text}");

@@ -11,6 +11,10 @@
 //!   and the old entries are copied in, so established flows keep their
 //!   backend. Only a flow opened in the milliseconds between the copy and
 //!   the program swap is lost (its next packet picks a backend again);
+//! - migrated too when a map whose value only ever grows by appended fields
+//!   ([`widened`]: FLOWS) has the value of an earlier version: each old
+//!   value is copied with the new fields zero, which that map's programs
+//!   read as "not filled in yet";
 //! - recreated empty when NetManager rebuilds the contents anyway
 //!   (configuration, pending marks, the miss ring, derived indexes);
 //! - refused otherwise: a table whose entries have another layout was made
@@ -173,7 +177,8 @@ pub fn decide(
                 differs: have.differences(want),
             }
         } else if have.key_size == want.key_size
-            && have.value_size == want.value_size
+            && (have.value_size == want.value_size
+                || widened(name, have.value_size, want.value_size))
             && copyable(have.map_type)
             && copyable(want.map_type)
         {
@@ -197,6 +202,20 @@ pub fn decide(
         )));
     }
     Ok(out)
+}
+
+/// Whether map `name`'s values grew from `have` to `want` bytes by fields
+/// appended at the end, which the programs take as absent when zero: only
+/// the earlier sizes of such maps are listed (any other size is some other
+/// layout), and no per-CPU map (their values are copied as they are).
+/// FLOWS: 40 bytes before the `INSTANCES` copies of `Flow`, whose epoch 0
+/// is never current.
+fn widened(name: &str, have: u32, want: u32) -> bool {
+    const EARLIER: [(&str, &[u32]); 1] = [(maps::FLOWS, &[40])];
+    have < want
+        && EARLIER
+            .iter()
+            .any(|(map, sizes)| *map == name && sizes.contains(&have))
 }
 
 /// Map types whose entries can be listed and written from userspace.
@@ -291,7 +310,8 @@ fn remove_if_there(path: &Path) -> Result<()> {
 }
 
 /// Copies every entry of the map pinned at `from` into the one at `to`
-/// (same key and value sizes); returns (copied, did not fit).
+/// (same key size; the same value size, or a longer one that each value is
+/// padded to with zeros, see [`widened`]); returns (copied, did not fit).
 fn copy_entries(from: &Path, to: &Path) -> Result<(usize, usize)> {
     let open = |p: &Path| {
         MapData::from_pin(p).map_err(|e| DataplaneError::bpf(format!("opening {}", p.display()), e))
@@ -314,10 +334,19 @@ fn copy_entries(from: &Path, to: &Path) -> Result<(usize, usize)> {
     } else {
         info.value_size() as usize
     };
+    let dst_value_len = if per_cpu {
+        value_len
+    } else {
+        let to_info = dst
+            .info()
+            .map_err(|e| DataplaneError::bpf(format!("reading {}", to.display()), e))?;
+        (to_info.value_size() as usize).max(value_len)
+    };
     let (src_fd, dst_fd) = (src.fd().as_fd(), dst.fd().as_fd());
     let mut key = vec![0u8; info.key_size() as usize];
     let mut next = key.clone();
-    let mut value = vec![0u8; value_len];
+    // The old value at the front, zeros after it.
+    let mut buf = vec![0u8; dst_value_len];
     let (mut copied, mut dropped) = (0, 0);
     let mut first = true;
     loop {
@@ -334,7 +363,7 @@ fn copy_entries(from: &Path, to: &Path) -> Result<(usize, usize)> {
         }
         first = false;
         key.copy_from_slice(&next);
-        match raw::lookup(src_fd, &key, &mut value) {
+        match raw::lookup(src_fd, &key, &mut buf[..value_len]) {
             Ok(true) => {}
             // Deleted under us (the old programs still run): nothing to copy.
             Ok(false) => continue,
@@ -345,7 +374,7 @@ fn copy_entries(from: &Path, to: &Path) -> Result<(usize, usize)> {
                 ));
             }
         }
-        match raw::update(dst_fd, &key, &value) {
+        match raw::update(dst_fd, &key, &buf) {
             Ok(()) => copied += 1,
             // Full (a smaller table) or an index beyond a shorter array.
             Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC)) => {

@@ -83,7 +83,12 @@ fn main() -> Result<()> {
         tunnel_port: 50103,
         tunnel_mtu: 1450,
         // 10.64.0.0/10 holds the bulk services: 10.30.0.0/16 is too small for 100k.
-        service_ranges: vec![(ip("10.30.0.0"), 16), (ip("10.64.0.0"), 10)],
+        // fdff::/16: the IPv6-inner rows (the packet fixtures' addresses).
+        service_ranges: vec![
+            (ip("10.30.0.0"), 16),
+            (ip("10.64.0.0"), 10),
+            (ip("fdff::"), 16),
+        ],
         sizes: MapSizes {
             // LRU maps evict early when filled to the brim; headroom keeps the
             // filled state close to `flows` live entries.
@@ -127,6 +132,10 @@ fn main() -> Result<()> {
         ("10.18.0.130", "10.30.0.5", IpAddr::V4(PEER_NODE), None),
         // On a node reached over an IPv6 underlay (our extension).
         ("10.18.0.131", "10.30.0.6", IpAddr::V6(PEER_V6), None),
+        // IPv6 inside, over the IPv4 underlay: the client and a remote
+        // backend with IPv6 addresses.
+        ("fc00::2", "fdff::3", IpAddr::V4(NODE), local(1, CLIENT_MAC)),
+        ("fc00::82", "fdff::5", IpAddr::V4(PEER_NODE), None),
     ] {
         dp.upsert_instance(
             ip(ns),
@@ -153,6 +162,11 @@ fn main() -> Result<()> {
         ip("10.30.55.58"),
         ServiceKind::RoundRobin,
         &[ip("10.18.0.131")],
+    )?;
+    dp.upsert_service(
+        ip("fdff:2000::55:56"),
+        ServiceKind::RoundRobin,
+        &[ip("fc00::82")],
     )?;
 
     let mut paths = Vec::new();
@@ -238,6 +252,15 @@ fn tcp(sport: u16, dport: u16) -> L4 {
     }
 }
 
+/// 64 bytes of UDP payload, as the real-traffic bench sends.
+fn udp64(sport: u16) -> L4 {
+    L4::Udp {
+        sport,
+        dport: 5201,
+        payload: vec![0x42; 64],
+    }
+}
+
 fn tunnel(inner: &Ip) -> Vec<u8> {
     eth(
         [0xaa; 6],
@@ -307,6 +330,35 @@ fn measure_all(dp: &Dataplane, tables: &str, phase: u32, paths: &mut Vec<Value>)
     let (ns, v) = single_runs(dp, CONTAINER_PROGRAM, RUNS, |_| remote.clone())?;
     record("egress_remote_cached_flow", "single", ns, v);
 
+    // The same flow's first packet after any INSTANCES change (a new
+    // INSTANCE_EPOCH): its sender and backend are looked up again and
+    // their copies in the flow entry refreshed. The change, made between
+    // the runs, is the local backend's MAC flipping.
+    let mut total = 0u64;
+    let mut verdict = 0;
+    for i in 0..2000u32 {
+        let mut mac = BACKEND_MAC;
+        mac[5] ^= (i & 1) as u8;
+        dp.upsert_instance(
+            ip("10.18.0.3"),
+            InstanceEntry {
+                instance_ip: Some(ip("10.30.0.4")),
+                node_ip: IpAddr::V4(NODE),
+                node_port: 50103,
+                local: Some(LocalPort { ifindex: 8, mac }),
+            },
+        )?;
+        let (v, ns) = run_once(dp, CONTAINER_PROGRAM, &remote)?;
+        total += ns;
+        verdict = v;
+    }
+    record(
+        "egress_remote_cached_flow_new_epoch",
+        "single",
+        total as f64 / 2000.0,
+        verdict,
+    );
+
     // New flows: fresh source ports the fill never used (it stops at 61023).
     let base = 61_100 + phase as u16 * 2000;
     let (ns, v) = single_runs(dp, CONTAINER_PROGRAM, 2000, |i| {
@@ -351,6 +403,34 @@ fn measure_all(dp: &Dataplane, tables: &str, phase: u32, paths: &mut Vec<Value>)
     );
     let (ns, v) = single_runs(dp, UPLINK_PROGRAM, RUNS, |_| owned6.clone())?;
     record("ingress_v6_underlay_owned_flow", "single", ns, v);
+
+    // IPv6 inside (IPv4 underlay): the same two paths with the IPv6
+    // translation, and 64-byte UDP both ways in, the bench's small-packet
+    // case, so the programs' share of the IPv6 gap can be told from noise.
+    let remote_v6 = from_container(&Ip::new("fc00::2", "fdff:2000::55:56", tcp(40006, 80)));
+    run_once(dp, CONTAINER_PROGRAM, &remote_v6)?;
+    let (ns, v) = single_runs(dp, CONTAINER_PROGRAM, RUNS, |_| remote_v6.clone())?;
+    record("egress_remote_v6_inner_cached_flow", "single", ns, v);
+    let owned_v6 = tunnel(&Ip::new("fdff::5", "fc00::2", tcp(80, 40006)));
+    let (ns, v) = single_runs(dp, UPLINK_PROGRAM, RUNS, |_| owned_v6.clone())?;
+    record("ingress_v6_inner_owned_flow", "single", ns, v);
+    for (path, src, dst) in [
+        (
+            "egress_remote_udp64_cached_flow",
+            "10.18.0.2",
+            "10.30.55.56",
+        ),
+        (
+            "egress_remote_v6_inner_udp64_cached_flow",
+            "fc00::2",
+            "fdff:2000::55:56",
+        ),
+    ] {
+        let frame = from_container(&Ip::new(src, dst, udp64(40007)));
+        run_once(dp, CONTAINER_PROGRAM, &frame)?;
+        let (ns, v) = single_runs(dp, CONTAINER_PROGRAM, RUNS, |_| frame.clone())?;
+        record(path, "single", ns, v);
+    }
 
     // First packet to an unknown service: held in PENDING and reported
     // through the ring buffer (nobody resolves it here).

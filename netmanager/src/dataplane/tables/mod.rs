@@ -34,6 +34,7 @@ pub struct Tables {
     trusted: LpmTrie<MapData, Addr, u32>,
     flow_counts: HashMap<MapData, FlowCountKey, u64>,
     route_epoch: Array<MapData, u32>,
+    instance_epoch: Array<MapData, u32>,
     /// INSTANCES as written (namespace address -> entry), so INSTANCE_NODES
     /// can be kept equal to it and flows attributed to their container.
     mirror: StdHashMap<Addr, Instance>,
@@ -86,12 +87,17 @@ impl Tables {
             trusted: take(ebpf, maps::TRUSTED_PEERS)?,
             flow_counts: take(ebpf, maps::FLOW_COUNTS)?,
             route_epoch: take(ebpf, maps::ROUTE_EPOCH)?,
+            instance_epoch: take(ebpf, maps::INSTANCE_EPOCH)?,
             mirror: StdHashMap::new(),
             claims: StdHashMap::new(),
             inject_ifindex,
         };
         t.rebuild_instance_nodes()?;
         t.recount_flows()?;
+        // Whatever an earlier NetManager changed in INSTANCES before it
+        // could start an epoch for it; and never epoch 0 (see
+        // `new_instance_epoch`).
+        t.new_instance_epoch()?;
         let stale: Vec<Addr> = t.pending.keys().filter_map(|k| k.ok()).collect();
         for k in stale {
             ignore_missing(t.pending.remove(&k), "clearing", maps::PENDING)?;
@@ -118,6 +124,9 @@ impl Tables {
             .insert(ns, value, 0)
             .map_err(insert_err(maps::INSTANCES, "instances"))?;
         let old = self.mirror.insert(ns, value);
+        if old != Some(value) {
+            self.new_instance_epoch()?;
+        }
         if let Some(old) = old.filter(|o| o.instance_ip != value.instance_ip) {
             self.unclaim(&old.instance_ip, &ns)?;
         }
@@ -128,9 +137,31 @@ impl Tables {
         let ns = to_addr(ns_ip);
         ignore_missing(self.instances.remove(&ns), "removing from", maps::INSTANCES)?;
         match self.mirror.remove(&ns) {
-            Some(old) => self.unclaim(&old.instance_ip, &ns),
+            Some(old) => {
+                self.new_instance_epoch()?;
+                self.unclaim(&old.instance_ip, &ns)
+            }
             None => Ok(()),
         }
+    }
+
+    /// Retires the copies of INSTANCES entries the flows carry (`Flow::epoch`):
+    /// the next packet of every flow looks its sender and backend up again,
+    /// so a changed or vanished one takes effect at once. Called after the
+    /// change is in the map. Epoch 0 is skipped: it marks entries that never
+    /// had copies.
+    pub fn new_instance_epoch(&mut self) -> Result<()> {
+        let epoch = self
+            .instance_epoch
+            .get(&0, 0)
+            .map_err(map_err("reading", maps::INSTANCE_EPOCH))?;
+        let next = match epoch.wrapping_add(1) {
+            0 => 1,
+            n => n,
+        };
+        self.instance_epoch
+            .set(0, next, 0)
+            .map_err(map_err("writing", maps::INSTANCE_EPOCH))
     }
 
     /// `ns`'s entry names instance address `ip`: it now decides where

@@ -128,6 +128,7 @@ fn config_value(
         *slot = Prefix {
             addr: to_addr(*ip),
             len,
+            _pad: 0,
         };
     }
     let sources = underlay.sources();
