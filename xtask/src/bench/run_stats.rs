@@ -184,7 +184,30 @@ impl Probes {
                 out[*name] = json!(ns);
             }
         }
+        // A floor only compares when it ran on the direction's packets: a
+        // TC floor behind an XDP program that delivers datagrams itself
+        // sees only the few it passes on, at a cost that says nothing
+        // about a do-nothing program on that traffic.
+        for (floor, programs, name) in [
+            (egress_floor, egress, names[1]),
+            (ingress_floor, ingress, names[3]),
+        ] {
+            if !same_packets(floor, programs)
+                && let Some(o) = out.as_object_mut()
+            {
+                o.remove(name);
+            }
+        }
         out
+    }
+}
+
+/// Whether a floor saw at least 90 % of the packets the direction's first
+/// program saw.
+pub fn same_packets(floor: &[(u64, u64)], programs: &[(u64, u64)]) -> bool {
+    match (floor.first(), programs.first()) {
+        (Some(f), Some(p)) => f.1 * 10 >= p.1 * 9,
+        _ => false,
     }
 }
 
@@ -289,6 +312,19 @@ mod tests {
             p.per_packet(&TCP, &before, &after),
             json!({"egress_ns_tcp": 500.0, "egress_floor_ns_tcp": 90.0,
                    "ingress_ns_tcp": 300.0, "ingress_floor_ns_tcp": 80.0})
+        );
+        // An XDP program that delivers most datagrams itself leaves the TC
+        // floor behind it a few packets: no floor, so no ratio.
+        let redirected = vec![
+            (50_000, 100),
+            (9_000, 100),
+            (20_000, 100),
+            (500, 2),
+            (800, 2),
+        ];
+        assert_eq!(
+            p.per_packet(&TCP, &before, &redirected),
+            json!({"egress_ns_tcp": 500.0, "egress_floor_ns_tcp": 90.0, "ingress_ns_tcp": 205.0})
         );
         // A direction without packets has no figure, rather than 0 ns.
         let idle = vec![(50_000, 100), (9_000, 100), (0, 0), (0, 0), (0, 0)];
