@@ -19,6 +19,7 @@
 //! was already dialing a service when it was deployed connects when the
 //! cluster announces the instance, not at its next SYN retransmit.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -57,6 +58,9 @@ pub struct Resolver {
     fwd: Arc<dyn Forwarding>,
     pending: Mutex<Pending>,
     stats: Mutex<ResolverStats>,
+    /// Jobs with a refresh after a change running, and whether another
+    /// change arrived meanwhile.
+    refreshing: Mutex<HashMap<String, bool>>,
 }
 
 impl Resolver {
@@ -71,6 +75,7 @@ impl Resolver {
             fwd,
             pending: Mutex::new(Pending::default()),
             stats: Mutex::new(ResolverStats::default()),
+            refreshing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -124,34 +129,71 @@ impl Resolver {
 
     /// Refresh `job` after a change in the background, logging a failure
     /// with `why`. An unanswered query is asked again with back-off while
-    /// the job still has routes here: the change it follows would otherwise
+    /// this node is interested in the job: the change it follows would otherwise
     /// be lost until the next one (a request published while the cluster
     /// was resubscribing after a broker restart gets no answer). It stops
     /// when the job's interest is gone.
+    ///
+    /// One refresh per job at a time: a change arriving while one runs
+    /// marks the job, and the running one refreshes once more when done. A
+    /// burst (or a flood) of `updates_available` costs at most two rounds
+    /// and one task, never a task per message.
     pub fn refresh_later(self: &Arc<Self>, job: String, why: &'static str) {
+        {
+            let mut running = self.refreshing();
+            if let Some(again) = running.get_mut(&job) {
+                *again = true;
+                return;
+            }
+            running.insert(job.clone(), false);
+        }
         let resolver = self.clone();
         tokio::spawn(async move {
-            let mut pause = REFRESH_RETRY_FIRST;
-            for attempt in 1..=REFRESH_ATTEMPTS {
-                let key = QueryKey::Job(job.clone());
-                match resolver.refresh_after_change(key).await {
-                    Ok(_) => return,
-                    Err(e) if attempt == REFRESH_ATTEMPTS => {
-                        tracing::warn!(
-                            "refreshing {job} {why}: {e:#}; giving up until the next update"
-                        );
-                    }
-                    Err(e) => {
-                        tracing::info!("refreshing {job} {why}: {e:#}; again in {pause:?}");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(REFRESH_RETRY_MAX);
-                        if !resolver.link.interests().contains(&job) {
-                            return;
-                        }
+            loop {
+                resolver.refresh_with_retries(&job, why).await;
+                let mut running = resolver.refreshing();
+                match running.get_mut(&job) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        running.remove(&job);
+                        return;
                     }
                 }
             }
         });
+    }
+
+    fn refreshing(&self) -> MutexGuard<'_, HashMap<String, bool>> {
+        self.refreshing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refreshes in flight (job -> another change arrived meanwhile).
+    #[cfg(test)]
+    fn refreshes_running(&self) -> usize {
+        self.refreshing().len()
+    }
+
+    async fn refresh_with_retries(&self, job: &str, why: &'static str) {
+        let mut pause = REFRESH_RETRY_FIRST;
+        for attempt in 1..=REFRESH_ATTEMPTS {
+            let key = QueryKey::Job(job.to_string());
+            match self.refresh_after_change(key).await {
+                Ok(_) => return,
+                Err(e) if attempt == REFRESH_ATTEMPTS => {
+                    tracing::warn!(
+                        "refreshing {job} {why}: {e:#}; giving up until the next update"
+                    );
+                }
+                Err(e) => {
+                    tracing::info!("refreshing {job} {why}: {e:#}; again in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(REFRESH_RETRY_MAX);
+                    if !self.link.interests().iter().any(|j| j == job) {
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// Resolve the dataplane's misses until the stream ends.

@@ -257,3 +257,37 @@ async fn parked_frames_are_bounded_over_all_addresses() {
     let total: usize = p.failed.values().map(|f| f.parked.len()).sum();
     assert_eq!(total, MAX_PARKED_FRAMES);
 }
+
+#[tokio::test]
+async fn a_flood_of_updates_runs_one_refresh_per_job() {
+    // No broker: every query goes unanswered, and without an interest a
+    // failed refresh is not retried -- what is left is the rounds.
+    let mut o = LinkOptions::new("n", "127.0.0.1", 9);
+    o.query_timeout = Duration::from_millis(200);
+    let (link, _events) = ClusterLink::connect(o).unwrap();
+    let r = Arc::new(Resolver::new(
+        link.clone(),
+        Arc::new(NoRoutes::default()),
+        Arc::new(InMemory::default()),
+    ));
+    for _ in 0..1000 {
+        r.refresh_later("a.b.c.d".into(), "after an update");
+    }
+    r.refresh_later("e.f.g.h".into(), "after an update");
+    assert_eq!(
+        r.refreshes_running(),
+        2,
+        "one refresh per job, not per update"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while r.refreshes_running() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refreshes never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // a.b.c.d: its round and one more for the updates that came during
+    // it; e.f.g.h: one round.
+    assert_eq!(link.stats().queries_sent, 3);
+}
