@@ -6,8 +6,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use testkit::sh;
-
 /// utime + stime in clock ticks.
 fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -56,8 +54,7 @@ pub fn maps(pin_dir: &std::path::Path, names: &[&str]) -> Result<Value> {
         if !p.exists() {
             continue;
         }
-        let j = sh(&format!("bpftool map show pinned {} -j", p.display()))?;
-        let v: Value = serde_json::from_str(&j).context("parsing bpftool output")?;
+        let v = super::bpftool(&["map", "show", "pinned", &p.to_string_lossy()])?;
         let mem = v["bytes_memlock"].as_u64().unwrap_or(0);
         total += mem;
         out.push(

@@ -27,6 +27,32 @@ enum Base {
     Figure(&'static str),
 }
 
+impl Test {
+    /// The figure the bound applies to, from the row's and the base's medians.
+    fn value(&self, a: f64, b: f64) -> f64 {
+        match self {
+            Test::RatioAtLeast(_) | Test::RatioAtMost(_) => a / b,
+            Test::AddedAtMost(_) => a - b,
+        }
+    }
+
+    fn holds(&self, v: f64) -> bool {
+        match *self {
+            Test::RatioAtLeast(min) => v >= min,
+            Test::RatioAtMost(max) => v <= max,
+            Test::AddedAtMost(max) => v <= max,
+        }
+    }
+
+    fn target(&self) -> String {
+        match self {
+            Test::RatioAtLeast(min) => format!(">= {min:.2}x"),
+            Test::RatioAtMost(max) => format!("<= {max:.2}x"),
+            Test::AddedAtMost(max) => format!("<= {max} us"),
+        }
+    }
+}
+
 struct Goal {
     what: &'static str,
     figure: &'static str,
@@ -99,29 +125,8 @@ pub fn evaluate(results: &Value) -> Value {
                     }
                     Base::Figure(f) => (format!("{row} {f}"), rows::median(results, &row, f)),
                 };
-                let (value, target, met) = match (&g.test, a, b) {
-                    (Test::RatioAtLeast(min), Some(a), Some(b)) => {
-                        let r = a / b;
-                        (json!(r), format!(">= {min:.2}x"), json!(r >= *min))
-                    }
-                    (Test::RatioAtMost(max), Some(a), Some(b)) => {
-                        let r = a / b;
-                        (json!(r), format!("<= {max:.2}x"), json!(r <= *max))
-                    }
-                    (Test::AddedAtMost(max), Some(a), Some(b)) => {
-                        let d = a - b;
-                        (json!(d), format!("<= {max} us"), json!(d <= *max))
-                    }
-                    (Test::RatioAtLeast(min), ..) => {
-                        (Value::Null, format!(">= {min:.2}x"), Value::Null)
-                    }
-                    (Test::RatioAtMost(max), ..) => {
-                        (Value::Null, format!("<= {max:.2}x"), Value::Null)
-                    }
-                    (Test::AddedAtMost(max), ..) => {
-                        (Value::Null, format!("<= {max} us"), Value::Null)
-                    }
-                };
+                let value = a.zip(b).map(|(a, b)| g.test.value(a, b));
+                let (target, met) = (g.test.target(), value.map(|v| g.test.holds(v)));
                 out.push(json!({
                     "goal": g.what, "row": row, "base": base, "value": value,
                     "target": target, "met": met,

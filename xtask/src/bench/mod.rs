@@ -222,6 +222,24 @@ fn runner_hooks(bins: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// `bpftool -j ARGS`, parsed: how the bench reads what an operator sees.
+pub(crate) fn bpftool(args: &[&str]) -> Result<Value> {
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("running bpftool")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "bpftool {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing bpftool {}", args.join(" ")))
+}
+
 pub fn progress(started: Instant, what: &str) {
     eprintln!("[bench {:>5.0}s] {what}", started.elapsed().as_secs_f64());
 }

@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 
 use testkit::NsPath;
 
+use super::bpftool;
+
 /// Figure names of a phase: egress, its floor, ingress, its floor (ns
 /// per packet). `rows::FIGURES` lists them.
 pub type Names = [&'static str; 4];
@@ -252,23 +254,6 @@ fn prog_stats(id: u32) -> Result<(u64, u64)> {
         v["run_time_ns"].as_u64().unwrap_or(0),
         v["run_cnt"].as_u64().unwrap_or(0),
     ))
-}
-
-fn bpftool(args: &[&str]) -> Result<Value> {
-    let out = std::process::Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .context("running bpftool")?;
-    if !out.status.success() {
-        bail!(
-            "bpftool {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("parsing bpftool {}", args.join(" ")))
 }
 
 #[cfg(test)]
