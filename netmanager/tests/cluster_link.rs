@@ -201,14 +201,29 @@ fn coalesced_table_queries_and_interest() {
     })
 }
 
+/// The cluster with table queries going unanswered, and a connected link
+/// whose queries give up after 800 ms.
+async fn unanswering() -> (Cluster, ClusterLink, Receiver<LinkEvent>) {
+    let c = cluster();
+    c.csm.answer_table_queries(false);
+    let (link, mut rx) = link(c.broker.port(), |o| {
+        o.query_timeout = Duration::from_millis(800)
+    });
+    connected(&mut rx).await;
+    (c, link, rx)
+}
+
 fn table_query_timeout() {
     block_on(async {
-        let Cluster { _dir, broker, csm } = cluster();
-        csm.answer_table_queries(false);
-        let (link, mut rx) = link(broker.port(), |o| {
-            o.query_timeout = Duration::from_millis(800)
-        });
-        connected(&mut rx).await;
+        let (
+            Cluster {
+                _dir,
+                broker: _broker,
+                csm,
+            },
+            link,
+            _rx,
+        ) = unanswering().await;
         let started = std::time::Instant::now();
         let key = QueryKey::Ip("10.30.9.9".parse().unwrap());
         let (a, b) = tokio::join!(link.table_query(&key), link.table_query(&key));
@@ -235,12 +250,15 @@ fn table_query_timeout() {
 /// is not lost; a plain query shares that request's fate.
 fn a_query_after_a_change_does_not_take_an_older_requests_fate() {
     block_on(async {
-        let Cluster { _dir, broker, csm } = cluster();
-        csm.answer_table_queries(false);
-        let (link, mut rx) = link(broker.port(), |o| {
-            o.query_timeout = Duration::from_millis(800)
-        });
-        connected(&mut rx).await;
+        let (
+            Cluster {
+                _dir,
+                broker: _broker,
+                csm,
+            },
+            link,
+            _rx,
+        ) = unanswering().await;
         let key = QueryKey::Job(JOB.into());
         let earlier = link.table_query(&key);
         let after_change = async {

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use attach_support::{
-    assert_attach_mode, assert_uplink_xdp, attach_mode_of, hook_of, ingress_programs,
-    uplink_hook_of, with_variant,
+    assert_attach_mode, assert_uplink_xdp, attach_mode_of, dataplane_counter, hook_of,
+    ingress_programs, uplink_hook_of, with_variant,
 };
 use serde_json::{Value, json};
 use testkit::runners::netmanager::NetManagerBuilder;
@@ -61,6 +61,21 @@ fn instance(nsip: &str, nsip6: &str, host: &str, rr: (&str, &str), inst: (&str, 
            "service_ip": [
                {"IpType": "RR", "Address": rr.0, "Address_v6": rr.1},
                {"IpType": "instance_ip", "Address": inst.0, "Address_v6": inst.1}]})
+}
+
+/// The client job's table: its one instance on node 1.
+fn client_table() -> Value {
+    json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]})
+}
+
+/// The server's instance `n` as the real cluster lists one that is
+/// scheduled but not running: `null` addresses, its service addresses set.
+fn scheduled(n: u64, instance_ip: (&str, &str)) -> Value {
+    json!({"instance_number": n, "instance_ip": instance_ip.0, "namespace_ip": null,
+        "namespace_ip_v6": null, "host_ip": null, "host_port": null,
+        "service_ip": [
+            {"IpType": "RR", "Address": "10.30.1.1", "Address_v6": "fdff:2000::1:1"},
+            {"IpType": "instance_ip", "Address": instance_ip.0, "Address_v6": instance_ip.1}]})
 }
 
 /// An underlay with a broker and the cluster double at 198.51.100.254, two
@@ -159,10 +174,7 @@ fn tcp_get(c: &ContainerProcess, addr: &str, port: u16) -> Option<String> {
 fn service_ip_across_two_nodes(mode: &str) {
     let t = two_nodes();
     let (csm, dir) = (&t.csm, t.dir.path());
-    csm.set_table(
-        CLIENT,
-        json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
-    );
+    csm.set_table(CLIENT, client_table());
     csm.set_table(
         SERVER,
         json!({"instance_list": [instance("10.18.1.2", "fc00::102", "198.51.100.2", ("10.30.1.1", "fdff:2000::1:1"), ("10.30.0.2", "fdff::2"))]}),
@@ -320,16 +332,6 @@ fn service_ip_across_two_nodes(mode: &str) {
     }
 }
 
-/// A counter of `NetManager status`'s dataplane section, in packets.
-fn dataplane_counter(st: &Value, name: &str) -> Option<u64> {
-    st["dataplane"]["counters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c[0] == name)
-        .and_then(|c| c[1].as_u64())
-}
-
 /// Whether GRO is on for the container's eth0 (ETHTOOL_GGRO), which XDP
 /// redirection into its veth needs: NetManager sets it with xdp-redirect.
 fn container_gro(c: &ContainerProcess) -> Result<bool, String> {
@@ -350,15 +352,8 @@ fn container_gro(c: &ContainerProcess) -> Result<bool, String> {
 fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &str) {
     let t = two_nodes();
     let (csm, dir) = (&t.csm, t.dir.path());
-    csm.set_table(
-        CLIENT,
-        json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
-    );
-    let pending = json!({"instance_number": 1, "instance_ip": "10.30.0.3", "namespace_ip": null,
-        "namespace_ip_v6": null, "host_ip": null, "host_port": null,
-        "service_ip": [
-            {"IpType": "RR", "Address": "10.30.1.1", "Address_v6": "fdff:2000::1:1"},
-            {"IpType": "instance_ip", "Address": "10.30.0.3", "Address_v6": "fdff::3"}]});
+    csm.set_table(CLIENT, client_table());
+    let pending = scheduled(1, ("10.30.0.3", "fdff::3"));
     csm.set_table(
         SERVER,
         json!({"instance_list": [
@@ -410,16 +405,9 @@ fn pending_instance_with_null_fields_keeps_the_running_one_reachable(mode: &str)
 fn a_client_dialing_before_the_deploy_connects_once_the_instance_is_announced() {
     let t = two_nodes();
     let (csm, dir) = (&t.csm, t.dir.path());
-    csm.set_table(
-        CLIENT,
-        json!({"instance_list": [instance("10.18.0.2", "fc00::2", "198.51.100.1", ("10.30.1.2", "fdff:2000::1:2"), ("10.30.0.1", "fdff::1"))]}),
-    );
-    let scheduled = json!({"instance_number": 0, "instance_ip": "10.30.0.2", "namespace_ip": null,
-        "namespace_ip_v6": null, "host_ip": null, "host_port": null,
-        "service_ip": [
-            {"IpType": "RR", "Address": "10.30.1.1", "Address_v6": "fdff:2000::1:1"},
-            {"IpType": "instance_ip", "Address": "10.30.0.2", "Address_v6": "fdff::2"}]});
-    csm.set_table(SERVER, json!({"instance_list": [scheduled]}));
+    csm.set_table(CLIENT, client_table());
+    let not_running = scheduled(0, ("10.30.0.2", "fdff::2"));
+    csm.set_table(SERVER, json!({"instance_list": [not_running]}));
     let nm1 = start(dir, &t.n1, t.broker.port(), "n1", "tcx");
     let nm2 = start(dir, &t.n2, t.broker.port(), "n2", "tcx");
     for (nm, id) in [(&nm1, N1), (&nm2, N2)] {

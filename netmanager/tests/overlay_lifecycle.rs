@@ -701,15 +701,7 @@ fn stream_survives_the_uplink_moving(mode: &str) {
     // `address-changed`), and after the move held and asked again instead
     // of dropping them as forged.
     let (_, st) = cl.nm[1].get("/status");
-    let count = |name: &str| {
-        st["dataplane"]["counters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c[0] == name)
-            .and_then(|c| c[1].as_u64())
-            .unwrap_or(0)
-    };
+    let count = |name: &str| attach_support::dataplane_counter(&st, name).unwrap_or(0);
     assert!(count("peer_held") >= 1, "{st}");
     assert_eq!(count("drop_forged_source"), 0, "{st}");
     eprintln!("stream across the uplink move: {}", rest.trim());

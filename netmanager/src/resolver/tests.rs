@@ -40,6 +40,18 @@ impl RouteTables for NoRoutes {
     }
 }
 
+/// A resolver with routes that know nothing, whose link has no broker
+/// behind it: its queries only queue (and time out as `o` says).
+fn offline(o: LinkOptions) -> (Resolver, mpsc::Receiver<crate::cluster_link::LinkEvent>) {
+    let (link, events) = ClusterLink::connect(o).unwrap();
+    let r = Resolver::new(
+        link,
+        Arc::new(NoRoutes::default()),
+        Arc::new(InMemory::default()),
+    );
+    (r, events)
+}
+
 /// A service miss from one of 64 containers.
 fn miss(n: u32) -> Miss {
     miss_from(n, 7 + n % 64)
@@ -68,13 +80,8 @@ fn tunnel_miss(n: u32, sender: u8) -> Miss {
 
 #[tokio::test]
 async fn a_miss_flood_is_bounded() {
-    // No broker: the link only queues; hold() is what is under test.
-    let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
-    let r = Resolver::new(
-        link,
-        Arc::new(NoRoutes::default()),
-        Arc::new(InMemory::default()),
-    );
+    // hold() is what is under test.
+    let (r, _events) = offline(LinkOptions::new("n", "127.0.0.1", 9));
     let started = (0..1000).filter(|&n| r.hold(miss(n))).count();
     assert_eq!(started, QUERY_BURST as usize);
     // Another frame for an address in flight joins it instead.
@@ -90,12 +97,7 @@ async fn a_miss_flood_is_bounded() {
 
 #[tokio::test]
 async fn one_container_uses_up_only_its_own_share() {
-    let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
-    let r = Resolver::new(
-        link,
-        Arc::new(NoRoutes::default()),
-        Arc::new(InMemory::default()),
-    );
+    let (r, _events) = offline(LinkOptions::new("n", "127.0.0.1", 9));
     let flooder = |range: std::ops::Range<u32>| range.filter(|&n| r.hold(miss_from(n, 3))).count();
     assert_eq!(flooder(0..1000), CONTAINER_QUERY_BURST as usize);
     // Its neighbours still get the rest of the common budget.
@@ -119,12 +121,7 @@ async fn one_container_uses_up_only_its_own_share() {
 
 #[tokio::test]
 async fn tunnel_misses_are_bounded_per_sender_and_have_their_own_budget() {
-    let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
-    let r = Resolver::new(
-        link,
-        Arc::new(NoRoutes::default()),
-        Arc::new(InMemory::default()),
-    );
+    let (r, _events) = offline(LinkOptions::new("n", "127.0.0.1", 9));
     // One host: at most MAX_LOOKUPS_PER_PEER lookups at a time.
     let one_host = (0..100).filter(|&n| r.hold(tunnel_miss(n, 3))).count();
     assert_eq!(one_host, MAX_LOOKUPS_PER_PEER);
@@ -229,12 +226,7 @@ async fn a_dialing_clients_frames_go_through_once_a_table_answers_its_failure() 
 
 #[tokio::test]
 async fn parked_frames_are_bounded_over_all_addresses() {
-    let (link, _events) = ClusterLink::connect(LinkOptions::new("n", "127.0.0.1", 9)).unwrap();
-    let r = Resolver::new(
-        link,
-        Arc::new(NoRoutes::default()),
-        Arc::new(InMemory::default()),
-    );
+    let (r, _events) = offline(LinkOptions::new("n", "127.0.0.1", 9));
     let mut p = r.pending();
     for n in 0..1000 {
         let m = miss(n);
@@ -264,12 +256,8 @@ async fn a_flood_of_updates_runs_one_refresh_per_job() {
     // failed refresh is not retried -- what is left is the rounds.
     let mut o = LinkOptions::new("n", "127.0.0.1", 9);
     o.query_timeout = Duration::from_millis(200);
-    let (link, _events) = ClusterLink::connect(o).unwrap();
-    let r = Arc::new(Resolver::new(
-        link.clone(),
-        Arc::new(NoRoutes::default()),
-        Arc::new(InMemory::default()),
-    ));
+    let (r, _events) = offline(o);
+    let r = Arc::new(r);
     for _ in 0..1000 {
         r.refresh_later("a.b.c.d".into(), "after an update");
     }
@@ -289,5 +277,5 @@ async fn a_flood_of_updates_runs_one_refresh_per_job() {
     }
     // a.b.c.d: its round and one more for the updates that came during
     // it; e.f.g.h: one round.
-    assert_eq!(link.stats().queries_sent, 3);
+    assert_eq!(r.link.stats().queries_sent, 3);
 }

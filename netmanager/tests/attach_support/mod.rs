@@ -189,3 +189,13 @@ pub fn assert_uplink_xdp(ns: &NsPath, ifname: &str, variant: &str) {
         assert_eq!(found, None, "XDP on {ifname} with the TC hook");
     }
 }
+
+/// A counter of `NetManager status`'s dataplane section, in packets.
+pub fn dataplane_counter(st: &Value, name: &str) -> Option<u64> {
+    st["dataplane"]["counters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c[0] == name)
+        .and_then(|c| c[1].as_u64())
+}
